@@ -1,0 +1,119 @@
+"""APAR semantics: control tokens, the sampling bans, forking, and text recovery.
+
+Pure Python (no torch). The rules follow THUDM/APAR:
+- [Fork] (`[SplitMask]`) sampled by a branch forks a child that shares the branch's
+  context up to and including that [Fork]; the child is fed a forced [Child] (`[SplitSop]`).
+- [Child] is never sampled. [Fork] is banned right after [Fork] or [Child], at depth
+  >= max_depth, in AR mode, and optionally while the step is full.
+- The final text walks the paragraph tree: a node's own text up to a [Fork], then that
+  child's whole text, then the node's continuation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+from apar_rt.core import Branch
+
+FORK_TOKEN = "[SplitMask]"
+CHILD_TOKEN = "[SplitSop]"
+
+
+@dataclass(frozen=True, slots=True)
+class ControlTokens:
+    """Ids of [Fork] and [Child]; None when the model has no such token (it never forks)."""
+
+    fork: int | None = None
+    child: int | None = None
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return tuple(t for t in (self.fork, self.child) if t is not None)
+
+
+def banned_tokens(branch: Branch, control: ControlTokens, *, mode: str, max_depth: int,
+                  step_full: bool = False) -> list[int]:
+    """Token ids the branch may not sample next."""
+    banned = [] if control.child is None else [control.child]
+    fork = control.fork
+    if fork is None:
+        return banned
+    last = branch.token_ids[-1] if branch.token_ids else (branch.prefix[-1] if branch.prefix else None)
+    if (mode == "ar" or branch.depth >= max_depth or step_full
+            or last == fork or (last == control.child and last is not None)):
+        banned.append(fork)
+    return banned
+
+
+class Decoder(Protocol):
+    def __call__(self, token_ids: Sequence[int]) -> str: ...
+
+
+_WINDOW = 8  # context tokens kept to decode a continuation with the right leading whitespace
+
+
+def continuation_text(decode: Decoder, context: Sequence[int], new: Sequence[int],
+                      skip_ids: frozenset[int] = frozenset()) -> str:
+    """The text that `new` adds after `context`, as the tokenizer would render it in place.
+
+    `decode` must skip special tokens. A few context tokens (not in skip_ids) are decoded
+    along with `new`, so the first new token keeps its leading space.
+    """
+    window: list[int] = []
+    for t in reversed(context):
+        if t not in skip_ids:
+            window.append(t)
+            if len(window) == _WINDOW:
+                break
+    window.reverse()
+    head = decode(window) if window else ""
+    full = decode(window + list(new))
+    if full.startswith(head):
+        return full[len(head):]
+    return decode(list(new))
+
+
+def branch_text(decode: Decoder, branch: Branch, skip_ids: frozenset[int] = frozenset()) -> str:
+    """A branch's own text, children excluded (what stop strings are matched against)."""
+    return continuation_text(decode, branch.prefix, branch.token_ids, skip_ids)
+
+
+def recover_text(decode: Decoder, branches: Sequence[Branch], control: ControlTokens,
+                 skip_ids: frozenset[int] = frozenset(),
+                 join: Callable[[str, str], str] | None = None) -> str:
+    """The final text: walk the paragraph tree from the root in reading order.
+
+    A branch's own text is cut at `stop_text_len` when a stop string ended it.
+    """
+    children: dict[tuple[int, int], Branch] = {}
+    for b in branches:
+        if b.parent is not None:
+            children[(b.parent, b.fork_index)] = b
+    join = join or (lambda a, b: a + b)
+
+    def render(b: Branch) -> str:
+        out = ""
+        own_len = 0
+        cursor = 0
+        limit = b.stop_text_len
+        fork_points = [i for i, t in enumerate(b.token_ids) if t == control.fork and (b.id, i) in children]
+        for i in fork_points + [len(b.token_ids)]:
+            seg = continuation_text(decode, b.context()[:len(b.prefix) + cursor],
+                                    b.token_ids[cursor:i + 1], skip_ids)
+            if limit is not None and own_len + len(seg) >= limit:
+                return join(out, seg[:limit - own_len])
+            own_len += len(seg)
+            out = join(out, seg)
+            if i < len(b.token_ids):
+                out = join(out, render(children[(b.id, i)]))
+            cursor = i + 1
+        return out
+
+    return render(branches[0])
+
+
+def branch_schema(branches: Sequence[Branch]) -> list[dict]:
+    """The public `branches` list of the --json schema."""
+    return [{"id": b.id, "parent": b.parent, "fork_index": b.fork_index, "token_ids": list(b.token_ids)}
+            for b in branches]

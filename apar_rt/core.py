@@ -1,0 +1,234 @@
+"""Shared types of the runtime: sampling parameters, requests and their branches, step I/O.
+
+No heavy imports here: numpy only, for the packed step that backends consume.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from apar_rt.kv.block_pool import BlockTable
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request sampling, validated on construction (ValueError names the bad field).
+
+    `max_tokens` caps the new tokens over all branches of the request, the forced
+    [Child] tokens included. temperature == 0 is greedy.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 disables
+    seed: int | None = None
+    stop: tuple[str, ...] = ()          # a branch ends when its text contains one of these
+    stop_token_ids: tuple[int, ...] = ()  # end a branch like EOS
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI style: added to the logits
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not (self.temperature >= 0.0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables), got {self.top_k!r}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        pairs = tuple(sorted((int(k), float(v)) for k, v in bias))
+        for tok, val in pairs:
+            if not -100.0 <= val <= 100.0:
+                raise ValueError(f"logit_bias for token {tok} must be in [-100, 100], got {val}")
+        object.__setattr__(self, "logit_bias", pairs)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"        # EOS, a stop token id or a stop string
+    LENGTH = "length"    # max_tokens or the model's length cap
+    ABORT = "abort"      # aborted by the caller
+    ERROR = "error"      # the request cannot be served (its message says why)
+
+
+@dataclass(slots=True, eq=False)
+class Branch:
+    """One APAR thread: a node of the paragraph tree and a sequence with its own KV table.
+
+    The branch's context is `prefix + token_ids`, where `prefix` is the prompt followed by
+    each ancestor's tokens up to and including the [Fork] that leads here (root first).
+    """
+
+    id: int                              # index in Request.branches; 0 is the root
+    parent: int | None                   # parent branch id; None for the root
+    fork_index: int | None               # index of the spawning [Fork] in the parent's token_ids
+    depth: int                           # 0 for the root
+    prefix: list[int]                    # context before this branch's own tokens
+    token_ids: list[int] = field(default_factory=list)  # own tokens; a child's begin with [Child]
+    table: BlockTable = field(default_factory=BlockTable)  # KV blocks; table.num_tokens are cached
+    finish_reason: FinishReason | None = None
+    stop_text_len: int | None = None     # a stop string cut the last segment's text to this length
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def context_len(self) -> int:
+        return len(self.prefix) + len(self.token_ids)
+
+    def context(self) -> list[int]:
+        return self.prefix + self.token_ids
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.context_len - self.table.num_tokens
+
+
+class RequestStatus(str, enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """A prompt and its tree of branches, as the scheduler tracks it."""
+
+    request_id: str
+    prompt: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    branches: list[Branch] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    generator: Any = None                # the sampler's seeded RNG, when params.seed is set
+    error: str | None = None
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    decode_steps: int = 0                # engine steps in which this request produced tokens
+    forks: int = 0
+    peak_kv_blocks: int = 0              # most distinct KV blocks held at once
+
+    def __post_init__(self) -> None:
+        if not self.branches:
+            self.branches.append(Branch(id=0, parent=None, fork_index=None, depth=0,
+                                        prefix=list(self.prompt_token_ids)))
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(b.token_ids) for b in self.branches)
+
+    @property
+    def total_len(self) -> int:
+        """The length cap's measure: the prompt once plus every branch's own tokens."""
+        return len(self.prompt_token_ids) + self.generated_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def live_branches(self) -> list[Branch]:
+        return [b for b in self.branches if not b.finished]
+
+    def held_blocks(self) -> set[int]:
+        return {blk for b in self.branches for blk in b.table.block_ids}
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """One branch's share of a packed step."""
+
+    request: Request
+    branch: Branch
+    num_new: int                          # new tokens fed this step
+    slots: list[int]                      # KV slot per new token
+    samples: bool                         # whether the last new token's logits are sampled
+
+
+@dataclass(slots=True)
+class StepInput:
+    """A packed, ragged step in the form every backend consumes (the op contract's inputs).
+
+    Shapes: T new tokens over B sequences; max_q = the most new tokens of one sequence.
+    """
+
+    input_ids: np.ndarray        # [T] int32
+    positions: np.ndarray        # [T] int32, position of each token in its sequence's context
+    block_tables: np.ndarray     # [B, max_blocks] int32, padded with the null block 0
+    context_lens: np.ndarray     # [B] int32, tokens already cached per sequence
+    query_start: np.ndarray      # [B+1] int32, offsets of each sequence's tokens in T
+    mask: np.ndarray             # [T, max_q] bool, visibility among a sequence's own new tokens
+    slot_mapping: np.ndarray     # [T] int32, where each token's new K/V is written; -1 skips
+    logits_indices: np.ndarray   # [N] int32, tokens whose logits are returned
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the step
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What `Scheduler.schedule` decided for one step."""
+
+    seqs: list[ScheduledSeq]
+    step: StepInput | None
+    preempted: list[Request] = field(default_factory=list)
+    failed: list[Request] = field(default_factory=list)   # finished with an error this step
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs
+
+
+@dataclass(slots=True)
+class BranchDelta:
+    """New tokens of one branch in one step."""
+
+    branch_id: int
+    parent: int | None
+    fork_index: int | None
+    new_token_ids: list[int]
+    finished: bool
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A request's result: incremental (`deltas` of this step) and, when finished, complete."""
+
+    request_id: str
+    prompt: str
+    prompt_token_ids: list[int]
+    deltas: list[BranchDelta]
+    finished: bool
+    finish_reason: FinishReason | None = None
+    text: str | None = None              # the recovered text, once finished
+    branches: list[dict] | None = None   # the public branch schema, once finished
+    stats: dict | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        """The public `--json` schema (a contract: keep its keys stable)."""
+        d = {"prompt": self.prompt, "prompt_token_ids": self.prompt_token_ids,
+             "text": self.text or "", "branches": self.branches or [], "stats": self.stats or {}}
+        if self.finish_reason is not None:
+            d["finish_reason"] = self.finish_reason.value
+        if self.error is not None:
+            d["error"] = self.error
+        return d

@@ -1,0 +1,151 @@
+"""Paged KV-cache bookkeeping: a ref-counted block pool and per-sequence block tables.
+
+Pure Python on purpose: no torch, no numpy. The tensors that hold the K/V live in the
+backend; this module only decides which block ids and slots each token uses.
+
+Invariants (checked by tests/test_block_pool.py):
+- Block 0 is the null block. It pads block tables and is never handed out or freed.
+- A block is free exactly when its ref count is 0, and it is then in the free queue once.
+- Every table's blocks have ref count >= 1; a block's ref count equals the number of
+  tables holding it.
+- "Doesn't fit" is a return value (None), never an exception, and leaves no trace.
+  A RuntimeError means a bookkeeping bug (double free, freeing the null block).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+NULL_BLOCK = 0
+
+
+class BlockPool:
+    """Fixed-size blocks with ref counts. Allocation takes the oldest freed block first."""
+
+    __slots__ = ("num_blocks", "block_size", "_ref", "_free", "peak_used")
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2 (block 0 is reserved), got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks          # including the null block
+        self.block_size = block_size          # tokens per block
+        self._ref = [0] * num_blocks          # ref count per block id
+        self._free = deque(range(1, num_blocks))  # free block ids, allocation order
+        self.peak_used = 0                    # most blocks in use at once
+
+    @property
+    def capacity(self) -> int:
+        """Blocks that can ever be handed out (all but the null block)."""
+        return self.num_blocks - 1
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.capacity - len(self._free)
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref[block_id]
+
+    def allocate(self, n: int) -> list[int] | None:
+        """Take n free blocks with ref count 1, or None (and nothing taken) if fewer are free."""
+        if n > len(self._free):
+            return None
+        ids = [self._free.popleft() for _ in range(n)]
+        for b in ids:
+            self._ref[b] = 1
+        self.peak_used = max(self.peak_used, self.num_used)
+        return ids
+
+    def incref(self, block_ids: list[int]) -> None:
+        for b in block_ids:
+            if b == NULL_BLOCK or self._ref[b] <= 0:
+                raise RuntimeError(f"incref of block {b} that is not allocated")
+            self._ref[b] += 1
+
+    def decref(self, block_ids: list[int]) -> list[int]:
+        """Drop one reference from each block; returns the blocks that became free."""
+        freed = []
+        for b in block_ids:
+            if b == NULL_BLOCK or self._ref[b] <= 0:
+                raise RuntimeError(f"double free of block {b}")
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._free.append(b)
+                freed.append(b)
+        return freed
+
+
+@dataclass(slots=True)
+class BlockTable:
+    """The blocks backing one sequence's cached tokens, in position order."""
+
+    block_ids: list[int] = field(default_factory=list)  # position p lives in block_ids[p // block_size]
+    num_tokens: int = 0                                 # tokens with a reserved slot
+
+
+@dataclass(slots=True)
+class SlotReservation:
+    """What `KVCacheManager.append` reserved for new tokens."""
+
+    slots: list[int]                    # flat slot (block_id * block_size + offset) per new token
+    copies: list[tuple[int, int]]       # (src_block, dst_block) copy-on-write to run before the step
+    new_blocks: int                     # blocks taken from the pool, copies included
+
+
+class KVCacheManager:
+    """Block tables over a `BlockPool`: append with copy-on-write, fork, free.
+
+    A fork shares every block of the parent (ref counts incremented). The only copy ever
+    made is of a shared, partially filled last block, at the first append into it.
+    """
+
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        self.block_size = pool.block_size
+
+    def blocks_needed(self, table: BlockTable, num_new: int) -> int:
+        """Free blocks that `append(table, num_new)` would take."""
+        bs = self.block_size
+        total = -(-(table.num_tokens + num_new) // bs)
+        needed = total - len(table.block_ids)
+        if num_new > 0 and table.num_tokens % bs and self.pool.ref_count(table.block_ids[-1]) > 1:
+            needed += 1
+        return max(needed, 0)
+
+    def append(self, table: BlockTable, num_new: int) -> SlotReservation | None:
+        """Reserve slots for num_new tokens at the end of the table, or None if blocks run out."""
+        need = self.blocks_needed(table, num_new)
+        fresh = self.pool.allocate(need)
+        if fresh is None:
+            return None
+        bs = self.block_size
+        copies: list[tuple[int, int]] = []
+        if num_new > 0 and table.num_tokens % bs and self.pool.ref_count(table.block_ids[-1]) > 1:
+            src = table.block_ids[-1]
+            dst = fresh.pop(0)
+            self.pool.decref([src])
+            table.block_ids[-1] = dst
+            copies.append((src, dst))
+        table.block_ids.extend(fresh)
+        start = table.num_tokens
+        slots = [table.block_ids[p // bs] * bs + p % bs for p in range(start, start + num_new)]
+        table.num_tokens += num_new
+        return SlotReservation(slots=slots, copies=copies, new_blocks=need)
+
+    def fork(self, table: BlockTable) -> BlockTable:
+        """A new table that shares all of `table`'s blocks."""
+        self.pool.incref(table.block_ids)
+        return BlockTable(block_ids=list(table.block_ids), num_tokens=table.num_tokens)
+
+    def free(self, table: BlockTable) -> list[int]:
+        """Release the table's blocks; returns those that became free. The table is emptied."""
+        freed = self.pool.decref(table.block_ids)
+        table.block_ids = []
+        table.num_tokens = 0
+        return freed

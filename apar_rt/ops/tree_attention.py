@@ -1,0 +1,113 @@
+"""`apar::tree_paged_attention`: the one attention op, and its pure-torch reference.
+
+The reference function's docstring is THE contract. The ONNX local function, a CUDA
+kernel and the TensorRT plugin all compute this same function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+OP_NAME = "apar::tree_paged_attention"
+
+
+def tree_paged_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of a packed, ragged step over a paged KV cache and a per-sequence tree mask.
+
+    A step holds the new tokens of B sequences, concatenated into T tokens. Sequence b owns
+    tokens query_start[b] : query_start[b+1] (its "new tokens"); they may be a prefill chunk,
+    one decode token, or a draft tree.
+
+    Args:
+        q: [T, Hq, D] queries, RoPE applied.
+        k, v: [T, Hkv, D] the new tokens' keys (RoPE applied) and values. Hq % Hkv == 0;
+            query head h reads kv head h // (Hq // Hkv).
+        k_cache, v_cache: [num_blocks, block_size, Hkv, D] the layer's KV pool. Block 0 is the
+            null block: it pads tables and its contents are never visible.
+        block_tables: [B, max_blocks] int32. Cached position p of sequence b lives at
+            (block_tables[b, p // block_size], p % block_size).
+        context_lens: [B] int32. Sequence b's first context_lens[b] positions are cached, and
+            every new token of b sees all of them. Needs context_lens[b] <= max_blocks * block_size.
+        query_start: [B+1] int32, non-decreasing, query_start[0] == 0, query_start[B] == T.
+        mask: [T, max_q] bool, max_q >= the most new tokens of any sequence. For token t of
+            sequence b, mask[t, j] says whether t sees new token query_start[b] + j of its own
+            sequence. Entries with j >= that sequence's token count are ignored. Causal for a
+            prefill chunk, ancestor-or-self for a draft tree, a single 1 for a decode token.
+            Every token must see itself.
+        scale: softmax scale, usually D ** -0.5.
+
+    Returns:
+        [T, Hq, D] in q's dtype: for each token, softmax(scale * q.K^T) V over the cached
+        positions of its sequence and the new tokens it sees. Softmax runs in float32.
+
+    The op reads the pool and never writes it: the caller writes k and v to their slots.
+    """
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    B, max_blocks = block_tables.shape
+    block_size = k_cache.shape[1]
+    max_q = mask.shape[1]
+    group = Hq // Hkv
+    L = max_blocks * block_size
+    dev = q.device
+
+    # Padded per-sequence views of the new tokens: [B, max_q].
+    q_start = query_start[:-1].long()
+    q_len = (query_start[1:] - query_start[:-1]).long()
+    j = torch.arange(max_q, device=dev)
+    new_idx = (q_start[:, None] + j[None, :]).clamp(max=max(T - 1, 0))         # [B, max_q]
+    new_valid = j[None, :] < q_len[:, None]                                     # [B, max_q]
+
+    # Keys and values each sequence can see: cached positions, then its new tokens.
+    tables = block_tables.long()
+    kc = k_cache[tables].reshape(B, L, Hkv, D)
+    vc = v_cache[tables].reshape(B, L, Hkv, D)
+    keys = torch.cat([kc, k[new_idx]], dim=1).float()                        # [B, L+max_q, Hkv, D]
+    vals = torch.cat([vc, v[new_idx]], dim=1).float()
+    keys = keys.repeat_interleave(group, dim=2)                                 # [B, L+max_q, Hq, D]
+    vals = vals.repeat_interleave(group, dim=2)
+
+    # Visibility for each padded query row.
+    ctx_vis = torch.arange(L, device=dev)[None, :] < context_lens.long()[:, None]   # [B, L]
+    new_vis = mask[new_idx] & new_valid[:, None, :]                             # [B, max_q, max_q]
+    vis = torch.cat([ctx_vis[:, None, :].expand(B, max_q, L), new_vis], dim=2)  # [B, max_q, L+max_q]
+
+    qp = q[new_idx].float()                                                     # [B, max_q, Hq, D]
+    scores = torch.einsum("bqhd,bkhd->bhqk", qp, keys) * scale
+    scores = scores.masked_fill(~vis[:, None, :, :], torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, vals)                          # [B, max_q, Hq, D]
+
+    # Scatter the valid padded rows back to packed order.
+    t = torch.arange(T, device=dev)
+    seq = (query_start[1:].long()[None, :] <= t[:, None]).sum(dim=1)            # [T]
+    pos_in_seq = t - q_start[seq]
+    return out[seq, pos_in_seq].to(q.dtype)
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def tree_paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor,
+    block_tables: torch.Tensor, context_lens: torch.Tensor, query_start: torch.Tensor,
+    mask: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """The registered op; see `tree_paged_attention_reference` for the contract."""
+    return tree_paged_attention_reference(q, k, v, k_cache, v_cache, block_tables,
+                                          context_lens, query_start, mask, scale)
+
+
+@tree_paged_attention.register_fake
+def _(q, k, v, k_cache, v_cache, block_tables, context_lens, query_start, mask, scale):
+    return torch.empty_like(q)

@@ -1,0 +1,1 @@
+"""Helpers that build tiny, random checkpoints for tests, samples and benchmarks."""
