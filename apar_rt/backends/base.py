@@ -1,0 +1,35 @@
+"""The interface every backend implements: run one packed step over its own KV pool."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from apar_rt.core import StepInput
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend's library is missing or unusable here; the message says which."""
+
+
+class Backend(ABC):
+    """Owns the model weights (or engine) and the per-layer K/V pools.
+
+    `forward` must, in this order: run `step.block_copies` on the pool (copy-on-write),
+    compute the step (attention reads the pool as it was before this step), write each new
+    token's K/V to `step.slot_mapping` (slots < 0 are skipped), and return the logits of
+    `step.logits_indices` as a float32 torch tensor [N, vocab] on the CPU.
+    """
+
+    name: str = "?"
+
+    @abstractmethod
+    def allocate_kv(self, num_blocks: int, block_size: int) -> None:
+        """(Re)create zeroed K/V pools of shape [num_blocks, block_size, Hkv, D] per layer."""
+
+    @abstractmethod
+    def forward(self, step: StepInput):
+        """Run one step; returns logits [N, vocab] float32 (torch, CPU)."""
+
+    def kv_bytes_per_block(self) -> int:
+        """Bytes one KV block takes over all layers (K and V)."""
+        raise NotImplementedError

@@ -1,0 +1,343 @@
+"""Iteration-level (in-flight) scheduling of APAR requests over a paged KV cache.
+
+Pure Python plus numpy. Each step packs, under `max_num_tokens` and `max_num_seqs`:
+running branches first (decode tokens and unfinished prefill chunks), in admission order,
+then waiting requests admitted first-come-first-served while KV blocks above the
+watermark remain.
+
+When blocks run out, the most recently admitted request is preempted as a whole: all its
+live branches drop their blocks and go back to the front of the queue, to be recomputed
+(each live branch re-prefills its own context). No request is lost: a request that cannot
+fit even alone finishes with an error, and every other request goes on.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from apar_rt.apar import ControlTokens, banned_tokens, branch_text
+from apar_rt.config import EngineConfig
+from apar_rt.core import (Branch, BranchDelta, FinishReason, Request, RequestStatus, ScheduledSeq,
+                          SchedulerOutput, StepInput)
+from apar_rt.kv.block_pool import BlockPool, KVCacheManager
+
+
+class RequestRejected(ValueError):
+    """A request that can never be served as given; the message names the problem."""
+
+
+@dataclass(slots=True)
+class StepUpdate:
+    """A request's progress in one step, for the engine to turn into output."""
+
+    request: Request
+    deltas: list[BranchDelta]
+    finished: bool
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, control: ControlTokens, *, max_model_len: int,
+                 eos_token_ids: Sequence[int] = (), decode: Callable[[Sequence[int]], str] | None = None,
+                 special_ids: frozenset[int] = frozenset()) -> None:
+        """
+        Args:
+            config: budgets and APAR mode.
+            control: [Fork]/[Child] ids (None entries: the model never forks).
+            max_model_len: the length cap (prompt once plus every branch's tokens), and the
+                most positions any one branch may use.
+            eos_token_ids: tokens that end a branch.
+            decode: detokenizer (skipping special tokens); needed for stop strings.
+            special_ids: token ids that render as nothing (for stop-string text).
+        """
+        self.config = config
+        self.control = control
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.decode = decode
+        self.special_ids = special_ids
+        self.pool = BlockPool(config.num_blocks, config.block_size)
+        self.kv = KVCacheManager(self.pool)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self.num_forks = 0
+        self._watermark_blocks = int(config.watermark * self.pool.capacity)
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        """Queue a request; raises RequestRejected if it can never be served."""
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise RequestRejected("the prompt is empty (0 tokens)")
+        if n >= self.max_model_len:
+            raise RequestRejected(f"the prompt has {n} tokens, but the model's context is {self.max_model_len} "
+                                  "tokens (it must leave room for at least one new token)")
+        need = _cdiv(n + 1, self.config.block_size)
+        if need > self.pool.capacity:
+            raise RequestRejected(
+                f"the KV cache is too small for this request: its prompt needs {need} blocks of "
+                f"{self.config.block_size} tokens, but --num-blocks {self.config.num_blocks} gives "
+                f"{self.pool.capacity} usable blocks (block 0 is reserved)")
+        self.waiting.append(req)
+
+    def abort(self, req: Request) -> bool:
+        """Finish a request as aborted and free its blocks; False if it was already finished."""
+        if req.finished:
+            return False
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._finish_request(req, FinishReason.ABORT)
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- scheduling ----------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's sequences and reserve their KV slots."""
+        out = SchedulerOutput(seqs=[], step=None)
+        budget = self.config.max_num_tokens
+        reserved: list[tuple[ScheduledSeq, list[tuple[int, int]]]] = []
+
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            got_any = blocked = False
+            for b in req.live_branches():
+                if budget == 0 or len(reserved) >= self.config.max_num_seqs:
+                    break
+                n = min(b.num_uncomputed, budget)
+                res = self._reserve(req, b, n, out)
+                if res is None:
+                    blocked = True
+                    break
+                reserved.append((ScheduledSeq(req, b, n, res.slots, False), res.copies))
+                budget -= n
+                got_any = True
+            if blocked and not got_any:
+                # Not one block for it, and every later request is already preempted.
+                if len(self.running) > 1:
+                    self._preempt(req, out)
+                else:
+                    self._fail(req, self._too_big_message(req), out)
+                continue
+            i += 1
+
+        while self.waiting and budget > 0 and len(reserved) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            live = req.live_branches()
+            need = sum(_cdiv(b.context_len + 1, self.config.block_size) for b in live)
+            if need > self.pool.capacity:
+                self.waiting.popleft()
+                self._fail(req, self._too_big_message(req), out)
+                continue
+            if need + self._watermark_blocks > self.pool.num_free and (self.running or reserved):
+                break
+            if need > self.pool.num_free:
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            for b in live:
+                if budget == 0 or len(reserved) >= self.config.max_num_seqs:
+                    break
+                n = min(b.num_uncomputed, budget)
+                res = self.kv.append(b.table, n)
+                if res is None:
+                    break
+                reserved.append((ScheduledSeq(req, b, n, res.slots, False), res.copies))
+                budget -= n
+
+        for s, _ in reserved:
+            s.samples = s.branch.table.num_tokens == s.branch.context_len
+        out.seqs = [s for s, _ in reserved]
+        for req in {id(s.request): s.request for s in out.seqs}.values():
+            req.peak_kv_blocks = max(req.peak_kv_blocks, len(req.held_blocks()))
+        if out.seqs:
+            out.step = self._pack(out.seqs, [c for _, cs in reserved for c in cs])
+        return out
+
+    def _reserve(self, req: Request, b: Branch, n: int, out: SchedulerOutput):
+        """Slots for n tokens of branch b, preempting later requests if needed.
+
+        Returns None when only `req` itself is left to preempt: the branch must wait.
+        """
+        while True:
+            res = self.kv.append(b.table, n)
+            if res is not None:
+                return res
+            victim = self.running[-1]
+            if victim is req:
+                return None
+            self._preempt(victim, out)
+
+    def _too_big_message(self, req: Request) -> str:
+        need = sum(_cdiv(b.context_len + 1, self.config.block_size) for b in req.live_branches())
+        return (f"the KV cache is too small for this request: it needs {need} blocks of "
+                f"{self.config.block_size} tokens, but --num-blocks {self.config.num_blocks} gives "
+                f"{self.pool.capacity} usable blocks; raise --num-blocks or lower --max-tokens")
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        for b in req.branches:
+            if b.table.block_ids:
+                self.kv.free(b.table)
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
+
+    def _fail(self, req: Request, message: str, out: SchedulerOutput) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        req.error = message
+        self._finish_request(req, FinishReason.ERROR)
+        out.failed.append(req)
+
+    def _pack(self, seqs: list[ScheduledSeq], copies: list[tuple[int, int]]) -> StepInput:
+        T = sum(s.num_new for s in seqs)
+        B = len(seqs)
+        max_q = max(s.num_new for s in seqs)
+        max_blocks = max(len(s.branch.table.block_ids) for s in seqs)
+        input_ids = np.empty(T, np.int32)
+        positions = np.empty(T, np.int32)
+        slots = np.empty(T, np.int32)
+        tables = np.zeros((B, max_blocks), np.int32)
+        ctx = np.empty(B, np.int32)
+        qs = np.zeros(B + 1, np.int32)
+        mask = np.zeros((T, max_q), bool)
+        causal = np.tril(np.ones((max_q, max_q), bool))
+        logits_idx = []
+        t = 0
+        for i, s in enumerate(seqs):
+            b, n = s.branch, s.num_new
+            start = b.table.num_tokens - n
+            tokens = b.context()[start:start + n]
+            input_ids[t:t + n] = tokens
+            positions[t:t + n] = np.arange(start, start + n)
+            slots[t:t + n] = s.slots
+            tables[i, :len(b.table.block_ids)] = b.table.block_ids
+            ctx[i] = start
+            mask[t:t + n, :n] = causal[:n, :n]
+            if s.samples:
+                logits_idx.append(t + n - 1)
+            t += n
+            qs[i + 1] = t
+        return StepInput(input_ids=input_ids, positions=positions, block_tables=tables, context_lens=ctx,
+                         query_start=qs, mask=mask, slot_mapping=slots,
+                         logits_indices=np.asarray(logits_idx, np.int32), block_copies=copies)
+
+    # ---- after the step ------------------------------------------------------------------
+
+    def sampling_banned(self, out: SchedulerOutput) -> list[list[int]]:
+        """Banned token ids for each sampling sequence of `out`, in order."""
+        step_full = len(out.seqs) >= self.config.max_num_seqs and self.config.ban_fork_when_full
+        return [banned_tokens(s.branch, self.control, mode=self.config.mode, max_depth=self.config.max_depth,
+                              step_full=step_full)
+                for s in out.seqs if s.samples]
+
+    def update(self, out: SchedulerOutput, sampled: Sequence[int]) -> list[StepUpdate]:
+        """Append the sampled tokens (one per sampling sequence, in order), fork, and finish."""
+        per_req: dict[int, StepUpdate] = {}
+        tokens = iter(sampled)
+        for s in out.seqs:
+            if not s.samples:
+                continue
+            tok = next(tokens)
+            req, b = s.request, s.branch
+            if req.finished or b.finished:
+                continue
+            upd = per_req.setdefault(id(req), StepUpdate(req, [], False))
+            self._append(req, b, tok, upd)
+        for req in out.failed:
+            per_req.setdefault(id(req), StepUpdate(req, [], True))
+        updates = list(per_req.values())
+        for upd in updates:
+            if upd.deltas:
+                upd.request.decode_steps += 1
+            if not upd.request.finished and not upd.request.live_branches():
+                self._finish_request(upd.request, FinishReason.STOP)
+            upd.finished = upd.request.finished
+        return updates
+
+    def _delta(self, upd: StepUpdate, b: Branch) -> BranchDelta:
+        for d in upd.deltas:
+            if d.branch_id == b.id:
+                return d
+        d = BranchDelta(b.id, b.parent, b.fork_index, [], False)
+        upd.deltas.append(d)
+        return d
+
+    def _append(self, req: Request, b: Branch, tok: int, upd: StepUpdate) -> None:
+        p = req.params
+        b.token_ids.append(tok)
+        self._delta(upd, b).new_token_ids.append(tok)
+        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            self._finish_branch(req, b, FinishReason.STOP, upd)
+        elif p.stop and self._hit_stop_string(b, p.stop):
+            self._finish_branch(req, b, FinishReason.STOP, upd)
+        elif (tok == self.control.fork and self.control.child is not None and self.config.mode == "apar"
+              and req.generated_tokens < p.max_tokens and b.context_len + 1 < self.max_model_len):
+            self._fork(req, b, upd)
+        if req.generated_tokens >= p.max_tokens or req.total_len >= self.max_model_len:
+            for other in req.live_branches():
+                self._finish_branch(req, other, FinishReason.LENGTH, upd)
+        elif not b.finished and b.context_len >= self.max_model_len:
+            self._finish_branch(req, b, FinishReason.LENGTH, upd)
+
+    def _hit_stop_string(self, b: Branch, stops: Sequence[str]) -> bool:
+        if self.decode is None:
+            return False
+        text = branch_text(self.decode, b, self.special_ids)
+        hits = [text.find(s) for s in stops if s in text]
+        if hits:
+            b.stop_text_len = min(hits)
+            return True
+        return False
+
+    def _fork(self, req: Request, parent: Branch, upd: StepUpdate) -> None:
+        child = Branch(id=len(req.branches), parent=parent.id, fork_index=len(parent.token_ids) - 1,
+                       depth=parent.depth + 1, prefix=parent.prefix + parent.token_ids,
+                       token_ids=[self.control.child], table=self.kv.fork(parent.table))
+        req.branches.append(child)
+        req.forks += 1
+        self.num_forks += 1
+        self._delta(upd, child).new_token_ids.append(self.control.child)
+
+    def _finish_branch(self, req: Request, b: Branch, reason: FinishReason, upd: StepUpdate) -> None:
+        b.finish_reason = reason
+        if b.table.block_ids:
+            self.kv.free(b.table)
+        self._delta(upd, b).finished = True
+        if not req.live_branches():
+            self.running.remove(req)
+            req.status = RequestStatus.FINISHED
+            req.finish_reason = self._request_reason(req)
+
+    def _finish_request(self, req: Request, reason: FinishReason) -> None:
+        for b in req.branches:
+            if not b.finished:
+                b.finish_reason = reason
+            if b.table.block_ids:
+                self.kv.free(b.table)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+
+    @staticmethod
+    def _request_reason(req: Request) -> FinishReason:
+        reasons = {b.finish_reason for b in req.branches}
+        return FinishReason.LENGTH if FinishReason.LENGTH in reasons else FinishReason.STOP
