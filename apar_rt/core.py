@@ -124,6 +124,9 @@ class Request:
     decode_steps: int = 0                # engine steps in which this request produced tokens
     forks: int = 0
     peak_kv_blocks: int = 0              # most distinct KV blocks held at once
+    # After a preemption: branch id -> (donor branch id, tokens of shared context). The branch
+    # waits until the donor has recomputed that many tokens, then forks the donor's blocks.
+    resume_donors: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.branches:

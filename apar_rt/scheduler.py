@@ -116,7 +116,7 @@ class Scheduler:
         while i < len(self.running):
             req = self.running[i]
             got_any = blocked = False
-            for b in req.live_branches():
+            for b in self._schedulable(req):
                 if budget == 0 or len(reserved) >= self.config.max_num_seqs:
                     break
                 n = min(b.num_uncomputed, budget)
@@ -138,8 +138,7 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(reserved) < self.config.max_num_seqs:
             req = self.waiting[0]
-            live = req.live_branches()
-            need = sum(_cdiv(b.context_len + 1, self.config.block_size) for b in live)
+            need = self._blocks_to_resume(req)
             if need > self.pool.capacity:
                 self.waiting.popleft()
                 self._fail(req, self._too_big_message(req), out)
@@ -151,7 +150,7 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            for b in live:
+            for b in self._schedulable(req):
                 if budget == 0 or len(reserved) >= self.config.max_num_seqs:
                     break
                 n = min(b.num_uncomputed, budget)
@@ -184,8 +183,51 @@ class Scheduler:
                 return None
             self._preempt(victim, out)
 
+    def _schedulable(self, req: Request) -> list[Branch]:
+        return [b for b in req.live_branches() if b.id not in req.resume_donors]
+
+    def _blocks_to_resume(self, req: Request) -> int:
+        """Blocks a (re)admitted request needs for all its live branches' contexts."""
+        bs = self.config.block_size
+        need = 0
+        for b in req.live_branches():
+            need += _cdiv(b.context_len + 1, bs) - len(b.table.block_ids)
+            if b.id in req.resume_donors:
+                need -= req.resume_donors[b.id][1] // bs
+        return need
+
+    def _plan_shared_recompute(self, req: Request) -> None:
+        """Pair each live branch with an earlier one it shares a context prefix with, so that
+        recompute after a preemption shares blocks as the original forks did."""
+        live = req.live_branches()
+        contexts = [b.context() for b in live]
+        req.resume_donors = {}
+        for i, b in enumerate(live):
+            best, best_len = None, 0
+            for a, ctx_a in zip(live[:i], contexts[:i]):
+                n = 0
+                limit = min(len(ctx_a), len(contexts[i]) - 1)
+                while n < limit and ctx_a[n] == contexts[i][n]:
+                    n += 1
+                if n > best_len:
+                    best, best_len = a, n
+            if best is not None and best_len >= self.config.block_size:
+                req.resume_donors[b.id] = (best.id, best_len)
+
+    def _fork_from_donors(self, req: Request) -> None:
+        """Branches whose donor has recomputed the shared prefix take its blocks now."""
+        for bid, (did, n) in list(req.resume_donors.items()):
+            donor = req.branches[did]
+            if donor.finished or did in req.resume_donors:
+                if donor.finished:
+                    del req.resume_donors[bid]
+                continue
+            if donor.table.num_tokens >= n:
+                req.branches[bid].table = self.kv.fork(donor.table, n)
+                del req.resume_donors[bid]
+
     def _too_big_message(self, req: Request) -> str:
-        need = sum(_cdiv(b.context_len + 1, self.config.block_size) for b in req.live_branches())
+        need = self._blocks_to_resume(req)
         return (f"the KV cache is too small for this request: it needs {need} blocks of "
                 f"{self.config.block_size} tokens, but --num-blocks {self.config.num_blocks} gives "
                 f"{self.pool.capacity} usable blocks; raise --num-blocks or lower --max-tokens")
@@ -196,6 +238,7 @@ class Scheduler:
             if b.table.block_ids:
                 self.kv.free(b.table)
         req.status = RequestStatus.WAITING
+        self._plan_shared_recompute(req)
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -253,6 +296,9 @@ class Scheduler:
     def update(self, out: SchedulerOutput, sampled: Sequence[int]) -> list[StepUpdate]:
         """Append the sampled tokens (one per sampling sequence, in order), fork, and finish."""
         per_req: dict[int, StepUpdate] = {}
+        for req in {id(s.request): s.request for s in out.seqs}.values():
+            if req.resume_donors:
+                self._fork_from_donors(req)
         tokens = iter(sampled)
         for s in out.seqs:
             if not s.samples:

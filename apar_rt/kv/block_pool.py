@@ -138,10 +138,14 @@ class KVCacheManager:
         table.num_tokens += num_new
         return SlotReservation(slots=slots, copies=copies, new_blocks=need)
 
-    def fork(self, table: BlockTable) -> BlockTable:
-        """A new table that shares all of `table`'s blocks."""
-        self.pool.incref(table.block_ids)
-        return BlockTable(block_ids=list(table.block_ids), num_tokens=table.num_tokens)
+    def fork(self, table: BlockTable, num_tokens: int | None = None) -> BlockTable:
+        """A new table that shares `table`'s blocks for its first `num_tokens` tokens (default: all)."""
+        n = table.num_tokens if num_tokens is None else num_tokens
+        if not 0 <= n <= table.num_tokens:
+            raise RuntimeError(f"cannot fork {n} tokens of a table that holds {table.num_tokens}")
+        shared = table.block_ids[:-(-n // self.block_size)]
+        self.pool.incref(shared)
+        return BlockTable(block_ids=list(shared), num_tokens=n)
 
     def free(self, table: BlockTable) -> list[int]:
         """Release the table's blocks; returns those that became free. The table is emptied."""

@@ -80,10 +80,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from apar_rt.train.template import VICUNA_V1_1_EOS, vicuna_prompt
+from apar_rt.model.tokenizer import vicuna_v1_1_prompt as vicuna_prompt
 
 FORK = "[SplitMask]"
 CHILD = "[SplitSop]"
+EOS_TEXT = "</s>"  # the Vicuna v1.1 end of an assistant turn (FastChat sep2)
 
 # --- ordered-list rule (same patterns as the reference) ---------------------------
 # An item followed by another "N. ...:" item; groups: index, summary, detail.
@@ -334,7 +335,7 @@ def format_record(
                     "main",
                     structured.rule,
                     None,
-                    [(prompt, False), (" " + structured.main + VICUNA_V1_1_EOS, True)],
+                    [(prompt, False), (" " + structured.main + EOS_TEXT, True)],
                 )
             ]
             parts = structured.main.split(FORK)
@@ -347,7 +348,7 @@ def format_record(
                         "child",
                         structured.rule,
                         k,
-                        [(prompt, False), (context, False), (stream + VICUNA_V1_1_EOS, True)],
+                        [(prompt, False), (context, False), (stream + EOS_TEXT, True)],
                     )
                 )
             st.main += 1
@@ -361,7 +362,7 @@ def format_record(
     if not plain:
         return []
     st.plain += 1
-    return [_example(source_id, source_id, "plain", None, None, [(prompt, False), (" " + answer + VICUNA_V1_1_EOS, True)])]
+    return [_example(source_id, source_id, "plain", None, None, [(prompt, False), (" " + answer + EOS_TEXT, True)])]
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

@@ -1,0 +1,154 @@
+"""The `apar-rt` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from apar_rt import __version__
+
+_SAMPLING_FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
+                   "top_k": "--top-k", "logit_bias": "--logit-bias", "stop": "--stop"}
+
+
+def _parse_logit_bias(ctx, param, values):
+    out = {}
+    for item in values:
+        tok, sep, val = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[int(tok)] = float(val)
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not ID=VALUE (for example 32000=5.0)", ctx, param) from None
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="apar-rt")
+def main() -> None:
+    """apar-rt: serve Llama/Vicuna models with APAR (auto-parallel auto-regressive) decoding."""
+
+
+def engine_options(f):
+    """Flags shared by every command that runs the engine."""
+    opts = [
+        click.option("--model", "model", type=click.Path(), required=True,
+                     help="Hugging Face model folder (config.json, safetensors, tokenizer)."),
+        click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch",
+                     show_default=True, help="Backend that runs the model."),
+        click.option("--mode", type=click.Choice(["apar", "ar"]), default="apar", show_default=True,
+                     help="apar forks on [Fork]; ar bans the control tokens (the baseline)."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+                     show_default=True, help="Weight and KV dtype (auto: float16 on GPU, float32 on CPU)."),
+        click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if present)."),
+        click.option("--num-blocks", type=int, default=512, show_default=True,
+                     help="KV blocks in the pool (block 0 is reserved)."),
+        click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per KV block."),
+        click.option("--max-num-seqs", type=int, default=64, show_default=True,
+                     help="Most sequences (APAR branches included) in one step."),
+        click.option("--max-num-tokens", type=int, default=2048, show_default=True,
+                     help="Most new tokens in one packed step (prefill chunks + decodes)."),
+        click.option("--max-model-len", type=int, default=None,
+                     help="Length cap per request (default: the model's max_position_embeddings)."),
+        click.option("--max-depth", type=int, default=2, show_default=True,
+                     help="[Fork] is banned in branches this deep (the root is depth 0)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _engine_kwargs(kw: dict) -> dict:
+    return {k: kw[k] for k in ("num_blocks", "block_size", "max_num_seqs", "max_num_tokens", "max_model_len",
+                               "max_depth", "mode")}
+
+
+def _fail_on_value_error(e: ValueError) -> None:
+    msg = str(e)
+    for field, flag in _SAMPLING_FLAGS.items():
+        if msg.startswith(field):
+            raise click.BadParameter(msg, param_hint=flag)
+    for flag in ("num_blocks", "block_size", "max_num_seqs", "max_num_tokens", "max_depth", "mode", "watermark"):
+        if msg.startswith(flag):
+            raise click.BadParameter(msg, param_hint="--" + flag.replace("_", "-"))
+    raise click.ClickException(msg)
+
+
+@main.command()
+@engine_options
+@click.option("--max-tokens", type=int, default=256, show_default=True,
+              help="Most new tokens per request, over all its branches.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 disables.")
+@click.option("--seed", type=int, default=None, help="Per-request RNG seed for sampling.")
+@click.option("--logit-bias", multiple=True, callback=_parse_logit_bias, metavar="ID=VALUE",
+              help="Add VALUE to token ID's logit (repeatable), OpenAI style.")
+@click.option("--stop", multiple=True, help="Stop string; a branch whose text contains it ends (repeatable).")
+@click.option("--stop-token-id", "stop_token_ids", type=int, multiple=True, help="Extra end token id (repeatable).")
+@click.option("--raw", is_flag=True, help="Feed prompts as they are, with no chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt per line.")
+@click.argument("prompts", nargs=-1, required=True)
+def generate(prompts, as_json, raw, max_tokens, temperature, top_p, top_k, seed, logit_bias, stop,
+             stop_token_ids, model, backend, dtype, device, **kw):
+    """Generate for one or more PROMPTS with APAR (or AR) decoding.
+
+    \b
+    Example:
+      apar-rt generate --model samples/models/apar-tiny "Give me 3 tips for better sleep."
+    """
+    from apar_rt.config import ModelLoadError
+    from apar_rt.core import SamplingParams
+    from apar_rt.backends import BackendUnavailable
+
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed, logit_bias=logit_bias, stop=stop, stop_token_ids=stop_token_ids)
+    except ValueError as e:
+        _fail_on_value_error(e)
+    try:
+        from apar_rt.llm import LLM
+        llm = LLM(model, backend=backend, dtype=dtype, device=device, raw=raw, **_engine_kwargs(kw))
+    except (ModelLoadError, BackendUnavailable) as e:
+        raise click.ClickException(str(e)) from None
+    except ValueError as e:
+        _fail_on_value_error(e)
+    outputs = llm.generate(list(prompts), params)
+    failed = 0
+    for o in outputs:
+        if o.error:
+            failed += 1
+            click.echo(f"error: prompt {o.prompt[:40]!r}: {o.error}", err=True)
+        if as_json:
+            click.echo(json.dumps(o.to_json(), ensure_ascii=False))
+        elif not o.error:
+            click.echo(o.text)
+            s = o.stats
+            click.echo(f"[{s['generated_tokens']} tokens in {s['decode_steps']} steps, {s['forks']} forks, "
+                       f"peak {s['peak_kv_blocks']} KV blocks]", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def _attach_optional_commands() -> None:
+    """Commands that live in their own modules, attached when present."""
+    import importlib
+
+    for module, names in (("apar_rt.train.commands", ("data", "train", "corpus")),):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError:
+            continue
+        for name in names:
+            cmd = getattr(mod, name, None) or getattr(mod, f"{name}_cmd", None)
+            if isinstance(cmd, click.Command):
+                main.add_command(cmd, name)
+
+
+_attach_optional_commands()
+
+if __name__ == "__main__":
+    main()

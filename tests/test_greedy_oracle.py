@@ -1,0 +1,115 @@
+"""Engine tokens against transformers: AR greedy vs generate(), APAR branches vs per-branch argmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apar_rt import LLM, SamplingParams
+
+PROMPTS = ["the list of water and sleep", "one two three", "tree fork model data run build code test",
+           "first tip", "a plan for food and walk and read"]
+
+
+def hf_greedy(hf, ids, n, eos):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, eos_token_id=eos,
+                          pad_token_id=eos)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gqa", "tiny_mha"])
+def test_ar_greedy_matches_transformers_under_preemption(request, fixture):
+    path, hf, tok = request.getfixturevalue(fixture)
+    # 5 prompts of ~2-10 tokens + 24 new tokens each, 4-token blocks: needs ~40 blocks, has 14.
+    llm = LLM(str(path), mode="ar", raw=True, num_blocks=15, block_size=4, max_num_tokens=16)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24))
+    assert llm.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    for o in outs:
+        assert o.error is None
+        assert len(o.branches) == 1
+        assert o.branches[0]["token_ids"] == hf_greedy(hf, o.prompt_token_ids, 24, tok.eos_token_id)
+        text = tok.decode(o.branches[0]["token_ids"], skip_special_tokens=True)
+        assert o.text == text
+    assert llm.engine.scheduler.pool.num_used == 0
+
+
+def banned_for(context, depth, fork, child, max_depth):
+    banned = {child}
+    if context[-1] in (fork, child) or depth >= max_depth:
+        banned.add(fork)
+    return banned
+
+
+@pytest.mark.parametrize("max_depth", [1, 2])
+def test_apar_branches_match_per_branch_argmax(tiny_gqa, max_depth):
+    """Every sampled token of every branch is HF's argmax for that branch's context (schema rules),
+    after the same logit bias and bans; children start with [Child]; blocks all return."""
+    path, hf, tok = tiny_gqa
+    fork, child = tok.convert_tokens_to_ids("[SplitMask]"), tok.convert_tokens_to_ids("[SplitSop]")
+    bias = 4.0
+    llm = LLM(str(path), mode="apar", raw=True, num_blocks=24, block_size=4, max_num_tokens=24,
+              max_depth=max_depth)
+    outs = llm.generate(PROMPTS[:4], SamplingParams(max_tokens=40, logit_bias={fork: bias}))
+    total_forks = 0
+    for o in outs:
+        assert o.error is None
+        br = {b["id"]: b for b in o.branches}
+        assert br[0]["parent"] is None and br[0]["fork_index"] is None
+        depth = {0: 0}
+        for b in o.branches[1:]:
+            parent = br[b["parent"]]
+            assert parent["token_ids"][b["fork_index"]] == fork
+            assert b["token_ids"][0] == child
+            depth[b["id"]] = depth[b["parent"]] + 1
+        total_forks += o.stats["forks"]
+        assert o.stats["forks"] == len(o.branches) - 1
+        assert o.stats["generated_tokens"] == sum(len(b["token_ids"]) for b in o.branches) <= 40
+        for b in o.branches:
+            chain, node = [], b
+            while node["parent"] is not None:
+                chain.append(node)
+                node = br[node["parent"]]
+            prefix = list(o.prompt_token_ids)
+            for anc_child in reversed(chain):
+                prefix += br[anc_child["parent"]]["token_ids"][:anc_child["fork_index"] + 1]
+            toks = b["token_ids"]
+            start = 1 if b["parent"] is not None else 0
+            for i in range(start, len(toks)):
+                ctx = prefix + toks[:i]
+                with torch.no_grad():
+                    logits = hf(torch.tensor([ctx])).logits[0, -1].clone()
+                logits[fork] += bias
+                for t in banned_for(ctx, depth[b["id"]], fork, child, max_depth):
+                    logits[t] = float("-inf")
+                assert toks[i] == int(torch.argmax(logits)), (o.prompt, b["id"], i)
+            # a [Fork] that is not the branch's last token spawned a child at that index
+            for i, t in enumerate(toks):
+                if t == fork and i < len(toks) - 1:
+                    assert any(c["parent"] == b["id"] and c["fork_index"] == i for c in o.branches)
+    assert total_forks >= 4, "the bias was meant to make forks happen"
+    assert llm.engine.scheduler.num_preemptions > 0, "the pool was meant to preempt forked requests"
+    assert llm.engine.scheduler.pool.num_used == 0
+
+
+def test_apar_fork_positions_are_recovered_in_reading_order(tiny_gqa):
+    path, hf, tok = tiny_gqa
+    fork = tok.convert_tokens_to_ids("[SplitMask]")
+    llm = LLM(str(path), mode="apar", raw=True)
+    o = llm.generate(["one two three"], SamplingParams(max_tokens=30, logit_bias={fork: 4.0}))[0]
+    assert o.stats["forks"] >= 1
+    # Rebuild the reading order independently from the schema: depth-first, child at its [Fork].
+    br = {b["id"]: b for b in o.branches}
+
+    def walk(bid):
+        out = []
+        for i, t in enumerate(br[bid]["token_ids"]):
+            out.append(t)
+            for c in o.branches:
+                if c["parent"] == bid and c["fork_index"] == i:
+                    out += walk(c["id"])
+        return out
+
+    ids = walk(0)
+    special = set(tok.all_special_ids)
+    assert o.text == tok.decode([t for t in ids if t not in special], skip_special_tokens=True)
