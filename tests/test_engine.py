@@ -1,0 +1,174 @@
+"""Engine behaviour: chunked prefill, budgets, abort, sampling controls, streaming deltas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apar_rt import LLM, SamplingParams
+from apar_rt.backends.torch_backend import TorchBackend
+
+PROMPTS = ["the list of water and sleep", "one two three", "tree fork model data run build code test",
+           "first tip", "a plan for food and walk and read"]
+
+
+class SpyBackend(TorchBackend):
+    """The real torch backend, recording each step's shape."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.steps = []
+
+    def forward(self, step):
+        self.steps.append((step.num_tokens, step.block_tables.shape[0]))
+        return super().forward(step)
+
+
+def make_llm(path, **kw):
+    from apar_rt.config import EngineConfig, ModelConfig
+    from apar_rt.engine import Engine
+    from apar_rt.model.tokenizer import load_tokenizer
+
+    llm = LLM.__new__(LLM)
+    llm.raw = True
+    backend = SpyBackend(str(path), dtype="float32", device="cpu")
+    llm.engine = Engine(backend, load_tokenizer(path), ModelConfig.from_dir(path), EngineConfig(**kw))
+    return llm, backend
+
+
+def greedy_tokens(outs):
+    return [o.branches[0]["token_ids"] for o in outs]
+
+
+def test_budgets_are_respected_and_chunking_changes_nothing(tiny_gqa):
+    path, _, _ = tiny_gqa
+    ref, _ = make_llm(path, mode="ar")
+    want = greedy_tokens(ref.generate(PROMPTS, SamplingParams(max_tokens=12)))
+    llm, spy = make_llm(path, mode="ar", max_num_tokens=3, max_num_seqs=2)
+    got = greedy_tokens(llm.generate(PROMPTS, SamplingParams(max_tokens=12)))
+    assert got == want
+    assert all(t <= 3 and b <= 2 for t, b in spy.steps)
+    assert any(t == 3 and b == 1 for t, b in spy.steps)   # a prefill chunk alone
+
+
+def test_prefill_and_decode_share_a_step(tiny_gqa):
+    path, _, _ = tiny_gqa
+    llm, spy = make_llm(path, mode="ar", max_num_tokens=64)
+    eng = llm.engine
+    eng.add_request("one two three", SamplingParams(max_tokens=8), raw=True)
+    eng.step()
+    eng.add_request("tree fork model data run build", SamplingParams(max_tokens=8), raw=True)
+    eng.step()
+    assert spy.steps[1][1] == 2 and spy.steps[1][0] > 2   # one decode token + a whole prefill
+
+
+def test_abort_frees_blocks_and_others_are_unchanged(tiny_gqa):
+    path, _, tok = tiny_gqa
+    fork = tok.convert_tokens_to_ids("[SplitMask]")
+    params = SamplingParams(max_tokens=30, logit_bias={fork: 4.0})
+    ref, _ = make_llm(path)
+    want = ref.generate([PROMPTS[0], PROMPTS[2]], params)
+    llm, _ = make_llm(path)
+    eng = llm.engine
+    a = eng.add_request(PROMPTS[0], params, raw=True)
+    b = eng.add_request(PROMPTS[1], params, raw=True)
+    c = eng.add_request(PROMPTS[2], params, raw=True)
+    done = {}
+    for _ in range(4):
+        for o in eng.step():
+            done[o.request_id] = o
+    assert eng.scheduler.pool.num_used > 0
+    held_by_b = eng._requests[b].held_blocks()
+    assert held_by_b and eng.abort_request(b)
+    assert not eng.abort_request(b)           # twice is a no-op
+    assert not eng.abort_request("no-such-id")
+    while eng.has_unfinished():
+        for o in eng.step():
+            done[o.request_id] = o
+    assert eng.scheduler.pool.num_used == 0
+    assert done[a].branches == want[0].branches and done[c].branches == want[1].branches
+
+
+def test_streaming_deltas_rebuild_the_branches(tiny_gqa):
+    path, _, tok = tiny_gqa
+    fork = tok.convert_tokens_to_ids("[SplitMask]")
+    llm, _ = make_llm(path)
+    eng = llm.engine
+    rid = eng.add_request(PROMPTS[0], SamplingParams(max_tokens=30, logit_bias={fork: 4.0}), raw=True)
+    streamed: dict[int, list[int]] = {}
+    final = None
+    while eng.has_unfinished():
+        for o in eng.step():
+            for d in o.deltas:
+                streamed.setdefault(d.branch_id, []).extend(d.new_token_ids)
+            if o.finished:
+                final = o
+    assert final.request_id == rid and final.stats["forks"] >= 1
+    assert {b["id"]: b["token_ids"] for b in final.branches} == streamed
+
+
+def test_stop_string_and_stop_token(tiny_gqa):
+    path, _, tok = tiny_gqa
+    llm, _ = make_llm(path, mode="ar")
+    base = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20))[0]
+    text, ids = base.text, base.branches[0]["token_ids"]
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    o = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20, stop=[stop]))[0]
+    assert o.text == text[:text.index(stop)] and o.finish_reason.value == "stop"
+    o = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20, stop_token_ids=[ids[4]]))[0]
+    assert o.branches[0]["token_ids"] == ids[:ids.index(ids[4]) + 1]
+
+
+def test_logit_bias_forces_a_token(tiny_gqa):
+    path, _, _ = tiny_gqa
+    llm, _ = make_llm(path, mode="ar")
+    o = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, logit_bias={77: 100.0}))[0]
+    assert o.branches[0]["token_ids"] == [77, 77, 77]
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_gqa):
+    path, _, _ = tiny_gqa
+    llm, _ = make_llm(path, mode="ar")
+    p = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+    alone = llm.generate([PROMPTS[0]], p)[0].branches
+    mixed = llm.generate([PROMPTS[0], PROMPTS[1], PROMPTS[2]],
+                         [p, SamplingParams(max_tokens=16, temperature=1.0), p])
+    assert mixed[0].branches == alone
+    other = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=16, temperature=1.0, seed=99))[0].branches
+    assert other != alone
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(tiny_gqa):
+    path, _, _ = tiny_gqa
+    llm, _ = make_llm(path, mode="ar")
+    greedy = llm.generate([PROMPTS[3]], SamplingParams(max_tokens=10))[0].branches
+    assert llm.generate([PROMPTS[3]], SamplingParams(max_tokens=10, temperature=0.8, top_k=1, seed=1))[0].branches \
+        == greedy
+    assert llm.generate([PROMPTS[3]], SamplingParams(max_tokens=10, temperature=0.8, top_p=1e-6, seed=1))[0].branches \
+        == greedy
+
+
+def test_sampler_top_p_keeps_the_smallest_nucleus():
+    from apar_rt.sampler import sample_row
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    seen = {sample_row(logits, SamplingParams(temperature=1.0, top_p=0.75), g) for _ in range(300)}
+    assert seen == {0, 1}
+    seen = {sample_row(logits, SamplingParams(temperature=1.0, top_k=3), g) for _ in range(300)}
+    assert seen == {0, 1, 2}
+
+
+def test_ar_mode_never_emits_control_tokens(tiny_gqa):
+    path, _, tok = tiny_gqa
+    fork, child = tok.convert_tokens_to_ids("[SplitMask]"), tok.convert_tokens_to_ids("[SplitSop]")
+    llm, _ = make_llm(path, mode="ar")
+    o = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=20, logit_bias={fork: 100.0, child: 100.0}))[0]
+    assert fork not in o.branches[0]["token_ids"] and child not in o.branches[0]["token_ids"]
+    assert o.stats["forks"] == 0
+
+
+def test_model_without_control_tokens_never_forks(tiny_mha):
+    path, _, _ = tiny_mha
+    llm, _ = make_llm(path, mode="apar")
+    o = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=10))
+    assert all(x.stats["forks"] == 0 and len(x.branches) == 1 for x in o)
