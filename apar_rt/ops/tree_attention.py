@@ -70,24 +70,26 @@ def tree_paged_attention_reference(
     new_valid = j[None, :] < q_len[:, None]                                     # [B, max_q]
 
     # Keys and values each sequence can see: cached positions, then its new tokens.
+    # Slots no query may see (past context_len, padding, the null block) are zeroed before
+    # the matmuls: masking the scores alone lets NaN/inf garbage leak through 0 * NaN.
+    ctx_vis = torch.arange(L, device=dev)[None, :] < context_lens.long()[:, None]   # [B, L]
+    key_ok = torch.cat([ctx_vis, new_valid], dim=1)[:, :, None, None]           # [B, L+max_q, 1, 1]
     tables = block_tables.long()
     kc = k_cache[tables].reshape(B, L, Hkv, D)
     vc = v_cache[tables].reshape(B, L, Hkv, D)
     keys = torch.cat([kc, k[new_idx]], dim=1).float()                        # [B, L+max_q, Hkv, D]
     vals = torch.cat([vc, v[new_idx]], dim=1).float()
-    keys = keys.repeat_interleave(group, dim=2)                                 # [B, L+max_q, Hq, D]
-    vals = vals.repeat_interleave(group, dim=2)
 
     # Visibility for each padded query row.
     ctx_vis = torch.arange(L, device=dev)[None, :] < context_lens.long()[:, None]   # [B, L]
     new_vis = mask[new_idx] & new_valid[:, None, :]                             # [B, max_q, max_q]
     vis = torch.cat([ctx_vis[:, None, :].expand(B, max_q, L), new_vis], dim=2)  # [B, max_q, L+max_q]
 
-    qp = q[new_idx].float()                                                     # [B, max_q, Hq, D]
-    scores = torch.einsum("bqhd,bkhd->bhqk", qp, keys) * scale
-    scores = scores.masked_fill(~vis[:, None, :, :], torch.finfo(torch.float32).min)
+    qp = q[new_idx].float().view(B, max_q, Hkv, group, D)                       # head h = kv * group + g
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", qp, keys) * scale
+    scores = scores.masked_fill(~vis[:, None, None, :, :], torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, vals)                          # [B, max_q, Hq, D]
+    out = torch.einsum("bhgqk,bkhd->bqhgd", probs, vals).reshape(B, max_q, Hq, D)
 
     # Scatter the valid padded rows back to packed order.
     t = torch.arange(T, device=dev)
