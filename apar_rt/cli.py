@@ -133,6 +133,33 @@ def generate(prompts, as_json, raw, max_tokens, temperature, top_p, top_k, seed,
         sys.exit(1)
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks (medians of side-by-side runs; not tests)."""
+
+
+@bench.command("generate")
+@click.option("--model", type=click.Path(exists=True, file_okay=False), required=True, help="HF model folder.")
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--max-tokens", type=int, default=64, show_default=True, help="New tokens per request (EOS ignored).")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per side; the median is shown.")
+@click.option("--mode", type=click.Choice(["ar", "apar"]), default="ar", show_default=True)
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, as_json):
+    """tokens/s of apar-rt generate against transformers generate, side by side."""
+    from apar_rt.bench.generate import bench_generate, format_rows
+
+    try:
+        sizes = tuple(int(x) for x in batch_sizes.split(","))
+        if any(s < 1 for s in sizes):
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{batch_sizes!r} is not a list of positive integers", param_hint="--batch-sizes")
+    rows = bench_generate(model, sizes, max_tokens, repeats, mode=mode, threads=threads)
+    click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))
+
+
 def _attach_optional_commands() -> None:
     """Commands that live in their own modules, attached when present."""
     import importlib
