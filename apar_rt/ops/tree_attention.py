@@ -79,9 +79,10 @@ def tree_paged_attention_reference(
     vc = v_cache[tables].reshape(B, L, Hkv, D)
     keys = torch.cat([kc, k[new_idx]], dim=1).float()                        # [B, L+max_q, Hkv, D]
     vals = torch.cat([vc, v[new_idx]], dim=1).float()
+    keys = torch.where(key_ok, keys, 0.0)
+    vals = torch.where(key_ok, vals, 0.0)
 
     # Visibility for each padded query row.
-    ctx_vis = torch.arange(L, device=dev)[None, :] < context_lens.long()[:, None]   # [B, L]
     new_vis = mask[new_idx] & new_valid[:, None, :]                             # [B, max_q, max_q]
     vis = torch.cat([ctx_vis[:, None, :].expand(B, max_q, L), new_vis], dim=2)  # [B, max_q, L+max_q]
 
