@@ -1,0 +1,517 @@
+"""Tests for apar_rt.kv.block_pool: exact block ids and free order, then a stateful property test.
+
+The unit tests spell out the expected block ids by hand (vLLM style). The state machine
+drives random create / append / fork / free / abort sequences against an independent
+shadow model (its own FIFO free queue, its own tables, and a simulated KV store), so every
+block id the manager hands out is predicted, not merely checked for consistency.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from apar_rt.kv.block_pool import NULL_BLOCK, BlockPool, BlockTable, KVCacheManager
+
+
+def free_list(pool: BlockPool) -> list[int]:
+    """The pool's free queue in allocation order (white-box, for exact-order assertions)."""
+    return list(pool._free)
+
+
+# --- BlockPool ----------------------------------------------------------------------
+
+
+def test_pool_rejects_bad_sizes():
+    with pytest.raises(ValueError):
+        BlockPool(1, 4)
+    with pytest.raises(ValueError):
+        BlockPool(4, 0)
+
+
+def test_fresh_pool_never_hands_out_null_block():
+    pool = BlockPool(5, 4)
+    assert pool.capacity == 4
+    assert pool.num_free == 4 and pool.num_used == 0
+    assert free_list(pool) == [1, 2, 3, 4]
+    assert pool.allocate(4) == [1, 2, 3, 4]
+    assert pool.num_free == 0 and pool.num_used == 4
+    assert pool.ref_count(NULL_BLOCK) == 0
+    assert pool.allocate(1) is None
+
+
+def test_allocate_takes_oldest_freed_first():
+    pool = BlockPool(6, 2)
+    assert pool.allocate(3) == [1, 2, 3]
+    assert pool.decref([2]) == [2]
+    assert pool.decref([1]) == [1]
+    # Never-used blocks 4, 5 were queued first; then 2, then 1.
+    assert free_list(pool) == [4, 5, 2, 1]
+    assert pool.allocate(3) == [4, 5, 2]
+    assert pool.allocate(1) == [1]
+    assert pool.decref([3, 1]) == [3, 1]
+    assert pool.allocate(2) == [3, 1]
+
+
+def test_allocate_none_takes_nothing():
+    pool = BlockPool(4, 2)
+    assert pool.allocate(1) == [1]
+    before = (free_list(pool), [pool.ref_count(b) for b in range(4)], pool.peak_used)
+    assert pool.allocate(3) is None
+    assert (free_list(pool), [pool.ref_count(b) for b in range(4)], pool.peak_used) == before
+    assert pool.allocate(0) == []
+    assert pool.allocate(2) == [2, 3]
+
+
+def test_double_free_and_null_free_raise():
+    pool = BlockPool(4, 2)
+    (b,) = pool.allocate(1)
+    assert pool.decref([b]) == [b]
+    with pytest.raises(RuntimeError):
+        pool.decref([b])
+    with pytest.raises(RuntimeError):
+        pool.decref([NULL_BLOCK])
+    with pytest.raises(RuntimeError):
+        pool.decref([3])  # never allocated
+    with pytest.raises(RuntimeError):
+        pool.incref([NULL_BLOCK])
+    with pytest.raises(RuntimeError):
+        pool.incref([b])  # free again
+    assert free_list(pool) == [2, 3, 1]
+
+
+def test_shared_block_freed_on_last_reference():
+    pool = BlockPool(3, 2)
+    assert pool.allocate(1) == [1]
+    pool.incref([1])
+    pool.incref([1])
+    assert pool.ref_count(1) == 3
+    assert pool.decref([1]) == []
+    assert pool.decref([1]) == []
+    assert pool.num_free == 1
+    assert pool.decref([1]) == [1]
+    assert free_list(pool) == [2, 1]
+
+
+def test_peak_used():
+    pool = BlockPool(8, 2)
+    a = pool.allocate(3)
+    assert pool.peak_used == 3
+    pool.decref(a)
+    assert pool.peak_used == 3
+    pool.allocate(2)
+    assert pool.peak_used == 3
+    pool.allocate(4)
+    assert pool.peak_used == 6
+    assert pool.allocate(5) is None
+    assert pool.peak_used == 6
+
+
+# --- KVCacheManager -----------------------------------------------------------------
+
+
+def test_append_slots_and_blocks():
+    pool = BlockPool(8, 4)
+    kv = KVCacheManager(pool)
+    t = BlockTable()
+    assert kv.blocks_needed(t, 6) == 2
+    r = kv.append(t, 6)
+    assert t.block_ids == [1, 2] and t.num_tokens == 6
+    assert r.slots == [4, 5, 6, 7, 8, 9]
+    assert r.copies == [] and r.new_blocks == 2
+    # Fill the partial block, then spill into a new one.
+    assert kv.blocks_needed(t, 3) == 1
+    r = kv.append(t, 3)
+    assert r.slots == [10, 11, 12] and r.new_blocks == 1 and r.copies == []
+    assert t.block_ids == [1, 2, 3] and t.num_tokens == 9
+    # Zero tokens: nothing at all.
+    r = kv.append(t, 0)
+    assert r.slots == [] and r.copies == [] and r.new_blocks == 0
+    assert pool.peak_used == 3
+
+
+def test_append_slots_follow_shuffled_blocks():
+    pool = BlockPool(6, 2)
+    kv = KVCacheManager(pool)
+    pool.decref(pool.allocate(5)[::-1])  # free queue is now 5, 4, 3, 2, 1
+    assert free_list(pool) == [5, 4, 3, 2, 1]
+    t = BlockTable()
+    r = kv.append(t, 5)
+    assert t.block_ids == [5, 4, 3]
+    assert r.slots == [10, 11, 8, 9, 6]
+
+
+def test_append_that_does_not_fit_leaves_no_trace():
+    pool = BlockPool(4, 2)
+    kv = KVCacheManager(pool)
+    t = BlockTable()
+    kv.append(t, 3)  # blocks 1, 2
+
+    def snapshot():
+        return list(t.block_ids), t.num_tokens, free_list(pool), [pool.ref_count(b) for b in range(4)]
+
+    before = snapshot()
+    assert kv.append(t, 4) is None  # needs 2, only 1 free
+    assert snapshot() == before
+    assert kv.append(t, 3) is not None  # needs exactly 1
+    assert t.block_ids == [1, 2, 3]
+
+
+def test_fork_shares_every_block():
+    pool = BlockPool(8, 4)
+    kv = KVCacheManager(pool)
+    p = BlockTable()
+    kv.append(p, 10)  # blocks 1, 2, 3 (3 holds 2 tokens)
+    c = kv.fork(p)
+    assert c.block_ids == [1, 2, 3] and c.num_tokens == 10
+    assert c.block_ids is not p.block_ids
+    assert [pool.ref_count(b) for b in (1, 2, 3)] == [2, 2, 2]
+    assert pool.num_used == 3
+    g = kv.fork(c)
+    assert [pool.ref_count(b) for b in (1, 2, 3)] == [3, 3, 3]
+    assert pool.num_used == 3
+    assert kv.free(g) == []
+    assert g.block_ids == [] and g.num_tokens == 0
+    assert [pool.ref_count(b) for b in (1, 2, 3)] == [2, 2, 2]
+
+
+def test_copy_on_write_of_shared_partial_last_block():
+    pool = BlockPool(8, 4)
+    kv = KVCacheManager(pool)
+    p = BlockTable()
+    kv.append(p, 6)  # [1, 2], block 2 holds positions 4, 5
+    c = kv.fork(p)
+    assert kv.blocks_needed(c, 1) == 1
+    r = kv.append(c, 1)
+    # Exactly the shared partial last block is copied, into the oldest free block.
+    assert r.copies == [(2, 3)]
+    assert r.new_blocks == 1
+    assert r.slots == [3 * 4 + 2]
+    assert c.block_ids == [1, 3] and p.block_ids == [1, 2]
+    assert pool.ref_count(1) == 2 and pool.ref_count(2) == 1 and pool.ref_count(3) == 1
+    # The parent now owns block 2 alone: it appends in place, no copy.
+    assert kv.blocks_needed(p, 2) == 0
+    r = kv.append(p, 2)
+    assert r.copies == [] and r.new_blocks == 0 and r.slots == [2 * 4 + 2, 2 * 4 + 3]
+    # The child's second append is in place too.
+    r = kv.append(c, 1)
+    assert r.copies == [] and r.slots == [3 * 4 + 3]
+    # Spilling over a shared full block 1 copies nothing.
+    assert pool.ref_count(1) == 2
+
+
+def test_copy_on_write_plus_new_blocks():
+    pool = BlockPool(8, 4)
+    kv = KVCacheManager(pool)
+    p = BlockTable()
+    kv.append(p, 5)  # [1, 2]
+    c = kv.fork(p)
+    assert kv.blocks_needed(c, 8) == 3  # the copy plus two more blocks (13 tokens -> 4 blocks)
+    r = kv.append(c, 8)
+    assert r.copies == [(2, 3)]
+    assert r.new_blocks == 3
+    assert c.block_ids == [1, 3, 4, 5]
+    assert r.slots == [13, 14, 15, 16, 17, 18, 19, 20]
+    assert pool.peak_used == 5
+
+
+def test_copy_on_write_only_once_per_fork():
+    pool = BlockPool(10, 4)
+    kv = KVCacheManager(pool)
+    p = BlockTable()
+    kv.append(p, 3)  # [1]
+    c1 = kv.fork(p)
+    c2 = kv.fork(p)
+    assert pool.ref_count(1) == 3
+    assert kv.append(c1, 1).copies == [(1, 2)]
+    assert kv.append(c2, 1).copies == [(1, 3)]
+    # p is the last holder: no copy.
+    assert pool.ref_count(1) == 1
+    assert kv.append(p, 1).copies == []
+    assert kv.append(c1, 1).copies == []  # c1's block 2 is full now -> new block 4
+    assert c1.block_ids == [2, 4]
+
+
+def test_append_into_shared_full_last_block_copies_nothing():
+    pool = BlockPool(8, 4)
+    kv = KVCacheManager(pool)
+    p = BlockTable()
+    kv.append(p, 8)  # [1, 2], both full
+    c = kv.fork(p)
+    assert kv.blocks_needed(c, 1) == 1
+    r = kv.append(c, 1)
+    assert r.copies == []
+    assert r.new_blocks == 1
+    assert c.block_ids == [1, 2, 3] and r.slots == [12]
+    assert pool.ref_count(1) == 2 and pool.ref_count(2) == 2
+    r = kv.append(p, 1)
+    assert r.copies == [] and p.block_ids == [1, 2, 4] and r.slots == [16]
+
+
+def test_append_of_zero_into_shared_partial_block_copies_nothing():
+    pool = BlockPool(8, 4)
+    kv = KVCacheManager(pool)
+    p = BlockTable()
+    kv.append(p, 2)
+    c = kv.fork(p)
+    assert kv.blocks_needed(c, 0) == 0
+    r = kv.append(c, 0)
+    assert r.copies == [] and r.new_blocks == 0 and c.block_ids == [1]
+    assert pool.ref_count(1) == 2
+
+
+def test_copy_on_write_that_does_not_fit_leaves_no_trace():
+    pool = BlockPool(3, 4)
+    kv = KVCacheManager(pool)
+    p = BlockTable()
+    kv.append(p, 5)  # [1, 2]: pool exhausted
+    c = kv.fork(p)
+    assert kv.append(c, 1) is None
+    assert c.block_ids == [1, 2] and c.num_tokens == 5
+    assert pool.ref_count(2) == 2 and pool.num_free == 0
+    # Freeing the parent makes the child the only holder: it appends in place.
+    assert kv.free(p) == []
+    r = kv.append(c, 3)
+    assert r.copies == [] and r.slots == [9, 10, 11]
+
+
+def test_free_order_and_shared_blocks():
+    pool = BlockPool(8, 2)
+    kv = KVCacheManager(pool)
+    p = BlockTable()
+    kv.append(p, 4)  # [1, 2]
+    c = kv.fork(p)
+    kv.append(c, 3)  # [1, 2, 3, 4]
+    assert kv.free(p) == []
+    assert kv.free(c) == [1, 2, 3, 4]
+    assert free_list(pool) == [5, 6, 7, 1, 2, 3, 4]
+    assert kv.free(c) == []  # emptied table: freeing again is a no-op
+    assert all(pool.ref_count(b) == 0 for b in range(8))
+    assert pool.peak_used == 4
+
+
+# --- stateful property test -----------------------------------------------------------
+
+
+class BlockPoolMachine(RuleBasedStateMachine):
+    """Random create / append / fork / free / abort against an independent shadow model.
+
+    Shadow state:
+      free: the expected FIFO free queue (block ids),
+      tables: name -> expected block ids, tokens: name -> logical token values,
+      store: slot -> value, a simulated KV pool that replays copies and writes, so a
+        table reading back its positions proves no other table overwrote them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool: BlockPool | None = None
+
+    @initialize(num_blocks=st.integers(2, 14), block_size=st.integers(1, 4))
+    def setup(self, num_blocks: int, block_size: int) -> None:
+        self.pool = BlockPool(num_blocks, block_size)
+        self.kv = KVCacheManager(self.pool)
+        self.bs = block_size
+        self.live: dict[int, BlockTable] = {}       # table name -> the real table
+        self.group: dict[int, int] = {}             # table name -> request id
+        self.shadow_free: deque[int] = deque(range(1, num_blocks))
+        self.shadow_tables: dict[int, list[int]] = {}
+        self.tokens: dict[int, list[int]] = {}      # logical contents per table
+        self.store: dict[int, int] = {}             # slot -> value (simulated pool)
+        self.next_name = 0
+        self.next_req = 0
+        self.next_value = 0
+        self.forks = 0
+        self.copies = 0
+        self.shadow_peak = 0
+
+    # -- shadow helpers --------------------------------------------------------------
+
+    def shadow_refs(self) -> Counter:
+        refs: Counter = Counter()
+        for ids in self.shadow_tables.values():
+            refs.update(ids)
+        return refs
+
+    def shadow_take(self, n: int) -> list[int]:
+        ids = [self.shadow_free.popleft() for _ in range(n)]
+        used = len(set(self.shadow_refs())) + n
+        self.shadow_peak = max(self.shadow_peak, used)
+        return ids
+
+    def do_append(self, name: int, n: int) -> None:
+        table = self.live[name]
+        ids = self.shadow_tables[name]
+        bs = self.bs
+        ntok = len(self.tokens[name])
+        refs = self.shadow_refs()
+        cow = n > 0 and ntok % bs != 0 and refs[ids[-1]] > 1
+        need = max(-(-(ntok + n) // bs) - len(ids), 0) + (1 if cow else 0)
+        assert self.kv.blocks_needed(table, n) == need
+
+        before = (list(table.block_ids), table.num_tokens, free_list(self.pool))
+        r = self.kv.append(table, n)
+        if need > len(self.shadow_free):
+            assert r is None
+            assert (list(table.block_ids), table.num_tokens, free_list(self.pool)) == before
+            return
+        assert r is not None
+        assert r.new_blocks == need
+
+        fresh = self.shadow_take(need)
+        if cow:
+            src, dst = ids[-1], fresh.pop(0)
+            assert r.copies == [(src, dst)]
+            ids[-1] = dst
+            self.copies += 1
+        else:
+            assert r.copies == []
+        ids.extend(fresh)
+        assert table.block_ids == ids
+
+        exp_slots = [ids[p // bs] * bs + p % bs for p in range(ntok, ntok + n)]
+        assert r.slots == exp_slots
+
+        # No slot written here lies in a block that another live table holds.
+        for other, ot in self.live.items():
+            if other != name:
+                assert not {s // bs for s in r.slots} & set(ot.block_ids), (name, other)
+
+        # Replay the step on the simulated pool: copies first, then the writes.
+        for src, dst in r.copies:
+            for off in range(bs):
+                if src * bs + off in self.store:
+                    self.store[dst * bs + off] = self.store[src * bs + off]
+        for s in r.slots:
+            self.store[s] = self.next_value
+            self.tokens[name].append(self.next_value)
+            self.next_value += 1
+
+    def do_free(self, name: int) -> None:
+        table = self.live.pop(name)
+        ids = self.shadow_tables.pop(name)
+        del self.tokens[name], self.group[name]
+        refs = self.shadow_refs()  # the remaining tables only
+        # decref walks the table in order; a block becomes free when no other table holds it.
+        expected = [b for b in ids if refs[b] == 0]
+        freed = self.kv.free(table)
+        assert freed == expected
+        assert table.block_ids == [] and table.num_tokens == 0
+        self.shadow_free.extend(expected)
+
+    # -- rules --------------------------------------------------------------------------
+
+    @precondition(lambda self: self.pool is not None and len(self.live) < 12)
+    @rule(n=st.integers(0, 9))
+    def create_request(self, n: int) -> None:
+        name = self.next_name
+        self.next_name += 1
+        self.live[name] = BlockTable()
+        self.shadow_tables[name] = []
+        self.tokens[name] = []
+        self.group[name] = self.next_req
+        self.do_append(name, n)
+        if not self.tokens[name] and n > 0:
+            # Did not fit: the request is rejected and holds nothing.
+            assert self.live[name].block_ids == []
+            del self.live[name], self.shadow_tables[name], self.tokens[name], self.group[name]
+        else:
+            self.next_req += 1
+
+    @precondition(lambda self: self.pool is not None and self.live)
+    @rule(data=st.data(), n=st.integers(0, 6))
+    def append(self, data, n: int) -> None:
+        name = data.draw(st.sampled_from(sorted(self.live)))
+        self.do_append(name, n)
+
+    @precondition(lambda self: self.pool is not None and self.live and len(self.live) < 12)
+    @rule(data=st.data())
+    def fork(self, data) -> None:
+        parent = data.draw(st.sampled_from(sorted(self.live)))
+        child = self.next_name
+        self.next_name += 1
+        used_before = self.pool.num_used
+        self.live[child] = self.kv.fork(self.live[parent])
+        self.shadow_tables[child] = list(self.shadow_tables[parent])
+        self.tokens[child] = list(self.tokens[parent])
+        self.group[child] = self.group[parent]
+        self.forks += 1
+        assert self.live[child].block_ids == self.shadow_tables[child]
+        assert self.live[child].num_tokens == self.live[parent].num_tokens
+        assert self.pool.num_used == used_before
+
+    @precondition(lambda self: self.pool is not None and self.live)
+    @rule(data=st.data())
+    def finish_branch(self, data) -> None:
+        self.do_free(data.draw(st.sampled_from(sorted(self.live))))
+
+    @precondition(lambda self: self.pool is not None and self.live)
+    @rule(data=st.data())
+    def abort_request(self, data) -> None:
+        req = data.draw(st.sampled_from(sorted(set(self.group.values()))))
+        members = [n for n, g in self.group.items() if g == req]
+        for name in data.draw(st.permutations(members)):
+            self.do_free(name)
+        assert req not in self.group.values()
+
+    # -- invariants -------------------------------------------------------------------
+
+    @invariant()
+    def pool_matches_shadow(self) -> None:
+        if self.pool is None:
+            return
+        pool, bs = self.pool, self.bs
+        refs = self.shadow_refs()
+        free = free_list(pool)
+        held = set(refs)
+
+        assert free == list(self.shadow_free)
+        assert len(free) == len(set(free)), "free queue has duplicates"
+        assert pool.num_free + len(held) == pool.capacity, "leak"
+        assert not held & set(free), "block both free and held"
+        assert NULL_BLOCK not in held and NULL_BLOCK not in free
+        assert pool.ref_count(NULL_BLOCK) == 0
+        for b in range(1, pool.num_blocks):
+            assert pool.ref_count(b) == refs.get(b, 0), b
+        assert pool.peak_used == self.shadow_peak
+        assert self.copies <= self.forks
+
+        for name, table in self.live.items():
+            ids = self.shadow_tables[name]
+            assert table.block_ids == ids
+            assert NULL_BLOCK not in ids
+            assert len(ids) == len(set(ids))
+            assert table.num_tokens == len(self.tokens[name])
+            assert len(ids) == -(-table.num_tokens // bs)
+            # Every position reads back what this table wrote (or inherited) there.
+            got = [self.store.get(ids[p // bs] * bs + p % bs) for p in range(table.num_tokens)]
+            assert got == self.tokens[name], name
+
+    def teardown(self) -> None:
+        if self.pool is None:
+            return
+        for name in list(self.live):
+            self.do_free(name)
+        pool = self.pool
+        assert pool.num_free == pool.capacity
+        assert sorted(free_list(pool)) == list(range(1, pool.num_blocks))
+        assert all(pool.ref_count(b) == 0 for b in range(pool.num_blocks))
+
+
+BlockPoolMachine.TestCase.settings = settings(
+    max_examples=200,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestBlockPoolMachine = BlockPoolMachine.TestCase

@@ -1,0 +1,350 @@
+"""Tests for apar_rt.ops.tree_attention against an independent, loop-by-loop float64 oracle.
+
+The oracle lists, for every token, the (key, value) vectors it may see: its sequence's
+cached positions read one by one through the block table, then the sequence's own new
+tokens that the mask allows. Everything else in the pool is poisoned, so any read of an
+unused slot, a padding entry or the null block shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from apar_rt.ops.tree_attention import tree_paged_attention_reference  # registers torch.ops.apar.*
+
+POISON = 1.0e4  # magnitude of the garbage in unused pool slots
+
+
+@dataclass
+class Seq:
+    kind: str          # "prefill", "decode", "tree" or "empty"
+    context_len: int   # tokens already cached
+    local_mask: list[list[bool]]  # [n, n]: new token i sees new token j of this sequence
+
+    @property
+    def n(self) -> int:
+        return len(self.local_mask)
+
+
+def causal(n: int) -> list[list[bool]]:
+    return [[j <= i for j in range(n)] for i in range(n)]
+
+
+def tree_mask(parents: list[int]) -> list[list[bool]]:
+    """Ancestor-or-self mask from a parent array (parents[0] == -1 is the root)."""
+    n = len(parents)
+    m = [[False] * n for _ in range(n)]
+    for i in range(n):
+        a = i
+        while a != -1:
+            m[i][a] = True
+            a = parents[a]
+    return m
+
+
+def random_parents(rng: random.Random, n: int) -> list[int]:
+    return [-1] + [rng.randrange(i) for i in range(1, n)]
+
+
+def make_seq(rng: random.Random, kind: str, context_len: int | None = None) -> Seq:
+    ctx = rng.randrange(0, 11) if context_len is None else context_len
+    if kind == "prefill":
+        return Seq(kind, ctx, causal(rng.randrange(1, 7)))
+    if kind == "decode":
+        return Seq(kind, ctx, [[True]])
+    if kind == "tree":
+        return Seq(kind, ctx, tree_mask(random_parents(rng, rng.randrange(2, 8))))
+    if kind == "empty":
+        return Seq(kind, ctx, [])
+    raise ValueError(kind)
+
+
+@dataclass
+class Step:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    query_start: torch.Tensor
+    mask: torch.Tensor
+    scale: float
+
+    def args(self):
+        return (self.q, self.k, self.v, self.k_cache, self.v_cache, self.block_tables,
+                self.context_lens, self.query_start, self.mask, self.scale)
+
+
+def build_step(
+    seed: int,
+    seqs: list[Seq],
+    *,
+    hq: int,
+    hkv: int,
+    block_size: int,
+    head_dim: int = 8,
+    dtype: torch.dtype = torch.float32,
+    spare_blocks: int = 3,
+    extra_table_cols: int = 2,
+    extra_mask_cols: int = 2,
+    pad_with_live_blocks: bool = False,
+    poison: str = "large",
+) -> Step:
+    """Random inputs for one packed step, with a shuffled block assignment and a poisoned pool.
+
+    Real data lives only in slots (block_tables[b, p // bs], p % bs) for p < context_lens[b];
+    every other pool entry, including all of block 0, holds garbage.
+    """
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    B = len(seqs)
+    T = sum(s.n for s in seqs)
+    D = head_dim
+    nblocks_per_seq = [-(-s.context_len // block_size) for s in seqs]
+    num_blocks = 1 + sum(nblocks_per_seq) + spare_blocks
+    ids = list(range(1, num_blocks))
+    rng.shuffle(ids)
+
+    max_blocks = max(nblocks_per_seq + [1]) + extra_table_cols
+    tables = []
+    it = iter(ids)
+    for nb in nblocks_per_seq:
+        tables.append([next(it) for _ in range(nb)])
+    padded = []
+    for row in tables:
+        pad = max_blocks - len(row)
+        if pad_with_live_blocks:
+            # Padding entries past context_len are never read: point them at real blocks.
+            padded.append(row + [rng.randrange(num_blocks) for _ in range(pad)])
+        else:
+            padded.append(row + [0] * pad)
+
+    shape = (num_blocks, block_size, hkv, D)
+    if poison == "large":
+        k_cache = (torch.rand(shape, generator=gen) * 2 - 1) * POISON + POISON
+        v_cache = (torch.rand(shape, generator=gen) * 2 - 1) * POISON - POISON
+    elif poison == "nonfinite":
+        choices = torch.tensor([math.nan, math.inf, -math.inf, 3.0e38])
+        k_cache = choices[torch.randint(0, 4, shape, generator=gen)]
+        v_cache = choices[torch.randint(0, 4, shape, generator=gen)]
+    else:
+        raise ValueError(poison)
+    for row, s in zip(tables, seqs):
+        for p in range(s.context_len):
+            b, off = row[p // block_size], p % block_size
+            k_cache[b, off] = torch.randn(hkv, D, generator=gen)
+            v_cache[b, off] = torch.randn(hkv, D, generator=gen)
+
+    q = torch.randn(T, hq, D, generator=gen)
+    k = torch.randn(T, hkv, D, generator=gen)
+    v = torch.randn(T, hkv, D, generator=gen)
+
+    max_q = max([s.n for s in seqs] + [1]) + extra_mask_cols
+    # Entries past a sequence's own token count are garbage: the op must ignore them.
+    mask = torch.rand(T, max_q, generator=gen) < 0.5
+    qs = [0]
+    for s in seqs:
+        for i in range(s.n):
+            for j in range(s.n):
+                mask[qs[-1] + i, j] = s.local_mask[i][j]
+        qs.append(qs[-1] + s.n)
+
+    return Step(
+        q=q.to(dtype), k=k.to(dtype), v=v.to(dtype),
+        k_cache=k_cache.to(dtype), v_cache=v_cache.to(dtype),
+        block_tables=torch.tensor(padded, dtype=torch.int32).reshape(B, max_blocks),
+        context_lens=torch.tensor([s.context_len for s in seqs], dtype=torch.int32),
+        query_start=torch.tensor(qs, dtype=torch.int32),
+        mask=mask,
+        scale=D ** -0.5,
+    )
+
+
+def oracle(step: Step) -> torch.Tensor:
+    """Naive float64 attention: per token, the explicit list of visible (key, value) vectors."""
+    q, k, v = step.q.double(), step.k.double(), step.v.double()
+    kc, vc = step.k_cache, step.v_cache
+    T, hq, D = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    bs = kc.shape[1]
+    qs = step.query_start.tolist()
+    out = torch.zeros(T, hq, D, dtype=torch.float64)
+    for b in range(len(qs) - 1):
+        n = qs[b + 1] - qs[b]
+        table = step.block_tables[b].tolist()
+        ctx = int(step.context_lens[b])
+        for i in range(n):
+            t = qs[b] + i
+            keys, vals = [], []
+            for p in range(ctx):
+                blk, off = table[p // bs], p % bs
+                keys.append(kc[blk, off].double())
+                vals.append(vc[blk, off].double())
+            for j in range(n):
+                if bool(step.mask[t, j]):
+                    keys.append(k[qs[b] + j])
+                    vals.append(v[qs[b] + j])
+            assert keys, "every token sees at least itself"
+            for h in range(hq):
+                g = h // group
+                scores = torch.tensor([step.scale * float(key[g] @ q[t, h]) for key in keys],
+                                      dtype=torch.float64)
+                w = torch.softmax(scores, dim=0)
+                acc = torch.zeros(D, dtype=torch.float64)
+                for wi, val in zip(w, vals):
+                    acc += wi * val[g]
+                out[t, h] = acc
+    return out
+
+
+def run_op(step: Step) -> torch.Tensor:
+    return torch.ops.apar.tree_paged_attention(*step.args())
+
+
+IMPLS = {
+    "reference": lambda s: tree_paged_attention_reference(*s.args()),
+    "op": run_op,
+}
+HEADS = [(4, 4), (4, 2), (4, 1)]
+SEEDS = [0, 1, 2]
+
+
+def check(step: Step, impl, atol: float = 1e-5, rtol: float = 1e-5) -> torch.Tensor:
+    k_before, v_before = step.k_cache.clone(), step.v_cache.clone()
+    got = impl(step)
+    assert got.shape == step.q.shape
+    assert got.dtype == step.q.dtype
+    torch.testing.assert_close(got.double(), oracle(step), atol=atol, rtol=rtol)
+    # The op reads the pool and never writes it (compared bit for bit, so NaN poison counts).
+    assert torch.equal(step.k_cache.view(torch.uint8), k_before.view(torch.uint8))
+    assert torch.equal(step.v_cache.view(torch.uint8), v_before.view(torch.uint8))
+    return got
+
+
+# --- the oracle itself ---------------------------------------------------------------
+
+
+def test_oracle_single_token_no_context_returns_its_value():
+    step = build_step(0, [Seq("decode", 0, [[True]])], hq=2, hkv=1, block_size=4)
+    want = step.v[0].double().repeat_interleave(2, dim=0)
+    torch.testing.assert_close(oracle(step), want[None])
+
+
+def test_tree_mask_from_parents():
+    m = tree_mask([-1, 0, 0, 1, 3])
+    assert m == [
+        [True, False, False, False, False],
+        [True, True, False, False, False],
+        [True, False, True, False, False],
+        [True, True, False, True, False],
+        [True, True, False, True, True],
+    ]
+
+
+# --- scenarios -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("block_size", [1, 4])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_pure_prefill(impl, hq, hkv, block_size, seed):
+    rng = random.Random(seed)
+    seqs = [Seq("prefill", 0, causal(rng.randrange(1, 9))) for _ in range(rng.randrange(1, 4))]
+    check(build_step(seed, seqs, hq=hq, hkv=hkv, block_size=block_size), IMPLS[impl])
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("block_size", [1, 4])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_decode_shuffled_tables_partial_blocks(impl, hq, hkv, block_size, seed):
+    rng = random.Random(100 + seed)
+    # Context lengths that end mid-block, on a block edge, and at zero.
+    ctxs = [rng.randrange(1, 14) for _ in range(3)] + [block_size * 2, 0]
+    rng.shuffle(ctxs)
+    seqs = [make_seq(rng, "decode", c) for c in ctxs]
+    check(build_step(seed, seqs, hq=hq, hkv=hkv, block_size=block_size), IMPLS[impl])
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("block_size", [1, 4])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_mixed_prefill_decode_tree(impl, hq, hkv, block_size, seed):
+    rng = random.Random(200 + seed)
+    kinds = ["prefill", "decode", "tree", "decode", "tree", "prefill"]
+    rng.shuffle(kinds)
+    seqs = [make_seq(rng, kind) for kind in kinds]
+    seqs[0].context_len = 0  # one sequence without any cache
+    check(build_step(seed, seqs, hq=hq, hkv=hkv, block_size=block_size), IMPLS[impl])
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("seed", SEEDS)
+def test_padding_entries_point_at_live_blocks(impl, seed):
+    """Table entries past context_len may name any block: they must not be read."""
+    rng = random.Random(300 + seed)
+    seqs = [make_seq(rng, kind) for kind in ("prefill", "decode", "tree", "decode")]
+    step = build_step(seed, seqs, hq=4, hkv=2, block_size=4, pad_with_live_blocks=True,
+                      extra_table_cols=4)
+    check(step, IMPLS[impl])
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("seed", SEEDS)
+def test_empty_sequence_in_batch(impl, seed):
+    """A sequence with no new tokens this step (query_start repeats) contributes nothing."""
+    rng = random.Random(400 + seed)
+    seqs = [make_seq(rng, "empty"), make_seq(rng, "tree"), make_seq(rng, "empty"),
+            make_seq(rng, "decode"), make_seq(rng, "empty")]
+    check(build_step(seed, seqs, hq=4, hkv=2, block_size=4), IMPLS[impl])
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_float16(impl, hq, hkv, seed):
+    rng = random.Random(500 + seed)
+    seqs = [make_seq(rng, kind) for kind in ("prefill", "decode", "tree", "decode")]
+    step = build_step(seed, seqs, hq=hq, hkv=hkv, block_size=4, dtype=torch.float16)
+    # Poison in float16 stays finite (|x| <= 2e4 < 65504).
+    assert torch.isfinite(step.k_cache).all() and torch.isfinite(step.v_cache).all()
+    check(step, IMPLS[impl], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("seed", SEEDS)
+def test_nonfinite_garbage_is_not_read(impl, seed):
+    """NaN / inf in unused slots and in the null block must not leak into the output."""
+    rng = random.Random(600 + seed)
+    seqs = [make_seq(rng, kind) for kind in ("prefill", "decode", "tree", "decode")]
+    seqs[1].context_len = 0
+    step = build_step(seed, seqs, hq=4, hkv=2, block_size=4, poison="nonfinite")
+    got = check(step, IMPLS[impl])
+    assert torch.isfinite(got).all()
+
+
+def test_poisoned_pool_actually_poisons():
+    """Sanity check of the test itself: reading a garbage slot changes the answer."""
+    step = build_step(0, [make_seq(random.Random(0), "decode", 3)], hq=2, hkv=1, block_size=4)
+    good = oracle(step)
+    step.context_lens[0] = 4  # now slot 3 of the first block (garbage) is visible
+    assert not torch.allclose(oracle(step), good, atol=1.0)
+
+
+def test_op_registration_and_fake():
+    seqs = [make_seq(random.Random(7), kind) for kind in ("prefill", "tree", "decode")]
+    step = build_step(7, seqs, hq=4, hkv=2, block_size=4)
+    torch.testing.assert_close(run_op(step), tree_paged_attention_reference(*step.args()),
+                               atol=0, rtol=0)
+    torch.library.opcheck(torch.ops.apar.tree_paged_attention.default, step.args(),
+                          test_utils=("test_schema", "test_faketensor"))
