@@ -12,7 +12,7 @@ Pure Python (no torch). The rules follow THUDM/APAR:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from apar_rt.core import Branch
 
@@ -80,37 +80,62 @@ def branch_text(decode: Decoder, branch: Branch, skip_ids: frozenset[int] = froz
 
 
 def recover_text(decode: Decoder, branches: Sequence[Branch], control: ControlTokens,
-                 skip_ids: frozenset[int] = frozenset(),
-                 join: Callable[[str, str], str] | None = None) -> str:
+                 skip_ids: frozenset[int] = frozenset()) -> str:
     """The final text: walk the paragraph tree from the root in reading order.
 
     A branch's own text is cut at `stop_text_len` when a stop string ended it.
     """
+    return _render(decode, branches, control, skip_ids, settled_only=False, holdback=0)
+
+
+def settled_text(decode: Decoder, branches: Sequence[Branch], control: ControlTokens,
+                 skip_ids: frozenset[int] = frozenset(), holdback: int = 0) -> str:
+    """The longest prefix of the final text that can no longer change.
+
+    Reading order stops at the first branch still running: its own text so far is settled
+    except the last `holdback` characters (a stop string could still cut there) and any
+    incomplete character; everything after it in reading order is not. Streaming the growth
+    of this value yields exactly `recover_text` once all branches finish.
+    """
+    return _render(decode, branches, control, skip_ids, settled_only=True, holdback=holdback)
+
+
+def _render(decode, branches, control, skip_ids, *, settled_only: bool, holdback: int) -> str:
     children: dict[tuple[int, int], Branch] = {}
     for b in branches:
         if b.parent is not None:
             children[(b.parent, b.fork_index)] = b
-    join = join or (lambda a, b: a + b)
 
-    def render(b: Branch) -> str:
-        out = ""
+    def render(b: Branch) -> tuple[str, bool]:
+        """(text, complete): complete is False when reading order stops inside b."""
+        parts: list[str] = []
         own_len = 0
         cursor = 0
         limit = b.stop_text_len
+        open_end = settled_only and not b.finished
         fork_points = [i for i, t in enumerate(b.token_ids) if t == control.fork and (b.id, i) in children]
         for i in fork_points + [len(b.token_ids)]:
             seg = continuation_text(decode, b.context()[:len(b.prefix) + cursor],
                                     b.token_ids[cursor:i + 1], skip_ids)
             if limit is not None and own_len + len(seg) >= limit:
-                return join(out, seg[:limit - own_len])
+                parts.append(seg[:limit - own_len])
+                return "".join(parts), True
             own_len += len(seg)
-            out = join(out, seg)
             if i < len(b.token_ids):
-                out = join(out, render(children[(b.id, i)]))
+                parts.append(seg)
+                child_text, child_done = render(children[(b.id, i)])
+                parts.append(child_text)
+                if not child_done:
+                    return "".join(parts), False
+            else:
+                if open_end:
+                    seg = seg.rstrip("\ufffd")
+                    seg = seg[:max(0, len(seg) - holdback)]
+                parts.append(seg)
             cursor = i + 1
-        return out
+        return "".join(parts), not open_end
 
-    return render(branches[0])
+    return render(branches[0])[0]
 
 
 def branch_schema(branches: Sequence[Branch]) -> list[dict]:

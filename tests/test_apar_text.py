@@ -1,0 +1,68 @@
+"""Text recovery from the paragraph tree and its streaming form, on hand-built trees."""
+
+from apar_rt.apar import ControlTokens, banned_tokens, recover_text, settled_text
+from apar_rt.core import Branch, FinishReason
+
+FORK, CHILD, EOS = 3, 4, 2
+VOCAB = {10: "Tips:", 11: "\n1. Sleep", 12: " well.", 13: " Eight hours.", 14: "\n2. Eat", 15: " greens.",
+         16: " Daily.", 17: "\n3. Walk", 18: " Far.", 19: " Slowly."}
+CTRL = ControlTokens(FORK, CHILD)
+SPECIAL = frozenset({FORK, CHILD, EOS})
+
+
+def decode(ids):
+    return "".join(VOCAB.get(t, "") for t in ids)
+
+
+def tree(finished=True):
+    """Root: 'Tips:' item1 [F] item2 [F] item3 EOS; child of item1 has its own child."""
+    prompt = [1]
+    root = Branch(0, None, None, 0, prompt, [10, 11, FORK, 14, FORK, 17, 18, EOS])
+    c1 = Branch(1, 0, 2, 1, prompt + root.token_ids[:3], [CHILD, 12, FORK, 13, EOS])
+    c2 = Branch(2, 0, 4, 1, prompt + root.token_ids[:5], [CHILD, 15, EOS])
+    c3 = Branch(3, 1, 2, 2, c1.prefix + c1.token_ids[:3], [CHILD, 16, EOS])
+    bs = [root, c1, c2, c3]
+    if finished:
+        for b in bs:
+            b.finish_reason = FinishReason.STOP
+    return bs
+
+
+def test_reading_order_is_own_text_then_child_then_continuation():
+    assert recover_text(decode, tree(), CTRL, SPECIAL) == \
+        "Tips:\n1. Sleep well. Daily. Eight hours.\n2. Eat greens.\n3. Walk Far."
+
+
+def test_stop_string_cuts_only_its_branch():
+    bs = tree()
+    bs[2].stop_text_len = len(" gre")
+    assert recover_text(decode, bs, CTRL, SPECIAL) == \
+        "Tips:\n1. Sleep well. Daily. Eight hours.\n2. Eat gre\n3. Walk Far."
+
+
+def test_settled_text_stops_at_the_first_running_branch():
+    bs = tree(finished=False)
+    bs[3].finish_reason = FinishReason.STOP
+    # c1 is running: its text so far is settled, nothing after it in reading order.
+    assert settled_text(decode, bs, CTRL, SPECIAL) == "Tips:\n1. Sleep well. Daily. Eight hours."
+    assert settled_text(decode, bs, CTRL, SPECIAL, holdback=3) == "Tips:\n1. Sleep well. Daily. Eight hou"
+    bs[1].finish_reason = FinishReason.STOP
+    assert settled_text(decode, bs, CTRL, SPECIAL) == "Tips:\n1. Sleep well. Daily. Eight hours.\n2. Eat"
+    for b in bs:
+        b.finish_reason = FinishReason.STOP
+    assert settled_text(decode, bs, CTRL, SPECIAL) == recover_text(decode, bs, CTRL, SPECIAL)
+
+
+def test_bans():
+    root, c1, c2, c3 = tree(finished=False)
+    assert banned_tokens(root, CTRL, mode="apar", max_depth=2) == [CHILD]
+    assert banned_tokens(root, CTRL, mode="ar", max_depth=2) == [CHILD, FORK]
+    after_child = Branch(5, 0, 2, 1, [1, 10, FORK], [CHILD])
+    assert banned_tokens(after_child, CTRL, mode="apar", max_depth=2) == [CHILD, FORK]
+    after_fork = Branch(0, None, None, 0, [1], [10, FORK])
+    assert banned_tokens(after_fork, CTRL, mode="apar", max_depth=2) == [CHILD, FORK]
+    deep = Branch(6, 1, 2, 2, [1], [CHILD, 16])
+    assert banned_tokens(deep, CTRL, mode="apar", max_depth=2) == [CHILD, FORK]
+    assert banned_tokens(deep, CTRL, mode="apar", max_depth=3) == [CHILD]
+    assert banned_tokens(root, CTRL, mode="apar", max_depth=2, step_full=True) == [CHILD, FORK]
+    assert banned_tokens(root, ControlTokens(None, None), mode="apar", max_depth=2) == []
