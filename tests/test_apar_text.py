@@ -47,7 +47,7 @@ def test_settled_text_stops_at_the_first_running_branch():
     assert settled_text(decode, bs, CTRL, SPECIAL) == "Tips:\n1. Sleep well. Daily. Eight hours."
     assert settled_text(decode, bs, CTRL, SPECIAL, holdback=3) == "Tips:\n1. Sleep well. Daily. Eight hou"
     bs[1].finish_reason = FinishReason.STOP
-    assert settled_text(decode, bs, CTRL, SPECIAL) == "Tips:\n1. Sleep well. Daily. Eight hours.\n2. Eat"
+    assert settled_text(decode, bs, CTRL, SPECIAL) == "Tips:\n1. Sleep well. Daily. Eight hours.\n2. Eat greens."
     for b in bs:
         b.finish_reason = FinishReason.STOP
     assert settled_text(decode, bs, CTRL, SPECIAL) == recover_text(decode, bs, CTRL, SPECIAL)
