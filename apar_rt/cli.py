@@ -160,19 +160,27 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, a
     click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))
 
 
+# Commands defined in their own modules: (module, {command name: attribute}).
+_COMMAND_MODULES = (
+    ("apar_rt.train.commands", {"data": "data", "train": "train", "corpus": "corpus"}),
+    ("apar_rt.build.commands", {"build": "build"}),
+    ("apar_rt.serve.commands", {"serve": "serve"}),
+    ("apar_rt.medusa.commands", {"train-medusa": "train_medusa"}),
+)
+
+
 def _attach_optional_commands() -> None:
-    """Commands that live in their own modules, attached when present."""
     import importlib
 
-    for module, names in (("apar_rt.train.commands", ("data", "train", "corpus")),):
+    for module, names in _COMMAND_MODULES:
         try:
             mod = importlib.import_module(module)
-        except ModuleNotFoundError:
-            continue
-        for name in names:
-            cmd = getattr(mod, name, None) or getattr(mod, f"{name}_cmd", None)
-            if isinstance(cmd, click.Command):
-                main.add_command(cmd, name)
+        except ModuleNotFoundError as e:
+            if e.name == module:  # that part of apar-rt is not in this build
+                continue
+            raise
+        for name, attr in names.items():
+            main.add_command(getattr(mod, attr), name)
 
 
 _attach_optional_commands()
