@@ -162,7 +162,7 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, a
 
 # Commands defined in their own modules: (module, {command name: attribute}).
 _COMMAND_MODULES = (
-    ("apar_rt.train.commands", {"data": "data", "train": "train", "corpus": "corpus"}),
+    ("apar_rt.train.commands", {"data": "data", "train": "train_cmd", "corpus": "corpus_cmd"}),
     ("apar_rt.build.commands", {"build": "build"}),
     ("apar_rt.serve.commands", {"serve": "serve"}),
     ("apar_rt.medusa.commands", {"train-medusa": "train_medusa"}),
