@@ -32,16 +32,15 @@ class ControlTokens:
         return tuple(t for t in (self.fork, self.child) if t is not None)
 
 
-def banned_tokens(branch: Branch, control: ControlTokens, *, mode: str, max_depth: int,
+def banned_tokens(last_token: int | None, depth: int, control: ControlTokens, *, mode: str, max_depth: int,
                   step_full: bool = False) -> list[int]:
-    """Token ids the branch may not sample next."""
+    """Token ids a branch at `depth` whose context ends in `last_token` may not sample next."""
     banned = [] if control.child is None else [control.child]
     fork = control.fork
     if fork is None:
         return banned
-    last = branch.token_ids[-1] if branch.token_ids else (branch.prefix[-1] if branch.prefix else None)
-    if (mode == "ar" or branch.depth >= max_depth or step_full
-            or last == fork or (last == control.child and last is not None)):
+    if (mode == "ar" or depth >= max_depth or step_full
+            or last_token == fork or (last_token == control.child and last_token is not None)):
         banned.append(fork)
     return banned
 

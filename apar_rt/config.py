@@ -114,6 +114,8 @@ class EngineConfig:
     mode: str = "apar"             # "apar" forks on [Fork]; "ar" bans both control tokens
     max_depth: int = 2             # [Fork] is banned in branches at this depth or deeper
     ban_fork_when_full: bool = False  # ban [Fork] while the step already holds max_num_seqs
+    medusa_tree: str | None = None  # Medusa draft tree (preset name or JSON file); None: no drafts
+    acceptance: str = "typical"    # how sampled requests accept drafts: "typical" or "greedy" (none)
 
     def __post_init__(self) -> None:
         if self.mode not in ("apar", "ar"):
@@ -125,5 +127,7 @@ class EngineConfig:
             raise ValueError(f"num_blocks must be >= 2 (block 0 is the reserved null block), got {self.num_blocks}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+        if self.acceptance not in ("greedy", "typical"):
+            raise ValueError(f"acceptance must be 'greedy' or 'typical', got {self.acceptance!r}")
         if self.max_depth < 0:
             raise ValueError(f"max_depth must be >= 0, got {self.max_depth}")

@@ -84,6 +84,7 @@ class Branch:
     table: BlockTable = field(default_factory=BlockTable)  # KV blocks; table.num_tokens are cached
     finish_reason: FinishReason | None = None
     stop_text_len: int | None = None     # a stop string cut the last segment's text to this length
+    draft: list[int] | None = None       # Medusa draft tokens (one per tree node) for the next step
 
     @property
     def finished(self) -> bool:
@@ -127,6 +128,7 @@ class Request:
     # After a preemption: branch id -> (donor branch id, tokens of shared context). The branch
     # waits until the donor has recomputed that many tokens, then forks the donor's blocks.
     resume_donors: dict[int, tuple[int, int]] = field(default_factory=dict)
+    accepted_lengths: dict[int, int] = field(default_factory=dict)  # tokens per thread-step -> count
 
     def __post_init__(self) -> None:
         if not self.branches:
@@ -160,8 +162,10 @@ class ScheduledSeq:
     request: Request
     branch: Branch
     num_new: int                          # new tokens fed this step
-    slots: list[int]                      # KV slot per new token
-    samples: bool                         # whether the last new token's logits are sampled
+    slots: list[int]                      # reserved KV slots (per new token; for a tree: root + depth)
+    samples: bool                         # whether logits are sampled (the last token, or the tree)
+    tree: bool = False                    # a Medusa draft tree: root + draft nodes, K/V written later
+    accepted: int = 0                     # tokens appended by this step (set by Scheduler.update)
 
 
 @dataclass(slots=True)

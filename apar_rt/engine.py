@@ -12,7 +12,14 @@ from apar_rt.backends import Backend, backend_class
 from apar_rt.config import EngineConfig, ModelConfig
 from apar_rt.core import Request, RequestOutput, SamplingParams
 from apar_rt.model.tokenizer import control_tokens, encode_prompt, load_tokenizer
-from apar_rt.sampler import Sampler, SampleRow, make_generator
+from apar_rt.config import ModelLoadError
+from apar_rt.core import ScheduledSeq
+from apar_rt.medusa.heads import HEADS_DIRNAME, find_heads_dir
+from apar_rt.medusa.tree import load_tree
+from apar_rt.medusa.verifier import Acceptance, MedusaVerifier
+from apar_rt.sampler import make_generator, process_logits, sample_row
+
+DEFAULT_TREE = "tiny_9"
 from apar_rt.scheduler import RequestRejected, Scheduler, StepUpdate
 
 
@@ -33,23 +40,51 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ()) | frozenset(self.control.ids)
+        self.verifier = self._make_verifier(backend, self.config)
         self.scheduler = Scheduler(self.config, self.control, max_model_len=max_len, eos_token_ids=sorted(eos),
-                                   decode=self.decode, special_ids=self.special_ids)
-        self.sampler = Sampler()
+                                   decode=self.decode, special_ids=self.special_ids,
+                                   tree=self.verifier.tree if self.verifier else None)
         backend.allocate_kv(config.num_blocks, config.block_size)
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
 
+    @staticmethod
+    def _make_verifier(backend: Backend, config: EngineConfig) -> MedusaVerifier | None:
+        if config.medusa_tree is None:
+            return None
+        if backend.num_medusa_heads == 0:
+            raise ValueError("a Medusa tree was given but the backend has no Medusa heads loaded")
+        tree = load_tree(config.medusa_tree)
+        tree.check_heads(backend.num_medusa_heads)
+        return MedusaVerifier(tree, Acceptance(config.acceptance))
+
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, *, backend: str = "torch", dtype: str | None = "auto",
-                        device: str | None = None, **engine_kwargs) -> "Engine":
-        """Load a HF model folder (torch backend) or an engine folder (built backends)."""
+                        device: str | None = None, medusa: bool | str = False, **engine_kwargs) -> "Engine":
+        """Load a HF model folder (torch backend) or an engine folder (built backends).
+
+        medusa: True loads the heads in `<model_dir>/medusa`; a path loads them from there.
+        """
+        backend_cls = backend_class(backend)
+        backend_kw = {}
+        if medusa:
+            heads_dir = find_heads_dir(model_dir) if medusa is True else Path(medusa)
+            if heads_dir is None:
+                raise ModelLoadError(f"--medusa: {str(model_dir)!r} has no '{HEADS_DIRNAME}' folder of Medusa "
+                                     "heads (train them with `apar-rt train-medusa`)")
+            backend_kw["medusa_dir"] = str(heads_dir)
+            if engine_kwargs.get("medusa_tree") is None:
+                engine_kwargs["medusa_tree"] = DEFAULT_TREE
+        control = None
+        if backend != "torch" or Path(model_dir, "manifest.json").is_file():
+            from apar_rt.build.manifest import engine_settings  # limits and control ids of an engine folder
+            engine_kwargs, control = engine_settings(model_dir, backend, engine_kwargs)
         cfg = EngineConfig(**engine_kwargs)
         model_config = ModelConfig.from_dir(model_dir)
         tokenizer = load_tokenizer(model_dir)
-        be = backend_class(backend)(str(model_dir), dtype=dtype, device=device)
-        return cls(be, tokenizer, model_config, cfg)
+        be = backend_cls(str(model_dir), dtype=dtype, device=device, **backend_kw)
+        return cls(be, tokenizer, model_config, cfg, control=control)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -93,16 +128,48 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        sampled: list[int] = []
+        results: list[list[int]] = []
+        picks: list[tuple[ScheduledSeq, int, list[int]]] = []   # (seq, first logits row, nodes)
         if out.step is not None:
             logits = self.backend.forward(out.step)
-            banned = self.scheduler.sampling_banned(out)
-            rows = [SampleRow(s.request.params, ban, s.request.generator)
-                    for s, ban in zip((s for s in out.seqs if s.samples), banned)]
-            sampled = self.sampler.sample(logits, rows)
+            row = 0
+            for s in out.seqs:
+                if not s.samples:
+                    continue
+                req, b = s.request, s.branch
+                banned = lambda last, b=b: self.scheduler.banned(b, last, out)  # noqa: E731
+                if s.tree:
+                    tokens, nodes = self.verifier.verify(logits[row:row + s.num_new], b.token_ids[-1], b.draft,
+                                                         req.params, banned, req.generator)
+                else:
+                    last = b.token_ids[-1] if b.token_ids else b.prefix[-1]
+                    row_logits = process_logits(logits[row], req.params, banned(last))
+                    tokens, nodes = [sample_row(row_logits, req.params, req.generator)], [0]
+                results.append(tokens)
+                picks.append((s, row, nodes))
+                row += s.num_new if s.tree else 1
             self.num_steps += 1
-        updates = self.scheduler.update(out, sampled)
+        updates = self.scheduler.update(out, results)
+        if self.verifier is not None and picks:
+            self._after_medusa_step(out, picks)
         return [self._output(u) for u in updates]
+
+    def _after_medusa_step(self, out, picks) -> None:
+        """Write the accepted nodes' K/V, then draft each live thread's next tree."""
+        offsets = {id(s): int(out.step.query_start[i]) for i, s in enumerate(out.seqs)}
+        idx: list[int] = []
+        slots: list[int] = []
+        for s, _, nodes in picks:
+            if s.tree and s.accepted:
+                idx += [offsets[id(s)] + n for n in nodes[:s.accepted]]
+                slots += s.slots[:s.accepted]
+        if idx:
+            self.backend.commit_kv(idx, slots)
+        medusa = self.backend.medusa_logits()
+        for s, row, nodes in picks:
+            b = s.branch
+            if s.accepted and not b.finished and self.verifier.drafts_for(s.request.params):
+                b.draft = self.verifier.draft(medusa[row + nodes[s.accepted - 1]])
 
     def _output(self, upd: StepUpdate) -> RequestOutput:
         req = upd.request
@@ -117,9 +184,14 @@ class Engine:
     def finalize(self, req: Request, o: RequestOutput) -> None:
         o.text = recover_text(self.decode, req.branches, self.control, self.special_ids)
         o.branches = branch_schema(req.branches)
+        hist = req.accepted_lengths
+        thread_steps = sum(hist.values())
         o.stats = {"decode_steps": req.decode_steps, "forks": req.forks,
                    "generated_tokens": req.generated_tokens, "peak_kv_blocks": req.peak_kv_blocks,
-                   "preemptions": req.num_preemptions}
+                   "preemptions": req.num_preemptions,
+                   "accepted_tokens_per_step": (sum(k * v for k, v in hist.items()) / thread_steps
+                                                if thread_steps else 0.0),
+                   "accepted_length_histogram": {str(k): hist[k] for k in sorted(hist)}}
 
     def run(self, requests: Iterable[tuple[str | None, SamplingParams, dict]]) -> list[RequestOutput]:
         """Serve a batch to completion. A request rejected up front gets an output with `error`

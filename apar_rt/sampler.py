@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from apar_rt.core import SamplingParams
-
-
-@dataclass(slots=True)
-class SampleRow:
-    """What one logits row needs to become a token."""
-
-    params: SamplingParams
-    banned: Sequence[int]                   # token ids set to -inf
-    generator: torch.Generator | None       # the request's seeded RNG, if any
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:
@@ -55,13 +45,3 @@ def sample_row(row: torch.Tensor, params: SamplingParams, generator: torch.Gener
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-class Sampler:
-    """Samples one token per row of a step's logits."""
-
-    def sample(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
-        """logits: [N, V] float32 on the CPU, one row per entry of `rows`."""
-        logits = logits.float().cpu()
-        return [sample_row(process_logits(logits[i], r.params, r.banned), r.params, r.generator)
-                for i, r in enumerate(rows)]

@@ -24,6 +24,7 @@ from apar_rt.config import EngineConfig
 from apar_rt.core import (Branch, BranchDelta, FinishReason, Request, RequestStatus, ScheduledSeq,
                           SchedulerOutput, StepInput)
 from apar_rt.kv.block_pool import BlockPool, KVCacheManager
+from apar_rt.medusa.tree import MedusaTree
 
 
 class RequestRejected(ValueError):
@@ -46,7 +47,7 @@ def _cdiv(a: int, b: int) -> int:
 class Scheduler:
     def __init__(self, config: EngineConfig, control: ControlTokens, *, max_model_len: int,
                  eos_token_ids: Sequence[int] = (), decode: Callable[[Sequence[int]], str] | None = None,
-                 special_ids: frozenset[int] = frozenset()) -> None:
+                 special_ids: frozenset[int] = frozenset(), tree: MedusaTree | None = None) -> None:
         """
         Args:
             config: budgets and APAR mode.
@@ -56,6 +57,7 @@ class Scheduler:
             eos_token_ids: tokens that end a branch.
             decode: detokenizer (skipping special tokens); needed for stop strings.
             special_ids: token ids that render as nothing (for stop-string text).
+            tree: the Medusa draft tree; a decoding branch with a draft then feeds its whole tree.
         """
         self.config = config
         self.control = control
@@ -63,6 +65,7 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.decode = decode
         self.special_ids = special_ids
+        self.tree = tree
         self.pool = BlockPool(config.num_blocks, config.block_size)
         self.kv = KVCacheManager(self.pool)
         self.waiting: deque[Request] = deque()
@@ -119,12 +122,12 @@ class Scheduler:
             for b in self._schedulable(req):
                 if budget == 0 or len(reserved) >= self.config.max_num_seqs:
                     break
-                n = min(b.num_uncomputed, budget)
-                res = self._reserve(req, b, n, out)
+                n, n_slots, tree = self._plan(b, budget)
+                res = self._reserve(req, b, n_slots, out)
                 if res is None:
                     blocked = True
                     break
-                reserved.append((ScheduledSeq(req, b, n, res.slots, False), res.copies))
+                reserved.append((ScheduledSeq(req, b, n, res.slots, False, tree), res.copies))
                 budget -= n
                 got_any = True
             if blocked and not got_any:
@@ -161,13 +164,23 @@ class Scheduler:
                 budget -= n
 
         for s, _ in reserved:
-            s.samples = s.branch.table.num_tokens == s.branch.context_len
+            s.samples = s.tree or s.branch.table.num_tokens == s.branch.context_len
         out.seqs = [s for s, _ in reserved]
         for req in {id(s.request): s.request for s in out.seqs}.values():
             req.peak_kv_blocks = max(req.peak_kv_blocks, len(req.held_blocks()))
         if out.seqs:
             out.step = self._pack(out.seqs, [c for _, cs in reserved for c in cs])
         return out
+
+    def _plan(self, b: Branch, budget: int) -> tuple[int, int, bool]:
+        """(new tokens, slots to reserve, is a draft tree) for branch b within the token budget."""
+        tree = self.tree
+        if (tree is not None and b.draft is not None and b.num_uncomputed == 1 and budget >= tree.size
+                and b.context_len + tree.depth < self.max_model_len):
+            return tree.size, 1 + tree.depth, True
+        b.draft = None
+        n = min(b.num_uncomputed, budget)
+        return n, n, False
 
     def _reserve(self, req: Request, b: Branch, n: int, out: SchedulerOutput):
         """Slots for n tokens of branch b, preempting later requests if needed.
@@ -235,6 +248,7 @@ class Scheduler:
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
         for b in req.branches:
+            b.draft = None
             if b.table.block_ids:
                 self.kv.free(b.table)
         req.status = RequestStatus.WAITING
@@ -258,26 +272,35 @@ class Scheduler:
         max_blocks = max(len(s.branch.table.block_ids) for s in seqs)
         input_ids = np.empty(T, np.int32)
         positions = np.empty(T, np.int32)
-        slots = np.empty(T, np.int32)
+        slots = np.full(T, -1, np.int32)
         tables = np.zeros((B, max_blocks), np.int32)
         ctx = np.empty(B, np.int32)
         qs = np.zeros(B + 1, np.int32)
         mask = np.zeros((T, max_q), bool)
         causal = np.tril(np.ones((max_q, max_q), bool))
-        logits_idx = []
+        tree_mask = np.asarray(self.tree.mask, bool) if self.tree is not None else None
+        tree_depths = np.asarray(self.tree.depths, np.int32) if self.tree is not None else None
+        logits_idx: list[int] = []
         t = 0
         for i, s in enumerate(seqs):
             b, n = s.branch, s.num_new
-            start = b.table.num_tokens - n
-            tokens = b.context()[start:start + n]
-            input_ids[t:t + n] = tokens
-            positions[t:t + n] = np.arange(start, start + n)
-            slots[t:t + n] = s.slots
             tables[i, :len(b.table.block_ids)] = b.table.block_ids
+            if s.tree:   # root (the last sampled token) + draft nodes; K/V kept until accepted
+                start = b.context_len - 1
+                input_ids[t] = b.token_ids[-1]
+                input_ids[t + 1:t + n] = b.draft
+                positions[t:t + n] = start + tree_depths
+                mask[t:t + n, :n] = tree_mask
+                logits_idx.extend(range(t, t + n))
+            else:
+                start = b.table.num_tokens - n
+                input_ids[t:t + n] = b.context()[start:start + n]
+                positions[t:t + n] = np.arange(start, start + n)
+                slots[t:t + n] = s.slots
+                mask[t:t + n, :n] = causal[:n, :n]
+                if s.samples:
+                    logits_idx.append(t + n - 1)
             ctx[i] = start
-            mask[t:t + n, :n] = causal[:n, :n]
-            if s.samples:
-                logits_idx.append(t + n - 1)
             t += n
             qs[i + 1] = t
         return StepInput(input_ids=input_ids, positions=positions, block_tables=tables, context_lens=ctx,
@@ -286,29 +309,42 @@ class Scheduler:
 
     # ---- after the step ------------------------------------------------------------------
 
-    def sampling_banned(self, out: SchedulerOutput) -> list[list[int]]:
-        """Banned token ids for each sampling sequence of `out`, in order."""
-        step_full = len(out.seqs) >= self.config.max_num_seqs and self.config.ban_fork_when_full
-        return [banned_tokens(s.branch, self.control, mode=self.config.mode, max_depth=self.config.max_depth,
-                              step_full=step_full)
-                for s in out.seqs if s.samples]
+    def banned(self, branch: Branch, last_token: int, out: SchedulerOutput) -> list[int]:
+        """Token ids `branch` may not sample after `last_token` in the step `out`."""
+        step_full = self.config.ban_fork_when_full and len(out.seqs) >= self.config.max_num_seqs
+        return banned_tokens(last_token, branch.depth, self.control, mode=self.config.mode,
+                             max_depth=self.config.max_depth, step_full=step_full)
 
-    def update(self, out: SchedulerOutput, sampled: Sequence[int]) -> list[StepUpdate]:
-        """Append the sampled tokens (one per sampling sequence, in order), fork, and finish."""
+    def update(self, out: SchedulerOutput, results: Sequence[Sequence[int]]) -> list[StepUpdate]:
+        """Append each sampling sequence's new tokens (in `out.seqs` order), fork, and finish.
+
+        A plain sequence brings one token. A draft tree brings its accepted run plus the bonus
+        token; the run is cut after the first [Fork] or end token (kept), and to the request's
+        remaining max_tokens. For a tree, `s.accepted` is set to the tokens kept and the table is
+        cut to the root plus the accepted nodes, whose K/V the engine then writes.
+        """
         per_req: dict[int, StepUpdate] = {}
         for req in {id(s.request): s.request for s in out.seqs}.values():
             if req.resume_donors:
                 self._fork_from_donors(req)
-        tokens = iter(sampled)
+        results_iter = iter(results)
         for s in out.seqs:
             if not s.samples:
                 continue
-            tok = next(tokens)
+            tokens = list(next(results_iter))
             req, b = s.request, s.branch
             if req.finished or b.finished:
                 continue
             upd = per_req.setdefault(id(req), StepUpdate(req, [], False))
-            self._append(req, b, tok, upd)
+            if s.tree:
+                tokens = tokens[:self._run_length(req, tokens)]
+                self.kv.truncate(b.table, b.context_len - 1 + len(tokens))
+            s.accepted = len(tokens)
+            req.accepted_lengths[len(tokens)] = req.accepted_lengths.get(len(tokens), 0) + 1
+            for tok in tokens:
+                self._append(req, b, tok, upd)
+                if b.finished or req.finished:
+                    break
         for req in out.failed:
             per_req.setdefault(id(req), StepUpdate(req, [], True))
         updates = list(per_req.values())
@@ -319,6 +355,18 @@ class Scheduler:
                 self._finish_request(upd.request, FinishReason.STOP)
             upd.finished = upd.request.finished
         return updates
+
+    def _run_length(self, req: Request, tokens: Sequence[int]) -> int:
+        """Tokens of an accepted run to keep: through the first [Fork] or end token, within max_tokens."""
+        ends = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else self.eos_token_ids)
+        if self.control.fork is not None and self.config.mode == "apar":
+            ends = ends | {self.control.fork}
+        n = len(tokens)
+        for i, t in enumerate(tokens):
+            if t in ends:
+                n = i + 1
+                break
+        return max(1, min(n, req.params.max_tokens - req.generated_tokens))
 
     def _delta(self, upd: StepUpdate, b: Branch) -> BranchDelta:
         for d in upd.deltas:

@@ -54,15 +54,11 @@ def test_settled_text_stops_at_the_first_running_branch():
 
 
 def test_bans():
-    root, c1, c2, c3 = tree(finished=False)
-    assert banned_tokens(root, CTRL, mode="apar", max_depth=2) == [CHILD]
-    assert banned_tokens(root, CTRL, mode="ar", max_depth=2) == [CHILD, FORK]
-    after_child = Branch(5, 0, 2, 1, [1, 10, FORK], [CHILD])
-    assert banned_tokens(after_child, CTRL, mode="apar", max_depth=2) == [CHILD, FORK]
-    after_fork = Branch(0, None, None, 0, [1], [10, FORK])
-    assert banned_tokens(after_fork, CTRL, mode="apar", max_depth=2) == [CHILD, FORK]
-    deep = Branch(6, 1, 2, 2, [1], [CHILD, 16])
-    assert banned_tokens(deep, CTRL, mode="apar", max_depth=2) == [CHILD, FORK]
-    assert banned_tokens(deep, CTRL, mode="apar", max_depth=3) == [CHILD]
-    assert banned_tokens(root, CTRL, mode="apar", max_depth=2, step_full=True) == [CHILD, FORK]
-    assert banned_tokens(root, ControlTokens(None, None), mode="apar", max_depth=2) == []
+    assert banned_tokens(17, 0, CTRL, mode="apar", max_depth=2) == [CHILD]
+    assert banned_tokens(17, 0, CTRL, mode="ar", max_depth=2) == [CHILD, FORK]
+    assert banned_tokens(CHILD, 1, CTRL, mode="apar", max_depth=2) == [CHILD, FORK]
+    assert banned_tokens(FORK, 0, CTRL, mode="apar", max_depth=2) == [CHILD, FORK]
+    assert banned_tokens(16, 2, CTRL, mode="apar", max_depth=2) == [CHILD, FORK]
+    assert banned_tokens(16, 2, CTRL, mode="apar", max_depth=3) == [CHILD]
+    assert banned_tokens(17, 0, CTRL, mode="apar", max_depth=2, step_full=True) == [CHILD, FORK]
+    assert banned_tokens(17, 0, ControlTokens(None, None), mode="apar", max_depth=2) == []

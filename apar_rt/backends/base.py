@@ -30,6 +30,20 @@ class Backend(ABC):
     def forward(self, step: StepInput):
         """Run one step; returns logits [N, vocab] float32 (torch, CPU)."""
 
+    # ---- Medusa (optional) -----------------------------------------------------------------
+
+    num_medusa_heads: int = 0
+
+    def medusa_logits(self):
+        """The Medusa heads' logits [N, heads, vocab] (float32, CPU) at the rows of the last
+        forward's logits. Only for backends loaded with heads."""
+        raise NotImplementedError(f"backend {self.name!r} has no Medusa heads loaded")
+
+    def commit_kv(self, token_indices, slots) -> None:
+        """Write the K/V of the last forward's tokens `token_indices` (into the packed step) to
+        `slots`. Used for draft trees, whose K/V are written only once accepted."""
+        raise NotImplementedError(f"backend {self.name!r} cannot write K/V after a step")
+
     def kv_bytes_per_block(self) -> int:
         """Bytes one KV block takes over all layers (K and V)."""
         raise NotImplementedError

@@ -21,15 +21,23 @@ def resolve_dtype(name: str | None, device: str) -> torch.dtype:
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, model_dir: str, *, dtype: str | None = "auto", device: str | None = None) -> None:
+    def __init__(self, model_dir: str, *, dtype: str | None = "auto", device: str | None = None,
+                 medusa_dir: str | None = None) -> None:
         from apar_rt.model.weights import load_model
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, device)
         self.model, self.config = load_model(model_dir, dtype=self.dtype, device=self.device)
+        self.heads = None
+        if medusa_dir is not None:
+            from apar_rt.medusa.heads import load_heads
+            self.heads = load_heads(medusa_dir, hidden=self.config.hidden_size, vocab=self.config.vocab_size,
+                                    dtype=self.dtype, device=self.device)
+            self.num_medusa_heads = self.heads.num_heads
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
+        self._last: tuple | None = None   # (new_k, new_v, medusa logits) of the last forward
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         c = self.config
@@ -51,13 +59,32 @@ class TorchBackend(Backend):
             for cache in (*self.k_caches, *self.v_caches):
                 cache[dst] = cache[src]
         t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
-        logits, new_k, new_v = self.model(
+        rows = t(step.logits_indices).long()
+        h, new_k, new_v = self.model.hidden_states(
             t(step.input_ids), t(step.positions), self.k_caches, self.v_caches, t(step.block_tables),
-            t(step.context_lens), t(step.query_start), t(step.mask), t(step.logits_indices))
+            t(step.context_lens), t(step.query_start), t(step.mask))
+        h = h[rows]
+        logits = self.model.lm_head(h).float()
+        medusa = self.heads(h).cpu() if self.heads is not None else None
+        self._last = (new_k, new_v, medusa)
         slots = t(step.slot_mapping).long()
         keep = slots >= 0
-        slots = slots[keep]
+        self._write(new_k, new_v, keep.nonzero().squeeze(1), slots[keep])
+        return logits.cpu()
+
+    def _write(self, new_k, new_v, idx: torch.Tensor, slots: torch.Tensor) -> None:
         for kc, vc, k, v in zip(self.k_caches, self.v_caches, new_k, new_v):
-            kc.view(-1, *kc.shape[2:])[slots] = k[keep]
-            vc.view(-1, *vc.shape[2:])[slots] = v[keep]
-        return logits.float().cpu()
+            kc.view(-1, *kc.shape[2:])[slots] = k[idx]
+            vc.view(-1, *vc.shape[2:])[slots] = v[idx]
+
+    def medusa_logits(self) -> torch.Tensor:
+        if self._last is None or self._last[2] is None:
+            return super().medusa_logits()
+        return self._last[2]
+
+    @torch.inference_mode()
+    def commit_kv(self, token_indices, slots) -> None:
+        new_k, new_v, _ = self._last
+        dev = self.device
+        self._write(new_k, new_v, torch.as_tensor(token_indices, device=dev).long(),
+                    torch.as_tensor(slots, device=dev).long())

@@ -147,6 +147,16 @@ class KVCacheManager:
         self.pool.incref(shared)
         return BlockTable(block_ids=list(shared), num_tokens=n)
 
+    def truncate(self, table: BlockTable, num_tokens: int) -> list[int]:
+        """Keep the first num_tokens reserved slots; returns the blocks that became free."""
+        if not 0 <= num_tokens <= table.num_tokens:
+            raise RuntimeError(f"cannot truncate a table of {table.num_tokens} tokens to {num_tokens}")
+        keep = -(-num_tokens // self.block_size)
+        freed = self.pool.decref(table.block_ids[keep:])
+        del table.block_ids[keep:]
+        table.num_tokens = num_tokens
+        return freed
+
     def free(self, table: BlockTable) -> list[int]:
         """Release the table's blocks; returns those that became free. The table is emptied."""
         freed = self.pool.decref(table.block_ids)
