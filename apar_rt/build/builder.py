@@ -1,0 +1,253 @@
+"""`apar-rt build`: a HF checkpoint becomes an engine folder (see manifest.py for its layout).
+
+Steps, each shown on a tqdm bar: check the options and the model; export model.onnx; save
+the config and tokenizer; load the graph in onnxruntime (onnxruntime engines) or build the
+TensorRT engine; write manifest.json; optionally `--check` against the torch reference.
+The folder is written next to the output under a temporary name and moved into place only
+when complete, so a failed build leaves no half-written engine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apar_rt.build.manifest import (ENGINE_BACKENDS, MANIFEST_NAME, ONNX_NAME, Manifest, config_as_json,
+                                    record_files, write_manifest)
+from apar_rt.config import ModelConfig, ModelLoadError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEFAULT_TRT_MAX_NUM_BLOCKS = 65536
+
+
+class BuildError(ValueError):
+    """A build that cannot proceed; the message names the flag or file at fault."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuildOptions:
+    """What to build. Sizes mirror trtllm-build's flags."""
+
+    model: str                              # HF Llama folder
+    output: str                             # engine folder to create
+    backend: str = "onnxruntime"            # onnxruntime | tensorrt
+    dtype: str = "auto"                     # auto: float32 for onnxruntime, float16 for tensorrt
+    max_batch_size: int = 8                 # most sequences (APAR branches included) in one step
+    batch_buckets: tuple[int, ...] = ()     # fixed batch sizes; () = powers of two up to max_batch_size
+    max_num_tokens: int = 2048              # most new tokens in one step
+    max_seq_len: int | None = None          # None: the model's max_position_embeddings
+    block_size: int = 16                    # KV block size
+    max_num_blocks: int | None = None       # KV pool limit; None: none (onnxruntime) or 65536 (tensorrt)
+    timing_cache: str | None = None         # TensorRT timing cache file (read, then written back)
+    plugin_lib: str | None = None           # TensorRT plugin library with apar::TreePagedAttention
+    workspace_gib: float | None = None      # TensorRT workspace limit
+    opset: int = 18
+    external_data: bool | None = None       # None: by size
+    check: bool = False
+    force: bool = False
+
+    def resolved_dtype(self) -> str:
+        if self.dtype == "auto":
+            return "float16" if self.backend == "tensorrt" else "float32"
+        return self.dtype
+
+    def buckets(self) -> list[int]:
+        if self.batch_buckets:
+            return sorted(set(self.batch_buckets))
+        out, b = [], 1
+        while b < self.max_batch_size:
+            out.append(b)
+            b *= 2
+        return out + [self.max_batch_size]
+
+
+@dataclass(slots=True)
+class BuildResult:
+    output: Path
+    manifest: Manifest
+    check: object | None = None             # a CheckReport with --check
+    messages: list[str] = field(default_factory=list)
+
+
+def validate(opts: BuildOptions) -> None:
+    """Raise BuildError naming the flag for any impossible option (no files touched)."""
+    if opts.backend not in ENGINE_BACKENDS:
+        raise BuildError(f"--backend must be one of {', '.join(ENGINE_BACKENDS)}, got {opts.backend!r}")
+    if opts.dtype not in DTYPES:
+        raise BuildError(f"--dtype must be one of {', '.join(DTYPES)}, got {opts.dtype!r}")
+    for flag, value in (("--max-batch-size", opts.max_batch_size), ("--max-num-tokens", opts.max_num_tokens),
+                        ("--block-size", opts.block_size), ("--max-seq-len", opts.max_seq_len),
+                        ("--max-num-blocks", opts.max_num_blocks)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise BuildError(f"{flag} must be a positive integer, got {value!r}")
+    if opts.max_num_blocks is not None and opts.max_num_blocks < 2:
+        raise BuildError(f"--max-num-blocks must be >= 2 (block 0 is the null block), got {opts.max_num_blocks}")
+    for b in opts.batch_buckets:
+        if not isinstance(b, int) or b < 1:
+            raise BuildError(f"--batch-buckets must hold positive integers, got {b!r}")
+        if b > opts.max_batch_size:
+            raise BuildError(f"--batch-buckets: bucket {b} is larger than --max-batch-size {opts.max_batch_size}")
+    if opts.batch_buckets and max(opts.batch_buckets) != opts.max_batch_size:
+        raise BuildError(f"--batch-buckets must include --max-batch-size {opts.max_batch_size} (largest given: "
+                         f"{max(opts.batch_buckets)}), or no step could hold max-batch-size sequences")
+    if opts.opset < 18:
+        raise BuildError(f"opset must be >= 18, got {opts.opset}")
+    dtype = opts.resolved_dtype()
+    if opts.backend == "onnxruntime" and dtype == "bfloat16":
+        raise BuildError("--dtype bfloat16 is not supported by the onnxruntime backend; use float32 or float16")
+    if opts.backend == "onnxruntime" and (opts.timing_cache or opts.plugin_lib):
+        flag = "--timing-cache" if opts.timing_cache else "--plugin-lib"
+        raise BuildError(f"{flag} applies to --backend tensorrt only")
+    if opts.plugin_lib and not Path(opts.plugin_lib).is_file():
+        raise BuildError(f"--plugin-lib {opts.plugin_lib!r} does not exist")
+    if opts.workspace_gib is not None and opts.workspace_gib <= 0:
+        raise BuildError(f"--workspace must be positive, got {opts.workspace_gib}")
+
+
+def _prepare_output(opts: BuildOptions) -> Path:
+    out = Path(opts.output)
+    if out.resolve() == Path(opts.model).resolve():
+        raise BuildError(f"--output {str(out)!r} is the model folder itself; choose another folder")
+    if out.exists():
+        if not opts.force:
+            raise BuildError(f"output folder {str(out)!r} already exists; pass --force to overwrite it")
+        if not out.is_dir():
+            raise BuildError(f"--output {str(out)!r} exists and is not a folder")
+        if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+            raise BuildError(f"refusing to overwrite {str(out)!r}: it is not empty and is not an apar-rt engine "
+                             f"folder (no {MANIFEST_NAME})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _bars(progress: bool):
+    """(stage bar, factory for TensorRT phase bars)."""
+    from tqdm.auto import tqdm
+
+    def factory(name, total):
+        return tqdm(total=total, desc=f"  {name}", leave=False, disable=not progress)
+
+    return tqdm(total=5, desc="build", unit="step", disable=not progress), factory
+
+
+def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResult:
+    """Build the engine folder described by `opts`.
+
+    Raises:
+        BuildError: bad options or an existing output folder.
+        ModelLoadError: the model folder is missing or holds no supported model.
+        TensorRTUnavailable: --backend tensorrt without TensorRT.
+        RuntimeError: export, parsing or engine building failed.
+    """
+    validate(opts)
+    if opts.backend == "tensorrt":  # fail before any work
+        from apar_rt.build.tensorrt_builder import import_tensorrt
+        import_tensorrt()
+    cfg = ModelConfig.from_dir(opts.model)
+    max_seq_len = opts.max_seq_len or cfg.max_position_embeddings
+    if max_seq_len > cfg.max_position_embeddings:
+        raise BuildError(f"--max-seq-len {max_seq_len} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    out = _prepare_output(opts)
+    dtype = opts.resolved_dtype()
+    buckets = opts.buckets()
+    messages: list[str] = []
+
+    def say(msg: str) -> None:
+        from tqdm.auto import tqdm
+
+        messages.append(msg)
+        with tqdm.external_write_mode(file=sys.stderr):
+            log(msg)
+
+    from apar_rt.model.tokenizer import control_tokens, load_tokenizer
+    tokenizer = load_tokenizer(opts.model)
+    control = control_tokens(tokenizer)
+
+    stage, phase_bars = _bars(progress)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        stage.set_description("build: export ONNX")
+        from apar_rt.export.onnx_export import export_onnx
+        exported = export_onnx(opts.model, tmp / ONNX_NAME, dtype=dtype, block_size=opts.block_size,
+                               opset=opts.opset, external_data=opts.external_data)
+        stage.update()
+        say(f"exported {ONNX_NAME}: opset {exported.opset}, {exported.num_attention_nodes} "
+            f"apar.TreePagedAttention nodes, dtype {dtype}")
+
+        stage.set_description("build: config and tokenizer")
+        shutil.copy(Path(opts.model) / "config.json", tmp / "config.json")
+        if (Path(opts.model) / "generation_config.json").is_file():
+            shutil.copy(Path(opts.model) / "generation_config.json", tmp / "generation_config.json")
+        tokenizer.save_pretrained(str(tmp))
+        stage.update()
+
+        engines = []
+        max_num_blocks = opts.max_num_blocks or 0
+        if opts.backend == "onnxruntime":
+            stage.set_description("build: load in onnxruntime")
+            _try_onnxruntime(tmp / ONNX_NAME, dtype)
+        else:
+            stage.set_description("build: TensorRT engine")
+            from apar_rt.build.tensorrt_builder import ShapeLimits, build_tensorrt_engine
+            max_num_blocks = opts.max_num_blocks or DEFAULT_TRT_MAX_NUM_BLOCKS
+            limits = ShapeLimits(opts.max_num_tokens, -(-max_seq_len // opts.block_size), max_num_blocks)
+            ws = int(opts.workspace_gib * (1 << 30)) if opts.workspace_gib else None
+            engines.append(build_tensorrt_engine(
+                tmp / ONNX_NAME, tmp, manifest_fields=config_as_json(cfg), dtype=dtype, buckets=buckets,
+                limits=limits, block_size=opts.block_size, timing_cache=opts.timing_cache,
+                plugin_lib=opts.plugin_lib, workspace_bytes=ws, log=say, bar_factory=phase_bars))
+        stage.update()
+
+        stage.set_description("build: manifest")
+        from apar_rt import __version__
+        files = [str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*")) if p.is_file()]
+        manifest = Manifest(
+            backend=opts.backend, dtype=dtype, model_config=config_as_json(cfg),
+            control_tokens={"fork": control.fork, "child": control.child}, block_size=opts.block_size,
+            max_batch_size=opts.max_batch_size, batch_buckets=buckets, max_num_tokens=opts.max_num_tokens,
+            max_seq_len=max_seq_len, max_num_blocks=max_num_blocks,
+            onnx={"file": ONNX_NAME, "opset": exported.opset,
+                  "external_data": [str(f.relative_to(tmp)) for f in exported.files[1:]],
+                  "attention": exported.attrs.as_dict()},
+            files=record_files(tmp, files), engines=engines, apar_rt_version=__version__,
+            source_model=str(Path(opts.model).resolve()),
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        write_manifest(tmp, manifest)
+        stage.update()
+
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        say(f"wrote {out} ({len(files)} files, buckets {buckets}, block size {opts.block_size})")
+
+        report = None
+        if opts.check:
+            stage.set_description("build: check against torch")
+            from apar_rt.build.check import run_check
+            report = run_check(out, opts.model, manifest, plugin_lib=opts.plugin_lib, log=say)
+            say(report.summary())
+        stage.update()
+        return BuildResult(out, manifest, report, messages)
+    finally:
+        stage.close()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _try_onnxruntime(path: Path, dtype: str) -> None:
+    """Load the graph once so that an unrunnable dtype fails the build, not the first request."""
+    import onnxruntime as ort
+
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    try:
+        ort.InferenceSession(str(path), providers=providers)
+    except Exception as e:  # onnxruntime's own exception types
+        raise BuildError(f"onnxruntime cannot load the exported {dtype} graph: {e}") from None
+
+
+__all__ = ["BuildError", "BuildOptions", "BuildResult", "ModelLoadError", "build", "validate"]

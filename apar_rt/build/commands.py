@@ -1,0 +1,74 @@
+"""The `apar-rt build` command (attached to the CLI by apar_rt.cli)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+def _parse_buckets(ctx, param, value):
+    if value is None or value == "":
+        return ()
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers (e.g. 1,2,4,8)",
+                                 ctx, param) from None
+
+
+@click.command("build")
+@click.option("--model", required=True, type=click.Path(), help="Hugging Face Llama folder to build from.")
+@click.option("--output", "-o", required=True, type=click.Path(), help="Engine folder to create.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="What the engine folder is built for.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="Weights and KV dtype (auto: float32 for onnxruntime, float16 for tensorrt).")
+@click.option("--max-batch-size", type=int, default=8, show_default=True,
+              help="Most sequences (APAR branches included) in one step.")
+@click.option("--batch-buckets", callback=_parse_buckets, default=None,
+              help="Comma-separated fixed batch sizes, one TensorRT profile each (default: 1,2,4,.. up to "
+                   "--max-batch-size).")
+@click.option("--max-num-tokens", type=int, default=2048, show_default=True, help="Most new tokens in one step.")
+@click.option("--max-seq-len", type=int, default=None,
+              help="Longest context of one sequence (default: the model's max_position_embeddings).")
+@click.option("--block-size", type=int, default=16, show_default=True, help="KV cache block size.")
+@click.option("--max-num-blocks", type=int, default=None,
+              help="Largest KV pool the engine accepts (default: unlimited for onnxruntime, 65536 for tensorrt).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="TensorRT timing cache file: read if present, written back after the build.")
+@click.option("--plugin-lib", type=click.Path(dir_okay=False), default=None,
+              help="TensorRT plugin library registering apar::TreePagedAttention (IPluginV3).")
+@click.option("--workspace", "workspace_gib", type=float, default=None, help="TensorRT workspace limit in GiB.")
+@click.option("--check", is_flag=True, help="Compare the engine with the torch reference and report the largest "
+                                            "difference (polygraphy run --onnxrt / --trt).")
+@click.option("--force", is_flag=True, help="Overwrite an existing engine folder.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_tokens, max_seq_len, block_size,
+          max_num_blocks, timing_cache, plugin_lib, workspace_gib, check, force, quiet):
+    """Build an engine folder (model.onnx, TensorRT engines, manifest.json) from a checkpoint.
+
+    \b
+    Examples:
+      apar-rt build --model samples/models/apar-tiny --output build_engines/out/tiny-ort --check
+      apar-rt build --model lmsys/vicuna-7b-v1.5 --output out/vicuna-trt --backend tensorrt \\
+          --dtype float16 --max-batch-size 16 --timing-cache out/timing.cache
+      apar-rt generate --engine build_engines/out/tiny-ort --backend onnxruntime "Give me 3 tips."
+    """
+    from apar_rt.build.builder import BuildError, BuildOptions
+    from apar_rt.build.builder import build as run_build
+    from apar_rt.build.tensorrt_builder import TensorRTUnavailable
+    from apar_rt.config import ModelLoadError
+
+    opts = BuildOptions(model=model, output=output, backend=backend, dtype=dtype, max_batch_size=max_batch_size,
+                        batch_buckets=batch_buckets, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
+                        block_size=block_size, max_num_blocks=max_num_blocks, timing_cache=timing_cache,
+                        plugin_lib=plugin_lib, workspace_gib=workspace_gib, check=check, force=force)
+    try:
+        result = run_build(opts, progress=not quiet, log=lambda m: click.echo(m, err=True))
+    except (BuildError, ModelLoadError, TensorRTUnavailable) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(str(result.output))
+    if result.check is not None and not result.check.passed:
+        click.echo("error: the engine does not match the torch reference within tolerance", err=True)
+        sys.exit(1)
