@@ -77,7 +77,38 @@ def _fail_on_value_error(e: ValueError) -> None:
     raise click.ClickException(msg)
 
 
+def _model_or_engine(f):
+    """--model (from engine_options) becomes optional, and --engine DIR its alternative."""
+    f = click.option("--engine", "engine_dir", type=click.Path(), default=None,
+                     help="Engine folder from `apar-rt build` (instead of --model; its manifest's backend is "
+                          "used unless --backend is given).")(f)
+    for p in getattr(f, "__click_params__", ()):
+        if p.name == "model":
+            p.required = False
+            p.help = "Hugging Face model folder (or give --engine)."
+    return f
+
+
+def _engine_dir_defaults(ctx, engine_dir: str, backend: str, kw: dict) -> str:
+    """With --engine: the manifest's backend and limits stand in for flags left at their defaults."""
+    from click.core import ParameterSource
+
+    from apar_rt.build.manifest import EngineLoadError, read_manifest
+
+    defaulted = lambda name: ctx.get_parameter_source(name) == ParameterSource.DEFAULT  # noqa: E731
+    for name in ("block_size", "max_num_seqs", "max_num_tokens"):
+        if defaulted(name):
+            kw[name] = None          # engine_settings fills these in from the manifest
+    if defaulted("backend"):
+        try:
+            backend = read_manifest(engine_dir).backend
+        except EngineLoadError as e:
+            raise click.ClickException(str(e)) from None
+    return backend
+
+
 @main.command()
+@_model_or_engine
 @engine_options
 @click.option("--max-tokens", type=int, default=256, show_default=True,
               help="Most new tokens per request, over all its branches.")
@@ -92,14 +123,21 @@ def _fail_on_value_error(e: ValueError) -> None:
 @click.option("--raw", is_flag=True, help="Feed prompts as they are, with no chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt per line.")
 @click.argument("prompts", nargs=-1, required=True)
-def generate(prompts, as_json, raw, max_tokens, temperature, top_p, top_k, seed, logit_bias, stop,
-             stop_token_ids, model, backend, dtype, device, **kw):
+@click.pass_context
+def generate(ctx, prompts, as_json, raw, max_tokens, temperature, top_p, top_k, seed, logit_bias, stop,
+             stop_token_ids, model, engine_dir, backend, dtype, device, **kw):
     """Generate for one or more PROMPTS with APAR (or AR) decoding.
 
     \b
     Example:
       apar-rt generate --model samples/models/apar-tiny "Give me 3 tips for better sleep."
+      apar-rt generate --engine build_engines/out/apar-tiny-ort "Give me 3 tips for better sleep."
     """
+    if (model is None) == (engine_dir is None):
+        raise click.UsageError("give exactly one of --model DIR or --engine DIR")
+    if engine_dir is not None:
+        backend = _engine_dir_defaults(ctx, engine_dir, backend, kw)
+        model = engine_dir
     from apar_rt.config import ModelLoadError
     from apar_rt.core import SamplingParams
     from apar_rt.backends import BackendUnavailable
