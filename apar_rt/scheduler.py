@@ -240,10 +240,13 @@ class Scheduler:
                 del req.resume_donors[bid]
 
     def _too_big_message(self, req: Request) -> str:
+        live = req.live_branches()
+        held = len(req.held_blocks())
         need = self._blocks_to_resume(req)
-        return (f"the KV cache is too small for this request: it needs {need} blocks of "
-                f"{self.config.block_size} tokens, but --num-blocks {self.config.num_blocks} gives "
-                f"{self.pool.capacity} usable blocks; raise --num-blocks or lower --max-tokens")
+        return (f"the KV cache is too small for this request: its {len(live)} live branch(es) hold {held} "
+                f"blocks and need {need} more of {self.config.block_size} tokens, but --num-blocks "
+                f"{self.config.num_blocks} gives {self.pool.capacity} usable blocks; raise --num-blocks or "
+                f"lower --max-tokens")
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)

@@ -44,7 +44,8 @@ def make_tiny_checkpoint(path: str | Path, *, seed: int = 0, num_kv_heads: int =
                          hidden: int = 64, layers: int = 2, intermediate: int = 128,
                          with_control_tokens: bool = True, tie_word_embeddings: bool = False,
                          rope_scaling: dict | None = None, max_position_embeddings: int = 512,
-                         safe_serialization: bool = True, max_shard_size: str | None = None):
+                         safe_serialization: bool = True, max_shard_size: str | None = None,
+                         weight_std: float = 0.2):
     """A random `LlamaForCausalLM` plus tokenizer in `path`; returns (model, tokenizer)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -62,7 +63,7 @@ def make_tiny_checkpoint(path: str | Path, *, seed: int = 0, num_kv_heads: int =
     with torch.no_grad():  # larger weights than HF's init, so greedy paths are varied, not one token
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0.0, 0.2)
+                p.normal_(0.0, weight_std)
     model.eval()
     kwargs = {"safe_serialization": safe_serialization}
     if max_shard_size:

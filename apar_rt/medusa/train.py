@@ -1,0 +1,101 @@
+"""Self-distillation of Medusa heads: the model writes its own greedy answers (APAR branches
+included), and head h learns to predict the token h + 2 ahead of each position in them."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from apar_rt.medusa.heads import HEADS_DIRNAME, MedusaHeads
+
+
+def _contexts(model_dir: str, prompts: Sequence[str], max_tokens: int, mode: str, raw: bool) -> list[tuple[int, list[int]]]:
+    """(prompt length, full token context) of every branch the model writes for the prompts."""
+    from apar_rt import LLM, SamplingParams
+
+    llm = LLM(model_dir, mode=mode, raw=raw, dtype="float32", device="cpu", num_blocks=4096)
+    out = []
+    for o in llm.generate(list(prompts), SamplingParams(max_tokens=max_tokens)):
+        if o.error:
+            continue
+        branches = {b["id"]: b for b in o.branches}
+        for b in o.branches:
+            prefix, node = [], b
+            while node["parent"] is not None:
+                parent = branches[node["parent"]]
+                prefix = parent["token_ids"][:node["fork_index"] + 1] + prefix
+                node = parent
+            ctx = list(o.prompt_token_ids) + prefix + b["token_ids"]
+            out.append((len(o.prompt_token_ids), ctx))
+    return out
+
+
+@torch.no_grad()
+def _hidden(model, ids: list[int]) -> torch.Tensor:
+    """Final-norm hidden states of one whole sequence (a single prefill with an empty cache)."""
+    T = len(ids)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    cfg = model.config
+    empty = torch.zeros(1, 1, cfg.num_key_value_heads, cfg.head_dim)
+    caches = [empty] * cfg.num_hidden_layers
+    h, _, _ = model.hidden_states(i32(ids), i32(range(T)), caches, caches, i32([[0]]), i32([0]), i32([0, T]),
+                                  torch.tril(torch.ones(T, T, dtype=torch.bool)))
+    return h
+
+
+def train_medusa(model_dir: str, prompts: Sequence[str], *, output: str | None = None, num_heads: int = 4,
+                 num_layers: int = 1, steps: int = 300, lr: float = 1e-3, batch: int = 16, max_tokens: int = 128,
+                 mode: str = "apar", raw: bool = False, seed: int = 0, progress: bool = True) -> dict:
+    """Train heads on the model's own outputs and save them to `output` (default `<model>/medusa`).
+
+    Returns a summary with the loss at the start and end and per-head top-1 accuracy.
+    """
+    from tqdm import tqdm
+
+    from apar_rt.model.weights import load_model
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model, cfg = load_model(model_dir)
+    data = _contexts(model_dir, prompts, max_tokens, mode, raw)
+    if not data:
+        raise ValueError("no training data: every prompt failed to generate")
+    feats, targets = [], []   # per position: hidden, and the tokens 2..num_heads+1 ahead (-100 past the end)
+    for n_prompt, ids in data:
+        h = _hidden(model, ids)
+        start = max(n_prompt - 1, 0)
+        for t in range(start, len(ids) - 2):
+            feats.append(h[t])
+            targets.append([ids[t + k + 2] if t + k + 2 < len(ids) else -100 for k in range(num_heads)])
+    X = torch.stack(feats)
+    Y = torch.tensor(targets)
+    heads = MedusaHeads.init_from_lm_head(model.lm_head.weight.detach().float(), num_heads, num_layers)
+    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
+    log = []
+    order = list(range(len(X)))
+    bar = tqdm(range(steps), desc="train-medusa", disable=not progress)
+    for step in bar:
+        idx = torch.tensor(rng.sample(order, min(batch, len(order))))
+        logits = heads(X[idx])                                           # [b, H, V]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y[idx].reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        log.append(loss.item())
+        bar.set_postfix(loss=f"{log[-1]:.3f}")
+    with torch.no_grad():
+        pred = heads(X).argmax(-1)
+        valid = Y != -100
+        acc = [float(((pred[:, k] == Y[:, k]) & valid[:, k]).sum() / valid[:, k].sum().clamp_min(1))
+               for k in range(num_heads)]
+    out_dir = Path(output) if output else Path(model_dir) / HEADS_DIRNAME
+    heads.save(out_dir)
+    summary = {"positions": len(X), "sequences": len(data), "first_loss": log[0], "last_loss": log[-1],
+               "head_top1_accuracy": acc, "steps": steps, "output": str(out_dir)}
+    (out_dir / "training_log.json").write_text(json.dumps({"summary": summary, "loss": log}, indent=1))
+    return summary

@@ -1,0 +1,241 @@
+"""Medusa: tree buffers, head loading, lossless greedy verification in the in-flight loop, no leaks."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from apar_rt import LLM, SamplingParams
+from apar_rt.config import ModelLoadError
+from apar_rt.core import SamplingParams as SP
+from apar_rt.medusa.heads import MedusaHeads, load_heads
+from apar_rt.medusa.tree import MedusaTree, TreeError, load_tree, preset_names
+from apar_rt.medusa.verifier import Acceptance, MedusaVerifier
+from apar_rt.testing.tiny_model import WORDS, make_tiny_checkpoint
+
+FORK, EOS = 3, 2
+
+
+def prompts(n, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def medusa_model(tmp_path_factory):
+    """A tiny random model with small weights (so its outputs are learnable) and self-distilled heads."""
+    from apar_rt.medusa.train import train_medusa
+
+    path = tmp_path_factory.mktemp("tiny_medusa")
+    make_tiny_checkpoint(path, seed=0, weight_std=0.1)
+    summary = train_medusa(str(path), prompts(40, seed=1), steps=200, max_tokens=40, raw=True, mode="apar",
+                           progress=False)
+    return path, summary
+
+
+# ---- trees ----------------------------------------------------------------------------------
+
+def test_tree_buffers_by_hand():
+    t = MedusaTree.from_choices([[1], [0], [0, 0], [0, 1], [0, 0, 0]], name="t")
+    assert t.paths == ((0,), (1,), (0, 0), (0, 1), (0, 0, 0))
+    assert t.parents == (-1, 0, 0, 1, 1, 3)
+    assert t.depths == (0, 1, 1, 2, 2, 3)
+    assert t.topk == (2, 2, 1)
+    assert t.retrieve == ((0, 2), (0, 1, 4), (0, 1, 3, 5))
+    assert t.children == ((1, 2), (3, 4), (), (5,), (), ())
+    assert t.mask[5] == (True, True, False, True, False, True)
+    assert t.mask[2] == (True, False, True, False, False, False)
+    assert t.draft_tokens([[10, 11], [20, 21], [30]]) == [10, 11, 20, 21, 30]
+
+
+def test_presets_load():
+    assert {"mc_sim_7b_63", "tiny_9"} <= set(preset_names())
+    mc = load_tree("mc_sim_7b_63")
+    assert mc.num_nodes == 63 and mc.depth == 4 and mc.topk == (10, 10, 10, 2)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("not json", "not valid JSON"), ("[[0], [1, 0, 0]]", "no parent"), ("[[0], [0]]", "twice"),
+    ("[[0], [-1]]", "non-negative"), ("[]", "non-empty"), ('{"choices": 5}', "non-empty"),
+])
+def test_bad_tree_files(tmp_path, content, match):
+    f = tmp_path / "tree.json"
+    f.write_text(content)
+    with pytest.raises(TreeError, match=match):
+        load_tree(str(f))
+
+
+def test_unknown_tree_name():
+    with pytest.raises(TreeError, match="neither a tree preset"):
+        load_tree("no_such_tree")
+
+
+def test_tree_deeper_than_heads(medusa_model, tmp_path):
+    path, _ = medusa_model
+    with pytest.raises(TreeError, match="4 deep but the model has 2 Medusa heads"):
+        MedusaTree.from_choices([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]).check_heads(2)
+    deep = tmp_path / "deep.json"
+    deep.write_text(json.dumps([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]))
+    with pytest.raises(TreeError, match="5 deep but the model has 4 Medusa heads"):
+        LLM(str(path), medusa=True, medusa_tree=str(deep))
+
+
+# ---- heads ----------------------------------------------------------------------------------
+
+def test_load_fasterdecoding_layout(tmp_path):
+    """medusa_lm_head.pt + config.json, keys {head}.{layer}.linear.* and {head}.{layers}.weight."""
+    hidden, vocab, heads, layers = 8, 11, 2, 1
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for h in range(heads):
+        state[f"{h}.0.linear.weight"] = torch.randn(hidden, hidden, generator=g)
+        state[f"{h}.0.linear.bias"] = torch.randn(hidden, generator=g)
+        state[f"{h}.1.weight"] = torch.randn(vocab, hidden, generator=g)
+    torch.save(state, tmp_path / "medusa_lm_head.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": heads, "medusa_num_layers": layers,
+                                                       "base_model_name_or_path": "lmsys/vicuna-7b-v1.3"}))
+    m = load_heads(tmp_path, hidden=hidden, vocab=vocab)
+    x = torch.randn(3, hidden, generator=g)
+    for h in range(heads):
+        z = x + torch.nn.functional.silu(x @ state[f"{h}.0.linear.weight"].T + state[f"{h}.0.linear.bias"])
+        torch.testing.assert_close(m(x)[:, h], z @ state[f"{h}.1.weight"].T)
+
+
+def test_heads_with_wrong_vocab(tmp_path):
+    MedusaHeads(8, 11, 2).save(tmp_path)
+    with pytest.raises(ModelLoadError, match="vocab 12"):
+        load_heads(tmp_path, hidden=8, vocab=12)
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_heads(tmp_path / "nope", hidden=8, vocab=11)
+
+
+def test_medusa_flag_without_heads(tiny_gqa):
+    path, _, _ = tiny_gqa
+    with pytest.raises(ModelLoadError, match="no 'medusa' folder"):
+        LLM(str(path), medusa=True)
+
+
+def test_self_distillation_learns(medusa_model):
+    _, s = medusa_model
+    assert s["last_loss"] < s["first_loss"] - 0.5
+    assert s["head_top1_accuracy"][0] > 0.15
+
+
+# ---- verification ---------------------------------------------------------------------------
+
+def test_greedy_verification_by_hand():
+    tree = MedusaTree.from_choices([[0], [1], [0, 0], [1, 0]])
+    ver = MedusaVerifier(tree, Acceptance("greedy"))
+    V = 10
+    logits = torch.zeros(tree.size, V)
+    # root -> argmax 5; node 2 (path (1,)) holds 5 -> accepted; its argmax 7; node 4 (1,0) holds 7 -> accepted
+    logits[0, 5] = 9
+    logits[2, 7] = 9
+    logits[4, 1] = 9
+    tokens, nodes = ver.verify(logits, root_token=4, draft=[6, 5, 8, 7], params=SP(), banned=lambda last: [],
+                               generator=None)
+    assert tokens == [5, 7, 1] and nodes == [0, 2, 4]
+    # a ban at the root turns the argmax away from the draft: nothing accepted
+    tokens, nodes = ver.verify(logits, 4, [6, 5, 8, 7], SP(), lambda last: [5] if last == 4 else [], None)
+    assert nodes == [0] and tokens[0] != 5
+
+
+def test_typical_acceptance_by_hand():
+    tree = MedusaTree.from_choices([[0], [1]])
+    ver = MedusaVerifier(tree, Acceptance("typical", epsilon=0.09, alpha=0.3))
+    logits = torch.full((3, 4), -10.0)
+    logits[0, 1], logits[0, 2] = 2.0, 1.9          # flat between 1 and 2: both plausible
+    g = torch.Generator().manual_seed(0)
+    tokens, nodes = ver.verify(logits, 0, [3, 2], SP(temperature=1.0), lambda last: [], g)
+    assert nodes[:2] == [0, 2] and tokens[0] == 2   # 3 is implausible, 2 is accepted
+
+
+# ---- the engine -----------------------------------------------------------------------------
+
+def canonical(branches):
+    """Branches keyed by their path of fork indices from the root (ids depend on timing)."""
+    by_id = {b["id"]: b for b in branches}
+
+    def key(b):
+        path = []
+        while b["parent"] is not None:
+            path.append(b["fork_index"])
+            b = by_id[b["parent"]]
+        return tuple(reversed(path))
+
+    return {key(b): b["token_ids"] for b in branches}
+
+
+def run_in_flight(path, ps, params, medusa, **kw):
+    """8+ requests: half at the start, the rest arriving while the first are decoding."""
+    llm = LLM(str(path), raw=True, medusa=medusa, **kw)
+    eng = llm.engine
+    done = {}
+    ids = [eng.add_request(p, params, raw=True) for p in ps[:len(ps) // 2]]
+    for _ in range(3):
+        for o in eng.step():
+            done[o.request_id] = o
+    ids += [eng.add_request(p, params, raw=True) for p in ps[len(ps) // 2:]]
+    while eng.has_unfinished():
+        for o in eng.step():
+            done[o.request_id] = o
+    assert eng.scheduler.pool.num_used == 0
+    return [done[i] for i in ids], eng
+
+
+def test_lossless_ar_in_flight_with_preemption(medusa_model):
+    path, _ = medusa_model
+    ps = prompts(10, seed=5)
+    params = SamplingParams(max_tokens=40)
+    base, eng0 = run_in_flight(path, ps, params, False, mode="ar", num_blocks=24, block_size=4)
+    spec, eng1 = run_in_flight(path, ps, params, True, mode="ar", num_blocks=24, block_size=4)
+    assert eng1.scheduler.num_preemptions > 0
+    assert [o.branches for o in spec] == [o.branches for o in base]
+    mean = sum(o.stats["accepted_tokens_per_step"] for o in spec) / len(spec)
+    assert mean > 1.2, "the trained heads should let verification accept drafts"
+    assert sum(o.stats["decode_steps"] for o in spec) < sum(o.stats["decode_steps"] for o in base)
+
+
+def test_lossless_apar_in_flight_with_forks_and_preemption(medusa_model):
+    path, _ = medusa_model
+    ps = prompts(10, seed=0)
+    params = SamplingParams(max_tokens=400, logit_bias={FORK: 3.0, EOS: 2.2})
+    base, _ = run_in_flight(path, ps, params, False, mode="apar", num_blocks=24, block_size=4)
+    spec, eng = run_in_flight(path, ps, params, True, mode="apar", num_blocks=24, block_size=4)
+    assert eng.scheduler.num_preemptions > 0 and eng.scheduler.num_forks >= 20
+    for a, b in zip(base, spec):
+        assert a.finish_reason.value == b.finish_reason.value == "stop"   # trees end by EOS, not by a cap
+        assert canonical(a.branches) == canonical(b.branches)
+        assert a.text == b.text
+
+
+def test_no_leaks_with_medusa_forks_and_aborts(medusa_model):
+    path, _ = medusa_model
+    llm = LLM(str(path), raw=True, medusa=True, num_blocks=60, block_size=4)
+    eng = llm.engine
+    params = SamplingParams(max_tokens=120, logit_bias={FORK: 3.0, EOS: 1.5})
+    ids = [eng.add_request(p, params, raw=True) for p in prompts(8, seed=3)]
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+        if steps == 4:
+            eng.abort_request(ids[1])
+            eng.abort_request(ids[5])
+        if steps == 9:
+            eng.abort_request(ids[6])
+    assert eng.scheduler.pool.num_used == 0
+    assert all(eng.scheduler.pool.ref_count(b) == 0 for b in range(eng.scheduler.pool.num_blocks))
+
+
+def test_sampled_requests_with_typical_acceptance_run_and_are_seeded(medusa_model):
+    path, _ = medusa_model
+    llm = LLM(str(path), raw=True, medusa=True, acceptance="typical")
+    p = SamplingParams(max_tokens=30, temperature=0.7, seed=7)
+    a = llm.generate(prompts(3, seed=9), p)
+    b = llm.generate(prompts(3, seed=9), p)
+    assert [o.branches for o in a] == [o.branches for o in b]
+    assert all(o.stats["generated_tokens"] == 30 for o in a)
