@@ -55,6 +55,17 @@ def engine_options(f):
                      help="Length cap per request (default: the model's max_position_embeddings)."),
         click.option("--max-depth", type=int, default=2, show_default=True,
                      help="[Fork] is banned in branches this deep (the root is depth 0)."),
+        click.option("--medusa", is_flag=True,
+                     help="Verify Medusa draft trees in the loop, with the heads in MODEL/medusa."),
+        click.option("--medusa-heads", type=click.Path(), default=None,
+                     help="Medusa heads folder (implies --medusa; default: MODEL/medusa)."),
+        click.option("--medusa-tree", default=None, metavar="NAME|FILE",
+                     help="Draft tree: a preset (tiny_9, mc_sim_7b_63, chain_3) or a JSON file of paths "
+                          "(default: tiny_9)."),
+        click.option("--acceptance", type=click.Choice(["typical", "greedy"]), default="typical",
+                     show_default=True,
+                     help="Drafts for sampled requests: typical acceptance, or greedy (no drafts when "
+                          "temperature > 0). Greedy requests are always verified losslessly."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -62,8 +73,13 @@ def engine_options(f):
 
 
 def _engine_kwargs(kw: dict) -> dict:
-    return {k: kw[k] for k in ("num_blocks", "block_size", "max_num_seqs", "max_num_tokens", "max_model_len",
-                               "max_depth", "mode")}
+    out = {k: kw[k] for k in ("num_blocks", "block_size", "max_num_seqs", "max_num_tokens", "max_model_len",
+                              "max_depth", "mode", "acceptance")}
+    medusa = kw.get("medusa_heads") or kw.get("medusa") or bool(kw.get("medusa_tree"))
+    if medusa:
+        out["medusa"] = medusa
+        out["medusa_tree"] = kw.get("medusa_tree")
+    return out
 
 
 def _fail_on_value_error(e: ValueError) -> None:
@@ -71,6 +87,8 @@ def _fail_on_value_error(e: ValueError) -> None:
     for field, flag in _SAMPLING_FLAGS.items():
         if msg.startswith(field):
             raise click.BadParameter(msg, param_hint=flag)
+    if "Medusa" in msg or msg.startswith("tree "):
+        raise click.BadParameter(msg, param_hint="--medusa-tree/--medusa-heads")
     for flag in ("num_blocks", "block_size", "max_num_seqs", "max_num_tokens", "max_depth", "mode", "watermark"):
         if msg.startswith(flag):
             raise click.BadParameter(msg, param_hint="--" + flag.replace("_", "-"))
@@ -165,8 +183,10 @@ def generate(ctx, prompts, as_json, raw, max_tokens, temperature, top_p, top_k, 
         elif not o.error:
             click.echo(o.text)
             s = o.stats
+            medusa = (f", {s['accepted_tokens_per_step']:.2f} tokens/step accepted"
+                      if llm.engine.verifier is not None else "")
             click.echo(f"[{s['generated_tokens']} tokens in {s['decode_steps']} steps, {s['forks']} forks, "
-                       f"peak {s['peak_kv_blocks']} KV blocks]", err=True)
+                       f"peak {s['peak_kv_blocks']} KV blocks{medusa}]", err=True)
     if failed:
         sys.exit(1)
 
