@@ -1,0 +1,427 @@
+"""The engine in one loop thread, shared by every server.
+
+`Engine` is not thread-safe, so one thread owns it: it takes commands (add, abort) from a
+queue, runs `engine.step()` while anything is unfinished, and fans each step's output out to
+the requests' `RequestStream`s. Servers stay thin: they validate their protocol's input,
+`submit` a request, and relay the `StreamEvent`s in their protocol's format.
+
+A consumer may be a thread (iterate the stream, `get(timeout)`) or an asyncio task (`async
+for`); a stream made by `add_async` hands events to the caller's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+from apar_rt.core import SamplingParams
+from apar_rt.serve.streamer import BranchEvent, ReadingOrderStreamer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EngineLoop", "RequestStream", "StreamEvent", "BranchEvent", "LoopStats", "LoopObserver",
+           "chat_prompt_ids"]
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """A request's progress in one engine step, or its end."""
+
+    request_id: str
+    text: str                                 # new text, in final reading order (may be "")
+    new_tokens: int                           # tokens generated this step, over all branches
+    finished: bool = False
+    finish_reason: str | None = None          # "stop", "length", "abort" or "error", once finished
+    error: str | None = None                  # why the request failed (finish_reason "error")
+    internal_error: bool = False              # the failure is the server's fault, not the request's
+    branches: list[BranchEvent] | None = None  # per-branch deltas, when the request asked for them
+    prompt_tokens: int = 0
+    generated_tokens: int = 0                 # so far, over all branches ([Child] tokens included)
+    output: Any = None                        # the final RequestOutput (text, branches, stats)
+
+
+@dataclass(frozen=True, slots=True)
+class LoopStats:
+    """A snapshot of the engine after a step, safe to read from any thread."""
+
+    running: int = 0              # requests being decoded
+    waiting: int = 0              # requests queued for admission (commands not yet taken included)
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0      # usable blocks (the null block excluded)
+    forks: int = 0                # forks since start
+    steps: int = 0                # engine steps since start
+    preemptions: int = 0
+
+
+class LoopObserver(Protocol):
+    """Receives timings from the loop thread (metrics)."""
+
+    def on_first_token(self, seconds: float) -> None: ...
+    def on_inter_token(self, seconds: float) -> None: ...
+    def on_finish(self, seconds: float, reason: str, prompt_tokens: int, generated_tokens: int) -> None: ...
+    def on_stats(self, stats: LoopStats) -> None: ...
+
+
+_CLOSED = object()
+
+
+class RequestStream:
+    """The events of one request, in order; the last has `finished` set.
+
+    Iterate it from a thread (`for ev in stream`, or `get(timeout)`), or `async for` it when
+    it was made by `EngineLoop.add_async`. `cancel()` aborts the request (its KV blocks are
+    freed) from any thread; the stream then ends with finish_reason "abort".
+    """
+
+    def __init__(self, owner: "EngineLoop", request_id: str, aio_loop: asyncio.AbstractEventLoop | None = None):
+        self.request_id = request_id
+        self._owner = owner
+        self._aio_loop = aio_loop
+        self._aq: asyncio.Queue | None = asyncio.Queue() if aio_loop is not None else None
+        self._q: queue.SimpleQueue | None = None if aio_loop is not None else queue.SimpleQueue()
+        self.finished = False          # set in the loop thread when the final event is queued
+        self._cancelled = False
+        self._ended = False            # the consumer has taken the final event
+
+    # ---- producer side (the loop thread) ----
+
+    def _put(self, ev: StreamEvent) -> None:
+        if ev.finished:
+            self.finished = True
+        if self._q is not None:
+            self._q.put(ev)
+            return
+        try:
+            self._aio_loop.call_soon_threadsafe(self._aq.put_nowait, ev)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+            pass
+
+    # ---- consumer side ----
+
+    def cancel(self) -> None:
+        """Abort the request; a no-op once it has finished or was cancelled."""
+        if not self.finished and not self._cancelled:
+            self._cancelled = True
+            self._owner._commands.put(("abort", self.request_id))
+
+    def get(self, timeout: float | None = None) -> StreamEvent | None:
+        """The next event (sync streams); None if none came within `timeout` seconds."""
+        if self._q is None:
+            raise RuntimeError("this stream belongs to an asyncio loop; use `async for`")
+        try:
+            return self._q.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def __iter__(self):
+        while not self._ended:
+            ev = self.get()
+            self._ended = ev.finished
+            yield ev
+
+    def __aiter__(self):
+        if self._aq is None:
+            raise RuntimeError("this stream is not bound to an asyncio loop; iterate it from a thread")
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if self._ended:
+            raise StopAsyncIteration
+        ev = await self._aq.get()
+        self._ended = ev.finished
+        return ev
+
+
+@dataclass(slots=True)
+class _Live:
+    """The loop thread's state for one request."""
+
+    stream: RequestStream
+    request: Any                    # the engine's core.Request (its branches grow in place)
+    streamer: ReadingOrderStreamer
+    want_branches: bool
+    arrival: float
+    prompt_tokens: int
+    last_token_time: float | None = None
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt: str | None
+    params: SamplingParams
+    prompt_token_ids: list[int] | None
+    messages: list[dict] | None
+    raw: bool
+    branches: bool
+    stream: RequestStream
+    future: concurrent.futures.Future
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class EngineLoop:
+    """Owns an `Engine` in a daemon thread. Start it with `start()` (or use it as a context manager)."""
+
+    def __init__(self, engine, observer: LoopObserver | None = None, *, name: str = "apar-engine") -> None:
+        self.engine = engine
+        self.observer = observer
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._live: dict[str, _Live] = {}
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._stopping = False
+        self.error: BaseException | None = None   # set if the loop thread died
+        self.stats = LoopStats(kv_blocks_total=engine.scheduler.pool.capacity)
+
+    # ---- lifecycle ----
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still running end with an error."""
+        self._stopping = True
+        self._commands.put(("wake", None))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> "EngineLoop":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    # ---- submitting ----
+
+    def submit(self, prompt: str | None = None, params: SamplingParams | None = None, *,
+               prompt_token_ids: Sequence[int] | None = None, messages: list[dict] | None = None,
+               raw: bool = False, branches: bool = False,
+               aio_loop: asyncio.AbstractEventLoop | None = None) -> concurrent.futures.Future:
+        """Queue a request. The future gives its `RequestStream`, or raises the engine's
+        ValueError (RequestRejected) naming why the request cannot be served.
+
+        Args:
+            prompt: text, templated unless `raw` (as `apar-rt generate`).
+            prompt_token_ids: token ids, used as they are (instead of `prompt`).
+            messages: chat messages [{"role", "content"}], templated by `chat_prompt_ids`.
+            branches: also stream per-branch deltas (`StreamEvent.branches`).
+            aio_loop: the event loop of an asyncio consumer.
+        """
+        if not self.alive:
+            raise RuntimeError("the engine loop is not running")
+        rid = f"r{next(self._ids)}"
+        stream = RequestStream(self, rid, aio_loop)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("add", _Add(rid, prompt, params or SamplingParams(),
+                                        list(prompt_token_ids) if prompt_token_ids is not None else None,
+                                        messages, raw, branches, stream, fut)))
+        return fut
+
+    def add(self, *args, timeout: float | None = None, **kw) -> RequestStream:
+        """`submit` and wait for admission; for threaded consumers."""
+        return self.submit(*args, **kw).result(timeout)
+
+    async def add_async(self, *args, **kw) -> RequestStream:
+        """`submit` and await admission; the stream is iterated with `async for`."""
+        return await asyncio.wrap_future(self.submit(*args, aio_loop=asyncio.get_running_loop(), **kw))
+
+    def call(self, fn: Callable[[Any], Any], timeout: float | None = 30.0) -> Any:
+        """Run fn(engine) in the loop thread, between steps, and return its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", (fn, fut)))
+        return fut.result(timeout)
+
+    # ---- the loop thread ----
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._take_commands(block=not self.engine.has_unfinished())
+                if self._stopping:
+                    break
+                if self.engine.has_unfinished():
+                    self._step()
+                self._publish_stats()
+        except BaseException as e:  # a bug: fail every request rather than hang their clients
+            log.exception("the engine loop died")
+            self.error = e
+            self._stopping = True
+        finally:
+            reason = f"the engine loop stopped: {self.error!r}" if self.error else "the server is shutting down"
+            for rid in list(self._live):
+                self._fail(rid, reason)
+            while True:  # requests that were submitted but never taken
+                try:
+                    kind, cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if kind in ("add", "call"):
+                    fut = cmd.future if kind == "add" else cmd[1]
+                    fut.set_exception(RuntimeError(reason))
+
+    def _take_commands(self, block: bool) -> None:
+        try:
+            first = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        cmds = [first]
+        while True:
+            try:
+                cmds.append(self._commands.get_nowait())
+            except queue.Empty:
+                break
+        for kind, cmd in cmds:
+            if kind == "add":
+                self._add(cmd)
+            elif kind == "abort":
+                self._abort(cmd)
+            elif kind == "call":
+                fn, fut = cmd
+                try:
+                    fut.set_result(fn(self.engine))
+                except Exception as e:
+                    fut.set_exception(e)
+
+    def _add(self, cmd: _Add) -> None:
+        eng = self.engine
+        try:
+            ids = cmd.prompt_token_ids
+            if cmd.messages is not None:
+                ids = chat_prompt_ids(eng.tokenizer, cmd.messages)
+            rid = eng.add_request(cmd.prompt, cmd.params, prompt_token_ids=ids, raw=cmd.raw,
+                                  request_id=cmd.request_id)
+        except ValueError as e:
+            cmd.future.set_exception(e)
+            return
+        except Exception as e:  # e.g. a chat template that fails to render
+            log.exception("request %s could not be added", cmd.request_id)
+            cmd.future.set_exception(ValueError(f"the request could not be prepared: {e}"))
+            return
+        req = eng._requests[rid]
+        self._live[rid] = _Live(cmd.stream, req, ReadingOrderStreamer.for_engine(eng, cmd.params.stop),
+                                cmd.branches, cmd.arrival, len(req.prompt_token_ids))
+        cmd.future.set_result(cmd.stream)
+
+    def _abort(self, rid: str) -> None:
+        live = self._live.pop(rid, None)
+        if live is None:
+            return
+        self.engine.abort_request(rid)
+        req = live.request
+        live.stream._put(StreamEvent(rid, "", 0, True, "abort", prompt_tokens=live.prompt_tokens,
+                                     generated_tokens=req.generated_tokens))
+        self._observe_finish(live, "abort")
+
+    def _fail(self, rid: str, message: str) -> None:
+        live = self._live.pop(rid, None)
+        if live is None:
+            return
+        try:
+            self.engine.abort_request(rid)
+        except Exception:
+            log.exception("aborting %s after a failure", rid)
+        live.stream._put(StreamEvent(rid, "", 0, True, "error", error=message, internal_error=True,
+                                     prompt_tokens=live.prompt_tokens,
+                                     generated_tokens=live.request.generated_tokens))
+        self._observe_finish(live, "error")
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            # A bug in the engine: the step's state is unknown, so fail what was running.
+            log.exception("engine step failed")
+            for rid in list(self._live):
+                self._fail(rid, f"internal error in the engine step: {e!r}")
+            return
+        now = time.monotonic()
+        for o in outputs:
+            live = self._live.get(o.request_id)
+            if live is None:
+                continue
+            ntok = sum(len(d.new_token_ids) for d in o.deltas)
+            if ntok:
+                if live.last_token_time is None:
+                    self._obs("on_first_token", now - live.arrival)
+                else:
+                    self._obs("on_inter_token", now - live.last_token_time)
+                live.last_token_time = now
+            req = live.request
+            try:
+                text = live.streamer.finish(o.text or "") if o.finished else live.streamer.step(req.branches)
+                branch_events = live.streamer.branch_events(req.branches, o.deltas) if live.want_branches else None
+            except Exception as e:  # a detokenizer failure ends only this request
+                log.exception("streaming %s failed", o.request_id)
+                self._fail(o.request_id, f"internal error while detokenizing: {e!r}")
+                continue
+            ev = StreamEvent(o.request_id, text, ntok, o.finished, prompt_tokens=live.prompt_tokens,
+                             generated_tokens=req.generated_tokens, branches=branch_events)
+            if o.finished:
+                ev.finish_reason = o.finish_reason.value if o.finish_reason else "stop"
+                ev.error = o.error
+                ev.output = o
+                del self._live[o.request_id]
+                self._observe_finish(live, ev.finish_reason)
+            live.stream._put(ev)
+
+    def _observe_finish(self, live: _Live, reason: str) -> None:
+        self._obs("on_finish", time.monotonic() - live.arrival, reason, live.prompt_tokens,
+                  live.request.generated_tokens)
+
+    def _obs(self, method: str, *args) -> None:
+        if self.observer is not None:
+            try:
+                getattr(self.observer, method)(*args)
+            except Exception:  # metrics must never take the loop down
+                log.exception("observer %s failed", method)
+
+    def _publish_stats(self) -> None:
+        s = self.engine.scheduler
+        self.stats = LoopStats(running=len(s.running), waiting=len(s.waiting), kv_blocks_used=s.pool.num_used,
+                               kv_blocks_total=s.pool.capacity, forks=s.num_forks, steps=self.engine.num_steps,
+                               preemptions=s.num_preemptions)
+        self._obs("on_stats", self.stats)
+
+
+# ---- prompts -----------------------------------------------------------------------------
+
+_ROLES = ("system", "user", "assistant")
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids for a chat: the checkpoint's chat template, else the Vicuna v1.1 template.
+
+    One user message gives exactly the ids of `apar-rt generate PROMPT` (`encode_prompt`).
+    Raises ValueError for a conversation that does not end with a user message.
+    """
+    from apar_rt.model.tokenizer import VICUNA_V1_1_SYSTEM, encode_prompt
+
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("messages must end with a user message")
+    if len(messages) == 1:
+        return encode_prompt(tokenizer, messages[0]["content"])
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    system = VICUNA_V1_1_SYSTEM
+    text = ""
+    for m in messages:  # FastChat's vicuna_v1.1: "USER: u ASSISTANT: a</s>USER: ..."
+        if m["role"] == "system":
+            system = m["content"]
+        elif m["role"] == "user":
+            text += f"USER: {m['content']} "
+        else:
+            text += f"ASSISTANT: {m['content']}{tokenizer.eos_token or ''}"
+    return list(tokenizer(f"{system} {text}ASSISTANT:").input_ids)
