@@ -227,6 +227,24 @@ _COMMAND_MODULES = (
 )
 
 
+@bench.command("apar")
+@click.option("--model", type=click.Path(exists=True, file_okay=False), required=True, help="HF model folder.")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
+              default="samples/prompts/heldout.jsonl", show_default=True,
+              help="JSONL prompts with 'prompt', 'structured' and 'kind' fields.")
+@click.option("--max-tokens", type=int, default=400, show_default=True)
+@click.option("--medusa", is_flag=True, help="Also run AR+Medusa and APAR+Medusa (heads in MODEL/medusa).")
+@click.option("--medusa-tree", default=None, help="Draft tree preset or JSON file (default: tiny_9).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the full summary as JSON.")
+def bench_apar_cmd(model, prompts_file, max_tokens, medusa, medusa_tree, backend, as_json):
+    """APAR vs AR decode steps, fork rate and text order on a prompt set (e.g. the held-out prompts)."""
+    from apar_rt.bench.apar_vs_ar import bench_apar, format_summary
+
+    s = bench_apar(model, prompts_file, max_tokens=max_tokens, medusa=medusa, backend=backend, tree=medusa_tree)
+    click.echo(json.dumps(s, indent=1) if as_json else format_summary(s))
+
+
 def _attach_optional_commands() -> None:
     import importlib
 
