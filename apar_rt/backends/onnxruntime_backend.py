@@ -146,8 +146,10 @@ class OnnxRuntimeBackend(Backend):
             else:
                 self._bind_input(name, torch.from_numpy(arr).to(dev))
         T, N = feeds.num_tokens, feeds.num_logits
-        logits = torch.empty((N, self.vocab_size), dtype=torch.float32, device=dev)
-        self._bind_output("logits", logits)
+        # one spare row: onnxruntime refuses a null pointer, which torch gives an empty tensor
+        logits = torch.empty((N + 1, self.vocab_size), dtype=torch.float32, device=dev)[:N]
+        self._io.bind_output("logits", self._dev_type, self._dev_id, np.float32, (N, self.vocab_size),
+                             logits.data_ptr() or logits.untyped_storage().data_ptr())
         new_k, new_v = [], []
         for i in range(self.num_layers):
             k = torch.empty((T, self.num_kv_heads, self.head_dim), dtype=self.dtype, device=dev)

@@ -1,0 +1,176 @@
+"""The onnxruntime backend against the torch backend: greedy tokens (AR and APAR with forks, under
+preemption), per-step logits and KV pools, and the Backend contract's edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from apar_rt import LLM, SamplingParams
+from apar_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
+from apar_rt.backends.torch_backend import TorchBackend
+from apar_rt.build.builder import BuildOptions, build
+from apar_rt.core import StepInput
+
+PROMPTS = ["the list of water and sleep", "one two three", "tree fork model data run build code test",
+           "first tip", "a plan for food and walk and read"]
+
+
+def build_engine(model_path, out, **kw):
+    opts = BuildOptions(model=str(model_path), output=str(out), **{"block_size": 4, "max_batch_size": 8, **kw})
+    return build(opts, progress=False, log=lambda m: None).output
+
+
+@pytest.fixture(scope="module")
+def gqa_engine(tiny_gqa, tmp_path_factory):
+    path, _, _ = tiny_gqa
+    return path, build_engine(path, tmp_path_factory.mktemp("ort") / "gqa")
+
+
+@pytest.fixture(scope="module")
+def mha_engine(tiny_mha, tmp_path_factory):
+    path, _, _ = tiny_mha
+    return path, build_engine(path, tmp_path_factory.mktemp("ort") / "mha")
+
+
+def tokens(outs):
+    return [o.branches for o in outs]
+
+
+@pytest.mark.parametrize("which", ["gqa_engine", "mha_engine"])
+def test_ar_greedy_matches_torch_under_preemption(request, which):
+    model, engine = request.getfixturevalue(which)
+    kw = dict(mode="ar", raw=True, num_blocks=15, block_size=4, max_num_tokens=16, max_num_seqs=8)
+    ort_llm = LLM(str(engine), backend="onnxruntime", **kw)
+    torch_llm = LLM(str(model), backend="torch", dtype="float32", device="cpu", **kw)
+    params = SamplingParams(max_tokens=24)
+    got, want = ort_llm.generate(PROMPTS, params), torch_llm.generate(PROMPTS, params)
+    assert ort_llm.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    assert tokens(got) == tokens(want)
+    assert [o.text for o in got] == [o.text for o in want]
+    assert ort_llm.engine.scheduler.pool.num_used == 0
+
+
+def test_apar_with_forks_matches_torch_under_preemption(gqa_engine, tiny_gqa):
+    model, engine = gqa_engine
+    _, _, tok = tiny_gqa
+    fork = tok.convert_tokens_to_ids("[SplitMask]")
+    kw = dict(mode="apar", raw=True, num_blocks=24, block_size=4, max_num_tokens=24, max_num_seqs=8)
+    ort_llm = LLM(str(engine), backend="onnxruntime", **kw)
+    torch_llm = LLM(str(model), backend="torch", dtype="float32", device="cpu", **kw)
+    params = SamplingParams(max_tokens=40, logit_bias={fork: 4.0})
+    got, want = ort_llm.generate(PROMPTS[:4], params), torch_llm.generate(PROMPTS[:4], params)
+    assert sum(o.stats["forks"] for o in got) >= 4, "the bias was meant to make forks happen"
+    assert ort_llm.engine.scheduler.num_preemptions > 0, "the pool was meant to preempt forked requests"
+    assert tokens(got) == tokens(want)
+    assert [o.text for o in got] == [o.text for o in want]
+    assert ort_llm.engine.control.fork == fork   # the manifest's control ids
+    assert ort_llm.engine.scheduler.pool.num_used == 0
+
+
+class Twin(TorchBackend):
+    """The torch backend, also running every step through the onnxruntime backend."""
+
+    def __init__(self, model_dir, engine_dir):
+        super().__init__(str(model_dir), dtype="float32", device="cpu")
+        self.other = OnnxRuntimeBackend(str(engine_dir))
+        self.diffs: list[tuple[str, float]] = []
+
+    def allocate_kv(self, num_blocks, block_size):
+        super().allocate_kv(num_blocks, block_size)
+        self.other.allocate_kv(num_blocks, block_size)
+
+    def forward(self, step: StepInput):
+        lens = np.diff(step.query_start)
+        kind = "prefill" if (lens > 1).all() else "decode" if (lens == 1).all() else "mixed"
+        if step.block_copies:
+            kind += "+copy"
+        want = super().forward(step)
+        got = self.other.forward(step)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        self.diffs.append((kind, float((got - want).abs().max()) if want.numel() else 0.0))
+        return want
+
+
+def test_logits_and_pools_agree_step_by_step(gqa_engine, tiny_gqa):
+    """Every step of an APAR run (prefill, decode, mixed, copy-on-write) within 1e-4 in fp32."""
+    from apar_rt.config import EngineConfig, ModelConfig
+    from apar_rt.engine import Engine
+    from apar_rt.model.tokenizer import load_tokenizer
+
+    model, engine = gqa_engine
+    _, _, tok = tiny_gqa
+    fork = tok.convert_tokens_to_ids("[SplitMask]")
+    twin = Twin(model, engine)
+    eng = Engine(twin, load_tokenizer(model), ModelConfig.from_dir(model),
+                 EngineConfig(num_blocks=40, block_size=4, max_num_tokens=12, max_num_seqs=8))
+    params = SamplingParams(max_tokens=24, logit_bias={fork: 3.0})
+    eng.add_request(PROMPTS[0], params, raw=True)
+    eng.step()                                  # a prefill-only step
+    for p in PROMPTS[1:]:
+        eng.add_request(p, params, raw=True)
+    while eng.has_unfinished():
+        eng.step()
+    kinds = {k.split("+")[0] for k, _ in twin.diffs}
+    assert kinds == {"prefill", "decode", "mixed"}, kinds
+    assert any("+copy" in k for k, _ in twin.diffs), "forks were meant to copy a partial block"
+    worst = max(d for _, d in twin.diffs)
+    assert worst < 1e-4, twin.diffs
+    for a, b in zip(twin.k_caches + twin.v_caches, twin.other.k_caches + twin.other.v_caches):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def _one_token_step(slot: int, copies=()):
+    return StepInput(input_ids=np.array([5], np.int32), positions=np.array([0], np.int32),
+                     block_tables=np.array([[1]], np.int32), context_lens=np.array([0], np.int32),
+                     query_start=np.array([0, 1], np.int32), mask=np.ones((1, 1), bool),
+                     slot_mapping=np.array([slot], np.int32), logits_indices=np.array([0], np.int32),
+                     block_copies=list(copies))
+
+
+def test_negative_slots_are_skipped_and_copies_run_first(gqa_engine):
+    _, engine = gqa_engine
+    be = OnnxRuntimeBackend(str(engine))
+    be.allocate_kv(6, 4)
+    assert be.kv_bytes_per_block() == 2 * 2 * 4 * 2 * 16 * 4
+    logits = be.forward(_one_token_step(-1))
+    assert logits.shape == (1, be.vocab_size)
+    assert all(float(c.abs().sum()) == 0.0 for c in be.k_caches + be.v_caches), "slot -1 must write nothing"
+    be.forward(_one_token_step(4 + 2))          # block 1, offset 2
+    assert float(be.k_caches[0][1, 2].abs().sum()) > 0 and float(be.k_caches[0][1, [0, 1, 3]].abs().sum()) == 0
+    before = be.k_caches[0][1].clone()
+    be.forward(_one_token_step(-1, copies=[(1, 3)]))
+    torch.testing.assert_close(be.k_caches[0][3], before)
+    torch.testing.assert_close(be.v_caches[1][3], be.v_caches[1][1])
+
+
+def test_step_larger_than_the_largest_bucket_is_a_bug(gqa_engine):
+    _, engine = gqa_engine
+    be = OnnxRuntimeBackend(str(engine))
+    be.allocate_kv(12, 4)
+    n = 9
+    step = StepInput(input_ids=np.arange(n, dtype=np.int32), positions=np.zeros(n, np.int32),
+                     block_tables=np.arange(1, n + 1, dtype=np.int32)[:, None],
+                     context_lens=np.zeros(n, np.int32), query_start=np.arange(n + 1, dtype=np.int32),
+                     mask=np.ones((n, 1), bool), slot_mapping=np.full(n, -1, np.int32),
+                     logits_indices=np.arange(n, dtype=np.int32))
+    with pytest.raises(RuntimeError, match="largest batch bucket 8"):
+        be.forward(step)
+
+
+def test_engine_settings_conflicts(gqa_engine):
+    model, engine = gqa_engine
+    from apar_rt.build.manifest import EngineLoadError
+
+    with pytest.raises(ValueError, match="block size 4"):
+        LLM(str(engine), backend="onnxruntime", block_size=16)
+    with pytest.raises(ValueError, match="dtype 'float16' differs from the engine's dtype 'float32'"):
+        OnnxRuntimeBackend(str(engine), dtype="float16")
+    with pytest.raises(EngineLoadError, match="not an apar-rt engine folder"):
+        LLM(str(model), backend="onnxruntime")
+    with pytest.raises(EngineLoadError, match="engine folder; load it with --backend"):
+        LLM(str(engine), backend="torch")
+    llm = LLM(str(engine), backend="onnxruntime", max_num_seqs=64, max_num_tokens=100000)
+    assert llm.engine.config.max_num_seqs == 8 and llm.engine.config.block_size == 4
+    assert llm.engine.config.max_num_tokens == 2048
