@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import click
 
-from apar_rt.cli import _engine_kwargs, _fail_on_value_error, engine_options
-
-
-def _model_flag_optional(f):
-    """`engine_options` makes --model required; `serve` takes --model or --engine."""
-    for p in getattr(f, "__click_params__", ()):
-        if p.name == "model":
-            p.required = False
-            p.help = "Hugging Face model folder (or give --engine)."
-    return f
-
-
-def _manifest_backend(engine_dir: str) -> str | None:
-    try:
-        return json.loads((Path(engine_dir) / "manifest.json").read_text()).get("backend")
-    except (OSError, ValueError, AttributeError):
-        return None
+from apar_rt.cli import _engine_dir_defaults, _engine_kwargs, _fail_on_value_error, _model_or_engine, engine_options
 
 
 @click.command()
-@_model_flag_optional
+@_model_or_engine
 @engine_options
-@click.option("--engine", "engine_dir", type=click.Path(), default=None,
-              help="Engine folder from `apar-rt build` (its manifest's backend is used unless --backend is given).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", type=int, default=8000, show_default=True, help="Port (0 picks a free one).")
 @click.option("--served-model-name", "served_names", multiple=True,
@@ -40,7 +21,8 @@ def _manifest_backend(engine_dir: str) -> str | None:
               help="Temperature of requests that give none (OpenAI's default is 1.0; 0 is greedy).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def serve(model, engine_dir, backend, dtype, device, host, port, served_names, default_temperature, log_level,
+@click.pass_context
+def serve(ctx, model, engine_dir, backend, dtype, device, host, port, served_names, default_temperature, log_level,
           **kw):
     """Serve a model over an OpenAI-compatible HTTP API (streaming included).
 
@@ -59,9 +41,7 @@ def serve(model, engine_dir, backend, dtype, device, host, port, served_names, d
         raise click.UsageError("give exactly one of --model DIR or --engine DIR")
     path = model or engine_dir
     if engine_dir is not None:
-        source = click.get_current_context().get_parameter_source("backend")
-        if source == click.core.ParameterSource.DEFAULT:
-            backend = _manifest_backend(engine_dir) or backend
+        backend = _engine_dir_defaults(ctx, engine_dir, backend, kw)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine = Engine.from_pretrained(path, backend=backend, dtype=dtype, device=device, **_engine_kwargs(kw))

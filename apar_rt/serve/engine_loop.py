@@ -65,7 +65,8 @@ class LoopObserver(Protocol):
 
     def on_first_token(self, seconds: float) -> None: ...
     def on_inter_token(self, seconds: float) -> None: ...
-    def on_finish(self, seconds: float, reason: str, prompt_tokens: int, generated_tokens: int) -> None: ...
+    def on_finish(self, seconds: float, reason: str, prompt_tokens: int, generated_tokens: int,
+                  stats: dict | None) -> None: ...
     def on_stats(self, stats: LoopStats) -> None: ...
 
 
@@ -373,12 +374,12 @@ class EngineLoop:
                 ev.error = o.error
                 ev.output = o
                 del self._live[o.request_id]
-                self._observe_finish(live, ev.finish_reason)
+                self._observe_finish(live, ev.finish_reason, o.stats)
             live.stream._put(ev)
 
-    def _observe_finish(self, live: _Live, reason: str) -> None:
+    def _observe_finish(self, live: _Live, reason: str, stats: dict | None = None) -> None:
         self._obs("on_finish", time.monotonic() - live.arrival, reason, live.prompt_tokens,
-                  live.request.generated_tokens)
+                  live.request.generated_tokens, stats)
 
     def _obs(self, method: str, *args) -> None:
         if self.observer is not None:

@@ -16,12 +16,14 @@ tests) can live in one process.
 | apar_rt_requests_finished_total{finish_reason} | counter | finished requests by reason |
 | apar_rt_prompt_tokens_total / apar_rt_generation_tokens_total | counter | tokens in / out |
 | apar_rt_engine_steps_total, apar_rt_preemptions_total | counter | engine steps, preemptions |
-| apar_rt_medusa_acceptance_rate | gauge | accepted / proposed Medusa draft tokens; NaN while the engine runs no Medusa heads |
+| apar_rt_medusa_accepted_tokens_per_step | gauge | Medusa: mean tokens accepted per thread verification step, over finished requests; NaN without Medusa heads |
+| apar_rt_medusa_thread_steps_total / _accepted_tokens_total | counter | the sums behind that mean |
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -41,6 +43,9 @@ class ServingMetrics:
         self.registry = CollectorRegistry()
         self._engine = engine
         self.stats = LoopStats()
+        self._lock = threading.Lock()
+        self._medusa_steps = 0
+        self._medusa_accepted = 0
         r = self.registry
         self.ttft = Histogram("apar_rt_time_to_first_token_seconds", "Time to first token.",
                               buckets=_LATENCY_BUCKETS, registry=r)
@@ -54,6 +59,11 @@ class ServingMetrics:
         self.prompt_tokens = Counter("apar_rt_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter("apar_rt_generation_tokens",
                                          "Generated tokens of finished requests (all branches).", registry=r)
+        self.medusa_steps = Counter("apar_rt_medusa_thread_steps",
+                                    "Medusa verification steps of threads (finished requests).", registry=r)
+        self.medusa_accepted = Counter("apar_rt_medusa_accepted_tokens",
+                                       "Tokens accepted in Medusa verification steps (finished requests).",
+                                       registry=r)
         r.register(_EngineCollector(self))
 
     # LoopObserver
@@ -63,23 +73,30 @@ class ServingMetrics:
     def on_inter_token(self, seconds: float) -> None:
         self.itl.observe(seconds)
 
-    def on_finish(self, seconds: float, reason: str, prompt_tokens: int, generated_tokens: int) -> None:
+    def on_finish(self, seconds: float, reason: str, prompt_tokens: int, generated_tokens: int,
+                  stats: dict | None = None) -> None:
         self.e2e.observe(seconds)
         self.finished.labels(finish_reason=reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(generated_tokens)
+        hist = (stats or {}).get("accepted_length_histogram") or {}
+        with self._lock:
+            for k, v in hist.items():
+                self._medusa_steps += v
+                self._medusa_accepted += int(k) * v
+        self.medusa_steps.inc(sum(hist.values()))
+        self.medusa_accepted.inc(sum(int(k) * v for k, v in hist.items()))
 
     def on_stats(self, stats: LoopStats) -> None:
         self.stats = stats
 
     def medusa_acceptance(self) -> float:
-        """Accepted / proposed draft tokens, from the engine if it runs Medusa; else NaN."""
-        fn = getattr(self._engine, "medusa_acceptance_rate", None)
-        try:
-            value = fn() if callable(fn) else fn
-            return float(value) if value is not None else math.nan
-        except Exception:
+        """Mean tokens accepted per thread verification step; NaN without Medusa (or no data yet)."""
+        with self._lock:
+            steps, accepted = self._medusa_steps, self._medusa_accepted
+        if getattr(self._engine, "verifier", None) is None or not steps:
             return math.nan
+        return accepted / steps
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -100,8 +117,8 @@ class _EngineCollector:
                                  ("apar_rt_requests_waiting", "Requests queued for admission.", s.waiting),
                                  ("apar_rt_kv_blocks_used", "KV cache blocks in use.", s.kv_blocks_used),
                                  ("apar_rt_kv_blocks_total", "Usable KV cache blocks.", s.kv_blocks_total),
-                                 ("apar_rt_medusa_acceptance_rate",
-                                  "Accepted / proposed Medusa draft tokens (NaN: no Medusa heads).",
+                                 ("apar_rt_medusa_accepted_tokens_per_step",
+                                  "Medusa: mean tokens accepted per thread verification step (NaN: no Medusa).",
                                   self.m.medusa_acceptance())):
             yield GaugeMetricFamily(name, doc, value=value)
         for name, doc, value in (("apar_rt_forks", "APAR forks (child branches started).", s.forks),

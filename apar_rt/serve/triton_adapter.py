@@ -23,7 +23,8 @@ Inputs (tensorrtllm_backend's names, plus apar-rt's):
 | stop_words | STRING [-1] | - | stop strings |
 | random_seed | UINT64 | - | sampling seed |
 | mode | STRING | the engine's | "apar" or "ar"; "ar" on an APAR engine suppresses [Fork] (logit bias -100) |
-| medusa | BOOL | false | Medusa speculative decoding, where the engine has heads |
+| medusa | BOOL | false | true asserts the engine runs Medusa (an error if it has no heads); Medusa is
+  set per model (parameter medusa) and its greedy verification is lossless |
 | raw | BOOL | parameter raw | feed the prompt as is (no chat template) |
 
 A bad request gets a Triton error (INVALID_ARG) for that request only. A cancelled request
@@ -50,12 +51,16 @@ INPUT_NAMES = ("text_input", "max_tokens", "stream", "temperature", "top_p", "to
                "random_seed", "mode", "medusa", "raw")
 
 # config.pbtxt parameters -> (type, default)
+# (None: not given; the engine's default, or an engine folder's manifest, applies)
 PARAMETERS: dict[str, tuple[type, Any]] = {
     "engine_dir": (str, ""), "backend": (str, "torch"), "mode": (str, "apar"), "dtype": (str, "auto"),
-    "device": (str, ""), "num_blocks": (int, 512), "block_size": (int, 16), "max_num_seqs": (int, 64),
-    "max_num_tokens": (int, 2048), "max_model_len": (int, 0), "max_depth": (int, 2),
+    "device": (str, ""), "num_blocks": (int, None), "block_size": (int, None), "max_num_seqs": (int, None),
+    "max_num_tokens": (int, None), "max_model_len": (int, None), "max_depth": (int, None),
+    "medusa": (str, ""), "medusa_tree": (str, None), "acceptance": (str, None),
     "default_max_tokens": (int, 256), "raw": (bool, False), "torch_threads": (int, 0),
 }
+_ENGINE_KWARGS = ("mode", "num_blocks", "block_size", "max_num_seqs", "max_num_tokens", "max_model_len", "max_depth",
+                  "medusa_tree", "acceptance")
 
 
 def model_parameters(model_config: dict) -> dict[str, Any]:
@@ -187,7 +192,8 @@ class _Counts:
     def on_first_token(self, seconds: float) -> None: ...
     def on_inter_token(self, seconds: float) -> None: ...
 
-    def on_finish(self, seconds: float, reason: str, prompt_tokens: int, generated_tokens: int) -> None:
+    def on_finish(self, seconds: float, reason: str, prompt_tokens: int, generated_tokens: int,
+                  stats: dict | None = None) -> None:
         self.finished[reason] += 1
 
     def on_stats(self, stats: LoopStats) -> None:
@@ -203,7 +209,7 @@ class TritonServing:
         self.loop = EngineLoop(engine, self.counts, name="apar-triton-engine").start()
         self.default_max_tokens = default_max_tokens
         self.raw = raw
-        self.has_medusa = bool(getattr(engine, "medusa", None))
+        self.has_medusa = getattr(engine, "verifier", None) is not None
 
     @classmethod
     def from_parameters(cls, params: dict[str, Any], model_dir: str | Path | None = None) -> "TritonServing":
@@ -219,12 +225,14 @@ class TritonServing:
         if params["torch_threads"]:
             import torch
             torch.set_num_threads(params["torch_threads"])
-        kwargs = {k: params[k] for k in ("mode", "num_blocks", "block_size", "max_num_seqs", "max_num_tokens",
-                                         "max_depth")}
-        if params["max_model_len"]:
-            kwargs["max_model_len"] = params["max_model_len"]
+        kwargs = {k: params[k] for k in _ENGINE_KWARGS if params[k] is not None}
+        medusa = params["medusa"]
+        if medusa.lower() in ("", "false", "0", "no"):
+            medusa = False
+        elif medusa.lower() in ("true", "1", "yes"):
+            medusa = True
         engine = Engine.from_pretrained(path, backend=params["backend"], dtype=params["dtype"],
-                                        device=params["device"] or None, **kwargs)
+                                        device=params["device"] or None, medusa=medusa, **kwargs)
         return cls(engine, default_max_tokens=params["default_max_tokens"], raw=params["raw"])
 
     def submit(self, inputs: dict[str, np.ndarray], sender: Sender, parameters: dict | None = None) -> None:
