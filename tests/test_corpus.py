@@ -106,3 +106,18 @@ def test_generate_errors():
     every_list = {k for k in corpus.all_keys() if k[0] == "list"}
     with pytest.raises(ValueError, match="no list prompt keys"):
         corpus.generate(0, n_list=1, exclude=every_list)
+
+
+def test_cli_corpus(tmp_path):
+    from click.testing import CliRunner
+
+    from apar_rt.train.commands import corpus_cmd
+
+    out, held = tmp_path / "c.jsonl", tmp_path / "h.jsonl"
+    args = [str(out), "--seed", "2", "--n-list", "5", "--n-paragraph", "2", "--n-plain", "4", "--heldout", str(held)]
+    res = CliRunner().invoke(corpus_cmd, args)
+    assert res.exit_code == 0, res.output
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 11
+    assert len(held.read_text(encoding="utf-8").splitlines()) == 44
+    res = CliRunner().invoke(corpus_cmd, [str(out), "--n-list", "-3"])
+    assert res.exit_code == 2 and "--n-list" in res.output

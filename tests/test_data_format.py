@@ -314,3 +314,28 @@ def test_read_records_errors_name_the_line(tmp_path):
     p.write_text('{"id": 1}\n{oops\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.jsonl:2"):
         df.read_records(p)
+
+
+# --- CLI ---------------------------------------------------------------------------
+
+
+def test_cli_data_format(tmp_path):
+    from click.testing import CliRunner
+
+    from apar_rt.train.commands import data
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(rec(LIST_ANSWER, "a")) + "\n", encoding="utf-8")
+    res = CliRunner().invoke(data, ["format", str(src), str(tmp_path / "out.jsonl")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["examples"] == {"main": 1, "child": 3, "plain": 0}
+    assert len((tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()) == 4
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n", encoding="utf-8")
+    res = CliRunner().invoke(data, ["format", str(bad), str(tmp_path / "o2.jsonl")])
+    assert res.exit_code == 2 and "INPUT" in res.output and "bad.jsonl:1" in res.output
+    res = CliRunner().invoke(data, ["format", str(tmp_path / "missing.jsonl"), str(tmp_path / "o3.jsonl")])
+    assert res.exit_code == 2 and "INPUT" in res.output
+    res = CliRunner().invoke(data, ["format", "--help"])
+    assert res.exit_code == 0 and "ShareGPT" in res.output

@@ -81,3 +81,20 @@ def test_train_rejects_bad_settings(workdir):
     d, _ = workdir
     with pytest.raises(ValueError, match="batch_size"):
         train(TrainConfig(model=str(d / "base"), data=[str(d / "data.jsonl")], output=str(d / "x"), batch_size=0))
+
+
+def test_cli_train(workdir):
+    from click.testing import CliRunner
+
+    from apar_rt.train.commands import train_cmd
+
+    d, base_vocab = workdir
+    out = d / "cli_out"
+    res = CliRunner().invoke(train_cmd, [str(d / "base"), str(d / "data.jsonl"), "-o", str(out), "--steps", "2",
+                                         "--batch-size", "4", "--lr", "1e-3", "--threads", "2"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["rows_added"] == 2
+    res = CliRunner().invoke(train_cmd, [str(d / "base"), str(d / "data.jsonl"), "-o", str(out), "--device", "tpu"])
+    assert res.exit_code == 2 and "--device" in res.output
+    res = CliRunner().invoke(train_cmd, [str(d / "base"), "-o", str(out)])
+    assert res.exit_code == 2 and "DATA" in res.output
