@@ -218,6 +218,31 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, a
     click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))
 
 
+@bench.command("backends")
+@click.option("--model", type=click.Path(exists=True, file_okay=False), required=True, help="HF model folder.")
+@click.option("--engine", "engine_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="onnxruntime engine folder of the same model (default: built into a temporary folder).")
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--max-tokens", type=int, default=64, show_default=True, help="New tokens per request (EOS ignored).")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per side; the median is shown.")
+@click.option("--mode", type=click.Choice(["ar", "apar"]), default="ar", show_default=True)
+@click.option("--threads", type=int, default=None, help="torch and onnxruntime threads (default: their own).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def bench_backends_cmd(model, engine_dir, batch_sizes, max_tokens, repeats, mode, threads, as_json):
+    """Per-step latency and tokens/s of the onnxruntime backend against torch eager, side by side."""
+    from apar_rt.bench.backends import bench_backends, format_rows
+
+    try:
+        sizes = tuple(int(x) for x in batch_sizes.split(","))
+        if any(s < 1 for s in sizes):
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{batch_sizes!r} is not a list of positive integers", param_hint="--batch-sizes")
+    rows = bench_backends(model, engine_dir, sizes, max_tokens, repeats, mode=mode, threads=threads,
+                          log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))
+
+
 # Commands defined in their own modules: (module, {command name: attribute}).
 _COMMAND_MODULES = (
     ("apar_rt.train.commands", {"data": "data", "train": "train_cmd", "corpus": "corpus_cmd"}),
