@@ -174,3 +174,46 @@ def test_engine_settings_conflicts(gqa_engine):
     llm = LLM(str(engine), backend="onnxruntime", max_num_seqs=64, max_num_tokens=100000)
     assert llm.engine.config.max_num_seqs == 8 and llm.engine.config.block_size == 4
     assert llm.engine.config.max_num_tokens == 2048
+
+
+@pytest.fixture(scope="module")
+def medusa_engine(tmp_path_factory):
+    """A tiny model with (untrained, perturbed) Medusa heads, and its engine folder."""
+    from apar_rt.medusa.heads import MedusaHeads
+    from apar_rt.testing.tiny_model import make_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny_medusa_ort")
+    hf, _ = make_tiny_checkpoint(path, seed=3)
+    heads = MedusaHeads.init_from_lm_head(hf.lm_head.weight.detach(), num_heads=4)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    heads.save(path / "medusa")
+    return path, build_engine(path, tmp_path_factory.mktemp("ort") / "medusa")
+
+
+def test_medusa_heads_in_the_graph_match_torch(medusa_engine):
+    """medusa_logits is an output of the graph; draft-tree verification gives torch's tokens and steps."""
+    from apar_rt.build.manifest import verify_engine_dir
+
+    model, engine = medusa_engine
+    m = verify_engine_dir(engine)
+    assert m.medusa == {"num_heads": 4, "num_layers": 1} and "medusa/config.json" in m.files
+    kw = dict(mode="apar", raw=True, num_blocks=40, block_size=4, max_num_seqs=8, medusa=True,
+              medusa_tree="tiny_9")
+    ort_llm = LLM(str(engine), backend="onnxruntime", **kw)
+    torch_llm = LLM(str(model), backend="torch", dtype="float32", device="cpu", **kw)
+    assert ort_llm.engine.backend.num_medusa_heads == 4
+    params = SamplingParams(max_tokens=30, logit_bias={3: 3.0})
+    got, want = ort_llm.generate(PROMPTS, params), torch_llm.generate(PROMPTS, params)
+    assert tokens(got) == tokens(want)
+    assert [o.stats["decode_steps"] for o in got] == [o.stats["decode_steps"] for o in want]
+    assert ort_llm.engine.scheduler.pool.num_used == 0
+
+
+def test_medusa_requested_from_an_engine_without_heads(gqa_engine):
+    from apar_rt.backends import BackendUnavailable
+
+    _, engine = gqa_engine
+    with pytest.raises(BackendUnavailable, match="built without Medusa heads"):
+        OnnxRuntimeBackend(str(engine), medusa_dir="x")

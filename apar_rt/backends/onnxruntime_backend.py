@@ -52,14 +52,20 @@ class OnnxRuntimeBackend(Backend):
         device: "cpu", "cuda[:i]" or None (CUDA when onnxruntime and torch both have it).
         threads: intra-op threads (None: onnxruntime's default).
         check_hashes: verify the sha256 of every engine file on load.
+        medusa_dir: given by the engine when Medusa is asked for; the heads are inside the graph, so
+            this only checks that the engine was built with them.
     """
 
     name = "onnxruntime"
 
     def __init__(self, engine_dir: str, *, dtype: str | None = "auto", device: str | None = None,
-                 threads: int | None = None, check_hashes: bool = True) -> None:
+                 threads: int | None = None, check_hashes: bool = True, medusa_dir: str | None = None) -> None:
         self.engine_dir = Path(engine_dir)
         self.manifest = m = verify_engine_dir(engine_dir, backend=self.name, check_hashes=check_hashes)
+        if medusa_dir is not None and not m.medusa:
+            raise BackendUnavailable(f"{str(engine_dir)!r} was built without Medusa heads; rebuild it from a "
+                                     f"model folder that has a 'medusa' heads folder")
+        self.num_medusa_heads = int(m.medusa.get("num_heads", 0))
         _check_dtype(dtype, m.dtype)
         if m.dtype not in ("float32", "float16"):
             raise BackendUnavailable(f"the onnxruntime backend runs float32 or float16 engines, not {m.dtype}")
@@ -98,6 +104,7 @@ class OnnxRuntimeBackend(Backend):
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
         self._last: tuple | None = None   # (new_k, new_v) of the last forward, for commit_kv
+        self._medusa: torch.Tensor | None = None  # the last forward's Medusa logits
 
     # ---- the pool ------------------------------------------------------------------------
 
@@ -150,6 +157,12 @@ class OnnxRuntimeBackend(Backend):
         logits = torch.empty((N + 1, self.vocab_size), dtype=torch.float32, device=dev)[:N]
         self._io.bind_output("logits", self._dev_type, self._dev_id, np.float32, (N, self.vocab_size),
                              logits.data_ptr() or logits.untyped_storage().data_ptr())
+        medusa = None
+        if self.num_medusa_heads:
+            H = self.num_medusa_heads
+            medusa = torch.empty((N + 1, H, self.vocab_size), dtype=torch.float32, device=dev)[:N]
+            self._io.bind_output(step_io.MEDUSA_LOGITS, self._dev_type, self._dev_id, np.float32,
+                                 (N, H, self.vocab_size), medusa.data_ptr() or medusa.untyped_storage().data_ptr())
         new_k, new_v = [], []
         for i in range(self.num_layers):
             k = torch.empty((T, self.num_kv_heads, self.head_dim), dtype=self.dtype, device=dev)
@@ -162,6 +175,7 @@ class OnnxRuntimeBackend(Backend):
             torch.cuda.current_stream(dev).synchronize()
         self.session.run_with_iobinding(io)
         self._last = (new_k, new_v)
+        self._medusa = medusa
         slots = torch.from_numpy(step.slot_mapping).to(dev).long()
         keep = slots >= 0
         if bool(keep.all()):
@@ -174,6 +188,11 @@ class OnnxRuntimeBackend(Backend):
         for kc, vc, k, v in zip(self.k_caches, self.v_caches, new_k, new_v):
             kc.view(-1, *kc.shape[2:])[slots] = k if idx is None else k[idx]
             vc.view(-1, *vc.shape[2:])[slots] = v if idx is None else v[idx]
+
+    def medusa_logits(self) -> torch.Tensor:
+        if self._medusa is None:
+            return super().medusa_logits()
+        return self._medusa.cpu()
 
     @torch.inference_mode()
     def commit_kv(self, token_indices, slots) -> None:

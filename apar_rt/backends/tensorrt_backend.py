@@ -36,6 +36,8 @@ class TensorRTBackend(Backend):
         plugin_lib: the TreePagedAttention plugin library (default: the one recorded at build time,
             needed only when the engine uses the plugin).
         check_hashes: verify the sha256 of every engine file on load.
+        medusa_dir: given when Medusa is asked for; the heads are in the engine, so this only checks
+            that it was built with them.
 
     Raises:
         BackendUnavailable: no TensorRT, no CUDA, or an engine this TensorRT cannot load.
@@ -45,11 +47,14 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, engine_dir: str, *, dtype: str | None = "auto", device: str | None = None,
-                 plugin_lib: str | None = None, check_hashes: bool = True) -> None:
+                 plugin_lib: str | None = None, check_hashes: bool = True, medusa_dir: str | None = None) -> None:
         from apar_rt.build.tensorrt_builder import TensorRTUnavailable, import_tensorrt
 
         self.engine_dir = Path(engine_dir)
         self.manifest = m = verify_engine_dir(engine_dir, backend=self.name, check_hashes=check_hashes)
+        if medusa_dir is not None and not m.medusa:
+            raise BackendUnavailable(f"{str(engine_dir)!r} was built without Medusa heads")
+        self.num_medusa_heads = int(m.medusa.get("num_heads", 0))
         if dtype not in (None, "auto", m.dtype):
             raise ValueError(f"dtype {dtype!r} differs from the engine's dtype {m.dtype!r} (fixed at build time)")
         try:
@@ -105,6 +110,7 @@ class TensorRTBackend(Backend):
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
         self._last: tuple | None = None
+        self._medusa: torch.Tensor | None = None
 
     def _check_io(self, trt) -> None:
         want = {name: (trt.int32 if name != "mask" else trt.bool) for name in step_io.STEP_INPUTS}
@@ -115,6 +121,8 @@ class TensorRTBackend(Backend):
                          step_io.new_v_name(i)):
                 want[name] = kv
         want["logits"] = trt.float32
+        if self.num_medusa_heads:
+            want[step_io.MEDUSA_LOGITS] = trt.float32
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         if names != set(want):
             raise BackendUnavailable(f"the engine's tensors {sorted(names)} are not the step graph's {sorted(want)}")
@@ -186,6 +194,11 @@ class TensorRTBackend(Backend):
             n_rows = int(feeds.arrays["logits_indices"].shape[0])
             logits = torch.empty((n_rows, self.vocab_size), dtype=torch.float32, device=dev)
             ctx.set_tensor_address("logits", logits.data_ptr())
+            medusa = None
+            if self.num_medusa_heads:
+                medusa = torch.empty((n_rows, self.num_medusa_heads, self.vocab_size), dtype=torch.float32,
+                                     device=dev)
+                ctx.set_tensor_address(step_io.MEDUSA_LOGITS, medusa.data_ptr())
             new_k, new_v = [], []
             for i in range(self.num_layers):
                 k = torch.empty((T, self.num_kv_heads, self.head_dim), dtype=self.dtype, device=dev)
@@ -202,6 +215,7 @@ class TensorRTBackend(Backend):
             idx = keep.nonzero().squeeze(1)
             self._write(new_k, new_v, idx, slots[keep])
             out = logits[:feeds.num_logits].cpu()
+            self._medusa = medusa[:feeds.num_logits].cpu() if medusa is not None else None
         self.stream.synchronize()
         del keep_alive
         return out
@@ -210,6 +224,11 @@ class TensorRTBackend(Backend):
         for kc, vc, k, v in zip(self.k_caches, self.v_caches, new_k, new_v):
             kc.view(-1, *kc.shape[2:])[slots] = k[idx]
             vc.view(-1, *vc.shape[2:])[slots] = v[idx]
+
+    def medusa_logits(self) -> torch.Tensor:
+        if self._medusa is None:
+            return super().medusa_logits()
+        return self._medusa
 
     @torch.inference_mode()
     def commit_kv(self, token_indices, slots) -> None:

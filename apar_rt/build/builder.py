@@ -47,6 +47,7 @@ class BuildOptions:
     workspace_gib: float | None = None      # TensorRT workspace limit
     opset: int = 18
     external_data: bool | None = None       # None: by size
+    medusa: bool | None = None              # export MODEL/medusa heads; None: when present
     check: bool = False
     force: bool = False
 
@@ -173,11 +174,19 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
     try:
         stage.set_description("build: export ONNX")
         from apar_rt.export.onnx_export import export_onnx
+        from apar_rt.medusa.heads import HEADS_DIRNAME, find_heads_dir
+        heads_dir = find_heads_dir(opts.model) if opts.medusa is not False else None
+        if opts.medusa and heads_dir is None:
+            raise BuildError(f"--medusa: {opts.model!r} has no '{HEADS_DIRNAME}' folder of Medusa heads")
         exported = export_onnx(opts.model, tmp / ONNX_NAME, dtype=dtype, block_size=opts.block_size,
-                               opset=opts.opset, external_data=opts.external_data)
+                               opset=opts.opset, external_data=opts.external_data, medusa_dir=heads_dir)
+        if heads_dir is not None:   # the heads' config marks the folder as having heads (weights are in the graph)
+            (tmp / HEADS_DIRNAME).mkdir()
+            shutil.copy(heads_dir / "config.json", tmp / HEADS_DIRNAME / "config.json")
         stage.update()
+        heads = f", Medusa heads {exported.medusa['num_heads']}" if exported.medusa else ""
         say(f"exported {ONNX_NAME}: opset {exported.opset}, {exported.num_attention_nodes} "
-            f"apar.TreePagedAttention nodes, dtype {dtype}")
+            f"apar.TreePagedAttention nodes, dtype {dtype}{heads}")
 
         stage.set_description("build: config and tokenizer")
         shutil.copy(Path(opts.model) / "config.json", tmp / "config.json")
@@ -214,7 +223,8 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
             onnx={"file": ONNX_NAME, "opset": exported.opset,
                   "external_data": [str(f.relative_to(tmp)) for f in exported.files[1:]],
                   "attention": exported.attrs.as_dict()},
-            files=record_files(tmp, files), engines=engines, apar_rt_version=__version__,
+            files=record_files(tmp, files), engines=engines, medusa=exported.medusa,
+            apar_rt_version=__version__,
             source_model=str(Path(opts.model).resolve()),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         write_manifest(tmp, manifest)

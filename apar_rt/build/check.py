@@ -113,24 +113,25 @@ def check_step(cfg: dict, block_size: int, dtype: str, buckets: list[int], seed:
     return feeds, bucket
 
 
-def torch_reference(model_dir: str | Path, feeds: dict, num_layers: int) -> dict[str, np.ndarray]:
-    """The torch model's outputs (float32) for the feeds, by output name."""
+def torch_reference(model_dir: str | Path, feeds: dict, num_layers: int, medusa: bool = False) -> dict:
+    """The torch model's outputs (float32) for the feeds, by output name (the exported graph's names)."""
     import torch
 
+    from apar_rt.export.onnx_export import _step_module
     from apar_rt.model.weights import load_model
 
-    model, _ = load_model(model_dir, dtype=torch.float32, device="cpu")
-    t = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
-    kc = [t[step_io.k_cache_name(i)].float() for i in range(num_layers)]
-    vc = [t[step_io.v_cache_name(i)].float() for i in range(num_layers)]
+    model, cfg = load_model(model_dir, dtype=torch.float32, device="cpu")
+    heads = None
+    if medusa:
+        from apar_rt.medusa.heads import find_heads_dir, load_heads
+        heads = load_heads(find_heads_dir(model_dir), hidden=cfg.hidden_size, vocab=cfg.vocab_size)
+    graph = _step_module(model, heads)
+    names = step_io.input_names(num_layers)
+    args = [torch.from_numpy(np.asarray(feeds[k])) for k in names]
+    args = args[:7] + [a.float() for a in args[7:]]
     with torch.inference_mode():
-        logits, nk, nv = model(t["input_ids"], t["positions"], kc, vc, t["block_tables"], t["context_lens"],
-                               t["query_start"], t["mask"], t["logits_indices"])
-    out = {"logits": logits.numpy()}
-    for i in range(num_layers):
-        out[step_io.new_k_name(i)] = nk[i].numpy()
-        out[step_io.new_v_name(i)] = nv[i].numpy()
-    return out
+        outs = graph(*args)
+    return {k: v.numpy() for k, v in zip(step_io.output_names(num_layers, heads is not None), outs)}
 
 
 def _diffs(ref: dict, got: dict) -> dict[str, float]:
@@ -188,7 +189,7 @@ def run_check(engine_dir: str | Path, model_dir: str | Path, manifest: Manifest,
     cfg = manifest.model_config
     n = int(cfg["num_hidden_layers"])
     feeds, bucket = check_step(cfg, manifest.block_size, manifest.dtype, manifest.batch_buckets)
-    ref = torch_reference(model_dir, feeds, n)
+    ref = torch_reference(model_dir, feeds, n, medusa=bool(manifest.medusa))
     report = CheckReport(manifest.dtype, TOLERANCE[manifest.dtype])
     onnx_path = engine_dir / manifest.onnx.get("file", ONNX_NAME)
     workdir = engine_dir / CHECK_DIR     # inputs, reference and engine outputs stay for reproduction

@@ -40,12 +40,14 @@ def _parse_buckets(ctx, param, value):
 @click.option("--plugin-lib", type=click.Path(dir_okay=False), default=None,
               help="TensorRT plugin library registering apar::TreePagedAttention (IPluginV3).")
 @click.option("--workspace", "workspace_gib", type=float, default=None, help="TensorRT workspace limit in GiB.")
+@click.option("--medusa/--no-medusa", default=None,
+              help="Export the Medusa heads in MODEL/medusa as a medusa_logits output (default: when present).")
 @click.option("--check", is_flag=True, help="Compare the engine with the torch reference and report the largest "
                                             "difference (polygraphy run --onnxrt / --trt).")
 @click.option("--force", is_flag=True, help="Overwrite an existing engine folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_tokens, max_seq_len, block_size,
-          max_num_blocks, timing_cache, plugin_lib, workspace_gib, check, force, quiet):
+          max_num_blocks, timing_cache, plugin_lib, workspace_gib, medusa, check, force, quiet):
     """Build an engine folder (model.onnx, TensorRT engines, manifest.json) from a checkpoint.
 
     \b
@@ -63,7 +65,8 @@ def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_
     opts = BuildOptions(model=model, output=output, backend=backend, dtype=dtype, max_batch_size=max_batch_size,
                         batch_buckets=batch_buckets, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                         block_size=block_size, max_num_blocks=max_num_blocks, timing_cache=timing_cache,
-                        plugin_lib=plugin_lib, workspace_gib=workspace_gib, check=check, force=force)
+                        plugin_lib=plugin_lib, workspace_gib=workspace_gib, medusa=medusa, check=check,
+                        force=force)
     try:
         result = run_build(opts, progress=not quiet, log=lambda m: click.echo(m, err=True))
     except (BuildError, ModelLoadError, TensorRTUnavailable) as e:

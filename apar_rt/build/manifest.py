@@ -6,6 +6,7 @@ An engine folder (written by `apar-rt build`) holds:
     tokenizer files               saved from the checkpoint's tokenizer
     model.onnx (+ model.onnx.data) the step graph with apar.TreePagedAttention (every backend)
     model.plan                    TensorRT engine, one optimization profile per batch bucket
+    medusa/config.json            when the graph outputs Medusa heads' logits (their weights are in the graph)
 
 Loading verifies the format and apar-rt versions, the sha256 and size of every recorded file,
 and that config.json still describes the recorded model; any mismatch is an EngineLoadError
@@ -49,6 +50,7 @@ class Manifest:
     onnx: dict                        # {"file", "opset", "inputs", "outputs", "attention": {attrs}}
     files: dict = field(default_factory=dict)    # relative path -> {"sha256", "bytes"}
     engines: list = field(default_factory=list)  # TensorRT: [{"file", "profiles": [...], ...}]
+    medusa: dict = field(default_factory=dict)   # {"num_heads", "num_layers"} when the graph has heads
     apar_rt_version: str = ""
     source_model: str = ""
     created: str = ""

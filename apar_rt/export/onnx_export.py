@@ -29,6 +29,7 @@ class ExportResult:
     opset: int
     num_attention_nodes: int
     attrs: aop.AttentionAttrs
+    medusa: dict                  # {"num_heads", "num_layers"} when heads were exported, else {}
 
 
 def attention_attrs(cfg, block_size: int) -> aop.AttentionAttrs:
@@ -36,23 +37,32 @@ def attention_attrs(cfg, block_size: int) -> aop.AttentionAttrs:
                               head_size=cfg.head_dim, block_size=block_size, scale=cfg.head_dim ** -0.5)
 
 
-def _step_module(model):
+def _step_module(model, heads=None):
     import torch
 
     n = model.config.num_hidden_layers
 
     class StepGraph(torch.nn.Module):
-        """forward(step inputs..., k_cache_0, v_cache_0, ...) -> (logits, new_k_0, new_v_0, ...)."""
+        """forward(step inputs..., k_cache_0, v_cache_0, ...) -> (logits, [medusa_logits], new_k_0, new_v_0, ...).
+
+        The same computation as the torch backend: final hidden states at `logits_indices`,
+        then lm_head (and the Medusa heads) in float32.
+        """
 
         def __init__(self) -> None:
             super().__init__()
             self.model = model
+            self.heads = heads
 
         def forward(self, input_ids, positions, block_tables, context_lens, query_start, mask, logits_indices,
                     *caches):
-            logits, new_k, new_v = self.model(input_ids, positions, list(caches[0::2]), list(caches[1::2]),
-                                              block_tables, context_lens, query_start, mask, logits_indices)
-            out = [logits]
+            h, new_k, new_v = self.model.hidden_states(input_ids, positions, list(caches[0::2]),
+                                                       list(caches[1::2]), block_tables, context_lens,
+                                                       query_start, mask)
+            h = h[logits_indices.long()]
+            out = [self.model.lm_head(h).float()]
+            if self.heads is not None:
+                out.append(self.heads(h).float())
             for k, v in zip(new_k, new_v):
                 out += [k, v]
             return tuple(out)
@@ -82,7 +92,8 @@ def example_step(cfg, block_size: int, dtype, num_blocks: int = 8):
 
 
 def export_onnx(model_dir: str | Path, out_path: str | Path, *, dtype: str = "float32", block_size: int = 16,
-                opset: int = DEFAULT_OPSET, external_data: bool | None = None, model=None) -> ExportResult:
+                opset: int = DEFAULT_OPSET, external_data: bool | None = None, model=None,
+                medusa_dir: str | Path | None = None) -> ExportResult:
     """Write `out_path` (model.onnx) for the checkpoint in `model_dir`.
 
     Args:
@@ -93,6 +104,7 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, *, dtype: str = "fl
         opset: default-domain opset (>= 18).
         external_data: save weights in `<name>.data`; None decides by size (> ~1.8 GB).
         model: an already-loaded `LlamaForCausalLM` to export instead of loading `model_dir`.
+        medusa_dir: a Medusa heads folder; the graph then also outputs `medusa_logits`.
 
     Returns:
         ExportResult with the written files.
@@ -121,7 +133,11 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, *, dtype: str = "fl
         model = model.to(tdtype)
     n = cfg.num_hidden_layers
     attrs = attention_attrs(cfg, block_size)
-    module = _step_module(model)
+    heads = None
+    if medusa_dir is not None:
+        from apar_rt.medusa.heads import load_heads
+        heads = load_heads(medusa_dir, hidden=cfg.hidden_size, vocab=cfg.vocab_size, dtype=tdtype)
+    module = _step_module(model, heads)
     args = example_step(cfg, block_size, tdtype)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +150,8 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, *, dtype: str = "fl
             raw = Path(tmp) / "raw.onnx"
             with torch.no_grad():
                 torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=opset,
-                                  input_names=step_io.input_names(n), output_names=step_io.output_names(n),
+                                  input_names=step_io.input_names(n),
+                                  output_names=step_io.output_names(n, heads is not None),
                                   dynamic_axes=step_io.dynamic_axes(n), custom_opsets={aop.OP_DOMAIN: 1},
                                   do_constant_folding=True)
             proto = onnx.load(str(raw), load_external_data=True)
@@ -158,7 +175,8 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, *, dtype: str = "fl
         files.append(out_path.parent / data_name)
     else:
         onnx.save_model(proto, str(out_path))
-    return ExportResult(out_path, tuple(files), opset, num_nodes, attrs)
+    medusa = {"num_heads": heads.num_heads, "num_layers": heads.num_layers} if heads is not None else {}
+    return ExportResult(out_path, tuple(files), opset, num_nodes, attrs, medusa)
 
 
 def _finish_model(proto, opset: int) -> None:

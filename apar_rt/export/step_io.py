@@ -2,7 +2,8 @@
 
 Both built backends (onnxruntime, tensorrt) and the exporter use these names, so they are
 defined once. Inputs are the packed step of `apar_rt.core.StepInput` (indices int32) plus the
-per-layer KV pools; outputs are the logits (float32) and the per-layer new K/V.
+per-layer KV pools; outputs are the logits (float32), the Medusa heads' logits when the graph
+has heads, and the per-layer new K/V.
 
 Fixed-batch buckets: a step of B sequences runs in the smallest bucket >= B; the extra
 sequences own no tokens, have context length 0, and their block tables hold only the null
@@ -53,8 +54,11 @@ def input_names(num_layers: int) -> list[str]:
     return names
 
 
-def output_names(num_layers: int) -> list[str]:
-    names = ["logits"]
+MEDUSA_LOGITS = "medusa_logits"   # [num_logits, heads, vocab] float32, when the graph has Medusa heads
+
+
+def output_names(num_layers: int, medusa: bool = False) -> list[str]:
+    names = ["logits"] + ([MEDUSA_LOGITS] if medusa else [])
     for i in range(num_layers):
         names += [new_k_name(i), new_v_name(i)]
     return names
@@ -65,7 +69,7 @@ def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
     for i in range(num_layers):
         axes[k_cache_name(i)] = axes[v_cache_name(i)] = {0: "num_blocks"}
         axes[new_k_name(i)] = axes[new_v_name(i)] = {0: "num_tokens"}
-    axes["logits"] = {0: "num_logits"}
+    axes["logits"] = axes[MEDUSA_LOGITS] = {0: "num_logits"}
     return axes
 
 
