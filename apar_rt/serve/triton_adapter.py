@@ -19,8 +19,9 @@ Inputs (tensorrtllm_backend's names, plus apar-rt's):
 | temperature | FP32 | 0 | 0 is greedy |
 | top_p | FP32 | 1 | 0 also disables it (TensorRT-LLM's convention) |
 | top_k | INT32 | 0 | 0 disables it |
-| end_id | INT32 | - | an extra token id that ends a branch, as EOS does |
+| end_id | INT32 | - | an extra token id that ends a branch, as EOS does; -1: ignore EOS (run to max_tokens) |
 | stop_words | STRING [-1] | - | stop strings |
+| embedding_bias_words, embedding_bias_weights | STRING [-1], FP32 [-1] | - | logit bias: each word's token ids get its weight |
 | random_seed | UINT64 | - | sampling seed |
 | mode | STRING | the engine's | "apar" or "ar"; "ar" on an APAR engine suppresses [Fork] (logit bias -100) |
 | medusa | BOOL | false | true asserts the engine runs Medusa (an error if it has no heads); Medusa is
@@ -48,7 +49,7 @@ from apar_rt.serve.engine_loop import EngineLoop, LoopStats
 log = logging.getLogger(__name__)
 
 INPUT_NAMES = ("text_input", "max_tokens", "stream", "temperature", "top_p", "top_k", "end_id", "stop_words",
-               "random_seed", "mode", "medusa", "raw")
+               "embedding_bias_words", "embedding_bias_weights", "random_seed", "mode", "medusa", "raw")
 
 # config.pbtxt parameters -> (type, default)
 # (None: not given; the engine's default, or an engine folder's manifest, applies)
@@ -122,9 +123,18 @@ def _scalar(inputs: dict[str, np.ndarray], name: str, kind: str):
     return float(v)
 
 
+def _strings(inputs: dict[str, np.ndarray], name: str) -> list[str]:
+    if inputs.get(name) is None:
+        return []
+    try:
+        return [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in np.asarray(inputs[name]).reshape(-1)]
+    except UnicodeDecodeError:
+        raise ValueError(f"input {name} is not valid UTF-8") from None
+
+
 def parse_inputs(inputs: dict[str, np.ndarray], *, engine_mode: str, fork_id: int | None,
                  default_max_tokens: int = 256, raw_default: bool = False, has_medusa: bool = False,
-                 parameters: dict | None = None) -> TritonRequest:
+                 parameters: dict | None = None, tokenize=None) -> TritonRequest:
     """Validate one request's input tensors (and request parameters); ValueError names the problem.
 
     The generate endpoint turns JSON fields that name no input into request parameters, so an
@@ -149,16 +159,25 @@ def parse_inputs(inputs: dict[str, np.ndarray], *, engine_mode: str, fork_id: in
     if medusa and not has_medusa:
         raise ValueError("input medusa is true, but this engine has no Medusa heads")
     top_p = _scalar(inputs, "top_p", "float")
-    stop = ()
-    if inputs.get("stop_words") is not None:
-        words = np.asarray(inputs["stop_words"]).reshape(-1)
-        try:
-            stop = tuple(w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in words)
-        except UnicodeDecodeError:
-            raise ValueError("input stop_words is not valid UTF-8") from None
-        stop = tuple(w for w in stop if w)
+    stop = tuple(w for w in _strings(inputs, "stop_words") if w)
     end_id = _scalar(inputs, "end_id", "int")
-    bias = {fork_id: -100.0} if (mode == "ar" and engine_mode == "apar" and fork_id is not None) else {}
+    if end_id is not None and end_id < -1:
+        raise ValueError(f"input end_id must be a token id, or -1 to ignore EOS; got {end_id}")
+    bias: dict[int, float] = {}
+    words = _strings(inputs, "embedding_bias_words")
+    weights = [] if inputs.get("embedding_bias_weights") is None else \
+        [float(w) for w in np.asarray(inputs["embedding_bias_weights"]).reshape(-1)]
+    if len(words) != len(weights):
+        raise ValueError(f"embedding_bias_words has {len(words)} entries but embedding_bias_weights has "
+                         f"{len(weights)}")
+    for word, weight in zip(words, weights):
+        ids = tokenize(word) if (tokenize and word) else []
+        if not ids:
+            raise ValueError(f"embedding_bias_words entry {word!r} has no tokens")
+        for t in ids:
+            bias[t] = bias.get(t, 0.0) + weight
+    if mode == "ar" and engine_mode == "apar" and fork_id is not None:
+        bias[fork_id] = -100.0
     max_tokens = _scalar(inputs, "max_tokens", "int")
     seed = _scalar(inputs, "random_seed", "int")
     temperature = _scalar(inputs, "temperature", "float")
@@ -167,7 +186,8 @@ def parse_inputs(inputs: dict[str, np.ndarray], *, engine_mode: str, fork_id: in
         temperature=0.0 if temperature is None else temperature,
         top_p=1.0 if top_p is None or top_p == 0.0 else top_p,
         top_k=_scalar(inputs, "top_k", "int") or 0,
-        seed=seed, stop=stop, stop_token_ids=() if end_id is None else (end_id,), logit_bias=bias)
+        seed=seed, stop=stop, stop_token_ids=() if end_id is None or end_id < 0 else (end_id,),
+        ignore_eos=end_id == -1, logit_bias=bias)
     raw = _scalar(inputs, "raw", "bool")
     return TritonRequest(prompt, params, raw_default if raw is None else raw,
                          bool(_scalar(inputs, "stream", "bool")), medusa)
@@ -235,12 +255,16 @@ class TritonServing:
                                         device=params["device"] or None, medusa=medusa, **kwargs)
         return cls(engine, default_max_tokens=params["default_max_tokens"], raw=params["raw"])
 
+    def _tokenize(self, word: str) -> list[int]:
+        # in the engine's thread: the tokenizer is not safe to share across threads
+        return self.loop.call(lambda e: list(e.tokenizer(word, add_special_tokens=False).input_ids))
+
     def submit(self, inputs: dict[str, np.ndarray], sender: Sender, parameters: dict | None = None) -> None:
         """Validate and queue one request; its responses go out through `sender`."""
         try:
             req = parse_inputs(inputs, engine_mode=self.engine.config.mode, fork_id=self.engine.control.fork,
                                default_max_tokens=self.default_max_tokens, raw_default=self.raw,
-                               has_medusa=self.has_medusa, parameters=parameters)
+                               has_medusa=self.has_medusa, parameters=parameters, tokenize=self._tokenize)
             fut = self.loop.submit(req.prompt, req.params, raw=req.raw)
         except ValueError as e:
             sender.error(str(e))
