@@ -270,6 +270,43 @@ def bench_apar_cmd(model, prompts_file, max_tokens, medusa, medusa_tree, backend
     click.echo(json.dumps(s, indent=1) if as_json else format_summary(s))
 
 
+@bench.command("serving")
+@click.option("--model", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Model (or engine) folder: `apar-rt serve` is started on it once per mode.")
+@click.option("--url", default=None, help="Bench a server that is already running instead (one mode).")
+@click.option("--modes", default="apar,ar", show_default=True, help="Comma-separated modes, side by side.")
+@click.option("--concurrency", default="1,8,32", show_default=True, help="Comma-separated concurrency levels.")
+@click.option("--num-requests", type=int, default=None, help="Requests per level (default: max(2 x level, 8)).")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Prompts: .jsonl with a \"prompt\" field, or one per line (default: a built-in list).")
+@click.option("--ignore-eos", is_flag=True, help="Always generate max_tokens tokens.")
+@click.option("--serve-arg", "serve_args", multiple=True,
+              help="Extra flag for `apar-rt serve` (repeatable), e.g. --serve-arg=--num-blocks=2048.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def bench_serving_cmd(model, url, modes, concurrency, num_requests, max_tokens, prompts_file, ignore_eos,
+                      serve_args, as_json):
+    """TTFT, inter-token latency, end-to-end latency and requests/s of `apar-rt serve`, APAR and AR side by side."""
+    from apar_rt.bench.serving import bench_serving, format_rows, load_prompts
+
+    if (model is None) == (url is None):
+        raise click.UsageError("give exactly one of --model DIR or --url URL")
+    try:
+        levels = tuple(int(x) for x in concurrency.split(","))
+        if any(c < 1 for c in levels):
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{concurrency!r} is not a list of positive integers", param_hint="--concurrency")
+    mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
+    if not mode_list or set(mode_list) - {"apar", "ar"}:
+        raise click.BadParameter(f"{modes!r}: modes are apar and ar", param_hint="--modes")
+    rows = bench_serving(model, modes=mode_list, concurrency=levels, num_requests=num_requests,
+                         max_tokens=max_tokens, prompts=load_prompts(prompts_file), url=url,
+                         serve_args=[a for arg in serve_args for a in arg.split()], ignore_eos=ignore_eos,
+                         log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))
+
+
 def _attach_optional_commands() -> None:
     import importlib
 
@@ -284,7 +321,10 @@ def _attach_optional_commands() -> None:
             main.add_command(getattr(mod, attr), name)
 
 
-_attach_optional_commands()
-
 if __name__ == "__main__":
-    main()
+    # `python -m apar_rt.cli`: run the importable module's group, so that command modules which
+    # import apar_rt.cli (for engine_options) attach to the same group instead of a second copy.
+    from apar_rt.cli import main as _main
+    _main()
+else:
+    _attach_optional_commands()
