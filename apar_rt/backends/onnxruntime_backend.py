@@ -2,8 +2,9 @@
 
 The KV pools are torch tensors (CPU, or CUDA with the CUDA execution provider) bound to the
 session by pointer through one IOBinding, so a step copies no pool: the session reads them
-in place, the new K/V come back in preallocated output buffers, and the runtime writes them
-into the pool at the step's slots. Steps are padded to the engine's batch buckets with
+in place, the new K/V come back in output buffers bound by pointer, and the runtime writes them
+into the pool at the step's slots (with numpy views of the pools on the CPU, where numpy's
+per-call overhead is far below torch's for these small writes). Steps are padded to the engine's batch buckets with
 null-block sequences (see `apar_rt.export.step_io`).
 """
 
@@ -104,7 +105,7 @@ class OnnxRuntimeBackend(Backend):
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
         self._last: tuple | None = None   # (new_k, new_v) of the last forward, for commit_kv
-        self._medusa: torch.Tensor | None = None  # the last forward's Medusa logits
+        self._medusa = None               # the last forward's Medusa logits
 
     # ---- the pool ------------------------------------------------------------------------
 
@@ -121,6 +122,9 @@ class OnnxRuntimeBackend(Backend):
         for i, (k, v) in enumerate(zip(self.k_caches, self.v_caches)):
             self._bind_input(step_io.k_cache_name(i), k)
             self._bind_input(step_io.v_cache_name(i), v)
+        if self._dev_type == "cpu":   # numpy views of the same memory: cheaper small writes than torch
+            self._k_np = [k.numpy() for k in self.k_caches]
+            self._v_np = [v.numpy() for v in self.v_caches]
 
     def kv_bytes_per_block(self) -> int:
         k = self.k_caches[0]
@@ -129,76 +133,85 @@ class OnnxRuntimeBackend(Backend):
     def _bind_input(self, name: str, t: torch.Tensor) -> None:
         self._io.bind_input(name, self._dev_type, self._dev_id, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
 
-    def _bind_output(self, name: str, t: torch.Tensor) -> None:
-        self._io.bind_output(name, self._dev_type, self._dev_id, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
-
     # ---- one step --------------------------------------------------------------------------
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         if not self.k_caches:
             raise RuntimeError("allocate_kv must be called before forward")
-        dev = self.device
+        cpu = self._dev_type == "cpu"
         if step.block_copies:
-            src = torch.tensor([s for s, _ in step.block_copies], device=dev)
-            dst = torch.tensor([d for _, d in step.block_copies], device=dev)
-            for cache in (*self.k_caches, *self.v_caches):
-                cache[dst] = cache[src]
+            src = [s for s, _ in step.block_copies]
+            dst = [d for _, d in step.block_copies]
+            if cpu:
+                for pool in (*self._k_np, *self._v_np):
+                    pool[dst] = pool[src]
+            else:
+                src_t, dst_t = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+                for cache in (*self.k_caches, *self.v_caches):
+                    cache[dst_t] = cache[src_t]
         bucket = step_io.pick_bucket(int(step.block_tables.shape[0]), self.buckets) if self.buckets else None
         feeds = step_io.step_feeds(step, bucket)
         io = self._io
         for name, arr in feeds.arrays.items():
-            if self._dev_type == "cpu":
+            if cpu:
                 io.bind_cpu_input(name, arr)
             else:
-                self._bind_input(name, torch.from_numpy(arr).to(dev))
-        T, N = feeds.num_tokens, feeds.num_logits
-        # one spare row: onnxruntime refuses a null pointer, which torch gives an empty tensor
-        logits = torch.empty((N + 1, self.vocab_size), dtype=torch.float32, device=dev)[:N]
-        self._io.bind_output("logits", self._dev_type, self._dev_id, np.float32, (N, self.vocab_size),
-                             logits.data_ptr() or logits.untyped_storage().data_ptr())
+                self._bind_input(name, torch.from_numpy(arr).to(self.device))
+        T, N, V = feeds.num_tokens, feeds.num_logits, self.vocab_size
+        # a spare row each: onnxruntime refuses the null pointer of an empty buffer
+        logits = self._output("logits", (N, V), torch.float32)
         medusa = None
         if self.num_medusa_heads:
-            H = self.num_medusa_heads
-            medusa = torch.empty((N + 1, H, self.vocab_size), dtype=torch.float32, device=dev)[:N]
-            self._io.bind_output(step_io.MEDUSA_LOGITS, self._dev_type, self._dev_id, np.float32,
-                                 (N, H, self.vocab_size), medusa.data_ptr() or medusa.untyped_storage().data_ptr())
-        new_k, new_v = [], []
-        for i in range(self.num_layers):
-            k = torch.empty((T, self.num_kv_heads, self.head_dim), dtype=self.dtype, device=dev)
-            v = torch.empty_like(k)
-            self._bind_output(step_io.new_k_name(i), k)
-            self._bind_output(step_io.new_v_name(i), v)
-            new_k.append(k)
-            new_v.append(v)
-        if self._dev_type == "cuda":
-            torch.cuda.current_stream(dev).synchronize()
+            medusa = self._output(step_io.MEDUSA_LOGITS, (N, self.num_medusa_heads, V), torch.float32)
+        kv_shape = (T, self.num_kv_heads, self.head_dim)
+        new_k = [self._output(step_io.new_k_name(i), kv_shape, self.dtype) for i in range(self.num_layers)]
+        new_v = [self._output(step_io.new_v_name(i), kv_shape, self.dtype) for i in range(self.num_layers)]
+        if not cpu:
+            torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(io)
         self._last = (new_k, new_v)
         self._medusa = medusa
-        slots = torch.from_numpy(step.slot_mapping).to(dev).long()
+        slots = step.slot_mapping
         keep = slots >= 0
-        if bool(keep.all()):
+        if keep.all():
             self._write(new_k, new_v, None, slots)
         else:
-            self._write(new_k, new_v, keep.nonzero().squeeze(1), slots[keep])
-        return logits.cpu() if self._dev_type == "cuda" else logits
+            self._write(new_k, new_v, np.flatnonzero(keep), slots[keep])
+        return torch.from_numpy(logits) if cpu else logits.cpu()
 
-    def _write(self, new_k, new_v, idx: torch.Tensor | None, slots: torch.Tensor) -> None:
-        for kc, vc, k, v in zip(self.k_caches, self.v_caches, new_k, new_v):
-            kc.view(-1, *kc.shape[2:])[slots] = k if idx is None else k[idx]
-            vc.view(-1, *vc.shape[2:])[slots] = v if idx is None else v[idx]
+    def _output(self, name: str, shape: tuple, dtype: torch.dtype):
+        """A fresh buffer bound to output `name`: numpy on the CPU, a torch tensor on CUDA."""
+        rows = (shape[0] + 1, *shape[1:])
+        if self._dev_type == "cpu":
+            buf = np.empty(rows, _NUMPY[dtype])[:shape[0]]
+            ptr = buf.ctypes.data
+        else:
+            buf = torch.empty(rows, dtype=dtype, device=self.device)[:shape[0]]
+            ptr = buf.untyped_storage().data_ptr()
+        self._io.bind_output(name, self._dev_type, self._dev_id, _NUMPY[dtype], shape, ptr)
+        return buf
+
+    def _write(self, new_k, new_v, idx, slots) -> None:
+        """pool[slot] = new[idx] per layer (idx None: all rows); numpy on the CPU, torch on CUDA."""
+        if self._dev_type == "cpu":
+            pools = zip(self._k_np, self._v_np, new_k, new_v)
+        else:
+            slots = torch.as_tensor(np.asarray(slots), device=self.device).long()
+            idx = None if idx is None else torch.as_tensor(np.asarray(idx), device=self.device).long()
+            pools = zip(self.k_caches, self.v_caches, new_k, new_v)
+        for kc, vc, k, v in pools:
+            kc.reshape(-1, *kc.shape[2:])[slots] = k if idx is None else k[idx]
+            vc.reshape(-1, *vc.shape[2:])[slots] = v if idx is None else v[idx]
 
     def medusa_logits(self) -> torch.Tensor:
         if self._medusa is None:
             return super().medusa_logits()
-        return self._medusa.cpu()
+        return torch.from_numpy(self._medusa) if self._dev_type == "cpu" else self._medusa.cpu()
 
     @torch.inference_mode()
     def commit_kv(self, token_indices, slots) -> None:
         """Write the last step's K/V of tokens `token_indices` to `slots` (draft trees)."""
         if self._last is None:
             raise RuntimeError("commit_kv called before any forward")
-        dev = self.device
-        self._write(*self._last, torch.as_tensor(token_indices, device=dev).long(),
-                    torch.as_tensor(slots, device=dev).long())
+        self._write(*self._last, np.asarray(token_indices, np.int64), np.asarray(slots, np.int64))

@@ -4,7 +4,8 @@ Both run the same engine loop on the same prompts; each request decodes exactly 
 tokens (EOS ignored). Runs alternate (torch, onnxruntime, torch, ...) so that machine noise
 hits both alike, and medians are reported:
 
-* step latency: the backend's `forward` time per engine step (what the backend costs);
+* step latency: the median of the backend's `forward` time over a run's engine steps (decode
+  steps, mostly: the one prefill step and scheduler hiccups do not move it), median over runs;
 * tokens/s: generated tokens over the wall time of the whole `generate` (engine loop included).
 
 An engine folder is built into a temporary folder when none is given.
@@ -90,7 +91,7 @@ def bench_backends(model: str, engine: str | None = None, batch_sizes=(1, 8), ma
                 wall = time.perf_counter() - t
                 s = stats[name]
                 s["wall"].append(wall)
-                s["step"].append(sum(spent[name]) / len(spent[name]))
+                s["step"].append(statistics.median(spent[name]))
                 s["tokens"] = sum(o.stats["generated_tokens"] for o in outs)
                 s["steps"] = len(spent[name])
                 return [o.branches for o in outs]

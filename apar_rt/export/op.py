@@ -67,7 +67,7 @@ def attention_function(opset: int):
     """The model-local FunctionProto `apar.TreePagedAttention`, in default-domain ops only.
 
     Mirrors the reference step by step: pad each sequence's new tokens to [B, max_q], gather the
-    cached K/V through the block tables, zero every key/value slot no query sees, run a float32
+    cached K/V through the block tables, zero every value slot no query sees, run a float32
     softmax over the visible slots (masked with float32's lowest value), and scatter the rows back
     to packed order, cast like q.
     """
@@ -139,8 +139,10 @@ def attention_function(opset: int):
     vc = op("Reshape", [op("Gather", ["v_cache", "block_tables"], axis=0), kv_shape])
     keys = op("Cast", [op("Concat", [kc, op("Gather", ["k", new_idx], axis=0)], axis=1)], to=TensorProto.FLOAT)
     vals = op("Cast", [op("Concat", [vc, op("Gather", ["v", new_idx], axis=0)], axis=1)], to=TensorProto.FLOAT)
-    keys = op("Where", [key_ok, keys, fzero])                         # [B, K, Hkv, D]
-    vals = op("Where", [key_ok, vals, fzero])
+    # Zero the values no query may see (0 * NaN would leak through the softmax's zeros). The keys
+    # need no zeroing: a score at such a slot is replaced by float32's lowest below whatever it is,
+    # so the visible scores, and so the output, are exactly the reference's.
+    vals = op("Where", [key_ok, vals, fzero])                         # [B, K, Hkv, D]
 
     # Visibility for each padded query row: [B, max_q, L + max_q].
     new_vis = op("And", [op("Gather", ["mask", new_idx], axis=0), op("Unsqueeze", [new_valid, i1])])
