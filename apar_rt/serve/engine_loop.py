@@ -52,7 +52,7 @@ class LoopStats:
     """A snapshot of the engine after a step, safe to read from any thread."""
 
     running: int = 0              # requests being decoded
-    waiting: int = 0              # requests queued for admission (commands not yet taken included)
+    waiting: int = 0              # requests queued for admission
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0      # usable blocks (the null block excluded)
     forks: int = 0                # forks since start

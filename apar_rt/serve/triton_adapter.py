@@ -54,7 +54,7 @@ INPUT_NAMES = ("text_input", "max_tokens", "stream", "temperature", "top_p", "to
 # config.pbtxt parameters -> (type, default)
 # (None: not given; the engine's default, or an engine folder's manifest, applies)
 PARAMETERS: dict[str, tuple[type, Any]] = {
-    "engine_dir": (str, ""), "backend": (str, "torch"), "mode": (str, "apar"), "dtype": (str, "auto"),
+    "engine_dir": (str, ""), "backend": (str, ""), "mode": (str, "apar"), "dtype": (str, "auto"),
     "device": (str, ""), "num_blocks": (int, None), "block_size": (int, None), "max_num_seqs": (int, None),
     "max_num_tokens": (int, None), "max_model_len": (int, None), "max_depth": (int, None),
     "medusa": (str, ""), "medusa_tree": (str, None), "acceptance": (str, None),
@@ -245,13 +245,20 @@ class TritonServing:
         if params["torch_threads"]:
             import torch
             torch.set_num_threads(params["torch_threads"])
+        backend = params["backend"]
+        if not backend:   # an engine folder's manifest names its backend; a model folder runs on torch
+            if (path / "manifest.json").is_file():
+                from apar_rt.build.manifest import read_manifest
+                backend = read_manifest(path).backend
+            else:
+                backend = "torch"
         kwargs = {k: params[k] for k in _ENGINE_KWARGS if params[k] is not None}
         medusa = params["medusa"]
         if medusa.lower() in ("", "false", "0", "no"):
             medusa = False
         elif medusa.lower() in ("true", "1", "yes"):
             medusa = True
-        engine = Engine.from_pretrained(path, backend=params["backend"], dtype=params["dtype"],
+        engine = Engine.from_pretrained(path, backend=backend, dtype=params["dtype"],
                                         device=params["device"] or None, medusa=medusa, **kwargs)
         return cls(engine, default_max_tokens=params["default_max_tokens"], raw=params["raw"])
 
