@@ -53,7 +53,7 @@ def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_
     \b
     Examples:
       apar-rt build --model samples/models/apar-tiny --output build_engines/out/tiny-ort --check
-      apar-rt build --model lmsys/vicuna-7b-v1.5 --output out/vicuna-trt --backend tensorrt \\
+      apar-rt build --model models/vicuna-7b-v1.5 --output out/vicuna-trt --backend tensorrt \\
           --dtype float16 --max-batch-size 16 --timing-cache out/timing.cache
       apar-rt generate --engine build_engines/out/tiny-ort --backend onnxruntime "Give me 3 tips."
     """
