@@ -255,7 +255,8 @@ def test_too_long_prompt_and_typed_client_errors(server, client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="nope", prompt="x")
     with pytest.raises(openai.BadRequestError, match="temperature"):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=5)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       temperature=5)
     openai_error(httpx.get(server.url + "/v1/nothing"), 404)
     openai_error(httpx.get(server.url + "/v1/completions"), 405)
     assert_served(client)
@@ -312,8 +313,8 @@ def test_reading_order_stream_equals_final_text_under_forks_and_stops(tiny_gqa, 
         streams = []
         for i, p in enumerate(PROMPTS * 3):
             stop = ["ee", "o t"] if i % 2 else []
-            streams.append(loop.add(p, SamplingParams(max_tokens=60, stop=stop, logit_bias={fork_id: 3.0 + i % 3}),
-                                    raw=True, branches=True, timeout=30))
+            params = SamplingParams(max_tokens=60, stop=stop, logit_bias={fork_id: 3.0 + i % 3})
+            streams.append(loop.add(p, params, raw=True, branches=True, timeout=30))
         forks = 0
         for s in streams:
             text, per_branch = "", {}

@@ -52,7 +52,8 @@ def _free_ports(n: int) -> list[int]:
 
 class Triton:
     def __init__(self, proc, http, grpc, metrics, log):
-        self.proc, self.http_port, self.grpc_port, self.metrics_port, self.log = proc, http, grpc, metrics, log
+        self.proc, self.log = proc, log
+        self.http_port, self.grpc_port, self.metrics_port = http, grpc, metrics
         self.url = f"http://127.0.0.1:{http}"
 
     def metric(self, name: str, labels: str = "") -> float:
@@ -129,8 +130,8 @@ def fork(tiny_gqa):
 def reference(tiny_gqa, fork):
     """`apar-rt generate --raw` with the same sampling, per prompt."""
     llm = LLM(str(tiny_gqa[0]), dtype="float32", device="cpu", raw=True, **ENGINE_KW)
-    return {p: o for p, o in zip(PROMPTS, llm.generate(PROMPTS, SamplingParams(max_tokens=40,
-                                                                               logit_bias={fork: FORK_BIAS})))}
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=40, logit_bias={fork: FORK_BIAS}))
+    return dict(zip(PROMPTS, outs))
 
 
 def body(prompt, **kw):
@@ -182,7 +183,8 @@ def _grpc_inputs(prompt, max_tokens=40, stream=True, fork_bias=True, **extra):
         t.set_data_from_numpy(arr)
         return t
 
-    inputs = [tensor("text_input", [prompt.encode()], np.object_), tensor("max_tokens", [max_tokens], np.int32),
+    inputs = [tensor("text_input", [prompt.encode()], np.object_),
+              tensor("max_tokens", [max_tokens], np.int32),
               tensor("stream", [stream], np.bool_), tensor("temperature", [0.0], np.float32)]
     if fork_bias:
         inputs += [tensor("embedding_bias_words", [b"[SplitMask]"], np.object_),

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from apar_rt.cli import _engine_dir_defaults, _engine_kwargs, _fail_on_value_error, _model_or_engine, engine_options
+from apar_rt.cli import (_engine_dir_defaults, _engine_kwargs, _fail_on_value_error, _model_or_engine,
+                         engine_options)
 
 
 @click.command()
@@ -22,15 +23,15 @@ from apar_rt.cli import _engine_dir_defaults, _engine_kwargs, _fail_on_value_err
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @click.pass_context
-def serve(ctx, model, engine_dir, backend, dtype, device, host, port, served_names, default_temperature, log_level,
-          **kw):
+def serve(ctx, model, engine_dir, backend, dtype, device, host, port, served_names, default_temperature,
+          log_level, **kw):
     """Serve a model over an OpenAI-compatible HTTP API (streaming included).
 
     \b
     Endpoints: POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, /metrics.
     Example:
       apar-rt serve --model samples/models/apar-tiny --port 8000
-      curl localhost:8000/v1/completions -d '{"model": "apar-tiny", "prompt": "Give me 3 tips.", "max_tokens": 64}'
+      curl localhost:8000/v1/completions -d '{"model": "apar-tiny", "prompt": "3 tips:", "max_tokens": 64}'
     """
     from apar_rt.backends import BackendUnavailable
     from apar_rt.config import ModelLoadError
@@ -44,7 +45,8 @@ def serve(ctx, model, engine_dir, backend, dtype, device, host, port, served_nam
         backend = _engine_dir_defaults(ctx, engine_dir, backend, kw)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = Engine.from_pretrained(path, backend=backend, dtype=dtype, device=device, **_engine_kwargs(kw))
+        engine = Engine.from_pretrained(path, backend=backend, dtype=dtype, device=device,
+                                        **_engine_kwargs(kw))
     except (ModelLoadError, BackendUnavailable) as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:

@@ -81,7 +81,8 @@ class RequestStream:
     freed) from any thread; the stream then ends with finish_reason "abort".
     """
 
-    def __init__(self, owner: "EngineLoop", request_id: str, aio_loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, owner: "EngineLoop", request_id: str,
+                 aio_loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.request_id = request_id
         self._owner = owner
         self._aio_loop = aio_loop
@@ -260,7 +261,8 @@ class EngineLoop:
             self.error = e
             self._stopping = True
         finally:
-            reason = f"the engine loop stopped: {self.error!r}" if self.error else "the server is shutting down"
+            reason = (f"the engine loop stopped: {self.error!r}" if self.error
+                      else "the server is shutting down")
             for rid in list(self._live):
                 self._fail(rid, reason)
             while True:  # requests that were submitted but never taken
@@ -362,7 +364,8 @@ class EngineLoop:
             req = live.request
             try:
                 text = live.streamer.finish(o.text or "") if o.finished else live.streamer.step(req.branches)
-                branch_events = live.streamer.branch_events(req.branches, o.deltas) if live.want_branches else None
+                branch_events = (live.streamer.branch_events(req.branches, o.deltas) if live.want_branches
+                                 else None)
             except Exception as e:  # a detokenizer failure ends only this request
                 log.exception("streaming %s failed", o.request_id)
                 self._fail(o.request_id, f"internal error while detokenizing: {e!r}")
@@ -391,8 +394,8 @@ class EngineLoop:
     def _publish_stats(self) -> None:
         s = self.engine.scheduler
         self.stats = LoopStats(running=len(s.running), waiting=len(s.waiting), kv_blocks_used=s.pool.num_used,
-                               kv_blocks_total=s.pool.capacity, forks=s.num_forks, steps=self.engine.num_steps,
-                               preemptions=s.num_preemptions)
+                               kv_blocks_total=s.pool.capacity, forks=s.num_forks,
+                               steps=self.engine.num_steps, preemptions=s.num_preemptions)
         self._obs("on_stats", self.stats)
 
 

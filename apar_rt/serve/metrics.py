@@ -8,7 +8,7 @@ tests) can live in one process.
 | metric | kind | meaning |
 |---|---|---|
 | apar_rt_time_to_first_token_seconds | histogram | arrival to the step that generated the first token |
-| apar_rt_inter_token_latency_seconds | histogram | between successive steps that generated tokens for a request (a step may add several tokens, one per live branch) |
+| apar_rt_inter_token_latency_seconds | histogram | between a request's successive token-producing steps (*) |
 | apar_rt_e2e_request_latency_seconds | histogram | arrival to the end of a request |
 | apar_rt_requests_running / _waiting | gauge | requests being decoded / queued |
 | apar_rt_kv_blocks_used / _total | gauge | KV cache blocks in use / usable |
@@ -16,8 +16,11 @@ tests) can live in one process.
 | apar_rt_requests_finished_total{finish_reason} | counter | finished requests by reason |
 | apar_rt_prompt_tokens_total / apar_rt_generation_tokens_total | counter | tokens in / out |
 | apar_rt_engine_steps_total, apar_rt_preemptions_total | counter | engine steps, preemptions |
-| apar_rt_medusa_accepted_tokens_per_step | gauge | Medusa: mean tokens accepted per thread verification step, over finished requests; NaN without Medusa heads |
+| apar_rt_medusa_accepted_tokens_per_step | gauge | Medusa: mean tokens accepted per thread step (**) |
 | apar_rt_medusa_thread_steps_total / _accepted_tokens_total | counter | the sums behind that mean |
+
+(*) an APAR step may add several tokens to a request, one per live branch (Medusa: more).
+(**) over finished requests; NaN while the engine runs no Medusa heads (or none finished yet).
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ class ServingMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.finished = Counter("apar_rt_requests_finished", "Finished requests by finish reason.",
                                 ["finish_reason"], registry=r)
-        self.prompt_tokens = Counter("apar_rt_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.prompt_tokens = Counter("apar_rt_prompt_tokens", "Prompt tokens of finished requests.",
+                                     registry=r)
         self.generation_tokens = Counter("apar_rt_generation_tokens",
                                          "Generated tokens of finished requests (all branches).", registry=r)
         self.medusa_steps = Counter("apar_rt_medusa_thread_steps",
@@ -118,7 +122,7 @@ class _EngineCollector:
                                  ("apar_rt_kv_blocks_used", "KV cache blocks in use.", s.kv_blocks_used),
                                  ("apar_rt_kv_blocks_total", "Usable KV cache blocks.", s.kv_blocks_total),
                                  ("apar_rt_medusa_accepted_tokens_per_step",
-                                  "Medusa: mean tokens accepted per thread verification step (NaN: no Medusa).",
+                                  "Medusa: mean tokens accepted per thread step (NaN: no Medusa).",
                                   self.m.medusa_acceptance())):
             yield GaugeMetricFamily(name, doc, value=value)
         for name, doc, value in (("apar_rt_forks", "APAR forks (child branches started).", s.forks),

@@ -151,7 +151,8 @@ def _parse_common(body: dict, allowed: set[str], default_max_tokens: int, server
     temperature = _get(body, "temperature", _is_num, "a number", server.default_temperature)
     if not 0 <= temperature <= 2:
         raise OpenAIError(f"temperature must be between 0 and 2, got {temperature}", param="temperature")
-    bias = _get(body, "logit_bias", lambda v: isinstance(v, dict), "an object mapping token ids to numbers", {})
+    bias = _get(body, "logit_bias", lambda v: isinstance(v, dict), "an object mapping token ids to numbers",
+                {})
     logit_bias = {}
     for k, v in bias.items():
         try:
@@ -248,7 +249,10 @@ class _State:
 def _chunk(ev_text: str, chat: bool, rid: str, created: int, model: str, finish: str | None,
            branches=None, first: bool = False) -> dict:
     if chat:
-        delta = {"role": "assistant", "content": ev_text} if first else ({"content": ev_text} if ev_text else {})
+        if first:
+            delta = {"role": "assistant", "content": ev_text}
+        else:
+            delta = {"content": ev_text} if ev_text else {}
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
@@ -347,7 +351,8 @@ def build_app(loop: EngineLoop, model_names: str | list[str], metrics=None, *,
     """The ASGI app. `model_names`: the names clients may pass as `model` (the first is listed).
     `default_temperature`: used when a request gives none (1.0, as OpenAI's API)."""
     names = (model_names,) if isinstance(model_names, str) else tuple(model_names)
-    state = _State(loop, names, loop.engine.config.max_model_len, metrics, int(time.time()), default_temperature)
+    state = _State(loop, names, loop.engine.config.max_model_len, metrics, int(time.time()),
+                   default_temperature)
 
     async def completions(request: Request) -> Response:
         return await _generate(request, chat=False)
@@ -369,10 +374,8 @@ def build_app(loop: EngineLoop, model_names: str | list[str], metrics=None, *,
         return await _complete(request, stream, p, chat, rid, created, model)
 
     async def _stream_events(stream, p: _Parsed, chat, rid, created, model) -> AsyncIterator[bytes]:
-        first = chat
         if chat:   # OpenAI's first chat chunk announces the role
             yield _sse(_chunk("", True, rid, created, model, None, first=True))
-            first = False
         async for ev in stream:
             if ev.finished and ev.finish_reason in ("error", "abort"):
                 if ev.finish_reason == "error":
@@ -412,7 +415,8 @@ def build_app(loop: EngineLoop, model_names: str | list[str], metrics=None, *,
         out = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                "model": model, "choices": [choice], "usage": _usage(ev)}
         if p.branches and ev.output is not None:
-            out["apar"] = {"branches": [dict(b, text=branch_text.get(b["id"], "")) for b in ev.output.branches],
+            out["apar"] = {"branches": [dict(b, text=branch_text.get(b["id"], ""))
+                                        for b in ev.output.branches],
                            "stats": ev.output.stats}
         return JSONResponse(out)
 
@@ -438,7 +442,7 @@ def build_app(loop: EngineLoop, model_names: str | list[str], metrics=None, *,
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         msg = f"{exc.detail}: {request.method} {request.url.path}"
         return JSONResponse({"error": {"message": msg, "type": kind, "param": None, "code": None}},
                             status_code=exc.status_code)

@@ -84,7 +84,8 @@ class ReadingOrderStreamer:
             delta = final_text[len(self.sent):]
             self.sent = final_text
             return delta
-        log.error("the streamed text %r is not a prefix of the final text %r", self.sent[-40:], final_text[-40:])
+        log.error("the streamed text %r is not a prefix of the final text %r", self.sent[-40:],
+                  final_text[-40:])
         self.diverged = True
         return ""
 

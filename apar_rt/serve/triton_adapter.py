@@ -21,7 +21,8 @@ Inputs (tensorrtllm_backend's names, plus apar-rt's):
 | top_k | INT32 | 0 | 0 disables it |
 | end_id | INT32 | - | an extra token id that ends a branch, as EOS does; -1: ignore EOS (run to max_tokens) |
 | stop_words | STRING [-1] | - | stop strings |
-| embedding_bias_words, embedding_bias_weights | STRING [-1], FP32 [-1] | - | logit bias: each word's token ids get its weight |
+| embedding_bias_words | STRING [-1] | - | logit bias: each word's tokens get ... |
+| embedding_bias_weights | FP32 [-1] | - | ... the weight at the same index |
 | random_seed | UINT64 | - | sampling seed |
 | mode | STRING | the engine's | "apar" or "ar"; "ar" on an APAR engine suppresses [Fork] (logit bias -100) |
 | medusa | BOOL | false | true asserts the engine runs Medusa (an error if it has no heads); Medusa is
@@ -60,8 +61,8 @@ PARAMETERS: dict[str, tuple[type, Any]] = {
     "medusa": (str, ""), "medusa_tree": (str, None), "acceptance": (str, None),
     "default_max_tokens": (int, 256), "raw": (bool, False), "torch_threads": (int, 0),
 }
-_ENGINE_KWARGS = ("mode", "num_blocks", "block_size", "max_num_seqs", "max_num_tokens", "max_model_len", "max_depth",
-                  "medusa_tree", "acceptance")
+_ENGINE_KWARGS = ("mode", "num_blocks", "block_size", "max_num_seqs", "max_num_tokens", "max_model_len",
+                  "max_depth", "medusa_tree", "acceptance")
 
 
 def model_parameters(model_config: dict) -> dict[str, Any]:
@@ -127,7 +128,8 @@ def _strings(inputs: dict[str, np.ndarray], name: str) -> list[str]:
     if inputs.get(name) is None:
         return []
     try:
-        return [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in np.asarray(inputs[name]).reshape(-1)]
+        return [w.decode("utf-8") if isinstance(w, bytes) else str(w)
+                for w in np.asarray(inputs[name]).reshape(-1)]
     except UnicodeDecodeError:
         raise ValueError(f"input {name} is not valid UTF-8") from None
 

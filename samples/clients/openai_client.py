@@ -23,14 +23,16 @@ def main() -> None:
     messages = [{"role": "user", "content": args.prompt}]
 
     # 1. one answer
-    r = client.chat.completions.create(model=model, messages=messages, max_tokens=args.max_tokens, temperature=0)
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=args.max_tokens,
+                                       temperature=0)
     print("== chat:", r.choices[0].message.content, f"\n   [{r.usage.completion_tokens} tokens, "
           f"finish_reason={r.choices[0].finish_reason}]")
 
     # 2. streamed, in final reading order: the pieces join up to exactly the same text
     print("== streamed: ", end="", flush=True)
     stream = client.chat.completions.create(model=model, messages=messages, max_tokens=args.max_tokens,
-                                            temperature=0, stream=True, stream_options={"include_usage": True})
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             print(chunk.choices[0].delta.content, end="", flush=True)

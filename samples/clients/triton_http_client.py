@@ -1,7 +1,7 @@
 """Call the Triton `apar` model through Triton's HTTP generate extension (standard library only).
 
     runtime/launch_tritonserver.sh --model samples/models/apar-tiny &
-    python samples/clients/triton_http_client.py --url http://127.0.0.1:8000 "Give me 3 tips for better sleep."
+    python samples/clients/triton_http_client.py --url http://127.0.0.1:8000 "Give me 3 tips."
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import urllib.request
 
 
 def post(url: str, body: dict):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
     return urllib.request.urlopen(req, timeout=120)
 
 
