@@ -193,7 +193,8 @@ class ServeProcess:
 
 def bench_serving(model: str | None, *, modes=("apar", "ar"), concurrency=(1, 8, 32),
                   num_requests: int | None = None, max_tokens: int = 128, prompts: list[str] | None = None,
-                  url: str | None = None, serve_args: list[str] | None = None, ignore_eos: bool = False, log=print) -> list[dict]:
+                  url: str | None = None, serve_args: list[str] | None = None, ignore_eos: bool = False,
+                  log=print) -> list[dict]:
     """Rows of measurements, one per (mode, concurrency)."""
     import httpx
 
