@@ -18,7 +18,8 @@ PROMPTS = ["the list of water and sleep", "one two three", "tree fork model data
 
 
 def build_engine(model_path, out, **kw):
-    opts = BuildOptions(model=str(model_path), output=str(out), **{"block_size": 4, "max_batch_size": 8, **kw})
+    kw = {"block_size": 4, "max_batch_size": 8, **kw}
+    opts = BuildOptions(model=str(model_path), output=str(out), **kw)
     return build(opts, progress=False, log=lambda m: None).output
 
 
@@ -138,7 +139,8 @@ def test_negative_slots_are_skipped_and_copies_run_first(gqa_engine):
     assert logits.shape == (1, be.vocab_size)
     assert all(float(c.abs().sum()) == 0.0 for c in be.k_caches + be.v_caches), "slot -1 must write nothing"
     be.forward(_one_token_step(4 + 2))          # block 1, offset 2
-    assert float(be.k_caches[0][1, 2].abs().sum()) > 0 and float(be.k_caches[0][1, [0, 1, 3]].abs().sum()) == 0
+    assert float(be.k_caches[0][1, 2].abs().sum()) > 0
+    assert float(be.k_caches[0][1, [0, 1, 3]].abs().sum()) == 0
     before = be.k_caches[0][1].clone()
     be.forward(_one_token_step(-1, copies=[(1, 3)]))
     torch.testing.assert_close(be.k_caches[0][3], before)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (import tensorrt failed); these tests "
-                                             "need TensorRT 10.x and an NVIDIA GPU")
+trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (import tensorrt failed); "
+                                             "these tests need TensorRT 10.x and an NVIDIA GPU")
 torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("TensorRT is installed but no CUDA device is visible to torch", allow_module_level=True)
@@ -19,7 +19,8 @@ from apar_rt.build.manifest import verify_engine_dir  # noqa: E402
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]
 
-PROMPTS = ["the list of water and sleep", "one two three", "tree fork model data run build code test", "first tip"]
+PROMPTS = ["the list of water and sleep", "one two three", "tree fork model data run build code test",
+           "first tip"]
 
 
 @pytest.fixture(scope="module", params=["float32", "float16"])
@@ -27,8 +28,9 @@ def trt_engine(request, tiny_gqa, tmp_path_factory):
     path, _, _ = tiny_gqa
     out = tmp_path_factory.mktemp("trt") / request.param
     cache = out.parent / "timing.cache"
-    opts = BuildOptions(model=str(path), output=str(out), backend="tensorrt", dtype=request.param, block_size=4,
-                        max_batch_size=8, batch_buckets=(1, 2, 4, 8), max_num_tokens=64, max_seq_len=128,
+    opts = BuildOptions(model=str(path), output=str(out), backend="tensorrt", dtype=request.param,
+                        block_size=4, max_batch_size=8, batch_buckets=(1, 2, 4, 8), max_num_tokens=64,
+                        max_seq_len=128,
                         max_num_blocks=256, timing_cache=str(cache), check=True)
     res = build(opts, progress=False, log=lambda m: None)
     return path, res, cache, request.param

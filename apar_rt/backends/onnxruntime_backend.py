@@ -4,8 +4,8 @@ The KV pools are torch tensors (CPU, or CUDA with the CUDA execution provider) b
 session by pointer through one IOBinding, so a step copies no pool: the session reads them
 in place, the new K/V come back in output buffers bound by pointer, and the runtime writes them
 into the pool at the step's slots (with numpy views of the pools on the CPU, where numpy's
-per-call overhead is far below torch's for these small writes). Steps are padded to the engine's batch buckets with
-null-block sequences (see `apar_rt.export.step_io`).
+per-call overhead is far below torch's for these small writes). Steps are padded to the
+engine's batch buckets with null-block sequences (see `apar_rt.export.step_io`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.
 
 def _check_dtype(requested: str | None, built: str) -> None:
     if requested not in (None, "auto", built):
-        raise ValueError(f"dtype {requested!r} differs from the engine's dtype {built!r} (fixed at build time); "
+        raise ValueError(f"dtype {requested!r} differs from the engine's dtype {built!r} (fixed at build "
+                         f"time); "
                          f"pass --dtype auto or rebuild with --dtype {requested}")
 
 
@@ -37,8 +38,9 @@ def _device(requested: str | None) -> torch.device:
         return torch.device("cuda" if cuda_ep and torch.cuda.is_available() else "cpu")
     dev = torch.device(requested)
     if dev.type == "cuda" and not (cuda_ep and torch.cuda.is_available()):
-        raise BackendUnavailable(f"device {requested!r} needs onnxruntime's CUDAExecutionProvider and a CUDA build "
-                                 f"of torch; available providers: {', '.join(ort.get_available_providers())}")
+        raise BackendUnavailable(f"device {requested!r} needs onnxruntime's CUDAExecutionProvider and a CUDA "
+                                 f"build of torch; available providers: "
+                                 f"{', '.join(ort.get_available_providers())}")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"the onnxruntime backend runs on cpu or cuda, not {requested!r}")
     return dev
@@ -60,7 +62,8 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, engine_dir: str, *, dtype: str | None = "auto", device: str | None = None,
-                 threads: int | None = None, check_hashes: bool = True, medusa_dir: str | None = None) -> None:
+                 threads: int | None = None, check_hashes: bool = True,
+                 medusa_dir: str | None = None) -> None:
         self.engine_dir = Path(engine_dir)
         self.manifest = m = verify_engine_dir(engine_dir, backend=self.name, check_hashes=check_hashes)
         if medusa_dir is not None and not m.medusa:
@@ -69,7 +72,8 @@ class OnnxRuntimeBackend(Backend):
         self.num_medusa_heads = int(m.medusa.get("num_heads", 0))
         _check_dtype(dtype, m.dtype)
         if m.dtype not in ("float32", "float16"):
-            raise BackendUnavailable(f"the onnxruntime backend runs float32 or float16 engines, not {m.dtype}")
+            raise BackendUnavailable(f"the onnxruntime backend runs float32 or float16 engines, "
+                                     f"not {m.dtype}")
         self.device = _device(device)
         self.dtype = _TORCH[m.dtype]
         cfg = m.model_config
@@ -86,7 +90,8 @@ class OnnxRuntimeBackend(Backend):
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         if self.device.type == "cuda":
-            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}),
+                         "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
         try:
@@ -117,8 +122,9 @@ class OnnxRuntimeBackend(Backend):
             raise ValueError(f"num_blocks {num_blocks} exceeds the engine's max_num_blocks "
                              f"{self.manifest.max_num_blocks}")
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        zeros = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        self.k_caches = [zeros() for _ in range(self.num_layers)]
+        self.v_caches = [zeros() for _ in range(self.num_layers)]
         for i, (k, v) in enumerate(zip(self.k_caches, self.v_caches)):
             self._bind_input(step_io.k_cache_name(i), k)
             self._bind_input(step_io.v_cache_name(i), v)

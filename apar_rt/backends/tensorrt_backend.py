@@ -47,7 +47,8 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, engine_dir: str, *, dtype: str | None = "auto", device: str | None = None,
-                 plugin_lib: str | None = None, check_hashes: bool = True, medusa_dir: str | None = None) -> None:
+                 plugin_lib: str | None = None, check_hashes: bool = True,
+                 medusa_dir: str | None = None) -> None:
         from apar_rt.build.tensorrt_builder import TensorRTUnavailable, import_tensorrt
 
         self.engine_dir = Path(engine_dir)
@@ -56,7 +57,8 @@ class TensorRTBackend(Backend):
             raise BackendUnavailable(f"{str(engine_dir)!r} was built without Medusa heads")
         self.num_medusa_heads = int(m.medusa.get("num_heads", 0))
         if dtype not in (None, "auto", m.dtype):
-            raise ValueError(f"dtype {dtype!r} differs from the engine's dtype {m.dtype!r} (fixed at build time)")
+            raise ValueError(f"dtype {dtype!r} differs from the engine's dtype {m.dtype!r} "
+                             f"(fixed at build time)")
         try:
             trt = import_tensorrt()
         except TensorRTUnavailable as e:
@@ -85,7 +87,8 @@ class TensorRTBackend(Backend):
         logger = trt.Logger(trt.Logger.WARNING)
         lib = plugin_lib or (rec.get("plugin_lib") if self.attention == "plugin" else None)
         if self.attention == "plugin" and not lib:
-            raise BackendUnavailable("the engine uses the TreePagedAttention plugin; pass its library (plugin_lib)")
+            raise BackendUnavailable("the engine uses the TreePagedAttention plugin; "
+                                     "pass its library (plugin_lib)")
         if lib:
             if not Path(lib).is_file():
                 raise BackendUnavailable(f"plugin library {lib} does not exist")
@@ -125,7 +128,8 @@ class TensorRTBackend(Backend):
             want[step_io.MEDUSA_LOGITS] = trt.float32
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         if names != set(want):
-            raise BackendUnavailable(f"the engine's tensors {sorted(names)} are not the step graph's {sorted(want)}")
+            raise BackendUnavailable(f"the engine's tensors {sorted(names)} are not the step graph's "
+                                     f"{sorted(want)}")
         for name, dt in want.items():
             got = self.engine.get_tensor_dtype(name)
             if got != dt:
@@ -136,7 +140,8 @@ class TensorRTBackend(Backend):
         if ctx is None:
             trt = self.trt
             if self._user_memory:
-                ctx = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+                user = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+                ctx = self.engine.create_execution_context(user)
                 ctx.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
             else:
                 ctx = self.engine.create_execution_context()
@@ -150,15 +155,16 @@ class TensorRTBackend(Backend):
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         if block_size != self.block_size:
-            raise ValueError(f"block_size {block_size} differs from the engine's block size {self.block_size} "
-                             f"(fixed at build time)")
+            raise ValueError(f"block_size {block_size} differs from the engine's block size "
+                             f"{self.block_size} (fixed at build time)")
         limit = self.manifest.max_num_blocks
         if limit and num_blocks > limit:
             raise ValueError(f"num_blocks {num_blocks} exceeds the engine's max_num_blocks {limit} "
                              f"(fixed at build time)")
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        zeros = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        self.k_caches = [zeros() for _ in range(self.num_layers)]
+        self.v_caches = [zeros() for _ in range(self.num_layers)]
 
     def kv_bytes_per_block(self) -> int:
         k = self.k_caches[0]

@@ -103,8 +103,8 @@ def bench_backends(model: str, engine: str | None = None, batch_sizes=(1, 8), ma
             for _ in range(repeats):
                 for name in sides:
                     run(name)
-            row = {"batch": bs, "mode": mode, "max_tokens": max_tokens, "repeats": repeats, "same_tokens": same,
-                   "threads": torch.get_num_threads()}
+            row = {"batch": bs, "mode": mode, "max_tokens": max_tokens, "repeats": repeats,
+                   "same_tokens": same, "threads": torch.get_num_threads()}
             for name, s in stats.items():
                 row[f"{name}_step_ms"] = 1e3 * statistics.median(s["step"])
                 row[f"{name}_tok_s"] = s["tokens"] / statistics.median(s["wall"])
@@ -123,7 +123,8 @@ def format_rows(rows: list[dict]) -> str:
             f"{'torch tok/s':>11} {'ort tok/s':>9} {'speedup':>7} {'same tokens':>11}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['batch']:>5} {r['steps']:>5} {r['torch_step_ms']:>13.3f} {r['onnxruntime_step_ms']:>11.3f} "
+        lines.append(f"{r['batch']:>5} {r['steps']:>5} {r['torch_step_ms']:>13.3f} "
+                     f"{r['onnxruntime_step_ms']:>11.3f} "
                      f"{r['step_speedup']:>6.1f}x {r['torch_tok_s']:>11.1f} {r['onnxruntime_tok_s']:>9.1f} "
                      f"{r['tok_s_speedup']:>6.1f}x {str(r['same_tokens']):>11}")
     return "\n".join(lines)

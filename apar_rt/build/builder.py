@@ -86,20 +86,23 @@ def validate(opts: BuildOptions) -> None:
         if value is not None and (not isinstance(value, int) or value < 1):
             raise BuildError(f"{flag} must be a positive integer, got {value!r}")
     if opts.max_num_blocks is not None and opts.max_num_blocks < 2:
-        raise BuildError(f"--max-num-blocks must be >= 2 (block 0 is the null block), got {opts.max_num_blocks}")
+        raise BuildError(f"--max-num-blocks must be >= 2 (block 0 is the null block), "
+                         f"got {opts.max_num_blocks}")
     for b in opts.batch_buckets:
         if not isinstance(b, int) or b < 1:
             raise BuildError(f"--batch-buckets must hold positive integers, got {b!r}")
         if b > opts.max_batch_size:
-            raise BuildError(f"--batch-buckets: bucket {b} is larger than --max-batch-size {opts.max_batch_size}")
+            raise BuildError(f"--batch-buckets: bucket {b} is larger than --max-batch-size "
+                             f"{opts.max_batch_size}")
     if opts.batch_buckets and max(opts.batch_buckets) != opts.max_batch_size:
-        raise BuildError(f"--batch-buckets must include --max-batch-size {opts.max_batch_size} (largest given: "
-                         f"{max(opts.batch_buckets)}), or no step could hold max-batch-size sequences")
+        raise BuildError(f"--batch-buckets must include --max-batch-size {opts.max_batch_size} (largest "
+                         f"given: {max(opts.batch_buckets)}), or no step could hold max-batch-size sequences")
     if opts.opset < 18:
         raise BuildError(f"opset must be >= 18, got {opts.opset}")
     dtype = opts.resolved_dtype()
     if opts.backend == "onnxruntime" and dtype == "bfloat16":
-        raise BuildError("--dtype bfloat16 is not supported by the onnxruntime backend; use float32 or float16")
+        raise BuildError("--dtype bfloat16 is not supported by the onnxruntime backend; "
+                         "use float32 or float16")
     if opts.backend == "onnxruntime" and (opts.timing_cache or opts.plugin_lib):
         flag = "--timing-cache" if opts.timing_cache else "--plugin-lib"
         raise BuildError(f"{flag} applies to --backend tensorrt only")
@@ -119,8 +122,8 @@ def _prepare_output(opts: BuildOptions) -> Path:
         if not out.is_dir():
             raise BuildError(f"--output {str(out)!r} exists and is not a folder")
         if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-            raise BuildError(f"refusing to overwrite {str(out)!r}: it is not empty and is not an apar-rt engine "
-                             f"folder (no {MANIFEST_NAME})")
+            raise BuildError(f"refusing to overwrite {str(out)!r}: it is not empty and is not an apar-rt "
+                             f"engine folder (no {MANIFEST_NAME})")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -180,7 +183,7 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
             raise BuildError(f"--medusa: {opts.model!r} has no '{HEADS_DIRNAME}' folder of Medusa heads")
         exported = export_onnx(opts.model, tmp / ONNX_NAME, dtype=dtype, block_size=opts.block_size,
                                opset=opts.opset, external_data=opts.external_data, medusa_dir=heads_dir)
-        if heads_dir is not None:   # the heads' config marks the folder as having heads (weights are in the graph)
+        if heads_dir is not None:   # their config marks the folder as having heads (weights: in the graph)
             (tmp / HEADS_DIRNAME).mkdir()
             shutil.copy(heads_dir / "config.json", tmp / HEADS_DIRNAME / "config.json")
         stage.update()
@@ -253,7 +256,8 @@ def _try_onnxruntime(path: Path, dtype: str) -> None:
     """Load the graph once so that an unrunnable dtype fails the build, not the first request."""
     import onnxruntime as ort
 
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    available = ort.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     try:
         ort.InferenceSession(str(path), providers=providers)
     except Exception as e:  # onnxruntime's own exception types

@@ -54,7 +54,8 @@ class CheckReport:
         lines = []
         for r in self.runs:
             worst = max(r.max_abs, key=r.max_abs.get)
-            lines.append(f"check [{r.runner} via {r.tool}]: largest |engine - torch| = {r.max_abs[worst]:.3g} "
+            lines.append(f"check [{r.runner} via {r.tool}]: "
+                         f"largest |engine - torch| = {r.max_abs[worst]:.3g} "
                          f"(output {worst}; logits {r.max_abs['logits']:.3g}; tolerance {self.tolerance:g})")
             if r.command:
                 lines.append(f"  reproduce: {r.command}")
@@ -98,8 +99,9 @@ def check_step(cfg: dict, block_size: int, dtype: str, buckets: list[int], seed:
         t += q
         qs.append(t)
     slot = [tables[b][p // bs] * bs + p % bs for b, (c, q) in enumerate(lens) for p in range(c, c + q)]
-    step = StepInput(input_ids=rng.integers(0, V, T).astype(np.int32), positions=np.array(positions, np.int32),
-                     block_tables=np.array(tables, np.int32), context_lens=np.array([c for c, _ in lens], np.int32),
+    step = StepInput(input_ids=rng.integers(0, V, T).astype(np.int32),
+                     positions=np.array(positions, np.int32), block_tables=np.array(tables, np.int32),
+                     context_lens=np.array([c for c, _ in lens], np.int32),
                      query_start=np.array(qs, np.int32), mask=mask, slot_mapping=np.array(slot, np.int32),
                      logits_indices=np.arange(T, dtype=np.int32))
     bucket = step_io.pick_bucket(B, buckets) if buckets else None
@@ -159,9 +161,11 @@ def _polygraphy(args: list[str], workdir: Path, ref: dict, feeds: dict, toleranc
     G_LOGGER.module_severity = G_LOGGER.ERROR
     inputs, reference, saved = workdir / "inputs.json", workdir / "reference.json", workdir / f"{runner}.json"
     save_json([feeds], str(inputs))
-    RunResults([("torch-reference", [IterationResult(ref, runner_name="torch-reference")])]).save(str(reference))
+    reference_run = [IterationResult(ref, runner_name="torch-reference")]
+    RunResults([("torch-reference", reference_run)]).save(str(reference))
     argv = ["polygraphy", "run", *args, "--load-inputs", str(inputs), "--load-outputs", str(reference),
-            "--save-outputs", str(saved), "--atol", str(tolerance), "--rtol", "0", "--check-error-stat", "max"]
+            "--save-outputs", str(saved), "--atol", str(tolerance), "--rtol", "0",
+            "--check-error-stat", "max"]
     code = "import sys; from polygraphy.tools import main; sys.argv[0] = 'polygraphy'; sys.exit(main())"
     proc = subprocess.run([sys.executable, "-c", code, *argv[1:]], capture_output=True, text=True)
     if not saved.is_file():
@@ -170,7 +174,8 @@ def _polygraphy(args: list[str], workdir: Path, ref: dict, feeds: dict, toleranc
     results = RunResults.load(str(saved))
     runner_name, iters = [(n, r) for n, r in results.items() if n != "torch-reference"][0]
     got = {k: np.asarray(v) for k, v in iters[0].items()}
-    return RunnerDiff(runner, "polygraphy", _diffs(ref, got), command=shlex.join(argv), ok=proc.returncode == 0)
+    return RunnerDiff(runner, "polygraphy", _diffs(ref, got), command=shlex.join(argv),
+                      ok=proc.returncode == 0)
 
 
 def _onnxruntime_in_process(onnx_path: Path, feeds: dict, ref: dict) -> RunnerDiff:
@@ -196,8 +201,8 @@ def run_check(engine_dir: str | Path, model_dir: str | Path, manifest: Manifest,
     workdir.mkdir(exist_ok=True)
     if manifest.dtype in ("float32", "float16"):   # onnxruntime's CPU provider has no bfloat16 kernels
         if _have_polygraphy():
-            report.runs.append(_polygraphy([str(onnx_path), "--onnxrt"], workdir, ref, feeds, report.tolerance,
-                                           "onnxrt", log))
+            report.runs.append(_polygraphy([str(onnx_path), "--onnxrt"], workdir, ref, feeds,
+                                           report.tolerance, "onnxrt", log))
         else:
             report.runs.append(_onnxruntime_in_process(onnx_path, feeds, ref))
     if manifest.engines:

@@ -23,31 +23,37 @@ def _parse_buckets(ctx, param, value):
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
               show_default=True, help="What the engine folder is built for.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-              show_default=True, help="Weights and KV dtype (auto: float32 for onnxruntime, float16 for tensorrt).")
+              show_default=True,
+              help="Weights and KV dtype (auto: float32 for onnxruntime, float16 for tensorrt).")
 @click.option("--max-batch-size", type=int, default=8, show_default=True,
               help="Most sequences (APAR branches included) in one step.")
 @click.option("--batch-buckets", callback=_parse_buckets, default=None,
               help="Comma-separated fixed batch sizes, one TensorRT profile each (default: 1,2,4,.. up to "
                    "--max-batch-size).")
-@click.option("--max-num-tokens", type=int, default=2048, show_default=True, help="Most new tokens in one step.")
+@click.option("--max-num-tokens", type=int, default=2048, show_default=True,
+              help="Most new tokens in one step.")
 @click.option("--max-seq-len", type=int, default=None,
               help="Longest context of one sequence (default: the model's max_position_embeddings).")
 @click.option("--block-size", type=int, default=16, show_default=True, help="KV cache block size.")
 @click.option("--max-num-blocks", type=int, default=None,
-              help="Largest KV pool the engine accepts (default: unlimited for onnxruntime, 65536 for tensorrt).")
+              help="Largest KV pool the engine accepts (default: unlimited for onnxruntime, 65536 for "
+                   "tensorrt).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="TensorRT timing cache file: read if present, written back after the build.")
 @click.option("--plugin-lib", type=click.Path(dir_okay=False), default=None,
               help="TensorRT plugin library registering apar::TreePagedAttention (IPluginV3).")
-@click.option("--workspace", "workspace_gib", type=float, default=None, help="TensorRT workspace limit in GiB.")
+@click.option("--workspace", "workspace_gib", type=float, default=None,
+              help="TensorRT workspace limit in GiB.")
 @click.option("--medusa/--no-medusa", default=None,
-              help="Export the Medusa heads in MODEL/medusa as a medusa_logits output (default: when present).")
-@click.option("--check", is_flag=True, help="Compare the engine with the torch reference and report the largest "
-                                            "difference (polygraphy run --onnxrt / --trt).")
+              help="Export the Medusa heads in MODEL/medusa as a medusa_logits output "
+                   "(default: when present).")
+@click.option("--check", is_flag=True,
+              help="Compare the engine with the torch reference and report the largest difference "
+                   "(polygraphy run --onnxrt / --trt).")
 @click.option("--force", is_flag=True, help="Overwrite an existing engine folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_tokens, max_seq_len, block_size,
-          max_num_blocks, timing_cache, plugin_lib, workspace_gib, medusa, check, force, quiet):
+def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_tokens, max_seq_len,
+          block_size, max_num_blocks, timing_cache, plugin_lib, workspace_gib, medusa, check, force, quiet):
     """Build an engine folder (model.onnx, TensorRT engines, manifest.json) from a checkpoint.
 
     \b
@@ -62,8 +68,9 @@ def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_
     from apar_rt.build.tensorrt_builder import TensorRTUnavailable
     from apar_rt.config import ModelLoadError
 
-    opts = BuildOptions(model=model, output=output, backend=backend, dtype=dtype, max_batch_size=max_batch_size,
-                        batch_buckets=batch_buckets, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
+    opts = BuildOptions(model=model, output=output, backend=backend, dtype=dtype,
+                        max_batch_size=max_batch_size, batch_buckets=batch_buckets,
+                        max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                         block_size=block_size, max_num_blocks=max_num_blocks, timing_cache=timing_cache,
                         plugin_lib=plugin_lib, workspace_gib=workspace_gib, medusa=medusa, check=check,
                         force=force)

@@ -115,9 +115,11 @@ def read_manifest(root: str | Path) -> Manifest:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise EngineLoadError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
+    if not isinstance(d, dict):
+        raise EngineLoadError(f"{path} is not a JSON object")
+    if d.get("format") != FORMAT:
         raise EngineLoadError(f"{path} is not an apar-rt engine manifest (format {d.get('format')!r} "
-                              f"instead of {FORMAT!r})" if isinstance(d, dict) else f"{path} is not a JSON object")
+                              f"instead of {FORMAT!r})")
     if d.get("format_version") != FORMAT_VERSION:
         raise EngineLoadError(f"{path} has format_version {d.get('format_version')!r}; this apar-rt reads "
                               f"format_version {FORMAT_VERSION}: rebuild the engine")
@@ -134,7 +136,8 @@ def read_manifest(root: str | Path) -> Manifest:
     except TypeError as e:
         raise EngineLoadError(f"{path} lacks required fields: {e}") from None
     if m.backend not in ENGINE_BACKENDS:
-        raise EngineLoadError(f"{path}: unknown backend {m.backend!r}; expected one of {', '.join(ENGINE_BACKENDS)}")
+        raise EngineLoadError(f"{path}: unknown backend {m.backend!r}; expected one of "
+                              f"{', '.join(ENGINE_BACKENDS)}")
     return m
 
 
@@ -164,8 +167,9 @@ def verify_engine_dir(root: str | Path, *, backend: str | None = None, check_has
         if check_hashes:
             digest = sha256_file(f)
             if digest != rec.get("sha256"):
-                raise EngineLoadError(f"engine file {name} is corrupt: sha256 {digest[:16]}... does not match "
-                                      f"the manifest's {str(rec.get('sha256'))[:16]}...; rebuild the engine")
+                raise EngineLoadError(f"engine file {name} is corrupt: sha256 {digest[:16]}... does not "
+                                      f"match the manifest's {str(rec.get('sha256'))[:16]}...; "
+                                      f"rebuild the engine")
     cfg = config_as_json(ModelConfig.from_dir(root))
     if cfg != m.model_config:
         diff = sorted(k for k in set(cfg) | set(m.model_config) if cfg.get(k) != m.model_config.get(k))
@@ -201,8 +205,8 @@ def engine_settings(root: str | Path, backend: str, engine_kwargs: dict) -> tupl
     kw = dict(engine_kwargs)
     bs = kw.get("block_size")
     if bs is not None and bs != m.block_size:
-        raise ValueError(f"block_size {bs} differs from the engine's block size {m.block_size} (fixed at build "
-                         f"time); pass --block-size {m.block_size} or rebuild")
+        raise ValueError(f"block_size {bs} differs from the engine's block size {m.block_size} (fixed at "
+                         f"build time); pass --block-size {m.block_size} or rebuild")
     kw["block_size"] = m.block_size
     kw["max_num_seqs"] = min(kw.get("max_num_seqs") or m.max_batch_size, m.max_batch_size)
     kw["max_num_tokens"] = min(kw.get("max_num_tokens") or m.max_num_tokens, m.max_num_tokens)

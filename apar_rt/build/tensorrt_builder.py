@@ -120,7 +120,8 @@ def _progress_monitor(trt, bar_factory):
 
 def attention_layers(trt, network) -> tuple[int, list[str]]:
     """(number of plugin layers, their names) in a parsed network."""
-    kinds = {getattr(trt.LayerType, k) for k in ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3") if hasattr(trt.LayerType, k)}
+    kinds = {getattr(trt.LayerType, k) for k in ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3")
+             if hasattr(trt.LayerType, k)}
     names = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
@@ -185,7 +186,8 @@ def build_tensorrt_engine(onnx_path: str | Path, out_dir: str | Path, *, manifes
                "the library registered no matching creator")
         log(f"attention: the model-local function was inlined into standard layers ({why})")
     else:
-        raise RuntimeError(f"expected 0 or {num_layers} attention plugin layers, found {n_plugins}: {plugin_names}")
+        raise RuntimeError(f"expected 0 or {num_layers} attention plugin layers, found {n_plugins}: "
+                           f"{plugin_names}")
 
     config = builder.create_builder_config()
     if workspace_bytes:

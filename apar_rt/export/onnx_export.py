@@ -43,7 +43,7 @@ def _step_module(model, heads=None):
     n = model.config.num_hidden_layers
 
     class StepGraph(torch.nn.Module):
-        """forward(step inputs..., k_cache_0, v_cache_0, ...) -> (logits, [medusa_logits], new_k_0, new_v_0, ...).
+        """forward(step inputs..., k_cache_0, v_cache_0, ...) -> (logits, [medusa_logits], new_k_0, ...).
 
         The same computation as the torch backend: final hidden states at `logits_indices`,
         then lm_head (and the Medusa heads) in float32.

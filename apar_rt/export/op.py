@@ -89,7 +89,8 @@ def attention_function(opset: int):
         return name
 
     def scalar(name, value, dtype):
-        nodes.append(helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, [], [value])))
+        tensor = helper.make_tensor(name, dtype, [], [value])
+        nodes.append(helper.make_node("Constant", [], [name], value=tensor))
         return name
 
     i0, i1, i2, i3 = (const(f"c{i}", [i]) for i in range(4))
@@ -137,8 +138,10 @@ def attention_function(opset: int):
     kv_shape = op("Concat", [B, L, Hkv, D], axis=0)
     kc = op("Reshape", [op("Gather", ["k_cache", "block_tables"], axis=0), kv_shape])
     vc = op("Reshape", [op("Gather", ["v_cache", "block_tables"], axis=0), kv_shape])
-    keys = op("Cast", [op("Concat", [kc, op("Gather", ["k", new_idx], axis=0)], axis=1)], to=TensorProto.FLOAT)
-    vals = op("Cast", [op("Concat", [vc, op("Gather", ["v", new_idx], axis=0)], axis=1)], to=TensorProto.FLOAT)
+    keys = op("Cast", [op("Concat", [kc, op("Gather", ["k", new_idx], axis=0)], axis=1)],
+              to=TensorProto.FLOAT)                                   # [B, K, Hkv, D], K = L + max_q
+    vals = op("Cast", [op("Concat", [vc, op("Gather", ["v", new_idx], axis=0)], axis=1)],
+              to=TensorProto.FLOAT)
     # Zero the values no query may see (0 * NaN would leak through the softmax's zeros). The keys
     # need no zeroing: a score at such a slot is replaced by float32's lowest below whatever it is,
     # so the visible scores, and so the output, are exactly the reference's.
