@@ -169,9 +169,27 @@ def canonical(branches):
     return {key(b): b["token_ids"] for b in branches}
 
 
-def run_in_flight(path, ps, params, medusa, **kw):
+@pytest.fixture(scope="module")
+def medusa_engine_dir(medusa_model, tmp_path_factory):
+    """The medusa_model built into an onnxruntime engine folder (heads inside the graph)."""
+    from apar_rt.build.builder import BuildOptions, build
+
+    path, _ = medusa_model
+    opts = BuildOptions(model=str(path), output=str(tmp_path_factory.mktemp("ort") / "medusa"), block_size=4,
+                        max_batch_size=64)
+    return build(opts, progress=False, log=lambda m: None).output
+
+
+@pytest.fixture(params=["torch", "onnxruntime"])
+def backend_and_path(request, medusa_model):
+    if request.param == "torch":
+        return "torch", medusa_model[0]
+    return "onnxruntime", request.getfixturevalue("medusa_engine_dir")
+
+
+def run_in_flight(path, ps, params, medusa, backend="torch", **kw):
     """8+ requests: half at the start, the rest arriving while the first are decoding."""
-    llm = LLM(str(path), raw=True, medusa=medusa, **kw)
+    llm = LLM(str(path), backend=backend, raw=True, medusa=medusa, **kw)
     eng = llm.engine
     done = {}
     ids = [eng.add_request(p, params, raw=True) for p in ps[:len(ps) // 2]]
@@ -186,12 +204,12 @@ def run_in_flight(path, ps, params, medusa, **kw):
     return [done[i] for i in ids], eng
 
 
-def test_lossless_ar_in_flight_with_preemption(medusa_model):
-    path, _ = medusa_model
+def test_lossless_ar_in_flight_with_preemption(backend_and_path):
+    backend, path = backend_and_path
     ps = prompts(10, seed=5)
     params = SamplingParams(max_tokens=40)
-    base, eng0 = run_in_flight(path, ps, params, False, mode="ar", num_blocks=24, block_size=4)
-    spec, eng1 = run_in_flight(path, ps, params, True, mode="ar", num_blocks=24, block_size=4)
+    base, eng0 = run_in_flight(path, ps, params, False, backend, mode="ar", num_blocks=24, block_size=4)
+    spec, eng1 = run_in_flight(path, ps, params, True, backend, mode="ar", num_blocks=24, block_size=4)
     assert eng1.scheduler.num_preemptions > 0
     assert [o.branches for o in spec] == [o.branches for o in base]
     mean = sum(o.stats["accepted_tokens_per_step"] for o in spec) / len(spec)
@@ -199,12 +217,12 @@ def test_lossless_ar_in_flight_with_preemption(medusa_model):
     assert sum(o.stats["decode_steps"] for o in spec) < sum(o.stats["decode_steps"] for o in base)
 
 
-def test_lossless_apar_in_flight_with_forks_and_preemption(medusa_model):
-    path, _ = medusa_model
+def test_lossless_apar_in_flight_with_forks_and_preemption(backend_and_path):
+    backend, path = backend_and_path
     ps = prompts(10, seed=0)
     params = SamplingParams(max_tokens=400, logit_bias={FORK: 3.0, EOS: 2.2})
-    base, _ = run_in_flight(path, ps, params, False, mode="apar", num_blocks=24, block_size=4)
-    spec, eng = run_in_flight(path, ps, params, True, mode="apar", num_blocks=24, block_size=4)
+    base, _ = run_in_flight(path, ps, params, False, backend, mode="apar", num_blocks=24, block_size=4)
+    spec, eng = run_in_flight(path, ps, params, True, backend, mode="apar", num_blocks=24, block_size=4)
     assert eng.scheduler.num_preemptions > 0 and eng.scheduler.num_forks >= 20
     for a, b in zip(base, spec):
         assert a.finish_reason.value == b.finish_reason.value == "stop"   # trees end by EOS, not by a cap
