@@ -31,8 +31,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # end a branch like EOS
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI style: added to the logits
     ignore_eos: bool = False
+    mode: str | None = None             # "apar" or "ar" for this request; None: the engine's mode
 
     def __post_init__(self) -> None:
+        if self.mode not in (None, "apar", "ar"):
+            raise ValueError(f"mode must be 'apar' or 'ar' (or None for the engine's), got {self.mode!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not (self.temperature >= 0.0):

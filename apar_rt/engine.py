@@ -137,7 +137,7 @@ class Engine:
                 if not s.samples:
                     continue
                 req, b = s.request, s.branch
-                banned = lambda last, b=b: self.scheduler.banned(b, last, out)  # noqa: E731
+                banned = lambda last, req=req, b=b: self.scheduler.banned(req, b, last, out)  # noqa: E731
                 if s.tree:
                     tokens, nodes = self.verifier.verify(logits[row:row + s.num_new], b.token_ids[-1], b.draft,
                                                          req.params, banned, req.generator)

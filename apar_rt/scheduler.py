@@ -312,10 +312,14 @@ class Scheduler:
 
     # ---- after the step ------------------------------------------------------------------
 
-    def banned(self, branch: Branch, last_token: int, out: SchedulerOutput) -> list[int]:
-        """Token ids `branch` may not sample after `last_token` in the step `out`."""
+    def mode(self, req: Request) -> str:
+        """The request's decoding mode: its own, else the engine's."""
+        return req.params.mode or self.config.mode
+
+    def banned(self, req: Request, branch: Branch, last_token: int, out: SchedulerOutput) -> list[int]:
+        """Token ids `branch` of `req` may not sample after `last_token` in the step `out`."""
         step_full = self.config.ban_fork_when_full and len(out.seqs) >= self.config.max_num_seqs
-        return banned_tokens(last_token, branch.depth, self.control, mode=self.config.mode,
+        return banned_tokens(last_token, branch.depth, self.control, mode=self.mode(req),
                              max_depth=self.config.max_depth, step_full=step_full)
 
     def update(self, out: SchedulerOutput, results: Sequence[Sequence[int]]) -> list[StepUpdate]:
@@ -362,7 +366,7 @@ class Scheduler:
     def _run_length(self, req: Request, tokens: Sequence[int]) -> int:
         """Tokens of an accepted run to keep: through the first [Fork] or end token, within max_tokens."""
         ends = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else self.eos_token_ids)
-        if self.control.fork is not None and self.config.mode == "apar":
+        if self.control.fork is not None and self.mode(req) == "apar":
             ends = ends | {self.control.fork}
         n = len(tokens)
         for i, t in enumerate(tokens):
@@ -387,7 +391,7 @@ class Scheduler:
             self._finish_branch(req, b, FinishReason.STOP, upd)
         elif p.stop and self._hit_stop_string(b, p.stop):
             self._finish_branch(req, b, FinishReason.STOP, upd)
-        elif (tok == self.control.fork and self.control.child is not None and self.config.mode == "apar"
+        elif (tok == self.control.fork and self.control.child is not None and self.mode(req) == "apar"
               and req.generated_tokens < p.max_tokens and b.context_len + 1 < self.max_model_len):
             self._fork(req, b, upd)
         if req.generated_tokens >= p.max_tokens or req.total_len >= self.max_model_len:

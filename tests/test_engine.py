@@ -172,3 +172,19 @@ def test_model_without_control_tokens_never_forks(tiny_mha):
     llm, _ = make_llm(path, mode="apar")
     o = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=10))
     assert all(x.stats["forks"] == 0 and len(x.branches) == 1 for x in o)
+
+
+def test_per_request_mode(tiny_gqa):
+    """One APAR engine serves an AR request exactly as an AR engine does, beside forking requests."""
+    path, _, tok = tiny_gqa
+    fork = tok.convert_tokens_to_ids("[SplitMask]")
+    bias = {fork: 4.0}
+    ar_engine, _ = make_llm(path, mode="ar")
+    want = ar_engine.generate([PROMPTS[0]], SamplingParams(max_tokens=20, logit_bias=bias))[0]
+    llm, _ = make_llm(path, mode="apar")
+    got = llm.generate([PROMPTS[0], PROMPTS[0]], [SamplingParams(max_tokens=20, logit_bias=bias, mode="ar"),
+                                                  SamplingParams(max_tokens=20, logit_bias=bias)])
+    assert got[0].branches == want.branches and got[0].stats["forks"] == 0
+    assert got[1].stats["forks"] > 0
+    with pytest.raises(ValueError, match="mode"):
+        SamplingParams(mode="fast")

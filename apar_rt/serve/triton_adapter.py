@@ -24,7 +24,7 @@ Inputs (tensorrtllm_backend's names, plus apar-rt's):
 | embedding_bias_words | STRING [-1] | - | logit bias: each word's tokens get ... |
 | embedding_bias_weights | FP32 [-1] | - | ... the weight at the same index |
 | random_seed | UINT64 | - | sampling seed |
-| mode | STRING | the engine's | "apar" or "ar"; "ar" on an APAR engine suppresses [Fork] (logit bias -100) |
+| mode | STRING | the engine's | "apar" or "ar" for this request (SamplingParams.mode) |
 | medusa | BOOL | false | true asserts the engine runs Medusa (an error if it has no heads); Medusa is
   set per model (parameter medusa) and its greedy verification is lossless |
 | raw | BOOL | parameter raw | feed the prompt as is (no chat template) |
@@ -134,7 +134,7 @@ def _strings(inputs: dict[str, np.ndarray], name: str) -> list[str]:
         raise ValueError(f"input {name} is not valid UTF-8") from None
 
 
-def parse_inputs(inputs: dict[str, np.ndarray], *, engine_mode: str, fork_id: int | None,
+def parse_inputs(inputs: dict[str, np.ndarray], *, engine_mode: str,
                  default_max_tokens: int = 256, raw_default: bool = False, has_medusa: bool = False,
                  parameters: dict | None = None, tokenize=None) -> TritonRequest:
     """Validate one request's input tensors (and request parameters); ValueError names the problem.
@@ -154,9 +154,6 @@ def parse_inputs(inputs: dict[str, np.ndarray], *, engine_mode: str, fork_id: in
     mode = _scalar(inputs, "mode", "str") or engine_mode
     if mode not in ("apar", "ar"):
         raise ValueError(f"input mode must be 'apar' or 'ar', got {mode!r}")
-    if mode == "apar" and engine_mode == "ar":
-        raise ValueError("input mode 'apar' needs a model instance started in apar mode "
-                         "(config.pbtxt parameter mode); this one runs in ar mode")
     medusa = bool(_scalar(inputs, "medusa", "bool"))
     if medusa and not has_medusa:
         raise ValueError("input medusa is true, but this engine has no Medusa heads")
@@ -178,8 +175,6 @@ def parse_inputs(inputs: dict[str, np.ndarray], *, engine_mode: str, fork_id: in
             raise ValueError(f"embedding_bias_words entry {word!r} has no tokens")
         for t in ids:
             bias[t] = bias.get(t, 0.0) + weight
-    if mode == "ar" and engine_mode == "apar" and fork_id is not None:
-        bias[fork_id] = -100.0
     max_tokens = _scalar(inputs, "max_tokens", "int")
     seed = _scalar(inputs, "random_seed", "int")
     temperature = _scalar(inputs, "temperature", "float")
@@ -189,7 +184,7 @@ def parse_inputs(inputs: dict[str, np.ndarray], *, engine_mode: str, fork_id: in
         top_p=1.0 if top_p is None or top_p == 0.0 else top_p,
         top_k=_scalar(inputs, "top_k", "int") or 0,
         seed=seed, stop=stop, stop_token_ids=() if end_id is None or end_id < 0 else (end_id,),
-        ignore_eos=end_id == -1, logit_bias=bias)
+        ignore_eos=end_id == -1, logit_bias=bias, mode=mode)
     raw = _scalar(inputs, "raw", "bool")
     return TritonRequest(prompt, params, raw_default if raw is None else raw,
                          bool(_scalar(inputs, "stream", "bool")), medusa)
@@ -271,7 +266,7 @@ class TritonServing:
     def submit(self, inputs: dict[str, np.ndarray], sender: Sender, parameters: dict | None = None) -> None:
         """Validate and queue one request; its responses go out through `sender`."""
         try:
-            req = parse_inputs(inputs, engine_mode=self.engine.config.mode, fork_id=self.engine.control.fork,
+            req = parse_inputs(inputs, engine_mode=self.engine.config.mode,
                                default_max_tokens=self.default_max_tokens, raw_default=self.raw,
                                has_medusa=self.has_medusa, parameters=parameters, tokenize=self._tokenize)
             fut = self.loop.submit(req.prompt, req.params, raw=req.raw)
