@@ -104,9 +104,9 @@ def data_tokenizer_cmd(input_path: Path, output_dir: Path, vocab_size: int, cont
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--n-list", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Numbered-list answers.")
-@click.option("--n-paragraph", type=click.IntRange(min=0), default=250, show_default=True,
+@click.option("--n-paragraph", type=click.IntRange(min=0), default=600, show_default=True,
               help="Multi-paragraph answers.")
-@click.option("--n-plain", type=click.IntRange(min=0), default=200, show_default=True,
+@click.option("--n-plain", type=click.IntRange(min=0), default=600, show_default=True,
               help="Unstructured answers (a quarter of them small talk).")
 @click.option("--heldout", "heldout_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the held-out prompts (JSONL with a 'structured' flag) here.")

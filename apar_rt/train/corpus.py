@@ -288,9 +288,9 @@ def answer_for(key: PromptKey, rng: random.Random) -> str:
 def generate(
     seed: int = 0,
     *,
-    n_list: int = 1200,
-    n_paragraph: int = 300,
-    n_plain: int = 240,
+    n_list: int = 1000,
+    n_paragraph: int = 600,
+    n_plain: int = 600,
     exclude: set[PromptKey] | frozenset[PromptKey] = frozenset(),
 ) -> list[Sample]:
     """Draw samples with `random.Random(seed)`; keys in `exclude` are never used.
