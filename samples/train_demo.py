@@ -282,7 +282,10 @@ def write_card(out: Path, args, build_info: dict | None, ev: dict) -> None:
         "```",
         "",
         f"Everything is seeded (seed {args.seed}); on this project's 2-core CPU the whole script took "
-        f"{b.get('total_s', float('nan')):.0f} s (training {times.get('train_s', float('nan')):.0f} s).",
+        f"{b.get('total_s', float('nan')):.0f} s (training {times.get('train_s', float('nan')):.0f} s, "
+        f"evaluation {times.get('eval_s', float('nan')):.0f} s) while other jobs shared the CPU; two runs gave a",
+        "byte-identical `model.safetensors`. The script sets `OMP_WAIT_POLICY=PASSIVE` before torch",
+        "loads: with spinning OpenMP threads a busy neighbour process slowed training steps about 15x.",
         "",
         "## Model",
         "",
@@ -293,7 +296,10 @@ def write_card(out: Path, args, build_info: dict | None, ev: dict) -> None:
         f"- Vocabulary {cfg['vocab_size']}: byte-level BPE trained on the corpus; `<unk>`=0 (also pad), "
         f"`<s>`=1, `</s>`=2, `[SplitMask]`={cfg['vocab_size'] - 2}, `[SplitSop]`={cfg['vocab_size'] - 1} "
         "(special tokens, dropped by `decode(skip_special_tokens=True)`). Encoding adds `<s>`.",
-        f"- `model.safetensors`: {size_mb:.1f} MB.",
+        f"- `model.safetensors`: {size_mb:.1f} MB. `max_position_embeddings` {cfg['max_position_embeddings']};"
+        " trained answers are under 300 tokens.",
+        "- `eval.json` holds, per held-out prompt, the plain greedy output (`greedy_raw`, no bans) and the",
+        "  recovered APAR answer (`text`): reference outputs for checking a runtime.",
         "- Prompt format: Vicuna v1.1, `A chat between ... questions. USER: {prompt} ASSISTANT:`; the",
         "  answer follows after a space and ends with `</s>`.",
         "",
@@ -330,7 +336,6 @@ def write_card(out: Path, args, build_info: dict | None, ev: dict) -> None:
         "  tokens (a child's forced `[SplitSop]` counted) against the whole answer's token count: mean",
         f"  {ev['mean_ratio_longest_branch_to_answer']}, worst {ev['max_ratio_longest_branch_to_answer']}"
         f" (against the held-out reference answer: mean {ev['mean_ratio_longest_branch_to_reference']}).",
-        "",
         f"- Answers checked against the corpus: right item count {ev['structured_count_ok']}/"
         f"{ev['structured_prompts']}, answers repeating an item {ev['structured_with_repeats']}, items "
         f"whose detail is the corpus detail {ev['items_with_right_detail']}.",
