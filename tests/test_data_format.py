@@ -302,7 +302,7 @@ def test_format_file_jsonl_and_json_are_deterministic(tmp_path):
     assert len(lines) == 1 + 3 + 1 + 3 + 1
     assert st.as_dict() == {
         "records": 3,
-        "examples": {"main": 2, "child": 6, "plain": 1},
+        "examples": {"main": 2, "child": 6, "plain": 1, "flat": 0},
         "structured": {"ordered_list": 1, "paragraph": 1},
         "not_structured": {"no_list_items+too_few_paragraphs": 1},
     }
@@ -328,7 +328,7 @@ def test_cli_data_format(tmp_path):
     src.write_text(json.dumps(rec(LIST_ANSWER, "a")) + "\n", encoding="utf-8")
     res = CliRunner().invoke(data, ["format", str(src), str(tmp_path / "out.jsonl")])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["examples"] == {"main": 1, "child": 3, "plain": 0}
+    assert json.loads(res.stdout)["examples"] == {"main": 1, "child": 3, "plain": 0, "flat": 0}
     assert len((tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()) == 4
 
     bad = tmp_path / "bad.jsonl"
@@ -339,3 +339,23 @@ def test_cli_data_format(tmp_path):
     assert res.exit_code == 2 and "INPUT" in res.output
     res = CliRunner().invoke(data, ["format", "--help"])
     assert res.exit_code == 0 and "ShareGPT" in res.output
+
+
+def test_flat_fraction_keeps_some_structured_answers_whole():
+    """flat_fraction=1 adds the untouched answer as a 'flat' example; 0 adds none; plain answers unchanged."""
+    exs = format_record(rec(LIST_ANSWER, rid="r7"), flat_fraction=1.0)
+    flat = [e for e in exs if e["kind"] == "flat"]
+    assert [e["id"] for e in exs] == ["r7_main", "r7_0", "r7_1", "r7_2", "r7_flat"]
+    assert flat[0]["segments"] == [
+        {"text": PROMPT, "loss": False},
+        {"text": " Tips:\n1. Eat: Eat more greens.\n2. Sleep: Sleep eight hours.\n3. Move: Walk every day.</s>",
+         "loss": True}]
+    assert [e["kind"] for e in format_record(rec(LIST_ANSWER, rid="r7"), flat_fraction=0.0)] == \
+        ["main", "child", "child", "child"]
+    # the choice is by id, so a fraction keeps a stable subset
+    ids = [f"q{i}" for i in range(400)]
+    kept = {i for i in ids if any(e["kind"] == "flat" for e in format_record(rec(LIST_ANSWER, rid=i),
+                                                                              flat_fraction=0.3))}
+    again = {i for i in ids if any(e["kind"] == "flat" for e in format_record(rec(LIST_ANSWER, rid=i),
+                                                                               flat_fraction=0.3))}
+    assert kept == again and 80 < len(kept) < 160

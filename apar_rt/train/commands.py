@@ -34,8 +34,11 @@ def data() -> None:
 @click.option("--filtered-as-plain", is_flag=True,
               help="Keep structured answers that the reference's pack filters drop (code, '=', 'http', CJK, "
                    "...) as plain examples instead of dropping them.")
+@click.option("--flat-fraction", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="Fraction of structured answers also kept flat (unchanged), so the model can answer "
+                   "in AR mode too.")
 def data_format_cmd(input_path: Path, output_path: Path, tokenizer_dir: Path | None, plain: bool,
-                    filtered_as_plain: bool) -> None:
+                    filtered_as_plain: bool, flat_fraction: float) -> None:
     """Format ShareGPT conversations (INPUT: .json array or .jsonl) into APAR examples (OUTPUT: .jsonl).
 
     Structured answers (numbered lists of 'N. title: detail', or 3+ paragraphs) become one main
@@ -48,7 +51,8 @@ def data_format_cmd(input_path: Path, output_path: Path, tokenizer_dir: Path | N
     if output_path.resolve() == input_path.resolve():
         raise click.BadParameter("OUTPUT must differ from INPUT", param_hint="OUTPUT")
     try:
-        stats = df.format_file(input_path, output_path, plain=plain, filtered_as_plain=filtered_as_plain)
+        stats = df.format_file(input_path, output_path, plain=plain, filtered_as_plain=filtered_as_plain,
+                               flat_fraction=flat_fraction)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="INPUT") from None
     report = stats.as_dict()

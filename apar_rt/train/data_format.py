@@ -65,6 +65,11 @@ Output (JSONL, one example per line, keys in this order)
   [SplitMask] + "[SplitSop]"`` (no loss, so the loss starts after the last
   ``[SplitSop]``, as in the reference's ``preprocess``); and ``stream + "</s>"``.
 
+With ``flat_fraction`` f > 0, a structured answer whose id falls in the fraction f
+(by CRC-32 of the id, so the choice is deterministic) also yields its original text as
+a ``"flat"`` example (kind ``"flat"``, id ``<id>_flat``), so the model can still write
+the whole answer when [SplitMask] is banned (AR mode, the baseline).
+
 Ids: ``<id>_main``, ``<id>_<k>`` for child k, ``<id>`` for plain. Consumers
 tokenize each segment with ``add_special_tokens=False``, concatenate, and prepend
 BOS. Output order follows input order and the JSON is written with fixed keys and
@@ -75,6 +80,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,13 +269,14 @@ class FormatStats:
     main: int = 0
     child: int = 0
     plain: int = 0
+    flat: int = 0
     by_rule: Counter = field(default_factory=Counter)
     rejected: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "records": self.records,
-            "examples": {"main": self.main, "child": self.child, "plain": self.plain},
+            "examples": {"main": self.main, "child": self.child, "plain": self.plain, "flat": self.flat},
             "structured": dict(sorted(self.by_rule.items())),
             "not_structured": dict(sorted(self.rejected.items())),
         }
@@ -310,6 +317,7 @@ def format_record(
     *,
     plain: bool = True,
     filtered_as_plain: bool = False,
+    flat_fraction: float = 0.0,
     stats: FormatStats | None = None,
 ) -> list[dict[str, Any]]:
     """Format one ShareGPT record into zero or more training examples (see module doc)."""
@@ -353,6 +361,10 @@ def format_record(
                 )
             st.main += 1
             st.child += len(structured.streams)
+            if flat_fraction > 0 and zlib.crc32(source_id.encode()) % 10000 < flat_fraction * 10000:
+                st.flat += 1
+                out.append(_example(f"{source_id}_flat", source_id, "flat", structured.rule, None,
+                                    [(prompt, False), (" " + answer + EOS_TEXT, True)]))
             return out
         why = f"filtered {dropped}"
         if not filtered_as_plain:
@@ -398,11 +410,12 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 def format_records(
     records: Iterable[dict[str, Any]], *, plain: bool = True, filtered_as_plain: bool = False,
-    stats: FormatStats | None = None,
+    flat_fraction: float = 0.0, stats: FormatStats | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Format records in order (see `format_record`)."""
     for i, rec in enumerate(records):
-        yield from format_record(rec, i, plain=plain, filtered_as_plain=filtered_as_plain, stats=stats)
+        yield from format_record(rec, i, plain=plain, filtered_as_plain=filtered_as_plain,
+                                 flat_fraction=flat_fraction, stats=stats)
 
 
 def dumps_example(example: dict[str, Any]) -> str:
@@ -411,13 +424,15 @@ def dumps_example(example: dict[str, Any]) -> str:
 
 
 def format_file(
-    src: str | Path, dst: str | Path, *, plain: bool = True, filtered_as_plain: bool = False
+    src: str | Path, dst: str | Path, *, plain: bool = True, filtered_as_plain: bool = False,
+    flat_fraction: float = 0.0,
 ) -> FormatStats:
     """Format a ShareGPT JSON/JSONL file into an APAR JSONL file."""
     stats = FormatStats()
     records = read_records(src)
     with open(dst, "w", encoding="utf-8", newline="\n") as f:
-        for ex in format_records(records, plain=plain, filtered_as_plain=filtered_as_plain, stats=stats):
+        for ex in format_records(records, plain=plain, filtered_as_plain=filtered_as_plain,
+                                 flat_fraction=flat_fraction, stats=stats):
             f.write(dumps_example(ex) + "\n")
     return stats
 
