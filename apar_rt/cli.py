@@ -191,6 +191,16 @@ def generate(ctx, prompts, as_json, raw, max_tokens, temperature, top_p, top_k, 
         sys.exit(1)
 
 
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+        if any(s < 1 for s in sizes):
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a list of positive integers", param_hint="--batch-sizes") from None
+    return sizes
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks (medians of side-by-side runs; not tests)."""
@@ -208,12 +218,7 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, a
     """tokens/s of apar-rt generate against transformers generate, side by side."""
     from apar_rt.bench.generate import bench_generate, format_rows
 
-    try:
-        sizes = tuple(int(x) for x in batch_sizes.split(","))
-        if any(s < 1 for s in sizes):
-            raise ValueError
-    except ValueError:
-        raise click.BadParameter(f"{batch_sizes!r} is not a list of positive integers", param_hint="--batch-sizes")
+    sizes = _batch_sizes(batch_sizes)
     rows = bench_generate(model, sizes, max_tokens, repeats, mode=mode, threads=threads)
     click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))
 
@@ -232,12 +237,7 @@ def bench_backends_cmd(model, engine_dir, batch_sizes, max_tokens, repeats, mode
     """Per-step latency and tokens/s of the onnxruntime backend against torch eager, side by side."""
     from apar_rt.bench.backends import bench_backends, format_rows
 
-    try:
-        sizes = tuple(int(x) for x in batch_sizes.split(","))
-        if any(s < 1 for s in sizes):
-            raise ValueError
-    except ValueError:
-        raise click.BadParameter(f"{batch_sizes!r} is not a list of positive integers", param_hint="--batch-sizes")
+    sizes = _batch_sizes(batch_sizes)
     rows = bench_backends(model, engine_dir, sizes, max_tokens, repeats, mode=mode, threads=threads,
                           log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))

@@ -11,6 +11,20 @@ class BackendUnavailable(RuntimeError):
     """The backend's library is missing or unusable here; the message says which."""
 
 
+def load_engine_folder(engine_dir, backend: str, *, check_hashes: bool, medusa_dir: str | None):
+    """The verified manifest of a built engine folder, and its number of Medusa heads.
+
+    Raises BackendUnavailable when Medusa is asked for but the engine was built without heads.
+    """
+    from apar_rt.build.manifest import verify_engine_dir
+
+    m = verify_engine_dir(engine_dir, backend=backend, check_hashes=check_hashes)
+    if medusa_dir is not None and not m.medusa:
+        raise BackendUnavailable(f"{str(engine_dir)!r} was built without Medusa heads; rebuild it from a "
+                                 f"model folder that has a 'medusa' heads folder")
+    return m, int(m.medusa.get("num_heads", 0))
+
+
 class Backend(ABC):
     """Owns the model weights (or engine) and the per-layer K/V pools.
 

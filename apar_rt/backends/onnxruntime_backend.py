@@ -16,8 +16,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from apar_rt.backends.base import Backend, BackendUnavailable
-from apar_rt.build.manifest import ONNX_NAME, verify_engine_dir
+from apar_rt.backends.base import Backend, BackendUnavailable, load_engine_folder
+from apar_rt.build.manifest import ONNX_NAME
 from apar_rt.core import StepInput
 from apar_rt.export import step_io
 
@@ -65,11 +65,9 @@ class OnnxRuntimeBackend(Backend):
                  threads: int | None = None, check_hashes: bool = True,
                  medusa_dir: str | None = None) -> None:
         self.engine_dir = Path(engine_dir)
-        self.manifest = m = verify_engine_dir(engine_dir, backend=self.name, check_hashes=check_hashes)
-        if medusa_dir is not None and not m.medusa:
-            raise BackendUnavailable(f"{str(engine_dir)!r} was built without Medusa heads; rebuild it from a "
-                                     f"model folder that has a 'medusa' heads folder")
-        self.num_medusa_heads = int(m.medusa.get("num_heads", 0))
+        self.manifest, self.num_medusa_heads = load_engine_folder(engine_dir, self.name, check_hashes=check_hashes,
+                                                                  medusa_dir=medusa_dir)
+        m = self.manifest
         _check_dtype(dtype, m.dtype)
         if m.dtype not in ("float32", "float16"):
             raise BackendUnavailable(f"the onnxruntime backend runs float32 or float16 engines, "

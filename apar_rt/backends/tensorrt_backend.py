@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apar_rt.backends.base import Backend, BackendUnavailable
-from apar_rt.build.manifest import EngineLoadError, verify_engine_dir
+from apar_rt.backends.base import Backend, BackendUnavailable, load_engine_folder
+from apar_rt.build.manifest import EngineLoadError
 from apar_rt.core import StepInput
 from apar_rt.export import step_io
 
@@ -52,10 +52,9 @@ class TensorRTBackend(Backend):
         from apar_rt.build.tensorrt_builder import TensorRTUnavailable, import_tensorrt
 
         self.engine_dir = Path(engine_dir)
-        self.manifest = m = verify_engine_dir(engine_dir, backend=self.name, check_hashes=check_hashes)
-        if medusa_dir is not None and not m.medusa:
-            raise BackendUnavailable(f"{str(engine_dir)!r} was built without Medusa heads")
-        self.num_medusa_heads = int(m.medusa.get("num_heads", 0))
+        self.manifest, self.num_medusa_heads = load_engine_folder(engine_dir, self.name, check_hashes=check_hashes,
+                                                                  medusa_dir=medusa_dir)
+        m = self.manifest
         if dtype not in (None, "auto", m.dtype):
             raise ValueError(f"dtype {dtype!r} differs from the engine's dtype {m.dtype!r} "
                              f"(fixed at build time)")
