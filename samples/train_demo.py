@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=1)
     p.add_argument("--intermediate", type=int, default=384)
     p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--flat-fraction", type=float, default=0.3,
+                   help="structured answers also trained flat, so AR mode (forks banned) answers fully")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=2)
@@ -87,7 +89,7 @@ def build(args) -> dict:
     corpus.write_jsonl([corpus.to_record(s, i) for i, s in enumerate(samples)], work / "corpus.jsonl")
     Path(args.prompts_out).parent.mkdir(parents=True, exist_ok=True)
     corpus.write_jsonl(corpus.heldout_records(args.seed), args.prompts_out)
-    stats = data_format.format_file(work / "corpus.jsonl", work / "data.jsonl")
+    stats = data_format.format_file(work / "corpus.jsonl", work / "data.jsonl", flat_fraction=args.flat_fraction)
     times["corpus_s"] = time.perf_counter() - t
     print("corpus:", json.dumps(stats.as_dict()), flush=True)
 
