@@ -42,8 +42,8 @@ def read_prompts(path: Path) -> list[str]:
 @click.option("--batch", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(1), default=200, show_default=True,
               help="New tokens the model writes per prompt for the distillation data.")
-@click.option("--mode", type=click.Choice(["apar", "ar"]), default="apar", show_default=True,
-              help="Decode mode of the distillation data (apar includes every branch's context).")
+@click.option("--mode", type=click.Choice(["both", "apar", "ar"]), default="both", show_default=True,
+              help="Decode mode(s) of the distillation data (apar includes every branch's context).")
 @click.option("--raw", is_flag=True, help="Feed prompts with no chat template.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_medusa(model, prompts_file, output, num_heads, num_layers, steps, lr, batch, max_tokens, mode, raw, seed):

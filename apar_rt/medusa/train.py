@@ -53,6 +53,8 @@ def train_medusa(model_dir: str, prompts: Sequence[str], *, output: str | None =
                  mode: str = "apar", raw: bool = False, seed: int = 0, progress: bool = True) -> dict:
     """Train heads on the model's own outputs and save them to `output` (default `<model>/medusa`).
 
+    mode: "apar" (every branch's context), "ar", or "both" (heads that serve either mode).
+
     Returns a summary with the loss at the start and end and per-head top-1 accuracy.
     """
     from tqdm import tqdm
@@ -62,7 +64,8 @@ def train_medusa(model_dir: str, prompts: Sequence[str], *, output: str | None =
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model, cfg = load_model(model_dir)
-    data = _contexts(model_dir, prompts, max_tokens, mode, raw)
+    modes = ("apar", "ar") if mode == "both" else (mode,)
+    data = [c for m in modes for c in _contexts(model_dir, prompts, max_tokens, m, raw)]
     if not data:
         raise ValueError("no training data: every prompt failed to generate")
     feats, targets = [], []   # per position: hidden, and the tokens 2..num_heads+1 ahead (-100 past the end)
