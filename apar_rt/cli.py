@@ -213,13 +213,15 @@ def bench() -> None:
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per side; the median is shown.")
 @click.option("--mode", type=click.Choice(["ar", "apar"]), default="ar", show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+@click.option("--engine", "engine_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Run apar-rt's side on this engine folder of the same model (e.g. onnxruntime).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, as_json):
+def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, engine_dir, as_json):
     """tokens/s of apar-rt generate against transformers generate, side by side."""
     from apar_rt.bench.generate import bench_generate, format_rows
 
     sizes = _batch_sizes(batch_sizes)
-    rows = bench_generate(model, sizes, max_tokens, repeats, mode=mode, threads=threads)
+    rows = bench_generate(model, sizes, max_tokens, repeats, mode=mode, threads=threads, engine=engine_dir)
     click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))
 
 

@@ -22,7 +22,9 @@ def _prompts(n: int) -> list[str]:
 
 
 def bench_generate(model: str, batch_sizes=(1, 8), max_tokens: int = 64, repeats: int = 5,
-                   mode: str = "ar", backend: str = "torch", threads: int | None = None) -> list[dict]:
+                   mode: str = "ar", backend: str = "torch", threads: int | None = None,
+                   engine: str | None = None) -> list[dict]:
+    """engine: an engine folder of the same model for apar-rt's side (its manifest's backend)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -30,7 +32,12 @@ def bench_generate(model: str, batch_sizes=(1, 8), max_tokens: int = 64, repeats
 
     if threads:
         torch.set_num_threads(threads)
-    llm = LLM(model, backend=backend, mode=mode, dtype="float32", device="cpu")
+    if engine is not None:
+        from apar_rt.build.manifest import read_manifest
+        backend = read_manifest(engine).backend
+        llm = LLM(engine, backend=backend, mode=mode, device="cpu", max_num_seqs=max(batch_sizes))
+    else:
+        llm = LLM(model, backend=backend, mode=mode, dtype="float32", device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model)
     tok.padding_side = "left"
