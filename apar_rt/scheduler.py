@@ -66,6 +66,9 @@ class Scheduler:
         self.decode = decode
         self.special_ids = special_ids
         self.tree = tree
+        if tree is not None:   # the tree's step buffers, built once
+            self._tree_mask = np.asarray(tree.mask, bool)
+            self._tree_depths = np.asarray(tree.depths, np.int32)
         self.pool = BlockPool(config.num_blocks, config.block_size)
         self.kv = KVCacheManager(self.pool)
         self.waiting: deque[Request] = deque()
@@ -281,8 +284,6 @@ class Scheduler:
         qs = np.zeros(B + 1, np.int32)
         mask = np.zeros((T, max_q), bool)
         causal = np.tril(np.ones((max_q, max_q), bool))
-        tree_mask = np.asarray(self.tree.mask, bool) if self.tree is not None else None
-        tree_depths = np.asarray(self.tree.depths, np.int32) if self.tree is not None else None
         logits_idx: list[int] = []
         t = 0
         for i, s in enumerate(seqs):
@@ -292,8 +293,8 @@ class Scheduler:
                 start = b.context_len - 1
                 input_ids[t] = b.token_ids[-1]
                 input_ids[t + 1:t + n] = b.draft
-                positions[t:t + n] = start + tree_depths
-                mask[t:t + n, :n] = tree_mask
+                positions[t:t + n] = start + self._tree_depths
+                mask[t:t + n, :n] = self._tree_mask
                 logits_idx.extend(range(t, t + n))
             else:
                 start = b.table.num_tokens - n
