@@ -9,19 +9,16 @@ from typing import Iterable, Sequence
 
 from apar_rt.apar import ControlTokens, branch_schema, recover_text
 from apar_rt.backends import Backend, backend_class
-from apar_rt.config import EngineConfig, ModelConfig
-from apar_rt.core import Request, RequestOutput, SamplingParams
-from apar_rt.model.tokenizer import control_tokens, encode_prompt, load_tokenizer
-from apar_rt.config import ModelLoadError
-from apar_rt.core import ScheduledSeq
+from apar_rt.config import EngineConfig, ModelConfig, ModelLoadError
+from apar_rt.core import FinishReason, Request, RequestOutput, SamplingParams, ScheduledSeq
 from apar_rt.medusa.heads import HEADS_DIRNAME, find_heads_dir
 from apar_rt.medusa.tree import load_tree
 from apar_rt.medusa.verifier import Acceptance, MedusaVerifier
+from apar_rt.model.tokenizer import control_tokens, encode_prompt, load_tokenizer
 from apar_rt.sampler import make_generator, process_logits, sample_row
-
-DEFAULT_TREE = "tiny_9"
 from apar_rt.scheduler import RequestRejected, Scheduler, StepUpdate
 
+DEFAULT_TREE = "tiny_9"   # the Medusa tree when heads are loaded and no tree is named
 
 class Engine:
     """Runs requests in flight. `add_request` + repeated `step()`; each step returns the
@@ -196,8 +193,6 @@ class Engine:
     def run(self, requests: Iterable[tuple[str | None, SamplingParams, dict]]) -> list[RequestOutput]:
         """Serve a batch to completion. A request rejected up front gets an output with `error`
         set and finish_reason 'error'; all others still run."""
-        from apar_rt.core import FinishReason
-
         results: dict[str, RequestOutput] = {}
         order: list[str | RequestOutput] = []
         for prompt, params, kw in requests:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from apar_rt.medusa.heads import HEADS_DIRNAME, MedusaHeads
 
 
-def _contexts(model_dir: str, prompts: Sequence[str], max_tokens: int, mode: str, raw: bool) -> list[tuple[int, list[int]]]:
+def _contexts(model_dir: str, prompts: Sequence[str], max_tokens: int, mode: str,
+              raw: bool) -> list[tuple[int, list[int]]]:
     """(prompt length, full token context) of every branch the model writes for the prompts."""
     from apar_rt import LLM, SamplingParams
 
