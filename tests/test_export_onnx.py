@@ -82,8 +82,8 @@ def _pool(cfg, num_blocks, block_size, seed):
     g = torch.Generator().manual_seed(seed)
     shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
     pools = [torch.randn(shape, generator=g) for _ in range(2 * cfg.num_hidden_layers)]
-    for p in pools:
-        p[0] = float("nan")   # the null block's contents must never be seen
+    for p in pools:   # the null block's contents must never be seen: huge (finite, per the contract)
+        p[0] = 1e4 * torch.randn(p[0].shape, generator=g)
     return pools
 
 

@@ -34,7 +34,10 @@ def tree_paged_attention_reference(
         k, v: [T, Hkv, D] the new tokens' keys (RoPE applied) and values. Hq % Hkv == 0;
             query head h reads kv head h // (Hq // Hkv).
         k_cache, v_cache: [num_blocks, block_size, Hkv, D] the layer's KV pool. Block 0 is the
-            null block: it pads tables and its contents are never visible.
+            null block: it pads tables and its contents are never visible. Entries no query sees
+            (block 0, stale slots of freed blocks) must be finite: backends zero-initialise their
+            pools. (This reference also tolerates non-finite ones; the ONNX function and plugins
+            may rely on finiteness, as a 0 probability times NaN is NaN.)
         block_tables: [B, max_blocks] int32. Cached position p of sequence b lives at
             (block_tables[b, p // block_size], p % block_size).
         context_lens: [B] int32. Sequence b's first context_lens[b] positions are cached, and
