@@ -188,3 +188,14 @@ def test_per_request_mode(tiny_gqa):
     assert got[1].stats["forks"] > 0
     with pytest.raises(ValueError, match="mode"):
         SamplingParams(mode="fast")
+
+
+def test_ban_fork_when_full(tiny_gqa):
+    path, _, tok = tiny_gqa
+    fork = tok.convert_tokens_to_ids("[SplitMask]")
+    params = SamplingParams(max_tokens=20, logit_bias={fork: 4.0})
+    free, _ = make_llm(path, max_num_seqs=1)
+    assert free.generate([PROMPTS[0]], params)[0].stats["forks"] > 0
+    full, _ = make_llm(path, max_num_seqs=1, ban_fork_when_full=True)
+    o = full.generate([PROMPTS[0]], params)[0]
+    assert o.stats["forks"] == 0 and fork not in o.branches[0]["token_ids"]
