@@ -7,8 +7,10 @@ watermark remain.
 
 When blocks run out, the most recently admitted request is preempted as a whole: all its
 live branches drop their blocks and go back to the front of the queue, to be recomputed
-(each live branch re-prefills its own context). No request is lost: a request that cannot
-fit even alone finishes with an error, and every other request goes on.
+(branches re-share their common prefixes as they did after their forks). A request running
+alone that still cannot grow drops its newest branch's blocks instead, to recompute that branch
+later. No request is lost: only one whose single branch cannot fit the pool finishes with an
+error, and every other request goes on.
 """
 
 from __future__ import annotations
@@ -127,9 +129,9 @@ class Scheduler:
                     break
                 n, n_slots, tree = self._plan(b, budget)
                 res = self._reserve(req, b, n_slots, out)
-                if res is None:
+                if res is None:      # this branch waits; a sibling may still fit
                     blocked = True
-                    break
+                    continue
                 reserved.append((ScheduledSeq(req, b, n, res.slots, False, tree), res.copies))
                 budget -= n
                 got_any = True
@@ -137,7 +139,7 @@ class Scheduler:
                 # Not one block for it, and every later request is already preempted.
                 if len(self.running) > 1:
                     self._preempt(req, out)
-                else:
+                elif not self._shed_branch(req):
                     self._fail(req, self._too_big_message(req), out)
                 continue
             i += 1
@@ -212,23 +214,47 @@ class Scheduler:
                 need -= req.resume_donors[b.id][1] // bs
         return need
 
+    def _best_donor(self, b: Branch, candidates: Sequence[Branch]) -> tuple[int, int] | None:
+        """(donor id, shared tokens) of the candidate sharing the longest context prefix with b,
+        when that is at least a block; b keeps at least one token of its own to compute."""
+        ctx = b.context()
+        best = None
+        for a in candidates:
+            ctx_a = a.context()
+            n, limit = 0, min(len(ctx_a), len(ctx) - 1)
+            while n < limit and ctx_a[n] == ctx[n]:
+                n += 1
+            if n >= self.config.block_size and (best is None or n > best[1]):
+                best = (a.id, n)
+        return best
+
     def _plan_shared_recompute(self, req: Request) -> None:
         """Pair each live branch with an earlier one it shares a context prefix with, so that
         recompute after a preemption shares blocks as the original forks did."""
         live = req.live_branches()
-        contexts = [b.context() for b in live]
         req.resume_donors = {}
         for i, b in enumerate(live):
-            best, best_len = None, 0
-            for a, ctx_a in zip(live[:i], contexts[:i]):
-                n = 0
-                limit = min(len(ctx_a), len(contexts[i]) - 1)
-                while n < limit and ctx_a[n] == contexts[i][n]:
-                    n += 1
-                if n > best_len:
-                    best, best_len = a, n
-            if best is not None and best_len >= self.config.block_size:
-                req.resume_donors[b.id] = (best.id, best_len)
+            donor = self._best_donor(b, live[:i])
+            if donor is not None:
+                req.resume_donors[b.id] = donor
+
+    def _shed_branch(self, req: Request) -> bool:
+        """Free the newest block-holding branch of a request that cannot grow at all, so its
+        siblings go on; the branch is recomputed later, re-sharing a sibling's computed prefix
+        when it can. False when fewer than two branches hold blocks (nothing to gain)."""
+        holders = [b for b in req.live_branches() if b.table.block_ids]
+        if len(holders) < 2:
+            return False
+        b = holders[-1]
+        self.kv.free(b.table)
+        b.draft = None
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        donor = self._best_donor(b, holders[:-1])
+        if donor is not None:
+            did, n = donor
+            req.resume_donors[b.id] = (did, min(n, req.branches[did].table.num_tokens))
+        return True
 
     def _fork_from_donors(self, req: Request) -> None:
         """Branches whose donor has recomputed the shared prefix take its blocks now."""

@@ -41,54 +41,70 @@ def banned_for(context, depth, fork, child, max_depth):
     return banned
 
 
+def assert_branches_follow_argmax(hf, o, fork, child, bias, max_depth):
+    """Every sampled token of every branch is HF's argmax for that branch's context (schema rules),
+    after the same logit bias and bans; children start with [Child] at a [Fork] of their parent."""
+    assert o.error is None
+    br = {b["id"]: b for b in o.branches}
+    assert br[0]["parent"] is None and br[0]["fork_index"] is None
+    depth = {0: 0}
+    for b in o.branches[1:]:
+        parent = br[b["parent"]]
+        assert parent["token_ids"][b["fork_index"]] == fork
+        assert b["token_ids"][0] == child
+        depth[b["id"]] = depth[b["parent"]] + 1
+    assert o.stats["forks"] == len(o.branches) - 1
+    for b in o.branches:
+        chain, node = [], b
+        while node["parent"] is not None:
+            chain.append(node)
+            node = br[node["parent"]]
+        prefix = list(o.prompt_token_ids)
+        for anc_child in reversed(chain):
+            prefix += br[anc_child["parent"]]["token_ids"][:anc_child["fork_index"] + 1]
+        toks = b["token_ids"]
+        start = 1 if b["parent"] is not None else 0
+        for i in range(start, len(toks)):
+            ctx = prefix + toks[:i]
+            with torch.no_grad():
+                logits = hf(torch.tensor([ctx])).logits[0, -1].clone()
+            logits[fork] += bias
+            for t in banned_for(ctx, depth[b["id"]], fork, child, max_depth):
+                logits[t] = float("-inf")
+            assert toks[i] == int(torch.argmax(logits)), (o.prompt, b["id"], i)
+        # a [Fork] that is not the branch's last token spawned a child at that index
+        for i, t in enumerate(toks):
+            if t == fork and i < len(toks) - 1:
+                assert any(c["parent"] == b["id"] and c["fork_index"] == i for c in o.branches)
+
+
 @pytest.mark.parametrize("max_depth", [1, 2])
 def test_apar_branches_match_per_branch_argmax(tiny_gqa, max_depth):
-    """Every sampled token of every branch is HF's argmax for that branch's context (schema rules),
-    after the same logit bias and bans; children start with [Child]; blocks all return."""
+    """Forked requests under a pool small enough to preempt them; blocks all return."""
     path, hf, tok = tiny_gqa
     fork, child = tok.convert_tokens_to_ids("[SplitMask]"), tok.convert_tokens_to_ids("[SplitSop]")
     bias = 4.0
     llm = LLM(str(path), mode="apar", raw=True, num_blocks=24, block_size=4, max_num_tokens=24,
               max_depth=max_depth)
     outs = llm.generate(PROMPTS[:4], SamplingParams(max_tokens=40, logit_bias={fork: bias}))
-    total_forks = 0
     for o in outs:
-        assert o.error is None
-        br = {b["id"]: b for b in o.branches}
-        assert br[0]["parent"] is None and br[0]["fork_index"] is None
-        depth = {0: 0}
-        for b in o.branches[1:]:
-            parent = br[b["parent"]]
-            assert parent["token_ids"][b["fork_index"]] == fork
-            assert b["token_ids"][0] == child
-            depth[b["id"]] = depth[b["parent"]] + 1
-        total_forks += o.stats["forks"]
-        assert o.stats["forks"] == len(o.branches) - 1
+        assert_branches_follow_argmax(hf, o, fork, child, bias, max_depth)
         assert o.stats["generated_tokens"] == sum(len(b["token_ids"]) for b in o.branches) <= 40
-        for b in o.branches:
-            chain, node = [], b
-            while node["parent"] is not None:
-                chain.append(node)
-                node = br[node["parent"]]
-            prefix = list(o.prompt_token_ids)
-            for anc_child in reversed(chain):
-                prefix += br[anc_child["parent"]]["token_ids"][:anc_child["fork_index"] + 1]
-            toks = b["token_ids"]
-            start = 1 if b["parent"] is not None else 0
-            for i in range(start, len(toks)):
-                ctx = prefix + toks[:i]
-                with torch.no_grad():
-                    logits = hf(torch.tensor([ctx])).logits[0, -1].clone()
-                logits[fork] += bias
-                for t in banned_for(ctx, depth[b["id"]], fork, child, max_depth):
-                    logits[t] = float("-inf")
-                assert toks[i] == int(torch.argmax(logits)), (o.prompt, b["id"], i)
-            # a [Fork] that is not the branch's last token spawned a child at that index
-            for i, t in enumerate(toks):
-                if t == fork and i < len(toks) - 1:
-                    assert any(c["parent"] == b["id"] and c["fork_index"] == i for c in o.branches)
-    assert total_forks >= 4, "the bias was meant to make forks happen"
+    assert sum(o.stats["forks"] for o in outs) >= 4, "the bias was meant to make forks happen"
     assert llm.engine.scheduler.num_preemptions > 0, "the pool was meant to preempt forked requests"
+    assert llm.engine.scheduler.pool.num_used == 0
+
+
+def test_a_tree_larger_than_the_pool_finishes_by_recomputing_branches(tiny_gqa):
+    """Alone, a request whose branches together outgrow the pool frees its newest branch's blocks
+    (recomputed later) instead of failing, as long as each branch fits."""
+    path, hf, tok = tiny_gqa
+    fork, child = tok.convert_tokens_to_ids("[SplitMask]"), tok.convert_tokens_to_ids("[SplitSop]")
+    llm = LLM(str(path), mode="apar", raw=True, num_blocks=12, block_size=4)
+    o = llm.generate(["one two three"], SamplingParams(max_tokens=60, logit_bias={fork: 4.0}))[0]
+    assert o.stats["peak_kv_blocks"] <= 11 and o.stats["preemptions"] > 0 and o.stats["forks"] >= 4
+    assert_branches_follow_argmax(hf, o, fork, child, 4.0, 2)
+    assert o.stats["generated_tokens"] == 60
     assert llm.engine.scheduler.pool.num_used == 0
 
 
