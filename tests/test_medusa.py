@@ -104,6 +104,17 @@ def test_load_fasterdecoding_layout(tmp_path):
         torch.testing.assert_close(m(x)[:, h], z @ state[f"{h}.1.weight"].T)
 
 
+def test_load_prefixed_safetensors_layout(tmp_path):
+    from safetensors.torch import save_file
+
+    heads = MedusaHeads(8, 11, 2)
+    state = {f"medusa_head.{k.split('.', 1)[1]}": v.contiguous() for k, v in heads.state_dict().items()}
+    save_file(state, str(tmp_path / "medusa_lm_head.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 1}))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(load_heads(tmp_path, hidden=8, vocab=11)(x), heads(x))
+
+
 def test_heads_with_wrong_vocab(tmp_path):
     MedusaHeads(8, 11, 2).save(tmp_path)
     with pytest.raises(ModelLoadError, match="vocab 12"):

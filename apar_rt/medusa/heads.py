@@ -4,7 +4,7 @@ On disk (the FasterDecoding/Medusa layout, also the `medusa` folder of THUDM/apa
 `config.json` with `medusa_num_heads` and `medusa_num_layers`, and the heads' state dict in
 `medusa_lm_head.safetensors` or `medusa_lm_head.pt` (read with weights_only=True), with keys
 `{head}.{layer}.linear.weight|bias` for the ResBlocks and `{head}.{num_layers}.weight` for the
-projection.
+projection (a `medusa_head.` prefix, as newer Medusa versions write, is accepted).
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def load_heads(path: str | Path, *, hidden: int, vocab: int, dtype=torch.float32
             raise ModelLoadError(f"cannot read {path / WEIGHTS_PT} with weights_only=True: {e}") from None
     else:
         raise ModelLoadError(f"{str(path)!r} holds no Medusa weights ({WEIGHTS_SAFE} or {WEIGHTS_PT})")
+    state = {k.removeprefix("medusa_head."): v for k, v in state.items()}   # newer Medusa saves
     proj = state.get(f"0.{num_layers}.weight")
     if proj is None:
         raise ModelLoadError(f"Medusa weights in {str(path)!r} lack the projection '0.{num_layers}.weight'")
