@@ -11,6 +11,7 @@ Pure Python (no torch). The rules follow THUDM/APAR:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -78,17 +79,34 @@ def branch_text(decode: Decoder, branch: Branch, skip_ids: frozenset[int] = froz
     return continuation_text(decode, branch.prefix, branch.token_ids, skip_ids)
 
 
+TEXT_JOINS = ("inplace", "reference")
+
+
+def _join_detail(own: str, detail: str) -> str:
+    """THUDM/APAR's rule for a child's text: after a numbered item it starts on a new line."""
+    if detail.startswith("\n"):
+        return detail
+    return ("\n" if re.search(r"\d+\. ", own) else "") + detail.lstrip("\n")
+
+
+def _join_next(text: str) -> str:
+    """THUDM/APAR's rule for a parent's continuation after a child: it starts a new paragraph."""
+    return text if text.startswith("\n\n") else "\n\n" + text.lstrip("\n")
+
+
 def recover_text(decode: Decoder, branches: Sequence[Branch], control: ControlTokens,
-                 skip_ids: frozenset[int] = frozenset()) -> str:
+                 skip_ids: frozenset[int] = frozenset(), join: str = "inplace") -> str:
     """The final text: walk the paragraph tree from the root in reading order.
 
-    A branch's own text is cut at `stop_text_len` when a stop string ended it.
+    A branch's own text is cut at `stop_text_len` when a stop string ended it. join="inplace"
+    decodes every piece where it stands (exactly the model's text); "reference" applies
+    THUDM/APAR's newline fix-ups (a detail after "N. " starts a line, a continuation a paragraph).
     """
-    return _render(decode, branches, control, skip_ids, settled_only=False, holdback=0)
+    return _render(decode, branches, control, skip_ids, settled_only=False, holdback=0, join=join)
 
 
 def settled_text(decode: Decoder, branches: Sequence[Branch], control: ControlTokens,
-                 skip_ids: frozenset[int] = frozenset(), holdback: int = 0) -> str:
+                 skip_ids: frozenset[int] = frozenset(), holdback: int = 0, join: str = "inplace") -> str:
     """The longest prefix of the final text that can no longer change.
 
     Reading order stops at the first branch still running: its own text so far is settled
@@ -96,10 +114,13 @@ def settled_text(decode: Decoder, branches: Sequence[Branch], control: ControlTo
     incomplete character; everything after it in reading order is not. Streaming the growth
     of this value yields exactly `recover_text` once all branches finish.
     """
-    return _render(decode, branches, control, skip_ids, settled_only=True, holdback=holdback)
+    return _render(decode, branches, control, skip_ids, settled_only=True, holdback=holdback, join=join)
 
 
-def _render(decode, branches, control, skip_ids, *, settled_only: bool, holdback: int) -> str:
+def _render(decode, branches, control, skip_ids, *, settled_only: bool, holdback: int, join: str) -> str:
+    if join not in TEXT_JOINS:
+        raise ValueError(f"text join must be one of {', '.join(TEXT_JOINS)}, got {join!r}")
+    reference = join == "reference"
     children: dict[tuple[int, int], Branch] = {}
     for b in branches:
         if b.parent is not None:
@@ -114,23 +135,26 @@ def _render(decode, branches, control, skip_ids, *, settled_only: bool, holdback
         open_end = settled_only and not b.finished
         fork_points = [i for i, t in enumerate(b.token_ids) if t == control.fork and (b.id, i) in children]
         for i in fork_points + [len(b.token_ids)]:
-            seg = continuation_text(decode, b.context()[:len(b.prefix) + cursor],
+            raw = continuation_text(decode, b.context()[:len(b.prefix) + cursor],
                                     b.token_ids[cursor:i + 1], skip_ids)
-            if limit is not None and own_len + len(seg) >= limit:
-                parts.append(seg[:limit - own_len])
+            seg = raw
+            cut = limit is not None and own_len + len(raw) >= limit
+            if cut:
+                seg = raw[:limit - own_len]
+            elif i == len(b.token_ids) and open_end:
+                seg = raw.rstrip("\ufffd")
+                seg = seg[:max(0, len(seg) - holdback)]
+            if reference and cursor > 0:
+                seg = _join_next(seg)
+            parts.append(seg)
+            if cut:
                 return "".join(parts), True
-            own_len += len(seg)
+            own_len += len(raw)
             if i < len(b.token_ids):
-                parts.append(seg)
                 child_text, child_done = render(children[(b.id, i)])
-                parts.append(child_text)
+                parts.append(_join_detail(raw, child_text) if reference else child_text)
                 if not child_done:
                     return "".join(parts), False
-            else:
-                if open_end:
-                    seg = seg.rstrip("\ufffd")
-                    seg = seg[:max(0, len(seg) - holdback)]
-                parts.append(seg)
             cursor = i + 1
         return "".join(parts), not open_end
 

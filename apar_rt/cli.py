@@ -55,6 +55,10 @@ def engine_options(f):
                      help="Length cap per request (default: the model's max_position_embeddings)."),
         click.option("--max-depth", type=int, default=2, show_default=True,
                      help="[Fork] is banned in branches this deep (the root is depth 0)."),
+        click.option("--text-join", type=click.Choice(["inplace", "reference"]), default="inplace",
+                     show_default=True,
+                     help="Text recovery: each piece decoded in place, or THUDM/APAR's newline fix-ups "
+                          "(for checkpoints trained on its data, e.g. THUDM/apar-7b)."),
         click.option("--ban-fork-when-full", is_flag=True,
                      help="Ban [Fork] while a step already holds --max-num-seqs sequences (as THUDM/APAR)."),
         click.option("--medusa", is_flag=True,
@@ -76,7 +80,7 @@ def engine_options(f):
 
 def _engine_kwargs(kw: dict) -> dict:
     out = {k: kw[k] for k in ("num_blocks", "block_size", "max_num_seqs", "max_num_tokens", "max_model_len",
-                              "max_depth", "mode", "acceptance", "ban_fork_when_full")}
+                              "max_depth", "mode", "acceptance", "ban_fork_when_full", "text_join")}
     medusa = kw.get("medusa_heads") or kw.get("medusa") or bool(kw.get("medusa_tree"))
     if medusa:
         out["medusa"] = medusa

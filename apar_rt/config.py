@@ -116,6 +116,7 @@ class EngineConfig:
     ban_fork_when_full: bool = False  # ban [Fork] while the step already holds max_num_seqs
     medusa_tree: str | None = None  # Medusa draft tree (preset name or JSON file); None: no drafts
     acceptance: str = "typical"    # how sampled requests accept drafts: "typical" or "greedy" (none)
+    text_join: str = "inplace"     # text recovery: "inplace", or "reference" (THUDM/APAR's newline fix-ups)
 
     def __post_init__(self) -> None:
         if self.mode not in ("apar", "ar"):
@@ -129,5 +130,7 @@ class EngineConfig:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         if self.acceptance not in ("greedy", "typical"):
             raise ValueError(f"acceptance must be 'greedy' or 'typical', got {self.acceptance!r}")
+        if self.text_join not in ("inplace", "reference"):
+            raise ValueError(f"text_join must be 'inplace' or 'reference', got {self.text_join!r}")
         if self.max_depth < 0:
             raise ValueError(f"max_depth must be >= 0, got {self.max_depth}")

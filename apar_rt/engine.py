@@ -179,7 +179,7 @@ class Engine:
         return o
 
     def finalize(self, req: Request, o: RequestOutput) -> None:
-        o.text = recover_text(self.decode, req.branches, self.control, self.special_ids)
+        o.text = recover_text(self.decode, req.branches, self.control, self.special_ids, join=self.config.text_join)
         o.branches = branch_schema(req.branches)
         hist = req.accepted_lengths
         thread_steps = sum(hist.values())

@@ -62,3 +62,20 @@ def test_bans():
     assert banned_tokens(16, 2, CTRL, mode="apar", max_depth=3) == [CHILD]
     assert banned_tokens(17, 0, CTRL, mode="apar", max_depth=2, step_full=True) == [CHILD, FORK]
     assert banned_tokens(17, 0, ControlTokens(None, None), mode="apar", max_depth=2) == []
+
+
+def test_reference_join_applies_thudm_newline_fixups():
+    """A detail after a numbered item starts a line; a continuation after a child starts a paragraph."""
+    assert recover_text(decode, tree(), CTRL, SPECIAL, join="reference") == (
+        "Tips:\n1. Sleep\n well. Daily.\n\n Eight hours.\n\n2. Eat\n greens.\n\n3. Walk Far.")
+
+
+def test_reference_join_streams_a_prefix_of_its_final_text():
+    bs = tree(finished=False)
+    final = recover_text(decode, tree(), CTRL, SPECIAL, join="reference")
+    seen = []
+    for order in ([3], [1], [2], [0]):
+        for i in order:
+            bs[i].finish_reason = FinishReason.STOP
+        seen.append(settled_text(decode, bs, CTRL, SPECIAL, join="reference"))
+    assert all(final.startswith(s) for s in seen) and seen[-1] == final

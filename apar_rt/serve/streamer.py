@@ -54,6 +54,7 @@ class ReadingOrderStreamer:
     control: ControlTokens
     skip_ids: frozenset[int]
     holdback: int = 0            # characters a stop string could still cut: max(len(stop)) - 1
+    join: str = "inplace"        # the engine's text join (apar.recover_text)
     sent: str = ""               # the text emitted so far
     branch_sent: dict[int, str] = field(default_factory=dict)
     diverged: bool = False       # the settled text stopped extending what was sent (a bug)
@@ -61,13 +62,14 @@ class ReadingOrderStreamer:
     @classmethod
     def for_engine(cls, engine, stop: Sequence[str] = ()) -> "ReadingOrderStreamer":
         holdback = max((len(s) for s in stop), default=1) - 1
-        return cls(_memo_decoder(engine.decode), engine.control, engine.special_ids, holdback)
+        return cls(_memo_decoder(engine.decode), engine.control, engine.special_ids, holdback,
+                   join=engine.config.text_join)
 
     def step(self, branches: Sequence[Branch]) -> str:
         """The new settled text after a step."""
         if self.diverged:
             return ""
-        now = settled_text(self.decode, branches, self.control, self.skip_ids, self.holdback)
+        now = settled_text(self.decode, branches, self.control, self.skip_ids, self.holdback, join=self.join)
         if not now.startswith(self.sent):
             # settled_text promises a growing prefix; if it ever does not, stop streaming
             # early and let `finish` send what it can.
