@@ -135,7 +135,7 @@ def _render(decode, branches, control, skip_ids, *, settled_only: bool, holdback
         open_end = settled_only and not b.finished
         fork_points = [i for i, t in enumerate(b.token_ids) if t == control.fork and (b.id, i) in children]
         for i in fork_points + [len(b.token_ids)]:
-            raw = continuation_text(decode, b.context()[:len(b.prefix) + cursor],
+            raw = continuation_text(decode, b.context_slice(0, len(b.prefix) + cursor),
                                     b.token_ids[cursor:i + 1], skip_ids)
             seg = raw
             cut = limit is not None and own_len + len(raw) >= limit

@@ -100,6 +100,13 @@ class Branch:
     def context(self) -> list[int]:
         return self.prefix + self.token_ids
 
+    def context_slice(self, start: int, stop: int) -> list[int]:
+        """context()[start:stop] without building the whole context (the per-step hot path)."""
+        p = len(self.prefix)
+        if start >= p:
+            return self.token_ids[start - p:stop - p]
+        return self.prefix[start:stop] + self.token_ids[:max(0, stop - p)]
+
     @property
     def num_uncomputed(self) -> int:
         return self.context_len - self.table.num_tokens

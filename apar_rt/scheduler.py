@@ -324,7 +324,7 @@ class Scheduler:
                 logits_idx.extend(range(t, t + n))
             else:
                 start = b.table.num_tokens - n
-                input_ids[t:t + n] = b.context()[start:start + n]
+                input_ids[t:t + n] = b.context_slice(start, start + n)
                 positions[t:t + n] = np.arange(start, start + n)
                 slots[t:t + n] = s.slots
                 mask[t:t + n, :n] = causal[:n, :n]

@@ -79,3 +79,9 @@ def test_reference_join_streams_a_prefix_of_its_final_text():
             bs[i].finish_reason = FinishReason.STOP
         seen.append(settled_text(decode, bs, CTRL, SPECIAL, join="reference"))
     assert all(final.startswith(s) for s in seen) and seen[-1] == final
+
+
+def test_context_slice_equals_slicing_the_context():
+    b = Branch(0, None, None, 0, [1, 2, 3, 4], [5, 6, 7])
+    ctx = b.context()
+    assert all(b.context_slice(s, e) == ctx[s:e] for s in range(8) for e in range(s, 9))
