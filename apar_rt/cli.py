@@ -197,14 +197,15 @@ def generate(ctx, prompts, as_json, raw, max_tokens, temperature, top_p, top_k, 
         sys.exit(1)
 
 
-def _batch_sizes(text: str) -> tuple[int, ...]:
+def _positive_ints(text: str, flag: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers, or BadParameter naming `flag`."""
     try:
-        sizes = tuple(int(x) for x in text.split(","))
-        if any(s < 1 for s in sizes):
+        values = tuple(int(x) for x in text.split(","))
+        if any(v < 1 for v in values):
             raise ValueError
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a list of positive integers", param_hint="--batch-sizes") from None
-    return sizes
+        raise click.BadParameter(f"{text!r} is not a list of positive integers", param_hint=flag) from None
+    return values
 
 
 @main.group()
@@ -226,7 +227,7 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
     """tokens/s of apar-rt generate against transformers generate, side by side."""
     from apar_rt.bench.generate import bench_generate, format_rows
 
-    sizes = _batch_sizes(batch_sizes)
+    sizes = _positive_ints(batch_sizes, "--batch-sizes")
     rows = bench_generate(model, sizes, max_tokens, repeats, mode=mode, threads=threads, engine=engine_dir)
     click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))
 
@@ -245,7 +246,7 @@ def bench_backends_cmd(model, engine_dir, batch_sizes, max_tokens, repeats, mode
     """Per-step latency and tokens/s of the onnxruntime backend against torch eager, side by side."""
     from apar_rt.bench.backends import bench_backends, format_rows
 
-    sizes = _batch_sizes(batch_sizes)
+    sizes = _positive_ints(batch_sizes, "--batch-sizes")
     rows = bench_backends(model, engine_dir, sizes, max_tokens, repeats, mode=mode, threads=threads,
                           log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))
@@ -299,17 +300,16 @@ def bench_serving_cmd(model, url, modes, concurrency, num_requests, max_tokens, 
 
     if (model is None) == (url is None):
         raise click.UsageError("give exactly one of --model DIR or --url URL")
-    try:
-        levels = tuple(int(x) for x in concurrency.split(","))
-        if any(c < 1 for c in levels):
-            raise ValueError
-    except ValueError:
-        raise click.BadParameter(f"{concurrency!r} is not a list of positive integers", param_hint="--concurrency")
+    levels = _positive_ints(concurrency, "--concurrency")
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
     if not mode_list or set(mode_list) - {"apar", "ar"}:
         raise click.BadParameter(f"{modes!r}: modes are apar and ar", param_hint="--modes")
+    try:
+        prompts = load_prompts(prompts_file)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--prompts") from None
     rows = bench_serving(model, modes=mode_list, concurrency=levels, num_requests=num_requests,
-                         max_tokens=max_tokens, prompts=load_prompts(prompts_file), url=url,
+                         max_tokens=max_tokens, prompts=prompts, url=url,
                          serve_args=[a for arg in serve_args for a in arg.split()], ignore_eos=ignore_eos,
                          log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))

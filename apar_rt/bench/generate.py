@@ -11,10 +11,7 @@ import json
 import statistics
 import time
 
-DEFAULT_PROMPTS = ["Give me three tips for better sleep.", "List four ways to drink more water.",
-                   "How do I plan a week of meals?", "Name five things to pack for a trip.",
-                   "Explain how to start running.", "What should I read to learn to code?",
-                   "Give me steps to build a small model.", "How can I write better tests?"]
+from apar_rt.prompts import DEFAULT_PROMPTS
 
 
 def _prompts(n: int) -> list[str]:

@@ -25,27 +25,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-DEFAULT_PROMPTS = ["Give me three tips for better sleep.", "List four ways to drink more water.",
-                   "How do I plan a week of meals?", "Name five things to pack for a trip.",
-                   "Explain how to start running.", "What should I read to learn to code?",
-                   "Give me steps to build a small model.", "How can I write better tests?"]
+from apar_rt.prompts import DEFAULT_PROMPTS, read_prompts
 
 
 def load_prompts(path: str | None) -> list[str]:
-    """Prompts from a .jsonl file (a "prompt" field per line) or a text file (one per line)."""
-    if not path:
-        return list(DEFAULT_PROMPTS)
-    out = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        out.append(json.loads(line)["prompt"] if line.startswith("{") else line)
-    if not out:
-        raise ValueError(f"{path} holds no prompts")
-    return out
+    """The prompts in `path` (see apar_rt.prompts.read_prompts), or the built-in list."""
+    return read_prompts(path) if path else list(DEFAULT_PROMPTS)
 
 
 @dataclass(slots=True)

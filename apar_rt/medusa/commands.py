@@ -7,31 +7,13 @@ from pathlib import Path
 
 import click
 
-
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from a .jsonl file (a "prompt" field per line) or a text file (one per line)."""
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                prompts.append(json.loads(line)["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise click.BadParameter(f"line {n} of {path} is not a JSON object with a 'prompt'",
-                                         param_hint="--prompts") from None
-        else:
-            prompts.append(line)
-    if not prompts:
-        raise click.BadParameter(f"{path} holds no prompts", param_hint="--prompts")
-    return prompts
+from apar_rt.prompts import read_prompts
 
 
 @click.command("train-medusa")
 @click.option("--model", type=click.Path(exists=True, file_okay=False), required=True, help="HF model folder.")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True, help="Training prompts: .jsonl with a 'prompt' field, or one prompt per line.")
+              required=True, help="Training prompts: JSON lines with a 'prompt' field, or one prompt per line.")
 @click.option("--output", type=click.Path(file_okay=False), default=None,
               help="Where to save the heads (default: MODEL/medusa).")
 @click.option("--num-heads", type=click.IntRange(1, 8), default=4, show_default=True)
@@ -50,6 +32,10 @@ def train_medusa(model, prompts_file, output, num_heads, num_layers, steps, lr, 
     """Train Medusa-1 heads for MODEL on its own greedy outputs (self-distillation)."""
     from apar_rt.medusa.train import train_medusa as run
 
-    summary = run(model, read_prompts(prompts_file), output=output, num_heads=num_heads, num_layers=num_layers,
+    try:
+        prompts = read_prompts(prompts_file)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--prompts") from None
+    summary = run(model, prompts, output=output, num_heads=num_heads, num_layers=num_layers,
                   steps=steps, lr=lr, batch=batch, max_tokens=max_tokens, mode=mode, raw=raw, seed=seed)
     click.echo(json.dumps(summary, indent=1))
