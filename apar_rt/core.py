@@ -26,7 +26,8 @@ def _check_int(name: str, v, lo: int, hi: int, note: str = "") -> int:
     v = int(v)
     if not lo <= v <= hi:
         shown = v if v.bit_length() <= 64 else f"an integer of {v.bit_length()} bits"
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}]{' ' + note if note else ''}, got {shown}")
+        note = f" {note}" if note else ""
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}]{note}, got {shown}")
     return v
 
 
@@ -37,7 +38,8 @@ def _check_float(name: str, v) -> float:
     try:
         f = float(v)
     except OverflowError:     # an int too big for a float
-        raise ValueError(f"{name} must be a finite number, got an integer of {int(v).bit_length()} bits") from None
+        bits = int(v).bit_length()
+        raise ValueError(f"{name} must be a finite number, got an integer of {bits} bits") from None
     if not math.isfinite(f):
         raise ValueError(f"{name} must be a finite number, got {f}")
     return f

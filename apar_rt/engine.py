@@ -191,12 +191,12 @@ class Engine:
     def _failed_output(self, req: Request, e: Exception) -> RequestOutput:
         log.error("request %s failed while finishing", req.request_id, exc_info=e)
         self._requests.pop(req.request_id, None)
+        msg = "internal error while finishing this request (details are in the server log)"
         if not req.finished:
-            self.scheduler.fail(req, "internal error while finishing this request", None)
-        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                             deltas=[], finished=True, finish_reason=FinishReason.ERROR,
-                             error=req.error or "internal error while finishing this request "
-                                                "(details are in the server log)")
+            self.scheduler.fail(req, msg, None)
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt,
+                             prompt_token_ids=req.prompt_token_ids, deltas=[], finished=True,
+                             finish_reason=FinishReason.ERROR, error=req.error or msg)
 
     def _after_medusa_step(self, out, picks) -> None:
         """Write the accepted nodes' K/V, then draft each live thread's next tree."""

@@ -394,7 +394,8 @@ class Scheduler:
             upd.finished = upd.request.finished
         return updates
 
-    def _update_seq(self, s: ScheduledSeq, req: Request, b: Branch, tokens: list[int], upd: StepUpdate) -> None:
+    def _update_seq(self, s: ScheduledSeq, req: Request, b: Branch, tokens: list[int],
+                    upd: StepUpdate) -> None:
         if s.tree:
             tokens = tokens[:self._run_length(req, tokens)]
             self.kv.truncate(b.table, b.context_len - 1 + len(tokens))

@@ -86,6 +86,7 @@ class RequestStream:
     def __init__(self, owner: "EngineLoop", request_id: str,
                  aio_loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.request_id = request_id
+        self.prompt_tokens = 0         # set on admission
         self._owner = owner
         self._aio_loop = aio_loop
         self._aq: asyncio.Queue | None = asyncio.Queue() if aio_loop is not None else None
@@ -263,7 +264,8 @@ class EngineLoop:
             return fut
         rid = f"r{next(self._ids)}"
         stream = RequestStream(self, rid, aio_loop)
-        self._command("add", _Add(rid, prompt, params or SamplingParams(), ids, branches, stream, fut, arrival))
+        self._command("add", _Add(rid, prompt, params or SamplingParams(), ids, branches, stream, fut,
+                                  arrival))
         return fut
 
     def prepare(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
@@ -400,6 +402,7 @@ class EngineLoop:
                                                 "details are in the server log)"))
             return
         req = eng._requests[rid]
+        cmd.stream.prompt_tokens = len(req.prompt_token_ids)
         self._live[rid] = _Live(cmd.stream, req, ReadingOrderStreamer.for_engine(eng, cmd.params.stop),
                                 cmd.branches, cmd.arrival, len(req.prompt_token_ids))
         cmd.future.set_result(cmd.stream)
@@ -430,7 +433,7 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:
+        except Exception:
             # A bug in the engine: the step's state is unknown, so fail what was running.
             log.exception("engine step failed")
             for rid in list(self._live):
@@ -453,7 +456,7 @@ class EngineLoop:
                 text = live.streamer.finish(o.text or "") if o.finished else live.streamer.step(req.branches)
                 branch_events = (live.streamer.branch_events(req.branches, o.deltas) if live.want_branches
                                  else None)
-            except Exception as e:  # a detokenizer failure ends only this request
+            except Exception:  # a detokenizer failure ends only this request
                 log.exception("streaming %s failed", o.request_id)
                 self._fail(o.request_id, "internal error while detokenizing (details are in the server log)")
                 continue
