@@ -29,15 +29,15 @@ from apar_rt.export import step_io
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """The CUDA device to run on: `device` ("cuda" or "cuda:i"), or the current CUDA device (None).
+def resolve_device(device: str | None, current=torch.cuda.current_device) -> torch.device:
+    """The CUDA device to run on, always with an index: "cuda:i" as given; "cuda" or None: `current()`.
 
-    `torch.device("cuda")` has no index, which torch.cuda.set_device refuses; this always returns one.
+    (`torch.device("cuda")` has no index, and torch.cuda.set_device refuses it with a ValueError.)
     """
     dev = torch.device(device or "cuda")
     if dev.type != "cuda":
         raise ValueError(f"the tensorrt backend runs on cuda, not {device!r}")
-    return torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    return torch.device("cuda", current() if dev.index is None else dev.index)
 
 
 class TensorRTBackend(Backend):
