@@ -51,6 +51,10 @@ class BuildOptions:
     opset: int = 18
     external_data: bool | None = None       # None: by size
     medusa: bool | None = None              # export MODEL/medusa heads; None: when present
+    fit: str | None = None                  # device name: max_num_blocks from the memory plan
+    memory_gib: float | None = None         # --fit: the device's memory (required for cpu)
+    kv_cache_fraction: float | None = None  # --fit: see apar_rt.memory_plan
+    gpu_memory_utilization: float | None = None  # --fit: see apar_rt.memory_plan
     check: bool = False
     force: bool = False
 
@@ -120,6 +124,25 @@ def validate(opts: BuildOptions) -> None:
         raise BuildError(f"--max-prefill-batch must be a positive integer, got {opts.max_prefill_batch}")
     if opts.workspace_gib is not None and opts.workspace_gib <= 0:
         raise BuildError(f"--workspace must be positive, got {opts.workspace_gib}")
+    if opts.fit and opts.max_num_blocks is not None:
+        raise BuildError(f"--fit {opts.fit} sets --max-num-blocks from the memory plan; give one of them, "
+                         f"not both (--max-num-blocks {opts.max_num_blocks})")
+    if not opts.fit and (opts.memory_gib, opts.kv_cache_fraction, opts.gpu_memory_utilization) != (None,) * 3:
+        raise BuildError("--memory-gib, --kv-cache-fraction and --gpu-memory-utilization apply with --fit DEVICE")
+
+
+def fit_plan(opts: BuildOptions, cfg: ModelConfig, max_seq_len: int):
+    """The memory plan of `opts.fit` for this build (apar_rt.memory_plan), or BuildError naming the numbers."""
+    from apar_rt import memory_plan as mp
+
+    heads = mp.medusa_shape(opts.model) if opts.medusa is not False else (0, 0)
+    try:
+        return mp.plan(cfg, mp.get_device(opts.fit, opts.memory_gib), dtype=opts.resolved_dtype(),
+                       block_size=opts.block_size, kv_cache_fraction=opts.kv_cache_fraction,
+                       gpu_memory_utilization=opts.gpu_memory_utilization, max_batch_size=opts.max_batch_size,
+                       max_num_tokens=opts.max_num_tokens, max_seq_len=max_seq_len, medusa=heads)
+    except mp.PlanError as e:
+        raise BuildError(f"--fit {opts.fit}: {e}") from None
 
 
 def _prepare_output(opts: BuildOptions) -> Path:
@@ -164,7 +187,9 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
     if max_seq_len > cfg.max_position_embeddings:
         raise BuildError(f"--max-seq-len {max_seq_len} exceeds the model's max_position_embeddings "
                          f"{cfg.max_position_embeddings}")
-    trt_plan = _plan_tensorrt(opts, cfg) if opts.backend == "tensorrt" else None   # fail before any work
+    fitted = fit_plan(opts, cfg, max_seq_len) if opts.fit else None
+    trt_plan = (_plan_tensorrt(opts, cfg, fitted.num_blocks if fitted else None)   # fail before any work
+                if opts.backend == "tensorrt" else None)
     out = _prepare_output(opts)
     dtype = opts.resolved_dtype()
     buckets = opts.buckets()
@@ -208,7 +233,11 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
         stage.update()
 
         engines = []
-        max_num_blocks = opts.max_num_blocks or 0
+        max_num_blocks = fitted.num_blocks if fitted else (opts.max_num_blocks or 0)
+        if fitted:
+            say(f"--fit {opts.fit}: max_num_blocks {fitted.num_blocks} ({fitted.kv_tokens} tokens; weights "
+                f"{fitted.weight_bytes} B, activations {fitted.activation_bytes} B, KV pool "
+                f"{fitted.kv_pool_bytes} B)")
         if opts.backend == "onnxruntime":
             stage.set_description("build: load in onnxruntime")
             _try_onnxruntime(tmp / ONNX_NAME, dtype)
@@ -237,6 +266,7 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
                   "external_data": [str(f.relative_to(tmp)) for f in exported.files[1:]],
                   "attention": exported.attrs.as_dict()},
             files=record_files(tmp, files), engines=engines, medusa=exported.medusa,
+            memory_plan=fitted.to_dict() if fitted else {},
             apar_rt_version=__version__,
             source_model=str(Path(opts.model).resolve()),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -262,7 +292,7 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _plan_tensorrt(opts: BuildOptions, cfg: ModelConfig) -> dict:
+def _plan_tensorrt(opts: BuildOptions, cfg: ModelConfig, fitted_blocks: int | None = None) -> dict:
     """The TensorRT library's GPU targets, the profiles and the pool limit, checked before any work.
 
     Raises:
@@ -281,7 +311,7 @@ def _plan_tensorrt(opts: BuildOptions, cfg: ModelConfig) -> dict:
     heads = opts.medusa is not False and find_heads_dir(opts.model) is not None
     draft = opts.max_draft_len if opts.max_draft_len is not None else (63 if heads else 0)
     profiles = plan_profiles(opts.buckets(), opts.max_num_tokens, draft + 1, opts.max_prefill_batch)
-    max_num_blocks = opts.max_num_blocks or DEFAULT_TRT_MAX_NUM_BLOCKS
+    max_num_blocks = fitted_blocks or opts.max_num_blocks or DEFAULT_TRT_MAX_NUM_BLOCKS
     try:
         check_input_sizes(profiles, config_as_json(cfg), block_size=opts.block_size, max_num_blocks=max_num_blocks)
     except ValueError as e:
