@@ -3,7 +3,7 @@
 apar-rt runs its onnxruntime engine (built from the folder, or `--engine`); the peer runs the
 model that onnxruntime-genai's own builder makes from the same folder
 (`python -m onnxruntime_genai.models.builder -i MODEL -o DIR -p fp32 -e cpu`). Both get the same
-token ids (apar-rt's encoding of each prompt; the peer gets them left-padded into one batch, its
+token ids (apar-rt's encoding of each prompt; the peer gets them right-padded (as its own encode_batch pads) into one batch, its
 static batching) and the same intra-op thread count. Runs alternate (apar-rt, peer, apar-rt, ...)
 so that machine noise hits both alike, and medians are reported.
 
@@ -73,12 +73,12 @@ class Peer:
         eos = cfg.get("eos_token_id", [])
         self.eos = {int(e) for e in (eos if isinstance(eos, list) else [eos])}
 
-    def generate(self, ids: list[list[int]], max_tokens: int, ignore_eos: bool) -> int:
-        """Generate for one left-padded batch; returns the number of new tokens (up to EOS each)."""
+    def generate(self, ids: list[list[int]], max_tokens: int, ignore_eos: bool) -> list[list[int]]:
+        """Generate for one right-padded batch; returns each prompt's new tokens (up to its EOS)."""
         import numpy as np
 
         P = max(len(i) for i in ids)
-        batch = np.array([[self.pad_id] * (P - len(i)) + list(i) for i in ids], np.int32)
+        batch = np.array([list(i) + [self.pad_id] * (P - len(i)) for i in ids], np.int32)   # as its encode_batch
         params = self.og.GeneratorParams(self.model)
         opts = {"max_length": P + max_tokens, "do_sample": False, "batch_size": len(ids)}
         if ignore_eos:
@@ -88,15 +88,14 @@ class Peer:
         gen.append_tokens(batch)
         while not gen.is_done():
             gen.generate_next_token()
-        eos = self.eos
-        total = 0
+        out = []
         for b in range(len(ids)):
-            new = list(gen.get_sequence(b))[P:]
+            new = [int(t) for t in gen.get_sequence(b)[P:]]
             if not ignore_eos:
-                cut = next((k for k, t in enumerate(new) if t in eos), None)
+                cut = next((k for k, t in enumerate(new) if t in self.eos), None)
                 new = new if cut is None else new[:cut + 1]
-            total += len(new)
-        return total
+            out.append(new)
+        return out
 
 
 def _ours(engine: str, mode: str, threads: int | None, max_num_seqs: int):
@@ -153,7 +152,8 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
             def run_ours():
                 return sum(o.stats["generated_tokens"] for o in ar.generate(prompt_token_ids=ids, params=params))
 
-            ta, tb, na, nb = _interleave(run_ours, lambda: peer.generate(ids, max_tokens, True), repeats)
+            ta, tb, na, nb = _interleave(run_ours, lambda: sum(map(len, peer.generate(ids, max_tokens, True))),
+                                         repeats)
             ma, mb = statistics.median(ta), statistics.median(tb)
             row = {"batch": bs, "max_tokens": max_tokens, "repeats": repeats, "threads": threads,
                    "apar_rt_ar_tok_s": na / ma, "peer_ar_tok_s": nb / mb, "ar_ratio": (na / ma) / (nb / mb)}
