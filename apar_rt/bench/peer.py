@@ -3,8 +3,8 @@
 apar-rt runs its onnxruntime engine (built from the folder, or `--engine`); the peer runs the
 model that onnxruntime-genai's own builder makes from the same folder
 (`python -m onnxruntime_genai.models.builder -i MODEL -o DIR -p fp32 -e cpu`). Both get the same
-token ids (apar-rt's encoding of each prompt; the peer gets them right-padded (as its own encode_batch pads) into one batch, its
-static batching) and the same intra-op thread count. Runs alternate (apar-rt, peer, apar-rt, ...)
+token ids (apar-rt's encoding of each prompt; the peer gets them right-padded into one batch, its
+static batching, as its own encode_batch pads) and the same intra-op thread count. Runs alternate (apar-rt, peer, apar-rt, ...)
 so that machine noise hits both alike, and medians are reported.
 
 Two measures:
