@@ -103,48 +103,75 @@ def kept_probs(x: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p:
     R, V = x.shape
     t = np.maximum(temperature.astype(np.float32), np.float32(np.finfo(np.float32).tiny))[:, None]
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        z = (x - x.max(axis=1, keepdims=True)) / t
-    z[np.isnan(z)] = -np.inf            # inf / inf when the temperature overflows: equal weights
-    e = np.exp(z)
+        z = x - x.max(axis=1, keepdims=True)
+        z /= t
+    hot = ~np.isfinite(t[:, 0])
+    if hot.any():                       # inf / inf when the temperature overflows: equal weights
+        zh = z[hot]
+        zh[np.isnan(zh)] = -np.inf
+        z[hot] = zh
     k = np.where((top_k > 0) & (top_k < V), top_k, 0)
     filt = (k > 0) | (top_p < 1.0)
-    if filt.any():
-        rows = np.nonzero(filt)[0]
-        e[rows] *= _kept_mask(z[rows], e[rows], k[rows], top_p[rows])
-    return e / e.sum(axis=1, keepdims=True)
+    if not filt.any():
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        return z
+    out = np.zeros_like(z)
+    plain = np.nonzero(~filt)[0]
+    if plain.size:
+        e = np.exp(z[plain])
+        out[plain] = e / e.sum(axis=1, keepdims=True)
+    rows = np.nonzero(filt)[0]
+    ids, probs, redo = _kept_candidates(z[rows], k[rows], top_p[rows])
+    sub = np.zeros((rows.size, V), np.float32)
+    np.put_along_axis(sub, ids, probs.astype(np.float32), axis=1)
+    for i in np.nonzero(redo)[0]:
+        sub[i] = _kept_row(z[rows[i]], int(k[rows[i]]), float(top_p[rows[i]]))
+    out[rows] = sub
+    return out
 
 
-def _kept_mask(z: np.ndarray, e: np.ndarray, k: np.ndarray, top_p: np.ndarray) -> np.ndarray:
-    """[R, V] bool: the tokens top-k then top-p keep. The nucleus is looked for among the best
-    CANDIDATES (or k) tokens of each row; a row whose nucleus reaches past them is ranked whole."""
+def _kept_candidates(z: np.ndarray, k: np.ndarray, top_p: np.ndarray):
+    """Top-k then top-p among each row's best M = max(CANDIDATES, k) tokens.
+
+    Returns (ids [R, M], probs [R, M] renormalised, 0 where dropped, redo [R]): redo marks rows
+    whose kept set may reach past the candidates (or cut a tie the partition split); they are
+    ranked whole by `_kept_row`."""
     R, V = z.shape
     M = int(min(V, max(CANDIDATES, int(k.max()))))
-    cand = np.argpartition(-z, M - 1, axis=1)[:, :M] if M < V else np.tile(np.arange(V), (R, 1))
+    cand = np.argpartition(z, V - M, axis=1)[:, V - M:] if M < V else np.tile(np.arange(V), (R, 1))
     cand.sort(axis=1)                                   # id order, so a stable sort breaks ties by id
-    order = np.argsort(-np.take_along_axis(z, cand, axis=1), axis=1, kind="stable")
+    zc = np.take_along_axis(z, cand, axis=1)
+    order = np.argsort(-zc, axis=1, kind="stable")
     ranked = np.take_along_axis(cand, order, axis=1)    # [R, M] ids by p descending, ties by id
-    pc = np.take_along_axis(e, ranked, axis=1).astype(np.float64)
-    total = e.sum(axis=1, dtype=np.float64)
+    pc = np.exp(np.take_along_axis(zc, order, axis=1).astype(np.float64))
     kk = np.where(k > 0, k, V)
     in_k = np.arange(M)[None, :] < kk[:, None]
     pk = pc * in_k
-    mass = np.where(kk <= M, pk.sum(axis=1), total)     # the top-k set's mass
+    mass = pk.sum(axis=1)
+    whole = kk > M                                      # top-p over the whole vocabulary's mass
+    if whole.any():
+        mass[whole] = np.exp(z[whole].astype(np.float64)).sum(axis=1)
     before = (np.cumsum(pk, axis=1) - pk) / mass[:, None]
     keep = in_k & (before < top_p[:, None])
     keep[:, 0] = True
-    mask = np.zeros((R, V), bool)
-    np.put_along_axis(mask, ranked, keep, axis=1)
-    # A boundary tie the partition split arbitrarily, or a nucleus past the candidates: rank whole.
     redo = (keep.sum(axis=1) == M) & (M < V)
-    for r in np.nonzero(redo)[0]:
-        ids = np.lexsort((np.arange(V), -z[r]))
-        p = e[r, ids].astype(np.float64)
-        n = min(int(kk[r]), V)
-        p_k = p[:n]
-        before_r = (np.cumsum(p_k) - p_k) / p_k.sum()
-        mask[r] = False
-        mask[r, ids[:max(1, int((before_r < top_p[r]).sum()))]] = True
-    return mask
+    probs = np.where(keep, pc, 0.0)
+    probs /= probs.sum(axis=1, keepdims=True)
+    return ranked, probs, redo
+
+
+def _kept_row(z: np.ndarray, k: int, top_p: float) -> np.ndarray:
+    """One row's kept probabilities, ranking the whole vocabulary (the exact slow path)."""
+    V = z.shape[0]
+    ids = np.argsort(-z, kind="stable")                # ties: lower id first
+    n = k if 0 < k < V else V
+    p = np.exp(z[ids[:n]].astype(np.float64))
+    before = (np.cumsum(p) - p) / p.sum()
+    m = max(1, int((before < top_p).sum()))
+    row = np.zeros(V, np.float32)
+    row[ids[:m]] = p[:m] / p[:m].sum()
+    return row
 
 
 def draw(probs: np.ndarray, uniform: np.ndarray) -> np.ndarray:
