@@ -186,7 +186,10 @@ class Engine:
         x = np.asarray(logits)
         rows = np.fromiter((r for _, r in plain), np.int64, len(plain))
         try:
-            tokens, ok = sample(x[rows], batch)
+            # A plain step samples every logits row in order: no gather, the pass copies once.
+            # Otherwise the gather is already a copy, which the pass may overwrite.
+            whole = rows.size == x.shape[0] and rows[-1] == rows.size - 1
+            tokens, ok = sample(x, batch) if whole else sample(x[rows], batch, inplace=True)
             picked = list(zip(tokens.tolist(), ok.tolist()))
         except Exception as e:   # not expected: find the row that raises, row by row
             log.error("batched sampling failed; sampling row by row", exc_info=e)

@@ -76,9 +76,10 @@ class SamplingBatch:
                              [(0, t, v) for r, t, v in self.bias if r == i], [(0, t) for r, t in self.bans if r == i])
 
 
-def process(logits: np.ndarray, batch: SamplingBatch) -> np.ndarray:
-    """Step 1: a float32 copy of logits [R, V] with bias added and bans set to -inf."""
-    x = np.array(logits, dtype=np.float32, copy=True)
+def process(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> np.ndarray:
+    """Step 1: logits [R, V] as float32 with bias added and bans set to -inf; a copy, or the
+    array itself when `inplace` (the caller's rows are then consumed)."""
+    x = np.asarray(logits, dtype=np.float32) if inplace else np.array(logits, dtype=np.float32, copy=True)
     V = x.shape[1]
     if batch.bias:
         b = np.asarray(batch.bias, dtype=np.float64)
@@ -92,10 +93,10 @@ def process(logits: np.ndarray, batch: SamplingBatch) -> np.ndarray:
 
 
 def valid_rows(x: np.ndarray) -> np.ndarray:
-    """Rows of processed logits that give a distribution: no NaN, no +inf, not all banned."""
+    """Rows of processed logits that give a distribution: no NaN, no +inf, not all banned
+    (a row's max is NaN if any entry is, +inf if any is, -inf if all are)."""
     with np.errstate(invalid="ignore"):
-        m = x.max(axis=1)
-    return np.isfinite(m) & ~np.isnan(x).any(axis=1)
+        return np.isfinite(x.max(axis=1))
 
 
 def kept_probs(x: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray:
@@ -184,10 +185,11 @@ def draw(probs: np.ndarray, uniform: np.ndarray) -> np.ndarray:
     return np.minimum(idx, last)
 
 
-def sample(logits: np.ndarray, batch: SamplingBatch) -> tuple[np.ndarray, np.ndarray]:
+def sample(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Tokens [R] (int64) for logits [R, V] and the batch's rows, and `ok` [R]: False where the
-    row has no valid distribution (its token is -1; fail that request alone)."""
-    x = process(np.asarray(logits), batch)
+    row has no valid distribution (its token is -1; fail that request alone). `inplace` lets
+    the pass overwrite `logits` instead of copying them."""
+    x = process(logits, batch, inplace)
     R = x.shape[0]
     ok = valid_rows(x)
     tokens = np.full(R, -1, np.int64)
