@@ -11,7 +11,7 @@ from apar_rt.apar import ControlTokens, branch_schema, recover_text
 from apar_rt.backends import Backend, backend_class
 from apar_rt.config import EngineConfig, ModelConfig, ModelLoadError
 from apar_rt.core import FinishReason, Request, RequestOutput, SamplingParams, ScheduledSeq
-from apar_rt.medusa.heads import HEADS_DIRNAME, find_heads_dir
+from apar_rt.medusa.folder import HEADS_DIRNAME, find_heads_dir
 from apar_rt.medusa.tree import load_tree
 from apar_rt.medusa.verifier import Acceptance, MedusaVerifier
 from apar_rt.model.tokenizer import control_tokens, encode_prompt, load_tokenizer

@@ -1,25 +1,37 @@
-"""Token selection from a step's logits, per request: bias, bans, greedy or temperature/top-k/top-p."""
+"""Token selection from a step's logits, per request: bias, bans, greedy or temperature/top-k/top-p.
+
+Logits rows are torch tensors or numpy arrays (the onnxruntime backend on the CPU runs without
+torch). Greedy selection and the bias/bans work on either without importing torch; seeded or
+temperature sampling imports torch when first used, so a sampled token is the same on every
+backend for the same seed. (Keep this torch-free for greedy numpy rows: the fast start of an
+engine folder, tests/test_fast_start.py, depends on it.)
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+import numpy as np
 
 from apar_rt.core import SamplingParams
 
+if TYPE_CHECKING:
+    import torch
 
-def make_generator(seed: int | None) -> torch.Generator | None:
+
+def make_generator(seed: int | None) -> "torch.Generator | None":
     if seed is None:
         return None
+    import torch
+
     g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))
     return g
 
 
-def process_logits(row: torch.Tensor, params: SamplingParams, banned: Sequence[int]) -> torch.Tensor:
-    """Logit bias, then bans. `row` is [V] float32 and is not modified."""
-    row = row.clone()
+def process_logits(row, params: SamplingParams, banned: Sequence[int]):
+    """Logit bias, then bans. `row` is [V] float32 (torch or numpy) and is not modified."""
+    row = row.copy() if isinstance(row, np.ndarray) else row.clone()
     vocab = row.shape[0]
     for tok, val in params.logit_bias:
         if 0 <= tok < vocab:
@@ -29,10 +41,14 @@ def process_logits(row: torch.Tensor, params: SamplingParams, banned: Sequence[i
     return row
 
 
-def sample_row(row: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from processed logits [V]."""
+def sample_row(row, params: SamplingParams, generator: "torch.Generator | None") -> int:
+    """One token from processed logits [V] (torch or numpy; the first maximum when greedy)."""
     if params.greedy:
-        return int(torch.argmax(row))
+        return int(row.argmax())
+    import torch
+
+    if isinstance(row, np.ndarray):
+        row = torch.from_numpy(row)
     row = row / params.temperature
     if params.top_k and params.top_k < row.shape[0]:
         kth = torch.topk(row, params.top_k).values[-1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import torch
+import numpy as np
 
 from apar_rt.core import SamplingParams
 from apar_rt.medusa.tree import MedusaTree
@@ -40,7 +40,7 @@ class MedusaVerifier:
         self.tree = tree
         self.acceptance = acceptance
 
-    def verify(self, logits: torch.Tensor, root_token: int, draft: Sequence[int], params: SamplingParams,
+    def verify(self, logits, root_token: int, draft: Sequence[int], params: SamplingParams,
                banned: Callable[[int], Sequence[int]], generator) -> tuple[list[int], list[int]]:
         """Accept the longest run of the tree.
 
@@ -54,9 +54,9 @@ class MedusaVerifier:
         """
         tree = self.tree
         node_tokens = [root_token, *draft]
-        processed: dict[int, torch.Tensor] = {}
+        processed: dict = {}
 
-        def at(i: int) -> torch.Tensor:
+        def at(i: int):
             if i not in processed:
                 processed[i] = process_logits(logits[i], params, banned(node_tokens[i]))
             return processed[i]
@@ -64,7 +64,7 @@ class MedusaVerifier:
         if params.greedy:
             path = [0]
             while True:
-                target = int(torch.argmax(at(path[-1])))
+                target = int(at(path[-1]).argmax())
                 nxt = next((c for c in tree.children[path[-1]] if node_tokens[c] == target), None)
                 if nxt is None:
                     return [node_tokens[i] for i in path[1:]] + [target], path
@@ -74,6 +74,8 @@ class MedusaVerifier:
         return [node_tokens[i] for i in path[1:]] + [bonus], path
 
     def _longest_typical(self, at, node_tokens, params: SamplingParams) -> list[int]:
+        import torch   # sampled requests only; greedy verification needs no torch
+
         eps, alpha = self.acceptance.epsilon, self.acceptance.alpha
         best: list[int] = [0]
 
@@ -81,7 +83,9 @@ class MedusaVerifier:
             nonlocal best
             if len(path) > len(best):
                 best = list(path)
-            probs = torch.softmax(at(path[-1]) / max(params.temperature, 1e-5), dim=-1)
+            row = at(path[-1])
+            row = torch.from_numpy(row) if isinstance(row, np.ndarray) else row
+            probs = torch.softmax(row / max(params.temperature, 1e-5), dim=-1)
             entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum()
             threshold = min(eps, alpha * float(torch.exp(-entropy)))
             for c in self.tree.children[path[-1]]:
@@ -95,7 +99,14 @@ class MedusaVerifier:
         """Whether a request with these params decodes with draft trees."""
         return params.greedy or self.acceptance.kind == "typical"
 
-    def draft(self, medusa_logits: torch.Tensor) -> list[int]:
-        """Draft tokens for the next tree from the heads' logits [H, V] at the new root."""
-        ranked = [torch.topk(medusa_logits[d], k).indices.tolist() for d, k in enumerate(self.tree.topk)]
+    def draft(self, medusa_logits) -> list[int]:
+        """Draft tokens for the next tree from the heads' logits [H, V] at the new root (torch or
+        numpy; numpy ranks by a stable descending sort, torch by topk)."""
+        if isinstance(medusa_logits, np.ndarray):
+            ranked = [np.argsort(-medusa_logits[d], kind="stable")[:k].tolist()
+                      for d, k in enumerate(self.tree.topk)]
+        else:
+            import torch
+
+            ranked = [torch.topk(medusa_logits[d], k).indices.tolist() for d, k in enumerate(self.tree.topk)]
         return self.tree.draft_tokens(ranked)
