@@ -256,6 +256,7 @@ def bench_backends_cmd(model, engine_dir, batch_sizes, max_tokens, repeats, mode
 _COMMAND_MODULES = (
     ("apar_rt.train.commands", {"data": "data", "train": "train_cmd", "corpus": "corpus_cmd"}),
     ("apar_rt.build.commands", {"build": "build"}),
+    ("apar_rt.plan_commands", {"plan": "plan_cmd"}),
     ("apar_rt.serve.commands", {"serve": "serve"}),
     ("apar_rt.medusa.commands", {"train-medusa": "train_medusa"}),
 )

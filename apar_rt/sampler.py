@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     import torch
 
 
+class SamplingError(ValueError):
+    """A request's logits or sampling parameters give no valid distribution (its message is
+    safe to show the client). The engine fails that request alone."""
+
+
 def make_generator(seed: int | None) -> "torch.Generator | None":
     if seed is None:
         return None
@@ -42,8 +47,12 @@ def process_logits(row, params: SamplingParams, banned: Sequence[int]):
 
 
 def sample_row(row, params: SamplingParams, generator: "torch.Generator | None") -> int:
-    """One token from processed logits [V] (torch or numpy; the first maximum when greedy)."""
+    """One token from processed logits [V] (torch or numpy; the first maximum when greedy);
+    SamplingError if they give no valid distribution."""
     if params.greedy:
+        top = row.max()
+        if bool((row != row).any()) or not abs(float(top)) < float("inf"):
+            raise SamplingError("the logits of this request are not finite; no token can be picked")
         return int(row.argmax())
     import torch
 
@@ -60,4 +69,8 @@ def sample_row(row, params: SamplingParams, generator: "torch.Generator | None")
         drop = (cum - sorted_p) >= params.top_p      # keep the smallest prefix reaching top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
+        raise SamplingError(f"sampling gave no valid distribution for this request (temperature="
+                            f"{params.temperature:g}, top_p={params.top_p:g}, top_k={params.top_k}): "
+                            "its probabilities are not finite")
     return int(torch.multinomial(probs, 1, generator=generator))

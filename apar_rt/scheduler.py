@@ -140,7 +140,7 @@ class Scheduler:
                 if len(self.running) > 1:
                     self._preempt(req, out)
                 elif not self._shed_branch(req):
-                    self._fail(req, self._too_big_message(req), out)
+                    self.fail(req, self._too_big_message(req), out)
                 continue
             i += 1
 
@@ -149,7 +149,7 @@ class Scheduler:
             need = self._blocks_to_resume(req)
             if need > self.pool.capacity:
                 self.waiting.popleft()
-                self._fail(req, self._too_big_message(req), out)
+                self.fail(req, self._too_big_message(req), out)
                 continue
             if need + self._watermark_blocks > self.pool.num_free and (self.running or reserved):
                 break
@@ -290,12 +290,17 @@ class Scheduler:
         self.waiting.appendleft(req)
         out.preempted.append(req)
 
-    def _fail(self, req: Request, message: str, out: SchedulerOutput) -> None:
+    def fail(self, req: Request, message: str, out: SchedulerOutput | None = None) -> None:
+        """Finish `req` with an error (its blocks are freed); listed in `out.failed` if given,
+        so that `update` reports it. The other requests are untouched."""
         if req in self.running:
             self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
         req.error = message
         self._finish_request(req, FinishReason.ERROR)
-        out.failed.append(req)
+        if out is not None and req not in out.failed:
+            out.failed.append(req)
 
     def _pack(self, seqs: list[ScheduledSeq], copies: list[tuple[int, int]]) -> StepInput:
         T = sum(s.num_new for s in seqs)
@@ -349,13 +354,16 @@ class Scheduler:
         return banned_tokens(last_token, branch.depth, self.control, mode=self.mode(req),
                              max_depth=self.config.max_depth, step_full=step_full)
 
-    def update(self, out: SchedulerOutput, results: Sequence[Sequence[int]]) -> list[StepUpdate]:
+    def update(self, out: SchedulerOutput, results: Sequence[Sequence[int]],
+               on_error: Callable[[Request, Exception], str] | None = None) -> list[StepUpdate]:
         """Append each sampling sequence's new tokens (in `out.seqs` order), fork, and finish.
 
         A plain sequence brings one token. A draft tree brings its accepted run plus the bonus
         token; the run is cut after the first [Fork] or end token (kept), and to the request's
         remaining max_tokens. For a tree, `s.accepted` is set to the tokens kept and the table is
         cut to the root plus the accepted nodes, whose K/V the engine then writes.
+
+        A request whose update raises fails alone, with the message `on_error(req, exc)` gives.
         """
         per_req: dict[int, StepUpdate] = {}
         for req in {id(s.request): s.request for s in out.seqs}.values():
@@ -370,15 +378,11 @@ class Scheduler:
             if req.finished or b.finished:
                 continue
             upd = per_req.setdefault(id(req), StepUpdate(req, [], False))
-            if s.tree:
-                tokens = tokens[:self._run_length(req, tokens)]
-                self.kv.truncate(b.table, b.context_len - 1 + len(tokens))
-            s.accepted = len(tokens)
-            req.accepted_lengths[len(tokens)] = req.accepted_lengths.get(len(tokens), 0) + 1
-            for tok in tokens:
-                self._append(req, b, tok, upd)
-                if b.finished or req.finished:
-                    break
+            try:
+                self._update_seq(s, req, b, tokens, upd)
+            except Exception as e:
+                msg = on_error(req, e) if on_error else "internal error while updating this request"
+                self.fail(req, msg, out)
         for req in out.failed:
             per_req.setdefault(id(req), StepUpdate(req, [], True))
         updates = list(per_req.values())
@@ -389,6 +393,18 @@ class Scheduler:
                 self._finish_request(upd.request, FinishReason.STOP)
             upd.finished = upd.request.finished
         return updates
+
+    def _update_seq(self, s: ScheduledSeq, req: Request, b: Branch, tokens: list[int],
+                    upd: StepUpdate) -> None:
+        if s.tree:
+            tokens = tokens[:self._run_length(req, tokens)]
+            self.kv.truncate(b.table, b.context_len - 1 + len(tokens))
+        s.accepted = len(tokens)
+        req.accepted_lengths[len(tokens)] = req.accepted_lengths.get(len(tokens), 0) + 1
+        for tok in tokens:
+            self._append(req, b, tok, upd)
+            if b.finished or req.finished:
+                break
 
     def _run_length(self, req: Request, tokens: Sequence[int]) -> int:
         """Tokens of an accepted run to keep: through the first [Fork] or end token, within max_tokens."""

@@ -48,6 +48,10 @@ class BuildOptions:
     opset: int = 18
     external_data: bool | None = None       # None: by size
     medusa: bool | None = None              # export MODEL/medusa heads; None: when present
+    fit: str | None = None                  # device name: max_num_blocks from the memory plan
+    memory_gib: float | None = None         # --fit: the device's memory (required for cpu)
+    kv_cache_fraction: float | None = None  # --fit: see apar_rt.memory_plan
+    gpu_memory_utilization: float | None = None  # --fit: see apar_rt.memory_plan
     check: bool = False
     force: bool = False
 
@@ -110,6 +114,25 @@ def validate(opts: BuildOptions) -> None:
         raise BuildError(f"--plugin-lib {opts.plugin_lib!r} does not exist")
     if opts.workspace_gib is not None and opts.workspace_gib <= 0:
         raise BuildError(f"--workspace must be positive, got {opts.workspace_gib}")
+    if opts.fit and opts.max_num_blocks is not None:
+        raise BuildError(f"--fit {opts.fit} sets --max-num-blocks from the memory plan; give one of them, "
+                         f"not both (--max-num-blocks {opts.max_num_blocks})")
+    if not opts.fit and (opts.memory_gib, opts.kv_cache_fraction, opts.gpu_memory_utilization) != (None,) * 3:
+        raise BuildError("--memory-gib, --kv-cache-fraction and --gpu-memory-utilization apply with --fit DEVICE")
+
+
+def fit_plan(opts: BuildOptions, cfg: ModelConfig, max_seq_len: int):
+    """The memory plan of `opts.fit` for this build (apar_rt.memory_plan), or BuildError naming the numbers."""
+    from apar_rt import memory_plan as mp
+
+    heads = mp.medusa_shape(opts.model) if opts.medusa is not False else (0, 0)
+    try:
+        return mp.plan(cfg, mp.get_device(opts.fit, opts.memory_gib), dtype=opts.resolved_dtype(),
+                       block_size=opts.block_size, kv_cache_fraction=opts.kv_cache_fraction,
+                       gpu_memory_utilization=opts.gpu_memory_utilization, max_batch_size=opts.max_batch_size,
+                       max_num_tokens=opts.max_num_tokens, max_seq_len=max_seq_len, medusa=heads)
+    except mp.PlanError as e:
+        raise BuildError(f"--fit {opts.fit}: {e}") from None
 
 
 def _prepare_output(opts: BuildOptions) -> Path:
@@ -156,6 +179,7 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
     if max_seq_len > cfg.max_position_embeddings:
         raise BuildError(f"--max-seq-len {max_seq_len} exceeds the model's max_position_embeddings "
                          f"{cfg.max_position_embeddings}")
+    fitted = fit_plan(opts, cfg, max_seq_len) if opts.fit else None
     out = _prepare_output(opts)
     dtype = opts.resolved_dtype()
     buckets = opts.buckets()
@@ -199,14 +223,18 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
         stage.update()
 
         engines = []
-        max_num_blocks = opts.max_num_blocks or 0
+        max_num_blocks = fitted.num_blocks if fitted else (opts.max_num_blocks or 0)
+        if fitted:
+            say(f"--fit {opts.fit}: max_num_blocks {fitted.num_blocks} ({fitted.kv_tokens} tokens; weights "
+                f"{fitted.weight_bytes} B, activations {fitted.activation_bytes} B, KV pool "
+                f"{fitted.kv_pool_bytes} B)")
         if opts.backend == "onnxruntime":
             stage.set_description("build: load in onnxruntime")
             _try_onnxruntime(tmp / ONNX_NAME, dtype)
         else:
             stage.set_description("build: TensorRT engine")
             from apar_rt.build.tensorrt_builder import ShapeLimits, build_tensorrt_engine
-            max_num_blocks = opts.max_num_blocks or DEFAULT_TRT_MAX_NUM_BLOCKS
+            max_num_blocks = max_num_blocks or DEFAULT_TRT_MAX_NUM_BLOCKS
             limits = ShapeLimits(opts.max_num_tokens, -(-max_seq_len // opts.block_size), max_num_blocks)
             ws = int(opts.workspace_gib * (1 << 30)) if opts.workspace_gib else None
             engines.append(build_tensorrt_engine(
@@ -227,6 +255,7 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
                   "external_data": [str(f.relative_to(tmp)) for f in exported.files[1:]],
                   "attention": exported.attrs.as_dict()},
             files=record_files(tmp, files), engines=engines, medusa=exported.medusa,
+            memory_plan=fitted.to_dict() if fitted else {},
             apar_rt_version=__version__,
             source_model=str(Path(opts.model).resolve()),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

@@ -6,6 +6,9 @@ import sys
 
 import click
 
+from apar_rt.memory_plan import DEVICE_NAMES
+from apar_rt.plan_commands import memory_options
+
 
 def _parse_buckets(ctx, param, value):
     if value is None or value == "":
@@ -47,13 +50,17 @@ def _parse_buckets(ctx, param, value):
 @click.option("--medusa/--no-medusa", default=None,
               help="Export the Medusa heads in MODEL/medusa as a medusa_logits output "
                    "(default: when present).")
+@click.option("--fit", "fit", type=click.Choice(DEVICE_NAMES), default=None,
+              help="Set --max-num-blocks to the KV pool this device holds (the `apar-rt plan` arithmetic).")
+@memory_options
 @click.option("--check", is_flag=True,
               help="Compare the engine with the torch reference and report the largest difference "
                    "(polygraphy run --onnxrt / --trt).")
 @click.option("--force", is_flag=True, help="Overwrite an existing engine folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_tokens, max_seq_len,
-          block_size, max_num_blocks, timing_cache, plugin_lib, workspace_gib, medusa, check, force, quiet):
+          block_size, max_num_blocks, timing_cache, plugin_lib, workspace_gib, medusa, fit, memory_gib,
+          kv_cache_fraction, gpu_memory_utilization, check, force, quiet):
     """Build an engine folder (model.onnx, TensorRT engines, manifest.json) from a checkpoint.
 
     \b
@@ -72,8 +79,9 @@ def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_
                         max_batch_size=max_batch_size, batch_buckets=batch_buckets,
                         max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                         block_size=block_size, max_num_blocks=max_num_blocks, timing_cache=timing_cache,
-                        plugin_lib=plugin_lib, workspace_gib=workspace_gib, medusa=medusa, check=check,
-                        force=force)
+                        plugin_lib=plugin_lib, workspace_gib=workspace_gib, medusa=medusa, fit=fit,
+                        memory_gib=memory_gib, kv_cache_fraction=kv_cache_fraction,
+                        gpu_memory_utilization=gpu_memory_utilization, check=check, force=force)
     try:
         result = run_build(opts, progress=not quiet, log=lambda m: click.echo(m, err=True))
     except (BuildError, ModelLoadError, TensorRTUnavailable) as e:

@@ -51,6 +51,7 @@ class Manifest:
     files: dict = field(default_factory=dict)    # relative path -> {"sha256", "bytes"}
     engines: list = field(default_factory=list)  # TensorRT: [{"file", "profiles": [...], ...}]
     medusa: dict = field(default_factory=dict)   # {"num_heads", "num_layers"} when the graph has heads
+    memory_plan: dict = field(default_factory=dict)  # with --fit: apar_rt.memory_plan.MemoryPlan.to_dict()
     apar_rt_version: str = ""
     source_model: str = ""
     created: str = ""

@@ -1,7 +1,8 @@
 """`apar::tree_paged_attention`: the one attention op, and its pure-torch reference.
 
-The reference function's docstring is THE contract. The ONNX local function, a CUDA
-kernel and the TensorRT plugin all compute this same function.
+The reference function's docstring is THE contract. The ONNX local function, the Triton GPU
+kernel (`apar_rt.kernels.tree_attention`, registered here for CUDA tensors) and the TensorRT
+plugin (which launches that same kernel) all compute this same function.
 """
 
 from __future__ import annotations
@@ -117,3 +118,20 @@ def tree_paged_attention(
 @tree_paged_attention.register_fake
 def _(q, k, v, k_cache, v_cache, block_tables, context_lens, query_start, mask, scale):
     return torch.empty_like(q)
+
+
+def gpu_kernels():
+    """The Triton kernel module, or a RuntimeError that says what to install."""
+    try:
+        from apar_rt.kernels import tree_attention
+    except ImportError as e:
+        raise RuntimeError(f"apar::tree_paged_attention on CUDA needs the Triton kernel language ({e}); "
+                           f"install it with `pip install triton` (PyTorch's CUDA wheels ship a matching one)"
+                           ) from None
+    return tree_attention
+
+
+@tree_paged_attention.register_kernel("cuda")
+def _(q, k, v, k_cache, v_cache, block_tables, context_lens, query_start, mask, scale):
+    return gpu_kernels().tree_paged_attention(q, k, v, k_cache, v_cache, block_tables, context_lens,
+                                              query_start, mask, scale)
