@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,7 +44,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from apar_rt.core import SamplingParams
-from apar_rt.serve.engine_loop import EngineLoop, LoopStats
+from apar_rt.serve.engine_loop import EngineLoop
+from apar_rt.serve.metric_names import ServingCounters
 
 log = logging.getLogger(__name__)
 
@@ -199,37 +199,22 @@ class Sender(Protocol):
     def close(self) -> None: ...                                          # a final flag, no response
 
 
-class _Counts:
-    """A LoopObserver that counts finished requests by reason (for the model's metrics)."""
-
-    def __init__(self) -> None:
-        self.finished: Counter = Counter()
-        self.stats = LoopStats()
-
-    def on_first_token(self, seconds: float) -> None: ...
-    def on_inter_token(self, seconds: float) -> None: ...
-
-    def on_finish(self, seconds: float, reason: str, prompt_tokens: int, generated_tokens: int,
-                  stats: dict | None = None) -> None:
-        self.finished[reason] += 1
-
-    def on_stats(self, stats: LoopStats) -> None:
-        self.stats = stats
-
-
 class TritonServing:
     """One engine in a loop thread, serving the Triton model's requests."""
 
-    def __init__(self, engine, *, default_max_tokens: int = 256, raw: bool = False) -> None:
+    def __init__(self, engine, *, default_max_tokens: int = 256, raw: bool = False, on_latency=None) -> None:
+        """on_latency(metric name, seconds): each histogram observation (the model's Triton metrics)."""
         self.engine = engine
-        self.counts = _Counts()
+        self.counts = ServingCounters(medusa=getattr(engine, "verifier", None) is not None,
+                                      on_latency=on_latency)
         self.loop = EngineLoop(engine, self.counts, name="apar-triton-engine").start()
         self.default_max_tokens = default_max_tokens
         self.raw = raw
         self.has_medusa = getattr(engine, "verifier", None) is not None
 
     @classmethod
-    def from_parameters(cls, params: dict[str, Any], model_dir: str | Path | None = None) -> "TritonServing":
+    def from_parameters(cls, params: dict[str, Any], model_dir: str | Path | None = None,
+                        on_latency=None) -> "TritonServing":
         """Load the engine named by the config parameters. A relative engine_dir is taken from
         the current directory, else from the repository root holding runtime/model_repository."""
         from apar_rt.engine import Engine
@@ -257,7 +242,7 @@ class TritonServing:
             medusa = True
         engine = Engine.from_pretrained(path, backend=backend, dtype=params["dtype"],
                                         device=params["device"] or None, medusa=medusa, **kwargs)
-        return cls(engine, default_max_tokens=params["default_max_tokens"], raw=params["raw"])
+        return cls(engine, default_max_tokens=params["default_max_tokens"], raw=params["raw"], on_latency=on_latency)
 
     def _tokenize(self, word: str) -> list[int]:
         # in the engine's thread: the tokenizer is not safe to share across threads
