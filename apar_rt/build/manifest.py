@@ -88,6 +88,16 @@ def config_as_json(cfg: ModelConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg)))
 
 
+def engine_record_digest(record: dict) -> str:
+    """sha256 of a TensorRT engine record (library, targets, profiles, plugin...) without its own digest.
+
+    The plan's bytes are covered by `files`; this covers what the manifest says about the plan, so an
+    edited record (say, GPU targets widened by hand) is refused like an edited plan.
+    """
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def write_manifest(root: str | Path, manifest: Manifest) -> Path:
     path = Path(root) / MANIFEST_NAME
     path.write_text(manifest.to_json() + "\n")
@@ -176,6 +186,11 @@ def verify_engine_dir(root: str | Path, *, backend: str | None = None, check_has
                 raise EngineLoadError(f"engine file {name} is corrupt: sha256 {digest[:16]}... does not "
                                       f"match the manifest's {str(rec.get('sha256'))[:16]}...; "
                                       f"rebuild the engine")
+    for rec in m.engines:
+        if not isinstance(rec, dict) or rec.get("record_sha256") != engine_record_digest(rec):
+            name = rec.get("file", "?") if isinstance(rec, dict) else "?"
+            raise EngineLoadError(f"{root / MANIFEST_NAME}: the record of engine {name} has been edited since the "
+                                  f"build (its digest does not match); rebuild the engine")
     cfg = config_as_json(ModelConfig.from_dir(root))
     if cfg != m.model_config:
         diff = sorted(k for k in set(cfg) | set(m.model_config) if cfg.get(k) != m.model_config.get(k))
