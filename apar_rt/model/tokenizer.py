@@ -11,9 +11,12 @@ converts it; `apar-rt build` then writes the converted `tokenizer.json` into the
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from datetime import datetime
 from pathlib import Path
+from typing import Iterable
 
 from apar_rt.apar import CHILD_TOKEN, FORK_TOKEN, ControlTokens
 from apar_rt.config import ModelLoadError
@@ -191,27 +194,55 @@ def render_chat_template(template: str, messages: list[dict], **variables) -> st
     return compiled.render(messages=messages, **variables)
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, only: Iterable[str] | None = None):
     """The tokenizer of a model or engine folder: `FastTokenizer` when it has tokenizer.json,
-    else transformers' AutoTokenizer (never running code from the folder)."""
-    path = Path(path)
+    else transformers' AutoTokenizer. No code from the folder ever runs: a tokenizer that needs
+    custom code (`auto_map`) is refused with ModelLoadError, never prompted for.
+
+    only: read just these files of the folder (an engine folder's recorded files); the others
+    are ignored.
+    """
+    if only is None:
+        return _load_tokenizer(Path(path), Path(path))
+    with tempfile.TemporaryDirectory(prefix="apar-tokenizer-") as tmp:
+        for name in only:
+            src = Path(path, name)
+            if "/" not in name and "\\" not in name and src.is_file():
+                os.symlink(src.resolve(), Path(tmp, name))
+        tok = _load_tokenizer(Path(tmp), Path(path))
+        if isinstance(tok, FastTokenizer):   # it read everything it needs; files are copied from the folder
+            tok.path = Path(path)
+        return tok
+
+
+def _custom_code_error(shown: Path) -> ModelLoadError:
+    return ModelLoadError(f"the tokenizer of {str(shown)!r} needs custom code from the folder (auto_map); "
+                          "apar-rt never runs code from a model folder: use a built-in tokenizer class "
+                          "(tokenizer_class in tokenizer_config.json)")
+
+
+def _load_tokenizer(folder: Path, shown: Path):
+    if "AutoTokenizer" in (_read_json(folder / TOKENIZER_CONFIG).get("auto_map") or {}):
+        raise _custom_code_error(shown)
     try:
-        if (path / TOKENIZER_JSON).is_file():
-            return FastTokenizer(path)
+        if (folder / TOKENIZER_JSON).is_file():
+            return FastTokenizer(folder)
     except ModelLoadError:
         raise
     except Exception as e:  # tokenizers raises its own exception types for a bad file
-        raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {e}") from None
+        raise ModelLoadError(f"cannot load a tokenizer from {str(shown)!r}: {e}") from None
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise ModelLoadError(f"{str(path)!r} has no {TOKENIZER_JSON}; reading its tokenizer needs the "
+        raise ModelLoadError(f"{str(shown)!r} has no {TOKENIZER_JSON}; reading its tokenizer needs the "
                              "'transformers' package") from None
     try:
         # the engine rejects over-long prompts itself: no "indexing errors" warning from transformers
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, model_max_length=_NO_LIMIT)
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, model_max_length=_NO_LIMIT)
     except Exception as e:  # transformers raises many types for a bad folder
-        raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {e}") from None
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise _custom_code_error(shown) from None
+        raise ModelLoadError(f"cannot load a tokenizer from {str(shown)!r}: {e}") from None
 
 
 def control_tokens(tokenizer, fork_id: int | None = None, child_id: int | None = None) -> ControlTokens:
