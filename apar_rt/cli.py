@@ -10,7 +10,7 @@ import click
 from apar_rt import __version__
 
 _SAMPLING_FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
-                   "top_k": "--top-k", "logit_bias": "--logit-bias", "stop": "--stop"}
+                   "top_k": "--top-k", "logit_bias": "--logit-bias", "stop": "--stop", "seed": "--seed"}
 
 
 def _parse_logit_bias(ctx, param, values):
@@ -47,10 +47,22 @@ def engine_options(f):
         click.option("--num-blocks", type=int, default=512, show_default=True,
                      help="KV blocks in the pool (block 0 is reserved)."),
         click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per KV block."),
+        click.option("--gpu-memory-utilization", type=float, default=None,
+                     help="Size the KV pool (instead of --num-blocks) so that the engine takes this share of "
+                          "the device's memory in all, weights included (vLLM's flag; on the CPU, a share "
+                          "of --memory-gib)."),
+        click.option("--kv-cache-fraction", type=float, default=None,
+                     help="Size the KV pool (instead of --num-blocks) as this share of the memory left after "
+                          "weights and activations (TensorRT-LLM's kv_cache_free_gpu_mem_fraction)."),
+        click.option("--memory-gib", type=float, default=None,
+                     help="The memory the two flags above share out, in GiB (required on the CPU; default on "
+                          "a GPU: its total memory)."),
         click.option("--max-num-seqs", type=int, default=64, show_default=True,
                      help="Most sequences (APAR branches included) in one step."),
-        click.option("--max-num-tokens", type=int, default=2048, show_default=True,
-                     help="Most new tokens in one packed step (prefill chunks + decodes)."),
+        click.option("--max-num-tokens", "--max-num-batched-tokens", "max_num_tokens", type=int, default=2048,
+                     show_default=True,
+                     help="Most new tokens in one packed step (prefill chunks + decodes); vLLM's "
+                          "--max-num-batched-tokens."),
         click.option("--max-model-len", type=int, default=None,
                      help="Length cap per request (default: the model's max_position_embeddings)."),
         click.option("--max-depth", type=int, default=2, show_default=True,
@@ -89,6 +101,55 @@ def _engine_kwargs(kw: dict) -> dict:
         out["medusa"] = medusa
         out["medusa_tree"] = kw.get("medusa_tree")
     return out
+
+
+def _fit_kv_pool(ctx, path: str, backend: str, device: str | None, dtype: str, kw: dict) -> None:
+    """--gpu-memory-utilization / --kv-cache-fraction (with --memory-gib): set kw["num_blocks"] from
+    the memory plan (apar_rt.memory_plan, the one place that does the arithmetic)."""
+    from click.core import ParameterSource
+
+    util, frac, gib = kw.pop("gpu_memory_utilization"), kw.pop("kv_cache_fraction"), kw.pop("memory_gib")
+    if util is None and frac is None:
+        if gib is not None:
+            raise click.UsageError("--memory-gib applies with --gpu-memory-utilization or --kv-cache-fraction")
+        return
+    if ctx.get_parameter_source("num_blocks") != ParameterSource.DEFAULT:
+        raise click.UsageError("--num-blocks sizes the KV pool itself; give it or --gpu-memory-utilization / "
+                               "--kv-cache-fraction, not both")
+    from apar_rt import memory_plan as mp
+
+    gpu = (device or "").startswith("cuda") or backend == "tensorrt"
+    if device is None and backend == "torch":
+        try:
+            import torch
+            gpu = torch.cuda.is_available()
+        except ImportError:
+            pass
+    if not gpu and gib is None:
+        raise click.UsageError("on the CPU, --gpu-memory-utilization and --kv-cache-fraction are shares of "
+                               "--memory-gib N (the memory apar-rt may use); give it")
+    try:
+        if gpu and gib is None:
+            import torch
+
+            index = int(device.partition(":")[2] or 0) if device else 0
+            props = torch.cuda.get_device_properties(index)
+            dev = mp.Device(f"cuda:{index}", props.total_memory, 0, False, props.name)
+        else:
+            dev = mp.get_device(mp.CPU_DEVICE, gib) if not gpu else \
+                mp.Device("cuda", int(gib * mp.GIB), 0, False, f"GPU with {gib:g} GiB")
+        shape = {k: v for k, v in (("block_size", kw.get("block_size")), ("max_batch_size", kw.get("max_num_seqs")),
+                                   ("max_num_tokens", kw.get("max_num_tokens"))) if v is not None}
+        from apar_rt.build.manifest import is_engine_dir
+
+        if not is_engine_dir(path):     # an engine folder's own dtype comes from its manifest
+            shape["dtype"] = dtype if dtype != "auto" else ("float16" if gpu else "float32")
+        plan = mp.plan_from_folder(path, dev, kv_cache_fraction=frac, gpu_memory_utilization=util, **shape)
+    except ValueError as e:   # PlanError: the numbers that do not fit
+        raise click.BadParameter(str(e), param_hint="--gpu-memory-utilization/--kv-cache-fraction") from None
+    kw["num_blocks"] = plan.num_blocks
+    click.echo(f"KV pool: {plan.num_blocks} blocks of {plan.block_size} tokens ({plan.kv_pool_bytes / mp.GIB:.2f} "
+               f"GiB; {dev.description})", err=True)
 
 
 def _fail_on_value_error(e: ValueError) -> None:
@@ -167,6 +228,7 @@ def generate(ctx, prompts, as_json, raw, max_tokens, temperature, top_p, top_k, 
     if engine_dir is not None:
         backend = _engine_dir_defaults(ctx, engine_dir, backend, kw)
         model = engine_dir
+    _fit_kv_pool(ctx, model, backend, device, dtype, kw)
     from apar_rt.config import ModelLoadError
     from apar_rt.core import SamplingParams
     from apar_rt.backends import BackendUnavailable
@@ -328,7 +390,9 @@ _COMMAND_MODULES = (
 
 
 @bench.command("apar")
-@click.option("--model", type=click.Path(exists=True, file_okay=False), required=True, help="HF model folder.")
+@click.option("--model", type=click.Path(exists=True, file_okay=False), required=True,
+              help="HF model folder, or an engine folder for --backend onnxruntime (a model folder is then "
+                   "built into a temporary engine first).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
               default="samples/prompts/heldout.jsonl", show_default=True,
               help="JSONL prompts with 'prompt', 'structured' and 'kind' fields.")
@@ -341,7 +405,14 @@ def bench_apar_cmd(model, prompts_file, max_tokens, medusa, medusa_tree, backend
     """APAR vs AR decode steps, fork rate and text order on a prompt set (e.g. the held-out prompts)."""
     from apar_rt.bench.apar_vs_ar import bench_apar, format_summary
 
-    s = bench_apar(model, prompts_file, max_tokens=max_tokens, medusa=medusa, backend=backend, tree=medusa_tree)
+    from apar_rt.backends import BackendUnavailable
+    from apar_rt.config import ModelLoadError
+
+    try:
+        s = bench_apar(model, prompts_file, max_tokens=max_tokens, medusa=medusa, backend=backend,
+                       tree=medusa_tree, log=lambda m: click.echo(m, err=True))
+    except (ModelLoadError, BackendUnavailable) as e:
+        raise click.ClickException(str(e)) from None
     click.echo(json.dumps(s, indent=1) if as_json else format_summary(s))
 
 

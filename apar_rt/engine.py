@@ -13,8 +13,8 @@ import numpy as np
 from apar_rt.apar import ControlTokens, branch_schema, recover_text
 from apar_rt.backends import Backend, backend_class
 from apar_rt.config import EngineConfig, ModelConfig, ModelLoadError
-from apar_rt.core import FinishReason, Request, RequestOutput, SamplingParams, ScheduledSeq
-from apar_rt.medusa.heads import HEADS_DIRNAME, find_heads_dir
+from apar_rt.core import FinishReason, Request, RequestOutput, SamplingParams, ScheduledSeq, request_stats
+from apar_rt.medusa.folder import HEADS_DIRNAME, find_heads_dir
 from apar_rt.medusa.tree import load_tree
 from apar_rt.medusa.verifier import Acceptance, MedusaVerifier
 from apar_rt.model.tokenizer import control_tokens, encode_prompt, load_tokenizer
@@ -265,14 +265,9 @@ class Engine:
         o.text = recover_text(self.decode, req.branches, self.control, self.special_ids, join=self.config.text_join,
                               budget=req.budget)
         o.branches = branch_schema(req.branches, req.budget)
-        hist = req.accepted_lengths
-        thread_steps = sum(hist.values())
-        o.stats = {"decode_steps": req.decode_steps, "forks": len(o.branches) - 1,
-                   "generated_tokens": req.generated_tokens, "peak_kv_blocks": req.peak_kv_blocks,
-                   "preemptions": req.num_preemptions,
-                   "accepted_tokens_per_step": (sum(k * v for k, v in hist.items()) / thread_steps
-                                                if thread_steps else 0.0),
-                   "accepted_length_histogram": {str(k): hist[k] for k in sorted(hist)}}
+        o.stats = request_stats(decode_steps=req.decode_steps, forks=len(o.branches) - 1,
+                                generated_tokens=req.generated_tokens, peak_kv_blocks=req.peak_kv_blocks,
+                                preemptions=req.num_preemptions, accepted_lengths=req.accepted_lengths)
 
     def run(self, requests: Iterable[tuple[str | None, SamplingParams, dict]]) -> list[RequestOutput]:
         """Serve a batch to completion. A request rejected up front gets an output with `error`

@@ -455,7 +455,8 @@ class Scheduler:
             tokens = tokens[:self._run_length(req, b, tokens)]
             req.kv_blocks -= len(self.kv.truncate(b.table, b.context_len - 1 + len(tokens)))
         s.accepted = len(tokens)
-        req.accepted_lengths[len(tokens)] = req.accepted_lengths.get(len(tokens), 0) + 1
+        if s.tree:   # Medusa's acceptance counts draft-tree steps only
+            req.accepted_lengths[len(tokens)] = req.accepted_lengths.get(len(tokens), 0) + 1
         for tok in tokens:
             self._append(req, b, tok, upd)
             if b.finished or req.finished:

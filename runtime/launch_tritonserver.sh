@@ -148,8 +148,12 @@ if [[ $setup_only == 1 ]]; then
 fi
 
 repo="$HERE/model_repository"
+temp_repo=""
 if [[ ${#params[@]} -gt 0 ]]; then
-  [[ -n "$repo_out" ]] || repo_out="$(mktemp -d -t apar-triton-repo.XXXXXX)"
+  if [[ -z "$repo_out" ]]; then   # a temporary repository, removed when the server exits
+    repo_out="$(mktemp -d -t apar-triton-repo.XXXXXX)"
+    temp_repo="$repo_out"
+  fi
   rm -rf "$repo_out/apar"
   mkdir -p "$repo_out"
   cp -r "$HERE/model_repository/apar" "$repo_out/apar"
@@ -174,10 +178,26 @@ fi
 
 export LD_LIBRARY_PATH="$LIBDIR:$TRITON_HOME/nvidia_pytriton.libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PATH="$venv/bin:$PATH"
-exec "$TRITON_HOME/tritonserver/bin/tritonserver" \
-  --model-repository "$repo" \
-  --backend-directory "$TRITON_HOME/tritonserver/backends" \
-  --cache-directory "$TRITON_HOME/tritonserver/caches" \
-  --http-address 127.0.0.1 --grpc-address 127.0.0.1 --metrics-address 127.0.0.1 \
-  --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port" --exit-timeout-secs 10 \
-  "${extra[@]}"
+server=("$TRITON_HOME/tritonserver/bin/tritonserver"
+  --model-repository "$repo"
+  --backend-directory "$TRITON_HOME/tritonserver/backends"
+  --cache-directory "$TRITON_HOME/tritonserver/caches"
+  --http-address 127.0.0.1 --grpc-address 127.0.0.1 --metrics-address 127.0.0.1
+  --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port" --exit-timeout-secs 10
+  "${extra[@]}")
+if [[ -z "$temp_repo" ]]; then
+  exec "${server[@]}"
+fi
+# The temporary repository outlives the server by nothing: run the server as a child, pass it
+# SIGINT/SIGTERM, and remove the folder when it has exited.
+"${server[@]}" &
+pid=$!
+trap 'kill -TERM "$pid" 2>/dev/null || true' INT TERM
+trap 'rm -rf "$temp_repo"' EXIT
+set +e
+while true; do
+  wait "$pid"
+  rc=$?
+  kill -0 "$pid" 2>/dev/null || break    # wait returned for a trapped signal: wait on
+done
+exit "$rc"

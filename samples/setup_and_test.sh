@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Set up a fresh machine and run the test suite (the README's second command).
-# torch==2.13.0 goes in first: it is a local CPU wheel; an unpinned torch would pull CUDA packages.
+# Set up a fresh machine and run the test suite (the README's second command), in the virtualenv
+# .venv (or $APAR_VENV): torch==2.13.0 first (a local CPU wheel), then apar-rt with its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q torch==2.13.0
+. samples/venv.sh
 # .[test] includes tensorrt-rtx-cu13 (TensorRT for RTX, ~100 MB): tests/test_tensorrt_build.py builds real plans with it.
-python -m pip install -q -e ".[test]"
+apar_venv "test"
 # tests/test_triton.py runs a real tritonserver: download and unpack it once (cached, ~10 s; runtime/README.md).
 [[ "${APAR_SKIP_TRITON:-0}" == 1 ]] || PYTHON=python bash runtime/launch_tritonserver.sh --setup-only
 python -m pytest -q "$@"

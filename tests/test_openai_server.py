@@ -151,7 +151,7 @@ def test_32_concurrent_streams_complete_and_free_their_blocks(server, client, re
     assert max(peak) > 1                      # requests really ran together
     assert idle(server)
     metrics = httpx.get(server.url + "/metrics").text
-    assert "apar_rt_kv_blocks_used 0.0" in metrics and "apar_rt_requests_running 0.0" in metrics
+    assert "apar_rt_kv_blocks_used 0.0" in metrics and "apar_rt_num_requests_running 0.0" in metrics
 
 
 def test_per_branch_extension(client, ref_raw, fork_id):
@@ -189,10 +189,11 @@ def test_models_health_metrics(server):
     m = httpx.get(server.url + "/metrics")
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
     for name in ("apar_rt_time_to_first_token_seconds_bucket", "apar_rt_inter_token_latency_seconds_bucket",
-                 "apar_rt_e2e_request_latency_seconds_count", "apar_rt_requests_running",
-                 "apar_rt_requests_waiting", "apar_rt_kv_blocks_used", "apar_rt_forks_total",
-                 "apar_rt_medusa_accepted_tokens_per_step"):
+                 "apar_rt_e2e_request_latency_seconds_count", "apar_rt_num_requests_running",
+                 "apar_rt_num_requests_waiting", "apar_rt_kv_cache_usage_perc", "apar_rt_kv_blocks_used",
+                 "apar_rt_forks_total", "apar_rt_num_live_branches"):
         assert name in m.text, name
+    assert "medusa" not in m.text, "Medusa metrics only when the engine runs Medusa heads"
 
 
 # ---- bad input: OpenAI error bodies, and the next request is served ---------------------
@@ -270,7 +271,7 @@ def test_too_long_prompt_and_typed_client_errors(server, client):
 
 def finished_total(server, reason: str) -> float:
     for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith(f'apar_rt_requests_finished_total{{finish_reason="{reason}"}}'):
+        if line.startswith(f'apar_rt_request_success_total{{finished_reason="{reason}"}}'):
             return float(line.split()[-1])
     return 0.0
 

@@ -245,38 +245,38 @@ def test_grpc_streaming_equals_generate(triton, reference):
         s.close()
     assert not errors
     assert texts == {str(i): reference[p].text for i, p in enumerate(PROMPTS)}
-    assert triton.wait_metric("apar_kv_blocks_used", lambda v: v == 0) == 0
+    assert triton.wait_metric("apar_rt_kv_blocks_used", lambda v: v == 0) == 0
 
 
 def test_cancelled_grpc_stream_frees_its_blocks(triton):
-    aborted = triton.metric("apar_requests_finished", '{finish_reason="abort"}')
+    aborted = triton.metric("apar_rt_request_success_total", '{finished_reason="abort"}')
     s = GrpcStream(triton)
     try:
         # one thread of 480 tokens (EOS ignored) runs for a second or more
         s.send("long", _grpc_inputs(PROMPTS[2], max_tokens=480, fork_bias=False, end_id=(-1, np.int32)))
         first, error = s.q.get(timeout=30)
         assert error is None and first.as_numpy("text_output") is not None
-        assert triton.wait_metric("apar_kv_blocks_used", lambda v: v > 0) > 0
+        assert triton.wait_metric("apar_rt_kv_blocks_used", lambda v: v > 0) > 0
     finally:
         s.close(cancel=True)
-    assert triton.wait_metric("apar_kv_blocks_used", lambda v: v == 0) == 0
+    assert triton.wait_metric("apar_rt_kv_blocks_used", lambda v: v == 0) == 0
     deadline = time.monotonic() + 15
-    while triton.metric("apar_requests_finished", '{finish_reason="abort"}') < aborted + 1:
+    while triton.metric("apar_rt_request_success_total", '{finished_reason="abort"}') < aborted + 1:
         assert time.monotonic() < deadline, "the cancelled request was not aborted"
         time.sleep(0.1)
     assert_served(triton)
 
 
 def test_http_client_disconnecting_mid_stream(triton):
-    aborted = triton.metric("apar_requests_finished", '{finish_reason="abort"}')
+    aborted = triton.metric("apar_rt_request_success_total", '{finished_reason="abort"}')
     with httpx.stream("POST", f"{triton.url}/v2/models/apar/generate_stream", timeout=30,
                       json={"text_input": PROMPTS[1], "max_tokens": 480, "end_id": -1, "stream": True}) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data:")
     assert_served(triton)
-    assert triton.wait_metric("apar_kv_blocks_used", lambda v: v == 0, timeout=30) == 0
+    assert triton.wait_metric("apar_rt_kv_blocks_used", lambda v: v == 0, timeout=30) == 0
     deadline = time.monotonic() + 15     # Triton cancels the request; the model aborts it
-    while triton.metric("apar_requests_finished", '{finish_reason="abort"}') < aborted + 1:
+    while triton.metric("apar_rt_request_success_total", '{finished_reason="abort"}') < aborted + 1:
         assert time.monotonic() < deadline, "the disconnected request was not aborted"
         time.sleep(0.1)
 
@@ -339,7 +339,7 @@ def test_poisoned_values_fail_alone_while_four_streams_finish(triton, reference)
     assert len(errors) == 2 and all("finite" in e for e in errors.values()), errors
     r = httpx.post(f"{triton.url}/v2/models/apar/generate", json=body("x", max_tokens=2 ** 31), timeout=30)
     assert r.status_code == 400 and "wraps negative" in r.json()["error"]
-    assert triton.wait_metric("apar_kv_blocks_used", lambda v: v == 0) == 0
+    assert triton.wait_metric("apar_rt_kv_blocks_used", lambda v: v == 0) == 0
 
 
 def test_genai_perf_optional_inputs(triton, reference):
@@ -355,3 +355,35 @@ def test_genai_perf_optional_inputs(triton, reference):
         r = httpx.post(f"{triton.url}/v2/models/apar/generate", json=body("x", **{field: value}), timeout=30)
         assert r.status_code == 400 and f"{field}=" in r.json()["error"] and "not supported" in r.json()["error"]
     assert_served(triton)
+
+
+def _sample_names(text: str) -> set[str]:
+    return {line.split("{")[0].split()[0] for line in text.splitlines()
+            if line.startswith("apar_rt_")}
+
+
+def test_both_servers_export_the_same_metric_names(triton, tiny_gqa):
+    """apar-rt serve and the Triton model speak one vocabulary (apar_rt.serve.metric_names)."""
+    from apar_rt.engine import Engine
+    from apar_rt.serve.metric_names import exported
+    from apar_rt.serve.openai_server import OpenAIServer
+
+    assert_served(triton)
+    engine = Engine.from_pretrained(tiny_gqa[0], dtype="float32", device="cpu", **ENGINE_KW)
+    srv = OpenAIServer(engine, "tiny", port=0).start()
+    try:
+        httpx.post(srv.url + "/v1/completions", timeout=60,
+                   json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 4}).raise_for_status()
+        deadline = time.monotonic() + 15
+        while True:
+            ours = _sample_names(httpx.get(srv.url + "/metrics", timeout=10).text)
+            theirs = _sample_names(httpx.get(f"http://127.0.0.1:{triton.metrics_port}/metrics", timeout=10).text)
+            if ours == theirs or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        srv.stop()
+    assert ours == theirs, (sorted(ours - theirs), sorted(theirs - ours))
+    families = {m.name for m in exported(medusa=False)}
+    base = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n in ours}
+    assert base == families

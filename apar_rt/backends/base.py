@@ -31,7 +31,8 @@ class Backend(ABC):
     `forward` must, in this order: run `step.block_copies` on the pool (copy-on-write),
     compute the step (attention reads the pool as it was before this step), write each new
     token's K/V to `step.slot_mapping` (slots < 0 are skipped), and return the logits of
-    `step.logits_indices` as a float32 torch tensor [N, vocab] on the CPU.
+    `step.logits_indices` as float32 [N, vocab] on the CPU: a torch tensor, or a numpy array from
+    a backend that runs without torch (onnxruntime on the CPU). The sampler takes either.
     """
 
     name: str = "?"
@@ -42,14 +43,14 @@ class Backend(ABC):
 
     @abstractmethod
     def forward(self, step: StepInput):
-        """Run one step; returns logits [N, vocab] float32 (torch, CPU)."""
+        """Run one step; returns logits [N, vocab] float32 on the CPU (torch or numpy)."""
 
     # ---- Medusa (optional) -----------------------------------------------------------------
 
     num_medusa_heads: int = 0
 
     def medusa_logits(self):
-        """The Medusa heads' logits [N, heads, vocab] (float32, CPU) at the rows of the last
+        """The Medusa heads' logits [N, heads, vocab] (float32, CPU; torch or numpy) at the rows of the last
         forward's logits. Only for backends loaded with heads."""
         raise NotImplementedError(f"backend {self.name!r} has no Medusa heads loaded")
 

@@ -2,13 +2,17 @@
 
 Everything crosses into the session by pointer through one IOBinding, into buffers the backend
 owns and keeps (onnxruntime keeps only the pointer of a bound buffer):
-- the KV pools, one [2, layers, blocks, block_size, Hkv, D] tensor (CPU, or CUDA with the CUDA
-  execution provider), read in place;
+- the KV pools, one [2, layers, blocks, block_size, Hkv, D] array (numpy on the CPU, a torch
+  tensor on CUDA with the CUDA execution provider), read in place;
 - the step inputs, copied into persistent buffers on the device (grown on demand);
 - the outputs (logits, Medusa logits, every layer's new K/V in one block), persistent too.
 After the run one indexed write per step stores all layers' new K/V at the step's slots (numpy
 on the CPU, where its per-call overhead is far below torch's). Steps are padded to the engine's
 batch buckets with null-block sequences (see `apar_rt.export.step_io`).
+
+On the CPU this module needs no torch: it returns numpy logits, and an engine folder runs with
+onnxruntime, numpy and tokenizers alone (the fast start; tests/test_fast_start.py). torch is
+imported only for a CUDA device.
 """
 
 from __future__ import annotations
@@ -17,16 +21,28 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from apar_rt.backends.base import Backend, BackendUnavailable, load_engine_folder
 from apar_rt.build.manifest import ONNX_NAME
 from apar_rt.core import StepInput
 from apar_rt.export import step_io
 
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32, torch.bool: np.bool_}
-_FROM_NUMPY = {v: k for k, v in _NUMPY.items()}
+_NUMPY = {"float32": np.float32, "float16": np.float16}
+
+
+def _torch_dtype(np_dtype):
+    """The torch dtype of a numpy dtype (CUDA buffers only; imports torch)."""
+    import torch
+
+    return {np.float32: torch.float32, np.float16: torch.float16, np.int32: torch.int32,
+            np.int64: torch.int64, np.bool_: torch.bool}[np.dtype(np_dtype).type]
+
+
+def _numpy_dtype(torch_dtype):
+    import torch
+
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32,
+            torch.int64: np.int64, torch.bool: np.bool_}[torch_dtype]
 
 
 def _check_dtype(requested: str | None, built: str) -> None:
@@ -36,18 +52,29 @@ def _check_dtype(requested: str | None, built: str) -> None:
                          f"pass --dtype auto or rebuild with --dtype {requested}")
 
 
-def _device(requested: str | None) -> torch.device:
+def _torch_cuda() -> bool:
+    """Whether torch is installed with a usable CUDA device (torch holds the pools on CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _device(requested: str | None) -> tuple[str, int]:
+    """(device type, index): "cpu" unless CUDA is asked for or onnxruntime and torch both have it.
+    torch is imported only when onnxruntime has its CUDA execution provider or CUDA is asked for."""
     cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
     if requested is None:
-        return torch.device("cuda" if cuda_ep and torch.cuda.is_available() else "cpu")
-    dev = torch.device(requested)
-    if dev.type == "cuda" and not (cuda_ep and torch.cuda.is_available()):
+        return ("cuda", 0) if cuda_ep and _torch_cuda() else ("cpu", 0)
+    kind, _, index = str(requested).partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise ValueError(f"the onnxruntime backend runs on cpu or cuda[:N], not {requested!r}")
+    if kind == "cuda" and not (cuda_ep and _torch_cuda()):
         raise BackendUnavailable(f"device {requested!r} needs onnxruntime's CUDAExecutionProvider and a CUDA "
                                  f"build of torch; available providers: "
                                  f"{', '.join(ort.get_available_providers())}")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"the onnxruntime backend runs on cpu or cuda, not {requested!r}")
-    return dev
+    return kind, int(index or 0)
 
 
 def _without_outputs(path: Path, drop: set[str]) -> bytes:
@@ -106,8 +133,9 @@ class OnnxRuntimeBackend(Backend):
         if m.dtype not in ("float32", "float16"):
             raise BackendUnavailable(f"the onnxruntime backend runs float32 or float16 engines, "
                                      f"not {m.dtype}")
-        self.device = _device(device)
-        self.dtype = _TORCH[m.dtype]
+        self._dev_type, self._dev_id = _device(device)
+        self.device = "cpu" if self._dev_type == "cpu" else f"cuda:{self._dev_id}"
+        self.dtype = _NUMPY[m.dtype]      # numpy dtype of the pools and the new K/V
         cfg = m.model_config
         self.num_layers = int(cfg["num_hidden_layers"])
         self.num_kv_heads = int(cfg["num_key_value_heads"])
@@ -121,8 +149,8 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-        if self.device.type == "cuda":
-            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}),
+        if self._dev_type == "cuda":
+            providers = [("CUDAExecutionProvider", {"device_id": self._dev_id}),
                          "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
@@ -143,12 +171,10 @@ class OnnxRuntimeBackend(Backend):
         got = [i.name for i in self.session.get_inputs()]
         if got != want:
             raise BackendUnavailable(f"{self.engine_dir / ONNX_NAME} has inputs {got}, expected {want}")
-        self._dev_type = "cuda" if self.device.type == "cuda" else "cpu"
-        self._dev_id = (self.device.index or 0) if self.device.type == "cuda" else 0
         self._io = self.session.io_binding()
         self.block_size = m.block_size
-        self.k_caches: list[torch.Tensor] = []
-        self.v_caches: list[torch.Tensor] = []
+        self.k_caches: list = []          # per layer: numpy views (CPU) or torch views (CUDA) of the pool
+        self.v_caches: list = []
         self._bufs: dict = {}             # backend-owned input/output buffers, by name (see _buffer)
         self._bound: dict = {}            # name -> (pointer, shape, dtype) bound now (see _bind)
         self._ran = False                 # a forward ran: its new K/V are in self._new_kv (commit_kv)
@@ -164,27 +190,28 @@ class OnnxRuntimeBackend(Backend):
             raise ValueError(f"num_blocks {num_blocks} exceeds the engine's max_num_blocks "
                              f"{self.manifest.max_num_blocks}")
         # One tensor holds every layer's K and V pools, so one indexed write stores a step's K/V.
-        self._kv = torch.zeros((2, self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim),
-                               dtype=self.dtype, device=self.device)
+        shape = (2, self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        if self._dev_type == "cpu":
+            self._kv = np.zeros(shape, self.dtype)
+        else:
+            import torch
+
+            self._kv = torch.zeros(shape, dtype=_torch_dtype(self.dtype), device=self.device)
         self.k_caches = list(self._kv[0])
         self.v_caches = list(self._kv[1])
-        self._kv_slots = self._kv.view(2, self.num_layers, num_blocks * block_size, self.num_kv_heads,
-                                       self.head_dim)
-        if self._dev_type == "cpu":   # numpy views of the same memory: cheaper small writes than torch
-            self._kv_slots = self._kv_slots.numpy()
-            self._k_np = [k.numpy() for k in self.k_caches]
-            self._v_np = [v.numpy() for v in self.v_caches]
+        self._kv_slots = self._kv.reshape(2, self.num_layers, num_blocks * block_size, self.num_kv_heads,
+                                          self.head_dim)     # a view: the pool is contiguous
         for i, (k, v) in enumerate(zip(self.k_caches, self.v_caches)):
             self._bind(step_io.k_cache_name(i), k, tuple(k.shape), input=True)
             self._bind(step_io.v_cache_name(i), v, tuple(v.shape), input=True)
 
     def kv_bytes_per_block(self) -> int:
-        k = self.k_caches[0]
-        return 2 * self.num_layers * k[0].numel() * k.element_size()
+        return (2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
+                * np.dtype(self.dtype).itemsize)
 
     # ---- persistent buffers ------------------------------------------------------------------
 
-    def _buffer(self, name: str, shape: tuple, dtype) -> np.ndarray | torch.Tensor:
+    def _buffer(self, name: str, shape: tuple, dtype):
         """A buffer owned by the backend for `name`, at least `shape` (grown by doubling its first
         axis, plus a spare row: onnxruntime refuses the null pointer of an empty buffer). Numpy on
         the CPU, torch on CUDA. Valid until the next step that grows it."""
@@ -192,9 +219,11 @@ class OnnxRuntimeBackend(Backend):
         if buf is None or buf.shape[0] <= shape[0] or tuple(buf.shape[1:]) != tuple(shape[1:]):
             rows = max(2 * shape[0], 1 if buf is None else buf.shape[0]) + 1
             if self._dev_type == "cpu":
-                buf = np.empty((rows, *shape[1:]), _NUMPY.get(dtype, dtype))
+                buf = np.empty((rows, *shape[1:]), dtype)
             else:
-                buf = torch.empty((rows, *shape[1:]), dtype=_FROM_NUMPY.get(dtype, dtype), device=self.device)
+                import torch
+
+                buf = torch.empty((rows, *shape[1:]), dtype=_torch_dtype(dtype), device=self.device)
             self._bufs[name] = buf
         return buf[:shape[0]]
 
@@ -206,7 +235,7 @@ class OnnxRuntimeBackend(Backend):
         if isinstance(buf, np.ndarray):
             ptr, dt = buf.ctypes.data, buf.dtype.type
         else:
-            ptr, dt = buf.data_ptr(), _NUMPY[buf.dtype]
+            ptr, dt = buf.data_ptr(), _numpy_dtype(buf.dtype)
         key = (ptr, tuple(shape), dt)
         if self._bound.get(name) == key:   # bindings persist across runs: most decode steps rebind nothing
             return
@@ -221,6 +250,8 @@ class OnnxRuntimeBackend(Backend):
             if self._dev_type == "cpu":
                 np.copyto(buf, arr)
             else:
+                import torch
+
                 buf.copy_(torch.from_numpy(arr), non_blocking=False)
             self._bind(name, buf, arr.shape, input=True)
 
@@ -228,11 +259,11 @@ class OnnxRuntimeBackend(Backend):
         """Bind the outputs to persistent buffers: logits (and Medusa logits), and the new K/V of
         all layers in one [2, layers, T, Hkv, D] block (so that one indexed write stores them)."""
         T, N, V, L = num_tokens, num_logits, self.vocab_size, self.num_layers
-        self._logits = self._buffer("logits", (N, V), torch.float32)
+        self._logits = self._buffer("logits", (N, V), np.float32)
         self._bind("logits", self._logits, (N, V), input=False)
         self._medusa = None
         if self.num_medusa_heads:
-            self._medusa = self._buffer(step_io.MEDUSA_LOGITS, (N, self.num_medusa_heads, V), torch.float32)
+            self._medusa = self._buffer(step_io.MEDUSA_LOGITS, (N, self.num_medusa_heads, V), np.float32)
             self._bind(step_io.MEDUSA_LOGITS, self._medusa, tuple(self._medusa.shape), input=False)
         # rows = tokens, so that the buffer grows along its first axis; [T, 2, L, Hkv, D]
         kv = self._buffer("new_kv", (T + 1, 2, L, self.num_kv_heads, self.head_dim), self.dtype)
@@ -247,10 +278,10 @@ class OnnxRuntimeBackend(Backend):
 
     # ---- one step --------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def forward(self, step: StepInput) -> torch.Tensor:
-        """Run one step. The returned logits (and `medusa_logits()`) are views of buffers that the
-        next forward reuses: read them before calling forward again."""
+    def forward(self, step: StepInput):
+        """Run one step. The returned logits (numpy on the CPU, a CPU torch tensor on CUDA; and
+        `medusa_logits()`) are views of buffers that the next forward reuses: read them before
+        calling forward again."""
         if not self.k_caches:
             raise RuntimeError("allocate_kv must be called before forward")
         cpu = self._dev_type == "cpu"
@@ -261,6 +292,8 @@ class OnnxRuntimeBackend(Backend):
                 pools = self._kv_slots.reshape(2, self.num_layers, *self.k_caches[0].shape)
                 pools[:, :, dst] = pools[:, :, src]
             else:
+                import torch
+
                 src_t, dst_t = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
                 self._kv[:, :, dst_t] = self._kv[:, :, src_t]
         bucket = step_io.pick_bucket(int(step.block_tables.shape[0]), self.buckets) if self.buckets else None
@@ -275,10 +308,12 @@ class OnnxRuntimeBackend(Backend):
             self._write(None, slots)
         else:
             self._write(np.flatnonzero(keep), slots[keep])
-        return torch.from_numpy(self._logits) if cpu else self._logits.cpu()
+        return self._logits if cpu else self._logits.cpu()
 
     def _run(self) -> None:
         if self._dev_type != "cpu":
+            import torch
+
             torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(self._io)
 
@@ -289,17 +324,18 @@ class OnnxRuntimeBackend(Backend):
             rows = new[:, :, :len(slots)] if idx is None else new[:, :, idx]
             self._kv_slots[:, :, slots] = rows
         else:
+            import torch
+
             slots_t = torch.as_tensor(np.asarray(slots), device=self.device).long()
             rows = new[:, :, :len(slots)] if idx is None else new[:, :, torch.as_tensor(np.asarray(idx),
                                                                                       device=self.device).long()]
             self._kv_slots[:, :, slots_t] = rows
 
-    def medusa_logits(self) -> torch.Tensor:
+    def medusa_logits(self):
         if self._medusa is None:
             return super().medusa_logits()
-        return torch.from_numpy(self._medusa) if self._dev_type == "cpu" else self._medusa.cpu()
+        return self._medusa if self._dev_type == "cpu" else self._medusa.cpu()
 
-    @torch.inference_mode()
     def commit_kv(self, token_indices, slots) -> None:
         """Write the last step's K/V of tokens `token_indices` to `slots` (draft trees)."""
         if not self._ran:

@@ -45,7 +45,23 @@ def run_variant(model: str, prompts: list[str], *, mode: str, medusa: bool, max_
 
 
 def bench_apar(model: str, prompts_file: str, *, max_tokens: int = 400, medusa: bool = False,
-               backend: str = "torch", tree: str | None = None) -> dict:
+               backend: str = "torch", tree: str | None = None, log=print) -> dict:
+    """`model` is a model folder, or an engine folder for a built backend; a model folder with a
+    built backend is first built into a temporary engine folder."""
+    from apar_rt.build.manifest import MANIFEST_NAME
+
+    if backend != "torch" and not (Path(model) / MANIFEST_NAME).is_file():
+        import tempfile
+
+        from apar_rt.build.builder import BuildOptions, build
+
+        tmp = tempfile.TemporaryDirectory(prefix="apar-bench-")
+        engine = str(Path(tmp.name) / "engine")
+        log(f"{model} is a model folder: building a {backend} engine from it in {engine} ...")
+        build(BuildOptions(model=model, output=engine, backend=backend), progress=False, log=lambda m: None)
+        with tmp:
+            return bench_apar(engine, prompts_file, max_tokens=max_tokens, medusa=medusa, backend=backend,
+                              tree=tree, log=log)
     rows = load_prompts(prompts_file)
     prompts = [r["prompt"] for r in rows]
     variants = [("ar", False), ("apar", False)] + ([("ar", True), ("apar", True)] if medusa else [])

@@ -22,26 +22,27 @@ def _parse_buckets(ctx, param, value):
 
 @click.command("build")
 @click.option("--model", required=True, type=click.Path(), help="Hugging Face Llama folder to build from.")
-@click.option("--output", "-o", required=True, type=click.Path(), help="Engine folder to create.")
+@click.option("--output", "-o", "--output_dir", "output", required=True, type=click.Path(), help="Engine folder to create.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
               show_default=True, help="What the engine folder is built for.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True,
               help="Weights and KV dtype (auto: float32 for onnxruntime, float16 for tensorrt).")
-@click.option("--max-batch-size", type=int, default=8, show_default=True,
+@click.option("--max-batch-size", "--max_batch_size", "max_batch_size", type=int, default=8, show_default=True,
               help="Most sequences (APAR branches included) in one step.")
 @click.option("--batch-buckets", callback=_parse_buckets, default=None,
               help="Comma-separated fixed batch sizes, one TensorRT profile each (default: 1,2,4,.. up to "
                    "--max-batch-size).")
-@click.option("--max-num-tokens", type=int, default=2048, show_default=True,
+@click.option("--max-num-tokens", "--max_num_tokens", "max_num_tokens", type=int, default=2048, show_default=True,
               help="Most new tokens in one step.")
-@click.option("--max-seq-len", type=int, default=None,
+@click.option("--max-seq-len", "--max_seq_len", "max_seq_len", type=int, default=None,
               help="Longest context of one sequence (default: the model's max_position_embeddings).")
-@click.option("--block-size", type=int, default=16, show_default=True, help="KV cache block size.")
+@click.option("--block-size", "--tokens_per_block", "block_size", type=int, default=16, show_default=True,
+              help="Tokens per KV cache block.")
 @click.option("--max-num-blocks", type=int, default=None,
               help="Largest KV pool the engine accepts (default: unlimited for onnxruntime, 4096 for "
                    "tensorrt).")
-@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+@click.option("--timing-cache", "--timing_cache", "timing_cache", type=click.Path(dir_okay=False), default=None,
               help="TensorRT timing cache file: read if present, written back after the build.")
 @click.option("--plugin", default=None, metavar="python|LIBRARY",
               help="TreePagedAttention TensorRT plugin: `python` (apar-rt's Python IPluginV3) or the path of a "
@@ -73,6 +74,9 @@ def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_
           block_size, max_num_blocks, timing_cache, plugin, gpu_targets, max_draft_len, max_prefill_batch,
           workspace_gib, medusa, fit, memory_gib, kv_cache_fraction, gpu_memory_utilization, check, force, quiet):
     """Build an engine folder (model.onnx, TensorRT engines, manifest.json) from a checkpoint.
+
+    trtllm-build's spellings are accepted where they mean the same: --output_dir, --max_batch_size,
+    --max_num_tokens, --max_seq_len, --tokens_per_block, --timing_cache.
 
     \b
     Examples:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,9 @@ FORMAT = "apar-rt-engine"
 FORMAT_VERSION = 1
 ONNX_NAME = "model.onnx"
 ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
+
+
+log = logging.getLogger("apar_rt")
 
 
 class EngineLoadError(ModelLoadError):
@@ -125,7 +129,8 @@ def read_manifest(root: str | Path) -> Manifest:
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise EngineLoadError(f"{str(root)!r} is not an apar-rt engine folder: it has no {MANIFEST_NAME} "
-                              f"(build one with `apar-rt build --model MODEL --output {root}`)")
+                              f"(if it is a model folder, build an engine from it with `apar-rt build "
+                              f"--model {root} --output ENGINE_DIR` and use ENGINE_DIR)")
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -224,11 +229,23 @@ def _inside(real_root: Path, path: Path) -> bool:
         return False
 
 
+def _within(value: int | None, limit: int, flag: str, build_flag: str) -> int:
+    """A runtime limit capped at the engine's build limit, with a warning naming both when it is over."""
+    if value is None:
+        return limit
+    if value > limit:
+        log.warning("%s %d exceeds the engine's build limit %s %d: using %d (rebuild the engine with a "
+                    "larger %s to go higher)", flag, value, build_flag, limit, limit, build_flag)
+        return limit
+    return value
+
+
 def engine_settings(root: str | Path, backend: str, engine_kwargs: dict) -> tuple[dict, object]:
     """Engine kwargs fitted to an engine folder's limits, and its control tokens.
 
     The block size is the engine's (a different explicit one is an error); max_num_seqs,
-    max_num_tokens and max_model_len are capped at the engine's limits.
+    max_num_tokens and max_model_len default to the engine's limits, and a larger value is capped
+    at the limit with a warning that names both (logger "apar_rt").
 
     Raises:
         EngineLoadError: the folder's manifest cannot be read, or `backend` cannot load it.
@@ -247,9 +264,10 @@ def engine_settings(root: str | Path, backend: str, engine_kwargs: dict) -> tupl
         raise ValueError(f"block_size {bs} differs from the engine's block size {m.block_size} (fixed at "
                          f"build time); pass --block-size {m.block_size} or rebuild")
     kw["block_size"] = m.block_size
-    kw["max_num_seqs"] = min(kw.get("max_num_seqs") or m.max_batch_size, m.max_batch_size)
-    kw["max_num_tokens"] = min(kw.get("max_num_tokens") or m.max_num_tokens, m.max_num_tokens)
-    kw["max_model_len"] = min(kw.get("max_model_len") or m.max_seq_len, m.max_seq_len)
+    kw["max_num_seqs"] = _within(kw.get("max_num_seqs"), m.max_batch_size, "--max-num-seqs", "--max-batch-size")
+    kw["max_num_tokens"] = _within(kw.get("max_num_tokens"), m.max_num_tokens, "--max-num-tokens",
+                                   "--max-num-tokens")
+    kw["max_model_len"] = _within(kw.get("max_model_len"), m.max_seq_len, "--max-model-len", "--max-seq-len")
     nb = kw.get("num_blocks")
     if nb is not None and m.max_num_blocks and nb > m.max_num_blocks:
         raise ValueError(f"num_blocks {nb} exceeds the engine's max_num_blocks {m.max_num_blocks} "

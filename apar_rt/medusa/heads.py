@@ -17,8 +17,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from apar_rt.config import ModelLoadError
-
-HEADS_DIRNAME = "medusa"
+from apar_rt.medusa.folder import HEADS_DIRNAME, find_heads_dir  # noqa: F401  (re-exported)
 WEIGHTS_SAFE = "medusa_lm_head.safetensors"
 WEIGHTS_PT = "medusa_lm_head.pt"
 
@@ -67,12 +66,6 @@ class MedusaHeads(nn.Module):
             {"medusa_num_heads": self.num_heads, "medusa_num_layers": self.num_layers}, indent=1))
         state = {f"{k.split('.', 1)[1]}": v.contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(path / WEIGHTS_SAFE))
-
-
-def find_heads_dir(model_dir: str | Path) -> Path | None:
-    """`<model>/medusa` if it holds heads, else None."""
-    d = Path(model_dir) / HEADS_DIRNAME
-    return d if (d / "config.json").is_file() else None
 
 
 def load_heads(path: str | Path, *, hidden: int, vocab: int, dtype=torch.float32, device="cpu") -> MedusaHeads:

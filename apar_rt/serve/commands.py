@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from apar_rt.cli import (_engine_dir_defaults, _engine_kwargs, _fail_on_value_error, _model_or_engine,
-                         engine_options)
+from apar_rt.cli import (_engine_dir_defaults, _engine_kwargs, _fail_on_value_error, _fit_kv_pool,
+                         _model_or_engine, engine_options)
 
 
 @click.command()
@@ -37,7 +37,10 @@ def serve(ctx, model, engine_dir, backend, dtype, device, host, port, served_nam
     Endpoints: POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, /metrics.
     Example:
       apar-rt serve --model samples/models/apar-tiny --port 8000
-      curl localhost:8000/v1/completions -d '{"model": "apar-tiny", "prompt": "3 tips:", "max_tokens": 64}'
+      curl localhost:8000/v1/chat/completions -d '{"model": "apar-tiny", "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Give me 3 tips for better sleep."}]}'
+    /v1/completions takes its prompt as it is (as OpenAI and vLLM do); /v1/chat/completions
+    applies the model's chat template (Vicuna v1.1 when it has none).
     """
     from apar_rt.backends import BackendUnavailable
     from apar_rt.config import ModelLoadError
@@ -49,6 +52,7 @@ def serve(ctx, model, engine_dir, backend, dtype, device, host, port, served_nam
     path = model or engine_dir
     if engine_dir is not None:
         backend = _engine_dir_defaults(ctx, engine_dir, backend, kw)
+    _fit_kv_pool(ctx, path, backend, device, dtype, kw)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine = Engine.from_pretrained(path, backend=backend, dtype=dtype, device=device,

@@ -58,6 +58,7 @@ class LoopStats:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0      # usable blocks (the null block excluded)
     forks: int = 0                # forks since start
+    live_branches: int = 0        # APAR branches of running requests not yet finished
     steps: int = 0                # engine steps since start
     preemptions: int = 0
 
@@ -497,6 +498,7 @@ class EngineLoop:
         s = self.engine.scheduler
         self.stats = LoopStats(running=len(s.running), waiting=len(s.waiting), kv_blocks_used=s.pool.num_used,
                                kv_blocks_total=s.pool.capacity, forks=s.num_forks,
+                               live_branches=sum(len(r.live_branches()) for r in s.running),
                                steps=self.engine.num_steps, preemptions=s.num_preemptions)
         self._obs("on_stats", self.stats)
 

@@ -45,7 +45,6 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,7 +52,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from apar_rt.core import MAX_LOGIT_BIAS, SamplingParams
-from apar_rt.serve.engine_loop import EngineLoop, LoopStats
+from apar_rt.serve.engine_loop import EngineLoop
+from apar_rt.serve.metric_names import ServingCounters
 
 log = logging.getLogger(__name__)
 
@@ -229,36 +229,20 @@ class Sender(Protocol):
     def close(self) -> None: ...                                          # a final flag, no response
 
 
-class _Counts:
-    """A LoopObserver that counts finished requests by reason (for the model's metrics)."""
-
-    def __init__(self) -> None:
-        self.finished: Counter = Counter()
-        self.stats = LoopStats()
-
-    def on_first_token(self, seconds: float) -> None: ...
-    def on_inter_token(self, seconds: float) -> None: ...
-
-    def on_finish(self, seconds: float, reason: str, prompt_tokens: int, generated_tokens: int,
-                  stats: dict | None = None) -> None:
-        self.finished[reason] += 1
-
-    def on_stats(self, stats: LoopStats) -> None:
-        self.stats = stats
-
-
 class TritonServing:
     """One engine in a loop thread, serving the Triton model's requests.
 
     One relay thread (not one per request) sends every request's responses: the engine loop
     puts all requests' events into one queue, and the relay also polls for cancellation. A send
     that fails (the client went away) cancels the request, which frees its KV blocks.
+    on_latency(metric name, seconds): each histogram observation (the model's Triton metrics).
     """
 
     def __init__(self, engine, *, default_max_tokens: int = 256, raw: bool = False,
-                 poll_seconds: float = 0.1) -> None:
+                 poll_seconds: float = 0.1, on_latency=None) -> None:
         self.engine = engine
-        self.counts = _Counts()
+        self.counts = ServingCounters(medusa=getattr(engine, "verifier", None) is not None,
+                                      on_latency=on_latency)
         self.loop = EngineLoop(engine, self.counts, name="apar-triton-engine").start()
         self.default_max_tokens = default_max_tokens
         self.raw = raw
@@ -270,7 +254,8 @@ class TritonServing:
         self._relay_thread.start()
 
     @classmethod
-    def from_parameters(cls, params: dict[str, Any], model_dir: str | Path | None = None) -> "TritonServing":
+    def from_parameters(cls, params: dict[str, Any], model_dir: str | Path | None = None,
+                        on_latency=None) -> "TritonServing":
         """Load the engine named by the config parameters. A relative engine_dir is taken from
         the current directory, else from the repository root holding runtime/model_repository."""
         from apar_rt.engine import Engine
@@ -298,7 +283,7 @@ class TritonServing:
             medusa = True
         engine = Engine.from_pretrained(path, backend=backend, dtype=params["dtype"],
                                         device=params["device"] or None, medusa=medusa, **kwargs)
-        return cls(engine, default_max_tokens=params["default_max_tokens"], raw=params["raw"])
+        return cls(engine, default_max_tokens=params["default_max_tokens"], raw=params["raw"], on_latency=on_latency)
 
     def submit(self, inputs: dict[str, np.ndarray], sender: Sender, parameters: dict | None = None) -> None:
         """Validate and queue one request; its responses go out through `sender`. Never blocks

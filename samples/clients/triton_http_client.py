@@ -24,6 +24,9 @@ def main() -> None:
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args()
+    if "://" not in args.url:          # host:port, as the gRPC client takes it
+        args.url = "http://" + args.url
+    args.url = args.url.rstrip("/")
     body = {"text_input": args.prompt, "max_tokens": args.max_tokens, "temperature": 0.0}
 
     # one response: POST /v2/models/apar/generate

@@ -2,7 +2,8 @@
 
 A thin shell: request parsing, batching and streaming live in apar_rt.serve.triton_adapter
 (one EngineLoop for every request). This file turns Triton requests into input dicts,
-wraps each response sender, and exports a few engine gauges as Triton custom metrics.
+wraps each response sender, and exports apar-rt's metrics (the names `apar-rt serve` uses) as
+Triton custom metrics.
 """
 
 import json
@@ -59,47 +60,67 @@ class _Sender:
 
 
 class _Metrics:
-    """Engine gauges and finish counters as Triton custom metrics (on Triton's /metrics)."""
+    """apar-rt's metrics vocabulary (apar_rt.serve.metric_names, the same names `apar-rt serve`
+    exports) as Triton custom metrics, on Triton's /metrics. Histograms observe as requests run;
+    gauges and counters are pushed from the engine's counters every `period` seconds."""
 
-    def __init__(self, serving, period=0.2):
+    def __init__(self, period=0.2):
+        from apar_rt.serve.metric_names import LATENCY_BUCKETS, METRICS
+
         fam = pb_utils.MetricFamily
-        self._serving = serving
-        self._families = []     # a MetricFamily must outlive its Metrics
-        self._gauges = {}
-        for name, doc in (("kv_blocks_used", "KV cache blocks in use"),
-                          ("kv_blocks_total", "Usable KV cache blocks"),
-                          ("requests_running", "Requests being decoded"),
-                          ("requests_waiting", "Requests queued for admission"),
-                          ("forks", "APAR forks since start")):
-            family = fam(name=f"apar_{name}", description=doc, kind=fam.GAUGE)
-            self._families.append(family)
-            self._gauges[name] = family.Metric(labels={})
-        self._finished = fam(name="apar_requests_finished", description="Finished requests by reason",
-                             kind=fam.GAUGE)
-        self._families.append(self._finished)
-        self._by_reason = {}
+        self._kinds = {"gauge": fam.GAUGE, "counter": fam.COUNTER, "histogram": fam.HISTOGRAM}
+        self._families = {}     # a MetricFamily must outlive its Metrics
+        self._hist = {}
+        for spec in METRICS:
+            if spec.kind == "histogram":
+                family = fam(name=spec.name, description=spec.doc, kind=fam.HISTOGRAM)
+                self._families[spec.name] = family
+                self._hist[spec.name] = family.Metric(labels={}, buckets=list(LATENCY_BUCKETS))
+        self._metrics = {}      # (name, label values) -> [Metric, value pushed so far]
+        self._period = period
+        self._serving = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True, name="apar-metrics")
+        self._thread = None
+
+    def observe(self, name, seconds):
+        self._hist[name].observe(seconds)
+
+    def start(self, serving):
+        self._serving = serving
+        for spec in serving.counts.specs:
+            if spec.kind != "histogram":
+                self._families[spec.name] = pb_utils.MetricFamily(name=spec.name, description=spec.doc,
+                                                                  kind=self._kinds[spec.kind])
+        self.push()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="apar-metrics")
         self._thread.start()
 
-    def _run(self, period):
-        while not self._stop.wait(period):
+    def _run(self):
+        while not self._stop.wait(self._period):
             self.push()
 
     def push(self):
-        s = self._serving.loop.stats
-        for name, value in (("kv_blocks_used", s.kv_blocks_used), ("kv_blocks_total", s.kv_blocks_total),
-                            ("requests_running", s.running), ("requests_waiting", s.waiting),
-                            ("forks", s.forks)):
-            self._gauges[name].set(value)
-        for reason, n in list(self._serving.counts.finished.items()):
-            if reason not in self._by_reason:
-                self._by_reason[reason] = self._finished.Metric(labels={"finish_reason": reason})
-            self._by_reason[reason].set(n)
+        values = self._serving.counts.values()
+        for spec in self._serving.counts.specs:
+            if spec.kind == "histogram":
+                continue
+            value = values[spec.name]
+            for labels, v in (value.items() if spec.labels else [((), value)]):
+                key = (spec.name, labels)
+                if key not in self._metrics:
+                    metric = self._families[spec.name].Metric(labels=dict(zip(spec.labels, labels)))
+                    self._metrics[key] = [metric, 0]
+                entry = self._metrics[key]
+                if spec.kind == "gauge":
+                    entry[0].set(float(v))
+                elif v > entry[1]:
+                    entry[0].increment(float(v - entry[1]))
+                    entry[1] = v
 
     def close(self):
         self._stop.set()
-        self._thread.join(2)
+        if self._thread is not None:
+            self._thread.join(2)
 
 
 class TritonPythonModel:
@@ -108,8 +129,10 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("the apar model must be decoupled "
                                                 "(model_transaction_policy { decoupled: true })")
-        self.serving = TritonServing.from_parameters(model_parameters(config), args["model_repository"])
-        self.metrics = _Metrics(self.serving)
+        self.metrics = _Metrics()
+        self.serving = TritonServing.from_parameters(model_parameters(config), args["model_repository"],
+                                                     on_latency=self.metrics.observe)
+        self.metrics.start(self.serving)
 
     def execute(self, requests):
         for request in requests:
