@@ -312,9 +312,9 @@ def _chunk(ev_text: str, chat: bool, rid: str, created: int, model: str, finish:
     return d
 
 
-def _usage(ev: StreamEvent) -> dict:
-    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.generated_tokens,
-            "total_tokens": ev.prompt_tokens + ev.generated_tokens}
+def _usage(ev: StreamEvent, cap: int | None = None) -> dict:
+    done = ev.generated_tokens if cap is None else min(ev.generated_tokens, cap)
+    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": done, "total_tokens": ev.prompt_tokens + done}
 
 
 def _finish_reason(ev: StreamEvent) -> str:
@@ -527,8 +527,9 @@ def build_app(loop: EngineLoop, model_names: str | list[str], metrics=None, *,
             finish = _finish_reason(ev) if ev.finished else None
             if ev.text or ev.branches or finish:
                 chunk = _chunk(ev.text, chat, rid, created, model, finish, ev.branches)
-                if every:
-                    chunk["usage"] = _usage(ev)
+                if every:   # tokens past the reading-order budget are cut at the end: never count them
+                    cap = min(p.params.max_tokens, state.max_model_len - ev.prompt_tokens)
+                    chunk["usage"] = _usage(ev, cap)
                 yield _sse(chunk)
             if ev.finished:
                 if p.include_usage:
