@@ -77,12 +77,14 @@ class Engine:
             if engine_kwargs.get("medusa_tree") is None:
                 engine_kwargs["medusa_tree"] = DEFAULT_TREE
         control = None
+        recorded = None     # an engine folder: only the files its manifest records are read
         if backend != "torch" or Path(model_dir, "manifest.json").is_file():
-            from apar_rt.build.manifest import engine_settings  # limits and control ids of an engine folder
+            from apar_rt.build.manifest import engine_settings, read_manifest  # limits, control ids
             engine_kwargs, control = engine_settings(model_dir, backend, engine_kwargs)
+            recorded = list(read_manifest(model_dir).files)
         cfg = EngineConfig(**engine_kwargs)
         model_config = ModelConfig.from_dir(model_dir)
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_tokenizer(model_dir, only=recorded)
         be = backend_cls(str(model_dir), dtype=dtype, device=device, **backend_kw)
         return cls(be, tokenizer, model_config, cfg, control=control)
 
@@ -229,11 +231,12 @@ class Engine:
         return o
 
     def finalize(self, req: Request, o: RequestOutput) -> None:
-        o.text = recover_text(self.decode, req.branches, self.control, self.special_ids, join=self.config.text_join)
-        o.branches = branch_schema(req.branches)
+        o.text = recover_text(self.decode, req.branches, self.control, self.special_ids, join=self.config.text_join,
+                              budget=req.budget)
+        o.branches = branch_schema(req.branches, req.budget)
         hist = req.accepted_lengths
         thread_steps = sum(hist.values())
-        o.stats = {"decode_steps": req.decode_steps, "forks": req.forks,
+        o.stats = {"decode_steps": req.decode_steps, "forks": len(o.branches) - 1,
                    "generated_tokens": req.generated_tokens, "peak_kv_blocks": req.peak_kv_blocks,
                    "preemptions": req.num_preemptions,
                    "accepted_tokens_per_step": (sum(k * v for k, v in hist.items()) / thread_steps
