@@ -246,7 +246,7 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor) -> 
 
 def launch_tree_attention(q, k, v, k_cache, v_cache, block_tables, context_lens, query_start, mask, out,
                           *, scale: float, num_tokens: int, num_seqs: int, num_q_heads: int,
-                          num_kv_heads: int, head_dim: int, block_size: int, max_blocks: int, max_q: int,
+                          num_kv_heads: int, head_dim: int, block_size: int, max_q: int,
                           strides: dict, plan: LaunchPlan, scratch: tuple | None = None) -> None:
     """Launch on raw buffers: anything with `.data_ptr()` and `.dtype` (torch tensors, or the
     TensorRT plugin's wrapped device pointers). `strides` holds the element strides named in
@@ -325,7 +325,7 @@ def tree_paged_attention(q, k, v, k_cache, v_cache, block_tables, context_lens, 
                    torch.empty(rows * 2, dtype=torch.float32, device=q.device))
     launch_tree_attention(q, k, v, k_cache, v_cache, block_tables, context_lens, query_start, mask, out,
                           scale=scale, num_tokens=T, num_seqs=B, num_q_heads=Hq, num_kv_heads=Hkv,
-                          head_dim=D, block_size=block_size, max_blocks=max_blocks, max_q=mask.shape[1],
+                          head_dim=D, block_size=block_size, max_q=mask.shape[1],
                           strides=tensor_strides(q, k, v, k_cache, v_cache, block_tables, mask, out),
                           plan=plan, scratch=scratch)
     return out
