@@ -1,6 +1,6 @@
 """The reference backend: our torch Llama on CPU or CUDA, K/V pools as torch tensors.
 
-On CUDA the attention op runs the Triton kernel, step inputs live in persistent device buffers
+On CUDA a layer runs fused projections and Triton kernels (`cuda_model`), step inputs live in persistent device buffers
 (`cuda_step.StepBuffers`), new K/V are scattered into the pool by a device kernel, and decode
 steps replay CUDA graphs captured per batch bucket (`cuda_step.DecodeGraphs`).
 """
@@ -82,6 +82,10 @@ class TorchBackend(Backend):
         self._last: tuple | None = None   # (new_k, new_v, medusa logits) of the last eager forward
         self._buffers = self._graphs = None
         self._host_logits = torch.empty(0)
+        if self.cuda:
+            from apar_rt.backends.cuda_model import fuse_projections
+
+            fuse_projections(model)
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         c = self.config
@@ -104,10 +108,11 @@ class TorchBackend(Backend):
 
     def _run(self, x: dict[str, torch.Tensor]):
         """Forward over device inputs; writes the new K/V to x["slot_mapping"] (CUDA kernel)."""
+        from apar_rt.backends.cuda_model import fused_hidden_states
         from apar_rt.kernels.kv_cache import write_kv
 
-        h, new_k, new_v = self.model.hidden_states(
-            x["input_ids"], x["positions"], self.k_caches, self.v_caches, x["block_tables"],
+        h, new_k, new_v = fused_hidden_states(
+            self.model, x["input_ids"], x["positions"], self.k_caches, self.v_caches, x["block_tables"],
             x["context_lens"], x["query_start"], x["mask"])
         h = h[x["logits_indices"].long()]
         logits = self.model.lm_head(h).float()
