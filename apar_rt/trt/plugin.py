@@ -89,7 +89,9 @@ def load_plugin(lib, spec: str, *, expect_sha256: str | None = None) -> dict:
                               f"instead of {expect_sha256[:16]}...); rebuild the plan or restore the library")
         before = {(c.name, c.plugin_version, c.plugin_namespace) for c in registry.all_creators}
         if find_creator(lib) is None and registry.load_library(str(path)) is None:
-            raise PluginError(f"{lib.label} could not load the plugin library {path} (see the TensorRT log)")
+            raise PluginError(f"{lib.label} could not load the plugin library {path}: it is not a TensorRT plugin "
+                              f"library, or it registers no plugin creators (it must register {CREATOR}; see the "
+                              f"TensorRT log)")
         if find_creator(lib) is None:
             new = sorted({(c.name, c.plugin_version, c.plugin_namespace) for c in registry.all_creators} - before)
             got = ", ".join(f"{ns}::{n} version {v}" for n, v, ns in new) or "no creators"
