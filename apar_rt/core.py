@@ -49,8 +49,11 @@ def _check_float(name: str, v) -> float:
 class SamplingParams:
     """Per-request sampling, validated on construction (ValueError names the bad field).
 
-    `max_tokens` caps the new tokens over all branches of the request, the forced
-    [Child] tokens included. temperature == 0 is greedy, and so is any temperature below
+    `max_tokens` caps the request's output: its first `max_tokens` new tokens in reading order
+    (the order of the final text: a branch's tokens up to a [Fork], then that child's whole
+    subtree, then the branch's continuation; forced [Child] tokens count). Tokens a branch would
+    write past that point are never part of the output, so the output does not depend on how
+    branches happened to be scheduled. temperature == 0 is greedy, and so is any temperature below
     GREEDY_TEMPERATURE (stored as 0). Every number is range-checked (ints before any cast, floats
     must be finite); logit_bias holds at most MAX_LOGIT_BIAS distinct token ids.
     """
@@ -134,6 +137,8 @@ class Branch:
     prefix: list[int]                    # context before this branch's own tokens
     token_ids: list[int] = field(default_factory=list)  # own tokens; a child's begin with [Child]
     table: BlockTable = field(default_factory=BlockTable)  # KV blocks; table.num_tokens are cached
+    children: list[int] = field(default_factory=list)   # child branch ids, in fork (reading) order
+    subtree_tokens: int = 0              # own tokens plus every descendant's
     finish_reason: FinishReason | None = None
     stop_text_len: int | None = None     # a stop string cut the last segment's text to this length
     draft: list[int] | None = None       # Medusa draft tokens (one per tree node) for the next step
@@ -188,6 +193,10 @@ class Request:
     # waits until the donor has recomputed that many tokens, then forks the donor's blocks.
     resume_donors: dict[int, tuple[int, int]] = field(default_factory=dict)
     accepted_lengths: dict[int, int] = field(default_factory=dict)  # tokens per thread-step -> count
+    num_generated: int = 0               # tokens appended over all branches (work done, may pass the budget)
+    num_live: int = 1                    # branches not finished
+    kv_blocks: int = 0                   # distinct KV blocks held now (forked blocks count once)
+    budget: int = 0                      # output tokens in reading order: min(max_tokens, context room)
 
     def __post_init__(self) -> None:
         if not self.branches:
@@ -196,12 +205,8 @@ class Request:
 
     @property
     def generated_tokens(self) -> int:
-        return sum(len(b.token_ids) for b in self.branches)
-
-    @property
-    def total_len(self) -> int:
-        """The length cap's measure: the prompt once plus every branch's own tokens."""
-        return len(self.prompt_token_ids) + self.generated_tokens
+        """Output tokens so far: what was generated, within the reading-order budget once finished."""
+        return min(self.num_generated, self.budget) if self.finished else self.num_generated
 
     @property
     def finished(self) -> bool:
@@ -211,7 +216,27 @@ class Request:
         return [b for b in self.branches if not b.finished]
 
     def held_blocks(self) -> set[int]:
+        """The distinct KV blocks held (a scan, for tests; the scheduler keeps `kv_blocks`)."""
         return {blk for b in self.branches for blk in b.table.block_ids}
+
+    def start_position(self, b: Branch) -> int:
+        """Output tokens before branch b's first token in reading order, counting what exists
+        now (a lower bound while earlier branches still grow; exact once they have finished).
+        O(depth x siblings)."""
+        pos = 0
+        while b.parent is not None:
+            p = self.branches[b.parent]
+            pos += b.fork_index + 1
+            for cid in p.children:
+                if cid == b.id:
+                    break
+                pos += self.branches[cid].subtree_tokens
+            b = p
+        return pos
+
+    def next_position(self, b: Branch) -> int:
+        """Reading-order position that branch b's next token would take (a lower bound)."""
+        return self.start_position(b) + b.subtree_tokens
 
 
 @dataclass(slots=True)

@@ -229,11 +229,12 @@ class Engine:
         return o
 
     def finalize(self, req: Request, o: RequestOutput) -> None:
-        o.text = recover_text(self.decode, req.branches, self.control, self.special_ids, join=self.config.text_join)
-        o.branches = branch_schema(req.branches)
+        o.text = recover_text(self.decode, req.branches, self.control, self.special_ids, join=self.config.text_join,
+                              budget=req.budget)
+        o.branches = branch_schema(req.branches, req.budget)
         hist = req.accepted_lengths
         thread_steps = sum(hist.values())
-        o.stats = {"decode_steps": req.decode_steps, "forks": req.forks,
+        o.stats = {"decode_steps": req.decode_steps, "forks": len(o.branches) - 1,
                    "generated_tokens": req.generated_tokens, "peak_kv_blocks": req.peak_kv_blocks,
                    "preemptions": req.num_preemptions,
                    "accepted_tokens_per_step": (sum(k * v for k, v in hist.items()) / thread_steps

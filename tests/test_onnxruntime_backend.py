@@ -71,6 +71,24 @@ def test_apar_with_forks_matches_torch_under_preemption(gqa_engine, tiny_gqa):
     assert ort_llm.engine.scheduler.pool.num_used == 0
 
 
+def test_cut_trees_match_torch_with_small_buckets(gqa_engine, tiny_gqa):
+    """The engine's buckets (up to 8 sequences a step) against torch with room for every branch:
+    branches advance at other rates, and the trees cut by max_tokens must still be identical."""
+    model, engine = gqa_engine
+    fork = tiny_gqa[2].convert_tokens_to_ids("[SplitMask]")
+    params = SamplingParams(max_tokens=14, logit_bias={fork: 4.0})
+    ort_llm = LLM(str(engine), backend="onnxruntime", mode="apar", raw=True, num_blocks=64, max_num_tokens=24)
+    torch_llm = LLM(str(model), backend="torch", dtype="float32", device="cpu", mode="apar", raw=True,
+                    num_blocks=512, block_size=4, max_num_seqs=64)
+    prompts = PROMPTS * 2
+    got, want = ort_llm.generate(prompts, params), torch_llm.generate(prompts, params)
+    assert ort_llm.engine.config.max_num_seqs == 8
+    assert sum(o.finish_reason.value == "length" for o in want) >= 3, "max_tokens was meant to cut trees"
+    assert sum(o.stats["forks"] for o in want) >= 3
+    assert tokens(got) == tokens(want)
+    assert [o.text for o in got] == [o.text for o in want]
+
+
 class Twin(TorchBackend):
     """The torch backend, also running every step through the onnxruntime backend."""
 

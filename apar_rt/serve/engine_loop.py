@@ -453,7 +453,7 @@ class EngineLoop:
                 live.last_token_time = now
             req = live.request
             try:
-                text = live.streamer.finish(o.text or "") if o.finished else live.streamer.step(req.branches)
+                text = live.streamer.finish(o.text or "") if o.finished else live.streamer.step(req.branches, req.budget)
                 branch_events = (live.streamer.branch_events(req.branches, o.deltas) if live.want_branches
                                  else None)
             except Exception:  # a detokenizer failure ends only this request

@@ -14,7 +14,7 @@ Inputs (tensorrtllm_backend's names, plus apar-rt's):
 | name | type | default | meaning |
 |---|---|---|---|
 | text_input | STRING | required | the prompt |
-| max_tokens | INT32 | parameter default_max_tokens | new tokens over all branches |
+| max_tokens | INT32 | parameter default_max_tokens | output tokens: the tree's first N in reading order |
 | stream | BOOL | false | stream the text |
 | temperature | FP32 | 0 | 0 is greedy |
 | top_p | FP32 | 1 | 0 also disables it (TensorRT-LLM's convention) |
