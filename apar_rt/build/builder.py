@@ -208,6 +208,8 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
         fitted = trt_plan["fitted"]
         say(trt_plan["estimate"].report())
         say(trt_plan["limit_note"])
+        for note in fitted.notes if fitted else ():
+            say(f"note: {note}")
         if opts.dry_run:
             return BuildResult(Path(opts.output), None, None, messages)
     elif opts.fit:
