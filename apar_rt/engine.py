@@ -77,12 +77,14 @@ class Engine:
             if engine_kwargs.get("medusa_tree") is None:
                 engine_kwargs["medusa_tree"] = DEFAULT_TREE
         control = None
+        recorded = None     # an engine folder: only the files its manifest records are read
         if backend != "torch" or Path(model_dir, "manifest.json").is_file():
-            from apar_rt.build.manifest import engine_settings  # limits and control ids of an engine folder
+            from apar_rt.build.manifest import engine_settings, read_manifest  # limits, control ids
             engine_kwargs, control = engine_settings(model_dir, backend, engine_kwargs)
+            recorded = list(read_manifest(model_dir).files)
         cfg = EngineConfig(**engine_kwargs)
         model_config = ModelConfig.from_dir(model_dir)
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_tokenizer(model_dir, only=recorded)
         be = backend_cls(str(model_dir), dtype=dtype, device=device, **backend_kw)
         return cls(be, tokenizer, model_config, cfg, control=control)
 

@@ -214,3 +214,40 @@ def test_tensorrt_profiles_separate_decode_and_prefill():
     assert set(shapes) == set(step_io.input_names(2))
     prefill = profile_shapes(specs[4], cfg, block_size=8, max_blocks_per_seq=32, max_num_blocks=1024)
     assert prefill["mask"][2] == (64, 64) and prefill["block_tables"][2] == (2, 32)
+
+
+def test_unrecorded_files_in_an_engine_folder_are_ignored(built, engine_copy):
+    """A file the manifest does not record (here a chat template that would change every
+    prompt) is never read: outputs stay those of the built engine."""
+    args = ["--mode", "ar", "--max-tokens", 8, "--json", "one two three"]
+    before = cli("generate", "--engine", engine_copy, *args)
+    assert before.exit_code == 0, before.output
+    (engine_copy / "chat_template.jinja").write_text("EVIL {{ messages[0]['content'] }} EVIL EVIL")
+    cfg = json.loads((engine_copy / "tokenizer_config.json").read_text())
+    assert "chat_template" not in cfg        # so the .jinja file would be the template if read
+    after = cli("generate", "--engine", engine_copy, *args)
+    assert after.exit_code == 0, after.output
+    assert json.loads(after.output)["prompt_token_ids"] == json.loads(before.output)["prompt_token_ids"]
+    # the same file in a model folder is read (the oracle that the file matters)
+    from apar_rt.model.tokenizer import load_tokenizer
+    assert "EVIL" in (load_tokenizer(engine_copy).chat_template or "")
+    assert load_tokenizer(engine_copy, only=json.loads((engine_copy / MANIFEST_NAME).read_text())["files"]) \
+        .chat_template is None
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m, d: m["onnx"].update(file="other.onnx"), "onnx.file names 'other.onnx', which the manifest does not"),
+    (lambda m, d: m["files"].update({"../outside.json": m["files"]["config.json"]}), "not inside the engine folder"),
+    (lambda m, d: m["files"].update({str(d.parent / "abs.json"): m["files"]["config.json"]}),
+     "not inside the engine folder"),
+])
+def test_manifest_may_name_only_recorded_files_inside_the_folder(engine_copy, edit, message):
+    shutil.copy(engine_copy / "model.onnx", engine_copy / "other.onnx")      # unrecorded
+    shutil.copy(engine_copy / "config.json", engine_copy.parent / "outside.json")
+    shutil.copy(engine_copy / "config.json", engine_copy.parent / "abs.json")
+    path = engine_copy / MANIFEST_NAME
+    m = json.loads(path.read_text())
+    edit(m, engine_copy)
+    path.write_text(json.dumps(m))
+    with pytest.raises(EngineLoadError, match=message):
+        verify_engine_dir(engine_copy)

@@ -16,8 +16,13 @@ def _weight_files(path: Path) -> list[Path]:
         if index.is_file():
             try:
                 shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise ModelLoadError(f"{index} is not a valid shard index: {e}") from None
+            root = path.resolve()
+            for s in shards:
+                if not isinstance(s, str) or not (path / s).resolve().is_relative_to(root):
+                    raise ModelLoadError(f"{index} names the shard {str(s)!r}, which is not inside the model "
+                                         "folder; a shard index may only name files in its own folder")
             files = [path / s for s in shards]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
@@ -79,6 +84,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     model.load_state_dict({k: t.to(dtype) for k, t in state.items()}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    from apar_rt.model.llama import rope_inv_freq
-    model.inv_freq = rope_inv_freq(cfg)
+    from apar_rt.model.llama import half_swap, rope_inv_freq
+    model.inv_freq = rope_inv_freq(cfg)   # buffers built on the meta device
+    model.rope_swap = half_swap(cfg.head_dim)
     return model.to(device).eval(), cfg

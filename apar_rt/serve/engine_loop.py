@@ -84,13 +84,15 @@ class RequestStream:
     """
 
     def __init__(self, owner: "EngineLoop", request_id: str,
-                 aio_loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 aio_loop: asyncio.AbstractEventLoop | None = None,
+                 sink: queue.SimpleQueue | None = None) -> None:
         self.request_id = request_id
         self.prompt_tokens = 0         # set on admission
         self._owner = owner
         self._aio_loop = aio_loop
         self._aq: asyncio.Queue | None = asyncio.Queue() if aio_loop is not None else None
-        self._q: queue.SimpleQueue | None = None if aio_loop is not None else queue.SimpleQueue()
+        # a shared `sink` queue gathers the events of many streams (read them there, not here)
+        self._q: queue.SimpleQueue | None = None if aio_loop is not None else (sink or queue.SimpleQueue())
         self.finished = False          # set in the loop thread when the final event is queued
         self._cancelled = False
         self._ended = False            # the consumer has taken the final event
@@ -235,7 +237,8 @@ class EngineLoop:
     def submit(self, prompt: str | None = None, params: SamplingParams | None = None, *,
                prompt_token_ids: Sequence[int] | None = None, messages: list[dict] | None = None,
                raw: bool = False, branches: bool = False,
-               aio_loop: asyncio.AbstractEventLoop | None = None) -> concurrent.futures.Future:
+               aio_loop: asyncio.AbstractEventLoop | None = None,
+               sink: queue.SimpleQueue | None = None) -> concurrent.futures.Future:
         """Prepare a request in the caller's thread (templating and tokenizing happen here, never
         on the engine thread) and queue it. The future gives its `RequestStream`, or raises the
         ValueError (RequestRejected) naming why the request cannot be served. Raises RuntimeError
@@ -247,6 +250,9 @@ class EngineLoop:
             messages: chat messages [{"role", "content"}], templated by `chat_prompt_ids`.
             branches: also stream per-branch deltas (`StreamEvent.branches`).
             aio_loop: the event loop of an asyncio consumer.
+            sink: a queue shared by many requests that receives their events (each names its
+                request_id), for one consumer thread serving them all; the future then also
+                has `request_id` set, once the request is queued.
         """
         if not self.alive:
             raise RuntimeError(self._down_reason())
@@ -263,7 +269,8 @@ class EngineLoop:
                                          "details are in the server log)"))
             return fut
         rid = f"r{next(self._ids)}"
-        stream = RequestStream(self, rid, aio_loop)
+        stream = RequestStream(self, rid, aio_loop, sink)
+        fut.request_id = rid
         self._command("add", _Add(rid, prompt, params or SamplingParams(), ids, branches, stream, fut,
                                   arrival))
         return fut
@@ -376,17 +383,22 @@ class EngineLoop:
                 cmds.append(self._commands.get_nowait())
             except queue.Empty:
                 break
-        for kind, cmd in cmds:
-            if kind == "add":
-                self._add(cmd)
-            elif kind == "abort":
-                self._abort(cmd)
-            elif kind == "call":
-                fn, fut = cmd
-                try:
-                    fut.set_result(fn(self.engine))
-                except Exception as e:
-                    fut.set_exception(e)
+        for i, (kind, cmd) in enumerate(cmds):
+            try:
+                if kind == "add":
+                    self._add(cmd)
+                elif kind == "abort":
+                    self._abort(cmd)
+                elif kind == "call":
+                    fn, fut = cmd
+                    try:
+                        fut.set_result(fn(self.engine))
+                    except Exception as e:
+                        fut.set_exception(e)
+            except BaseException:   # the loop dies: give the untaken commands back, to be failed
+                for item in cmds[i:]:
+                    self._commands.put(item)
+                raise
 
     def _add(self, cmd: _Add) -> None:
         eng = self.engine
