@@ -3,13 +3,16 @@
 What this proves: the Python IPluginV3 creator registers as apar::TreePagedAttention version 1, takes
 its fields from the exported ONNX node's attributes, serializes them back, and accepts exactly the
 op contract's types; the ONNX parser finds it for every apar.TreePagedAttention node; bad plugin
-libraries are clear errors. What it does not: a plan with PLUGIN_V3 layers. TensorRT-RTX 1.7's ONNX
-parser aborts the process right after creating any Python-implemented IPluginV3 (pinned below), and
-TensorRT-RTX ships no C++ headers to build a C++ plugin against; enqueue needs a GPU.
+libraries are clear errors; and, with TensorRT-RTX, a real plan with one PLUGIN_V3 layer per attention
+layer. TensorRT-RTX's ONNX parser needs its core library under the unversioned name libtensorrt_rtx.so
+to add a plugin layer (the wheel ships only .so.1) and aborts the process without it: both sides are
+run here in subprocesses, the name given through LD_LIBRARY_PATH. What it does not: enqueue (GPU).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import subprocess
@@ -96,14 +99,33 @@ def test_plugin_accepts_exactly_the_op_contracts_types(exported):
     assert plugin.get_output_data_types([H] * 9) == [H]
 
 
-def test_python_plugin_with_tensorrt_rtx_is_a_clear_error():
+def rtx_link_env(tmp_path: Path) -> dict:
+    """The environment of a child process whose TensorRT-RTX parser finds libtensorrt_rtx.so: a
+    folder with that name linked to the wheel's libtensorrt_rtx.so.1, on LD_LIBRARY_PATH."""
+    folder = tmp_path / "rtx-link"
+    folder.mkdir(exist_ok=True)
+    link = folder / library.RTX_CORE
+    if not link.exists():
+        link.symlink_to(library.rtx_parser_folder() / (library.RTX_CORE + ".1"))
+    return {**os.environ, "LD_LIBRARY_PATH": f"{folder}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+            "PYTHONPATH": str(ROOT)}
+
+
+def test_without_the_core_name_a_plugin_build_is_refused_not_aborted(monkeypatch, tmp_path):
     if not LIB.rtx:
-        pytest.skip("full TensorRT takes the Python plugin")
-    with pytest.raises(P.PluginError, match="--plugin python cannot be used with TensorRT-RTX"):
-        P.load_plugin(LIB, "python")
+        pytest.skip("TensorRT-RTX only")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "")
+    monkeypatch.setattr(library, "_SYSTEM_DIRS", ())
+    monkeypatch.setattr(library, "rtx_parser_folder", lambda: tmp_path)
+    assert library.rtx_core_link(LIB) is None
+    with pytest.raises(P.PluginError, match=f"ln -s libtensorrt_rtx.so.1 {tmp_path}/libtensorrt_rtx.so"):
+        P.check_parser_can_add_plugins(LIB)
+    (tmp_path / library.RTX_CORE).symlink_to("/dev/null")
+    assert library.rtx_core_link(LIB) == tmp_path / library.RTX_CORE
+    P.check_parser_can_add_plugins(LIB)
 
 
-ABORT_PROBE = """
+PARSE_PROBE = """
 import sys
 import tensorrt_rtx as trt
 from apar_rt.trt import library, plugin
@@ -119,17 +141,43 @@ print("PARSED", ok, [network.get_layer(i).type for i in range(network.num_layers
 """
 
 
-def test_parser_finds_the_plugin_for_each_node_and_tensorrt_rtx_aborts(exported):
-    """Pins TensorRT-RTX's limitation: if this starts passing the parse, lift the guard in load_plugin."""
+def test_parser_maps_each_node_to_the_plugin_and_aborts_only_without_the_core_name(exported, tmp_path):
+    """The cause of TensorRT-RTX's abort, both ways: with libtensorrt_rtx.so findable the parse gives one
+    PLUGIN_V3 layer per node; without it (the bare wheel) the process aborts right after creating the plugin."""
     if not LIB.rtx:
         pytest.skip("TensorRT-RTX only")
-    path, _ = exported
-    r = subprocess.run([sys.executable, "-c", ABORT_PROBE, str(path)], capture_output=True, text=True, cwd=ROOT,
-                       check=False, timeout=300)
+    path, nodes = exported
+    r = subprocess.run([sys.executable, "-c", PARSE_PROBE, str(path)], capture_output=True, text=True, cwd=ROOT,
+                       check=False, timeout=300, env=rtx_link_env(tmp_path))
     log = r.stdout + r.stderr
     assert "Found registered plugin: TreePagedAttention" in log and "plugin_namespace: apar" in log
+    assert r.returncode == 0 and f"PARSED True {len(nodes)}" in log, log[-2000:]
+    if (library.rtx_parser_folder() / library.RTX_CORE).exists():
+        return       # this installation has the name next to the parser: no way to take it away here
+    bare = {**os.environ, "LD_LIBRARY_PATH": "", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", PARSE_PROBE, str(path)], capture_output=True, text=True, cwd=ROOT,
+                       check=False, timeout=300, env=bare)
+    log = r.stdout + r.stderr
     assert "Successfully created plugin: TreePagedAttention" in log
     assert r.returncode == -signal.SIGABRT and "terminate called without an active exception" in log, log[-2000:]
+
+
+def test_build_with_the_python_plugin_gives_one_plugin_v3_layer_per_attention_layer(tiny_gqa, tmp_path):
+    if not LIB.rtx:
+        pytest.skip("the TensorRT-RTX build runs on a CPU; full TensorRT needs a GPU to build")
+    path, _, _ = tiny_gqa
+    out = tmp_path / "engine"
+    r = subprocess.run([sys.executable, "-m", "apar_rt.cli", "build", "--model", str(path), "--output", str(out),
+                        "--backend", "tensorrt", "--plugin", "python", "--max-batch-size", "1", "--max-num-tokens",
+                        "8", "--max-seq-len", "32"], capture_output=True, text=True, cwd=ROOT, check=False,
+                       timeout=600, env=rtx_link_env(tmp_path))
+    log = r.stdout + r.stderr
+    layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    assert r.returncode == 0, log[-3000:]
+    engine = json.loads((out / "manifest.json").read_text())["engines"][0]
+    assert engine["attention"] == "plugin" and engine["plugin"]["kind"] == "python"
+    assert (out / engine["file"]).stat().st_size > 0
+    assert f"attention: {layers} PLUGIN_V3 layers (apar::TreePagedAttention v1, python)" in log, log[-3000:]
 
 
 def test_a_library_that_registers_no_creator_is_a_clear_error(tmp_path):

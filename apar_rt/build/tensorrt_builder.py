@@ -222,7 +222,7 @@ def build_tensorrt_engine(onnx_path: str | Path, out_dir: str | Path, *, manifes
         RuntimeError: parsing or building failed (TensorRT's errors are in the message).
     """
     from apar_rt.trt import library
-    from apar_rt.trt.plugin import load_plugin
+    from apar_rt.trt.plugin import check_parser_can_add_plugins, load_plugin
 
     lib = library.load()
     trt = lib.module
@@ -230,6 +230,8 @@ def build_tensorrt_engine(onnx_path: str | Path, out_dir: str | Path, *, manifes
     targets = library.resolve_targets(lib, gpu_targets, device_cc)
     logger = trt.Logger(trt.Logger.WARNING)
     plugin_record = load_plugin(lib, plugin) if plugin else None
+    if plugin:
+        check_parser_can_add_plugins(lib)
     builder, network, _parser = parse_network(lib, onnx_path, plugin=plugin is not None, logger=logger)
 
     num_layers = int(manifest_fields["num_hidden_layers"])
