@@ -5,8 +5,8 @@
 #   build_engines/rtx_tensorrt_rtx.sh [MODEL] [OUT] [DEVICE]
 # DEVICE (default rtx-4090) is the memory target: `--fit` sizes the KV pool for it and the build
 # refuses a plan whose estimate (weights + activations at the largest profile + pool) exceeds it.
-# Attention is the inlined ONNX function: TensorRT-RTX 1.7's parser aborts on Python plugins and
-# ships no headers for a C++ one (plugins/README.md). The plan does not run on A100/H100/H200.
+# Attention is the inlined ONNX function. A plugin (--plugin python, or the C++ library of plugins/)
+# needs libtensorrt_rtx.so findable by the parser (plugins/README.md). The plan does not run on A100/H100/H200.
 set -euo pipefail
 MODEL=${1:-samples/models/apar-tiny}
 OUT=${2:-build_engines/out/$(basename "$MODEL")-trt-rtx-fp16}

@@ -31,14 +31,18 @@ def write_kernels(out: Path, cc: int, dtype: str, *, num_heads: int, num_kv_head
                   block_size: int) -> list[Path]:
     """Compile the decode and prefill images for compute capability `cc` into `out`; returns the files."""
     import torch
+    import triton
 
     from apar_rt.kernels.aot import _ATTENTION_ARGS, _PTR, _compile
-    from apar_rt.kernels.tree_attention import _tree_attention_kernel, plan_launch
-
-    import triton
+    from apar_rt.kernels.tree_attention import SUPPORTED_HEAD_DIMS, _tree_attention_kernel, plan_launch
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if head_size not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"tree attention kernel: head size {head_size} is not supported; supported: "
+                         f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     tdtype = getattr(torch, dtype)
     out.mkdir(parents=True, exist_ok=True)
     written = []
