@@ -176,7 +176,8 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: str) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, dtype: str, *, max_batch_size: int, max_num_tokens: int,
-                     max_seq_len: int, block_size: int, medusa_heads: int = 0) -> int:
+                     max_seq_len: int, block_size: int, medusa_heads: int = 0, max_q: int | None = None,
+                     fused_attention: bool = False) -> int:
     """Upper estimate of the step graph's live intermediates at the largest profile.
 
     One layer's tensors are live at a time (T = max_num_tokens new tokens, B = max_batch_size
@@ -185,13 +186,20 @@ def activation_bytes(cfg: ModelConfig, dtype: str, *, max_batch_size: int, max_n
     scores and softmax of one sequence's full prefill chunk (2 Hq*T*S*4 bytes: the ONNX
     function's unfused attention), plus every layer's new K/V outputs and the float32 logits
     of B rows (and of each Medusa head).
+
+    A TensorRT profile gives `max_q` (the most new tokens of one sequence): the function pads every
+    sequence to it, so its scores and softmax are 2 B*Hq*max_q*(S+max_q)*4 bytes instead.
+    `fused_attention` (the TreePagedAttention plugin's kernel) materializes neither the scores nor
+    the K/V gathered through the block tables.
     """
     e = DTYPE_BYTES[dtype]
     T, B = max_num_tokens, max_batch_size
     S = -(-max_seq_len // block_size) * block_size
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    layer = (4 * T * h + T * (hq + 2 * hkv) * d + 3 * T * i + 2 * B * S * hkv * d) * e + 2 * hq * T * S * 4
+    scores = 2 * hq * T * S * 4 if max_q is None else 2 * B * hq * max_q * (S + max_q) * 4
+    gathered = 2 * B * S * hkv * d * e
+    layer = (4 * T * h + T * (hq + 2 * hkv) * d + 3 * T * i) * e + (0 if fused_attention else scores + gathered)
     outputs = 2 * cfg.num_hidden_layers * T * hkv * d * e + B * cfg.vocab_size * 4 * (1 + medusa_heads)
     return layer + outputs
 
@@ -277,7 +285,8 @@ def plan(cfg: ModelConfig, device: Device, *, dtype: str = "float16", quant: Qua
          block_size: int = 16, kv_cache_fraction: float | None = None,
          gpu_memory_utilization: float | None = None, max_batch_size: int = 8, max_num_tokens: int = 2048,
          max_seq_len: int | None = None, context: int | None = None,
-         apar_branches: int = DEFAULT_APAR_BRANCHES, medusa: tuple[int, int] = (0, 0)) -> MemoryPlan:
+         apar_branches: int = DEFAULT_APAR_BRANCHES, medusa: tuple[int, int] = (0, 0),
+         activations: int | None = None) -> MemoryPlan:
     """Plan `cfg` on `device`.
 
     Args:
@@ -294,6 +303,8 @@ def plan(cfg: ModelConfig, device: Device, *, dtype: str = "float16", quant: Qua
         context: tokens per sequence for the sequences x context counts (default: max_seq_len).
         apar_branches: children per APAR request.
         medusa: (num_heads, num_layers per head), (0, 0) without Medusa heads.
+        activations: the activation workspace when the caller knows it better (a TensorRT build's
+            largest profile, apar_rt.build.tensorrt_builder.estimate_memory); default `activation_bytes`.
 
     Returns:
         The MemoryPlan.
@@ -323,8 +334,9 @@ def plan(cfg: ModelConfig, device: Device, *, dtype: str = "float16", quant: Qua
 
     weights = weight_breakdown(cfg, dtype, quant, medusa)
     wbytes = sum(weights.values())
-    act = activation_bytes(cfg, dtype, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
-                           max_seq_len=max_seq_len, block_size=block_size, medusa_heads=medusa[0])
+    act = activations if activations is not None else activation_bytes(
+        cfg, dtype, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
+        block_size=block_size, medusa_heads=medusa[0])
     usable = int(device.memory_bytes * util) - device.reserved_bytes
     per_block = kv_bytes_per_block(cfg, block_size, dtype)
     free = usable - wbytes - act

@@ -139,3 +139,72 @@ def test_pool_over_two_to_the_31_elements_is_refused(tiny_gqa, tmp_path):
             "--max-num-blocks", 2 ** 23 + 1, "--block-size", 8, "-q")
     assert r.exit_code != 0 and "over TensorRT's limit of 2,147,483,647" in r.output
     assert "at most 8388607 blocks" in r.output and not (tmp_path / "x").exists()
+
+
+# ---- device memory: decode/prefill profiles, the estimate, and refusals ----------------------------------
+
+SEVEN_B = Path(__file__).resolve().parents[1] / "samples" / "configs" / "llama-2-7b.json"
+
+
+def test_estimate_weights_are_the_checkpoints_parameters(tiny_gqa):
+    """The estimate's weights are the HF model's parameters in float16 (an independent count)."""
+    from apar_rt.build.tensorrt_builder import estimate_memory, plan_profiles
+    from apar_rt.config import ModelConfig
+
+    path, hf, _ = tiny_gqa
+    est = estimate_memory(ModelConfig.from_dir(path), "float16", plan_profiles([1, 2], 16, 1, 1), max_seq_len=64,
+                          block_size=8, num_blocks=64, fused_attention=False)
+    assert est.weight_bytes == 2 * sum(p.numel() for p in hf.parameters())
+    assert est.kv_pool_bytes == 64 * 2 * 2 * 8 * 2 * 16 * 2     # blocks x K,V x layers x block x Hkv x D x fp16
+    assert (est.largest.kind, est.largest.batch) == ("prefill", 1)
+
+
+def test_separate_profiles_shrink_the_h100_recipes_scores():
+    """The old single profile per bucket (batch 64 sized for a 4096-token prefill) needed ~275 GB of fallback
+    scores in one layer; with decode/prefill profiles the largest profile is a small-batch prefill."""
+    from apar_rt import memory_plan as mp
+    from apar_rt.build.tensorrt_builder import estimate_memory, plan_profiles
+
+    cfg = _config(SEVEN_B)
+    old = mp.activation_bytes(cfg, "float16", max_batch_size=64, max_num_tokens=4096, max_seq_len=4096,
+                              block_size=16, max_q=4096)
+    assert old > 275e9
+    buckets = [1, 2, 4, 8, 16, 32, 64]
+    kw = {"max_seq_len": 4096, "block_size": 16, "num_blocks": 2}
+    new = estimate_memory(cfg, "float16", plan_profiles(buckets, 4096, 1, 4), fused_attention=False, **kw)
+    assert (new.largest.kind, new.largest.batch) == ("prefill", 4) and new.activation_bytes < 40 * 2 ** 30
+    one = estimate_memory(cfg, "float16", plan_profiles(buckets, 2048, 1, 1), fused_attention=False, **kw)
+    assert one.activation_bytes < new.activation_bytes / 6
+    fused = estimate_memory(cfg, "float16", plan_profiles(buckets, 4096, 1, 4), fused_attention=True, **kw)
+    assert fused.activation_bytes < one.activation_bytes
+
+
+def _config(path: Path):
+    import tempfile
+
+    from apar_rt.config import ModelConfig
+
+    d = Path(tempfile.mkdtemp())
+    shutil.copy(path, d / "config.json")
+    return ModelConfig.from_dir(d)
+
+
+def test_build_reports_the_estimate_before_building_a_7b(tmp_path):
+    """`--dry-run` on a folder holding only Llama-2-7B's config.json: the arithmetic needs no weights."""
+    shutil.copy(SEVEN_B, tmp_path / "config.json")
+    r = cli("build", "--model", tmp_path, "--output", tmp_path / "out", "--backend", "tensorrt", "--dry-run",
+            "--max-batch-size", 64, "--max-num-tokens", 2048, "--max-seq-len", 4096, "--max-prefill-batch", 1,
+            "--fit", "h100-80gb", "-q")
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("device memory estimate:"))
+    assert "weights 12.55 GiB" in line and "largest profile: prefill batch 1, 2048 tokens" in line
+    assert "target memory: --fit h100-80gb: usable" in r.output and "dry run: nothing written" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_profile_that_cannot_fit_is_refused_naming_the_limit(tiny_gqa, tmp_path):
+    path, _, _ = tiny_gqa
+    r = cli("build", "--model", path, "--output", tmp_path / "x", "--backend", "tensorrt", "--fit", "cpu",
+            "--memory-gib", 0.4, "--max-num-tokens", 1024, "--max-seq-len", 512, "--max-batch-size", 8, "-q")
+    assert r.exit_code != 0 and "does not fit cpu" in r.output and "exceed the usable" in r.output, r.output
+    assert "activations" in r.output and not (tmp_path / "x").exists()

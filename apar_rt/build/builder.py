@@ -48,6 +48,7 @@ class BuildOptions:
     gpu_targets: tuple[str, ...] = ()       # TensorRT-RTX compute capabilities; () = the library's default
     max_draft_len: int | None = None        # draft tokens per sequence in a decode step; None: 63 with Medusa
     max_prefill_batch: int = 4              # most prefilling sequences in one TensorRT run
+    dry_run: bool = False                   # TensorRT: report profiles and memory, build nothing
     opset: int = 18
     external_data: bool | None = None       # None: by size
     medusa: bool | None = None              # export MODEL/medusa heads; None: when present
@@ -120,6 +121,8 @@ def validate(opts: BuildOptions) -> None:
                          f"or the path of a library that registers apar::TreePagedAttention version 1")
     if opts.max_draft_len is not None and opts.max_draft_len < 0:
         raise BuildError(f"--max-draft-len must be >= 0, got {opts.max_draft_len}")
+    if opts.dry_run and opts.backend != "tensorrt":
+        raise BuildError("--dry-run applies to --backend tensorrt only")
     if opts.max_prefill_batch < 1:
         raise BuildError(f"--max-prefill-batch must be a positive integer, got {opts.max_prefill_batch}")
     if opts.workspace_gib is not None and opts.workspace_gib <= 0:
@@ -131,8 +134,10 @@ def validate(opts: BuildOptions) -> None:
         raise BuildError("--memory-gib, --kv-cache-fraction and --gpu-memory-utilization apply with --fit DEVICE")
 
 
-def fit_plan(opts: BuildOptions, cfg: ModelConfig, max_seq_len: int):
-    """The memory plan of `opts.fit` for this build (apar_rt.memory_plan), or BuildError naming the numbers."""
+def fit_plan(opts: BuildOptions, cfg: ModelConfig, max_seq_len: int, activations: int | None = None):
+    """The memory plan of `opts.fit` for this build (apar_rt.memory_plan), or BuildError naming the numbers.
+
+    `activations`: a TensorRT build's estimate at its largest profile (default: the planner's own)."""
     from apar_rt import memory_plan as mp
 
     heads = mp.medusa_shape(opts.model) if opts.medusa is not False else (0, 0)
@@ -140,7 +145,8 @@ def fit_plan(opts: BuildOptions, cfg: ModelConfig, max_seq_len: int):
         return mp.plan(cfg, mp.get_device(opts.fit, opts.memory_gib), dtype=opts.resolved_dtype(),
                        block_size=opts.block_size, kv_cache_fraction=opts.kv_cache_fraction,
                        gpu_memory_utilization=opts.gpu_memory_utilization, max_batch_size=opts.max_batch_size,
-                       max_num_tokens=opts.max_num_tokens, max_seq_len=max_seq_len, medusa=heads)
+                       max_num_tokens=opts.max_num_tokens, max_seq_len=max_seq_len, medusa=heads,
+                       activations=activations)
     except mp.PlanError as e:
         raise BuildError(f"--fit {opts.fit}: {e}") from None
 
@@ -187,12 +193,6 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
     if max_seq_len > cfg.max_position_embeddings:
         raise BuildError(f"--max-seq-len {max_seq_len} exceeds the model's max_position_embeddings "
                          f"{cfg.max_position_embeddings}")
-    fitted = fit_plan(opts, cfg, max_seq_len) if opts.fit else None
-    trt_plan = (_plan_tensorrt(opts, cfg, fitted.num_blocks if fitted else None)   # fail before any work
-                if opts.backend == "tensorrt" else None)
-    out = _prepare_output(opts)
-    dtype = opts.resolved_dtype()
-    buckets = opts.buckets()
     messages: list[str] = []
 
     def say(msg: str) -> None:
@@ -201,6 +201,22 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
         messages.append(msg)
         with tqdm.external_write_mode(file=sys.stderr):
             log(msg)
+
+    fitted, trt_plan = None, None
+    if opts.backend == "tensorrt":   # the library, targets, profiles and memory: before any work
+        trt_plan = _plan_tensorrt(opts, cfg, max_seq_len)
+        fitted = trt_plan["fitted"]
+        say(trt_plan["estimate"].report())
+        say(trt_plan["limit_note"])
+        for note in fitted.notes if fitted else ():
+            say(f"note: {note}")
+        if opts.dry_run:
+            return BuildResult(Path(opts.output), None, None, messages)
+    elif opts.fit:
+        fitted = fit_plan(opts, cfg, max_seq_len)
+    out = _prepare_output(opts)
+    dtype = opts.resolved_dtype()
+    buckets = opts.buckets()
 
     from apar_rt.model.tokenizer import control_tokens, load_tokenizer
     tokenizer = load_tokenizer(opts.model)
@@ -292,31 +308,59 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _plan_tensorrt(opts: BuildOptions, cfg: ModelConfig, fitted_blocks: int | None = None) -> dict:
-    """The TensorRT library's GPU targets, the profiles and the pool limit, checked before any work.
+def _plan_tensorrt(opts: BuildOptions, cfg: ModelConfig, max_seq_len: int) -> dict:
+    """The TensorRT library, GPU targets, profiles, pool and device-memory estimate, checked before any work.
+
+    The pool is --max-num-blocks, or with --fit DEVICE what the memory planner leaves after the weights and
+    this plan's largest-profile activations. The target memory is --fit's device, else (full TensorRT)
+    the build GPU; an estimate over it is refused.
 
     Raises:
         TensorRTUnavailable: no TensorRT library.
-        BuildError: a GPU target the library cannot build for, or an input over TensorRT's size limit.
+        BuildError: a GPU target the library cannot build for, an input over TensorRT's size limit, or an
+            estimate over the target memory (naming it).
     """
-    from apar_rt.build.tensorrt_builder import _device_cc, check_input_sizes, plan_profiles
-    from apar_rt.medusa.heads import find_heads_dir
+    from apar_rt import memory_plan as mp
+    from apar_rt.build.tensorrt_builder import _device_cc, check_input_sizes, estimate_memory, plan_profiles
     from apar_rt.trt import library
 
     lib = library.load()
+    cc, gpu = _device_cc()
     try:
-        targets = library.resolve_targets(lib, opts.gpu_targets, _device_cc()[0])
+        targets = library.resolve_targets(lib, opts.gpu_targets, cc)
     except ValueError as e:
         raise BuildError(str(e)) from None
-    heads = opts.medusa is not False and find_heads_dir(opts.model) is not None
-    draft = opts.max_draft_len if opts.max_draft_len is not None else (63 if heads else 0)
+    medusa = mp.medusa_shape(opts.model) if opts.medusa is not False else (0, 0)
+    draft = opts.max_draft_len if opts.max_draft_len is not None else (63 if medusa[0] else 0)
     profiles = plan_profiles(opts.buckets(), opts.max_num_tokens, draft + 1, opts.max_prefill_batch)
-    max_num_blocks = fitted_blocks or opts.max_num_blocks or DEFAULT_TRT_MAX_NUM_BLOCKS
+    dtype = opts.resolved_dtype()
+
+    def estimate(num_blocks: int):
+        return estimate_memory(cfg, dtype, profiles, max_seq_len=max_seq_len, block_size=opts.block_size,
+                               num_blocks=num_blocks, fused_attention=opts.plugin is not None, medusa=medusa)
+
+    fitted = None
+    if opts.fit:
+        fitted = fit_plan(opts, cfg, max_seq_len, activations=estimate(0).activation_bytes)
+        num_blocks, limit = fitted.num_blocks, fitted.usable_bytes
+        where = f"--fit {opts.fit}: usable {fitted.usable_bytes / (1 << 30):.2f} GiB"
+    else:
+        num_blocks = opts.max_num_blocks or DEFAULT_TRT_MAX_NUM_BLOCKS
+        limit, where = None, "no target memory given (--fit DEVICE checks one)"
+        if not lib.rtx and gpu is not None:
+            import torch
+            limit = torch.cuda.get_device_properties(0).total_memory
+            where = f"the build GPU {gpu}: {limit / (1 << 30):.2f} GiB"
     try:
-        check_input_sizes(profiles, config_as_json(cfg), block_size=opts.block_size, max_num_blocks=max_num_blocks)
+        check_input_sizes(profiles, config_as_json(cfg), block_size=opts.block_size, max_num_blocks=num_blocks)
     except ValueError as e:
         raise BuildError(str(e)) from None
-    return {"library": lib, "targets": targets, "profiles": profiles, "max_num_blocks": max_num_blocks}
+    est = estimate(num_blocks)
+    if limit is not None and est.total_bytes > limit:
+        raise BuildError(f"{est.report()}; this exceeds {where}. Lower --max-num-blocks, --max-num-tokens or "
+                         f"--max-prefill-batch" + ("" if opts.plugin else ", or use --plugin (no score tensor)"))
+    return {"library": lib, "targets": targets, "profiles": profiles, "max_num_blocks": num_blocks,
+            "estimate": est, "fitted": fitted, "limit_note": f"target memory: {where}"}
 
 
 def _try_onnxruntime(path: Path, dtype: str) -> None:

@@ -68,11 +68,15 @@ def _parse_buckets(ctx, param, value):
 @click.option("--check", is_flag=True,
               help="Compare the engine with the torch reference and report the largest difference "
                    "(polygraphy run --onnxrt / --trt).")
+@click.option("--dry-run", is_flag=True,
+              help="TensorRT: print the profiles' device-memory estimate (weights, activations at the largest "
+                   "profile, KV pool) and stop; MODEL may hold only a config.json.")
 @click.option("--force", is_flag=True, help="Overwrite an existing engine folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_tokens, max_seq_len,
           block_size, max_num_blocks, timing_cache, plugin, gpu_targets, max_draft_len, max_prefill_batch,
-          workspace_gib, medusa, fit, memory_gib, kv_cache_fraction, gpu_memory_utilization, check, force, quiet):
+          workspace_gib, medusa, fit, memory_gib, kv_cache_fraction, gpu_memory_utilization, check, dry_run, force,
+          quiet):
     """Build an engine folder (model.onnx, TensorRT engines, manifest.json) from a checkpoint.
 
     trtllm-build's spellings are accepted where they mean the same: --output_dir, --max_batch_size,
@@ -98,11 +102,15 @@ def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_
                         plugin=plugin, gpu_targets=gpu_targets, max_draft_len=max_draft_len,
                         max_prefill_batch=max_prefill_batch, workspace_gib=workspace_gib, medusa=medusa,
                         fit=fit, memory_gib=memory_gib, kv_cache_fraction=kv_cache_fraction,
-                        gpu_memory_utilization=gpu_memory_utilization, check=check, force=force)
+                        gpu_memory_utilization=gpu_memory_utilization, check=check, dry_run=dry_run,
+                        force=force)
     try:
         result = run_build(opts, progress=not quiet, log=lambda m: click.echo(m, err=True))
     except (BuildError, ModelLoadError, TensorRTUnavailable, PluginError) as e:
         raise click.ClickException(str(e)) from None
+    if result.manifest is None:
+        click.echo(f"dry run: nothing written to {result.output}")
+        return
     click.echo(str(result.output))
     if result.check is not None and not result.check.passed:
         click.echo("error: the engine does not match the torch reference within tolerance", err=True)

@@ -91,6 +91,47 @@ def check_input_sizes(specs: list[ProfileSpec], cfg: dict, *, block_size: int, m
                              f"would exceed {MAX_ELEMENTS:,} elements")
 
 
+@dataclass(frozen=True, slots=True)
+class MemoryEstimate:
+    """A plan's device memory: weights, activations at its largest profile, and the KV pool (bytes).
+
+    The arithmetic is apar_rt.memory_plan's (one copy); this only picks the largest profile.
+    """
+
+    weight_bytes: int
+    activation_bytes: int          # the largest profile's (all contexts share one block that size)
+    largest: ProfileSpec           # that profile
+    num_blocks: int                # KV pool, null block included
+    kv_pool_bytes: int
+    fused_attention: bool          # True with the plugin: no materialized scores
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes + self.kv_pool_bytes
+
+    def report(self) -> str:
+        g = lambda b: f"{b / (1 << 30):.2f} GiB" if b >= 1 << 30 else f"{b / (1 << 20):.1f} MiB"  # noqa: E731
+        p = self.largest
+        how = "plugin kernel, no score tensor" if self.fused_attention else "inlined function's padded scores"
+        return (f"device memory estimate: weights {g(self.weight_bytes)} + activations {g(self.activation_bytes)} "
+                f"(largest profile: {p.kind} batch {p.batch}, {p.max_tokens} tokens, {p.max_q} per sequence; "
+                f"{how}) + KV pool {g(self.kv_pool_bytes)} ({self.num_blocks} blocks) = {g(self.total_bytes)}")
+
+
+def estimate_memory(cfg, dtype: str, profiles: list[ProfileSpec], *, max_seq_len: int, block_size: int,
+                    num_blocks: int, fused_attention: bool, medusa: tuple[int, int] = (0, 0)) -> MemoryEstimate:
+    """The device-memory estimate of a plan with these profiles (cfg: a ModelConfig)."""
+    from apar_rt import memory_plan as mp
+
+    weights = sum(mp.weight_breakdown(cfg, dtype, medusa=medusa).values())
+    act, largest = max(((mp.activation_bytes(cfg, dtype, max_batch_size=p.batch, max_num_tokens=p.max_tokens,
+                                             max_seq_len=max_seq_len, block_size=block_size, medusa_heads=medusa[0],
+                                             max_q=p.max_q, fused_attention=fused_attention), p) for p in profiles),
+                       key=lambda x: x[0])
+    pool = num_blocks * mp.kv_bytes_per_block(cfg, block_size, dtype)
+    return MemoryEstimate(weights, act, largest, num_blocks, pool, fused_attention)
+
+
 def _progress_monitor(trt, bar_factory):
     """An IProgressMonitor that drives tqdm bars, one per build phase."""
     if bar_factory is None or not hasattr(trt, "IProgressMonitor"):
@@ -181,7 +222,7 @@ def build_tensorrt_engine(onnx_path: str | Path, out_dir: str | Path, *, manifes
         RuntimeError: parsing or building failed (TensorRT's errors are in the message).
     """
     from apar_rt.trt import library
-    from apar_rt.trt.plugin import load_plugin
+    from apar_rt.trt.plugin import check_parser_can_add_plugins, load_plugin
 
     lib = library.load()
     trt = lib.module
@@ -189,6 +230,8 @@ def build_tensorrt_engine(onnx_path: str | Path, out_dir: str | Path, *, manifes
     targets = library.resolve_targets(lib, gpu_targets, device_cc)
     logger = trt.Logger(trt.Logger.WARNING)
     plugin_record = load_plugin(lib, plugin) if plugin else None
+    if plugin:
+        check_parser_can_add_plugins(lib)
     builder, network, _parser = parse_network(lib, onnx_path, plugin=plugin is not None, logger=logger)
 
     num_layers = int(manifest_fields["num_hidden_layers"])

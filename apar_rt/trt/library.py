@@ -10,6 +10,12 @@ Both have the same Python API. They differ in where a plan can run:
 
 `APAR_RT_TENSORRT=tensorrt|tensorrt_rtx` picks one explicitly. The manifest records the
 library, its version and the plan's GPU targets; `check_device` refuses a GPU outside them.
+
+TensorRT-RTX's ONNX parser, when it adds a plugin layer (any IPluginV3, C++ or Python), dlopens its
+core library by the unversioned name `libtensorrt_rtx.so`, which the pip wheel does not ship (it has
+only `libtensorrt_rtx.so.1`); when that fails it calls std::terminate ("terminate called without an
+active exception"). `rtx_core_link` finds the name where the parser looks, `RTX_LINK_HINT` says
+how to add it (checked with 1.7.1: with the link, the parse and the build succeed).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 LIBRARIES = ("tensorrt", "tensorrt_rtx")          # in order of preference
 ENV_VAR = "APAR_RT_TENSORRT"
@@ -26,6 +33,15 @@ INSTALL_HINT = ("install TensorRT 10.x on a machine with an NVIDIA GPU (`pip ins
                 "--backend onnxruntime")
 RTX_DEFAULT_TARGETS = ("8.6", "8.9", "12.0")       # TensorRT-RTX's portable set
 RTX_OPTIONAL_TARGETS = ("7.5", "12.1")             # Turing (asked for explicitly); GB10
+
+
+RTX_CORE = "libtensorrt_rtx.so"                    # the name TensorRT-RTX's parser dlopens for plugin layers
+RTX_LINK_HINT = ("TensorRT-RTX's ONNX parser loads {core} by that unversioned name to add a plugin layer and "
+                 "aborts the process (std::terminate) when it cannot; the pip wheel ships only {core}.1. "
+                 "Add the name next to the parser: ln -s {core}.1 {folder}/{core} (or put a folder holding such "
+                 "a link on LD_LIBRARY_PATH before starting Python)")
+_SYSTEM_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib",
+                "/usr/local/lib")
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -83,6 +99,36 @@ def load(name: str | None = None) -> TensorRTLibrary:
                                       f"{'.'.join(map(str, need))}")
         return lib
     raise TensorRTUnavailable(f"no TensorRT library could be imported ({'; '.join(errors)}); {INSTALL_HINT}")
+
+
+def rtx_parser_folder() -> Path | None:
+    """The folder of TensorRT-RTX's ONNX parser library (its RPATH is $ORIGIN), or None."""
+    try:
+        import tensorrt_rtx_libs
+    except ImportError:
+        return None
+    return Path(tensorrt_rtx_libs.__file__).resolve().parent
+
+
+def rtx_core_link(lib: TensorRTLibrary) -> Path | None:
+    """Where TensorRT-RTX's ONNX parser finds `libtensorrt_rtx.so` (see the module docstring): the
+    parser's folder, a folder on LD_LIBRARY_PATH, or a system folder. None: a plugin node aborts the
+    process. Full TensorRT needs nothing: returns None."""
+    if not lib.rtx:
+        return None
+    folders = [rtx_parser_folder()]
+    folders += [Path(p) for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p]
+    folders += [Path(p) for p in _SYSTEM_DIRS]
+    for folder in folders:
+        if folder is not None and (folder / RTX_CORE).exists():
+            return folder / RTX_CORE
+    return None
+
+
+def rtx_link_hint() -> str:
+    """How to give TensorRT-RTX's parser the name it needs, with this installation's folder."""
+    folder = rtx_parser_folder() or "<the folder of libtensorrt_onnxparser_rtx.so.1>"
+    return RTX_LINK_HINT.format(core=RTX_CORE, folder=folder)
 
 
 def _cc_member(lib: TensorRTLibrary, cc: str):

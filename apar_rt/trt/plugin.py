@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from apar_rt.export.op import OP_ATTRIBUTES, OP_INPUTS, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from apar_rt.trt.library import rtx_core_link, rtx_link_hint
 
 CREATOR = f"{PLUGIN_NAMESPACE}::{OP_TYPE} version {PLUGIN_VERSION}"
 INT_FIELDS = tuple(n for n, kind in OP_ATTRIBUTES if kind == "i")      # num_heads, num_kv_heads, ...
@@ -67,11 +68,6 @@ def load_plugin(lib, spec: str, *, expect_sha256: str | None = None) -> dict:
     trt = lib.module
     registry = trt.get_plugin_registry()
     if spec == PYTHON:
-        if lib.rtx:
-            raise PluginError(f"--plugin python cannot be used with {lib.label}: its ONNX parser aborts the process "
-                              f"(\"terminate called without an active exception\") right after creating a "
-                              f"Python-implemented IPluginV3, any plugin (checked with 1.7.1). Use full TensorRT, "
-                              f"or a C++ plugin library built against TensorRT-RTX's headers")
         if lib.name not in _REGISTERED:
             creator = _creator_class(trt)()
             if not registry.register_creator(creator, PLUGIN_NAMESPACE):
@@ -89,7 +85,9 @@ def load_plugin(lib, spec: str, *, expect_sha256: str | None = None) -> dict:
                               f"instead of {expect_sha256[:16]}...); rebuild the plan or restore the library")
         before = {(c.name, c.plugin_version, c.plugin_namespace) for c in registry.all_creators}
         if find_creator(lib) is None and registry.load_library(str(path)) is None:
-            raise PluginError(f"{lib.label} could not load the plugin library {path} (see the TensorRT log)")
+            raise PluginError(f"{lib.label} could not load the plugin library {path}: it is not a TensorRT plugin "
+                              f"library, or it registers no plugin creators (it must register {CREATOR}; see the "
+                              f"TensorRT log)")
         if find_creator(lib) is None:
             new = sorted({(c.name, c.plugin_version, c.plugin_namespace) for c in registry.all_creators} - before)
             got = ", ".join(f"{ns}::{n} version {v}" for n, v, ns in new) or "no creators"
@@ -100,6 +98,13 @@ def load_plugin(lib, spec: str, *, expect_sha256: str | None = None) -> dict:
         raise PluginError(f"{CREATOR} is not in {lib.label}'s plugin registry after loading {spec!r}")
     record["creator"] = CREATOR
     return record
+
+
+def check_parser_can_add_plugins(lib) -> None:
+    """Raise PluginError before an ONNX parse that would abort the process: TensorRT-RTX's parser
+    needs `libtensorrt_rtx.so` to add any plugin layer (apar_rt.trt.library.rtx_core_link)."""
+    if lib.rtx and rtx_core_link(lib) is None:
+        raise PluginError(f"{lib.label} cannot add the {CREATOR} layers here: {rtx_link_hint()}")
 
 
 def spec_of(record: dict | None) -> str | None:
