@@ -94,19 +94,58 @@ def _join_next(text: str) -> str:
     return text if text.startswith("\n\n") else "\n\n" + text.lstrip("\n")
 
 
+def reading_order_counts(branches: Sequence[Branch], budget: int | None) -> dict[int, int]:
+    """Tokens of each branch inside the first `budget` tokens of the tree in reading order
+    (a branch's tokens up to a [Fork], that child's whole subtree, then the continuation).
+    Branches wholly past the budget get 0. budget None keeps everything. O(branches)."""
+    if budget is None:
+        return {b.id: len(b.token_ids) for b in branches}
+    kids: dict[int, list[Branch]] = {}
+    for b in branches:
+        if b.parent is not None:
+            kids.setdefault(b.parent, []).append(b)
+    kept = {b.id: 0 for b in branches}
+    left = budget
+
+    def walk(b: Branch) -> None:
+        nonlocal left
+        cursor = 0
+        for c in sorted(kids.get(b.id, ()), key=lambda c: c.fork_index):
+            take = min(c.fork_index + 1 - cursor, left)
+            left -= take
+            cursor += take
+            if left == 0:
+                break
+            walk(c)
+            if left == 0:
+                break
+        else:
+            take = min(len(b.token_ids) - cursor, left)
+            left -= take
+            cursor += take
+        kept[b.id] = cursor
+
+    if branches and left > 0:
+        walk(branches[0])
+    return kept
+
+
 def recover_text(decode: Decoder, branches: Sequence[Branch], control: ControlTokens,
-                 skip_ids: frozenset[int] = frozenset(), join: str = "inplace") -> str:
+                 skip_ids: frozenset[int] = frozenset(), join: str = "inplace", budget: int | None = None) -> str:
     """The final text: walk the paragraph tree from the root in reading order.
 
-    A branch's own text is cut at `stop_text_len` when a stop string ended it. join="inplace"
+    Only the first `budget` tokens in reading order count (None: all); a stop string's cut
+    applies only to a branch kept whole. A branch's own text is cut at `stop_text_len` when a stop string ended it. join="inplace"
     decodes every piece where it stands (exactly the model's text); "reference" applies
     THUDM/APAR's newline fix-ups (a detail after "N. " starts a line, a continuation a paragraph).
     """
-    return _render(decode, branches, control, skip_ids, settled_only=False, holdback=0, join=join)
+    return _render(decode, branches, control, skip_ids, settled_only=False, holdback=0, join=join,
+                   budget=budget)
 
 
 def settled_text(decode: Decoder, branches: Sequence[Branch], control: ControlTokens,
-                 skip_ids: frozenset[int] = frozenset(), holdback: int = 0, join: str = "inplace") -> str:
+                 skip_ids: frozenset[int] = frozenset(), holdback: int = 0, join: str = "inplace",
+                 budget: int | None = None) -> str:
     """The longest prefix of the final text that can no longer change.
 
     Reading order stops at the first branch still running: its own text so far is settled
@@ -114,10 +153,12 @@ def settled_text(decode: Decoder, branches: Sequence[Branch], control: ControlTo
     incomplete character; everything after it in reading order is not. Streaming the growth
     of this value yields exactly `recover_text` once all branches finish.
     """
-    return _render(decode, branches, control, skip_ids, settled_only=True, holdback=holdback, join=join)
+    return _render(decode, branches, control, skip_ids, settled_only=True, holdback=holdback, join=join,
+                   budget=budget)
 
 
-def _render(decode, branches, control, skip_ids, *, settled_only: bool, holdback: int, join: str) -> str:
+def _render(decode, branches, control, skip_ids, *, settled_only: bool, holdback: int, join: str,
+            budget: int | None = None) -> str:
     if join not in TEXT_JOINS:
         raise ValueError(f"text join must be one of {', '.join(TEXT_JOINS)}, got {join!r}")
     reference = join == "reference"
@@ -125,23 +166,26 @@ def _render(decode, branches, control, skip_ids, *, settled_only: bool, holdback
     for b in branches:
         if b.parent is not None:
             children[(b.parent, b.fork_index)] = b
+    kept = reading_order_counts(branches, budget)
 
     def render(b: Branch) -> tuple[str, bool]:
         """(text, complete): complete is False when reading order stops inside b."""
         parts: list[str] = []
         own_len = 0
         cursor = 0
-        limit = b.stop_text_len
-        open_end = settled_only and not b.finished
-        fork_points = [i for i, t in enumerate(b.token_ids) if t == control.fork and (b.id, i) in children]
-        for i in fork_points + [len(b.token_ids)]:
+        n = kept[b.id]
+        whole = n == len(b.token_ids)
+        limit = b.stop_text_len if whole else None
+        open_end = settled_only and not b.finished and whole
+        fork_points = sorted(c.fork_index for (pid, _), c in children.items() if pid == b.id and c.fork_index < n)
+        for i in fork_points + [n]:
             raw = continuation_text(decode, b.context_slice(0, len(b.prefix) + cursor),
-                                    b.token_ids[cursor:i + 1], skip_ids)
+                                    b.token_ids[cursor:min(i + 1, n)], skip_ids)
             seg = raw
             cut = limit is not None and own_len + len(raw) >= limit
             if cut:
                 seg = raw[:limit - own_len]
-            elif i == len(b.token_ids) and open_end:
+            elif i == n and open_end:
                 seg = raw.rstrip("\ufffd")
                 seg = seg[:max(0, len(seg) - holdback)]
             if reference and cursor > 0:
@@ -150,7 +194,7 @@ def _render(decode, branches, control, skip_ids, *, settled_only: bool, holdback
             if cut:
                 return "".join(parts), True
             own_len += len(raw)
-            if i < len(b.token_ids):
+            if i < n:
                 child_text, child_done = render(children[(b.id, i)])
                 parts.append(_join_detail(raw, child_text) if reference else child_text)
                 if not child_done:
@@ -161,7 +205,27 @@ def _render(decode, branches, control, skip_ids, *, settled_only: bool, holdback
     return render(branches[0])[0]
 
 
-def branch_schema(branches: Sequence[Branch]) -> list[dict]:
-    """The public `branches` list of the --json schema."""
-    return [{"id": b.id, "parent": b.parent, "fork_index": b.fork_index, "token_ids": list(b.token_ids)}
-            for b in branches]
+def branch_schema(branches: Sequence[Branch], budget: int | None = None) -> list[dict]:
+    """The public `branches` list of the --json schema: the branches inside the first `budget`
+    tokens in reading order, each cut to its tokens there, numbered in reading order (pre-order:
+    a branch before its children, children in fork order), so the list depends on the request
+    alone, not on the order in which branches happened to be created."""
+    kept = reading_order_counts(branches, budget)
+    kids: dict[int, list[Branch]] = {}
+    for b in branches:
+        if b.parent is not None:
+            kids.setdefault(b.parent, []).append(b)
+    out: list[dict] = []
+
+    def walk(b: Branch, parent: int | None) -> None:
+        if kept[b.id] == 0 and b.parent is not None:
+            return
+        new_id = len(out)
+        out.append({"id": new_id, "parent": parent, "fork_index": b.fork_index,
+                    "token_ids": list(b.token_ids[:kept[b.id]])})
+        for c in sorted(kids.get(b.id, ()), key=lambda c: c.fork_index):
+            walk(c, new_id)
+
+    if branches:
+        walk(branches[0], None)
+    return out

@@ -135,7 +135,9 @@ def _engine_dir_defaults(ctx, engine_dir: str, backend: str, kw: dict) -> str:
 @_model_or_engine
 @engine_options
 @click.option("--max-tokens", type=int, default=256, show_default=True,
-              help="Most new tokens per request, over all its branches.")
+              help="Output tokens per request: the first N new tokens of the APAR tree in reading order "
+                   "(the order of the final text; forced [Child] tokens count). Branches that would write "
+                   "past that point stop, so greedy output does not depend on load.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 disables.")

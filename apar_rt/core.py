@@ -6,6 +6,7 @@ No heavy imports here: numpy only, for the packed step that backends consume.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,13 +14,48 @@ import numpy as np
 
 from apar_rt.kv.block_pool import BlockTable
 
+INT32_MAX = (1 << 31) - 1
+GREEDY_TEMPERATURE = 1e-5   # a temperature below this is greedy (vLLM's _SAMPLING_EPS)
+MAX_LOGIT_BIAS = 300        # logit_bias entries per request (OpenAI's limit)
+
+
+def _check_int(name: str, v, lo: int, hi: int, note: str = "") -> int:
+    """`v` must be a Python/numpy integer (not a bool) in [lo, hi]; checked before any cast."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {v!r:.80}")
+    v = int(v)
+    if not lo <= v <= hi:
+        shown = v if v.bit_length() <= 64 else f"an integer of {v.bit_length()} bits"
+        note = f" {note}" if note else ""
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}]{note}, got {shown}")
+    return v
+
+
+def _check_float(name: str, v) -> float:
+    """`v` must be a finite real number (not a bool)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {v!r:.80}")
+    try:
+        f = float(v)
+    except OverflowError:     # an int too big for a float
+        bits = int(v).bit_length()
+        raise ValueError(f"{name} must be a finite number, got an integer of {bits} bits") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be a finite number, got {f}")
+    return f
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Per-request sampling, validated on construction (ValueError names the bad field).
 
-    `max_tokens` caps the new tokens over all branches of the request, the forced
-    [Child] tokens included. temperature == 0 is greedy.
+    `max_tokens` caps the request's output: its first `max_tokens` new tokens in reading order
+    (the order of the final text: a branch's tokens up to a [Fork], then that child's whole
+    subtree, then the branch's continuation; forced [Child] tokens count). Tokens a branch would
+    write past that point are never part of the output, so the output does not depend on how
+    branches happened to be scheduled. temperature == 0 is greedy, and so is any temperature below
+    GREEDY_TEMPERATURE (stored as 0). Every number is range-checked (ints before any cast, floats
+    must be finite); logit_bias holds at most MAX_LOGIT_BIAS distinct token ids.
     """
 
     max_tokens: int = 256
@@ -36,27 +72,43 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.mode not in (None, "apar", "ar"):
             raise ValueError(f"mode must be 'apar' or 'ar' (or None for the engine's), got {self.mode!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not (self.temperature >= 0.0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables), got {self.top_k!r}")
+        _check_int("max_tokens", self.max_tokens, 1, INT32_MAX)
+        temperature = _check_float("temperature", self.temperature)
+        if temperature < 0.0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if temperature < GREEDY_TEMPERATURE:   # as vLLM: a near-zero temperature is greedy
+            temperature = 0.0
+        object.__setattr__(self, "temperature", temperature)
+        top_p = _check_float("top_p", self.top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        object.__setattr__(self, "top_p", top_p)
+        _check_int("top_k", self.top_k, 0, INT32_MAX, "(0 disables)")
+        if self.seed is not None:
+            _check_int("seed", self.seed, -(1 << 63), (1 << 64) - 1)
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
-        pairs = tuple(sorted((int(k), float(v)) for k, v in bias))
-        for tok, val in pairs:
+        object.__setattr__(self, "stop_token_ids",
+                           tuple(_check_int("stop_token_ids", t, 0, INT32_MAX) for t in self.stop_token_ids))
+        bias = list(self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias)
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
+        pairs = []
+        for tok, val in bias:
+            tok = _check_int("logit_bias token id", tok, 0, INT32_MAX)
+            val = _check_float(f"logit_bias for token {tok}", val)
             if not -100.0 <= val <= 100.0:
                 raise ValueError(f"logit_bias for token {tok} must be in [-100, 100], got {val}")
-        object.__setattr__(self, "logit_bias", pairs)
+            pairs.append((tok, val))
+        pairs.sort()
+        dup = next((a for (a, _), (b, _) in zip(pairs, pairs[1:]) if a == b), None)
+        if dup is not None:
+            raise ValueError(f"logit_bias names token {dup} more than once")
+        object.__setattr__(self, "logit_bias", tuple(pairs))
 
     @property
     def greedy(self) -> bool:
@@ -85,6 +137,8 @@ class Branch:
     prefix: list[int]                    # context before this branch's own tokens
     token_ids: list[int] = field(default_factory=list)  # own tokens; a child's begin with [Child]
     table: BlockTable = field(default_factory=BlockTable)  # KV blocks; table.num_tokens are cached
+    children: list[int] = field(default_factory=list)   # child branch ids, in fork (reading) order
+    subtree_tokens: int = 0              # own tokens plus every descendant's
     finish_reason: FinishReason | None = None
     stop_text_len: int | None = None     # a stop string cut the last segment's text to this length
     draft: list[int] | None = None       # Medusa draft tokens (one per tree node) for the next step
@@ -139,6 +193,10 @@ class Request:
     # waits until the donor has recomputed that many tokens, then forks the donor's blocks.
     resume_donors: dict[int, tuple[int, int]] = field(default_factory=dict)
     accepted_lengths: dict[int, int] = field(default_factory=dict)  # tokens per thread-step -> count
+    num_generated: int = 0               # tokens appended over all branches (work done, may pass the budget)
+    num_live: int = 1                    # branches not finished
+    kv_blocks: int = 0                   # distinct KV blocks held now (forked blocks count once)
+    budget: int = 0                      # output tokens in reading order: min(max_tokens, context room)
 
     def __post_init__(self) -> None:
         if not self.branches:
@@ -147,12 +205,8 @@ class Request:
 
     @property
     def generated_tokens(self) -> int:
-        return sum(len(b.token_ids) for b in self.branches)
-
-    @property
-    def total_len(self) -> int:
-        """The length cap's measure: the prompt once plus every branch's own tokens."""
-        return len(self.prompt_token_ids) + self.generated_tokens
+        """Output tokens so far: what was generated, within the reading-order budget once finished."""
+        return min(self.num_generated, self.budget) if self.finished else self.num_generated
 
     @property
     def finished(self) -> bool:
@@ -162,7 +216,27 @@ class Request:
         return [b for b in self.branches if not b.finished]
 
     def held_blocks(self) -> set[int]:
+        """The distinct KV blocks held (a scan, for tests; the scheduler keeps `kv_blocks`)."""
         return {blk for b in self.branches for blk in b.table.block_ids}
+
+    def start_position(self, b: Branch) -> int:
+        """Output tokens before branch b's first token in reading order, counting what exists
+        now (a lower bound while earlier branches still grow; exact once they have finished).
+        O(depth x siblings)."""
+        pos = 0
+        while b.parent is not None:
+            p = self.branches[b.parent]
+            pos += b.fork_index + 1
+            for cid in p.children:
+                if cid == b.id:
+                    break
+                pos += self.branches[cid].subtree_tokens
+            b = p
+        return pos
+
+    def next_position(self, b: Branch) -> int:
+        """Reading-order position that branch b's next token would take (a lower bound)."""
+        return self.start_position(b) + b.subtree_tokens
 
 
 @dataclass(slots=True)

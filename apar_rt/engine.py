@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -15,8 +16,10 @@ from apar_rt.medusa.heads import HEADS_DIRNAME, find_heads_dir
 from apar_rt.medusa.tree import load_tree
 from apar_rt.medusa.verifier import Acceptance, MedusaVerifier
 from apar_rt.model.tokenizer import control_tokens, encode_prompt, load_tokenizer
-from apar_rt.sampler import make_generator, process_logits, sample_row
+from apar_rt.sampler import SamplingError, make_generator, process_logits, sample_row
 from apar_rt.scheduler import RequestRejected, Scheduler, StepUpdate
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TREE = "tiny_9"   # the Medusa tree when heads are loaded and no tree is named
 
@@ -74,12 +77,14 @@ class Engine:
             if engine_kwargs.get("medusa_tree") is None:
                 engine_kwargs["medusa_tree"] = DEFAULT_TREE
         control = None
+        recorded = None     # an engine folder: only the files its manifest records are read
         if backend != "torch" or Path(model_dir, "manifest.json").is_file():
-            from apar_rt.build.manifest import engine_settings  # limits and control ids of an engine folder
+            from apar_rt.build.manifest import engine_settings, read_manifest  # limits, control ids
             engine_kwargs, control = engine_settings(model_dir, backend, engine_kwargs)
+            recorded = list(read_manifest(model_dir).files)
         cfg = EngineConfig(**engine_kwargs)
         model_config = ModelConfig.from_dir(model_dir)
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_tokenizer(model_dir, only=recorded)
         be = backend_cls(str(model_dir), dtype=dtype, device=device, **backend_kw)
         return cls(be, tokenizer, model_config, cfg, control=control)
 
@@ -124,6 +129,9 @@ class Engine:
     # ---- the loop ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One engine step. A failure while sampling, verifying, updating or finishing one request
+        fails that request alone (finish_reason 'error', with a message saying why); the step goes
+        on for the others. A failure of the shared forward pass still raises."""
         out = self.scheduler.schedule()
         results: list[list[int]] = []
         picks: list[tuple[ScheduledSeq, int, list[int]]] = []   # (seq, first logits row, nodes)
@@ -133,23 +141,64 @@ class Engine:
             for s in out.seqs:
                 if not s.samples:
                     continue
-                req, b = s.request, s.branch
-                banned = lambda last, req=req, b=b: self.scheduler.banned(req, b, last, out)  # noqa: E731
-                if s.tree:
-                    tokens, nodes = self.verifier.verify(logits[row:row + s.num_new], b.token_ids[-1], b.draft,
-                                                         req.params, banned, req.generator)
-                else:
-                    last = b.token_ids[-1] if b.token_ids else b.prefix[-1]
-                    row_logits = process_logits(logits[row], req.params, banned(last))
-                    tokens, nodes = [sample_row(row_logits, req.params, req.generator)], [0]
+                first, row = row, row + (s.num_new if s.tree else 1)
+                req = s.request
+                tokens, nodes = [], []
+                if not req.finished:
+                    try:
+                        tokens, nodes = self._pick(s, logits, first, out)
+                    except Exception as e:
+                        self._fail(req, "sampling", e, out)
                 results.append(tokens)
-                picks.append((s, row, nodes))
-                row += s.num_new if s.tree else 1
+                picks.append((s, first, nodes))
             self.num_steps += 1
-        updates = self.scheduler.update(out, results)
+        updates = self.scheduler.update(out, results,
+                                        on_error=lambda req, e: self._error_message(req, "updating", e))
         if self.verifier is not None and picks:
             self._after_medusa_step(out, picks)
-        return [self._output(u) for u in updates]
+            for u in updates:   # drafting may have failed a request
+                u.finished = u.request.finished
+        outputs = []
+        for u in updates:
+            try:
+                outputs.append(self._output(u))
+            except Exception as e:
+                outputs.append(self._failed_output(u.request, e))
+        return outputs
+
+    def _pick(self, s: ScheduledSeq, logits, row: int, out) -> tuple[list[int], list[int]]:
+        """Sample (or verify a draft tree for) one scheduled sequence."""
+        req, b = s.request, s.branch
+        banned = lambda last: self.scheduler.banned(req, b, last, out)  # noqa: E731
+        if s.tree:
+            return self.verifier.verify(logits[row:row + s.num_new], b.token_ids[-1], b.draft,
+                                        req.params, banned, req.generator)
+        last = b.token_ids[-1] if b.token_ids else b.prefix[-1]
+        row_logits = process_logits(logits[row], req.params, banned(last))
+        return [sample_row(row_logits, req.params, req.generator)], [0]
+
+    def _fail(self, req: Request, stage: str, e: Exception, out=None) -> None:
+        """Fail one request after an error in `stage`; its blocks are freed, the others go on."""
+        if not req.finished:
+            self.scheduler.fail(req, self._error_message(req, stage, e), out)
+
+    @staticmethod
+    def _error_message(req: Request, stage: str, e: Exception) -> str:
+        """What the client is told: a SamplingError's own message, else a generic one (logged)."""
+        if isinstance(e, SamplingError):
+            return str(e)
+        log.error("request %s failed while %s", req.request_id, stage, exc_info=e)
+        return f"internal error while {stage} this request (details are in the server log)"
+
+    def _failed_output(self, req: Request, e: Exception) -> RequestOutput:
+        log.error("request %s failed while finishing", req.request_id, exc_info=e)
+        self._requests.pop(req.request_id, None)
+        msg = "internal error while finishing this request (details are in the server log)"
+        if not req.finished:
+            self.scheduler.fail(req, msg, None)
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt,
+                             prompt_token_ids=req.prompt_token_ids, deltas=[], finished=True,
+                             finish_reason=FinishReason.ERROR, error=req.error or msg)
 
     def _after_medusa_step(self, out, picks) -> None:
         """Write the accepted nodes' K/V, then draft each live thread's next tree."""
@@ -157,7 +206,7 @@ class Engine:
         idx: list[int] = []
         slots: list[int] = []
         for s, _, nodes in picks:
-            if s.tree and s.accepted:
+            if s.tree and s.accepted and not s.request.finished:
                 idx += [offsets[id(s)] + n for n in nodes[:s.accepted]]
                 slots += s.slots[:s.accepted]
         if idx:
@@ -166,7 +215,10 @@ class Engine:
         for s, row, nodes in picks:
             b = s.branch
             if s.accepted and not b.finished and self.verifier.drafts_for(s.request.params):
-                b.draft = self.verifier.draft(medusa[row + nodes[s.accepted - 1]])
+                try:
+                    b.draft = self.verifier.draft(medusa[row + nodes[s.accepted - 1]])
+                except Exception as e:
+                    self._fail(s.request, "drafting for", e)
 
     def _output(self, upd: StepUpdate) -> RequestOutput:
         req = upd.request
@@ -179,11 +231,12 @@ class Engine:
         return o
 
     def finalize(self, req: Request, o: RequestOutput) -> None:
-        o.text = recover_text(self.decode, req.branches, self.control, self.special_ids, join=self.config.text_join)
-        o.branches = branch_schema(req.branches)
+        o.text = recover_text(self.decode, req.branches, self.control, self.special_ids, join=self.config.text_join,
+                              budget=req.budget)
+        o.branches = branch_schema(req.branches, req.budget)
         hist = req.accepted_lengths
         thread_steps = sum(hist.values())
-        o.stats = {"decode_steps": req.decode_steps, "forks": req.forks,
+        o.stats = {"decode_steps": req.decode_steps, "forks": len(o.branches) - 1,
                    "generated_tokens": req.generated_tokens, "peak_kv_blocks": req.peak_kv_blocks,
                    "preemptions": req.num_preemptions,
                    "accepted_tokens_per_step": (sum(k * v for k, v in hist.items()) / thread_steps

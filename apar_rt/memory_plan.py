@@ -46,10 +46,11 @@ DEFAULT_APAR_BRANCHES = 4
 CPU_RUNTIME_BYTES = 340 << 20
 
 
-def default_symmetric(scheme: str) -> bool:
+def default_symmetric(scheme: str, backend: str = "onnxruntime") -> bool:
     """Measured on the demo model's held-out prompts (tests/test_quantize.py): int8 symmetric
-    (43/44 greedy answers equal to fp32 vs 42/44 asymmetric), int4 asymmetric (37/44 vs 33/44)."""
-    return scheme != "int4"
+    (43/44 greedy answers equal to fp32 vs 42/44 asymmetric), int4 asymmetric (37/44 vs 33/44).
+    TensorRT's weight-only path takes no zero point: always symmetric there."""
+    return backend == "tensorrt" or scheme != "int4"
 
 
 class PlanError(ValueError):

@@ -9,6 +9,11 @@ import torch
 from apar_rt.core import SamplingParams
 
 
+class SamplingError(ValueError):
+    """A request's logits or sampling parameters give no valid distribution (its message is
+    safe to show the client). The engine fails that request alone."""
+
+
 def make_generator(seed: int | None) -> torch.Generator | None:
     if seed is None:
         return None
@@ -30,8 +35,10 @@ def process_logits(row: torch.Tensor, params: SamplingParams, banned: Sequence[i
 
 
 def sample_row(row: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from processed logits [V]."""
+    """One token from processed logits [V]; SamplingError if they give no valid distribution."""
     if params.greedy:
+        if torch.isnan(row).any() or not torch.isfinite(row.max()):
+            raise SamplingError("the logits of this request are not finite; no token can be picked")
         return int(torch.argmax(row))
     row = row / params.temperature
     if params.top_k and params.top_k < row.shape[0]:
@@ -44,4 +51,8 @@ def sample_row(row: torch.Tensor, params: SamplingParams, generator: torch.Gener
         drop = (cum - sorted_p) >= params.top_p      # keep the smallest prefix reaching top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
+        raise SamplingError(f"sampling gave no valid distribution for this request (temperature="
+                            f"{params.temperature:g}, top_p={params.top_p:g}, top_k={params.top_k}): "
+                            "its probabilities are not finite")
     return int(torch.multinomial(probs, 1, generator=generator))

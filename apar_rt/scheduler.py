@@ -95,6 +95,7 @@ class Scheduler:
                 f"the KV cache is too small for this request: its prompt needs {need} blocks of "
                 f"{self.config.block_size} tokens, but --num-blocks {self.config.num_blocks} gives "
                 f"{self.pool.capacity} usable blocks (block 0 is reserved)")
+        req.budget = min(req.params.max_tokens, self.max_model_len - n)
         self.waiting.append(req)
 
     def abort(self, req: Request) -> bool:
@@ -140,7 +141,7 @@ class Scheduler:
                 if len(self.running) > 1:
                     self._preempt(req, out)
                 elif not self._shed_branch(req):
-                    self._fail(req, self._too_big_message(req), out)
+                    self.fail(req, self._too_big_message(req), out)
                 continue
             i += 1
 
@@ -149,7 +150,7 @@ class Scheduler:
             need = self._blocks_to_resume(req)
             if need > self.pool.capacity:
                 self.waiting.popleft()
-                self._fail(req, self._too_big_message(req), out)
+                self.fail(req, self._too_big_message(req), out)
                 continue
             if need + self._watermark_blocks > self.pool.num_free and (self.running or reserved):
                 break
@@ -165,14 +166,16 @@ class Scheduler:
                 res = self.kv.append(b.table, n)
                 if res is None:
                     break
+                req.kv_blocks += res.new_blocks
                 reserved.append((ScheduledSeq(req, b, n, res.slots, False), res.copies))
                 budget -= n
 
         for s, _ in reserved:
             s.samples = s.tree or s.branch.table.num_tokens == s.branch.context_len
         out.seqs = [s for s, _ in reserved]
-        for req in {id(s.request): s.request for s in out.seqs}.values():
-            req.peak_kv_blocks = max(req.peak_kv_blocks, len(req.held_blocks()))
+        for s, _ in reserved:
+            if s.request.kv_blocks > s.request.peak_kv_blocks:
+                s.request.peak_kv_blocks = s.request.kv_blocks
         if out.seqs:
             out.step = self._pack(out.seqs, [c for _, cs in reserved for c in cs])
         return out
@@ -195,6 +198,7 @@ class Scheduler:
         while True:
             res = self.kv.append(b.table, n)
             if res is not None:
+                req.kv_blocks += res.new_blocks
                 return res
             victim = self.running[-1]
             if victim is req:
@@ -246,7 +250,7 @@ class Scheduler:
         if len(holders) < 2:
             return False
         b = holders[-1]
-        self.kv.free(b.table)
+        self._free(req, b)
         b.draft = None
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -281,8 +285,7 @@ class Scheduler:
         self.running.remove(req)
         for b in req.branches:
             b.draft = None
-            if b.table.block_ids:
-                self.kv.free(b.table)
+            self._free(req, b)
         req.status = RequestStatus.WAITING
         self._plan_shared_recompute(req)
         req.num_preemptions += 1
@@ -290,12 +293,21 @@ class Scheduler:
         self.waiting.appendleft(req)
         out.preempted.append(req)
 
-    def _fail(self, req: Request, message: str, out: SchedulerOutput) -> None:
+    def _free(self, req: Request, b: Branch) -> None:
+        if b.table.block_ids:
+            req.kv_blocks -= len(self.kv.free(b.table))
+
+    def fail(self, req: Request, message: str, out: SchedulerOutput | None = None) -> None:
+        """Finish `req` with an error (its blocks are freed); listed in `out.failed` if given,
+        so that `update` reports it. The other requests are untouched."""
         if req in self.running:
             self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
         req.error = message
         self._finish_request(req, FinishReason.ERROR)
-        out.failed.append(req)
+        if out is not None and req not in out.failed:
+            out.failed.append(req)
 
     def _pack(self, seqs: list[ScheduledSeq], copies: list[tuple[int, int]]) -> StepInput:
         T = sum(s.num_new for s in seqs)
@@ -349,13 +361,16 @@ class Scheduler:
         return banned_tokens(last_token, branch.depth, self.control, mode=self.mode(req),
                              max_depth=self.config.max_depth, step_full=step_full)
 
-    def update(self, out: SchedulerOutput, results: Sequence[Sequence[int]]) -> list[StepUpdate]:
+    def update(self, out: SchedulerOutput, results: Sequence[Sequence[int]],
+               on_error: Callable[[Request, Exception], str] | None = None) -> list[StepUpdate]:
         """Append each sampling sequence's new tokens (in `out.seqs` order), fork, and finish.
 
         A plain sequence brings one token. A draft tree brings its accepted run plus the bonus
         token; the run is cut after the first [Fork] or end token (kept), and to the request's
         remaining max_tokens. For a tree, `s.accepted` is set to the tokens kept and the table is
         cut to the root plus the accepted nodes, whose K/V the engine then writes.
+
+        A request whose update raises fails alone, with the message `on_error(req, exc)` gives.
         """
         per_req: dict[int, StepUpdate] = {}
         for req in {id(s.request): s.request for s in out.seqs}.values():
@@ -370,28 +385,44 @@ class Scheduler:
             if req.finished or b.finished:
                 continue
             upd = per_req.setdefault(id(req), StepUpdate(req, [], False))
-            if s.tree:
-                tokens = tokens[:self._run_length(req, tokens)]
-                self.kv.truncate(b.table, b.context_len - 1 + len(tokens))
-            s.accepted = len(tokens)
-            req.accepted_lengths[len(tokens)] = req.accepted_lengths.get(len(tokens), 0) + 1
-            for tok in tokens:
-                self._append(req, b, tok, upd)
-                if b.finished or req.finished:
-                    break
+            try:
+                self._update_seq(s, req, b, tokens, upd)
+            except Exception as e:
+                msg = on_error(req, e) if on_error else "internal error while updating this request"
+                self.fail(req, msg, out)
         for req in out.failed:
             per_req.setdefault(id(req), StepUpdate(req, [], True))
         updates = list(per_req.values())
         for upd in updates:
             if upd.deltas:
                 upd.request.decode_steps += 1
-            if not upd.request.finished and not upd.request.live_branches():
-                self._finish_request(upd.request, FinishReason.STOP)
-            upd.finished = upd.request.finished
+            req = upd.request
+            if not req.finished:
+                # Other branches grew this step: a branch whose next token could only land past
+                # the budget in reading order has nothing more to give.
+                for b in req.live_branches():
+                    if req.next_position(b) >= req.budget:
+                        self._finish_branch(req, b, FinishReason.LENGTH, upd)
+            if not req.finished and not req.num_live:
+                self._finish_request(req, FinishReason.STOP)
+            upd.finished = req.finished
         return updates
 
-    def _run_length(self, req: Request, tokens: Sequence[int]) -> int:
-        """Tokens of an accepted run to keep: through the first [Fork] or end token, within max_tokens."""
+    def _update_seq(self, s: ScheduledSeq, req: Request, b: Branch, tokens: list[int],
+                    upd: StepUpdate) -> None:
+        if s.tree:
+            tokens = tokens[:self._run_length(req, b, tokens)]
+            req.kv_blocks -= len(self.kv.truncate(b.table, b.context_len - 1 + len(tokens)))
+        s.accepted = len(tokens)
+        req.accepted_lengths[len(tokens)] = req.accepted_lengths.get(len(tokens), 0) + 1
+        for tok in tokens:
+            self._append(req, b, tok, upd)
+            if b.finished or req.finished:
+                break
+
+    def _run_length(self, req: Request, b: Branch, tokens: Sequence[int]) -> int:
+        """Tokens of an accepted run to keep: through the first [Fork] or end token, and none that
+        would land past the request's budget in reading order."""
         ends = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else self.eos_token_ids)
         if self.control.fork is not None and self.mode(req) == "apar":
             ends = ends | {self.control.fork}
@@ -400,7 +431,7 @@ class Scheduler:
             if t in ends:
                 n = i + 1
                 break
-        return max(1, min(n, req.params.max_tokens - req.generated_tokens))
+        return max(1, min(n, req.budget - req.next_position(b)))
 
     def _delta(self, upd: StepUpdate, b: Branch) -> BranchDelta:
         for d in upd.deltas:
@@ -411,21 +442,40 @@ class Scheduler:
         return d
 
     def _append(self, req: Request, b: Branch, tok: int, upd: StepUpdate) -> None:
+        """Append one token to branch b, then end it or fork.
+
+        The budget rule: the request's output is its first `req.budget` tokens in reading order.
+        `next_position` only grows as other branches grow, so a branch ended (or a fork skipped)
+        because its next token would land at or past the budget loses nothing the output could
+        hold, under any schedule. A branch also ends when its own context fills max_model_len.
+        """
         p = req.params
         b.token_ids.append(tok)
+        self._count(req, b, 1)
         self._delta(upd, b).new_token_ids.append(tok)
         if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             self._finish_branch(req, b, FinishReason.STOP, upd)
-        elif p.stop and self._hit_stop_string(b, p.stop):
+            return
+        if p.stop and self._hit_stop_string(b, p.stop):
             self._finish_branch(req, b, FinishReason.STOP, upd)
-        elif (tok == self.control.fork and self.control.child is not None and self.mode(req) == "apar"
-              and req.generated_tokens < p.max_tokens and b.context_len + 1 < self.max_model_len):
-            self._fork(req, b, upd)
-        if req.generated_tokens >= p.max_tokens or req.total_len >= self.max_model_len:
-            for other in req.live_branches():
-                self._finish_branch(req, other, FinishReason.LENGTH, upd)
-        elif not b.finished and b.context_len >= self.max_model_len:
+            return
+        if (tok == self.control.fork and self.control.child is not None and self.mode(req) == "apar"
+                and b.context_len + 1 < self.max_model_len and req.next_position(b) < req.budget):
+            child = self._fork(req, b, upd)
+            if req.next_position(child) >= req.budget or child.context_len >= self.max_model_len:
+                self._finish_branch(req, child, FinishReason.LENGTH, upd)
+        if req.next_position(b) >= req.budget or b.context_len >= self.max_model_len:
             self._finish_branch(req, b, FinishReason.LENGTH, upd)
+
+    @staticmethod
+    def _count(req: Request, b: Branch, n: int) -> None:
+        """n tokens appended to branch b: update the subtree counters up to the root."""
+        req.num_generated += n
+        while True:
+            b.subtree_tokens += n
+            if b.parent is None:
+                return
+            b = req.branches[b.parent]
 
     def _hit_stop_string(self, b: Branch, stops: Sequence[str]) -> bool:
         if self.decode is None:
@@ -437,21 +487,25 @@ class Scheduler:
             return True
         return False
 
-    def _fork(self, req: Request, parent: Branch, upd: StepUpdate) -> None:
+    def _fork(self, req: Request, parent: Branch, upd: StepUpdate) -> Branch:
         child = Branch(id=len(req.branches), parent=parent.id, fork_index=len(parent.token_ids) - 1,
                        depth=parent.depth + 1, prefix=parent.prefix + parent.token_ids,
                        token_ids=[self.control.child], table=self.kv.fork(parent.table))
         req.branches.append(child)
+        parent.children.append(child.id)
+        req.num_live += 1
+        self._count(req, child, 1)
         req.forks += 1
         self.num_forks += 1
         self._delta(upd, child).new_token_ids.append(self.control.child)
+        return child
 
     def _finish_branch(self, req: Request, b: Branch, reason: FinishReason, upd: StepUpdate) -> None:
         b.finish_reason = reason
-        if b.table.block_ids:
-            self.kv.free(b.table)
+        req.num_live -= 1
+        self._free(req, b)
         self._delta(upd, b).finished = True
-        if not req.live_branches():
+        if not req.num_live:
             self.running.remove(req)
             req.status = RequestStatus.FINISHED
             req.finish_reason = self._request_reason(req)
@@ -460,12 +514,13 @@ class Scheduler:
         for b in req.branches:
             if not b.finished:
                 b.finish_reason = reason
-            if b.table.block_ids:
-                self.kv.free(b.table)
+            self._free(req, b)
+        req.num_live = 0
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
 
     @staticmethod
     def _request_reason(req: Request) -> FinishReason:
-        reasons = {b.finish_reason for b in req.branches}
-        return FinishReason.LENGTH if FinishReason.LENGTH in reasons else FinishReason.STOP
+        if req.num_generated > req.budget or any(b.finish_reason == FinishReason.LENGTH for b in req.branches):
+            return FinishReason.LENGTH
+        return FinishReason.STOP

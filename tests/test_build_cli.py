@@ -154,17 +154,8 @@ def test_edited_config_is_caught(engine_copy):
         verify_engine_dir(engine_copy, check_hashes=False)
 
 
-def test_tensorrt_backend_without_tensorrt(built, tmp_path):
-    try:
-        import tensorrt  # noqa: F401
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
-    path, out, _ = built
-    r = cli("build", "--model", path, "--output", tmp_path / "trt", "--backend", "tensorrt", "-q")
-    assert r.exit_code != 0 and "TensorRT is not installed" in r.output
-    assert "--backend onnxruntime" in r.output
-    assert not (tmp_path / "trt").exists()
+def test_tensorrt_backend_needs_a_tensorrt_engine_folder(built):
+    _, out, _ = built
     r = cli("generate", "--engine", out, "--backend", "tensorrt", "hi")
     assert r.exit_code != 0 and "holds no TensorRT engine" in r.output
 
@@ -182,6 +173,9 @@ def test_tensorrt_backend_without_tensorrt(built, tmp_path):
     (["--max-num-blocks", 1], "--max-num-blocks must be >= 2"),
     (["--dtype", "bfloat16"], "bfloat16 is not supported by the onnxruntime backend"),
     (["--timing-cache", "x.cache"], "--timing-cache applies to --backend tensorrt only"),
+    (["--plugin", "python"], "--plugin applies to --backend tensorrt only"),
+    (["--backend", "tensorrt", "--plugin", "nope.so"], "--plugin 'nope.so' does not exist"),
+    (["--backend", "tensorrt", "--max-prefill-batch", 0], "--max-prefill-batch must be a positive integer"),
 ])
 def test_impossible_sizes_and_options(built, tmp_path, flags, message):
     path, _, _ = built
@@ -201,14 +195,59 @@ def test_engine_limits_reach_the_engine(built):
     assert o.error is None and len(o.branches[0]["token_ids"]) == 5
 
 
-def test_tensorrt_profiles_fix_the_batch_axis():
-    """The profile shapes the TensorRT builder sets (pure Python; the build itself needs TensorRT)."""
-    from apar_rt.build.tensorrt_builder import ShapeLimits, _with_block_size
+def test_tensorrt_profiles_separate_decode_and_prefill():
+    """The profiles the TensorRT builder sets (pure Python; tests/test_tensorrt_build.py builds them)."""
+    from apar_rt.build.tensorrt_builder import plan_profiles, profile_shapes
+    from apar_rt.export import step_io
 
+    specs = plan_profiles([1, 2, 4], 64, 1, 2)
+    assert [(s.kind, s.batch, s.max_tokens, s.max_q) for s in specs] == [
+        ("decode", 1, 1, 1), ("decode", 2, 2, 1), ("decode", 4, 4, 1), ("prefill", 1, 64, 64), ("prefill", 2, 64, 64)]
+    medusa = plan_profiles([8], 64, 64, 1)      # a 63-token draft tree per sequence: T capped at max_num_tokens
+    assert [(s.kind, s.max_tokens, s.max_q) for s in medusa] == [("decode", 64, 64)]
     cfg = {"num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 2}
-    shapes = _with_block_size(ShapeLimits(64, 32, 1024).profile_shapes(4, cfg), 8)
+    shapes = profile_shapes(specs[2], cfg, block_size=8, max_blocks_per_seq=32, max_num_blocks=1024)
     assert shapes["block_tables"] == ((4, 1), (4, 32), (4, 32))
     assert shapes["context_lens"] == ((4,),) * 3 and shapes["query_start"] == ((5,),) * 3
-    assert shapes["input_ids"] == ((1,), (4,), (64,)) and shapes["mask"][2] == (64, 64)
+    assert shapes["input_ids"] == ((1,), (4,), (4,)) and shapes["mask"][2] == (4, 1)
     assert shapes["k_cache_1"] == ((2, 8, 2, 16), (1024, 8, 2, 16), (1024, 8, 2, 16))
-    assert set(shapes) == set(__import__("apar_rt.export.step_io", fromlist=["x"]).input_names(2))
+    assert set(shapes) == set(step_io.input_names(2))
+    prefill = profile_shapes(specs[4], cfg, block_size=8, max_blocks_per_seq=32, max_num_blocks=1024)
+    assert prefill["mask"][2] == (64, 64) and prefill["block_tables"][2] == (2, 32)
+
+
+def test_unrecorded_files_in_an_engine_folder_are_ignored(built, engine_copy):
+    """A file the manifest does not record (here a chat template that would change every
+    prompt) is never read: outputs stay those of the built engine."""
+    args = ["--mode", "ar", "--max-tokens", 8, "--json", "one two three"]
+    before = cli("generate", "--engine", engine_copy, *args)
+    assert before.exit_code == 0, before.output
+    (engine_copy / "chat_template.jinja").write_text("EVIL {{ messages[0]['content'] }} EVIL EVIL")
+    cfg = json.loads((engine_copy / "tokenizer_config.json").read_text())
+    assert "chat_template" not in cfg        # so the .jinja file would be the template if read
+    after = cli("generate", "--engine", engine_copy, *args)
+    assert after.exit_code == 0, after.output
+    assert json.loads(after.output)["prompt_token_ids"] == json.loads(before.output)["prompt_token_ids"]
+    # the same file in a model folder is read (the oracle that the file matters)
+    from apar_rt.model.tokenizer import load_tokenizer
+    assert "EVIL" in (load_tokenizer(engine_copy).chat_template or "")
+    assert load_tokenizer(engine_copy, only=json.loads((engine_copy / MANIFEST_NAME).read_text())["files"]) \
+        .chat_template is None
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m, d: m["onnx"].update(file="other.onnx"), "onnx.file names 'other.onnx', which the manifest does not"),
+    (lambda m, d: m["files"].update({"../outside.json": m["files"]["config.json"]}), "not inside the engine folder"),
+    (lambda m, d: m["files"].update({str(d.parent / "abs.json"): m["files"]["config.json"]}),
+     "not inside the engine folder"),
+])
+def test_manifest_may_name_only_recorded_files_inside_the_folder(engine_copy, edit, message):
+    shutil.copy(engine_copy / "model.onnx", engine_copy / "other.onnx")      # unrecorded
+    shutil.copy(engine_copy / "config.json", engine_copy.parent / "outside.json")
+    shutil.copy(engine_copy / "config.json", engine_copy.parent / "abs.json")
+    path = engine_copy / MANIFEST_NAME
+    m = json.loads(path.read_text())
+    edit(m, engine_copy)
+    path.write_text(json.dumps(m))
+    with pytest.raises(EngineLoadError, match=message):
+        verify_engine_dir(engine_copy)

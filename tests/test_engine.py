@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from apar_rt.apar import branch_schema
 from apar_rt import LLM, SamplingParams
 from apar_rt.backends.torch_backend import TorchBackend
 
@@ -95,6 +96,7 @@ def test_streaming_deltas_rebuild_the_branches(tiny_gqa):
     llm, _ = make_llm(path)
     eng = llm.engine
     rid = eng.add_request(PROMPTS[0], SamplingParams(max_tokens=30, logit_bias={fork: 4.0}), raw=True)
+    req = eng._requests[rid]
     streamed: dict[int, list[int]] = {}
     final = None
     while eng.has_unfinished():
@@ -104,7 +106,10 @@ def test_streaming_deltas_rebuild_the_branches(tiny_gqa):
             if o.finished:
                 final = o
     assert final.request_id == rid and final.stats["forks"] >= 1
-    assert {b["id"]: b["token_ids"] for b in final.branches} == streamed
+    # Deltas carry the live branch ids; the final list is those branches cut to the budget.
+    assert {b.id: b.token_ids for b in req.branches} == streamed
+    assert final.branches == branch_schema(req.branches, 30)
+    assert sum(len(b["token_ids"]) for b in final.branches) == final.stats["generated_tokens"] <= 30
 
 
 def test_stop_string_and_stop_token(tiny_gqa):

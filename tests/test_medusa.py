@@ -241,6 +241,21 @@ def test_lossless_apar_in_flight_with_forks_and_preemption(backend_and_path):
         assert a.text == b.text
 
 
+def test_greedy_trees_cut_by_max_tokens_are_the_same_with_and_without_medusa(backend_and_path):
+    """Medusa accepts several tokens per thread-step, so branches advance at other rates than
+    without it; the output cut by max_tokens must not change (ids, tokens, text)."""
+    backend, path = backend_and_path
+    ps = prompts(10, seed=0)
+    params = SamplingParams(max_tokens=20, logit_bias={FORK: 3.0})
+    base, _ = run_in_flight(path, ps, params, False, backend, mode="apar", num_blocks=24, block_size=4)
+    spec, eng = run_in_flight(path, ps, params, True, backend, mode="apar", num_blocks=24, block_size=4)
+    assert eng.scheduler.num_forks >= 5
+    assert sum(o.finish_reason.value == "length" for o in base) >= 3, "max_tokens was meant to cut trees"
+    assert [o.branches for o in spec] == [o.branches for o in base]
+    assert [o.text for o in spec] == [o.text for o in base]
+    assert [o.finish_reason for o in spec] == [o.finish_reason for o in base]
+
+
 def test_no_leaks_with_medusa_forks_and_aborts(medusa_model):
     path, _ = medusa_model
     llm = LLM(str(path), raw=True, medusa=True, num_blocks=60, block_size=4)

@@ -12,6 +12,7 @@ from apar_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
 from apar_rt.backends.torch_backend import TorchBackend
 from apar_rt.build.builder import BuildOptions, build
 from apar_rt.core import StepInput
+from apar_rt.export import step_io
 
 PROMPTS = ["the list of water and sleep", "one two three", "tree fork model data run build code test",
            "first tip", "a plan for food and walk and read"]
@@ -68,6 +69,24 @@ def test_apar_with_forks_matches_torch_under_preemption(gqa_engine, tiny_gqa):
     assert [o.text for o in got] == [o.text for o in want]
     assert ort_llm.engine.control.fork == fork   # the manifest's control ids
     assert ort_llm.engine.scheduler.pool.num_used == 0
+
+
+def test_cut_trees_match_torch_with_small_buckets(gqa_engine, tiny_gqa):
+    """The engine's buckets (up to 8 sequences a step) against torch with room for every branch:
+    branches advance at other rates, and the trees cut by max_tokens must still be identical."""
+    model, engine = gqa_engine
+    fork = tiny_gqa[2].convert_tokens_to_ids("[SplitMask]")
+    params = SamplingParams(max_tokens=14, logit_bias={fork: 4.0})
+    ort_llm = LLM(str(engine), backend="onnxruntime", mode="apar", raw=True, num_blocks=64, max_num_tokens=24)
+    torch_llm = LLM(str(model), backend="torch", dtype="float32", device="cpu", mode="apar", raw=True,
+                    num_blocks=512, block_size=4, max_num_seqs=64)
+    prompts = PROMPTS * 2
+    got, want = ort_llm.generate(prompts, params), torch_llm.generate(prompts, params)
+    assert ort_llm.engine.config.max_num_seqs == 8
+    assert sum(o.finish_reason.value == "length" for o in want) >= 3, "max_tokens was meant to cut trees"
+    assert sum(o.stats["forks"] for o in want) >= 3
+    assert tokens(got) == tokens(want)
+    assert [o.text for o in got] == [o.text for o in want]
 
 
 class Twin(TorchBackend):
@@ -219,3 +238,63 @@ def test_medusa_requested_from_an_engine_without_heads(gqa_engine):
     _, engine = gqa_engine
     with pytest.raises(BackendUnavailable, match="built without Medusa heads"):
         OnnxRuntimeBackend(str(engine), medusa_dir="x")
+
+
+def test_medusa_heads_are_cut_when_not_asked_for(medusa_engine):
+    """An engine built with heads but run without Medusa computes no heads, and the same logits."""
+    _, engine = medusa_engine
+    with_heads = OnnxRuntimeBackend(str(engine), medusa_dir=str(engine))
+    without = OnnxRuntimeBackend(str(engine))
+    assert with_heads.num_medusa_heads == 4 and without.num_medusa_heads == 0
+    assert step_io.MEDUSA_LOGITS not in [o.name for o in without.session.get_outputs()]
+    step = _one_token_step(-1)
+    for be in (with_heads, without):
+        be.allocate_kv(6, 4)
+    a, b = with_heads.forward(step).clone(), without.forward(step)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert with_heads.medusa_logits().shape == (1, 4, with_heads.vocab_size)
+    with pytest.raises(NotImplementedError, match="no Medusa heads"):
+        without.medusa_logits()
+
+
+def test_bound_inputs_outlive_the_callers_arrays(gqa_engine):
+    """onnxruntime keeps only pointers: the step inputs must live in buffers the backend owns until
+    the run returns (the CUDA path once bound temporaries freed at once). Freeing the caller's
+    arrays and churning the allocator between binding and running must change nothing."""
+    import gc
+
+    model, engine = gqa_engine
+    ref = TorchBackend(str(model), dtype="float32", device="cpu")
+    be = OnnxRuntimeBackend(str(engine))
+    for x in (ref, be):
+        x.allocate_kv(8, 4)
+    n = 5
+    mask = np.tril(np.ones((n, n), bool))
+    step = StepInput(input_ids=np.array([3, 9, 4, 7, 1], np.int32), positions=np.arange(n, dtype=np.int32),
+                     block_tables=np.array([[1, 2]], np.int32), context_lens=np.array([0], np.int32),
+                     query_start=np.array([0, n], np.int32), mask=mask,
+                     slot_mapping=np.full(n, -1, np.int32), logits_indices=np.arange(n, dtype=np.int32))
+    want = ref.forward(step)
+    feeds = step_io.step_feeds(step, step_io.pick_bucket(1, be.buckets))
+    feeds.arrays = {k: v.copy() for k, v in feeds.arrays.items()}
+    be._stage_inputs(feeds)
+    be._bind_outputs(feeds.num_tokens, feeds.num_logits)
+    sizes = [arr.nbytes for arr in feeds.arrays.values()]
+    for arr in feeds.arrays.values():
+        arr[...] = 0 if arr.dtype != np.bool_ else False   # poison the caller's copies, then free them
+    del feeds, arr
+    gc.collect()
+    churn = [np.full(n, 0x41, np.uint8) for n in sizes for _ in range(50)]   # reuse freed memory
+    be._run()
+    del churn
+    torch.testing.assert_close(torch.from_numpy(be._logits).clone(), want, atol=1e-4, rtol=0)
+
+
+def test_outputs_reuse_persistent_buffers(gqa_engine):
+    _, engine = gqa_engine
+    be = OnnxRuntimeBackend(str(engine))
+    be.allocate_kv(6, 4)
+    first = be.forward(_one_token_step(-1)).data_ptr()
+    new_kv = be._new_kv.ctypes.data
+    assert be.forward(_one_token_step(-1)).data_ptr() == first
+    assert be._new_kv.ctypes.data == new_kv

@@ -209,9 +209,28 @@ def run_op(step: Step) -> torch.Tensor:
     return torch.ops.apar.tree_paged_attention(*step.args())
 
 
+_SESSIONS: dict = {}
+
+
+def run_onnx(step: Step) -> torch.Tensor:
+    """The ONNX local function (apar_rt.export.op), inlined and run by onnxruntime."""
+    ort = pytest.importorskip("onnxruntime")
+    from apar_rt.export import op as aop
+
+    (_, hq, d), hkv, bs = step.q.shape, step.k.shape[1], step.k_cache.shape[1]
+    dtype = {torch.float32: "float32", torch.float16: "float16"}[step.q.dtype]
+    key = (hq, hkv, d, bs, dtype, step.scale)
+    if key not in _SESSIONS:
+        model = aop.attention_model(aop.AttentionAttrs(hq, hkv, d, bs, step.scale), dtype)
+        _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}
+    return torch.from_numpy(_SESSIONS[key].run(None, feeds)[0])
+
+
 IMPLS = {
     "reference": lambda s: tree_paged_attention_reference(*s.args()),
     "op": run_op,
+    "onnx": run_onnx,
 }
 HEADS = [(4, 4), (4, 2), (4, 1)]
 SEEDS = [0, 1, 2]
@@ -325,12 +344,28 @@ def test_float16(impl, hq, hkv, seed):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_nonfinite_garbage_is_not_read(impl, seed):
     """NaN / inf in unused slots and in the null block must not leak into the output."""
+    if impl == "onnx":
+        pytest.skip("the contract lets the ONNX function rely on finite pool contents")
     rng = random.Random(600 + seed)
     seqs = [make_seq(rng, kind) for kind in ("prefill", "decode", "tree", "decode")]
     seqs[1].context_len = 0
     step = build_step(seed, seqs, hq=4, hkv=2, block_size=4, poison="nonfinite")
     got = check(step, IMPLS[impl])
     assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (2, 1)])
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_long_chunks_tiled_among_decodes_and_trees(impl, hq, hkv, block_size):
+    """Chunks longer than a tile (one starting mid-block, one at context 0), a fork's two tokens,
+    a draft tree and decodes in one step: the ONNX function splits them into groups and tiles."""
+    from apar_rt.export.op import TILE
+
+    seqs = [Seq("decode", 5, [[True]]), Seq("prefill", 7, causal(TILE * 2 + 3)),
+            Seq("tree", 3, tree_mask([-1, 0, 0, 1])), Seq("empty", 2, []), Seq("prefill", 2, causal(2)),
+            Seq("prefill", 0, causal(TILE + 1)), Seq("decode", 0, [[True]]), Seq("tree", 9, tree_mask([-1, 0]))]
+    check(build_step(9, seqs, hq=hq, hkv=hkv, block_size=block_size), IMPLS[impl], atol=2e-5, rtol=2e-5)
 
 
 def test_poisoned_pool_actually_poisons():
@@ -348,3 +383,38 @@ def test_op_registration_and_fake():
                                atol=0, rtol=0)
     torch.library.opcheck(torch.ops.apar.tree_paged_attention.default, step.args(),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def _float_intermediates(step: Step) -> int:
+    """Elements of every float tensor the inlined ONNX function materialises for `step`.
+
+    Scores, probabilities and gathered keys dominate, so this follows both the function's
+    memory and its matmul work, without timing anything.
+    """
+    import numpy as np
+    import onnx.inliner
+
+    ort = pytest.importorskip("onnxruntime")
+    from apar_rt.export import op as aop
+
+    (_, hq, d), hkv, bs = step.q.shape, step.k.shape[1], step.k_cache.shape[1]
+    model = onnx.inliner.inline_local_functions(aop.attention_model(aop.AttentionAttrs(hq, hkv, d, bs, step.scale)))
+    for name in [o for n in model.graph.node for o in n.output if o != "out"]:
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])})
+    return sum(o.size for o in outs if o.dtype == np.float32)
+
+
+def test_onnx_mixed_step_costs_its_parts():
+    """32 decodes plus a long prefill chunk in one step cost what they cost apart (<= 1.5x).
+
+    Padding every sequence to the longest query made this mixed step about 26x its parts.
+    """
+    decodes = [Seq("decode", 60, [[True]]) for _ in range(32)]
+    chunk = [Seq("prefill", 0, causal(300))]
+    cost = {name: _float_intermediates(build_step(0, seqs, hq=2, hkv=1, block_size=16))
+            for name, seqs in (("decodes", decodes), ("chunk", chunk), ("mixed", decodes + chunk))}
+    assert cost["mixed"] <= 1.5 * (cost["decodes"] + cost["chunk"]), cost

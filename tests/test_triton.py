@@ -184,14 +184,22 @@ def _grpc_inputs(prompt, max_tokens=40, stream=True, fork_bias=True, **extra):
         return t
 
     inputs = [tensor("text_input", [prompt.encode()], np.object_),
-              tensor("max_tokens", [max_tokens], np.int32),
-              tensor("stream", [stream], np.bool_), tensor("temperature", [0.0], np.float32)]
+              tensor("max_tokens", [max_tokens], np.int32), tensor("stream", [stream], np.bool_)]
+    if extra.pop("temperature", 0.0) is not None:
+        inputs.append(tensor("temperature", [0.0], np.float32))
     if fork_bias:
         inputs += [tensor("embedding_bias_words", [b"[SplitMask]"], np.object_),
                    tensor("embedding_bias_weights", [FORK_BIAS], np.float32)]
     for name, (value, dtype) in extra.items():
         inputs.append(tensor(name, [value], dtype))
     return inputs
+
+
+def _fp32(name, value):
+    t = grpcclient.InferInput(name, [1], "FP32")
+    with np.errstate(over="ignore"):     # 1e39 is inf in FP32: that is the point
+        t.set_data_from_numpy(np.array([value], dtype=np.float32))
+    return t
 
 
 class GrpcStream:
@@ -310,3 +318,40 @@ def test_grpc_bad_request_fails_alone(triton, reference):
         s.close()
     assert len(errors) == 1 and "max_tokens" in next(iter(errors.values()))
     assert texts["good"] == reference[PROMPTS[0]].text
+
+
+def test_poisoned_values_fail_alone_while_four_streams_finish(triton, reference):
+    """Tiny temperatures are greedy; 1e39 (inf in FP32), NaN and 2^31 are refused; 4 streams
+    in flight meanwhile finish with their normal text."""
+    s = GrpcStream(triton)
+    try:
+        for i, prompt in enumerate(PROMPTS[:4]):
+            s.send(f"v{i}", _grpc_inputs(prompt))
+        s.send("tiny", _grpc_inputs(PROMPTS[0], temperature=None) + [_fp32("temperature", 1e-40)])
+        s.send("inf", _grpc_inputs(PROMPTS[0], temperature=None) + [_fp32("temperature", 1e39)])
+        s.send("nan", _grpc_inputs(PROMPTS[0], temperature=None) + [_fp32("top_p", float("nan"))])
+        texts, errors = s.collect(7)
+    finally:
+        s.close()
+    assert {k: texts[k] for k in ("v0", "v1", "v2", "v3")} == {f"v{i}": reference[p].text
+                                                               for i, p in enumerate(PROMPTS[:4])}
+    assert texts["tiny"] == reference[PROMPTS[0]].text            # greedy
+    assert len(errors) == 2 and all("finite" in e for e in errors.values()), errors
+    r = httpx.post(f"{triton.url}/v2/models/apar/generate", json=body("x", max_tokens=2 ** 31), timeout=30)
+    assert r.status_code == 400 and "wraps negative" in r.json()["error"]
+    assert triton.wait_metric("apar_kv_blocks_used", lambda v: v == 0) == 0
+
+
+def test_genai_perf_optional_inputs(triton, reference):
+    """tensorrtllm_backend's optional inputs that genai-perf sends are accepted; unsupported
+    values are answered as such."""
+    ref = reference[PROMPTS[0]].text
+    out = generate(triton, body(PROMPTS[0], exclude_input_in_output=True, return_log_probs=False,
+                                beam_width=1, min_length=0, pad_id=2))
+    assert out["text_output"] == ref
+    assert generate(triton, body(PROMPTS[0], exclude_input_in_output=False))["text_output"] == PROMPTS[0] + ref
+    for field, value in (("return_log_probs", True), ("beam_width", 4), ("min_length", 16),
+                         ("return_generation_logits", True)):
+        r = httpx.post(f"{triton.url}/v2/models/apar/generate", json=body("x", **{field: value}), timeout=30)
+        assert r.status_code == 400 and f"{field}=" in r.json()["error"] and "not supported" in r.json()["error"]
+    assert_served(triton)

@@ -1,11 +1,14 @@
 """The `onnxruntime` backend: an engine folder's model.onnx in an InferenceSession.
 
-The KV pools are torch tensors (CPU, or CUDA with the CUDA execution provider) bound to the
-session by pointer through one IOBinding, so a step copies no pool: the session reads them
-in place, the new K/V come back in output buffers bound by pointer, and the runtime writes them
-into the pool at the step's slots (with numpy views of the pools on the CPU, where numpy's
-per-call overhead is far below torch's for these small writes). Steps are padded to the
-engine's batch buckets with null-block sequences (see `apar_rt.export.step_io`).
+Everything crosses into the session by pointer through one IOBinding, into buffers the backend
+owns and keeps (onnxruntime keeps only the pointer of a bound buffer):
+- the KV pools, one [2, layers, blocks, block_size, Hkv, D] tensor (CPU, or CUDA with the CUDA
+  execution provider), read in place;
+- the step inputs, copied into persistent buffers on the device (grown on demand);
+- the outputs (logits, Medusa logits, every layer's new K/V in one block), persistent too.
+After the run one indexed write per step stores all layers' new K/V at the step's slots (numpy
+on the CPU, where its per-call overhead is far below torch's). Steps are padded to the engine's
+batch buckets with null-block sequences (see `apar_rt.export.step_io`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from apar_rt.export import step_io
 
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32, torch.bool: np.bool_}
+_FROM_NUMPY = {v: k for k, v in _NUMPY.items()}
 
 
 def _check_dtype(requested: str | None, built: str) -> None:
@@ -46,6 +50,35 @@ def _device(requested: str | None) -> torch.device:
     return dev
 
 
+def _without_outputs(path: Path, drop: set[str]) -> bytes:
+    """The model at `path` without outputs `drop` and the nodes only they needed, serialized.
+
+    External weights stay where they are (not loaded): the session reads them from the folder.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    keep = [o for o in g.output if o.name not in drop]
+    del g.output[:]
+    g.output.extend(keep)
+    needed = {o.name for o in keep}
+    nodes = []
+    for node in reversed(g.node):
+        if needed.intersection(node.output):
+            nodes.append(node)
+            needed.update(node.input)
+            for attr in node.attribute:   # subgraphs read outer names too
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    needed.update(i for n in sub.node for i in n.input)
+    del g.node[:]
+    g.node.extend(reversed(nodes))
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    return model.SerializeToString()
+
+
 class OnnxRuntimeBackend(Backend):
     """Runs `model.onnx` of an engine folder built by `apar-rt build`.
 
@@ -56,7 +89,8 @@ class OnnxRuntimeBackend(Backend):
         threads: intra-op threads (None: onnxruntime's default).
         check_hashes: verify the sha256 of every engine file on load.
         medusa_dir: given by the engine when Medusa is asked for; the heads are inside the graph, so
-            this only checks that the engine was built with them.
+            this only checks that the engine was built with them. Without it, the heads are cut
+            from the graph on load, so that they cost nothing.
     """
 
     name = "onnxruntime"
@@ -92,9 +126,17 @@ class OnnxRuntimeBackend(Backend):
                          "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
+        model_path = self.engine_dir / m.onnx.get("file", ONNX_NAME)
+        model = str(model_path)
+        if self.num_medusa_heads and medusa_dir is None:
+            # Built with heads but run without Medusa: drop the heads from the graph (onnxruntime
+            # computes every output whether it is fetched or not).
+            model = _without_outputs(model_path, {step_io.MEDUSA_LOGITS})
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                        str(model_path.parent))
+            self.num_medusa_heads = 0
         try:
-            self.session = ort.InferenceSession(str(self.engine_dir / m.onnx.get("file", ONNX_NAME)), so,
-                                                providers=providers)
+            self.session = ort.InferenceSession(model, so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendUnavailable(f"onnxruntime cannot load {self.engine_dir / ONNX_NAME}: {e}") from None
         want = step_io.input_names(self.num_layers)
@@ -107,7 +149,8 @@ class OnnxRuntimeBackend(Backend):
         self.block_size = m.block_size
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
-        self._last: tuple | None = None   # (new_k, new_v) of the last forward, for commit_kv
+        self._bufs: dict = {}             # backend-owned input/output buffers, by name (see _buffer)
+        self._ran = False                 # a forward ran: its new K/V are in self._new_kv (commit_kv)
         self._medusa = None               # the last forward's Medusa logits
 
     # ---- the pool ------------------------------------------------------------------------
@@ -119,28 +162,90 @@ class OnnxRuntimeBackend(Backend):
         if self.manifest.max_num_blocks and num_blocks > self.manifest.max_num_blocks:
             raise ValueError(f"num_blocks {num_blocks} exceeds the engine's max_num_blocks "
                              f"{self.manifest.max_num_blocks}")
-        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        zeros = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
-        self.k_caches = [zeros() for _ in range(self.num_layers)]
-        self.v_caches = [zeros() for _ in range(self.num_layers)]
-        for i, (k, v) in enumerate(zip(self.k_caches, self.v_caches)):
-            self._bind_input(step_io.k_cache_name(i), k)
-            self._bind_input(step_io.v_cache_name(i), v)
+        # One tensor holds every layer's K and V pools, so one indexed write stores a step's K/V.
+        self._kv = torch.zeros((2, self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim),
+                               dtype=self.dtype, device=self.device)
+        self.k_caches = list(self._kv[0])
+        self.v_caches = list(self._kv[1])
+        self._kv_slots = self._kv.view(2, self.num_layers, num_blocks * block_size, self.num_kv_heads,
+                                       self.head_dim)
         if self._dev_type == "cpu":   # numpy views of the same memory: cheaper small writes than torch
+            self._kv_slots = self._kv_slots.numpy()
             self._k_np = [k.numpy() for k in self.k_caches]
             self._v_np = [v.numpy() for v in self.v_caches]
+        for i, (k, v) in enumerate(zip(self.k_caches, self.v_caches)):
+            self._bind(step_io.k_cache_name(i), k, tuple(k.shape), input=True)
+            self._bind(step_io.v_cache_name(i), v, tuple(v.shape), input=True)
 
     def kv_bytes_per_block(self) -> int:
         k = self.k_caches[0]
         return 2 * self.num_layers * k[0].numel() * k.element_size()
 
-    def _bind_input(self, name: str, t: torch.Tensor) -> None:
-        self._io.bind_input(name, self._dev_type, self._dev_id, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
+    # ---- persistent buffers ------------------------------------------------------------------
+
+    def _buffer(self, name: str, shape: tuple, dtype) -> np.ndarray | torch.Tensor:
+        """A buffer owned by the backend for `name`, at least `shape` (grown by doubling its first
+        axis, plus a spare row: onnxruntime refuses the null pointer of an empty buffer). Numpy on
+        the CPU, torch on CUDA. Valid until the next step that grows it."""
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] <= shape[0] or tuple(buf.shape[1:]) != tuple(shape[1:]):
+            rows = max(2 * shape[0], 1 if buf is None else buf.shape[0]) + 1
+            if self._dev_type == "cpu":
+                buf = np.empty((rows, *shape[1:]), _NUMPY.get(dtype, dtype))
+            else:
+                buf = torch.empty((rows, *shape[1:]), dtype=_FROM_NUMPY.get(dtype, dtype), device=self.device)
+            self._bufs[name] = buf
+        return buf[:shape[0]]
+
+    def _bind(self, name: str, buf, shape: tuple, *, input: bool) -> None:
+        """Bind `buf` (a backend-owned numpy array or torch tensor) to input or output `name`.
+
+        onnxruntime keeps only the pointer: `buf` must stay alive until the run returns, which is
+        why only the pools and `_buffer` buffers, which the backend holds, are bound here."""
+        if isinstance(buf, np.ndarray):
+            ptr, dt = buf.ctypes.data, buf.dtype.type
+        else:
+            ptr, dt = buf.data_ptr(), _NUMPY[buf.dtype]
+        bind = self._io.bind_input if input else self._io.bind_output
+        bind(name, self._dev_type, self._dev_id, dt, shape, ptr)
+
+    def _stage_inputs(self, feeds: step_io.StepFeeds) -> None:
+        """Copy the step inputs into backend-owned buffers on the device and bind them."""
+        for name, arr in feeds.arrays.items():
+            buf = self._buffer(name, arr.shape, arr.dtype.type)
+            if self._dev_type == "cpu":
+                np.copyto(buf, arr)
+            else:
+                buf.copy_(torch.from_numpy(arr), non_blocking=False)
+            self._bind(name, buf, arr.shape, input=True)
+
+    def _bind_outputs(self, num_tokens: int, num_logits: int) -> None:
+        """Bind the outputs to persistent buffers: logits (and Medusa logits), and the new K/V of
+        all layers in one [2, layers, T, Hkv, D] block (so that one indexed write stores them)."""
+        T, N, V, L = num_tokens, num_logits, self.vocab_size, self.num_layers
+        self._logits = self._buffer("logits", (N, V), torch.float32)
+        self._bind("logits", self._logits, (N, V), input=False)
+        self._medusa = None
+        if self.num_medusa_heads:
+            self._medusa = self._buffer(step_io.MEDUSA_LOGITS, (N, self.num_medusa_heads, V), torch.float32)
+            self._bind(step_io.MEDUSA_LOGITS, self._medusa, tuple(self._medusa.shape), input=False)
+        # rows = tokens, so that the buffer grows along its first axis; [T, 2, L, Hkv, D]
+        kv = self._buffer("new_kv", (T + 1, 2, L, self.num_kv_heads, self.head_dim), self.dtype)
+        # per-layer outputs must be contiguous: lay them out as [2, L, T+1, Hkv, D] in the same memory
+        flat = kv.reshape(-1)[:2 * L * (T + 1) * self.num_kv_heads * self.head_dim]
+        self._new_kv = flat.reshape(2, L, T + 1, self.num_kv_heads, self.head_dim)
+        kv_shape = (T, self.num_kv_heads, self.head_dim)
+        for i in range(L):
+            self._bind(step_io.new_k_name(i), self._new_kv[0, i], kv_shape, input=False)
+            self._bind(step_io.new_v_name(i), self._new_kv[1, i], kv_shape, input=False)
+        self._num_tokens = T
 
     # ---- one step --------------------------------------------------------------------------
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
+        """Run one step. The returned logits (and `medusa_logits()`) are views of buffers that the
+        next forward reuses: read them before calling forward again."""
         if not self.k_caches:
             raise RuntimeError("allocate_kv must be called before forward")
         cpu = self._dev_type == "cpu"
@@ -148,65 +253,41 @@ class OnnxRuntimeBackend(Backend):
             src = [s for s, _ in step.block_copies]
             dst = [d for _, d in step.block_copies]
             if cpu:
-                for pool in (*self._k_np, *self._v_np):
-                    pool[dst] = pool[src]
+                pools = self._kv_slots.reshape(2, self.num_layers, *self.k_caches[0].shape)
+                pools[:, :, dst] = pools[:, :, src]
             else:
                 src_t, dst_t = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
-                for cache in (*self.k_caches, *self.v_caches):
-                    cache[dst_t] = cache[src_t]
+                self._kv[:, :, dst_t] = self._kv[:, :, src_t]
         bucket = step_io.pick_bucket(int(step.block_tables.shape[0]), self.buckets) if self.buckets else None
         feeds = step_io.step_feeds(step, bucket)
-        io = self._io
-        for name, arr in feeds.arrays.items():
-            if cpu:
-                io.bind_cpu_input(name, arr)
-            else:
-                self._bind_input(name, torch.from_numpy(arr).to(self.device))
-        T, N, V = feeds.num_tokens, feeds.num_logits, self.vocab_size
-        # a spare row each: onnxruntime refuses the null pointer of an empty buffer
-        logits = self._output("logits", (N, V), torch.float32)
-        medusa = None
-        if self.num_medusa_heads:
-            medusa = self._output(step_io.MEDUSA_LOGITS, (N, self.num_medusa_heads, V), torch.float32)
-        kv_shape = (T, self.num_kv_heads, self.head_dim)
-        new_k = [self._output(step_io.new_k_name(i), kv_shape, self.dtype) for i in range(self.num_layers)]
-        new_v = [self._output(step_io.new_v_name(i), kv_shape, self.dtype) for i in range(self.num_layers)]
-        if not cpu:
-            torch.cuda.current_stream(self.device).synchronize()
-        self.session.run_with_iobinding(io)
-        self._last = (new_k, new_v)
-        self._medusa = medusa
+        self._stage_inputs(feeds)
+        self._bind_outputs(feeds.num_tokens, feeds.num_logits)
+        self._run()
+        self._ran = True
         slots = step.slot_mapping
         keep = slots >= 0
         if keep.all():
-            self._write(new_k, new_v, None, slots)
+            self._write(None, slots)
         else:
-            self._write(new_k, new_v, np.flatnonzero(keep), slots[keep])
-        return torch.from_numpy(logits) if cpu else logits.cpu()
+            self._write(np.flatnonzero(keep), slots[keep])
+        return torch.from_numpy(self._logits) if cpu else self._logits.cpu()
 
-    def _output(self, name: str, shape: tuple, dtype: torch.dtype):
-        """A fresh buffer bound to output `name`: numpy on the CPU, a torch tensor on CUDA."""
-        rows = (shape[0] + 1, *shape[1:])
-        if self._dev_type == "cpu":
-            buf = np.empty(rows, _NUMPY[dtype])[:shape[0]]
-            ptr = buf.ctypes.data
-        else:
-            buf = torch.empty(rows, dtype=dtype, device=self.device)[:shape[0]]
-            ptr = buf.untyped_storage().data_ptr()
-        self._io.bind_output(name, self._dev_type, self._dev_id, _NUMPY[dtype], shape, ptr)
-        return buf
+    def _run(self) -> None:
+        if self._dev_type != "cpu":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(self._io)
 
-    def _write(self, new_k, new_v, idx, slots) -> None:
-        """pool[slot] = new[idx] per layer (idx None: all rows); numpy on the CPU, torch on CUDA."""
+    def _write(self, idx, slots) -> None:
+        """pool[slot] = new K/V[idx] for every layer at once (idx None: the first len(slots) rows)."""
+        new = self._new_kv
         if self._dev_type == "cpu":
-            pools = zip(self._k_np, self._v_np, new_k, new_v)
+            rows = new[:, :, :len(slots)] if idx is None else new[:, :, idx]
+            self._kv_slots[:, :, slots] = rows
         else:
-            slots = torch.as_tensor(np.asarray(slots), device=self.device).long()
-            idx = None if idx is None else torch.as_tensor(np.asarray(idx), device=self.device).long()
-            pools = zip(self.k_caches, self.v_caches, new_k, new_v)
-        for kc, vc, k, v in pools:
-            kc.reshape(-1, *kc.shape[2:])[slots] = k if idx is None else k[idx]
-            vc.reshape(-1, *vc.shape[2:])[slots] = v if idx is None else v[idx]
+            slots_t = torch.as_tensor(np.asarray(slots), device=self.device).long()
+            rows = new[:, :, :len(slots)] if idx is None else new[:, :, torch.as_tensor(np.asarray(idx),
+                                                                                      device=self.device).long()]
+            self._kv_slots[:, :, slots_t] = rows
 
     def medusa_logits(self) -> torch.Tensor:
         if self._medusa is None:
@@ -216,6 +297,6 @@ class OnnxRuntimeBackend(Backend):
     @torch.inference_mode()
     def commit_kv(self, token_indices, slots) -> None:
         """Write the last step's K/V of tokens `token_indices` to `slots` (draft trees)."""
-        if self._last is None:
+        if not self._ran:
             raise RuntimeError("commit_kv called before any forward")
-        self._write(*self._last, np.asarray(token_indices, np.int64), np.asarray(slots, np.int64))
+        self._write(np.asarray(token_indices, np.int64), np.asarray(slots, np.int64))

@@ -1,14 +1,16 @@
 """The `tensorrt` backend: an engine folder's model.plan through the Backend interface.
 
-One engine holds one optimization profile per batch bucket (min = opt = max for the batch
-axis). A step of B sequences runs in the smallest bucket >= B, padded with null-block
-sequences, on that profile's execution context; all contexts share one device-memory block
-(they run one at a time on one stream). The KV pools, inputs and outputs are torch CUDA
-tensors whose addresses are given to TensorRT, so nothing is copied but the small step
-inputs. New K/V are written into the pools at the step's slots after the run, as the op
-contract asks.
+The plan (built by full TensorRT or TensorRT-RTX, apar_rt/trt/library.py) holds a decode profile
+per batch bucket and prefill profiles for small batches. A step runs as one decode run plus, when
+it holds prefills, prefill runs of a few sequences (apar_rt/backends/step_split.py), each padded
+to its profile's batch with null-block sequences, on that profile's execution context. All
+contexts are created when the backend loads and share one device-memory block (they run one at
+a time on the backend's stream). The KV pools, inputs and outputs are torch CUDA tensors whose
+addresses are given to TensorRT, so nothing is copied but the small step inputs. New K/V are
+written into the pools at the step's slots after all runs, as the op contract asks.
 
-`tensorrt` is imported only inside this class (and in apar_rt/build/tensorrt_builder.py).
+TensorRT is imported only through apar_rt.trt.library; the plugin (when the plan has one) is
+loaded by apar_rt.trt.plugin.load_plugin, the contract the builder and --check also use.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from apar_rt.backends.base import Backend, BackendUnavailable, load_engine_folder
+from apar_rt.backends.step_split import split_step
 from apar_rt.build.manifest import EngineLoadError
 from apar_rt.core import StepInput
 from apar_rt.export import step_io
@@ -26,30 +29,41 @@ from apar_rt.export import step_io
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def resolve_device(device: str | None, current=torch.cuda.current_device) -> torch.device:
+    """The CUDA device to run on, always with an index: "cuda:i" as given; "cuda" or None: `current()`.
+
+    (`torch.device("cuda")` has no index, and torch.cuda.set_device refuses it with a ValueError.)
+    """
+    dev = torch.device(device or "cuda")
+    if dev.type != "cuda":
+        raise ValueError(f"the tensorrt backend runs on cuda, not {device!r}")
+    return torch.device("cuda", current() if dev.index is None else dev.index)
+
+
 class TensorRTBackend(Backend):
-    """Runs the TensorRT engine of an engine folder built with `apar-rt build --backend tensorrt`.
+    """Runs the TensorRT plan of an engine folder built with `apar-rt build --backend tensorrt`.
 
     Args:
         engine_dir: the engine folder (its manifest is verified, sha256 included).
         dtype: "auto" or the engine's dtype.
         device: "cuda" or "cuda:i" (None: the current CUDA device).
-        plugin_lib: the TreePagedAttention plugin library (default: the one recorded at build time,
-            needed only when the engine uses the plugin).
+        plugin: overrides the plugin recorded at build time ("python" or a library path).
         check_hashes: verify the sha256 of every engine file on load.
         medusa_dir: given when Medusa is asked for; the heads are in the engine, so this only checks
             that it was built with them.
 
     Raises:
-        BackendUnavailable: no TensorRT, no CUDA, or an engine this TensorRT cannot load.
+        BackendUnavailable: no TensorRT, no CUDA, a GPU the plan was not built for, or a plan this
+            TensorRT cannot load.
         EngineLoadError: the folder is not a TensorRT engine folder, or is corrupt.
     """
 
     name = "tensorrt"
 
     def __init__(self, engine_dir: str, *, dtype: str | None = "auto", device: str | None = None,
-                 plugin_lib: str | None = None, check_hashes: bool = True,
-                 medusa_dir: str | None = None) -> None:
-        from apar_rt.build.tensorrt_builder import TensorRTUnavailable, import_tensorrt
+                 plugin: str | None = None, check_hashes: bool = True, medusa_dir: str | None = None) -> None:
+        from apar_rt.trt import library
+        from apar_rt.trt.plugin import PluginError, load_plugin, spec_of
 
         self.engine_dir = Path(engine_dir)
         self.manifest, self.num_medusa_heads = load_engine_folder(engine_dir, self.name, check_hashes=check_hashes,
@@ -58,22 +72,26 @@ class TensorRTBackend(Backend):
         if dtype not in (None, "auto", m.dtype):
             raise ValueError(f"dtype {dtype!r} differs from the engine's dtype {m.dtype!r} "
                              f"(fixed at build time)")
+        rec = m.engines[0]
         try:
-            trt = import_tensorrt()
-        except TensorRTUnavailable as e:
+            lib = library.load(rec.get("library"))
+        except library.TensorRTUnavailable as e:
             raise BackendUnavailable(str(e)) from None
+        if rec.get("library_version") != lib.version:
+            raise EngineLoadError(f"{self.engine_dir / rec['file']} was built with {rec.get('library')} "
+                                  f"{rec.get('library_version')}, but this is {lib.label}; rebuild it here "
+                                  f"(TensorRT plans are tied to the library version)")
         if not torch.cuda.is_available():
             raise BackendUnavailable("the tensorrt backend needs an NVIDIA GPU and a CUDA build of torch")
-        self.trt = trt
-        rec = m.engines[0]
-        if rec.get("tensorrt_version") != trt.__version__:
-            raise EngineLoadError(f"{self.engine_dir / rec['file']} was built with TensorRT "
-                                  f"{rec.get('tensorrt_version')}, but this is TensorRT {trt.__version__}; "
-                                  f"rebuild it here (TensorRT engines are tied to the version and the GPU)")
-        self.device = torch.device(device or "cuda")
-        if self.device.type != "cuda":
-            raise ValueError(f"the tensorrt backend runs on cuda, not {device!r}")
+        self.device = resolve_device(device)
+        props = torch.cuda.get_device_properties(self.device)
+        try:
+            library.check_device(rec, f"{props.major}.{props.minor}", props.name)
+        except library.PlanNotForThisGPU as e:
+            raise BackendUnavailable(str(e)) from None
         torch.cuda.set_device(self.device)
+        self.lib, self.trt = lib, lib.module
+        trt = lib.module
         self.dtype = _TORCH[m.dtype]
         cfg = m.model_config
         self.num_layers = int(cfg["num_hidden_layers"])
@@ -83,32 +101,38 @@ class TensorRTBackend(Backend):
         self.block_size = m.block_size
         self.attention = rec.get("attention")
 
+        spec = plugin or spec_of(rec.get("plugin"))
+        if self.attention == "plugin":
+            try:
+                load_plugin(lib, spec, expect_sha256=None if plugin else (rec.get("plugin") or {}).get("sha256"))
+            except PluginError as e:
+                raise BackendUnavailable(str(e)) from None
         logger = trt.Logger(trt.Logger.WARNING)
-        lib = plugin_lib or (rec.get("plugin_lib") if self.attention == "plugin" else None)
-        if self.attention == "plugin" and not lib:
-            raise BackendUnavailable("the engine uses the TreePagedAttention plugin; "
-                                     "pass its library (plugin_lib)")
-        if lib:
-            if not Path(lib).is_file():
-                raise BackendUnavailable(f"plugin library {lib} does not exist")
-            trt.get_plugin_registry().load_library(str(lib))
-        trt.init_libnvinfer_plugins(logger, "")
         self.runtime = trt.Runtime(logger)
         self.engine = self.runtime.deserialize_cuda_engine((self.engine_dir / rec["file"]).read_bytes())
         if self.engine is None:
-            raise BackendUnavailable(f"TensorRT could not deserialize {self.engine_dir / rec['file']} "
-                                     f"(wrong GPU, TensorRT version or missing plugin; see the log above)")
-        self.profiles = {p["batch"]: p["index"] for p in rec["profiles"]}
-        self.buckets = sorted(self.profiles)
+            raise BackendUnavailable(f"{lib.label} could not deserialize {self.engine_dir / rec['file']} "
+                                     f"(see the TensorRT log above)")
         self._check_io(trt)
+        self.profiles = {(p["kind"], p["batch"]): p for p in rec["profiles"]}
+        self.decode_buckets = sorted(b for k, b in self.profiles if k == "decode")
+        self.prefill_buckets = sorted(b for k, b in self.profiles if k == "prefill")
+        self.max_decode_q = max(p["max_q"] for p in rec["profiles"] if p["kind"] == "decode")
         self.stream = torch.cuda.Stream(self.device)
-        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-        self._user_memory = strategy is not None and hasattr(self.engine, "device_memory_size_v2")
-        self._scratch = None
-        if self._user_memory:
-            size = int(self.engine.device_memory_size_v2)
-            self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
-        self._contexts: dict[int, object] = {}
+        size = int(self.engine.device_memory_size_v2)
+        self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+        user = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self._contexts = {}
+        for key, p in self.profiles.items():          # all at load: none is created while serving
+            ctx = self.engine.create_execution_context(user)
+            if ctx is None:
+                raise BackendUnavailable(f"{lib.label} could not create an execution context for profile "
+                                         f"{p['index']} ({p['kind']}, batch {p['batch']})")
+            ctx.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
+            if not ctx.set_optimization_profile_async(p["index"], self.stream.cuda_stream):
+                raise BackendUnavailable(f"{lib.label} refused optimization profile {p['index']}")
+            self._contexts[key] = ctx
+        self.stream.synchronize()
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
         self._last: tuple | None = None
@@ -134,22 +158,6 @@ class TensorRTBackend(Backend):
             if got != dt:
                 raise BackendUnavailable(f"engine tensor {name} has dtype {got}, expected {dt}")
 
-    def _context(self, profile: int):
-        ctx = self._contexts.get(profile)
-        if ctx is None:
-            trt = self.trt
-            if self._user_memory:
-                user = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-                ctx = self.engine.create_execution_context(user)
-                ctx.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
-            else:
-                ctx = self.engine.create_execution_context()
-            if ctx is None:
-                raise RuntimeError(f"TensorRT could not create an execution context for profile {profile}")
-            ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
-            self._contexts[profile] = ctx
-        return ctx
-
     # ---- the pool ------------------------------------------------------------------------
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
@@ -161,9 +169,10 @@ class TensorRTBackend(Backend):
             raise ValueError(f"num_blocks {num_blocks} exceeds the engine's max_num_blocks {limit} "
                              f"(fixed at build time)")
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        zeros = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
-        self.k_caches = [zeros() for _ in range(self.num_layers)]
-        self.v_caches = [zeros() for _ in range(self.num_layers)]
+        with torch.cuda.stream(self.stream):     # zero-filled on the stream the steps run on
+            self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+            self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.stream.synchronize()
 
     def kv_bytes_per_block(self) -> int:
         k = self.k_caches[0]
@@ -171,58 +180,94 @@ class TensorRTBackend(Backend):
 
     # ---- one step --------------------------------------------------------------------------
 
+    def _set_shape(self, ctx, key, name: str, shape: tuple) -> None:
+        if not ctx.set_input_shape(name, shape):
+            p = self.profiles[key]
+            raise RuntimeError(f"TensorRT refused input {name} shape {list(shape)} in the {p['kind']} profile of "
+                               f"batch {p['batch']} (its range: {p['shapes'].get(name)}); the step does not fit "
+                               f"the engine's build limits")
+
+    def _run(self, kind: str, sub: StepInput, outs_logits: torch.Tensor, rows: np.ndarray,
+             new_k, new_v, tokens: np.ndarray, medusa) -> None:
+        """Run one sub-step on its profile; scatter its outputs into the full step's buffers."""
+        dev = self.device
+        buckets = self.decode_buckets if kind == "decode" else self.prefill_buckets
+        bucket = step_io.pick_bucket(int(sub.block_tables.shape[0]), buckets)
+        key = (kind, bucket)
+        ctx = self._contexts[key]
+        feeds = step_io.step_feeds(sub, bucket, min_logits=1)
+        keep_alive = []
+        for name, arr in feeds.arrays.items():
+            t = torch.from_numpy(arr).to(dev, non_blocking=False)
+            keep_alive.append(t)
+            self._set_shape(ctx, key, name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
+        for i, (k, v) in enumerate(zip(self.k_caches, self.v_caches)):
+            for name, pool in ((step_io.k_cache_name(i), k), (step_io.v_cache_name(i), v)):
+                self._set_shape(ctx, key, name, tuple(pool.shape))
+                ctx.set_tensor_address(name, pool.data_ptr())
+        T = feeds.num_tokens
+        n_rows = int(feeds.arrays["logits_indices"].shape[0])
+        logits = torch.empty((n_rows, self.vocab_size), dtype=torch.float32, device=dev)
+        ctx.set_tensor_address("logits", logits.data_ptr())
+        med = None
+        if self.num_medusa_heads:
+            med = torch.empty((n_rows, self.num_medusa_heads, self.vocab_size), dtype=torch.float32, device=dev)
+            ctx.set_tensor_address(step_io.MEDUSA_LOGITS, med.data_ptr())
+        ks, vs = [], []
+        for i in range(self.num_layers):
+            k = torch.empty((T, self.num_kv_heads, self.head_dim), dtype=self.dtype, device=dev)
+            v = torch.empty_like(k)
+            ctx.set_tensor_address(step_io.new_k_name(i), k.data_ptr())
+            ctx.set_tensor_address(step_io.new_v_name(i), v.data_ptr())
+            ks.append(k)
+            vs.append(v)
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed (see the TensorRT log)")
+        n = feeds.num_logits
+        rows_t = torch.as_tensor(rows, device=dev)
+        outs_logits[rows_t] = logits[:n]
+        if medusa is not None:
+            medusa[rows_t] = med[:n]
+        tok = torch.as_tensor(tokens, device=dev)
+        for i in range(self.num_layers):
+            new_k[i][tok] = ks[i]
+            new_v[i][tok] = vs[i]
+        self.stream.synchronize()     # the feeds' host-to-device copies and keep_alive end here
+        del keep_alive
+
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         if not self.k_caches:
             raise RuntimeError("allocate_kv must be called before forward")
         dev = self.device
+        T, N = step.num_tokens, int(step.logits_indices.shape[0])
+        max_prefill = self.prefill_buckets[-1] if self.prefill_buckets else 0
+        subs = split_step(step, self.max_decode_q, max_prefill)
+        if any(s.kind == "prefill" for s in subs) and not max_prefill:
+            raise RuntimeError(f"a sequence brings more than {self.max_decode_q} new tokens, and the engine has "
+                               f"no prefill profile")
         with torch.cuda.stream(self.stream):
             if step.block_copies:
                 src = torch.tensor([s for s, _ in step.block_copies], device=dev)
                 dst = torch.tensor([d for _, d in step.block_copies], device=dev)
                 for cache in (*self.k_caches, *self.v_caches):
                     cache[dst] = cache[src]
-            bucket = step_io.pick_bucket(int(step.block_tables.shape[0]), self.buckets)
-            feeds = step_io.step_feeds(step, bucket, min_logits=1)
-            ctx = self._context(self.profiles[bucket])
-            keep_alive = []
-            for name, arr in feeds.arrays.items():
-                t = torch.from_numpy(arr).to(dev, non_blocking=False)
-                keep_alive.append(t)
-                ctx.set_input_shape(name, tuple(t.shape))
-                ctx.set_tensor_address(name, t.data_ptr())
-            for i, (k, v) in enumerate(zip(self.k_caches, self.v_caches)):
-                for name, pool in ((step_io.k_cache_name(i), k), (step_io.v_cache_name(i), v)):
-                    ctx.set_input_shape(name, tuple(pool.shape))
-                    ctx.set_tensor_address(name, pool.data_ptr())
-            T = feeds.num_tokens
-            n_rows = int(feeds.arrays["logits_indices"].shape[0])
-            logits = torch.empty((n_rows, self.vocab_size), dtype=torch.float32, device=dev)
-            ctx.set_tensor_address("logits", logits.data_ptr())
-            medusa = None
-            if self.num_medusa_heads:
-                medusa = torch.empty((n_rows, self.num_medusa_heads, self.vocab_size), dtype=torch.float32,
-                                     device=dev)
-                ctx.set_tensor_address(step_io.MEDUSA_LOGITS, medusa.data_ptr())
-            new_k, new_v = [], []
-            for i in range(self.num_layers):
-                k = torch.empty((T, self.num_kv_heads, self.head_dim), dtype=self.dtype, device=dev)
-                v = torch.empty_like(k)
-                ctx.set_tensor_address(step_io.new_k_name(i), k.data_ptr())
-                ctx.set_tensor_address(step_io.new_v_name(i), v.data_ptr())
-                new_k.append(k)
-                new_v.append(v)
-            if not ctx.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeError("TensorRT execution failed (see the TensorRT log)")
+            logits = torch.empty((N, self.vocab_size), dtype=torch.float32, device=dev)
+            medusa = (torch.empty((N, self.num_medusa_heads, self.vocab_size), dtype=torch.float32, device=dev)
+                      if self.num_medusa_heads else None)
+            shape = (T, self.num_kv_heads, self.head_dim)
+            new_k = [torch.empty(shape, dtype=self.dtype, device=dev) for _ in range(self.num_layers)]
+            new_v = [torch.empty(shape, dtype=self.dtype, device=dev) for _ in range(self.num_layers)]
+            for sub in subs:                      # (their block_copies were done above, once)
+                self._run(sub.kind, sub.step, logits, sub.logits_rows, new_k, new_v, sub.tokens, medusa)
             self._last = (new_k, new_v)
             slots = torch.from_numpy(step.slot_mapping).to(dev).long()
             keep = slots >= 0
-            idx = keep.nonzero().squeeze(1)
-            self._write(new_k, new_v, idx, slots[keep])
-            out = logits[:feeds.num_logits].cpu()
-            self._medusa = medusa[:feeds.num_logits].cpu() if medusa is not None else None
+            self._write(new_k, new_v, keep.nonzero().squeeze(1), slots[keep])
+            out = logits.cpu()
+            self._medusa = medusa.cpu() if medusa is not None else None
         self.stream.synchronize()
-        del keep_alive
         return out
 
     def _write(self, new_k, new_v, idx: torch.Tensor, slots: torch.Tensor) -> None:

@@ -1,10 +1,15 @@
-"""The reference backend: our torch Llama on CPU or GPU, K/V pools as torch tensors."""
+"""The reference backend: our torch Llama on CPU or CUDA, K/V pools as torch tensors.
+
+On CUDA the attention op runs the Triton kernel, step inputs live in persistent device buffers
+(`cuda_step.StepBuffers`), new K/V are scattered into the pool by a device kernel, and decode
+steps replay CUDA graphs captured per batch bucket (`cuda_step.DecodeGraphs`).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from apar_rt.backends.base import Backend
+from apar_rt.backends.base import Backend, BackendUnavailable
 from apar_rt.core import StepInput
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -18,61 +23,151 @@ def resolve_dtype(name: str | None, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N`, checked against what this machine has (default: cuda if present)."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device {device!r} is not supported by the torch backend; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        built = torch.version.cuda or "none (a CPU-only build)"
+        raise BackendUnavailable(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__} "
+                                 f"(its CUDA: {built}); use --device cpu")
+    count = torch.cuda.device_count()
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index >= count:
+        raise BackendUnavailable(f"--device {device}: this machine has {count} CUDA device(s), "
+                                 f"cuda:0..cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model_dir: str, *, dtype: str | None = "auto", device: str | None = None,
-                 medusa_dir: str | None = None) -> None:
+                 medusa_dir: str | None = None, cuda_graphs: bool = True) -> None:
         from apar_rt.model.weights import load_model
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype, device)
-        self.model, self.config = load_model(model_dir, dtype=self.dtype, device=self.device)
-        self.heads = None
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev.type)
+        if dev.type == "cuda":
+            _check_gpu_support(model_dir, dt)
+        model, config = load_model(model_dir, dtype=dt, device=dev)
+        heads = None
         if medusa_dir is not None:
             from apar_rt.medusa.heads import load_heads
-            self.heads = load_heads(medusa_dir, hidden=self.config.hidden_size, vocab=self.config.vocab_size,
-                                    dtype=self.dtype, device=self.device)
-            self.num_medusa_heads = self.heads.num_heads
+            heads = load_heads(medusa_dir, hidden=config.hidden_size, vocab=config.vocab_size, dtype=dt, device=dev)
+        self._setup(model, config, dev, dt, heads, cuda_graphs)
+
+    @classmethod
+    def from_module(cls, model, config, *, device: torch.device, heads=None, cuda_graphs: bool = True):
+        """A backend over a model already in memory (benchmarks build random 7B models this way)."""
+        self = cls.__new__(cls)
+        self._setup(model, config, torch.device(device), next(model.parameters()).dtype, heads, cuda_graphs)
+        return self
+
+    def _setup(self, model, config, device, dtype, heads, cuda_graphs) -> None:
+        self.model, self.config, self.device, self.dtype, self.heads = model, config, device, dtype, heads
+        self.num_medusa_heads = heads.num_heads if heads is not None else 0
+        self.cuda = device.type == "cuda"
+        self.use_cuda_graphs = cuda_graphs and self.cuda
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
-        self._last: tuple | None = None   # (new_k, new_v, medusa logits) of the last forward
+        self._last: tuple | None = None   # (new_k, new_v, medusa logits) of the last eager forward
+        self._buffers = self._graphs = None
+        self._host_logits = torch.empty(0)
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         c = self.config
         shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]
+        if self.cuda:
+            from apar_rt.backends.cuda_step import DecodeGraphs, StepBuffers
+
+            self._buffers = StepBuffers(self.device)
+            width = min(num_blocks, -(-c.max_position_embeddings // block_size))
+            self._graphs = DecodeGraphs(self._run_graphed, self.device, width) if self.use_cuda_graphs else None
 
     def kv_bytes_per_block(self) -> int:
         c = self.config
         k = self.k_caches[0]
         return 2 * c.num_hidden_layers * k[0].numel() * k.element_size()
 
+    # ---- one step --------------------------------------------------------------------------
+
+    def _run(self, x: dict[str, torch.Tensor]):
+        """Forward over device inputs; writes the new K/V to x["slot_mapping"] (CUDA kernel)."""
+        from apar_rt.kernels.kv_cache import write_kv
+
+        h, new_k, new_v = self.model.hidden_states(
+            x["input_ids"], x["positions"], self.k_caches, self.v_caches, x["block_tables"],
+            x["context_lens"], x["query_start"], x["mask"])
+        h = h[x["logits_indices"].long()]
+        logits = self.model.lm_head(h).float()
+        medusa = self.heads(h).float() if self.heads is not None else None
+        for kc, vc, k, v in zip(self.k_caches, self.v_caches, new_k, new_v):
+            write_kv(k, v, kc, vc, x["slot_mapping"])
+        return logits, medusa, new_k, new_v
+
+    def _run_graphed(self, x):
+        logits, medusa, _, _ = self._run(x)
+        return logits, medusa
+
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
-        dev = self.device
-        if step.block_copies:
-            src = torch.tensor([s for s, _ in step.block_copies], device=dev)
-            dst = torch.tensor([d for _, d in step.block_copies], device=dev)
-            for cache in (*self.k_caches, *self.v_caches):
-                cache[dst] = cache[src]
-        t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
+        self._copy_blocks(step.block_copies)
+        if not self.cuda:
+            return self._forward_cpu(step)
+        out = self._graphs.run(step) if self._graphs is not None and _decode_only(step) else None
+        if out is not None:
+            (logits, medusa), new_k, new_v = out, None, None     # graphs serve plain decode: no commit_kv
+        else:
+            logits, medusa, new_k, new_v = self._run(self._buffers.upload(step))
+        self._last = (new_k, new_v, medusa.cpu() if medusa is not None else None)
+        return self._to_host(logits)
+
+    def _to_host(self, logits: torch.Tensor) -> torch.Tensor:
+        """One non-blocking copy into a pinned buffer, then wait: the only sync of the step.
+        The returned tensor is valid until the next forward."""
+        n = logits.numel()
+        if self._host_logits.numel() < n:
+            self._host_logits = torch.empty(n, dtype=torch.float32).pin_memory()
+        host = self._host_logits[:n].view(logits.shape)
+        host.copy_(logits, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host
+
+    def _copy_blocks(self, copies) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for cache in (*self.k_caches, *self.v_caches):
+            cache[dst] = cache[src]
+
+    def _forward_cpu(self, step: StepInput) -> torch.Tensor:
+        t = torch.from_numpy
         rows = t(step.logits_indices).long()
         h, new_k, new_v = self.model.hidden_states(
             t(step.input_ids), t(step.positions), self.k_caches, self.v_caches, t(step.block_tables),
             t(step.context_lens), t(step.query_start), t(step.mask))
         h = h[rows]
         logits = self.model.lm_head(h).float()
-        medusa = self.heads(h).cpu() if self.heads is not None else None
+        medusa = self.heads(h).float() if self.heads is not None else None
         self._last = (new_k, new_v, medusa)
         slots = t(step.slot_mapping).long()
         keep = slots >= 0
-        self._write(new_k, new_v, keep.nonzero().squeeze(1), slots[keep])
-        return logits.cpu()
+        self._write_cpu(new_k, new_v, keep.nonzero().squeeze(1), slots[keep])
+        return logits
 
-    def _write(self, new_k, new_v, idx: torch.Tensor, slots: torch.Tensor) -> None:
+    def _write_cpu(self, new_k, new_v, idx: torch.Tensor, slots: torch.Tensor) -> None:
         for kc, vc, k, v in zip(self.k_caches, self.v_caches, new_k, new_v):
             kc.view(-1, *kc.shape[2:])[slots] = k[idx]
             vc.view(-1, *vc.shape[2:])[slots] = v[idx]
@@ -85,6 +180,34 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def commit_kv(self, token_indices, slots) -> None:
         new_k, new_v, _ = self._last
-        dev = self.device
-        self._write(new_k, new_v, torch.as_tensor(token_indices, device=dev).long(),
-                    torch.as_tensor(slots, device=dev).long())
+        if not self.cuda:
+            self._write_cpu(new_k, new_v, torch.as_tensor(token_indices).long(), torch.as_tensor(slots).long())
+            return
+        from apar_rt.kernels.kv_cache import write_kv
+
+        idx = torch.tensor(token_indices, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
+        dst = torch.tensor(slots, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
+        for kc, vc, k, v in zip(self.k_caches, self.v_caches, new_k, new_v):
+            write_kv(k, v, kc, vc, dst, idx)
+
+
+def _decode_only(step: StepInput) -> bool:
+    from apar_rt.backends.cuda_step import is_plain_decode
+
+    return not step.block_copies and is_plain_decode(step)
+
+
+def _check_gpu_support(model_dir: str, dtype: torch.dtype) -> None:
+    """Fail at load, naming what is missing, rather than at the first step."""
+    from apar_rt.config import ModelConfig
+    from apar_rt.ops.tree_attention import gpu_kernels
+
+    kernels = gpu_kernels()
+    cfg = ModelConfig.from_dir(model_dir)
+    if cfg.head_dim not in kernels.SUPPORTED_HEAD_DIMS:
+        raise BackendUnavailable(f"the CUDA attention kernel does not support head size {cfg.head_dim}; "
+                                 f"supported: {', '.join(map(str, kernels.SUPPORTED_HEAD_DIMS))} "
+                                 f"(use --device cpu for other sizes)")
+    if dtype not in kernels.SUPPORTED_DTYPES:
+        raise BackendUnavailable(f"the CUDA attention kernel does not support {dtype}; supported: "
+                                 f"float16, bfloat16, float32")

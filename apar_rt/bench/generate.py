@@ -35,8 +35,8 @@ def bench_generate(model: str, batch_sizes=(1, 8), max_tokens: int = 64, repeats
         llm = LLM(engine, backend=backend, mode=mode, device="cpu", max_num_seqs=max(batch_sizes))
     else:
         llm = LLM(model, backend=backend, mode=mode, dtype="float32", device="cpu")
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(model)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, trust_remote_code=False).eval()
+    tok = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

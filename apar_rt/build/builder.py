@@ -21,7 +21,7 @@ from apar_rt.build.manifest import (ENGINE_BACKENDS, MANIFEST_NAME, ONNX_NAME, M
 from apar_rt.config import ModelConfig, ModelLoadError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-DEFAULT_TRT_MAX_NUM_BLOCKS = 65536
+DEFAULT_TRT_MAX_NUM_BLOCKS = 4096
 
 
 class BuildError(ValueError):
@@ -41,10 +41,13 @@ class BuildOptions:
     max_num_tokens: int = 2048              # most new tokens in one step
     max_seq_len: int | None = None          # None: the model's max_position_embeddings
     block_size: int = 16                    # KV block size
-    max_num_blocks: int | None = None       # KV pool limit; None: none (onnxruntime) or 65536 (tensorrt)
+    max_num_blocks: int | None = None       # KV pool limit; None: none (onnxruntime) or 4096 (tensorrt)
     timing_cache: str | None = None         # TensorRT timing cache file (read, then written back)
-    plugin_lib: str | None = None           # TensorRT plugin library with apar::TreePagedAttention
+    plugin: str | None = None               # TensorRT TreePagedAttention plugin: "python" or a library path
     workspace_gib: float | None = None      # TensorRT workspace limit
+    gpu_targets: tuple[str, ...] = ()       # TensorRT-RTX compute capabilities; () = the library's default
+    max_draft_len: int | None = None        # draft tokens per sequence in a decode step; None: 63 with Medusa
+    max_prefill_batch: int = 4              # most prefilling sequences in one TensorRT run
     opset: int = 18
     external_data: bool | None = None       # None: by size
     medusa: bool | None = None              # export MODEL/medusa heads; None: when present
@@ -65,9 +68,8 @@ class BuildOptions:
         return self.dtype
 
     def quant_spec(self):
-        from apar_rt.memory_plan import QuantSpec
-        from apar_rt.memory_plan import default_symmetric
-        sym = default_symmetric(self.quantize) if self.symmetric is None else self.symmetric
+        from apar_rt.memory_plan import QuantSpec, default_symmetric
+        sym = default_symmetric(self.quantize, self.backend) if self.symmetric is None else self.symmetric
         return QuantSpec(self.quantize, self.group_size, sym, self.quantize_lm_head)
 
     def buckets(self) -> list[int]:
@@ -117,11 +119,18 @@ def validate(opts: BuildOptions) -> None:
     if opts.backend == "onnxruntime" and dtype == "bfloat16":
         raise BuildError("--dtype bfloat16 is not supported by the onnxruntime backend; "
                          "use float32 or float16")
-    if opts.backend == "onnxruntime" and (opts.timing_cache or opts.plugin_lib):
-        flag = "--timing-cache" if opts.timing_cache else "--plugin-lib"
-        raise BuildError(f"{flag} applies to --backend tensorrt only")
-    if opts.plugin_lib and not Path(opts.plugin_lib).is_file():
-        raise BuildError(f"--plugin-lib {opts.plugin_lib!r} does not exist")
+    if opts.backend == "onnxruntime":
+        for flag, value in (("--timing-cache", opts.timing_cache), ("--plugin", opts.plugin),
+                            ("--gpu-targets", opts.gpu_targets)):
+            if value:
+                raise BuildError(f"{flag} applies to --backend tensorrt only")
+    if opts.plugin and opts.plugin != "python" and not Path(opts.plugin).is_file():
+        raise BuildError(f"--plugin {opts.plugin!r} does not exist; pass `python` (apar-rt's Python IPluginV3) "
+                         f"or the path of a library that registers apar::TreePagedAttention version 1")
+    if opts.max_draft_len is not None and opts.max_draft_len < 0:
+        raise BuildError(f"--max-draft-len must be >= 0, got {opts.max_draft_len}")
+    if opts.max_prefill_batch < 1:
+        raise BuildError(f"--max-prefill-batch must be a positive integer, got {opts.max_prefill_batch}")
     if opts.workspace_gib is not None and opts.workspace_gib <= 0:
         raise BuildError(f"--workspace must be positive, got {opts.workspace_gib}")
     if opts.quantize not in ("none", "int8", "int4"):
@@ -186,13 +195,11 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
     Raises:
         BuildError: bad options or an existing output folder.
         ModelLoadError: the model folder is missing or holds no supported model.
-        TensorRTUnavailable: --backend tensorrt without TensorRT.
+        TensorRTUnavailable: --backend tensorrt without a TensorRT library.
+        PluginError: --plugin cannot be loaded or does not register apar::TreePagedAttention.
         RuntimeError: export, parsing or engine building failed.
     """
     validate(opts)
-    if opts.backend == "tensorrt":  # fail before any work
-        from apar_rt.build.tensorrt_builder import import_tensorrt
-        import_tensorrt()
     cfg = ModelConfig.from_dir(opts.model)
     max_seq_len = opts.max_seq_len or cfg.max_position_embeddings
     if max_seq_len > cfg.max_position_embeddings:
@@ -205,6 +212,8 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
         except mp.PlanError as e:
             raise BuildError(str(e)) from None
     fitted = fit_plan(opts, cfg, max_seq_len) if opts.fit else None
+    trt_plan = (_plan_tensorrt(opts, cfg, fitted.num_blocks if fitted else None)   # fail before any work
+                if opts.backend == "tensorrt" else None)
     out = _prepare_output(opts)
     dtype = opts.resolved_dtype()
     buckets = opts.buckets()
@@ -271,14 +280,15 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
             _try_onnxruntime(tmp / ONNX_NAME, dtype)
         else:
             stage.set_description("build: TensorRT engine")
-            from apar_rt.build.tensorrt_builder import ShapeLimits, build_tensorrt_engine
-            max_num_blocks = max_num_blocks or DEFAULT_TRT_MAX_NUM_BLOCKS
-            limits = ShapeLimits(opts.max_num_tokens, -(-max_seq_len // opts.block_size), max_num_blocks)
+            from apar_rt.build.tensorrt_builder import build_tensorrt_engine
+            max_num_blocks = trt_plan["max_num_blocks"]
             ws = int(opts.workspace_gib * (1 << 30)) if opts.workspace_gib else None
             engines.append(build_tensorrt_engine(
-                tmp / ONNX_NAME, tmp, manifest_fields=config_as_json(cfg), dtype=dtype, buckets=buckets,
-                limits=limits, block_size=opts.block_size, timing_cache=opts.timing_cache,
-                plugin_lib=opts.plugin_lib, workspace_bytes=ws, log=say, bar_factory=phase_bars))
+                tmp / ONNX_NAME, tmp, manifest_fields=config_as_json(cfg), dtype=dtype,
+                profiles=trt_plan["profiles"], block_size=opts.block_size,
+                max_blocks_per_seq=-(-max_seq_len // opts.block_size), max_num_blocks=max_num_blocks,
+                gpu_targets=trt_plan["targets"], timing_cache=opts.timing_cache, plugin=opts.plugin,
+                workspace_bytes=ws, log=say, bar_factory=phase_bars))
         stage.update()
 
         stage.set_description("build: manifest")
@@ -309,7 +319,7 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
         if opts.check:
             stage.set_description("build: check against torch")
             from apar_rt.build.check import run_check
-            report = run_check(out, opts.model, manifest, plugin_lib=opts.plugin_lib, log=say)
+            report = run_check(out, opts.model, manifest, log=say)
             say(report.summary())
         stage.update()
         return BuildResult(out, manifest, report, messages)
@@ -317,6 +327,36 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
         stage.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plan_tensorrt(opts: BuildOptions, cfg: ModelConfig, fitted_blocks: int | None = None) -> dict:
+    """The TensorRT library's GPU targets, the profiles and the pool limit, checked before any work.
+
+    Raises:
+        TensorRTUnavailable: no TensorRT library.
+        BuildError: a GPU target the library cannot build for, or an input over TensorRT's size limit.
+    """
+    from apar_rt.build.tensorrt_builder import _device_cc, check_input_sizes, plan_profiles
+    from apar_rt.medusa.heads import find_heads_dir
+    from apar_rt.trt import library
+
+    lib = library.load()
+    try:
+        targets = library.resolve_targets(lib, opts.gpu_targets, _device_cc()[0])
+        if opts.quantize != "none":
+            from apar_rt.build.quantize import check_tensorrt_support
+            check_tensorrt_support(lib.name, lib.version, opts.quant_spec())
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    heads = opts.medusa is not False and find_heads_dir(opts.model) is not None
+    draft = opts.max_draft_len if opts.max_draft_len is not None else (63 if heads else 0)
+    profiles = plan_profiles(opts.buckets(), opts.max_num_tokens, draft + 1, opts.max_prefill_batch)
+    max_num_blocks = fitted_blocks or opts.max_num_blocks or DEFAULT_TRT_MAX_NUM_BLOCKS
+    try:
+        check_input_sizes(profiles, config_as_json(cfg), block_size=opts.block_size, max_num_blocks=max_num_blocks)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    return {"library": lib, "targets": targets, "profiles": profiles, "max_num_blocks": max_num_blocks}
 
 
 def _try_onnxruntime(path: Path, dtype: str) -> None:

@@ -11,6 +11,7 @@ per output; the inputs and outputs stay in the engine folder's check/ (not in th
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -41,6 +42,7 @@ class CheckReport:
     dtype: str
     tolerance: float
     runs: list[RunnerDiff] = field(default_factory=list)
+    not_run: list[str] = field(default_factory=list)   # runners not run here, each with the reason
 
     @property
     def max_abs(self) -> float:
@@ -59,6 +61,7 @@ class CheckReport:
                          f"(output {worst}; logits {r.max_abs['logits']:.3g}; tolerance {self.tolerance:g})")
             if r.command:
                 lines.append(f"  reproduce: {r.command}")
+        lines += [f"check [not run]: {why}" for why in self.not_run]
         lines.append("check passed" if self.passed else "check FAILED")
         return "\n".join(lines)
 
@@ -150,7 +153,7 @@ def _have_polygraphy() -> bool:
 
 
 def _polygraphy(args: list[str], workdir: Path, ref: dict, feeds: dict, tolerance: float, runner: str,
-                log) -> RunnerDiff:
+                log, *, prelude: str = "", env: dict | None = None) -> RunnerDiff:
     """`polygraphy run ARGS --load-inputs --load-outputs(reference) --save-outputs`, then our max diffs."""
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
@@ -166,8 +169,9 @@ def _polygraphy(args: list[str], workdir: Path, ref: dict, feeds: dict, toleranc
     argv = ["polygraphy", "run", *args, "--load-inputs", str(inputs), "--load-outputs", str(reference),
             "--save-outputs", str(saved), "--atol", str(tolerance), "--rtol", "0",
             "--check-error-stat", "max"]
-    code = "import sys; from polygraphy.tools import main; sys.argv[0] = 'polygraphy'; sys.exit(main())"
-    proc = subprocess.run([sys.executable, "-c", code, *argv[1:]], capture_output=True, text=True)
+    code = prelude + "import sys; from polygraphy.tools import main; sys.argv[0] = 'polygraphy'; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-c", code, *argv[1:]], capture_output=True, text=True, check=False,
+                          env={**os.environ, **(env or {})})
     if not saved.is_file():
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
         raise RuntimeError("polygraphy run failed:\n" + "\n".join(tail))
@@ -187,9 +191,28 @@ def _onnxruntime_in_process(onnx_path: Path, feeds: dict, ref: dict) -> RunnerDi
     return RunnerDiff("onnxrt", "onnxruntime (in process)", _diffs(ref, got))
 
 
-def run_check(engine_dir: str | Path, model_dir: str | Path, manifest: Manifest, *,
-              plugin_lib: str | None = None, log=print) -> CheckReport:
-    """Compare the engine folder's model (and TensorRT engine) with the torch reference."""
+def _trt_not_runnable(engine: dict) -> str | None:
+    """Why the plan cannot run here (None: it can)."""
+    from apar_rt.trt.library import PlanNotForThisGPU, check_device
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return (f"the {engine.get('library')} plan was built, but there is no CUDA GPU here to run it "
+                f"(targets: compute capability {', '.join(engine.get('gpu_targets') or ())})")
+    p = torch.cuda.get_device_properties(0)
+    try:
+        check_device(engine, f"{p.major}.{p.minor}", p.name)
+    except PlanNotForThisGPU as e:
+        return str(e)
+    return None
+
+
+def run_check(engine_dir: str | Path, model_dir: str | Path, manifest: Manifest, *, log=print) -> CheckReport:
+    """Compare the engine folder's model (and TensorRT plan, where this GPU can run it) with the torch
+    reference. The plan's plugin is loaded by the same contract as the builder and the backend
+    (apar_rt.trt.plugin.load_plugin), in the polygraphy process."""
     engine_dir = Path(engine_dir)
     cfg = manifest.model_config
     n = int(cfg["num_hidden_layers"])
@@ -207,12 +230,27 @@ def run_check(engine_dir: str | Path, model_dir: str | Path, manifest: Manifest,
             report.runs.append(_onnxruntime_in_process(onnx_path, feeds, ref))
     if manifest.engines:
         engine = manifest.engines[0]
-        profile = next(p["index"] for p in engine["profiles"] if p["batch"] == bucket)
+        why = _trt_not_runnable(engine)
+        if why:
+            report.not_run.append(f"trt: {why}")
+            return report
+        max_q = int(feeds["mask"].shape[1])
+        profile = next((p["index"] for p in engine["profiles"]
+                        if p["batch"] == bucket and p["max_q"] >= max_q), None)
+        if profile is None:
+            report.not_run.append(f"trt: no profile of batch {bucket} takes {max_q} new tokens per sequence")
+            return report
         args = [str(engine_dir / engine["file"]), "--model-type", "engine", "--trt",
                 "--optimization-profile", str(profile)]
-        if plugin_lib:
-            args += ["--plugins", str(plugin_lib)]
         if not _have_polygraphy():
             raise RuntimeError("--check of a TensorRT engine needs polygraphy (pip install polygraphy)")
-        report.runs.append(_polygraphy(args, workdir, ref, feeds, report.tolerance, "trt", log))
+        prelude = ""
+        from apar_rt.trt.plugin import spec_of
+        spec = spec_of(engine.get("plugin"))
+        if spec:
+            prelude = (f"from apar_rt.trt import library, plugin; plugin.load_plugin(library.load({engine['library']!r}), "
+                       f"{spec!r}, expect_sha256={engine['plugin'].get('sha256')!r}); ")
+        env = {"POLYGRAPHY_USE_TENSORRT_RTX": "1"} if engine.get("library") == "tensorrt_rtx" else {}
+        report.runs.append(_polygraphy(args, workdir, ref, feeds, report.tolerance, "trt", log, prelude=prelude,
+                                       env=env))
     return report

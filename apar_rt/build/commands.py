@@ -39,12 +39,23 @@ def _parse_buckets(ctx, param, value):
               help="Longest context of one sequence (default: the model's max_position_embeddings).")
 @click.option("--block-size", type=int, default=16, show_default=True, help="KV cache block size.")
 @click.option("--max-num-blocks", type=int, default=None,
-              help="Largest KV pool the engine accepts (default: unlimited for onnxruntime, 65536 for "
+              help="Largest KV pool the engine accepts (default: unlimited for onnxruntime, 4096 for "
                    "tensorrt).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="TensorRT timing cache file: read if present, written back after the build.")
-@click.option("--plugin-lib", type=click.Path(dir_okay=False), default=None,
-              help="TensorRT plugin library registering apar::TreePagedAttention (IPluginV3).")
+@click.option("--plugin", default=None, metavar="python|LIBRARY",
+              help="TreePagedAttention TensorRT plugin: `python` (apar-rt's Python IPluginV3) or the path of a "
+                   "shared library that registers apar::TreePagedAttention version 1 (default: no plugin; "
+                   "TensorRT inlines the ONNX function).")
+@click.option("--gpu-targets", callback=lambda c, p, v: tuple(x.strip() for x in v.split(",") if x.strip())
+              if v else (), default=None, metavar="CC[,CC...]",
+              help="TensorRT-RTX: compute capabilities the plan runs on (default 8.6,8.9,12.0; 7.5 for "
+                   "Turing). Full TensorRT builds for the GPU it runs on.")
+@click.option("--max-draft-len", type=int, default=None,
+              help="Most draft tokens per sequence in a decode step (TensorRT decode profiles; default: 63 "
+                   "when the model has Medusa heads, else 0).")
+@click.option("--max-prefill-batch", type=int, default=4, show_default=True,
+              help="Most prefilling sequences in one TensorRT run (prefill profiles exist up to this batch).")
 @click.option("--workspace", "workspace_gib", type=float, default=None,
               help="TensorRT workspace limit in GiB.")
 @click.option("--medusa/--no-medusa", default=None,
@@ -57,8 +68,8 @@ def _parse_buckets(ctx, param, value):
               help="Input features per quantization scale (a power of two >= 16 dividing the hidden and "
                    "intermediate sizes).")
 @click.option("--symmetric/--asymmetric", default=None,
-              help="Symmetric scales, or scales and zero points per group [default: measured best: int8 "
-                   "symmetric, int4 asymmetric].")
+              help="Symmetric scales, or scales and zero points per group [default: measured best on "
+                   "onnxruntime: int8 symmetric, int4 asymmetric; tensorrt: symmetric only].")
 @click.option("--quantize-lm-head", is_flag=True,
               help="Also quantize the LM head (and the Medusa heads' vocabulary projections).")
 @click.option("--fit", "fit", type=click.Choice(DEVICE_NAMES), default=None,
@@ -70,8 +81,8 @@ def _parse_buckets(ctx, param, value):
 @click.option("--force", is_flag=True, help="Overwrite an existing engine folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_tokens, max_seq_len,
-          block_size, max_num_blocks, timing_cache, plugin_lib, workspace_gib, medusa, quantize, group_size,
-          symmetric, quantize_lm_head, fit, memory_gib,
+          block_size, max_num_blocks, timing_cache, plugin, gpu_targets, max_draft_len, max_prefill_batch,
+          workspace_gib, medusa, quantize, group_size, symmetric, quantize_lm_head, fit, memory_gib,
           kv_cache_fraction, gpu_memory_utilization, check, force, quiet):
     """Build an engine folder (model.onnx, TensorRT engines, manifest.json) from a checkpoint.
 
@@ -84,20 +95,23 @@ def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_
     """
     from apar_rt.build.builder import BuildError, BuildOptions
     from apar_rt.build.builder import build as run_build
-    from apar_rt.build.tensorrt_builder import TensorRTUnavailable
     from apar_rt.config import ModelLoadError
+    from apar_rt.trt.library import TensorRTUnavailable
+    from apar_rt.trt.plugin import PluginError
 
     opts = BuildOptions(model=model, output=output, backend=backend, dtype=dtype,
                         max_batch_size=max_batch_size, batch_buckets=batch_buckets,
                         max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                         block_size=block_size, max_num_blocks=max_num_blocks, timing_cache=timing_cache,
-                        plugin_lib=plugin_lib, workspace_gib=workspace_gib, medusa=medusa, quantize=quantize,
-                        group_size=group_size, symmetric=symmetric, quantize_lm_head=quantize_lm_head, fit=fit,
-                        memory_gib=memory_gib, kv_cache_fraction=kv_cache_fraction,
+                        plugin=plugin, gpu_targets=gpu_targets, max_draft_len=max_draft_len,
+                        max_prefill_batch=max_prefill_batch, workspace_gib=workspace_gib, medusa=medusa,
+                        quantize=quantize, group_size=group_size, symmetric=symmetric,
+                        quantize_lm_head=quantize_lm_head, fit=fit, memory_gib=memory_gib,
+                        kv_cache_fraction=kv_cache_fraction,
                         gpu_memory_utilization=gpu_memory_utilization, check=check, force=force)
     try:
         result = run_build(opts, progress=not quiet, log=lambda m: click.echo(m, err=True))
-    except (BuildError, ModelLoadError, TensorRTUnavailable) as e:
+    except (BuildError, ModelLoadError, TensorRTUnavailable, PluginError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(str(result.output))
     if result.check is not None and not result.check.passed:

@@ -10,7 +10,11 @@ An engine folder (written by `apar-rt build`) holds:
 
 Loading verifies the format and apar-rt versions, the sha256 and size of every recorded file,
 and that config.json still describes the recorded model; any mismatch is an EngineLoadError
-whose message names the file or field. Imports nothing heavy.
+whose message names the file or field. Every file a loader opens must be recorded and lie
+inside the folder; files the manifest does not record are ignored (the tokenizer is loaded from
+the recorded files only). The hashes detect corruption, not a deliberate edit: whoever can
+write the folder can re-hash it, so sign or checksum the folder if that matters.
+Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -86,6 +90,16 @@ def config_as_json(cfg: ModelConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg)))
 
 
+def engine_record_digest(record: dict) -> str:
+    """sha256 of a TensorRT engine record (library, targets, profiles, plugin...) without its own digest.
+
+    The plan's bytes are covered by `files`; this covers what the manifest says about the plan, so an
+    edited record (say, GPU targets widened by hand) is refused like an edited plan.
+    """
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def write_manifest(root: str | Path, manifest: Manifest) -> Path:
     path = Path(root) / MANIFEST_NAME
     path.write_text(manifest.to_json() + "\n")
@@ -159,6 +173,17 @@ def verify_engine_dir(root: str | Path, *, backend: str | None = None, check_has
     m = read_manifest(root)
     if ONNX_NAME not in m.files or "config.json" not in m.files:
         raise EngineLoadError(f"{root / MANIFEST_NAME} does not record {ONNX_NAME} and config.json")
+    real_root = root.resolve()
+    for name in m.files:
+        if not _inside(real_root, root / name):
+            raise EngineLoadError(f"{root / MANIFEST_NAME} records {name!r}, which is not inside the engine folder")
+    named = [("onnx.file", m.onnx.get("file", ONNX_NAME))]
+    named += [("onnx.external_data", f) for f in m.onnx.get("external_data") or ()]
+    named += [(f"engines[{i}].file", e.get("file")) for i, e in enumerate(m.engines)]
+    for field_name, name in named:   # the loaders open only files whose hash was checked
+        if name not in m.files:
+            raise EngineLoadError(f"{root / MANIFEST_NAME}: {field_name} names {name!r}, which the manifest "
+                                  "does not record (hash); rebuild the engine")
     for name, rec in m.files.items():
         f = root / name
         if not f.is_file():
@@ -173,6 +198,11 @@ def verify_engine_dir(root: str | Path, *, backend: str | None = None, check_has
                 raise EngineLoadError(f"engine file {name} is corrupt: sha256 {digest[:16]}... does not "
                                       f"match the manifest's {str(rec.get('sha256'))[:16]}...; "
                                       f"rebuild the engine")
+    for rec in m.engines:
+        if not isinstance(rec, dict) or rec.get("record_sha256") != engine_record_digest(rec):
+            name = rec.get("file", "?") if isinstance(rec, dict) else "?"
+            raise EngineLoadError(f"{root / MANIFEST_NAME}: the record of engine {name} has been edited since the "
+                                  f"build (its digest does not match); rebuild the engine")
     cfg = config_as_json(ModelConfig.from_dir(root))
     if cfg != m.model_config:
         diff = sorted(k for k in set(cfg) | set(m.model_config) if cfg.get(k) != m.model_config.get(k))
@@ -186,6 +216,14 @@ def verify_engine_dir(root: str | Path, *, backend: str | None = None, check_has
                               f"{' or '.join(ENGINE_BACKENDS)} (backend {backend!r} needs a Hugging Face "
                               f"model folder)")
     return m
+
+
+def _inside(real_root: Path, path: Path) -> bool:
+    """Whether `path` (symlinks resolved) lies inside the folder `real_root` (already resolved)."""
+    try:
+        return path.resolve().is_relative_to(real_root)
+    except (OSError, RuntimeError):   # a symlink loop
+        return False
 
 
 def engine_settings(root: str | Path, backend: str, engine_kwargs: dict) -> tuple[dict, object]:

@@ -26,6 +26,26 @@ from apar_rt.memory_plan import QuantSpec
 
 QDQ_OPSET = 21                      # DequantizeLinear with block_size and INT4 types
 FORMATS = {"onnxruntime": "MatMulNBits", "tensorrt": "DequantizeLinear"}
+# First releases that build weight-only INT8/INT4 (blocked DequantizeLinear feeding a MatMul):
+# TensorRT 10.0 introduced INT4 weight-only (block quantization); TensorRT-RTX has it from 1.0.
+TENSORRT_WEIGHT_ONLY_MIN = {("tensorrt", "int4"): (10, 0), ("tensorrt", "int8"): (10, 0),
+                            ("tensorrt_rtx", "int4"): (1, 0), ("tensorrt_rtx", "int8"): (1, 0)}
+
+
+def check_tensorrt_support(library: str, version: str, spec: QuantSpec) -> None:
+    """ValueError unless TensorRT `library` `version` builds `spec`'s weight-only engines.
+
+    TensorRT takes signed INT4/INT8 weights with no zero point, so TensorRT engines are symmetric.
+    """
+    if not spec.symmetric:
+        raise ValueError(f"--asymmetric: TensorRT's weight-only {spec.scheme} takes signed weights with no zero "
+                         f"point; build TensorRT engines with --symmetric (the default for --backend tensorrt)")
+    need = TENSORRT_WEIGHT_ONLY_MIN[(library, spec.scheme)]
+    have = tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in (version.split(".") + ["0"])[:2])
+    if have < need:
+        label = "TensorRT-RTX" if library == "tensorrt_rtx" else "TensorRT"
+        raise ValueError(f"--quantize {spec.scheme} needs {label} >= {'.'.join(map(str, need))} (weight-only "
+                         f"{spec.scheme}: blocked DequantizeLinear into MatMul); this is {label} {version}")
 
 
 @dataclass(frozen=True, slots=True)

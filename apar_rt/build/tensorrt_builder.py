@@ -1,19 +1,19 @@
-"""TensorRT engines from the step graph (TensorRT 10.x Python API).
+"""TensorRT plans from the step graph (full TensorRT 10.x or TensorRT-RTX, see apar_rt/trt/library.py).
 
-With the TensorRT backend (apar_rt/backends/tensorrt_backend.py) this is the only module
-that imports `tensorrt`, and it does so inside its functions. What it does:
+What it does:
 
 * parse model.onnx (external weights next to it are found by the parser);
-* load the plugin library when given (`IPluginRegistry.load_library`), so that the parser can
-  map each `apar.TreePagedAttention` node to our plugin through its `plugin_namespace`
-  attribute (TensorRT >= 10.7); otherwise the parser inlines the model-local function;
-* report which one happened, by counting plugin layers in the parsed network;
-* one optimization profile per batch bucket, with min = opt = max for the batch axis and
-  ranges for the token, block-table and pool axes;
-* precision: the ONNX graph is already in the engine dtype; the network is strongly typed
-  where TensorRT offers it, else the FP16/BF16 builder flag is set;
+* with a plugin (`apar_rt.trt.plugin.load_plugin`: the built-in Python IPluginV3 or a shared
+  library), the parser maps each `apar.TreePagedAttention` node to a PLUGIN_V3 layer through its
+  `plugin_namespace` attribute; otherwise it inlines the model-local function. The build counts
+  the plugin layers and refuses anything but 0 (no plugin) or one per attention layer (plugin);
+* optimization profiles (`plan_profiles`): per batch bucket a decode profile (at most
+  `max_decode_q` new tokens per sequence: 1, or a Medusa draft tree), and for the small buckets
+  a prefill profile (up to `max_num_tokens` new tokens); the batch axis is fixed in each;
+* precision: the ONNX graph is already in the engine dtype and the network is strongly typed;
+* the GPU targets (TensorRT-RTX: compute capabilities set on the builder config);
 * an optional timing cache, read before and written back after the build;
-* the serialized engine (`model.plan`), described for the manifest.
+* the serialized plan (`model.plan`), described for the manifest.
 """
 
 from __future__ import annotations
@@ -24,74 +24,75 @@ from pathlib import Path
 from apar_rt.export import step_io
 
 ENGINE_NAME = "model.plan"
-MIN_TENSORRT = (10, 0)
-PLUGIN_FIRST_VERSION = (10, 7)   # first TensorRT whose ONNX parser prefers a registered plugin
-
-
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT (or a GPU for it) is not available here; the message says what is missing."""
-
-
-def import_tensorrt():
-    """The `tensorrt` module, or TensorRTUnavailable naming what failed."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise TensorRTUnavailable(
-            f"TensorRT is not installed (import tensorrt failed: {e}). Install TensorRT 10.x for your CUDA "
-            f"version (for example `pip install tensorrt-cu12`) on a machine with an NVIDIA GPU, or build "
-            f"with --backend onnxruntime") from None
-    version = tuple(int(x) for x in trt.__version__.split(".")[:2])
-    if version < MIN_TENSORRT:
-        raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old: apar-rt needs TensorRT >= 10.0")
-    return trt
-
-
-def tensorrt_version() -> str:
-    return import_tensorrt().__version__
+MAX_ELEMENTS = 2 ** 31 - 1      # TensorRT's int32 indexing: no input may hold more elements
 
 
 @dataclass(frozen=True, slots=True)
-class ShapeLimits:
-    """Ranges of the step graph's dynamic axes (min, max); batch is fixed per profile."""
+class ProfileSpec:
+    """One optimization profile: a fixed batch and the most new tokens it takes."""
 
-    max_num_tokens: int
-    max_blocks_per_seq: int
-    max_num_blocks: int
-
-    def profile_shapes(self, batch: int, cfg: dict) -> dict[str, tuple[tuple, tuple, tuple]]:
-        """(min, opt, max) shape of every input for a profile of fixed `batch`."""
-        T, MB, NB = self.max_num_tokens, self.max_blocks_per_seq, self.max_num_blocks
-        t_opt = max(1, min(T, batch))          # decode steps dominate: one token per sequence
-        hkv, d = int(cfg["num_key_value_heads"]), int(cfg["head_dim"])
-        shapes = {
-            "input_ids": ((1,), (t_opt,), (T,)),
-            "positions": ((1,), (t_opt,), (T,)),
-            "block_tables": ((batch, 1), (batch, MB), (batch, MB)),
-            "context_lens": ((batch,), (batch,), (batch,)),
-            "query_start": ((batch + 1,), (batch + 1,), (batch + 1,)),
-            "mask": ((1, 1), (t_opt, 1), (T, T)),
-            # logits rows: at least one (the backend pads), at most one per token
-            "logits_indices": ((1,), (batch,), (T,)),
-        }
-        pool = ((2, 1, hkv, d), (NB, 1, hkv, d), (NB, 1, hkv, d))
-        for i in range(int(cfg["num_hidden_layers"])):
-            for name in (step_io.k_cache_name(i), step_io.v_cache_name(i)):
-                shapes[name] = pool
-        return shapes
+    kind: str          # "decode" (max_q small) or "prefill"
+    batch: int         # fixed batch (the bucket)
+    max_tokens: int    # most new tokens in one step (T)
+    max_q: int         # most new tokens of one sequence (the mask's second axis)
 
 
-def _with_block_size(shapes: dict, block_size: int) -> dict:
-    out = {}
-    for name, (mn, op, mx) in shapes.items():
-        if name.startswith(("k_cache_", "v_cache_")):
-            mn, op, mx = ((s[0], block_size, *s[2:]) for s in (mn, op, mx))
-        out[name] = (tuple(mn), tuple(op), tuple(mx))
+def plan_profiles(buckets: list[int], max_num_tokens: int, max_decode_q: int,
+                  max_prefill_batch: int) -> list[ProfileSpec]:
+    """Decode profiles for every bucket, prefill profiles for buckets <= max_prefill_batch.
+
+    A step whose sequences all have <= max_decode_q new tokens runs in a decode profile; other
+    steps run their prefill sequences in prefill profiles (at most max_prefill_batch at a time)
+    and the rest in a decode profile, so no profile is sized for a long prefill at a large batch.
+    """
+    out = []
+    for b in buckets:
+        q = min(max_decode_q, max_num_tokens)
+        out.append(ProfileSpec("decode", b, min(max_num_tokens, b * q), q))
+    if max_decode_q < max_num_tokens:
+        for b in buckets:
+            if b <= max_prefill_batch:
+                out.append(ProfileSpec("prefill", b, max_num_tokens, max_num_tokens))
     return out
 
 
+def profile_shapes(spec: ProfileSpec, cfg: dict, *, block_size: int, max_blocks_per_seq: int,
+                   max_num_blocks: int) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """(min, opt, max) shape of every input of the step graph for one profile."""
+    b, T, Q, MB = spec.batch, spec.max_tokens, spec.max_q, max_blocks_per_seq
+    t_opt = max(1, min(T, b if spec.kind == "decode" else T))
+    q_opt = 1 if spec.kind == "decode" else Q
+    hkv, d = int(cfg["num_key_value_heads"]), int(cfg["head_dim"])
+    shapes = {
+        "input_ids": ((1,), (t_opt,), (T,)),
+        "positions": ((1,), (t_opt,), (T,)),
+        "block_tables": ((b, 1), (b, MB), (b, MB)),
+        "context_lens": ((b,), (b,), (b,)),
+        "query_start": ((b + 1,), (b + 1,), (b + 1,)),
+        "mask": ((1, 1), (t_opt, min(q_opt, t_opt)), (T, Q)),
+        "logits_indices": ((1,), (min(b, T),), (T,)),   # at least one row (the backend pads)
+    }
+    pool = ((2, block_size, hkv, d), (max_num_blocks, block_size, hkv, d), (max_num_blocks, block_size, hkv, d))
+    for i in range(int(cfg["num_hidden_layers"])):
+        shapes[step_io.k_cache_name(i)] = shapes[step_io.v_cache_name(i)] = pool
+    return shapes
+
+
+def check_input_sizes(specs: list[ProfileSpec], cfg: dict, *, block_size: int, max_num_blocks: int) -> None:
+    """ValueError naming the flag when an input would exceed MAX_ELEMENTS elements."""
+    per_block = block_size * int(cfg["num_key_value_heads"]) * int(cfg["head_dim"])
+    if max_num_blocks * per_block > MAX_ELEMENTS:
+        raise ValueError(f"--max-num-blocks {max_num_blocks}: one layer's KV pool would hold "
+                         f"{max_num_blocks * per_block:,} elements, over TensorRT's limit of {MAX_ELEMENTS:,} "
+                         f"per input; at most {MAX_ELEMENTS // per_block} blocks of {block_size} tokens fit")
+    for s in specs:
+        if s.max_tokens * s.max_q > MAX_ELEMENTS:
+            raise ValueError(f"--max-num-tokens {s.max_tokens}: the {s.kind} mask [{s.max_tokens}, {s.max_q}] "
+                             f"would exceed {MAX_ELEMENTS:,} elements")
+
+
 def _progress_monitor(trt, bar_factory):
-    """An IProgressMonitor that drives tqdm bars, one per build phase (TensorRT >= 10.0)."""
+    """An IProgressMonitor that drives tqdm bars, one per build phase."""
     if bar_factory is None or not hasattr(trt, "IProgressMonitor"):
         return None
 
@@ -118,121 +119,132 @@ def _progress_monitor(trt, bar_factory):
     return Monitor()
 
 
-def attention_layers(trt, network) -> tuple[int, list[str]]:
-    """(number of plugin layers, their names) in a parsed network."""
-    kinds = {getattr(trt.LayerType, k) for k in ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3")
-             if hasattr(trt.LayerType, k)}
-    names = []
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type in kinds:
-            names.append(layer.name)
-    return len(names), names
+def plugin_layers(trt, network) -> list[str]:
+    """Names of the plugin layers (any plugin interface) in a parsed network."""
+    kinds = {getattr(trt.LayerType, k) for k in ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3") if hasattr(trt.LayerType, k)}
+    return [network.get_layer(i).name for i in range(network.num_layers) if network.get_layer(i).type in kinds]
+
+
+def plugin_v3_layers(trt, network) -> list[str]:
+    """Names of the PLUGIN_V3 layers in a parsed network."""
+    kind = trt.LayerType.PLUGIN_V3
+    return [network.get_layer(i).name for i in range(network.num_layers) if network.get_layer(i).type == kind]
+
+
+def _device_cc() -> tuple[str | None, str | None]:
+    """(compute capability "9.0", name) of CUDA device 0, or (None, None)."""
+    try:
+        import torch
+    except ImportError:
+        return None, None
+    if not torch.cuda.is_available():
+        return None, None
+    p = torch.cuda.get_device_properties(0)
+    return f"{p.major}.{p.minor}", p.name
+
+
+def parse_network(lib, onnx_path: str | Path, *, plugin: bool, logger):
+    """(builder, network, parser) with model.onnx parsed; RuntimeError with the parser's errors."""
+    trt = lib.module
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if plugin:
+        parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"{lib.label} could not parse {onnx_path}: {errors}")
+    return builder, network, parser
 
 
 def build_tensorrt_engine(onnx_path: str | Path, out_dir: str | Path, *, manifest_fields: dict, dtype: str,
-                          buckets: list[int], limits: ShapeLimits, block_size: int,
-                          timing_cache: str | Path | None = None, plugin_lib: str | Path | None = None,
-                          workspace_bytes: int | None = None, log=print, bar_factory=None) -> dict:
+                          profiles: list[ProfileSpec], block_size: int, max_blocks_per_seq: int,
+                          max_num_blocks: int, gpu_targets=None, timing_cache: str | Path | None = None,
+                          plugin: str | None = None, workspace_bytes: int | None = None, log=print,
+                          bar_factory=None) -> dict:
     """Build `out_dir/model.plan` from `onnx_path`; returns its manifest record.
 
     Args:
         manifest_fields: the manifest's model_config (for the profile shapes).
         dtype: the graph's dtype (float32, float16, bfloat16).
-        buckets: batch sizes, one optimization profile each (index = position in this list).
-        limits: ranges of the other dynamic axes.
+        profiles: the optimization profiles (index = position in this list); see plan_profiles.
+        gpu_targets: compute capabilities ("8.6", ...) to build for (None: the library's default).
         timing_cache: a file to read (if it exists) and write back.
-        plugin_lib: a shared library registering the apar::TreePagedAttention IPluginV3 creator.
+        plugin: "python" (apar-rt's Python IPluginV3) or a shared library registering
+            apar::TreePagedAttention; None inlines the ONNX function.
         bar_factory: (phase name, steps) -> a tqdm-like bar, for build progress.
 
     Raises:
-        TensorRTUnavailable: no TensorRT.
+        TensorRTUnavailable: no TensorRT library, or full TensorRT without a GPU.
+        PluginError: the plugin cannot be loaded or does not register the creator.
+        ValueError: a GPU target the library cannot build for.
         RuntimeError: parsing or building failed (TensorRT's errors are in the message).
     """
-    trt = import_tensorrt()
-    version = tuple(int(x) for x in trt.__version__.split(".")[:2])
-    logger = trt.Logger(trt.Logger.WARNING)
-    registry = trt.get_plugin_registry()
-    plugin_handle = None
-    if plugin_lib is not None:
-        plugin_handle = registry.load_library(str(plugin_lib))
-        if plugin_handle is None:
-            raise RuntimeError(f"TensorRT could not load the plugin library {plugin_lib}")
-    trt.init_libnvinfer_plugins(logger, "")
+    from apar_rt.trt import library
+    from apar_rt.trt.plugin import load_plugin
 
-    builder = trt.Builder(logger)
-    flags = 0
-    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
-    if strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if plugin_lib is not None and hasattr(trt, "OnnxParserFlag") and hasattr(trt.OnnxParserFlag,
-                                                                             "ENABLE_PLUGIN_OVERRIDE"):
-        parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    lib = library.load()
+    trt = lib.module
+    device_cc, device_name = _device_cc()
+    targets = library.resolve_targets(lib, gpu_targets, device_cc)
+    logger = trt.Logger(trt.Logger.WARNING)
+    plugin_record = load_plugin(lib, plugin) if plugin else None
+    builder, network, _parser = parse_network(lib, onnx_path, plugin=plugin is not None, logger=logger)
 
     num_layers = int(manifest_fields["num_hidden_layers"])
-    n_plugins, plugin_names = attention_layers(trt, network)
-    if n_plugins == num_layers:
+    names = plugin_layers(trt, network)
+    v3 = plugin_v3_layers(trt, network)
+    if plugin is not None:
+        if len(v3) != num_layers or len(names) != num_layers:
+            raise RuntimeError(f"with the plugin registered, expected {num_layers} PLUGIN_V3 layers (one per "
+                               f"attention layer), found {len(v3)} ({len(names)} plugin layers of any kind)")
         attention = "plugin"
-        log(f"attention: {n_plugins} TreePagedAttention plugin layers (apar::TreePagedAttention v1)")
-    elif n_plugins == 0:
-        attention = "function"
-        why = ("no plugin library was given" if plugin_lib is None else
-               f"TensorRT {trt.__version__} inlines local functions" if version < PLUGIN_FIRST_VERSION else
-               "the library registered no matching creator")
-        log(f"attention: the model-local function was inlined into standard layers ({why})")
+        log(f"attention: {len(v3)} PLUGIN_V3 layers (apar::TreePagedAttention v1, {plugin_record['kind']})")
     else:
-        raise RuntimeError(f"expected 0 or {num_layers} attention plugin layers, found {n_plugins}: "
-                           f"{plugin_names}")
+        if names:
+            raise RuntimeError(f"no plugin was asked for, yet the network has plugin layers {names}")
+        attention = "function"
+        log("attention: the model-local function was inlined into standard layers (no --plugin given)")
 
     config = builder.create_builder_config()
+    library.apply_targets(lib, config, targets)
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    if not strongly_typed:
-        if dtype == "float16":
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif dtype == "bfloat16":
-            config.set_flag(trt.BuilderFlag.BF16)
+    if plugin_record and plugin_record["kind"] == "library" and hasattr(config, "plugins_to_serialize"):
+        config.plugins_to_serialize = [plugin_record["library"]]
+        plugin_record["serialized_in_plan"] = True
     monitor = _progress_monitor(trt, bar_factory)
     if monitor is not None:
         config.progress_monitor = monitor
 
-    cache_bytes = b""
-    if timing_cache is not None and Path(timing_cache).is_file():
-        cache_bytes = Path(timing_cache).read_bytes()
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if lib.rtx and timing_cache is not None:
+        log(f"--timing-cache ignored: timing caches are no-ops in {lib.label}")
+        timing_cache = None
+    if timing_cache is not None:
+        cache_bytes = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
+        config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)
 
-    profiles = []
-    for index, batch in enumerate(buckets):
+    records = []
+    for index, spec in enumerate(profiles):
         profile = builder.create_optimization_profile()
-        shapes = _with_block_size(limits.profile_shapes(batch, manifest_fields), block_size)
+        shapes = profile_shapes(spec, manifest_fields, block_size=block_size, max_blocks_per_seq=max_blocks_per_seq,
+                                max_num_blocks=max_num_blocks)
         for name, (mn, op, mx) in shapes.items():
             profile.set_shape(name, mn, op, mx)
         config.add_optimization_profile(profile)
-        profiles.append({"index": index, "batch": batch,
-                         "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}})
+        records.append({"index": index, "kind": spec.kind, "batch": spec.batch, "max_tokens": spec.max_tokens,
+                        "max_q": spec.max_q, "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}})
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
+        raise RuntimeError(f"{lib.label} failed to build the plan (see the TensorRT log above)")
     out = Path(out_dir) / ENGINE_NAME
     out.write_bytes(bytes(serialized))
     if timing_cache is not None:
         Path(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
-
-    device = {}
-    try:
-        import torch
-        if torch.cuda.is_available():
-            p = torch.cuda.get_device_properties(0)
-            device = {"name": p.name, "compute_capability": f"{p.major}.{p.minor}"}
-    except ImportError:
-        pass
-    return {"file": ENGINE_NAME, "tensorrt_version": trt.__version__, "attention": attention,
-            "strongly_typed": strongly_typed, "dtype": dtype, "profiles": profiles, "device": device,
-            "plugin_lib": str(plugin_lib) if plugin_lib else None}
+    from apar_rt.build.manifest import engine_record_digest
+    record = {"file": ENGINE_NAME, "library": lib.name, "library_version": lib.version, "gpu_targets": targets,
+              "attention": attention, "plugin": plugin_record, "strongly_typed": True, "dtype": dtype,
+              "profiles": records, "built_on": {"gpu": device_name, "compute_capability": device_cc}}
+    record["record_sha256"] = engine_record_digest(record)
+    return record

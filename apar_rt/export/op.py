@@ -63,19 +63,42 @@ def make_symbolic(attrs: AttentionAttrs):
     return symbolic
 
 
+# Query rows per tile in the long group; sequences with at most SHORT_MAX new tokens (decodes, a
+# fork's [Fork][Child], small drafts) form the short group, padded only among themselves.
+SHORT_MAX = 2
+TILE = 32
+
+
 def attention_function(opset: int):
     """The model-local FunctionProto `apar.TreePagedAttention`, in default-domain ops only.
 
-    Mirrors the reference step by step: pad each sequence's new tokens to [B, max_q], gather the
-    cached K/V through the block tables, run a float32 softmax over the visible slots (masked with
-    float32's lowest value), and scatter the rows back to packed order, cast like q. Unlike the
-    reference it relies on the contract's finite pool contents instead of zeroing unseen slots.
+    Computes the reference's function with a cost that follows each sequence's own query length
+    instead of padding every sequence to the step's longest one. The B sequences fall in two
+    groups, and each group runs the same masked attention over its own padded shapes:
+
+    - short (1 to SHORT_MAX new tokens: decodes, a fork's two tokens): one row-block per
+      sequence, padded to the group's longest query and context;
+    - long (prefill chunks, draft trees): tiles of TILE consecutive new tokens of one sequence;
+      each tile sees its sequence's context and all of its new tokens.
+
+    Sequences with no new tokens (bucket padding) are in neither group. A mixed step of n
+    decodes and a prefill chunk of P tokens thus costs about n x ctx + P x (ctx + P), the sum of
+    its parts, instead of (n + 1) x P x (L + P). Keys are read through the block tables up to the
+    group's longest context only, not the tables' full width.
+
+    All index math reads only the step inputs shared by every layer (block_tables,
+    context_lens, query_start, mask) and the node's attributes, so after inlining ONNX Runtime's
+    common-subexpression elimination computes it once per step. Softmax runs in float32 over
+    scores masked with float32's lowest value; unlike the reference, unseen slots are not zeroed
+    (the contract keeps pool contents finite, so their probability of exactly 0 removes them).
+    Rows of padding compute finite garbage that no token reads.
     """
     import onnx
     from onnx import TensorProto, helper
 
     nodes: list = []
     counter = [0]
+    I64, F32 = TensorProto.INT64, TensorProto.FLOAT
 
     def op(op_type, inputs, n_out=1, **attrs):
         counter[0] += 1
@@ -83,98 +106,144 @@ def attention_function(opset: int):
         nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
         return outs[0] if n_out == 1 else outs
 
-    def const(name, values, dtype=TensorProto.INT64):
+    def const(name, values, dtype=I64):
         nodes.append(helper.make_node("Constant", [], [name],
                                       value=helper.make_tensor(name, dtype, [len(values)], values)))
         return name
 
     def scalar(name, value, dtype):
-        tensor = helper.make_tensor(name, dtype, [], [value])
-        nodes.append(helper.make_node("Constant", [], [name], value=tensor))
+        nodes.append(helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, [], [value])))
         return name
 
+    def attr_const(name, kind, attr_kind):
+        node = helper.make_node("Constant", [], [f"{name}_c"])
+        node.attribute.append(helper.make_attribute_ref(kind, attr_kind, ref_attr_name=name))
+        nodes.append(node)
+        return f"{name}_c"
+
     i0, i1, i2, i3 = (const(f"c{i}", [i]) for i in range(4))
-    zero, one = scalar("zero", 0, TensorProto.INT64), scalar("one", 1, TensorProto.INT64)
-    fmin = scalar("fmin", float.fromhex("-0x1.fffffep+127"), TensorProto.FLOAT)  # float32's lowest
-    minus1 = const("cm1", [-1])
-    big = const("cbig", [2 ** 62])
-    # scale comes from the node's attribute
-    scale_node = helper.make_node("Constant", [], ["scale_c"])
-    scale_node.attribute.append(helper.make_attribute_ref("value_float", onnx.AttributeProto.FLOAT,
-                                                          ref_attr_name="scale"))
-    nodes.append(scale_node)
+    zero, one = scalar("zero", 0, I64), scalar("one", 1, I64)
+    fmin = scalar("fmin", float.fromhex("-0x1.fffffep+127"), F32)  # float32's lowest
+    minus1, big = const("cm1", [-1]), const("cbig", [2 ** 62])
+    short_max, tile = const("cshort", [SHORT_MAX]), const("ctile", [TILE])
+    scale = attr_const("scale", "value_float", onnx.AttributeProto.FLOAT)
+
+    def attr_int(name):  # a [1] int64 tensor from the node's int attribute `name`
+        return op("Unsqueeze", [attr_const(name, "value_int", onnx.AttributeProto.INT), i0])
 
     def dim(x, axis):  # a [1] int64 tensor holding x.shape[axis]
         return op("Shape", [x], start=axis, end=axis + 1)
 
-    def sdim(x, axis):  # the same as a scalar
-        return op("Squeeze", [dim(x, axis), i0])
+    def sq(x):  # [1] -> scalar
+        return op("Squeeze", [x, i0])
 
-    # Index math reads only the step inputs shared by every layer (T from mask, not q), so that
-    # after inlining, ONNX Runtime's common-subexpression elimination computes it once per step.
-    def attr_int(name):  # a [1] int64 constant from the node's int attribute `name`
-        node = helper.make_node("Constant", [], [f"{name}_s"])
-        node.attribute.append(helper.make_attribute_ref("value_int", onnx.AttributeProto.INT, ref_attr_name=name))
-        nodes.append(node)
-        return op("Unsqueeze", [f"{name}_s", i0])
+    def arange(n1):  # 0 .. n-1 from a [1] tensor n
+        return op("Range", [zero, sq(n1), one])
 
-    T = dim("mask", 0)
+    def col(x):  # [n] -> [n, 1]
+        return op("Unsqueeze", [x, i1])
+
+    def row(x):  # [n] -> [1, n]
+        return op("Unsqueeze", [x, i0])
+
+    def reshape(x, dims):
+        return op("Reshape", [x, op("Concat", list(dims), axis=0)], allowzero=1)
+
+    def rank_of(ends, idx):  # for each idx, the number of `ends` entries <= it: [n]
+        le = op("LessOrEqual", [row(ends), col(idx)])
+        return op("ReduceSum", [op("Cast", [le], to=I64), i1], keepdims=0)
+
+    def group_max(flag, x):  # [1]: max of x over the sequences where flag (0 if none)
+        return op("ReduceMax", [op("Where", [flag, x, zero])], keepdims=1)
+
+    def ceil_div(a, b):
+        return op("Div", [op("Add", [a, op("Sub", [b, i1])]), b])
+
     Hq, Hkv, D, BS = (attr_int(a) for a in ("num_heads", "num_kv_heads", "head_size", "block_size"))
-    B, MB = dim("block_tables", 0), dim("block_tables", 1)
-    MQ = dim("mask", 1)
-    L = op("Mul", [MB, BS])
     group = op("Div", [Hq, Hkv])
+    T = dim("mask", 0)
+    t_last = op("Max", [op("Sub", [T, i1]), i0])
 
-    # Padded per-sequence views of the new tokens: [B, max_q].
-    qs = op("Cast", ["query_start"], to=TensorProto.INT64)
+    qs = op("Cast", ["query_start"], to=I64)
     q_start = op("Slice", [qs, i0, minus1, i0])                       # [B]
     q_end = op("Slice", [qs, i1, big, i0])                            # [B]
     q_len = op("Sub", [q_end, q_start])
-    j = op("Range", [zero, sdim("mask", 1), one])                     # [max_q]
-    new_idx = op("Add", [op("Unsqueeze", [q_start, i1]), op("Unsqueeze", [j, i0])])
-    t_last = op("Max", [op("Sub", [T, i1]), i0])
-    new_idx = op("Min", [new_idx, t_last])                            # [B, max_q]
-    new_valid = op("Less", [op("Unsqueeze", [j, i0]), op("Unsqueeze", [q_len, i1])])
+    ctx = op("Cast", ["context_lens"], to=I64)
+    is_short = op("And", [op("Greater", [q_len, zero]), op("LessOrEqual", [q_len, short_max])])
+    is_long = op("Greater", [q_len, short_max])
 
-    # Keys and values each sequence can see: cached positions, then its new tokens.
-    ctx = op("Cast", ["context_lens"], to=TensorProto.INT64)
-    pos = op("Range", [zero, op("Squeeze", [L, i0]), one])          # [L]
-    ctx_vis = op("Less", [op("Unsqueeze", [pos, i0]), op("Unsqueeze", [ctx, i1])])   # [B, L]
-    kv_shape = op("Concat", [B, L, Hkv, D], axis=0)
-    kc = op("Reshape", [op("Gather", ["k_cache", "block_tables"], axis=0), kv_shape])
-    vc = op("Reshape", [op("Gather", ["v_cache", "block_tables"], axis=0), kv_shape])
-    keys = op("Cast", [op("Concat", [kc, op("Gather", ["k", new_idx], axis=0)], axis=1)],
-              to=TensorProto.FLOAT)                                   # [B, K, Hkv, D], K = L + max_q
-    vals = op("Cast", [op("Concat", [vc, op("Gather", ["v", new_idx], axis=0)], axis=1)],
-              to=TensorProto.FLOAT)
-    # No zeroing of unseen slots: the contract keeps pool contents finite, so their probability of
-    # exactly 0 removes them (zeroing cost a quarter of a decode step on the CPU).
+    def attend(flag, seq, q0, rows, keys_new):
+        """Masked attention for N row-blocks of `rows` query rows each.
 
-    # Visibility for each padded query row: [B, max_q, L + max_q].
-    new_vis = op("And", [op("Gather", ["mask", new_idx], axis=0), op("Unsqueeze", [new_valid, i1])])
-    ctx_rows = op("Expand", [op("Unsqueeze", [ctx_vis, i1]), op("Concat", [B, MQ, L], axis=0)])
-    vis = op("Concat", [ctx_rows, new_vis], axis=2)
+        seq [N]: each block's sequence; q0 [N]: its first new-token offset in that sequence;
+        rows [1]: rows per block; keys_new [1]: how many of the sequence's new tokens each
+        block may see (its group's longest query). Returns [N * rows, Hq, D] float32.
+        """
+        s_start, s_len, s_ctx = (op("Gather", [x, seq], axis=0) for x in (q_start, q_len, ctx))
+        r = arange(rows)
+        jq = op("Add", [col(q0), row(r)])                                  # [N, R] offsets in seq
+        q_idx = op("Min", [op("Add", [col(s_start), jq]), t_last])         # [N, R] packed rows
+        jk = arange(keys_new)
+        k_idx = op("Min", [op("Add", [col(s_start), row(jk)]), t_last])    # [N, Qn] new-key rows
+        k_ok = op("Less", [row(jk), col(s_len)])                           # [N, Qn]
+        nblk = ceil_div(group_max(flag, ctx), BS)                          # [1] cached blocks read
+        L = op("Mul", [nblk, BS])
+        tables = op("Gather", [op("Slice", ["block_tables", i0, nblk, i1]), seq], axis=0)   # [N, nblk]
+        N = dim(seq, 0)
+        kv = []
+        for cache, new in (("k_cache", "k"), ("v_cache", "v")):
+            cached = reshape(op("Gather", [cache, tables], axis=0), [N, L, Hkv, D])
+            both = op("Concat", [cached, op("Gather", [new, k_idx], axis=0)], axis=1)   # [N, K, Hkv, D]
+            kv.append(op("Cast", [op("Transpose", [both], perm=[0, 2, 1, 3])], to=F32))  # [N, Hkv, K, D]
+        keys, vals = kv
+        # visibility [N, 1, R, 1, K]: cached positions < ctx, then the mask over new tokens
+        ctx_vis = op("Less", [row(arange(L)), col(s_ctx)])                 # [N, L]
+        ctx_vis = op("Expand", [op("Unsqueeze", [ctx_vis, i1]), op("Concat", [N, rows, L], axis=0)])
+        new_vis = op("Slice", [op("Gather", ["mask", q_idx], axis=0), i0, keys_new, i2])   # [N, R, Qn]
+        new_vis = op("And", [new_vis, op("Unsqueeze", [k_ok, i1])])
+        vis = op("Unsqueeze", [op("Concat", [ctx_vis, new_vis], axis=2), op("Concat", [i1, i3], axis=0)])
+        # queries [N, Hkv, R*G, D], query head h = kv * G + g
+        qp = op("Cast", [op("Gather", ["q", q_idx], axis=0)], to=F32)      # [N, R, Hq, D]
+        qp = op("Transpose", [reshape(qp, [N, rows, Hkv, group, D])], perm=[0, 2, 1, 3, 4])
+        qp = reshape(op("Mul", [qp, scale]), [N, Hkv, op("Mul", [rows, group]), D])
+        scores = op("MatMul", [qp, op("Transpose", [keys], perm=[0, 1, 3, 2])])    # [N, Hkv, R*G, K]
+        K = dim(scores, 3)
+        scores = op("Where", [vis, reshape(scores, [N, Hkv, rows, group, K]), fmin])
+        probs = reshape(op("Softmax", [scores], axis=-1), [N, Hkv, op("Mul", [rows, group]), K])
+        out = reshape(op("MatMul", [probs, vals]), [N, Hkv, rows, group, D])
+        out = op("Transpose", [out], perm=[0, 2, 1, 3, 4])                 # [N, R, Hkv, G, D]
+        return reshape(out, [op("Mul", [N, rows]), Hq, D])
 
-    # Scores per (kv head, group member): query head h = kv * group + g.
-    qp = op("Cast", [op("Gather", ["q", new_idx], axis=0)], to=TensorProto.FLOAT)
-    qp = op("Reshape", [qp, op("Concat", [B, MQ, Hkv, group, D], axis=0)])
-    qp = op("Transpose", [qp], perm=[0, 2, 3, 1, 4])                  # [B, Hkv, G, max_q, D]
-    kt = op("Unsqueeze", [op("Transpose", [keys], perm=[0, 2, 3, 1]), i2])   # [B, Hkv, 1, D, K]
-    scores = op("Mul", [op("MatMul", [qp, kt]), "scale_c"])           # [B, Hkv, G, max_q, K]
-    vis5 = op("Unsqueeze", [vis, op("Concat", [i1, i2], axis=0)])     # [B, 1, 1, max_q, K]
-    scores = op("Where", [vis5, scores, fmin])
-    probs = op("Softmax", [scores], axis=-1)
-    vt = op("Unsqueeze", [op("Transpose", [vals], perm=[0, 2, 1, 3]), i2])   # [B, Hkv, 1, K, D]
-    out = op("Transpose", [op("MatMul", [probs, vt])], perm=[0, 3, 1, 2, 4])  # [B, max_q, Hkv, G, D]
-    out = op("Reshape", [out, op("Concat", [op("Mul", [B, MQ]), Hq, D], axis=0)])  # [B*max_q, Hq, D]
+    # short group: one block per sequence, rows = the group's longest query
+    short_n = op("Cast", [is_short], to=I64)
+    short_end = op("CumSum", [short_n, zero])                           # inclusive
+    n_short = op("ReduceSum", [short_n], keepdims=1)
+    q_short = op("Max", [group_max(is_short, q_len), i1])
+    short_seq = rank_of(short_end, arange(n_short))                     # [Ns]
+    out_short = attend(is_short, short_seq, op("Mul", [short_seq, zero]), q_short, q_short)
 
-    # Scatter the valid padded rows back to packed order.
-    t = op("Range", [zero, sdim("mask", 0), one])                    # [T]
-    before = op("LessOrEqual", [op("Unsqueeze", [q_end, i0]), op("Unsqueeze", [t, i1])])   # [T, B]
-    seq = op("ReduceSum", [op("Cast", [before], to=TensorProto.INT64), i1], keepdims=0)     # [T]
-    pos_in_seq = op("Sub", [t, op("Gather", [q_start, seq], axis=0)])
-    row = op("Add", [op("Mul", [seq, op("Squeeze", [MQ, i0])]), pos_in_seq])
-    nodes.append(helper.make_node("CastLike", [op("Gather", [out, row], axis=0), "q"], ["out"]))
+    # long group: tiles of TILE rows
+    tiles = op("Where", [is_long, ceil_div(q_len, tile), zero])         # [B] tiles per sequence
+    tile_end = op("CumSum", [tiles, zero])
+    tile_begin = op("Sub", [tile_end, tiles])
+    tile_ids = arange(op("ReduceSum", [tiles], keepdims=1))
+    tile_seq = rank_of(tile_end, tile_ids)                              # [NT]
+    tile_q0 = op("Mul", [op("Sub", [tile_ids, op("Gather", [tile_begin, tile_seq], axis=0)]), tile])
+    q_long = group_max(is_long, q_len)
+    out_long = attend(is_long, tile_seq, tile_q0, tile, q_long)
+
+    # back to packed order: token t of sequence b at offset j is row rank*Qs + j (short) or
+    # Ns*Qs + tile_begin*TILE + j (long)
+    t = arange(T)
+    seq = rank_of(q_end, t)                                             # [T]
+    j = op("Sub", [t, op("Gather", [q_start, seq], axis=0)])
+    short_row = op("Add", [op("Mul", [op("Gather", [op("Sub", [short_end, short_n]), seq], axis=0),
+                                      q_short]), j])
+    long_row = op("Add", [op("Mul", [n_short, q_short]),
+                          op("Add", [op("Mul", [op("Gather", [tile_begin, seq], axis=0), tile]), j])])
+    rows = op("Where", [op("Gather", [is_short, seq], axis=0), short_row, long_row])
+    both = op("Concat", [out_short, out_long], axis=0)
+    nodes.append(helper.make_node("CastLike", [op("Gather", [both, rows], axis=0), "q"], ["out"]))
 
     return helper.make_function(
         OP_DOMAIN, OP_TYPE, list(OP_INPUTS), list(OP_OUTPUTS), nodes,
@@ -185,3 +254,28 @@ def attention_function(opset: int):
 def standard_op_types(function) -> set[tuple[str, str]]:
     """(domain, op_type) of every node in a FunctionProto (for checks and tests)."""
     return {(n.domain, n.op_type) for n in function.node}
+
+
+def attention_model(attrs: AttentionAttrs, dtype: str = "float32", opset: int = 18):
+    """A model of one `apar.TreePagedAttention` node plus its local function (tests, benchmarks).
+
+    Its inputs and output are the op's, named as in OP_INPUTS; q/k/v and the pools have `dtype`.
+    """
+    from onnx import TensorProto, helper
+
+    ft = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[dtype]
+    i32, b = TensorProto.INT32, TensorProto.BOOL
+    H, Hkv, D = attrs.num_heads, attrs.num_kv_heads, attrs.head_size
+    shapes = {"q": (ft, ["T", H, D]), "k": (ft, ["T", Hkv, D]), "v": (ft, ["T", Hkv, D]),
+              "k_cache": (ft, ["NB", attrs.block_size, Hkv, D]), "v_cache": (ft, ["NB", attrs.block_size, Hkv, D]),
+              "block_tables": (i32, ["B", "MB"]), "context_lens": (i32, ["B"]), "query_start": (i32, ["B1"]),
+              "mask": (b, ["T", "MQ"])}
+    inputs = [helper.make_tensor_value_info(n, *shapes[n]) for n in OP_INPUTS]
+    node = helper.make_node(OP_TYPE, list(OP_INPUTS), ["out"], domain=OP_DOMAIN, **attrs.as_dict())
+    graph = helper.make_graph([node], "tree_paged_attention", inputs,
+                              [helper.make_tensor_value_info("out", ft, ["T", H, D])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    helper.make_opsetid(OP_DOMAIN, OP_DOMAIN_VERSION)],
+                              functions=[attention_function(opset)])
+    model.ir_version = 9
+    return model

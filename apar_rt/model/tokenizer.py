@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
+from typing import Iterable
 
 from apar_rt.apar import CHILD_TOKEN, FORK_TOKEN, ControlTokens
 from apar_rt.config import ModelLoadError
@@ -16,13 +19,34 @@ def vicuna_v1_1_prompt(user: str, system: str = VICUNA_V1_1_SYSTEM) -> str:
     return f"{system} USER: {user} ASSISTANT:"
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, only: Iterable[str] | None = None):
+    """The folder's tokenizer. No code from the folder ever runs: a tokenizer that needs custom
+    code (`auto_map`) is refused with ModelLoadError, never prompted for.
+
+    only: read just these files of the folder (an engine folder's recorded files); the others
+    are ignored.
+    """
+    if only is None:
+        return _load_tokenizer(Path(path), Path(path))
+    with tempfile.TemporaryDirectory(prefix="apar-tokenizer-") as tmp:
+        for name in only:
+            src = Path(path, name)
+            if "/" not in name and "\\" not in name and src.is_file():
+                os.symlink(src.resolve(), Path(tmp, name))
+        return _load_tokenizer(Path(tmp), Path(path))
+
+
+def _load_tokenizer(folder: Path, shown: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a bad folder
-        raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {e}") from None
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise ModelLoadError(f"the tokenizer of {str(shown)!r} needs custom code from the folder (auto_map); "
+                                 "apar-rt never runs code from a model folder: use a built-in tokenizer class "
+                                 "(tokenizer_class in tokenizer_config.json)") from None
+        raise ModelLoadError(f"cannot load a tokenizer from {str(shown)!r}: {e}") from None
 
 
 def control_tokens(tokenizer, fork_id: int | None = None, child_id: int | None = None) -> ControlTokens:

@@ -16,8 +16,13 @@ def _weight_files(path: Path) -> list[Path]:
         if index.is_file():
             try:
                 shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise ModelLoadError(f"{index} is not a valid shard index: {e}") from None
+            root = path.resolve()
+            for s in shards:
+                if not isinstance(s, str) or not (path / s).resolve().is_relative_to(root):
+                    raise ModelLoadError(f"{index} names the shard {str(s)!r}, which is not inside the model "
+                                         "folder; a shard index may only name files in its own folder")
             files = [path / s for s in shards]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:

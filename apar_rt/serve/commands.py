@@ -20,11 +20,17 @@ from apar_rt.cli import (_engine_dir_defaults, _engine_kwargs, _fail_on_value_er
               help="Name(s) clients pass as `model` (default: the folder's name).")
 @click.option("--default-temperature", type=float, default=1.0, show_default=True,
               help="Temperature of requests that give none (OpenAI's default is 1.0; 0 is greedy).")
+@click.option("--api-key", envvar="APAR_RT_API_KEY", default=None, show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every /v1 route (as vLLM's --api-key).")
+@click.option("--protect-metrics", is_flag=True,
+              help="Require the API key on /metrics too (default: /metrics stays open for scrapers).")
+@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=4 << 20, show_default=True,
+              help="Largest request body; a larger one gets 413 before it is read.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @click.pass_context
 def serve(ctx, model, engine_dir, backend, dtype, device, host, port, served_names, default_temperature,
-          log_level, **kw):
+          api_key, protect_metrics, max_body_bytes, log_level, **kw):
     """Serve a model over an OpenAI-compatible HTTP API (streaming included).
 
     \b
@@ -52,8 +58,11 @@ def serve(ctx, model, engine_dir, backend, dtype, device, host, port, served_nam
     except ValueError as e:
         _fail_on_value_error(e)
     names = list(served_names) or [Path(path).resolve().name]
+    if protect_metrics and not api_key:
+        raise click.UsageError("--protect-metrics needs --api-key (or APAR_RT_API_KEY)")
     server = OpenAIServer(engine, names, host=host, port=port, log_level=log_level,
-                          default_temperature=default_temperature)
+                          default_temperature=default_temperature, api_key=api_key or None,
+                          protect_metrics=protect_metrics, max_body_bytes=max_body_bytes)
     click.echo(f"apar-rt serve: model {names[0]!r} ({backend}, {kw['mode']} mode) on http://{host}:{port}/v1",
                err=True)
     server.run()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import itertools
 import logging
 import queue
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 from apar_rt.core import SamplingParams
+from apar_rt.scheduler import RequestRejected
 from apar_rt.serve.streamer import BranchEvent, ReadingOrderStreamer
 
 log = logging.getLogger(__name__)
@@ -82,12 +84,15 @@ class RequestStream:
     """
 
     def __init__(self, owner: "EngineLoop", request_id: str,
-                 aio_loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 aio_loop: asyncio.AbstractEventLoop | None = None,
+                 sink: queue.SimpleQueue | None = None) -> None:
         self.request_id = request_id
+        self.prompt_tokens = 0         # set on admission
         self._owner = owner
         self._aio_loop = aio_loop
         self._aq: asyncio.Queue | None = asyncio.Queue() if aio_loop is not None else None
-        self._q: queue.SimpleQueue | None = None if aio_loop is not None else queue.SimpleQueue()
+        # a shared `sink` queue gathers the events of many streams (read them there, not here)
+        self._q: queue.SimpleQueue | None = None if aio_loop is not None else (sink or queue.SimpleQueue())
         self.finished = False          # set in the loop thread when the final event is queued
         self._cancelled = False
         self._ended = False            # the consumer has taken the final event
@@ -111,7 +116,10 @@ class RequestStream:
         """Abort the request; a no-op once it has finished or was cancelled."""
         if not self.finished and not self._cancelled:
             self._cancelled = True
-            self._owner._commands.put(("abort", self.request_id))
+            try:
+                self._owner._command("abort", self.request_id)
+            except RuntimeError:   # the loop is down: it has failed (or will fail) this request
+                pass
 
     def get(self, timeout: float | None = None) -> StreamEvent | None:
         """The next event (sync streams); None if none came within `timeout` seconds."""
@@ -159,9 +167,7 @@ class _Add:
     request_id: str
     prompt: str | None
     params: SamplingParams
-    prompt_token_ids: list[int] | None
-    messages: list[dict] | None
-    raw: bool
+    prompt_token_ids: list[int]     # prepared off the engine thread
     branches: bool
     stream: RequestStream
     future: concurrent.futures.Future
@@ -179,6 +185,10 @@ class EngineLoop:
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._stopping = False
+        self._closed = False                      # set (under _lock) once no command will be taken
+        self._lock = threading.Lock()
+        self._tokenizers: queue.SimpleQueue = queue.SimpleQueue()   # copies for `prepare` threads
+        self._max_prompt_chars = _max_prompt_chars(engine)
         self.error: BaseException | None = None   # set if the loop thread died
         self.stats = LoopStats(kv_blocks_total=engine.scheduler.pool.capacity)
 
@@ -189,11 +199,28 @@ class EngineLoop:
         return self
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the loop; requests still running end with an error."""
+        """Stop the loop; requests still running end with an error, and any later command
+        (submit, call) raises RuntimeError at once."""
         self._stopping = True
         self._commands.put(("wake", None))
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._drain("the server is shutting down")
+
+    def _command(self, kind: str, cmd) -> None:
+        """Queue a command for the loop thread; RuntimeError at once if the loop is not running."""
+        with self._lock:
+            if self._closed or self._stopping or not self._thread.is_alive():
+                raise RuntimeError(self._down_reason())
+            self._commands.put((kind, cmd))
+
+    def _down_reason(self) -> str:
+        if self.error is not None:
+            return f"the engine loop stopped after an internal error ({type(self.error).__name__})"
+        if not self._thread.is_alive() and not self._stopping:
+            return "the engine loop is not running (not started)"
+        return "the engine loop is not running (the server is shutting down)"
 
     def __enter__(self) -> "EngineLoop":
         return self.start()
@@ -210,9 +237,12 @@ class EngineLoop:
     def submit(self, prompt: str | None = None, params: SamplingParams | None = None, *,
                prompt_token_ids: Sequence[int] | None = None, messages: list[dict] | None = None,
                raw: bool = False, branches: bool = False,
-               aio_loop: asyncio.AbstractEventLoop | None = None) -> concurrent.futures.Future:
-        """Queue a request. The future gives its `RequestStream`, or raises the engine's
-        ValueError (RequestRejected) naming why the request cannot be served.
+               aio_loop: asyncio.AbstractEventLoop | None = None,
+               sink: queue.SimpleQueue | None = None) -> concurrent.futures.Future:
+        """Prepare a request in the caller's thread (templating and tokenizing happen here, never
+        on the engine thread) and queue it. The future gives its `RequestStream`, or raises the
+        ValueError (RequestRejected) naming why the request cannot be served. Raises RuntimeError
+        at once when the loop is not running.
 
         Args:
             prompt: text, templated unless `raw` (as `apar-rt generate`).
@@ -220,29 +250,92 @@ class EngineLoop:
             messages: chat messages [{"role", "content"}], templated by `chat_prompt_ids`.
             branches: also stream per-branch deltas (`StreamEvent.branches`).
             aio_loop: the event loop of an asyncio consumer.
+            sink: a queue shared by many requests that receives their events (each names its
+                request_id), for one consumer thread serving them all; the future then also
+                has `request_id` set, once the request is queued.
         """
         if not self.alive:
-            raise RuntimeError("the engine loop is not running")
-        rid = f"r{next(self._ids)}"
-        stream = RequestStream(self, rid, aio_loop)
+            raise RuntimeError(self._down_reason())
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("add", _Add(rid, prompt, params or SamplingParams(),
-                                        list(prompt_token_ids) if prompt_token_ids is not None else None,
-                                        messages, raw, branches, stream, fut)))
+        arrival = time.monotonic()
+        try:
+            ids = self.prepare(prompt, prompt_token_ids=prompt_token_ids, messages=messages, raw=raw)
+        except ValueError as e:
+            fut.set_exception(e)
+            return fut
+        except Exception as e:  # e.g. a chat template that fails to render
+            log.exception("a request could not be prepared")
+            fut.set_exception(ValueError(f"the request could not be prepared ({type(e).__name__}; "
+                                         "details are in the server log)"))
+            return fut
+        rid = f"r{next(self._ids)}"
+        stream = RequestStream(self, rid, aio_loop, sink)
+        fut.request_id = rid
+        self._command("add", _Add(rid, prompt, params or SamplingParams(), ids, branches, stream, fut,
+                                  arrival))
         return fut
+
+    def prepare(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
+                messages: list[dict] | None = None, raw: bool = False) -> list[int]:
+        """A request's prompt token ids, made in the calling thread with a private tokenizer copy.
+
+        A prompt far too long for the context is refused before tokenizing (ValueError), so a huge
+        prompt costs little even to its own sender.
+        """
+        if prompt_token_ids is not None:
+            ids = list(prompt_token_ids)
+        else:
+            chars = len(prompt or "") if messages is None else sum(len(m["content"]) for m in messages)
+            if chars > self._max_prompt_chars:
+                raise RequestRejected(
+                    f"the prompt has {chars} characters, far more than the model's context of "
+                    f"{self.engine.config.max_model_len} tokens can hold")
+            tok = self._take_tokenizer()
+            try:
+                if messages is not None:
+                    ids = chat_prompt_ids(tok, messages)
+                else:
+                    from apar_rt.model.tokenizer import encode_prompt
+                    ids = encode_prompt(tok, prompt or "", raw=raw)
+            finally:
+                self._tokenizers.put(tok)
+        max_len = self.engine.config.max_model_len
+        if len(ids) >= max_len:
+            raise RequestRejected(f"the prompt has {len(ids)} tokens, but the model's context is {max_len} "
+                                  "tokens (it must leave room for at least one new token)")
+        return ids
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` (no special tokens), in the calling thread."""
+        tok = self._take_tokenizer()
+        try:
+            return list(tok(text, add_special_tokens=False).input_ids)
+        finally:
+            self._tokenizers.put(tok)
+
+    def _take_tokenizer(self):
+        """A tokenizer no other thread is using: the engine's own is the engine thread's."""
+        try:
+            return self._tokenizers.get_nowait()
+        except queue.Empty:
+            return copy.deepcopy(self.engine.tokenizer)
 
     def add(self, *args, timeout: float | None = None, **kw) -> RequestStream:
         """`submit` and wait for admission; for threaded consumers."""
         return self.submit(*args, **kw).result(timeout)
 
     async def add_async(self, *args, **kw) -> RequestStream:
-        """`submit` and await admission; the stream is iterated with `async for`."""
-        return await asyncio.wrap_future(self.submit(*args, aio_loop=asyncio.get_running_loop(), **kw))
+        """`submit` (in a worker thread: tokenizing may take a while) and await admission; the
+        stream is iterated with `async for`."""
+        aio_loop = asyncio.get_running_loop()
+        fut = await asyncio.to_thread(self.submit, *args, aio_loop=aio_loop, **kw)
+        return await asyncio.wrap_future(fut)
 
     def call(self, fn: Callable[[Any], Any], timeout: float | None = 30.0) -> Any:
-        """Run fn(engine) in the loop thread, between steps, and return its result."""
+        """Run fn(engine) in the loop thread, between steps, and return its result. RuntimeError
+        at once when the loop is not running (or stops before running it)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("call", (fn, fut)))
+        self._command("call", (fn, fut))
         return fut.result(timeout)
 
     # ---- the loop thread ----
@@ -261,17 +354,22 @@ class EngineLoop:
             self.error = e
             self._stopping = True
         finally:
-            reason = (f"the engine loop stopped: {self.error!r}" if self.error
-                      else "the server is shutting down")
-            for rid in list(self._live):
-                self._fail(rid, reason)
-            while True:  # requests that were submitted but never taken
-                try:
-                    kind, cmd = self._commands.get_nowait()
-                except queue.Empty:
-                    break
-                if kind in ("add", "call"):
-                    fut = cmd.future if kind == "add" else cmd[1]
+            self._drain(self._down_reason() if self.error else "the server is shutting down")
+
+    def _drain(self, reason: str) -> None:
+        """Fail every live request and every command not taken; no command is accepted after."""
+        with self._lock:
+            self._closed = True
+        for rid in list(self._live):
+            self._fail(rid, reason)
+        while True:  # requests that were submitted but never taken
+            try:
+                kind, cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind in ("add", "call"):
+                fut = cmd.future if kind == "add" else cmd[1]
+                if not fut.done():
                     fut.set_exception(RuntimeError(reason))
 
     def _take_commands(self, block: bool) -> None:
@@ -285,34 +383,38 @@ class EngineLoop:
                 cmds.append(self._commands.get_nowait())
             except queue.Empty:
                 break
-        for kind, cmd in cmds:
-            if kind == "add":
-                self._add(cmd)
-            elif kind == "abort":
-                self._abort(cmd)
-            elif kind == "call":
-                fn, fut = cmd
-                try:
-                    fut.set_result(fn(self.engine))
-                except Exception as e:
-                    fut.set_exception(e)
+        for i, (kind, cmd) in enumerate(cmds):
+            try:
+                if kind == "add":
+                    self._add(cmd)
+                elif kind == "abort":
+                    self._abort(cmd)
+                elif kind == "call":
+                    fn, fut = cmd
+                    try:
+                        fut.set_result(fn(self.engine))
+                    except Exception as e:
+                        fut.set_exception(e)
+            except BaseException:   # the loop dies: give the untaken commands back, to be failed
+                for item in cmds[i:]:
+                    self._commands.put(item)
+                raise
 
     def _add(self, cmd: _Add) -> None:
         eng = self.engine
         try:
-            ids = cmd.prompt_token_ids
-            if cmd.messages is not None:
-                ids = chat_prompt_ids(eng.tokenizer, cmd.messages)
-            rid = eng.add_request(cmd.prompt, cmd.params, prompt_token_ids=ids, raw=cmd.raw,
+            rid = eng.add_request(cmd.prompt, cmd.params, prompt_token_ids=cmd.prompt_token_ids,
                                   request_id=cmd.request_id)
         except ValueError as e:
             cmd.future.set_exception(e)
             return
-        except Exception as e:  # e.g. a chat template that fails to render
+        except Exception as e:
             log.exception("request %s could not be added", cmd.request_id)
-            cmd.future.set_exception(ValueError(f"the request could not be prepared: {e}"))
+            cmd.future.set_exception(ValueError(f"the request could not be added ({type(e).__name__}; "
+                                                "details are in the server log)"))
             return
         req = eng._requests[rid]
+        cmd.stream.prompt_tokens = len(req.prompt_token_ids)
         self._live[rid] = _Live(cmd.stream, req, ReadingOrderStreamer.for_engine(eng, cmd.params.stop),
                                 cmd.branches, cmd.arrival, len(req.prompt_token_ids))
         cmd.future.set_result(cmd.stream)
@@ -343,11 +445,11 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:
+        except Exception:
             # A bug in the engine: the step's state is unknown, so fail what was running.
             log.exception("engine step failed")
             for rid in list(self._live):
-                self._fail(rid, f"internal error in the engine step: {e!r}")
+                self._fail(rid, "internal error in the engine step (details are in the server log)")
             return
         now = time.monotonic()
         for o in outputs:
@@ -363,12 +465,12 @@ class EngineLoop:
                 live.last_token_time = now
             req = live.request
             try:
-                text = live.streamer.finish(o.text or "") if o.finished else live.streamer.step(req.branches)
+                text = live.streamer.finish(o.text or "") if o.finished else live.streamer.step(req.branches, req.budget)
                 branch_events = (live.streamer.branch_events(req.branches, o.deltas) if live.want_branches
                                  else None)
-            except Exception as e:  # a detokenizer failure ends only this request
+            except Exception:  # a detokenizer failure ends only this request
                 log.exception("streaming %s failed", o.request_id)
-                self._fail(o.request_id, f"internal error while detokenizing: {e!r}")
+                self._fail(o.request_id, "internal error while detokenizing (details are in the server log)")
                 continue
             ev = StreamEvent(o.request_id, text, ntok, o.finished, prompt_tokens=live.prompt_tokens,
                              generated_tokens=req.generated_tokens, branches=branch_events)
@@ -400,6 +502,16 @@ class EngineLoop:
 
 
 # ---- prompts -----------------------------------------------------------------------------
+
+def _max_prompt_chars(engine) -> int:
+    """Characters beyond which a prompt cannot fit the context: no token spells more than the
+    longest vocabulary entry (x4 for normalizers that shrink text)."""
+    try:
+        longest = max((len(t) for t in engine.tokenizer.get_vocab()), default=16)
+    except Exception:
+        longest = 64
+    return 4 * max(longest, 1) * engine.config.max_model_len
+
 
 _ROLES = ("system", "user", "assistant")
 

@@ -7,11 +7,20 @@ Endpoints:
 
 Both POST endpoints stream (SSE, `"stream": true`) or not, with n=1, max_tokens
 (max_completion_tokens for chat), temperature, top_p, stop, seed, logit_bias, user,
-stream_options.include_usage, and `usage` in the answer. Extensions (flat fields; with the
-`openai` client pass them in `extra_body`): `top_k`, `ignore_eos`, `stop_token_ids`, and
-`apar_branches` (below). Fields OpenAI defines but apar-rt does not implement are accepted
-only at their neutral value (e.g. `echo: false`, `logprobs: null`, `presence_penalty: 0`);
-any other field is an error, as in OpenAI's own API.
+stream_options (include_usage; vLLM's continuous_usage_stats, which with include_usage puts the
+usage so far in every chunk; include_obfuscation, accepted and ignored), and `usage` in the
+answer. Extensions (flat fields; with the `openai` client pass them in `extra_body`): `top_k`,
+`ignore_eos`, `stop_token_ids`, and `apar_branches` (below). Fields OpenAI defines but apar-rt
+does not implement are accepted only at their neutral value (e.g. `echo: false`, `logprobs:
+null`, `presence_penalty: 0`); fields clients send that change nothing here (`store`, `metadata`,
+`service_tier`, `skip_special_tokens`, ...: `_IGNORED`) are ignored with a logged note; any other
+field is an error, as in OpenAI's own API.
+
+Validation (as vLLM's): a temperature below 1e-5 is greedy; numbers must be finite and in range
+(integers are range-checked before any cast); logit_bias keys are canonical decimal token ids,
+at most 300 of them. Bodies over `max_body_bytes` (4 MiB) get 413 before they are read; with an
+API key, every /v1 route (and /metrics if `protect_metrics`) wants `Authorization: Bearer KEY`.
+Prompts are templated and tokenized in worker threads, never on the engine's thread.
 
 Streaming order: APAR branches write at the same time. The standard stream sends the text
 in final reading order, each piece as soon as everything before it in the paragraph tree is
@@ -29,7 +38,8 @@ tree as "apar": {"branches": [{"id", "parent", "fork_index", "token_ids", "text"
 Chunks may then have an empty text delta.
 
 Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}, with status 400
-(bad request), 404 (unknown model or route), 405, 500 (server fault) or 503 (engine down); a
+(bad request, malformed JSON included), 401 (API key), 404 (unknown model or route), 405, 413
+(body too large), 500 (server fault; no internal detail is sent) or 503 (engine down); a
 failure after a stream has started is sent as a `data: {"error": ...}` event. A client that
 disconnects aborts its request, which frees its KV blocks at once.
 """
@@ -37,8 +47,10 @@ disconnects aborts its request, which frees its KV blocks at once.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -48,14 +60,17 @@ from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from apar_rt.core import SamplingParams
+from apar_rt.core import MAX_LOGIT_BIAS, SamplingParams
 from apar_rt.serve.engine_loop import EngineLoop, RequestStream, StreamEvent
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 4 << 20     # 4 MiB: larger request bodies get 413 before they are read
 
 
 class OpenAIError(Exception):
@@ -104,11 +119,39 @@ def _get(body: dict, key: str, check, what: str, default=None):
     return v
 
 
+_STREAM_OPTIONS = {"include_usage", "continuous_usage_stats", "include_obfuscation"}
+# Fields real clients send that change nothing apar-rt computes: accepted, and logged once.
+_IGNORED = {"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "request_id",
+            "priority", "skip_special_tokens", "spaces_between_special_tokens", "add_special_tokens"}
+_logged_ignored: set[str] = set()
+_TOKEN_ID = re.compile(r"(0|[1-9][0-9]{0,9})")     # a canonical decimal token id
+
+
+def _parse_logit_bias(body: dict) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias}; keys are canonical decimal ids, at most MAX_LOGIT_BIAS."""
+    bias = _get(body, "logit_bias", lambda v: isinstance(v, dict), "an object mapping token ids to numbers",
+                {})
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise OpenAIError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(bias)}",
+                          param="logit_bias")
+    out = {}
+    for k, v in bias.items():
+        if not _TOKEN_ID.fullmatch(k):
+            raise OpenAIError(f"logit_bias keys must be token ids written in decimal (like \"42\"), got "
+                              f"{json.dumps(k)[:40]}", param="logit_bias")
+        if not _is_num(v) or not -100 <= v <= 100:
+            raise OpenAIError(f"logit_bias values must be numbers in [-100, 100], got {json.dumps(v)[:40]} "
+                              f"for token {k}", param="logit_bias")
+        out[int(k)] = v
+    return out
+
+
 @dataclass(slots=True)
 class _Parsed:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    continuous_usage: bool
     branches: bool
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
@@ -116,9 +159,13 @@ class _Parsed:
 
 
 def _parse_common(body: dict, allowed: set[str], default_max_tokens: int, server: "_State") -> dict:
-    unknown = sorted(set(body) - allowed)
+    unknown = sorted(set(body) - allowed - _IGNORED)
     if unknown:
         raise OpenAIError(f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0])
+    for key in sorted(set(body) & _IGNORED - _logged_ignored):
+        _logged_ignored.add(key)
+        log.info("ignoring the request field %r (a client extension that does not change the output); "
+                 "logged once", key)
     for key, ok in _NEUTRAL.items():
         if key in body and key in allowed and body[key] not in ok:
             raise OpenAIError(f"{key}={json.dumps(body[key])} is not supported by apar-rt "
@@ -135,12 +182,17 @@ def _parse_common(body: dict, allowed: set[str], default_max_tokens: int, server
         raise OpenAIError(f"n must be 1 (apar-rt returns one choice per request), got {n}", param="n")
     stream = _get(body, "stream", lambda v: isinstance(v, bool), "a boolean", False)
     opts = _get(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
-    if set(opts) - {"include_usage"}:
-        raise OpenAIError(f"Unrecognized stream_options: {', '.join(sorted(set(opts) - {'include_usage'}))}",
-                          param="stream_options")
+    if set(opts) - _STREAM_OPTIONS:
+        raise OpenAIError(f"Unrecognized stream_options: {', '.join(sorted(set(opts) - _STREAM_OPTIONS))} "
+                          f"(known: {', '.join(sorted(_STREAM_OPTIONS))})", param="stream_options")
+    for key, v in opts.items():
+        if v is not None and not isinstance(v, bool):
+            raise OpenAIError(f"stream_options.{key} must be a boolean, got {json.dumps(v)[:40]}",
+                              param="stream_options")
     if opts and not stream:
         raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
     include_usage = bool(opts.get("include_usage", False))
+    continuous_usage = bool(opts.get("continuous_usage_stats", False))
     stop = body.get("stop")
     if stop is None:
         stop = ()
@@ -151,26 +203,17 @@ def _parse_common(body: dict, allowed: set[str], default_max_tokens: int, server
     temperature = _get(body, "temperature", _is_num, "a number", server.default_temperature)
     if not 0 <= temperature <= 2:
         raise OpenAIError(f"temperature must be between 0 and 2, got {temperature}", param="temperature")
-    bias = _get(body, "logit_bias", lambda v: isinstance(v, dict), "an object mapping token ids to numbers",
-                {})
-    logit_bias = {}
-    for k, v in bias.items():
-        try:
-            tok = int(k)
-        except ValueError:
-            raise OpenAIError(f"logit_bias keys must be token ids, got {k!r}", param="logit_bias") from None
-        if not _is_num(v):
-            raise OpenAIError(f"logit_bias values must be numbers, got {json.dumps(v)}", param="logit_bias")
-        logit_bias[tok] = float(v)
+    logit_bias = _parse_logit_bias(body)
     max_tokens = default_max_tokens
     for key in ("max_tokens", "max_completion_tokens"):
         if key in allowed and body.get(key) is not None:
             max_tokens = _get(body, key, _is_int, "an integer")
             if max_tokens < 1:
                 raise OpenAIError(f"{key} must be at least 1, got {max_tokens}", param=key)
-    kwargs = dict(max_tokens=max_tokens, temperature=float(temperature),
-                  top_p=float(_get(body, "top_p", _is_num, "a number", 1.0)),
-                  top_k=_get(body, "top_k", _is_int, "an integer", 0),
+    top_k = _get(body, "top_k", _is_int, "an integer", 0)
+    kwargs = dict(max_tokens=max_tokens, temperature=temperature,
+                  top_p=_get(body, "top_p", _is_num, "a number", 1.0),
+                  top_k=0 if top_k == -1 else top_k,     # -1 also disables it, as in vLLM
                   seed=_get(body, "seed", _is_int, "an integer"), stop=stop, logit_bias=logit_bias,
                   ignore_eos=_get(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean", False),
                   stop_token_ids=tuple(_get(body, "stop_token_ids",
@@ -182,7 +225,7 @@ def _parse_common(body: dict, allowed: set[str], default_max_tokens: int, server
     except ValueError as e:
         msg = str(e)
         raise OpenAIError(msg, param=next((k for k in kwargs if msg.startswith(k)), None)) from None
-    return dict(params=params, stream=stream, include_usage=include_usage,
+    return dict(params=params, stream=stream, include_usage=include_usage, continuous_usage=continuous_usage,
                 branches=_get(body, "apar_branches", lambda v: isinstance(v, bool), "a boolean", False))
 
 
@@ -210,6 +253,9 @@ def parse_chat(body: dict, server: "_State") -> _Parsed:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise OpenAIError("messages must be a non-empty list of {role, content} objects", param="messages")
+    if len(messages) >= server.max_model_len:   # every message takes at least one token
+        raise OpenAIError(f"{len(messages)} messages cannot fit the model's context of "
+                          f"{server.max_model_len} tokens", param="messages", code="context_length_exceeded")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
@@ -317,16 +363,99 @@ async def _cancel_on_disconnect(receive, stream: RequestStream) -> None:
             return
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
 async def _read_json(request: Request) -> dict:
+    """The body as a JSON object; OpenAIError (400) for anything else, with no internal detail."""
     raw = await request.body()
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OpenAIError(f"We could not parse the JSON body of your request ({e}). The body must be a "
-                          "JSON object.") from None
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise OpenAIError("We could not parse the JSON body of your request: it is nested too deeply.") \
+            from None
+    except json.JSONDecodeError as e:
+        raise OpenAIError(f"We could not parse the JSON body of your request ({e.msg} at character {e.pos}). "
+                          "The body must be a JSON object.") from None
+    except UnicodeDecodeError:
+        raise OpenAIError("We could not parse the JSON body of your request: it is not valid UTF-8.") \
+            from None
+    except ValueError as e:   # NaN/Infinity, or an integer beyond Python's 4300-digit limit
+        what = str(e) if "is not valid JSON" in str(e) else "a number in it is too long"
+        raise OpenAIError(f"We could not parse the JSON body of your request: {what}.") from None
     if not isinstance(body, dict):
         raise OpenAIError("The request body must be a JSON object.")
+    try:   # a lone surrogate (an unpaired \\ud800 escape) is no Unicode text: refuse it here, once
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise OpenAIError("The request body holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                          "escape); strings must be valid Unicode.") from None
     return body
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestGuard:
+    """ASGI middleware run before any handler reads a body: the API key (on /v1 routes, and on
+    /metrics if asked), then the body limit (413 from Content-Length before reading; a chunked
+    body is cut off as soon as it passes the limit)."""
+
+    def __init__(self, app, *, api_key: str | None = None, protect_metrics: bool = False,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.protect_metrics = protect_metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = dict(scope["headers"])
+        if self.api_key and (path == "/v1" or path.startswith("/v1/")
+                             or (self.protect_metrics and path == "/metrics")):
+            auth = headers.get(b"authorization", b"")
+            if not (auth[:7].lower() == b"bearer " and hmac.compare_digest(auth[7:].strip(), self.api_key)):
+                err = OpenAIError("Incorrect or missing API key: pass it as 'Authorization: Bearer KEY'.",
+                                  status=401, code="invalid_api_key")
+                return await _send_json(send, err, {"www-authenticate": "Bearer"})
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or len(length) > 18:
+                return await _send_json(send, OpenAIError("Content-Length is not a valid number."))
+            if int(length) > self.max_body_bytes:
+                return await _send_json(send, _too_large(self.max_body_bytes))
+            return await self.app(scope, receive, send)
+        seen = 0
+        limit = self.max_body_bytes
+
+        async def counted():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge()
+            return msg
+
+        return await self.app(scope, counted, send)
+
+
+def _too_large(limit: int) -> OpenAIError:
+    return OpenAIError(f"The request body is larger than this server's limit of {limit} bytes "
+                       "(apar-rt serve --max-body-bytes).", status=413, code="request_too_large")
+
+
+async def _send_json(send, err: OpenAIError, headers: dict | None = None) -> None:
+    body = json.dumps(err.body()).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]
+    hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _admit(state: _State, p: _Parsed) -> RequestStream:
@@ -347,9 +476,12 @@ async def _admit(state: _State, p: _Parsed) -> RequestStream:
 
 
 def build_app(loop: EngineLoop, model_names: str | list[str], metrics=None, *,
-              default_temperature: float = 1.0) -> Starlette:
+              default_temperature: float = 1.0, api_key: str | None = None, protect_metrics: bool = False,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
     """The ASGI app. `model_names`: the names clients may pass as `model` (the first is listed).
-    `default_temperature`: used when a request gives none (1.0, as OpenAI's API)."""
+    `default_temperature`: used when a request gives none (1.0, as OpenAI's API).
+    `api_key`: required as 'Authorization: Bearer KEY' on every /v1 route (and on /metrics when
+    `protect_metrics`). `max_body_bytes`: larger bodies get 413 before they are read."""
     names = (model_names,) if isinstance(model_names, str) else tuple(model_names)
     state = _State(loop, names, loop.engine.config.max_model_len, metrics, int(time.time()),
                    default_temperature)
@@ -374,8 +506,14 @@ def build_app(loop: EngineLoop, model_names: str | list[str], metrics=None, *,
         return await _complete(request, stream, p, chat, rid, created, model)
 
     async def _stream_events(stream, p: _Parsed, chat, rid, created, model) -> AsyncIterator[bytes]:
+        # vLLM's stream_options.continuous_usage_stats: usage so far in every chunk
+        every = p.include_usage and p.continuous_usage
         if chat:   # OpenAI's first chat chunk announces the role
-            yield _sse(_chunk("", True, rid, created, model, None, first=True))
+            first = _chunk("", True, rid, created, model, None, first=True)
+            if every:
+                first["usage"] = {"prompt_tokens": stream.prompt_tokens, "completion_tokens": 0,
+                                  "total_tokens": stream.prompt_tokens}
+            yield _sse(first)
         async for ev in stream:
             if ev.finished and ev.finish_reason in ("error", "abort"):
                 if ev.finish_reason == "error":
@@ -384,7 +522,10 @@ def build_app(loop: EngineLoop, model_names: str | list[str], metrics=None, *,
                 return      # abort: the client is gone
             finish = _finish_reason(ev) if ev.finished else None
             if ev.text or ev.branches or finish:
-                yield _sse(_chunk(ev.text, chat, rid, created, model, finish, ev.branches))
+                chunk = _chunk(ev.text, chat, rid, created, model, finish, ev.branches)
+                if every:
+                    chunk["usage"] = _usage(ev)
+                yield _sse(chunk)
             if ev.finished:
                 if p.include_usage:
                     yield _sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -448,8 +589,12 @@ def build_app(loop: EngineLoop, model_names: str | list[str], metrics=None, *,
                             status_code=exc.status_code)
 
     async def server_error(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error in %s", request.url.path)
-        return OpenAIError(f"internal server error: {exc!r}", status=500, type="server_error").response()
+        log.error("unhandled error in %s", request.url.path, exc_info=exc)
+        return OpenAIError("internal server error (details are in the server log)", status=500,
+                           type="server_error").response()
+
+    async def too_large(request: Request, exc: _BodyTooLarge) -> Response:
+        return _too_large(max_body_bytes).response()
 
     routes = [Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -457,7 +602,11 @@ def build_app(loop: EngineLoop, model_names: str | list[str], metrics=None, *,
               Route("/v1/models/{model_id:path}", model, methods=["GET"]),
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics_endpoint, methods=["GET"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    guard = Middleware(RequestGuard, api_key=api_key, protect_metrics=protect_metrics,
+                       max_body_bytes=max_body_bytes)
+    return Starlette(routes=routes, middleware=[guard],
+                     exception_handlers={HTTPException: http_error, _BodyTooLarge: too_large,
+                                         Exception: server_error})
 
 
 def _model_card(state: _State, name: str) -> dict:
@@ -471,13 +620,14 @@ class OpenAIServer:
     """The engine loop plus uvicorn, in the foreground (`run`) or a background thread (`start`)."""
 
     def __init__(self, engine, model_names: str | list[str], *, host: str = "127.0.0.1", port: int = 8000,
-                 log_level: str = "warning", default_temperature: float = 1.0) -> None:
+                 log_level: str = "warning", default_temperature: float = 1.0, api_key: str | None = None,
+                 protect_metrics: bool = False, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         from apar_rt.serve.metrics import ServingMetrics
 
         self.metrics = ServingMetrics(engine)
         self.loop = EngineLoop(engine, self.metrics)
-        self.app = build_app(self.loop, model_names, self.metrics,
-                             default_temperature=default_temperature)
+        self.app = build_app(self.loop, model_names, self.metrics, default_temperature=default_temperature,
+                             api_key=api_key, protect_metrics=protect_metrics, max_body_bytes=max_body_bytes)
         self.host, self.port, self.log_level = host, port, log_level
         self._server = None
         self._thread: threading.Thread | None = None

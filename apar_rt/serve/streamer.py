@@ -65,11 +65,12 @@ class ReadingOrderStreamer:
         return cls(_memo_decoder(engine.decode), engine.control, engine.special_ids, holdback,
                    join=engine.config.text_join)
 
-    def step(self, branches: Sequence[Branch]) -> str:
-        """The new settled text after a step."""
+    def step(self, branches: Sequence[Branch], budget: int | None = None) -> str:
+        """The new settled text after a step (`budget`: the request's output tokens in reading order)."""
         if self.diverged:
             return ""
-        now = settled_text(self.decode, branches, self.control, self.skip_ids, self.holdback, join=self.join)
+        now = settled_text(self.decode, branches, self.control, self.skip_ids, self.holdback, join=self.join,
+                           budget=budget)
         if not now.startswith(self.sent):
             # settled_text promises a growing prefix; if it ever does not, stop streaming
             # early and let `finish` send what it can.

@@ -14,7 +14,7 @@ Inputs (tensorrtllm_backend's names, plus apar-rt's):
 | name | type | default | meaning |
 |---|---|---|---|
 | text_input | STRING | required | the prompt |
-| max_tokens | INT32 | parameter default_max_tokens | new tokens over all branches |
+| max_tokens | INT32 | parameter default_max_tokens | output tokens: the tree's first N in reading order |
 | stream | BOOL | false | stream the text |
 | temperature | FP32 | 0 | 0 is greedy |
 | top_p | FP32 | 1 | 0 also disables it (TensorRT-LLM's convention) |
@@ -28,15 +28,23 @@ Inputs (tensorrtllm_backend's names, plus apar-rt's):
 | medusa | BOOL | false | true asserts the engine runs Medusa (an error if it has no heads); Medusa is
   set per model (parameter medusa) and its greedy verification is lossless |
 | raw | BOOL | parameter raw | feed the prompt as is (no chat template) |
+| exclude_input_in_output | BOOL | true | false: the output starts with the prompt (tensorrtllm_backend) |
+| return_log_probs, return_context_logits, return_generation_logits | BOOL | false | true is unsupported |
+| beam_width | INT32 | 1 | other values are unsupported |
+| min_length | INT32 | 0 | values above 1 are unsupported |
+| pad_id | INT32 | - | accepted and unused |
 
-A bad request gets a Triton error (INVALID_ARG) for that request only. A cancelled request
-(the client stopped its stream) is aborted and its KV blocks freed.
+A bad request gets a Triton error (INVALID_ARG) for that request only; a failure inside the
+engine fails only its own request (INTERNAL). A cancelled request (the client stopped its
+stream), or one whose response cannot be sent, is aborted and its KV blocks freed.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +52,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from apar_rt.core import SamplingParams
+from apar_rt.core import MAX_LOGIT_BIAS, SamplingParams
 from apar_rt.serve.engine_loop import EngineLoop, LoopStats
 
 log = logging.getLogger(__name__)
 
 INPUT_NAMES = ("text_input", "max_tokens", "stream", "temperature", "top_p", "top_k", "end_id", "stop_words",
-               "embedding_bias_words", "embedding_bias_weights", "random_seed", "mode", "medusa", "raw")
+               "embedding_bias_words", "embedding_bias_weights", "random_seed", "mode", "medusa", "raw",
+               "exclude_input_in_output", "return_log_probs", "return_context_logits",
+               "return_generation_logits", "beam_width", "min_length", "pad_id")
+# tensorrtllm_backend's optional inputs that clients such as genai-perf send: accepted at these
+# neutral values, answered as unsupported otherwise (pad_id is accepted at any value: no padding here)
+NEUTRAL_INPUTS: dict[str, tuple] = {"return_log_probs": (False,), "return_context_logits": (False,),
+                                    "return_generation_logits": (False,), "beam_width": (1,),
+                                    "min_length": (0, 1)}
 
 # config.pbtxt parameters -> (type, default)
 # (None: not given; the engine's default, or an engine folder's manifest, applies)
@@ -98,6 +113,7 @@ class TritonRequest:
     raw: bool
     stream: bool
     medusa: bool
+    include_input: bool = False     # exclude_input_in_output false: the prompt starts the output
 
 
 def _scalar(inputs: dict[str, np.ndarray], name: str, kind: str):
@@ -151,6 +167,11 @@ def parse_inputs(inputs: dict[str, np.ndarray], *, engine_mode: str,
     prompt = _scalar(inputs, "text_input", "str")
     if prompt is None:
         raise ValueError("input text_input is required")
+    for name, ok in NEUTRAL_INPUTS.items():
+        v = _scalar(inputs, name, "bool" if name.startswith("return_") else "int")
+        if v is not None and v not in ok:
+            raise ValueError(f"input {name}={v} is not supported by apar-rt "
+                             f"(supported: {', '.join(str(x).lower() for x in ok)})")
     mode = _scalar(inputs, "mode", "str") or engine_mode
     if mode not in ("apar", "ar"):
         raise ValueError(f"input mode must be 'apar' or 'ar', got {mode!r}")
@@ -166,6 +187,8 @@ def parse_inputs(inputs: dict[str, np.ndarray], *, engine_mode: str,
     words = _strings(inputs, "embedding_bias_words")
     weights = [] if inputs.get("embedding_bias_weights") is None else \
         [float(w) for w in np.asarray(inputs["embedding_bias_weights"]).reshape(-1)]
+    if len(words) > MAX_LOGIT_BIAS:
+        raise ValueError(f"embedding_bias_words may hold at most {MAX_LOGIT_BIAS} entries, got {len(words)}")
     if len(words) != len(weights):
         raise ValueError(f"embedding_bias_words has {len(words)} entries but embedding_bias_weights has "
                          f"{len(weights)}")
@@ -176,18 +199,25 @@ def parse_inputs(inputs: dict[str, np.ndarray], *, engine_mode: str,
         for t in ids:
             bias[t] = bias.get(t, 0.0) + weight
     max_tokens = _scalar(inputs, "max_tokens", "int")
+    top_k = _scalar(inputs, "top_k", "int")
+    for name, v in (("max_tokens", max_tokens), ("top_k", top_k)):
+        if v is not None and v < 0:
+            raise ValueError(f"input {name} must be >= 0 and below 2^31, got {v} (a JSON value of 2^31 or "
+                             "more wraps negative in an INT32 input)")
     seed = _scalar(inputs, "random_seed", "int")
     temperature = _scalar(inputs, "temperature", "float")
     params = SamplingParams(
         max_tokens=default_max_tokens if max_tokens is None else max_tokens,
         temperature=0.0 if temperature is None else temperature,
         top_p=1.0 if top_p is None or top_p == 0.0 else top_p,
-        top_k=_scalar(inputs, "top_k", "int") or 0,
+        top_k=top_k or 0,
         seed=seed, stop=stop, stop_token_ids=() if end_id is None or end_id < 0 else (end_id,),
         ignore_eos=end_id == -1, logit_bias=bias, mode=mode)
     raw = _scalar(inputs, "raw", "bool")
+    exclude = _scalar(inputs, "exclude_input_in_output", "bool")
     return TritonRequest(prompt, params, raw_default if raw is None else raw,
-                         bool(_scalar(inputs, "stream", "bool")), medusa)
+                         bool(_scalar(inputs, "stream", "bool")), medusa,
+                         include_input=exclude is False)
 
 
 class Sender(Protocol):
@@ -218,15 +248,26 @@ class _Counts:
 
 
 class TritonServing:
-    """One engine in a loop thread, serving the Triton model's requests."""
+    """One engine in a loop thread, serving the Triton model's requests.
 
-    def __init__(self, engine, *, default_max_tokens: int = 256, raw: bool = False) -> None:
+    One relay thread (not one per request) sends every request's responses: the engine loop
+    puts all requests' events into one queue, and the relay also polls for cancellation. A send
+    that fails (the client went away) cancels the request, which frees its KV blocks.
+    """
+
+    def __init__(self, engine, *, default_max_tokens: int = 256, raw: bool = False,
+                 poll_seconds: float = 0.1) -> None:
         self.engine = engine
         self.counts = _Counts()
         self.loop = EngineLoop(engine, self.counts, name="apar-triton-engine").start()
         self.default_max_tokens = default_max_tokens
         self.raw = raw
         self.has_medusa = getattr(engine, "verifier", None) is not None
+        self._sink: queue.SimpleQueue = queue.SimpleQueue()
+        self._poll = poll_seconds
+        self._closing = False
+        self._relay_thread = threading.Thread(target=self._relay, name="apar-triton-relay", daemon=True)
+        self._relay_thread.start()
 
     @classmethod
     def from_parameters(cls, params: dict[str, Any], model_dir: str | Path | None = None) -> "TritonServing":
@@ -259,62 +300,139 @@ class TritonServing:
                                         device=params["device"] or None, medusa=medusa, **kwargs)
         return cls(engine, default_max_tokens=params["default_max_tokens"], raw=params["raw"])
 
-    def _tokenize(self, word: str) -> list[int]:
-        # in the engine's thread: the tokenizer is not safe to share across threads
-        return self.loop.call(lambda e: list(e.tokenizer(word, add_special_tokens=False).input_ids))
-
     def submit(self, inputs: dict[str, np.ndarray], sender: Sender, parameters: dict | None = None) -> None:
-        """Validate and queue one request; its responses go out through `sender`."""
+        """Validate and queue one request; its responses go out through `sender`. Never blocks
+        on the engine: a request the loop cannot take (it is down) is answered at once."""
         try:
             req = parse_inputs(inputs, engine_mode=self.engine.config.mode,
                                default_max_tokens=self.default_max_tokens, raw_default=self.raw,
-                               has_medusa=self.has_medusa, parameters=parameters, tokenize=self._tokenize)
-            fut = self.loop.submit(req.prompt, req.params, raw=req.raw)
+                               has_medusa=self.has_medusa, parameters=parameters, tokenize=self.loop.tokenize)
+            fut = self.loop.submit(req.prompt, req.params, raw=req.raw, sink=self._sink)
         except ValueError as e:
-            sender.error(str(e))
+            _answer_error(sender, str(e))
             return
-        except RuntimeError as e:
-            sender.error(str(e), internal=True)
+        except RuntimeError as e:     # the engine loop is down
+            _answer_error(sender, str(e), internal=True)
             return
-        threading.Thread(target=self._relay, args=(fut, sender, req.stream), daemon=True,
-                         name="apar-triton-relay").start()
+        except Exception:
+            log.exception("a Triton request could not be prepared")
+            _answer_error(sender, "internal error while preparing this request (details are in the "
+                                  "server log)", internal=True)
+            return
+        self._sink.put(_New(fut, sender, req.stream, req.prompt if req.include_input else ""))
 
-    def _relay(self, fut, sender: Sender, stream_mode: bool) -> None:
+    # ---- the relay thread ----
+
+    def _relay(self) -> None:
+        live: dict[str, _Relayed] = {}          # request id -> its relay state
+        early: dict[str, list] = {}             # events that came before their request's _New
+        admitting: list[_New] = []              # queued, not yet admitted (or refused)
+        next_poll = time.monotonic() + self._poll
+        while not (self._closing and not live and not admitting):
+            try:
+                item = self._sink.get(timeout=self._poll)
+            except queue.Empty:
+                item = None
+            try:
+                if isinstance(item, _New):
+                    admitting.append(item)
+                elif item is not None:
+                    r = live.get(item.request_id)
+                    if r is None:
+                        early.setdefault(item.request_id, []).append(item)
+                    elif self._deliver(r, item):
+                        del live[item.request_id]
+                for new in [n for n in admitting if n.future.done()]:
+                    admitting.remove(new)
+                    r = self._admitted(new)
+                    if r is None:
+                        early.pop(getattr(new.future, "request_id", None), None)
+                        continue
+                    live[r.stream.request_id] = r
+                    for ev in early.pop(r.stream.request_id, ()):
+                        if self._deliver(r, ev):
+                            del live[r.stream.request_id]
+                            break
+                now = time.monotonic()
+                if now >= next_poll:
+                    next_poll = now + self._poll
+                    for rid, r in list(live.items()):
+                        if _safe(r.sender.cancelled):
+                            r.stream.cancel()      # the loop answers with an abort event
+            except Exception:   # never let one request's failure stop the relay
+                log.exception("the Triton relay failed on an item")
+
+    def _admitted(self, new: "_New") -> "_Relayed | None":
+        """The relay state of an admitted request, or None after answering a refused one."""
         try:
-            try:
-                stream = fut.result()
-            except ValueError as e:
-                sender.error(str(e))
-                return
-            except RuntimeError as e:
-                sender.error(str(e), internal=True)
-                return
-            parts: list[str] = []
-            while True:
-                ev = stream.get(timeout=0.1)
-                if sender.cancelled():
-                    stream.cancel()
-                if ev is None:
-                    continue
-                if ev.finished:
-                    if ev.finish_reason == "error":
-                        sender.error(ev.error or "the request failed", internal=ev.internal_error)
-                    elif ev.finish_reason == "abort":
-                        sender.close()
-                    else:
-                        sender.send(ev.text if stream_mode else "".join(parts) + ev.text, final=True)
-                    return
-                if stream_mode:
-                    if ev.text:
-                        sender.send(ev.text, final=False)
+            stream = new.future.result()
+        except ValueError as e:
+            _answer_error(new.sender, str(e))
+            return None
+        except Exception as e:
+            _answer_error(new.sender, str(e) if isinstance(e, RuntimeError) else "internal error",
+                          internal=True)
+            return None
+        return _Relayed(stream, new.sender, new.stream_mode, [new.prefix] if new.prefix else [])
+
+    def _deliver(self, r: "_Relayed", ev) -> bool:
+        """Send one event's response; True once the request is done (answered, or failed to send)."""
+        try:
+            if ev.finished:
+                if ev.finish_reason == "error":
+                    r.sender.error(ev.error or "the request failed", internal=ev.internal_error)
+                elif ev.finish_reason == "abort":
+                    r.sender.close()
                 else:
-                    parts.append(ev.text)
-        except Exception:  # a failure to send (e.g. the client went away) ends only this request
-            log.exception("relaying a response failed")
-            try:
-                sender.close()
-            except Exception:
-                pass
+                    text = "".join(r.parts) + ev.text
+                    r.sender.send(text, final=True)
+                return True
+            if r.stream_mode:
+                text = "".join(r.parts) + ev.text
+                r.parts.clear()
+                if text:
+                    r.sender.send(text, final=False)
+            else:
+                r.parts.append(ev.text)
+            return False
+        except Exception:  # a failed send (e.g. the client went away): cancel, which frees its KV
+            log.warning("sending a response for %s failed; cancelling it", r.stream.request_id, exc_info=True)
+            r.stream.cancel()
+            _safe(r.sender.close)
+            return True
 
     def close(self) -> None:
-        self.loop.close()
+        self.loop.close()            # fails what is still running: the relay answers those
+        self._closing = True
+        self._relay_thread.join(5)
+
+
+@dataclass(slots=True)
+class _New:
+    future: Any
+    sender: Sender
+    stream_mode: bool
+    prefix: str                       # the prompt, when the output must include it
+
+
+@dataclass(slots=True)
+class _Relayed:
+    stream: Any                       # the RequestStream (its events arrive through the sink)
+    sender: Sender
+    stream_mode: bool
+    parts: list[str]                  # text not sent yet
+
+
+def _safe(fn) -> Any:
+    try:
+        return fn()
+    except Exception:
+        log.warning("a response-sender call failed", exc_info=True)
+        return None
+
+
+def _answer_error(sender: Sender, message: str, internal: bool = False) -> None:
+    try:
+        sender.error(message, internal=internal)
+    except Exception:
+        log.warning("could not send an error response", exc_info=True)

@@ -61,7 +61,7 @@ def data_format_cmd(input_path: Path, output_path: Path, tokenizer_dir: Path | N
 
         from apar_rt.train.trainer import encode_example
 
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
         missing = [t for t in (df.FORK, df.CHILD) if t not in tok.get_vocab()]
         if missing:
             tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)

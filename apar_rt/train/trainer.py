@@ -137,8 +137,8 @@ def load_for_training(model_dir: str, tokenizer_dir: str | None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
     if tok.bos_token_id is None or tok.eos_token_id is None:
         raise ValueError(f"the tokenizer in {tokenizer_dir or model_dir!r} needs BOS and EOS tokens")
     if tok.pad_token_id is None:

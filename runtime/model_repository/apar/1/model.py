@@ -6,12 +6,19 @@ wraps each response sender, and exports a few engine gauges as Triton custom met
 """
 
 import json
+import os
+import sys
 import threading
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
+# tritonserver's working directory may hold a folder named like a package we import (say
+# `triton`, the kernel language): drop the current directory from the import path first.
+sys.path[:] = [p for p in sys.path if p not in ("", ".")
+               and (os.path.abspath(p) != os.getcwd() or os.path.isdir(os.path.join(p, "apar_rt")))]
 
-from apar_rt.serve.triton_adapter import TritonServing, model_parameters
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from apar_rt.serve.triton_adapter import TritonServing, model_parameters  # noqa: E402
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

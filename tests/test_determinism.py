@@ -1,0 +1,89 @@
+"""Greedy output is a function of the request alone, including outputs cut by max_tokens.
+
+Each test runs the same requests under two loads that schedule branches differently (pool size
+and preemption, max_num_seqs, concurrent arrivals) with a max_tokens small enough to cut the
+trees, and compares tokens, tree and text. Under the old shared budget (whichever branch was
+scheduled got the last tokens) these differed; under the reading-order budget they must not.
+Medusa on/off and torch vs onnxruntime live beside their fixtures (test_medusa.py,
+test_onnxruntime_backend.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from apar_rt import LLM, SamplingParams
+from apar_rt.apar import reading_order_counts
+from apar_rt.core import Branch
+
+PROMPTS = ["the list of water and sleep", "one two three", "tree fork model data run build code test",
+           "first tip", "a plan for food and walk and read", "note step tip plan idea"]
+
+
+def fork_id(tok):
+    return tok.convert_tokens_to_ids("[SplitMask]")
+
+
+def same(a, b):
+    assert [o.branches for o in a] == [o.branches for o in b]
+    assert [o.text for o in a] == [o.text for o in b]
+    assert [o.finish_reason for o in a] == [o.finish_reason for o in b]
+    assert [o.stats["generated_tokens"] for o in a] == [o.stats["generated_tokens"] for o in b]
+
+
+def test_tiny_pool_with_preemption_matches_a_roomy_one(tiny_gqa):
+    path, _, tok = tiny_gqa
+    params = SamplingParams(max_tokens=18, logit_bias={fork_id(tok): 4.0})
+    tight = LLM(str(path), raw=True, num_blocks=14, block_size=4, max_num_tokens=12, max_num_seqs=3)
+    roomy = LLM(str(path), raw=True, num_blocks=1024, block_size=4, max_num_tokens=4096, max_num_seqs=256)
+    got, want = tight.generate(PROMPTS, params), roomy.generate(PROMPTS, params)
+    assert tight.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    assert sum(o.stats["forks"] for o in want) >= 3, "the bias was meant to make forks happen"
+    assert any(o.finish_reason.value == "length" for o in want), "max_tokens was meant to cut outputs"
+    same(got, want)
+    assert all(sum(len(b["token_ids"]) for b in o.branches) == o.stats["generated_tokens"] <= 18 for o in got)
+
+
+def test_one_request_at_a_time_matches_sixteen_at_once(tiny_gqa):
+    """The engine loop as the servers drive it: 16 concurrent streams vs one after another."""
+    from apar_rt.engine import Engine
+    from apar_rt.serve.engine_loop import EngineLoop
+
+    path, _, tok = tiny_gqa
+    params = SamplingParams(max_tokens=16, logit_bias={fork_id(tok): 4.0})
+    engine = Engine.from_pretrained(path, dtype="float32", device="cpu", max_num_seqs=8, max_num_tokens=64,
+                                    num_blocks=96, block_size=4)
+    prompts = (PROMPTS * 3)[:16]
+
+    def final(stream):
+        for ev in stream:
+            if ev.finished:
+                return ev.output
+
+    with EngineLoop(engine) as loop:
+        alone = [final(loop.add(p, params, raw=True, timeout=30)) for p in prompts]
+        streams = [loop.add(p, params, raw=True, timeout=30) for p in prompts]
+        together = [final(s) for s in streams]
+    assert any(o.finish_reason.value == "length" for o in alone)
+    assert sum(o.stats["forks"] for o in alone) >= 3
+    same(together, alone)
+
+
+def _branch(i, parent, fork_index, n):
+    return Branch(id=i, parent=parent, fork_index=fork_index, depth=0 if parent is None else 1, prefix=[],
+                  token_ids=list(range(n)))
+
+
+def test_reading_order_counts_by_hand():
+    # root: 6 tokens with children at its tokens 1 and 4; child 1 has a grandchild at its token 0.
+    # Reading order: r0 r1 | c1: a0 | g: 3 tokens | a1 a2 | r2 r3 r4 | c2: 2 tokens | r5
+    br = [_branch(0, None, None, 6), _branch(2, 0, 4, 2), _branch(1, 0, 1, 3), _branch(3, 1, 0, 3)]
+    br = sorted(br, key=lambda b: b.id)
+    full = {0: 6, 1: 3, 2: 2, 3: 3}
+    assert reading_order_counts(br, None) == full
+    assert reading_order_counts(br, 14) == full
+    assert reading_order_counts(br, 2) == {0: 2, 1: 0, 2: 0, 3: 0}
+    assert reading_order_counts(br, 3) == {0: 2, 1: 1, 2: 0, 3: 0}
+    assert reading_order_counts(br, 6) == {0: 2, 1: 1, 2: 0, 3: 3}
+    assert reading_order_counts(br, 11) == {0: 5, 1: 3, 2: 0, 3: 3}
+    assert reading_order_counts(br, 12) == {0: 5, 1: 3, 2: 1, 3: 3}
