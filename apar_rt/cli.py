@@ -224,12 +224,48 @@ def bench() -> None:
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
 @click.option("--engine", "engine_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Run apar-rt's side on this engine folder of the same model (e.g. onnxruntime).")
+@click.option("--peer", type=click.Choice(["transformers", "onnxruntime-genai"]), default="transformers",
+              show_default=True,
+              help="The engine to compare with. onnxruntime-genai: apar-rt's onnxruntime engine against the "
+                   "model onnxruntime-genai's own builder makes from MODEL (fp32, cpu), AR tokens/s and, with "
+                   "--prompts, APAR requests/s against the peer's AR (install: pip install onnxruntime-genai).")
+@click.option("--peer-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep the peer's built model here (reused when present; default: a temporary folder).")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="With --peer onnxruntime-genai: also time this prompt set (JSONL, e.g. "
+                   "samples/prompts/heldout.jsonl), apar-rt APAR against the peer's AR, EOS honoured.")
+@click.option("--apar-max-tokens", type=int, default=256, show_default=True,
+              help="max_tokens per request of the --prompts runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, engine_dir, as_json):
-    """tokens/s of apar-rt generate against transformers generate, side by side."""
+def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, engine_dir, peer, peer_dir,
+                       prompts_file, apar_max_tokens, as_json):
+    """tokens/s of apar-rt generate against a peer engine (transformers or onnxruntime-genai), side by side.
+
+    \b
+    Examples:
+      apar-rt bench generate --model samples/models/apar-tiny --batch-sizes 1,8,32
+      apar-rt bench generate --model samples/models/apar-tiny --peer onnxruntime-genai --threads 1 \\
+          --batch-sizes 1,8,32 --prompts samples/prompts/heldout.jsonl
+    """
+    sizes = _positive_ints(batch_sizes, "--batch-sizes")
+    if peer == "onnxruntime-genai":
+        from apar_rt.bench.peer import PeerUnavailable, bench_peer, format_rows as peer_rows
+
+        if mode != "ar":
+            raise click.BadParameter("with --peer onnxruntime-genai the tokens/s rows are AR (the peer has no "
+                                     "APAR); APAR is timed on --prompts", param_hint="--mode")
+        try:
+            rows = bench_peer(model, engine=engine_dir, peer_dir=peer_dir, batch_sizes=sizes,
+                              max_tokens=max_tokens, repeats=repeats, threads=threads, prompts_file=prompts_file,
+                              apar_max_tokens=apar_max_tokens, log=lambda m: click.echo(m, err=True))
+        except PeerUnavailable as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(json.dumps(rows, indent=1) if as_json else peer_rows(rows))
+        return
+    if prompts_file:
+        raise click.BadParameter("--prompts needs --peer onnxruntime-genai", param_hint="--prompts")
     from apar_rt.bench.generate import bench_generate, format_rows
 
-    sizes = _positive_ints(batch_sizes, "--batch-sizes")
     rows = bench_generate(model, sizes, max_tokens, repeats, mode=mode, threads=threads, engine=engine_dir)
     click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))
 

@@ -150,6 +150,7 @@ class OnnxRuntimeBackend(Backend):
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
         self._bufs: dict = {}             # backend-owned input/output buffers, by name (see _buffer)
+        self._bound: dict = {}            # name -> (pointer, shape, dtype) bound now (see _bind)
         self._ran = False                 # a forward ran: its new K/V are in self._new_kv (commit_kv)
         self._medusa = None               # the last forward's Medusa logits
 
@@ -206,8 +207,12 @@ class OnnxRuntimeBackend(Backend):
             ptr, dt = buf.ctypes.data, buf.dtype.type
         else:
             ptr, dt = buf.data_ptr(), _NUMPY[buf.dtype]
+        key = (ptr, tuple(shape), dt)
+        if self._bound.get(name) == key:   # bindings persist across runs: most decode steps rebind nothing
+            return
         bind = self._io.bind_input if input else self._io.bind_output
         bind(name, self._dev_type, self._dev_id, dt, shape, ptr)
+        self._bound[name] = key
 
     def _stage_inputs(self, feeds: step_io.StepFeeds) -> None:
         """Copy the step inputs into backend-owned buffers on the device and bind them."""

@@ -84,6 +84,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     model.load_state_dict({k: t.to(dtype) for k, t in state.items()}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    from apar_rt.model.llama import rope_inv_freq
-    model.inv_freq = rope_inv_freq(cfg)
+    from apar_rt.model.llama import half_swap, rope_inv_freq
+    model.inv_freq = rope_inv_freq(cfg)   # buffers built on the meta device
+    model.rope_swap = half_swap(cfg.head_dim)
     return model.to(device).eval(), cfg

@@ -1,0 +1,203 @@
+"""Side by side with onnxruntime-genai: the same HF folder, prompts and lengths, runs interleaved.
+
+apar-rt runs its onnxruntime engine (built from the folder, or `--engine`); the peer runs the
+model that onnxruntime-genai's own builder makes from the same folder
+(`python -m onnxruntime_genai.models.builder -i MODEL -o DIR -p fp32 -e cpu`). Both get the same
+token ids (apar-rt's encoding of each prompt; the peer gets them right-padded into one batch, its
+static batching, as its own encode_batch pads) and the same intra-op thread count. Runs alternate (apar-rt, peer, apar-rt, ...)
+so that machine noise hits both alike, and medians are reported.
+
+Two measures:
+* AR tokens/s: every request decodes exactly `max_tokens` tokens (EOS ignored on both sides);
+* requests/s on a prompt set (the held-out prompts): apar-rt in `--mode apar` against the peer's
+  AR, both stopping at EOS or `max_tokens`, `batch` requests at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PEER = "onnxruntime-genai"
+INSTALL_HINT = "pip install onnxruntime-genai  (or: pip install 'apar-rt[peer]')"
+
+
+class PeerUnavailable(RuntimeError):
+    """The peer engine is not installed or its builder failed."""
+
+
+def import_genai():
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise PeerUnavailable(f"the peer {PEER} is not installed; install it with: {INSTALL_HINT}") from None
+    return og
+
+
+def build_peer_model(model: str, out: Path, threads: int | None = None, log=print) -> Path:
+    """onnxruntime-genai's fp32 CPU model of `model` in `out` (kept when already built there)."""
+    import_genai()
+    out = Path(out)
+    if not (out / "genai_config.json").exists():
+        log(f"building the {PEER} model with its own builder into {out}")
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out),
+               "-p", "fp32", "-e", "cpu", "-c", str(out / "cache")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise PeerUnavailable(f"{PEER}'s builder failed on {model!r}:\n{res.stderr[-2000:]}")
+    cfg_path = out / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    opts = cfg["model"]["decoder"].setdefault("session_options", {})
+    if threads:
+        opts["intra_op_num_threads"] = threads
+    else:
+        opts.pop("intra_op_num_threads", None)
+    cfg_path.write_text(json.dumps(cfg, indent=4))
+    return out
+
+
+class Peer:
+    """onnxruntime-genai's generator over a batch of token-id prompts (greedy)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        og = import_genai()
+        self.og = og
+        self.model = og.Model(str(model_dir))
+        cfg = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
+        self.pad_id = int(cfg.get("pad_token_id", 0))
+        eos = cfg.get("eos_token_id", [])
+        self.eos = {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+
+    def generate(self, ids: list[list[int]], max_tokens: int, ignore_eos: bool) -> list[list[int]]:
+        """Generate for one right-padded batch; returns each prompt's new tokens (up to its EOS)."""
+        import numpy as np
+
+        P = max(len(i) for i in ids)
+        batch = np.array([list(i) + [self.pad_id] * (P - len(i)) for i in ids], np.int32)   # as its encode_batch
+        params = self.og.GeneratorParams(self.model)
+        opts = {"max_length": P + max_tokens, "do_sample": False, "batch_size": len(ids)}
+        if ignore_eos:
+            opts["min_length"] = P + max_tokens
+        params.set_search_options(**opts)
+        gen = self.og.Generator(self.model, params)
+        gen.append_tokens(batch)
+        while not gen.is_done():
+            gen.generate_next_token()
+        out = []
+        for b in range(len(ids)):
+            new = [int(t) for t in gen.get_sequence(b)[P:]]
+            if not ignore_eos:
+                cut = next((k for k, t in enumerate(new) if t in self.eos), None)
+                new = new if cut is None else new[:cut + 1]
+            out.append(new)
+        return out
+
+
+def _ours(engine: str, mode: str, threads: int | None, max_num_seqs: int):
+    from apar_rt.bench.backends import _ort_llm
+
+    return _ort_llm(engine, threads, {"mode": mode, "max_num_seqs": max_num_seqs})
+
+
+def _interleave(run_a, run_b, repeats: int) -> tuple[list[float], list[float], int, int]:
+    """Warm both, then alternate timed runs; returns times and the work each run reported."""
+    run_a(), run_b()
+    ta, tb, wa, wb = [], [], 0, 0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        wa = run_a()
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        wb = run_b()
+        tb.append(time.perf_counter() - t)
+    return ta, tb, wa, wb
+
+
+def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = None, batch_sizes=(1, 8),
+               max_tokens: int = 64, repeats: int = 5, threads: int | None = None,
+               prompts_file: str | None = None, apar_max_tokens: int = 256, log=print) -> list[dict]:
+    """Rows of AR tokens/s (and, with `prompts_file`, APAR requests/s) against onnxruntime-genai.
+
+    Raises:
+        PeerUnavailable: onnxruntime-genai is missing (the message says how to install it) or its
+            builder failed.
+    """
+    from apar_rt import SamplingParams
+    from apar_rt.bench.apar_vs_ar import load_prompts
+    from apar_rt.bench.generate import _prompts
+
+    import_genai()
+    tmp = tempfile.TemporaryDirectory(prefix="apar-rt-peer-")
+    try:
+        if engine is None:
+            from apar_rt.build.builder import BuildOptions, build
+
+            engine = str(Path(tmp.name) / "apar-rt")
+            log(f"building the apar-rt onnxruntime engine into {engine}")
+            build(BuildOptions(model=str(model), output=engine, backend="onnxruntime", dtype="float32",
+                               max_batch_size=max(batch_sizes), medusa=False), progress=False, log=lambda m: None)
+        peer_path = build_peer_model(model, Path(peer_dir) if peer_dir else Path(tmp.name) / "peer", threads, log)
+        rows = []
+        for bs in batch_sizes:
+            ar = _ours(engine, "ar", threads, bs)
+            peer = Peer(peer_path)
+            ids = [ar.engine.encode(p) for p in _prompts(bs)]
+            params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+            def run_ours():
+                return sum(o.stats["generated_tokens"] for o in ar.generate(prompt_token_ids=ids, params=params))
+
+            ta, tb, na, nb = _interleave(run_ours, lambda: sum(map(len, peer.generate(ids, max_tokens, True))),
+                                         repeats)
+            ma, mb = statistics.median(ta), statistics.median(tb)
+            row = {"batch": bs, "max_tokens": max_tokens, "repeats": repeats, "threads": threads,
+                   "apar_rt_ar_tok_s": na / ma, "peer_ar_tok_s": nb / mb, "ar_ratio": (na / ma) / (nb / mb)}
+            if prompts_file:
+                row.update(_requests_per_s(engine, peer, load_prompts(prompts_file), bs, apar_max_tokens,
+                                           repeats, threads))
+            rows.append(row)
+            log(format_rows([row], header=not rows[:-1]))
+        return rows
+    finally:
+        tmp.cleanup()
+
+
+def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens: int, repeats: int,
+                    threads: int | None) -> dict:
+    """apar-rt APAR against the peer's AR on a prompt set, `bs` requests at a time, EOS honoured."""
+    from apar_rt import SamplingParams
+
+    llm = _ours(engine, "apar", threads, max(bs, 8))
+    ids = [llm.engine.encode(r["prompt"]) for r in prompts]
+    waves = [ids[i:i + bs] for i in range(0, len(ids), bs)]
+    params = SamplingParams(max_tokens=max_tokens)
+
+    def run_ours():
+        return sum(len(llm.generate(prompt_token_ids=w, params=params)) for w in waves)
+
+    def run_peer():
+        for w in waves:
+            peer.generate(w, max_tokens, False)
+        return len(ids)
+
+    ta, tb, na, nb = _interleave(run_ours, run_peer, max(1, repeats // 2))
+    ma, mb = statistics.median(ta), statistics.median(tb)
+    return {"prompts": len(ids), "apar_max_tokens": max_tokens, "apar_rt_apar_req_s": na / ma,
+            "peer_ar_req_s": nb / mb, "req_ratio": (na / ma) / (nb / mb)}
+
+
+def format_rows(rows: list[dict], header: bool = True) -> str:
+    head = (f"{'batch':>5} {'apar-rt AR tok/s':>16} {PEER + ' AR tok/s':>26} {'ratio':>6}"
+            f" {'apar-rt APAR req/s':>18} {PEER + ' AR req/s':>26} {'ratio':>6}")
+    lines = [head] if header else []
+    for r in rows:
+        req = (f" {r['apar_rt_apar_req_s']:>18.2f} {r['peer_ar_req_s']:>26.2f} {r['req_ratio']:>6.2f}"
+               if "req_ratio" in r else "")
+        lines.append(f"{r['batch']:>5} {r['apar_rt_ar_tok_s']:>16.1f} {r['peer_ar_tok_s']:>26.1f} "
+                     f"{r['ar_ratio']:>6.2f}{req}")
+    return "\n".join(lines)

@@ -1,0 +1,42 @@
+"""`apar-rt bench generate --peer onnxruntime-genai`: the peer's own build of the same HF folder
+greedy-decodes the same tokens as apar-rt's onnxruntime engine (so the benchmark compares like
+with like), and a missing peer gets an install hint."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from apar_rt.bench import peer as peer_mod
+
+
+def test_missing_peer_says_how_to_install(tiny_gqa, monkeypatch):
+    from apar_rt.cli import main
+
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)   # as if not installed
+    with pytest.raises(peer_mod.PeerUnavailable, match="pip install onnxruntime-genai"):
+        peer_mod.import_genai()
+    path, _, _ = tiny_gqa
+    res = CliRunner().invoke(main, ["bench", "generate", "--model", str(path), "--peer", "onnxruntime-genai"])
+    assert res.exit_code != 0 and "pip install onnxruntime-genai" in res.output
+
+
+def test_peer_greedy_tokens_equal_apar_rt(tiny_gqa, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    from apar_rt import SamplingParams
+    from apar_rt.bench.backends import _ort_llm
+    from apar_rt.build.builder import BuildOptions, build
+
+    path, _, _ = tiny_gqa
+    engine = build(BuildOptions(model=str(path), output=str(tmp_path / "ours"), block_size=4, max_batch_size=4),
+                   progress=False, log=lambda m: None).output
+    peer = peer_mod.Peer(peer_mod.build_peer_model(str(path), tmp_path / "peer", threads=1, log=lambda m: None))
+    llm = _ort_llm(str(engine), 1, {"mode": "ar", "max_num_seqs": 4})
+    ids = [llm.engine.encode(p) for p in ("one two three", "the list of water and sleep and food")]
+    ours = [o.branches[0]["token_ids"][-12:]
+            for o in llm.generate(prompt_token_ids=ids, params=SamplingParams(max_tokens=12, ignore_eos=True))]
+    theirs = [peer.generate([i], 12, ignore_eos=True)[0] for i in ids]   # batch 1: no padding
+    assert [list(map(int, t)) for t in ours] == theirs
+    assert peer.generate(ids, 12, ignore_eos=True) == theirs    # in one padded batch too
