@@ -298,7 +298,9 @@ def bench() -> None:
               help="Keep the peer's built model here (reused when present; default: a temporary folder).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="With --peer onnxruntime-genai: also time this prompt set (JSONL, e.g. "
-                   "samples/prompts/heldout.jsonl), apar-rt APAR against the peer's AR, EOS honoured.")
+                   "samples/prompts/heldout.jsonl): apar-rt APAR (EOS honoured) against the peer's AR decoding "
+                   "each prompt to the length of apar-rt's AR answer (the peer cannot ban [Fork], so its own "
+                   "greedy AR stops after the skeleton; that figure is in --json too).")
 @click.option("--apar-max-tokens", type=int, default=256, show_default=True,
               help="max_tokens per request of the --prompts runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")

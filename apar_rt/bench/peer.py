@@ -9,8 +9,9 @@ so that machine noise hits both alike, and medians are reported.
 
 Two measures:
 * AR tokens/s: every request decodes exactly `max_tokens` tokens (EOS ignored on both sides);
-* requests/s on a prompt set (the held-out prompts): apar-rt in `--mode apar` against the peer's
-  AR, both stopping at EOS or `max_tokens`, `batch` requests at a time.
+* requests/s on a prompt set (the held-out prompts): apar-rt in `--mode apar` (EOS honoured)
+  against the peer's AR decoding each prompt to the length of apar-rt's AR answer, `batch`
+  requests at a time (see `_requests_per_s`).
 """
 
 from __future__ import annotations
@@ -169,26 +170,46 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
 
 def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens: int, repeats: int,
                     threads: int | None) -> dict:
-    """apar-rt APAR against the peer's AR on a prompt set, `bs` requests at a time, EOS honoured."""
+    """apar-rt APAR against the peer's AR on a prompt set, `bs` requests at a time.
+
+    The peer cannot ban the control tokens, so its greedy AR on an APAR-trained model stops
+    after the skeleton (the [Fork] main text, without the children's details). It therefore
+    decodes each prompt to the length of apar-rt's AR answer (EOS ignored; a wave runs to its
+    longest answer, as static batching does): the same answers' worth of tokens. Its to-EOS
+    figure is reported too.
+    """
     from apar_rt import SamplingParams
 
-    llm = _ours(engine, "apar", threads, max(bs, 8))
-    ids = [llm.engine.encode(r["prompt"]) for r in prompts]
-    waves = [ids[i:i + bs] for i in range(0, len(ids), bs)]
+    ar = _ours(engine, "ar", threads, max(bs, 8))
+    ids = [ar.engine.encode(r["prompt"]) for r in prompts]
     params = SamplingParams(max_tokens=max_tokens)
+    ar_lens = [o.stats["generated_tokens"] for o in ar.generate(prompt_token_ids=ids, params=params)]
+    llm = _ours(engine, "apar", threads, max(bs, 8))
+    waves = [range(i, min(i + bs, len(ids))) for i in range(0, len(ids), bs)]
 
     def run_ours():
-        return sum(len(llm.generate(prompt_token_ids=w, params=params)) for w in waves)
+        return sum(len(llm.generate(prompt_token_ids=[ids[i] for i in w], params=params)) for w in waves)
 
-    def run_peer():
+    def run_peer(to_eos: bool):
         for w in waves:
-            peer.generate(w, max_tokens, False)
+            n = max_tokens if to_eos else max(ar_lens[i] for i in w)
+            peer.generate([ids[i] for i in w], n, ignore_eos=not to_eos)
         return len(ids)
 
-    ta, tb, na, nb = _interleave(run_ours, run_peer, max(1, repeats // 2))
+    ta, tb, na, nb = _interleave(run_ours, lambda: run_peer(False), max(1, repeats // 2))
+    te = [0.0]
+
+    def peer_eos():
+        t = time.perf_counter()
+        run_peer(True)
+        te[0] = time.perf_counter() - t
+        return len(ids)
+
+    peer_eos()
     ma, mb = statistics.median(ta), statistics.median(tb)
     return {"prompts": len(ids), "apar_max_tokens": max_tokens, "apar_rt_apar_req_s": na / ma,
-            "peer_ar_req_s": nb / mb, "req_ratio": (na / ma) / (nb / mb)}
+            "peer_ar_req_s": nb / mb, "req_ratio": (na / ma) / (nb / mb),
+            "mean_ar_answer_tokens": statistics.mean(ar_lens), "peer_ar_to_eos_req_s": len(ids) / te[0]}
 
 
 def format_rows(rows: list[dict], header: bool = True) -> str:
