@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 
 from apar_rt.backends.cuda_model import fuse_projections, fused_hidden_states  # noqa: E402
 from apar_rt.kernels.fused import add_rms_norm, rope_, silu_mul  # noqa: E402
-from apar_rt.model.llama import apply_rope  # noqa: E402
+from apar_rt.model.llama import apply_rope, half_swap, rope_tables  # noqa: E402
 
 
 def test_fused_elementwise_kernels_match_torch():
@@ -24,8 +24,7 @@ def test_fused_elementwise_kernels_match_torch():
     q = torch.randn(5, 3, 64, generator=g)
     pos = torch.tensor([0, 7, 3, 100, 2], dtype=torch.int32)
     inv = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
-    emb = torch.cat([pos.float()[:, None] * inv] * 2, dim=-1)
-    want = apply_rope(q, emb.cos(), emb.sin())
+    want = apply_rope(q, *rope_tables(pos, inv, q.dtype), half_swap(64))
     torch.testing.assert_close(rope_(q.clone(), pos, inv), want, rtol=1e-5, atol=1e-5)
     gu = torch.randn(4, 2 * 1500, generator=g)
     torch.testing.assert_close(silu_mul(gu), torch.nn.functional.silu(gu[:, :1500]) * gu[:, 1500:],

@@ -281,7 +281,7 @@ def make_7b(device, dry: bool):
     from transformers import LlamaConfig, LlamaForCausalLM as HFLlama
 
     from apar_rt.config import ModelConfig
-    from apar_rt.model.llama import LlamaForCausalLM, rope_inv_freq
+    from apar_rt.model.llama import LlamaForCausalLM, half_swap, rope_inv_freq
 
     shape = TINY_7B_SHAPED if dry else SEVEN_B
     dtype = torch.float32 if dry else torch.float16
@@ -299,7 +299,8 @@ def make_7b(device, dry: bool):
     with torch.device("meta"):
         ours = LlamaForCausalLM(cfg)
     ours.load_state_dict(hf.state_dict(), strict=False, assign=True)   # the same tensors, not a copy
-    ours.inv_freq = rope_inv_freq(cfg).to(device)
+    ours.inv_freq = rope_inv_freq(cfg).to(device)          # non-persistent buffers: not in the state dict
+    ours.rope_swap = half_swap(cfg.head_dim).to(device)
     ours.eval()
     return hf, ours, cfg
 
