@@ -69,7 +69,7 @@ SHORT_MAX = 2
 TILE = 32
 
 
-def attention_function(opset: int):
+def attention_function(opset: int, *, skip_empty_groups: bool = True):
     """The model-local FunctionProto `apar.TreePagedAttention`, in default-domain ops only.
 
     Computes the reference's function with a cost that follows each sequence's own query length
@@ -92,6 +92,10 @@ def attention_function(opset: int):
     scores masked with float32's lowest value; unlike the reference, unseen slots are not zeroed
     (the contract keeps pool contents finite, so their probability of exactly 0 removes them).
     Rows of padding compute finite garbage that no token reads.
+
+    skip_empty_groups: wrap each group's per-layer work in an If that skips an empty group (ONNX
+    Runtime). TensorRT-RTX 1.7 crashes (SIGSEGV in build_serialized_network) on that If, so
+    TensorRT builds export without it; empty groups then run on zero-size tensors.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -206,11 +210,9 @@ def attention_function(opset: int):
             ("cached", [N, L, Hkv, D]), ("q5", [N, rows, Hkv, group, D]), ("q4", [N, Hkv, RG, D]),
             ("s5", [N, Hkv, rows, group, K]), ("s4", [N, Hkv, RG, K]), ("o5", [N, Hkv, rows, group, D]),
             ("out", [op("Mul", [N, rows]), Hq, D]))}
-        empty = op("Concat", [i0, Hq, D], axis=0)
-        nonempty = op("Greater", [sq(N), zero])
-
-        branch: list = []
-        target.append(branch)
+        if skip_empty_groups:
+            branch: list = []
+            target.append(branch)
 
         def rs(x, shape):
             return op("Reshape", [x, shapes[shape]], allowzero=1)
@@ -229,7 +231,11 @@ def attention_function(opset: int):
         probs = rs(op("Softmax", [scores], axis=-1), "s4")
         out = op("Transpose", [rs(op("MatMul", [probs, vals]), "o5")], perm=[0, 2, 1, 3, 4])   # [N, R, Hkv, G, D]
         out = rs(out, "out")
+        if not skip_empty_groups:
+            return out
         target.pop()
+        empty = op("Concat", [i0, Hq, D], axis=0)
+        nonempty = op("Greater", [sq(N), zero])
         skip = [helper.make_node("ConstantOfShape", [empty], [f"{out}_empty"],
                                  value=helper.make_tensor("zero_f", F32, [1], [0.0]))]
         graph = lambda body, res: helper.make_graph(  # noqa: E731
