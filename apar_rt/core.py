@@ -205,9 +205,9 @@ class Request:
 
     @property
     def generated_tokens(self) -> int:
-        """Output tokens so far: what was generated, within the reading-order budget (so streamed
-        usage never passes max_tokens and never goes down at the end)."""
-        return min(self.num_generated, self.budget) if self.budget else self.num_generated
+        """Output tokens so far: what was generated, capped at the reading-order budget (so the
+        count only grows, and ends at the final output's size)."""
+        return min(self.num_generated, self.budget)
 
     @property
     def finished(self) -> bool:
@@ -300,19 +300,6 @@ class BranchDelta:
     finished: bool
 
 
-def request_stats(*, decode_steps: int = 0, forks: int = 0, generated_tokens: int = 0, peak_kv_blocks: int = 0,
-                  preemptions: int = 0, accepted_lengths: dict[int, int] | None = None) -> dict:
-    """A finished request's `stats` (the `--json` schema's keys; all zero for a request that
-    never ran). accepted_lengths: Medusa thread steps by number of tokens accepted."""
-    hist = accepted_lengths or {}
-    thread_steps = sum(hist.values())
-    return {"decode_steps": decode_steps, "forks": forks, "generated_tokens": generated_tokens,
-            "peak_kv_blocks": peak_kv_blocks, "preemptions": preemptions,
-            "accepted_tokens_per_step": (sum(k * v for k, v in hist.items()) / thread_steps
-                                         if thread_steps else 0.0),
-            "accepted_length_histogram": {str(k): hist[k] for k in sorted(hist)}}
-
-
 @dataclass(slots=True)
 class RequestOutput:
     """A request's result: incremental (`deltas` of this step) and, when finished, complete."""
@@ -331,7 +318,7 @@ class RequestOutput:
     def to_json(self) -> dict:
         """The public `--json` schema (a contract: keep its keys stable)."""
         d = {"prompt": self.prompt, "prompt_token_ids": self.prompt_token_ids,
-             "text": self.text or "", "branches": self.branches or [], "stats": self.stats or request_stats()}
+             "text": self.text or "", "branches": self.branches or [], "stats": self.stats or {}}
         if self.finish_reason is not None:
             d["finish_reason"] = self.finish_reason.value
         if self.error is not None:
