@@ -205,9 +205,9 @@ class Request:
 
     @property
     def generated_tokens(self) -> int:
-        """Output tokens so far: what was generated, within the reading-order budget (so streamed
-        usage never passes max_tokens and never goes down at the end)."""
-        return min(self.num_generated, self.budget) if self.budget else self.num_generated
+        """Output tokens so far: what was generated, capped at the reading-order budget (so the
+        count only grows, and ends at the final output's size)."""
+        return min(self.num_generated, self.budget)
 
     @property
     def finished(self) -> bool:

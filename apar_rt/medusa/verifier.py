@@ -2,8 +2,10 @@
 
 Greedy acceptance is lossless: a draft node is accepted only if it equals the argmax of the
 processed logits (bias, bans) at its parent, so the accepted run plus the bonus token is
-exactly what plain greedy decoding would produce. Typical acceptance (temperature > 0)
-accepts a node when p(node | parent) > min(epsilon, alpha * exp(-H(parent))).
+exactly what plain greedy decoding would produce. Typical acceptance (temperature > 0) works on
+the request's own sampling distribution (temperature, then top-k and top-p, as `sampler`
+defines it): a node is accepted when it is in that distribution's kept set and
+q(node | parent) > min(epsilon, alpha * exp(-H(q))). The bonus token is drawn from q.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 
 from apar_rt.core import SamplingParams
 from apar_rt.medusa.tree import MedusaTree
-from apar_rt.sampler import process_logits, sample_row
+from apar_rt.sampler import SamplingBatch, SamplingError, draw, error_message, kept_probs, process, valid_rows
 
 ACCEPTANCE = ("greedy", "typical")
 
@@ -48,48 +50,58 @@ class MedusaVerifier:
             logits: [tree.size, V] raw logits, root first, in tree node order.
             root_token, draft: the tokens fed at the root and at each draft node.
             banned: token ids banned after a given last token.
+            generator: the request's RNG (numpy), for the bonus token of a sampled request.
         Returns:
             (tokens, nodes): the accepted draft tokens followed by the bonus token, and for each
             token the tree index whose logits produced it (0 = root).
+        Raises:
+            SamplingError: a node on the path has no valid distribution.
         """
         tree = self.tree
         node_tokens = [root_token, *draft]
-        processed: dict = {}
-
-        def at(i: int):
-            if i not in processed:
-                processed[i] = process_logits(logits[i], params, banned(node_tokens[i]))
-            return processed[i]
-
+        batch = SamplingBatch()
+        for t in node_tokens:
+            batch.add(params, banned(t))
+        x = process(np.asarray(logits), batch)
+        ok = valid_rows(x)
         if params.greedy:
             path = [0]
             while True:
-                target = int(at(path[-1]).argmax())
+                if not ok[path[-1]]:
+                    raise SamplingError(error_message(params))
+                target = int(np.argmax(x[path[-1]]))
                 nxt = next((c for c in tree.children[path[-1]] if node_tokens[c] == target), None)
                 if nxt is None:
                     return [node_tokens[i] for i in path[1:]] + [target], path
                 path.append(nxt)
-        path = self._longest_typical(at, node_tokens, params)
-        bonus = sample_row(at(path[-1]), params, generator)
+        if not ok.all():
+            raise SamplingError(error_message(params))
+        n = len(node_tokens)
+        q = kept_probs(x, np.full(n, params.temperature), np.full(n, params.top_k, np.int64),
+                       np.full(n, params.top_p))
+        if not np.isfinite(q).all():
+            raise SamplingError(error_message(params))
+        path = self._longest_typical(q, node_tokens)
+        u = np.array([generator.random()])
+        bonus = int(draw(q[path[-1]][None, :], u)[0])
         return [node_tokens[i] for i in path[1:]] + [bonus], path
 
-    def _longest_typical(self, at, node_tokens, params: SamplingParams) -> list[int]:
-        import torch   # sampled requests only; greedy verification needs no torch
-
+    def _longest_typical(self, q: np.ndarray, node_tokens: Sequence[int]) -> list[int]:
         eps, alpha = self.acceptance.epsilon, self.acceptance.alpha
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logq = np.where(q > 0, np.log(np.where(q > 0, q, 1.0)), 0.0)
+        entropy = -(q * logq).sum(axis=1)
+        threshold = np.minimum(eps, alpha * np.exp(-entropy))
         best: list[int] = [0]
 
         def walk(path: list[int]) -> None:
             nonlocal best
             if len(path) > len(best):
                 best = list(path)
-            row = at(path[-1])
-            row = torch.from_numpy(row) if isinstance(row, np.ndarray) else row
-            probs = torch.softmax(row / max(params.temperature, 1e-5), dim=-1)
-            entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum()
-            threshold = min(eps, alpha * float(torch.exp(-entropy)))
-            for c in self.tree.children[path[-1]]:
-                if float(probs[node_tokens[c]]) > threshold:
+            node = path[-1]
+            for c in self.tree.children[node]:
+                p = q[node, node_tokens[c]]
+                if p > 0 and p > threshold[node]:       # p > 0: inside the top-k / top-p set
                     walk(path + [c])
 
         walk([0])
@@ -100,13 +112,11 @@ class MedusaVerifier:
         return params.greedy or self.acceptance.kind == "typical"
 
     def draft(self, medusa_logits) -> list[int]:
-        """Draft tokens for the next tree from the heads' logits [H, V] at the new root (torch or
-        numpy; numpy ranks by a stable descending sort, torch by topk)."""
-        if isinstance(medusa_logits, np.ndarray):
-            ranked = [np.argsort(-medusa_logits[d], kind="stable")[:k].tolist()
-                      for d, k in enumerate(self.tree.topk)]
-        else:
-            import torch
-
-            ranked = [torch.topk(medusa_logits[d], k).indices.tolist() for d, k in enumerate(self.tree.topk)]
+        """Draft tokens for the next tree from the heads' logits [H, V] at the new root."""
+        m = np.asarray(medusa_logits)
+        ranked = []
+        for d, k in enumerate(self.tree.topk):
+            row = m[d]
+            top = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
+            ranked.append(top[np.lexsort((top, -row[top]))].tolist())
         return self.tree.draft_tokens(ranked)
