@@ -42,8 +42,9 @@ DEFAULT_KV_CACHE_FRACTION = 0.9
 # average 143 items over 36 prompts (samples/models/apar-tiny/eval.json), i.e. ~4 children each.
 DEFAULT_APAR_BRANCHES = 4
 # Resident memory of an `apar-rt serve` process on CPU before any weights or KV pool (Python,
-# torch, onnxruntime, tokenizer, HTTP server), measured on this project's CI machine.
-CPU_RUNTIME_BYTES = 340 << 20
+# onnxruntime, tokenizer, HTTP server), measured on this project's CI machine. An onnxruntime engine
+# is served without torch since issue 12 (was 340 MiB with torch; the torch backend still adds it).
+CPU_RUNTIME_BYTES = 96 << 20
 
 
 def default_symmetric(scheme: str, backend: str = "onnxruntime") -> bool:

@@ -192,7 +192,10 @@ class OnnxRuntimeBackend(Backend):
         # One tensor holds every layer's K and V pools, so one indexed write stores a step's K/V.
         shape = (2, self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim)
         if self._dev_type == "cpu":
-            self._kv = np.zeros(shape, self.dtype)
+            # written, not just mapped: the pool is resident from the start (as a GPU pool is), so a
+            # pool that does not fit fails here and not mid-run, and RSS is what the memory plan says
+            self._kv = np.empty(shape, self.dtype)
+            self._kv.fill(0)
         else:
             import torch
 
