@@ -256,8 +256,7 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
         if opts.medusa and heads_dir is None:
             raise BuildError(f"--medusa: {opts.model!r} has no '{HEADS_DIRNAME}' folder of Medusa heads")
         exported = export_onnx(opts.model, tmp / ONNX_NAME, dtype=dtype, block_size=opts.block_size,
-                               opset=opts.opset, external_data=opts.external_data, medusa_dir=heads_dir,
-                               skip_empty_groups=opts.backend != "tensorrt")   # TensorRT-RTX crashes on the If
+                               opset=opts.opset, external_data=opts.external_data, medusa_dir=heads_dir)
         if heads_dir is not None:   # their config marks the folder as having heads (weights: in the graph)
             (tmp / HEADS_DIRNAME).mkdir()
             shutil.copy(heads_dir / "config.json", tmp / HEADS_DIRNAME / "config.json")

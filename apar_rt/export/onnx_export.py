@@ -93,7 +93,7 @@ def example_step(cfg, block_size: int, dtype, num_blocks: int = 8):
 
 def export_onnx(model_dir: str | Path, out_path: str | Path, *, dtype: str = "float32", block_size: int = 16,
                 opset: int = DEFAULT_OPSET, external_data: bool | None = None, model=None,
-                medusa_dir: str | Path | None = None, skip_empty_groups: bool = True) -> ExportResult:
+                medusa_dir: str | Path | None = None) -> ExportResult:
     """Write `out_path` (model.onnx) for the checkpoint in `model_dir`.
 
     Args:
@@ -105,8 +105,6 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, *, dtype: str = "fl
         external_data: save weights in `<name>.data`; None decides by size (> ~1.8 GB).
         model: an already-loaded `LlamaForCausalLM` to export instead of loading `model_dir`.
         medusa_dir: a Medusa heads folder; the graph then also outputs `medusa_logits`.
-        skip_empty_groups: the attention function skips an empty sequence group with an If
-            (ONNX Runtime); False for TensorRT, whose RTX builder crashes on it.
 
     Returns:
         ExportResult with the written files.
@@ -160,7 +158,7 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, *, dtype: str = "fl
     finally:
         torch.onnx.unregister_custom_op_symbolic("apar::tree_paged_attention", opset)
 
-    _finish_model(proto, opset, skip_empty_groups)
+    _finish_model(proto, opset)
     num_nodes = sum(1 for nd in proto.graph.node if nd.domain == aop.OP_DOMAIN and nd.op_type == aop.OP_TYPE)
     if num_nodes != n:
         raise RuntimeError(f"export produced {num_nodes} {aop.OP_TYPE} nodes for {n} layers")
@@ -181,11 +179,11 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, *, dtype: str = "fl
     return ExportResult(out_path, tuple(files), opset, num_nodes, attrs, medusa)
 
 
-def _finish_model(proto, opset: int, skip_empty_groups: bool = True) -> None:
+def _finish_model(proto, opset: int) -> None:
     """Add the local function, name the attention nodes, and fix the opset imports in place."""
     from onnx import helper
 
-    proto.functions.append(aop.attention_function(opset, skip_empty_groups=skip_empty_groups))
+    proto.functions.append(aop.attention_function(opset))
     domains = {o.domain: o for o in proto.opset_import}
     if aop.OP_DOMAIN not in domains:
         proto.opset_import.append(helper.make_opsetid(aop.OP_DOMAIN, aop.OP_DOMAIN_VERSION))

@@ -69,7 +69,7 @@ SHORT_MAX = 2
 TILE = 32
 
 
-def attention_function(opset: int, *, skip_empty_groups: bool = True):
+def attention_function(opset: int):
     """The model-local FunctionProto `apar.TreePagedAttention`, in default-domain ops only.
 
     Computes the reference's function with a cost that follows each sequence's own query length
@@ -92,23 +92,18 @@ def attention_function(opset: int, *, skip_empty_groups: bool = True):
     scores masked with float32's lowest value; unlike the reference, unseen slots are not zeroed
     (the contract keeps pool contents finite, so their probability of exactly 0 removes them).
     Rows of padding compute finite garbage that no token reads.
-
-    skip_empty_groups: wrap each group's per-layer work in an If that skips an empty group (ONNX
-    Runtime). TensorRT-RTX 1.7 crashes (SIGSEGV in build_serialized_network) on that If, so
-    TensorRT builds export without it; empty groups then run on zero-size tensors.
     """
     import onnx
     from onnx import TensorProto, helper
 
     nodes: list = []
-    target = [nodes]   # where op() appends: the function body, or an If branch being built
     counter = [0]
     I64, F32 = TensorProto.INT64, TensorProto.FLOAT
 
     def op(op_type, inputs, n_out=1, **attrs):
         counter[0] += 1
         outs = [f"{op_type.lower()}_{counter[0]}" + (f"_{i}" if n_out > 1 else "") for i in range(n_out)]
-        target[-1].append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
         return outs[0] if n_out == 1 else outs
 
     def const(name, values, dtype=I64):
@@ -183,9 +178,6 @@ def attention_function(opset: int, *, skip_empty_groups: bool = True):
         seq [N]: each block's sequence; q0 [N]: its first new-token offset in that sequence;
         rows [1]: rows per block; keys_new [1]: how many of the sequence's new tokens each
         block may see (its group's longest query). Returns [N * rows, Hq, D] float32.
-
-        The index math goes to the function body (shared by all layers after inlining); the
-        per-layer work runs inside an If that skips it when the group is empty.
         """
         s_start, s_len, s_ctx = (op("Gather", [x, seq], axis=0) for x in (q_start, q_len, ctx))
         r = arange(rows)
@@ -196,51 +188,31 @@ def attention_function(opset: int, *, skip_empty_groups: bool = True):
         k_ok = op("Less", [row(jk), col(s_len)])                           # [N, Qn]
         nblk = ceil_div(group_max(flag, ctx), BS)                          # [1] cached blocks read
         L = op("Mul", [nblk, BS])
-        K = op("Add", [L, keys_new])
         tables = op("Gather", [op("Slice", ["block_tables", i0, nblk, i1]), seq], axis=0)   # [N, nblk]
         N = dim(seq, 0)
-        RG = op("Mul", [rows, group])
+        kv = []
+        for cache, new in (("k_cache", "k"), ("v_cache", "v")):
+            cached = reshape(op("Gather", [cache, tables], axis=0), [N, L, Hkv, D])
+            both = op("Concat", [cached, op("Gather", [new, k_idx], axis=0)], axis=1)   # [N, K, Hkv, D]
+            kv.append(op("Cast", [op("Transpose", [both], perm=[0, 2, 1, 3])], to=F32))  # [N, Hkv, K, D]
+        keys, vals = kv
         # visibility [N, 1, R, 1, K]: cached positions < ctx, then the mask over new tokens
         ctx_vis = op("Less", [row(arange(L)), col(s_ctx)])                 # [N, L]
         ctx_vis = op("Expand", [op("Unsqueeze", [ctx_vis, i1]), op("Concat", [N, rows, L], axis=0)])
         new_vis = op("Slice", [op("Gather", ["mask", q_idx], axis=0), i0, keys_new, i2])   # [N, R, Qn]
         new_vis = op("And", [new_vis, op("Unsqueeze", [k_ok, i1])])
         vis = op("Unsqueeze", [op("Concat", [ctx_vis, new_vis], axis=2), op("Concat", [i1, i3], axis=0)])
-        shapes = {name: op("Concat", list(dims), axis=0) for name, dims in (
-            ("cached", [N, L, Hkv, D]), ("q5", [N, rows, Hkv, group, D]), ("q4", [N, Hkv, RG, D]),
-            ("s5", [N, Hkv, rows, group, K]), ("s4", [N, Hkv, RG, K]), ("o5", [N, Hkv, rows, group, D]),
-            ("out", [op("Mul", [N, rows]), Hq, D]))}
-        if skip_empty_groups:
-            branch: list = []
-            target.append(branch)
-
-        def rs(x, shape):
-            return op("Reshape", [x, shapes[shape]], allowzero=1)
-
-        kv = []
-        for cache, new in (("k_cache", "k"), ("v_cache", "v")):
-            cached = rs(op("Gather", [cache, tables], axis=0), "cached")
-            both = op("Concat", [cached, op("Gather", [new, k_idx], axis=0)], axis=1)   # [N, K, Hkv, D]
-            kv.append(op("Cast", [op("Transpose", [both], perm=[0, 2, 1, 3])], to=F32))  # [N, Hkv, K, D]
-        keys, vals = kv
         # queries [N, Hkv, R*G, D], query head h = kv * G + g
         qp = op("Cast", [op("Gather", ["q", q_idx], axis=0)], to=F32)      # [N, R, Hq, D]
-        qp = rs(op("Mul", [op("Transpose", [rs(qp, "q5")], perm=[0, 2, 1, 3, 4]), scale]), "q4")
+        qp = op("Transpose", [reshape(qp, [N, rows, Hkv, group, D])], perm=[0, 2, 1, 3, 4])
+        qp = reshape(op("Mul", [qp, scale]), [N, Hkv, op("Mul", [rows, group]), D])
         scores = op("MatMul", [qp, op("Transpose", [keys], perm=[0, 1, 3, 2])])    # [N, Hkv, R*G, K]
-        scores = op("Where", [vis, rs(scores, "s5"), fmin])
-        probs = rs(op("Softmax", [scores], axis=-1), "s4")
-        out = op("Transpose", [rs(op("MatMul", [probs, vals]), "o5")], perm=[0, 2, 1, 3, 4])   # [N, R, Hkv, G, D]
-        out = rs(out, "out")
-        if not skip_empty_groups:
-            return out
-        target.pop()
-        empty = op("Concat", [i0, Hq, D], axis=0)
-        nonempty = op("Greater", [sq(N), zero])
-        skip = [helper.make_node("ConstantOfShape", [empty], [f"{out}_empty"],
-                                 value=helper.make_tensor("zero_f", F32, [1], [0.0]))]
-        graph = lambda body, res: helper.make_graph(  # noqa: E731
-            body, f"{res}_g", [], [helper.make_tensor_value_info(res, F32, None)])
-        return op("If", [nonempty], then_branch=graph(branch, out), else_branch=graph(skip, f"{out}_empty"))
+        K = dim(scores, 3)
+        scores = op("Where", [vis, reshape(scores, [N, Hkv, rows, group, K]), fmin])
+        probs = reshape(op("Softmax", [scores], axis=-1), [N, Hkv, op("Mul", [rows, group]), K])
+        out = reshape(op("MatMul", [probs, vals]), [N, Hkv, rows, group, D])
+        out = op("Transpose", [out], perm=[0, 2, 1, 3, 4])                 # [N, R, Hkv, G, D]
+        return reshape(out, [op("Mul", [N, rows]), Hq, D])
 
     # short group: one block per sequence, rows = the group's longest query
     short_n = op("Cast", [is_short], to=I64)
