@@ -300,6 +300,19 @@ class BranchDelta:
     finished: bool
 
 
+def request_stats(*, decode_steps: int = 0, forks: int = 0, generated_tokens: int = 0, peak_kv_blocks: int = 0,
+                  preemptions: int = 0, accepted_lengths: dict[int, int] | None = None) -> dict:
+    """A finished request's `stats` (the `--json` schema's keys; all zero for a request that
+    never ran). accepted_lengths: Medusa thread steps by number of tokens accepted."""
+    hist = accepted_lengths or {}
+    thread_steps = sum(hist.values())
+    return {"decode_steps": decode_steps, "forks": forks, "generated_tokens": generated_tokens,
+            "peak_kv_blocks": peak_kv_blocks, "preemptions": preemptions,
+            "accepted_tokens_per_step": (sum(k * v for k, v in hist.items()) / thread_steps
+                                         if thread_steps else 0.0),
+            "accepted_length_histogram": {str(k): hist[k] for k in sorted(hist)}}
+
+
 @dataclass(slots=True)
 class RequestOutput:
     """A request's result: incremental (`deltas` of this step) and, when finished, complete."""
@@ -318,7 +331,7 @@ class RequestOutput:
     def to_json(self) -> dict:
         """The public `--json` schema (a contract: keep its keys stable)."""
         d = {"prompt": self.prompt, "prompt_token_ids": self.prompt_token_ids,
-             "text": self.text or "", "branches": self.branches or [], "stats": self.stats or {}}
+             "text": self.text or "", "branches": self.branches or [], "stats": self.stats or request_stats()}
         if self.finish_reason is not None:
             d["finish_reason"] = self.finish_reason.value
         if self.error is not None:
