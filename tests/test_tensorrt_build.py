@@ -205,6 +205,6 @@ def test_build_reports_the_estimate_before_building_a_7b(tmp_path):
 def test_a_profile_that_cannot_fit_is_refused_naming_the_limit(tiny_gqa, tmp_path):
     path, _, _ = tiny_gqa
     r = cli("build", "--model", path, "--output", tmp_path / "x", "--backend", "tensorrt", "--fit", "cpu",
-            "--memory-gib", 0.4, "--max-num-tokens", 1024, "--max-seq-len", 512, "--max-batch-size", 8, "-q")
+            "--memory-gib", 0.25, "--max-num-tokens", 1024, "--max-seq-len", 512, "--max-batch-size", 8, "-q")
     assert r.exit_code != 0 and "does not fit cpu" in r.output and "exceed the usable" in r.output, r.output
     assert "activations" in r.output and not (tmp_path / "x").exists()

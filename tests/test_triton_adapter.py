@@ -82,7 +82,7 @@ def test_a_failed_send_cancels_the_request_and_frees_its_blocks(serving):
     assert good.done.wait(60) and not good.errors
     assert "".join(t for t, _ in good.sent)
     assert idle(serving), serving.loop.stats       # KV blocks back to 0 long before 400 tokens
-    assert serving.counts.finished["abort"] == 1 and len(bad.sent) == 1
+    assert serving.counts.finished("abort") == 1 and len(bad.sent) == 1
     assert serving.engine.num_steps < 200
 
 

@@ -141,7 +141,8 @@ def validate(opts: BuildOptions) -> None:
     if opts.quantize != "none" and opts.check:
         raise BuildError("--check compares the engine with the unquantized torch model to float tolerance, which "
                          f"a --quantize {opts.quantize} engine is not meant to meet; build without --check (the "
-                         "quantized engines' accuracy is measured by `apar-rt bench quantized`)")
+                         "quantized engines' accuracy is measured against the unquantized engine by "
+                         "apar_rt.bench.quantized.accuracy)")
     if opts.quantize == "none" and opts.quantize_lm_head:
         raise BuildError("--quantize-lm-head needs --quantize int8 or int4")
     if opts.fit and opts.max_num_blocks is not None:
