@@ -163,9 +163,11 @@ def _render(decode, branches, control, skip_ids, *, settled_only: bool, holdback
         raise ValueError(f"text join must be one of {', '.join(TEXT_JOINS)}, got {join!r}")
     reference = join == "reference"
     children: dict[tuple[int, int], Branch] = {}
+    forks_of: dict[int, list[int]] = {}
     for b in branches:
         if b.parent is not None:
             children[(b.parent, b.fork_index)] = b
+            forks_of.setdefault(b.parent, []).append(b.fork_index)
     kept = reading_order_counts(branches, budget)
 
     def render(b: Branch) -> tuple[str, bool]:
@@ -177,7 +179,7 @@ def _render(decode, branches, control, skip_ids, *, settled_only: bool, holdback
         whole = n == len(b.token_ids)
         limit = b.stop_text_len if whole else None
         open_end = settled_only and not b.finished and whole
-        fork_points = sorted(c.fork_index for (pid, _), c in children.items() if pid == b.id and c.fork_index < n)
+        fork_points = sorted(i for i in forks_of.get(b.id, ()) if i < n)
         for i in fork_points + [n]:
             raw = continuation_text(decode, b.context_slice(0, len(b.prefix) + cursor),
                                     b.token_ids[cursor:min(i + 1, n)], skip_ids)

@@ -59,6 +59,9 @@ def engine_options(f):
                      show_default=True,
                      help="Text recovery: each piece decoded in place, or THUDM/APAR's newline fix-ups "
                           "(for checkpoints trained on its data, e.g. THUDM/apar-7b)."),
+        click.option("--max-waiting", type=int, default=1024, show_default=True,
+                     help="Most requests waiting for admission; past it the servers answer 429 (0: no limit). "
+                          "Requests already admitted are never dropped."),
         click.option("--ban-fork-when-full", is_flag=True,
                      help="Ban [Fork] while a step already holds --max-num-seqs sequences (as THUDM/APAR)."),
         click.option("--medusa", is_flag=True,
@@ -80,7 +83,7 @@ def engine_options(f):
 
 def _engine_kwargs(kw: dict) -> dict:
     out = {k: kw[k] for k in ("num_blocks", "block_size", "max_num_seqs", "max_num_tokens", "max_model_len",
-                              "max_depth", "mode", "acceptance", "ban_fork_when_full", "text_join")}
+                              "max_depth", "mode", "acceptance", "ban_fork_when_full", "text_join", "max_waiting")}
     medusa = kw.get("medusa_heads") or kw.get("medusa") or bool(kw.get("medusa_tree"))
     if medusa:
         out["medusa"] = medusa
@@ -268,6 +271,30 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
 
     rows = bench_generate(model, sizes, max_tokens, repeats, mode=mode, threads=threads, engine=engine_dir)
     click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))
+
+
+@bench.command("overhead")
+@click.option("--model", type=click.Path(exists=True, file_okay=False), default="samples/models/apar-tiny",
+              show_default=True, help="Model or engine folder whose tokenizer and vocabulary are used.")
+@click.option("--seqs", default="1,32,256", show_default=True, help="Running sequences (comma-separated).")
+@click.option("--contexts", default="128,1024,4096", show_default=True,
+              help="Context tokens per sequence (comma-separated).")
+@click.option("--steps", type=int, default=30, show_default=True, help="Timed decode steps per configuration.")
+@click.option("--vocab", type=int, default=None, help="Logits width (default: the model's vocabulary).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def bench_overhead_cmd(model, seqs, contexts, steps, vocab, as_json):
+    """The engine's own milliseconds per decode step, with a backend that returns random logits.
+
+    \b
+    Everything but the model is timed: scheduling, packing, sampling, appending, stop strings
+    (a stop string that never matches) and the reading-order streamer the servers run. Each
+    (seqs, context) runs plain, with stop strings, with streaming, and with both.
+    """
+    from apar_rt.bench.overhead import bench_overhead, format_rows, ratios, to_json
+
+    rows = bench_overhead(model, _positive_ints(seqs, "--seqs"), _positive_ints(contexts, "--contexts"), steps,
+                          vocab=vocab, log=(lambda m: None) if as_json else click.echo)
+    click.echo(to_json(rows) if as_json else "\n" + format_rows(rows) + "\n\n" + ratios(rows))
 
 
 @bench.command("backends")

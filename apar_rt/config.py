@@ -117,6 +117,7 @@ class EngineConfig:
     medusa_tree: str | None = None  # Medusa draft tree (preset name or JSON file); None: no drafts
     acceptance: str = "typical"    # how sampled requests accept drafts: "typical" or "greedy" (none)
     text_join: str = "inplace"     # text recovery: "inplace", or "reference" (THUDM/APAR's newline fix-ups)
+    max_waiting: int = 1024        # most requests waiting for admission; past it a new one is refused (0: no limit)
 
     def __post_init__(self) -> None:
         if self.mode not in ("apar", "ar"):
@@ -132,5 +133,7 @@ class EngineConfig:
             raise ValueError(f"acceptance must be 'greedy' or 'typical', got {self.acceptance!r}")
         if self.text_join not in ("inplace", "reference"):
             raise ValueError(f"text_join must be 'inplace' or 'reference', got {self.text_join!r}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0 (0: no limit), got {self.max_waiting}")
         if self.max_depth < 0:
             raise ValueError(f"max_depth must be >= 0, got {self.max_depth}")

@@ -205,8 +205,9 @@ class Request:
 
     @property
     def generated_tokens(self) -> int:
-        """Output tokens so far: what was generated, within the reading-order budget once finished."""
-        return min(self.num_generated, self.budget) if self.finished else self.num_generated
+        """Output tokens so far: what was generated, capped at the reading-order budget (so the
+        count only grows, and ends at the final output's size)."""
+        return min(self.num_generated, self.budget)
 
     @property
     def finished(self) -> bool:

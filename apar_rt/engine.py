@@ -8,6 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from apar_rt.apar import ControlTokens, branch_schema, recover_text
 from apar_rt.backends import Backend, backend_class
 from apar_rt.config import EngineConfig, ModelConfig, ModelLoadError
@@ -16,7 +18,7 @@ from apar_rt.medusa.heads import HEADS_DIRNAME, find_heads_dir
 from apar_rt.medusa.tree import load_tree
 from apar_rt.medusa.verifier import Acceptance, MedusaVerifier
 from apar_rt.model.tokenizer import control_tokens, encode_prompt, load_tokenizer
-from apar_rt.sampler import SamplingError, make_generator, process_logits, sample_row
+from apar_rt.sampler import SamplingBatch, SamplingError, error_message, make_generator, sample
 from apar_rt.scheduler import RequestRejected, Scheduler, StepUpdate
 
 log = logging.getLogger(__name__)
@@ -137,20 +139,32 @@ class Engine:
         picks: list[tuple[ScheduledSeq, int, list[int]]] = []   # (seq, first logits row, nodes)
         if out.step is not None:
             logits = self.backend.forward(out.step)
+            batch = SamplingBatch()
+            plain: list[tuple[int, int]] = []          # (index in results, logits row) of plain rows
             row = 0
             for s in out.seqs:
                 if not s.samples:
                     continue
                 first, row = row, row + (s.num_new if s.tree else 1)
-                req = s.request
+                req, b = s.request, s.branch
                 tokens, nodes = [], []
                 if not req.finished:
                     try:
-                        tokens, nodes = self._pick(s, logits, first, out)
+                        if s.tree:
+                            tokens, nodes = self.verifier.verify(
+                                logits[first:first + s.num_new], b.token_ids[-1], b.draft, req.params,
+                                lambda last, req=req, b=b: self.scheduler.banned(req, b, last, out), req.generator)
+                        else:
+                            last = b.token_ids[-1] if b.token_ids else b.prefix[-1]
+                            batch.add(req.params, self.scheduler.banned(req, b, last, out), req.generator)
+                            plain.append((len(results), first))
+                            nodes = [0]
                     except Exception as e:
                         self._fail(req, "sampling", e, out)
                 results.append(tokens)
                 picks.append((s, first, nodes))
+            if plain:
+                self._sample_plain(logits, batch, plain, results, picks, out)
             self.num_steps += 1
         updates = self.scheduler.update(out, results,
                                         on_error=lambda req, e: self._error_message(req, "updating", e))
@@ -166,16 +180,33 @@ class Engine:
                 outputs.append(self._failed_output(u.request, e))
         return outputs
 
-    def _pick(self, s: ScheduledSeq, logits, row: int, out) -> tuple[list[int], list[int]]:
-        """Sample (or verify a draft tree for) one scheduled sequence."""
-        req, b = s.request, s.branch
-        banned = lambda last: self.scheduler.banned(req, b, last, out)  # noqa: E731
-        if s.tree:
-            return self.verifier.verify(logits[row:row + s.num_new], b.token_ids[-1], b.draft,
-                                        req.params, banned, req.generator)
-        last = b.token_ids[-1] if b.token_ids else b.prefix[-1]
-        row_logits = process_logits(logits[row], req.params, banned(last))
-        return [sample_row(row_logits, req.params, req.generator)], [0]
+    def _sample_plain(self, logits, batch: SamplingBatch, plain, results, picks, out) -> None:
+        """Sample every plain row of the step in one vectorised pass (`sampler.sample`); a row
+        without a valid distribution fails its own request only."""
+        x = np.asarray(logits)
+        rows = np.fromiter((r for _, r in plain), np.int64, len(plain))
+        try:
+            # A plain step samples every logits row in order: no gather, the pass copies once.
+            # Otherwise the gather is already a copy, which the pass may overwrite.
+            whole = rows.size == x.shape[0] and rows[-1] == rows.size - 1
+            tokens, ok = sample(x, batch) if whole else sample(x[rows], batch, inplace=True)
+            picked = list(zip(tokens.tolist(), ok.tolist()))
+        except Exception as e:   # not expected: find the row that raises, row by row
+            log.error("batched sampling failed; sampling row by row", exc_info=e)
+            picked = []
+            for j, r in enumerate(rows.tolist()):
+                try:
+                    t1, ok1 = sample(x[r:r + 1], batch.row(j))
+                    picked.append((int(t1[0]), bool(ok1[0])))
+                except Exception as e1:
+                    self._fail(picks[plain[j][0]][0].request, "sampling", e1, out)
+                    picked.append((-1, False))
+        for (i, _), (tok, good) in zip(plain, picked):
+            req = picks[i][0].request
+            if good:
+                results[i] = [tok]
+            elif not req.finished:
+                self._fail(req, "sampling", SamplingError(error_message(req.params)), out)
 
     def _fail(self, req: Request, stage: str, e: Exception, out=None) -> None:
         """Fail one request after an error in `stage`; its blocks are freed, the others go on."""
@@ -248,7 +279,12 @@ class Engine:
         set and finish_reason 'error'; all others still run."""
         results: dict[str, RequestOutput] = {}
         order: list[str | RequestOutput] = []
+        limit = self.config.max_waiting
         for prompt, params, kw in requests:
+            while limit and len(self.scheduler.waiting) >= limit:   # keep the queue within its bound
+                for o in self.step():
+                    if o.finished:
+                        results[o.request_id] = o
             try:
                 order.append(self.add_request(prompt, params, **kw))
             except ValueError as e:

@@ -64,7 +64,7 @@ def plan_cmd(model, device_name, memory_gib, kv_cache_fraction, gpu_memory_utili
              "max_num_tokens": max_num_tokens, "max_seq_len": max_seq_len}
     kw = {k: v for k, v in given.items() if v is not None}
     if quantize is not None:
-        kw["quant"] = mp.QuantSpec(quantize, group_size)
+        kw["quant"] = mp.QuantSpec(quantize, group_size, mp.default_symmetric(quantize))
     try:
         device = mp.get_device(device_name, memory_gib)
         p = mp.plan_from_folder(model, device, context=context, apar_branches=apar_branches,

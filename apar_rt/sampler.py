@@ -1,12 +1,33 @@
-"""Token selection from a step's logits, per request: bias, bans, greedy or temperature/top-k/top-p."""
+"""Token selection for a whole step in one vectorised pass: bias, bans, greedy or
+temperature / top-k / top-p, with per-request seeds.
+
+The semantics are defined once, here, over numpy (so the ONNX Runtime path needs no torch):
+
+1. x = logits + logit_bias, with banned tokens at -inf. A row with a NaN or +inf, or with every
+   token banned, has no valid distribution: that row alone fails (`ok` is False for it).
+2. Greedy rows (temperature 0) take the first argmax of x.
+3. Other rows take p = softmax((x - max x) / temperature). Tokens are ranked by p, ties by lower
+   id; top-k keeps the first k; top-p then keeps the shortest ranked prefix whose mass, over the
+   top-k set, reaches top_p. The kept probabilities are renormalised.
+4. The row's token is the kept token, in token-id order, where the cumulative kept mass first
+   exceeds u, a uniform draw in [0, 1) taken from the request's own RNG (one per sampled row).
+
+Because each row's token depends only on its logits, its parameters and its own u, sampling a
+batch gives the same tokens as sampling its rows one at a time. A backend that keeps logits on
+a device may implement the same four steps there (only ids then cross back); this module is
+the reference it is tested against.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
+import numpy as np
 
 from apar_rt.core import SamplingParams
+
+CANDIDATES = 64    # top-p looks for its nucleus among this many best tokens first (exact fallback)
 
 
 class SamplingError(ValueError):
@@ -14,45 +35,179 @@ class SamplingError(ValueError):
     safe to show the client). The engine fails that request alone."""
 
 
-def make_generator(seed: int | None) -> torch.Generator | None:
-    if seed is None:
-        return None
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int(seed))
-    return g
+def make_generator(seed: int | None) -> np.random.Generator:
+    """The request's RNG: seeded when `seed` is given, else from OS entropy."""
+    return np.random.default_rng(seed)
 
 
-def process_logits(row: torch.Tensor, params: SamplingParams, banned: Sequence[int]) -> torch.Tensor:
-    """Logit bias, then bans. `row` is [V] float32 and is not modified."""
-    row = row.clone()
-    vocab = row.shape[0]
-    for tok, val in params.logit_bias:
-        if 0 <= tok < vocab:
-            row[tok] += val
-    if banned:
-        row[list(banned)] = float("-inf")
+@dataclass(slots=True)
+class SamplingBatch:
+    """Per-row parameters of one sampling pass (rows are logits rows to sample from)."""
+
+    temperature: list[float] = field(default_factory=list)
+    top_k: list[int] = field(default_factory=list)
+    top_p: list[float] = field(default_factory=list)
+    uniform: list[float] = field(default_factory=list)
+    bias: list[tuple[int, int, float]] = field(default_factory=list)   # (row, token, value)
+    bans: list[tuple[int, int]] = field(default_factory=list)          # (row, token)
+
+    def __len__(self) -> int:
+        return len(self.temperature)
+
+    def add(self, params: SamplingParams, banned: Sequence[int] = (), generator=None) -> int:
+        """Add a row; draws its uniform from `generator` when the row samples. Returns its index.
+        Values are converted first, so a bad one raises here and leaves the batch unchanged."""
+        r = len(self.temperature)
+        t, k, p = float(params.temperature), int(params.top_k), float(params.top_p)
+        bias = [(r, int(tok), float(v)) for tok, v in params.logit_bias]
+        bans = [(r, int(tok)) for tok in banned]
+        u = float(generator.random()) if (generator is not None and not params.greedy) else 0.0
+        self.temperature.append(t)
+        self.top_k.append(k)
+        self.top_p.append(p)
+        self.uniform.append(u)
+        self.bias.extend(bias)
+        self.bans.extend(bans)
+        return r
+
+    def row(self, i: int) -> "SamplingBatch":
+        """Row i alone, as a batch of one."""
+        return SamplingBatch([self.temperature[i]], [self.top_k[i]], [self.top_p[i]], [self.uniform[i]],
+                             [(0, t, v) for r, t, v in self.bias if r == i], [(0, t) for r, t in self.bans if r == i])
+
+
+def process(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> np.ndarray:
+    """Step 1: logits [R, V] as float32 with bias added and bans set to -inf; a copy, or the
+    array itself when `inplace` (the caller's rows are then consumed)."""
+    x = np.asarray(logits, dtype=np.float32) if inplace else np.array(logits, dtype=np.float32, copy=True)
+    V = x.shape[1]
+    if batch.bias:
+        b = np.asarray(batch.bias, dtype=np.float64)
+        rows, toks = b[:, 0].astype(np.int64), b[:, 1].astype(np.int64)
+        keep = (toks >= 0) & (toks < V)
+        np.add.at(x, (rows[keep], toks[keep]), b[keep, 2].astype(np.float32))
+    if batch.bans:
+        bn = np.asarray(batch.bans, dtype=np.int64)
+        x[bn[:, 0], bn[:, 1]] = -np.inf
+    return x
+
+
+def valid_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of processed logits that give a distribution: no NaN, no +inf, not all banned
+    (a row's max is NaN if any entry is, +inf if any is, -inf if all are)."""
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(x.max(axis=1))
+
+
+def kept_probs(x: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray:
+    """Step 3 for valid sampled rows: [R, V] float32, the renormalised kept probabilities (0 elsewhere)."""
+    R, V = x.shape
+    t = np.maximum(temperature.astype(np.float32), np.float32(np.finfo(np.float32).tiny))[:, None]
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        z = x - x.max(axis=1, keepdims=True)
+        z /= t
+    hot = ~np.isfinite(t[:, 0])
+    if hot.any():                       # inf / inf when the temperature overflows: equal weights
+        zh = z[hot]
+        zh[np.isnan(zh)] = -np.inf
+        z[hot] = zh
+    k = np.where((top_k > 0) & (top_k < V), top_k, 0)
+    filt = (k > 0) | (top_p < 1.0)
+    if not filt.any():
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        return z
+    out = np.zeros_like(z)
+    plain = np.nonzero(~filt)[0]
+    if plain.size:
+        e = np.exp(z[plain])
+        out[plain] = e / e.sum(axis=1, keepdims=True)
+    rows = np.nonzero(filt)[0]
+    ids, probs, redo = _kept_candidates(z[rows], k[rows], top_p[rows])
+    sub = np.zeros((rows.size, V), np.float32)
+    np.put_along_axis(sub, ids, probs.astype(np.float32), axis=1)
+    for i in np.nonzero(redo)[0]:
+        sub[i] = _kept_row(z[rows[i]], int(k[rows[i]]), float(top_p[rows[i]]))
+    out[rows] = sub
+    return out
+
+
+def _kept_candidates(z: np.ndarray, k: np.ndarray, top_p: np.ndarray):
+    """Top-k then top-p among each row's best M = max(CANDIDATES, k) tokens.
+
+    Returns (ids [R, M], probs [R, M] renormalised, 0 where dropped, redo [R]): redo marks rows
+    whose kept set may reach past the candidates (or cut a tie the partition split); they are
+    ranked whole by `_kept_row`."""
+    R, V = z.shape
+    M = int(min(V, max(CANDIDATES, int(k.max()))))
+    cand = np.argpartition(z, V - M, axis=1)[:, V - M:] if M < V else np.tile(np.arange(V), (R, 1))
+    cand.sort(axis=1)                                   # id order, so a stable sort breaks ties by id
+    zc = np.take_along_axis(z, cand, axis=1)
+    order = np.argsort(-zc, axis=1, kind="stable")
+    ranked = np.take_along_axis(cand, order, axis=1)    # [R, M] ids by p descending, ties by id
+    pc = np.exp(np.take_along_axis(zc, order, axis=1).astype(np.float64))
+    kk = np.where(k > 0, k, V)
+    in_k = np.arange(M)[None, :] < kk[:, None]
+    pk = pc * in_k
+    mass = pk.sum(axis=1)
+    whole = kk > M                                      # top-p over the whole vocabulary's mass
+    if whole.any():
+        mass[whole] = np.exp(z[whole].astype(np.float64)).sum(axis=1)
+    before = (np.cumsum(pk, axis=1) - pk) / mass[:, None]
+    keep = in_k & (before < top_p[:, None])
+    keep[:, 0] = True
+    redo = (keep.sum(axis=1) == M) & (M < V)
+    probs = np.where(keep, pc, 0.0)
+    probs /= probs.sum(axis=1, keepdims=True)
+    return ranked, probs, redo
+
+
+def _kept_row(z: np.ndarray, k: int, top_p: float) -> np.ndarray:
+    """One row's kept probabilities, ranking the whole vocabulary (the exact slow path)."""
+    V = z.shape[0]
+    ids = np.argsort(-z, kind="stable")                # ties: lower id first
+    n = k if 0 < k < V else V
+    p = np.exp(z[ids[:n]].astype(np.float64))
+    before = (np.cumsum(p) - p) / p.sum()
+    m = max(1, int((before < top_p).sum()))
+    row = np.zeros(V, np.float32)
+    row[ids[:m]] = p[:m] / p[:m].sum()
     return row
 
 
-def sample_row(row: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from processed logits [V]; SamplingError if they give no valid distribution."""
-    if params.greedy:
-        if torch.isnan(row).any() or not torch.isfinite(row.max()):
-            raise SamplingError("the logits of this request are not finite; no token can be picked")
-        return int(torch.argmax(row))
-    row = row / params.temperature
-    if params.top_k and params.top_k < row.shape[0]:
-        kth = torch.topk(row, params.top_k).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    probs = torch.softmax(row, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_p, dim=-1)
-        drop = (cum - sorted_p) >= params.top_p      # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
-        raise SamplingError(f"sampling gave no valid distribution for this request (temperature="
-                            f"{params.temperature:g}, top_p={params.top_p:g}, top_k={params.top_k}): "
-                            "its probabilities are not finite")
-    return int(torch.multinomial(probs, 1, generator=generator))
+def draw(probs: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    """Step 4: per row, the first token id where the cumulative kept mass exceeds u."""
+    cum = np.cumsum(probs, axis=1, dtype=np.float64)
+    target = uniform[:, None] * cum[:, -1:]
+    idx = (cum <= target).sum(axis=1)
+    # never land on a zero-probability token past the last kept one (u close to 1)
+    last = probs.shape[1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=1)
+    return np.minimum(idx, last)
+
+
+def sample(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens [R] (int64) for logits [R, V] and the batch's rows, and `ok` [R]: False where the
+    row has no valid distribution (its token is -1; fail that request alone). `inplace` lets
+    the pass overwrite `logits` instead of copying them."""
+    x = process(logits, batch, inplace)
+    R = x.shape[0]
+    ok = valid_rows(x)
+    tokens = np.full(R, -1, np.int64)
+    temperature = np.asarray(batch.temperature, np.float64)
+    greedy = ok & (temperature == 0.0)
+    if greedy.any():
+        tokens[greedy] = np.argmax(x[greedy], axis=1)
+    samp = ok & ~greedy
+    if samp.any():
+        rows = np.nonzero(samp)[0]
+        probs = kept_probs(x[rows], temperature[rows], np.asarray(batch.top_k, np.int64)[rows],
+                           np.asarray(batch.top_p, np.float64)[rows])
+        good = np.isfinite(probs).all(axis=1)
+        tokens[rows[good]] = draw(probs[good], np.asarray(batch.uniform, np.float64)[rows[good]])
+        ok[rows[~good]] = False
+    return tokens, ok
+
+
+def error_message(params: SamplingParams) -> str:
+    return (f"sampling gave no valid distribution for this request (temperature={params.temperature:g}, "
+            f"top_p={params.top_p:g}, top_k={params.top_k}): its logits are not finite")

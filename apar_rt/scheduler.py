@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from apar_rt.apar import ControlTokens, banned_tokens, branch_text
+from apar_rt.apar import ControlTokens, banned_tokens, branch_text, continuation_text
 from apar_rt.config import EngineConfig
 from apar_rt.core import (Branch, BranchDelta, FinishReason, Request, RequestStatus, ScheduledSeq,
                           SchedulerOutput, StepInput)
@@ -31,6 +31,10 @@ from apar_rt.medusa.tree import MedusaTree
 
 class RequestRejected(ValueError):
     """A request that can never be served as given; the message names the problem."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full (EngineConfig.max_waiting): retry later. Servers answer 429."""
 
 
 @dataclass(slots=True)
@@ -78,6 +82,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_forks = 0
         self._watermark_blocks = int(config.watermark * self.pool.capacity)
+        self._causal = np.ones((1, 1), bool)
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -95,6 +100,10 @@ class Scheduler:
                 f"the KV cache is too small for this request: its prompt needs {need} blocks of "
                 f"{self.config.block_size} tokens, but --num-blocks {self.config.num_blocks} gives "
                 f"{self.pool.capacity} usable blocks (block 0 is reserved)")
+        limit = self.config.max_waiting
+        if limit and len(self.waiting) >= limit:
+            raise EngineOverloaded(f"the server is at capacity: {len(self.waiting)} requests are already waiting "
+                                   f"to be scheduled (--max-waiting {limit}); retry later")
         req.budget = min(req.params.max_tokens, self.max_model_len - n)
         self.waiting.append(req)
 
@@ -119,14 +128,20 @@ class Scheduler:
         """Pick this step's sequences and reserve their KV slots."""
         out = SchedulerOutput(seqs=[], step=None)
         budget = self.config.max_num_tokens
+        max_seqs = self.config.max_num_seqs
         reserved: list[tuple[ScheduledSeq, list[tuple[int, int]]]] = []
+        # Fairness: while several requests want seats, each first gets at most an equal share of
+        # max_num_seqs (one wide APAR tree cannot take them all); seats left over go round again.
+        contenders = len(self.running) + len(self.waiting)
+        share = max_seqs if contenders <= 1 else max(1, max_seqs // contenders)
 
         i = 0
         while i < len(self.running):
             req = self.running[i]
             got_any = blocked = False
+            seats = 0
             for b in self._schedulable(req):
-                if budget == 0 or len(reserved) >= self.config.max_num_seqs:
+                if budget == 0 or len(reserved) >= max_seqs or seats >= share:
                     break
                 n, n_slots, tree = self._plan(b, budget)
                 res = self._reserve(req, b, n_slots, out)
@@ -135,6 +150,7 @@ class Scheduler:
                     continue
                 reserved.append((ScheduledSeq(req, b, n, res.slots, False, tree), res.copies))
                 budget -= n
+                seats += 1
                 got_any = True
             if blocked and not got_any:
                 # Not one block for it, and every later request is already preempted.
@@ -145,7 +161,7 @@ class Scheduler:
                 continue
             i += 1
 
-        while self.waiting and budget > 0 and len(reserved) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(reserved) < max_seqs:
             req = self.waiting[0]
             need = self._blocks_to_resume(req)
             if need > self.pool.capacity:
@@ -159,8 +175,8 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            for b in self._schedulable(req):
-                if budget == 0 or len(reserved) >= self.config.max_num_seqs:
+            for b in self._schedulable(req)[:share]:
+                if budget == 0 or len(reserved) >= max_seqs:
                     break
                 n = min(b.num_uncomputed, budget)
                 res = self.kv.append(b.table, n)
@@ -169,6 +185,9 @@ class Scheduler:
                 req.kv_blocks += res.new_blocks
                 reserved.append((ScheduledSeq(req, b, n, res.slots, False), res.copies))
                 budget -= n
+
+        if contenders > 1 and budget > 0 and len(reserved) < max_seqs:
+            budget = self._fill_seats(reserved, budget)
 
         for s, _ in reserved:
             s.samples = s.tree or s.branch.table.num_tokens == s.branch.context_len
@@ -179,6 +198,25 @@ class Scheduler:
         if out.seqs:
             out.step = self._pack(out.seqs, [c for _, cs in reserved for c in cs])
         return out
+
+    def _fill_seats(self, reserved: list, budget: int) -> int:
+        """Second round: seats the fair shares left free go to the running requests' other
+        branches, in admission order, without preempting anyone. Returns the token budget left."""
+        taken = {id(s.branch) for s, _ in reserved}
+        for req in self.running:
+            for b in self._schedulable(req):
+                if budget == 0 or len(reserved) >= self.config.max_num_seqs:
+                    return budget
+                if id(b) in taken or b.num_uncomputed == 0:
+                    continue
+                n, n_slots, tree = self._plan(b, budget)
+                res = self.kv.append(b.table, n_slots)
+                if res is None:
+                    return budget
+                req.kv_blocks += res.new_blocks
+                reserved.append((ScheduledSeq(req, b, n, res.slots, False, tree), res.copies))
+                budget -= n
+        return budget
 
     def _plan(self, b: Branch, budget: int) -> tuple[int, int, bool]:
         """(new tokens, slots to reserve, is a draft tree) for branch b within the token budget."""
@@ -313,7 +351,7 @@ class Scheduler:
         T = sum(s.num_new for s in seqs)
         B = len(seqs)
         max_q = max(s.num_new for s in seqs)
-        max_blocks = max(len(s.branch.table.block_ids) for s in seqs)
+        max_blocks = max(len(s.branch.table.ids) for s in seqs)
         input_ids = np.empty(T, np.int32)
         positions = np.empty(T, np.int32)
         slots = np.full(T, -1, np.int32)
@@ -321,12 +359,15 @@ class Scheduler:
         ctx = np.empty(B, np.int32)
         qs = np.zeros(B + 1, np.int32)
         mask = np.zeros((T, max_q), bool)
-        causal = np.tril(np.ones((max_q, max_q), bool))
+        if self._causal.shape[0] < max_q:     # built once per size, not per step
+            self._causal = np.tril(np.ones((max_q, max_q), bool))
+        causal = self._causal
         logits_idx: list[int] = []
         t = 0
         for i, s in enumerate(seqs):
             b, n = s.branch, s.num_new
-            tables[i, :len(b.table.block_ids)] = b.table.block_ids
+            ids = b.table.ids
+            tables[i, :len(ids)] = np.frombuffer(ids, np.int32) if ids.itemsize == 4 else ids
             if s.tree:   # root (the last sampled token) + draft nodes; K/V kept until accepted
                 start = b.context_len - 1
                 input_ids[t] = b.token_ids[-1]
@@ -478,7 +519,26 @@ class Scheduler:
             b = req.branches[b.parent]
 
     def _hit_stop_string(self, b: Branch, stops: Sequence[str]) -> bool:
+        """Whether the branch's newest token completed a stop string.
+
+        Only the tail is decoded: a stop string that the newest token completes lies within the
+        last max(len(stop)) + (newest token's text) characters, so a few tokens (with a small
+        context window for their leading space) suffice; the cost does not grow with the branch.
+        On a hit, the whole branch text is decoded once to place the cut exactly."""
         if self.decode is None:
+            return False
+        need = max(len(s) for s in stops)
+        tokens = b.token_ids
+        p = len(b.prefix)
+        k = min(len(tokens), need + 4)
+        while True:
+            end = p + len(tokens) - k
+            window = b.context_slice(max(0, end - 24), end)
+            tail = continuation_text(self.decode, window, tokens[len(tokens) - k:], self.special_ids)
+            if len(tail) > need or k == len(tokens):
+                break
+            k = min(len(tokens), 2 * k)
+        if not any(s in tail for s in stops):
             return False
         text = branch_text(self.decode, b, self.special_ids)
         hits = [text.find(s) for s in stops if s in text]

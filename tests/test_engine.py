@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,13 +155,15 @@ def test_top_k_one_and_tiny_top_p_are_greedy(tiny_gqa):
 
 
 def test_sampler_top_p_keeps_the_smallest_nucleus():
-    from apar_rt.sampler import sample_row
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    g = torch.Generator().manual_seed(0)
-    seen = {sample_row(logits, SamplingParams(temperature=1.0, top_p=0.75), g) for _ in range(300)}
-    assert seen == {0, 1}
-    seen = {sample_row(logits, SamplingParams(temperature=1.0, top_k=3), g) for _ in range(300)}
-    assert seen == {0, 1, 2}
+    from apar_rt.sampler import SamplingBatch, make_generator, sample
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 300, np.float32))
+    for params, want in ((SamplingParams(temperature=1.0, top_p=0.75), {0, 1}),
+                         (SamplingParams(temperature=1.0, top_k=3), {0, 1, 2})):
+        batch, g = SamplingBatch(), make_generator(0)
+        for _ in range(300):
+            batch.add(params, (), g)
+        tokens, ok = sample(logits, batch)
+        assert ok.all() and set(tokens.tolist()) == want
 
 
 def test_ar_mode_never_emits_control_tokens(tiny_gqa):

@@ -35,9 +35,9 @@ def fork_id(tiny_gqa):
 def test_poisoned_requests_fail_alone_and_the_others_finish_unchanged(llm, fork_id):
     normal = SamplingParams(max_tokens=24, logit_bias={fork_id: 4.0})  # greedy, forking
     alone = [llm.generate(p, normal)[0] for p in PROMPTS]
-    bad = [poisoned(temperature=1e-300),                               # softmax of +-inf: NaN
+    bad = [poisoned(logit_bias=((5, math.nan),)),                      # a NaN logit, sampled
            poisoned(temperature=0.0, logit_bias=((5, math.nan),)),    # a NaN logit under greedy
-           poisoned(top_k=-5)]                                          # an error that is not a NaN
+           poisoned(logit_bias=((5, "x"),))]                            # an error that is not a NaN
     outs = llm.generate(PROMPTS[:2] + ["x y"] * len(bad) + PROMPTS[2:],
                         [normal, normal] + bad + [normal, normal])
     good = outs[:2] + outs[2 + len(bad):]
@@ -53,6 +53,16 @@ def test_poisoned_requests_fail_alone_and_the_others_finish_unchanged(llm, fork_
     assert "internal error while sampling" in other and "topk" not in other   # no exception text
     s = llm.engine.scheduler
     assert s.pool.num_used == 0 and not s.running and not s.waiting
+
+
+def test_degenerate_values_that_slip_past_validation_still_sample(llm):
+    """The batched sampler subtracts the row's max before dividing by the temperature, so a
+    temperature of 1e-300 is greedy rather than NaN; an out-of-range top_k disables itself."""
+    greedy = llm.generate(PROMPTS[1], SamplingParams(max_tokens=8, mode="ar"))[0]
+    for p in (poisoned(temperature=1e-300, max_tokens=8, mode="ar"), poisoned(top_k=-5, temperature=1e-30,
+                                                                              max_tokens=8, mode="ar")):
+        o = llm.generate(PROMPTS[1], p)[0]
+        assert o.error is None and o.branches == greedy.branches
 
 
 @pytest.mark.parametrize("kwargs,msg", [

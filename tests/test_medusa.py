@@ -14,6 +14,7 @@ from apar_rt.core import SamplingParams as SP
 from apar_rt.medusa.heads import MedusaHeads, load_heads
 from apar_rt.medusa.tree import MedusaTree, TreeError, load_tree, preset_names
 from apar_rt.medusa.verifier import Acceptance, MedusaVerifier
+from apar_rt.sampler import make_generator
 from apar_rt.testing.tiny_model import WORDS, make_tiny_checkpoint
 
 FORK, EOS = 3, 2
@@ -159,8 +160,7 @@ def test_typical_acceptance_by_hand():
     ver = MedusaVerifier(tree, Acceptance("typical", epsilon=0.09, alpha=0.3))
     logits = torch.full((3, 4), -10.0)
     logits[0, 1], logits[0, 2] = 2.0, 1.9          # flat between 1 and 2: both plausible
-    g = torch.Generator().manual_seed(0)
-    tokens, nodes = ver.verify(logits, 0, [3, 2], SP(temperature=1.0), lambda last: [], g)
+    tokens, nodes = ver.verify(logits, 0, [3, 2], SP(temperature=1.0), lambda last: [], make_generator(0))
     assert nodes[:2] == [0, 2] and tokens[0] == 2   # 3 is implausible, 2 is accepted
 
 

@@ -167,8 +167,13 @@ def test_per_branch_extension(client, ref_raw, fork_id):
             tokens.setdefault(b["id"], []).extend(b["token_ids"])
             parents[b["id"]] = (b["parent"], b["fork_index"])
     assert text == ref.text
-    assert tokens == {b["id"]: b["token_ids"] for b in ref.branches}
-    assert parents == {b["id"]: (b["parent"], b["fork_index"]) for b in ref.branches}
+    # Events carry live ids and every token written; the final tree is that tree cut to the
+    # max_tokens budget in reading order and numbered in reading order.
+    from apar_rt.apar import branch_schema
+    from apar_rt.core import Branch
+    live = [Branch(id=i, parent=parents[i][0], fork_index=parents[i][1], depth=0, prefix=[],
+                   token_ids=tokens[i]) for i in sorted(tokens)]
+    assert branch_schema(live, 40) == ref.branches
     r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=40, temperature=0,
                                   logit_bias={str(fork_id): 4.0}, extra_body={"apar_branches": True})
     tree = r.model_extra["apar"]
@@ -305,6 +310,8 @@ def test_client_disconnecting_before_a_plain_answer(server, client):
 # ---- the loop and streamer without HTTP -------------------------------------------------
 
 def test_reading_order_stream_equals_final_text_under_forks_and_stops(tiny_gqa, fork_id):
+    from apar_rt.apar import branch_schema
+    from apar_rt.core import Branch
     from apar_rt.engine import Engine
     from apar_rt.serve import EngineLoop
 
@@ -317,13 +324,17 @@ def test_reading_order_stream_equals_final_text_under_forks_and_stops(tiny_gqa, 
             streams.append(loop.add(p, params, raw=True, branches=True, timeout=30))
         forks = 0
         for s in streams:
-            text, per_branch = "", {}
+            text, per_branch, links = "", {}, {}
             for ev in s:
                 text += ev.text
                 for b in ev.branches:
                     per_branch.setdefault(b.id, []).extend(b.token_ids)
+                    links[b.id] = (b.parent, b.fork_index)
             assert ev.finished and text == ev.output.text
-            assert per_branch == {b["id"]: b["token_ids"] for b in ev.output.branches}
+            # the live tree the events rebuild, cut to max_tokens in reading order, is the final tree
+            live = [Branch(id=i, parent=links[i][0], fork_index=links[i][1], depth=0, prefix=[],
+                           token_ids=per_branch[i]) for i in sorted(per_branch)]
+            assert branch_schema(live, 60) == ev.output.branches
             forks += ev.output.stats["forks"]
         assert forks >= 10
         assert loop.call(lambda e: e.scheduler.pool.num_used) == 0

@@ -111,9 +111,9 @@ def test_poisoned_requests_fail_alone_while_four_streams_finish(server, referenc
         victims = [pool.submit(stream_victim, server, p, fork_id, ev) for p, ev in zip(VICTIMS, started)]
         assert all(ev.wait(60) for ev in started)          # every victim is mid-stream
         # engineered failures inside the engine step, beside the victims
-        bad = [server.loop.add("x y", poisoned(temperature=1e-300), raw=True),
+        bad = [server.loop.add("x y", poisoned(logit_bias=((5, float("nan")),)), raw=True),
                server.loop.add("x y", poisoned(temperature=0.0, logit_bias=((5, float("nan")),)), raw=True),
-               server.loop.add("x y", poisoned(top_k=-5), raw=True)]
+               server.loop.add("x y", poisoned(logit_bias=((5, "x"),)), raw=True)]   # raises in the sampler
         # what a client can send: tiny temperatures are greedy, non-finite ones are refused
         tiny = post(server, "/v1/completions", completion("one two", temperature=1e-300, seed=1))
         nan = post(server, "/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": NaN}')
@@ -124,7 +124,7 @@ def test_poisoned_requests_fail_alone_while_four_streams_finish(server, referenc
     finals = [list(s)[-1] for s in bad]
     assert all(f.finish_reason == "error" for f in finals)
     assert "not finite" in finals[0].error and "not finite" in finals[1].error
-    assert finals[2].error.startswith("internal error while sampling") and "topk" not in finals[2].error
+    assert finals[2].error.startswith("internal error while sampling") and "convert" not in finals[2].error
     assert tiny.status_code == 200
     assert tiny.json()["choices"][0]["text"] == post(server, "/v1/completions",
                                                      completion("one two")).json()["choices"][0]["text"]

@@ -51,6 +51,10 @@ class BuildOptions:
     opset: int = 18
     external_data: bool | None = None       # None: by size
     medusa: bool | None = None              # export MODEL/medusa heads; None: when present
+    quantize: str = "none"                  # weight-only: none | int8 | int4 (apar_rt.build.quantize)
+    group_size: int = 128                   # input features per quantization scale
+    symmetric: bool | None = None           # False: a zero point per group; None: the scheme's default
+    quantize_lm_head: bool = False          # also the LM head and the Medusa vocabulary projections
     fit: str | None = None                  # device name: max_num_blocks from the memory plan
     memory_gib: float | None = None         # --fit: the device's memory (required for cpu)
     kv_cache_fraction: float | None = None  # --fit: see apar_rt.memory_plan
@@ -62,6 +66,11 @@ class BuildOptions:
         if self.dtype == "auto":
             return "float16" if self.backend == "tensorrt" else "float32"
         return self.dtype
+
+    def quant_spec(self):
+        from apar_rt.memory_plan import QuantSpec, default_symmetric
+        sym = default_symmetric(self.quantize, self.backend) if self.symmetric is None else self.symmetric
+        return QuantSpec(self.quantize, self.group_size, sym, self.quantize_lm_head)
 
     def buckets(self) -> list[int]:
         if self.batch_buckets:
@@ -124,6 +133,14 @@ def validate(opts: BuildOptions) -> None:
         raise BuildError(f"--max-prefill-batch must be a positive integer, got {opts.max_prefill_batch}")
     if opts.workspace_gib is not None and opts.workspace_gib <= 0:
         raise BuildError(f"--workspace must be positive, got {opts.workspace_gib}")
+    if opts.quantize not in ("none", "int8", "int4"):
+        raise BuildError(f"--quantize must be one of none, int8, int4, got {opts.quantize!r}")
+    if opts.quantize != "none" and opts.check:
+        raise BuildError("--check compares the engine with the unquantized torch model to float tolerance, which "
+                         f"a --quantize {opts.quantize} engine is not meant to meet; build without --check (the "
+                         "quantized engines' accuracy is measured by `apar-rt bench quantized`)")
+    if opts.quantize == "none" and opts.quantize_lm_head:
+        raise BuildError("--quantize-lm-head needs --quantize int8 or int4")
     if opts.fit and opts.max_num_blocks is not None:
         raise BuildError(f"--fit {opts.fit} sets --max-num-blocks from the memory plan; give one of them, "
                          f"not both (--max-num-blocks {opts.max_num_blocks})")
@@ -138,6 +155,7 @@ def fit_plan(opts: BuildOptions, cfg: ModelConfig, max_seq_len: int):
     heads = mp.medusa_shape(opts.model) if opts.medusa is not False else (0, 0)
     try:
         return mp.plan(cfg, mp.get_device(opts.fit, opts.memory_gib), dtype=opts.resolved_dtype(),
+                       quant=opts.quant_spec(),
                        block_size=opts.block_size, kv_cache_fraction=opts.kv_cache_fraction,
                        gpu_memory_utilization=opts.gpu_memory_utilization, max_batch_size=opts.max_batch_size,
                        max_num_tokens=opts.max_num_tokens, max_seq_len=max_seq_len, medusa=heads)
@@ -187,6 +205,12 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
     if max_seq_len > cfg.max_position_embeddings:
         raise BuildError(f"--max-seq-len {max_seq_len} exceeds the model's max_position_embeddings "
                          f"{cfg.max_position_embeddings}")
+    if opts.quantize != "none":
+        from apar_rt import memory_plan as mp
+        try:
+            mp.check_quant(cfg, opts.quant_spec())
+        except mp.PlanError as e:
+            raise BuildError(str(e)) from None
     fitted = fit_plan(opts, cfg, max_seq_len) if opts.fit else None
     trt_plan = (_plan_tensorrt(opts, cfg, fitted.num_blocks if fitted else None)   # fail before any work
                 if opts.backend == "tensorrt" else None)
@@ -224,6 +248,19 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
         heads = f", Medusa heads {exported.medusa['num_heads']}" if exported.medusa else ""
         say(f"exported {ONNX_NAME}: opset {exported.opset}, {exported.num_attention_nodes} "
             f"apar.TreePagedAttention nodes, dtype {dtype}{heads}")
+
+        quantization = {}
+        onnx_files = exported.files
+        if opts.quantize != "none":
+            stage.set_description(f"build: quantize {opts.quantize}")
+            from apar_rt.build.quantize import quantize_onnx
+            q = quantize_onnx(tmp / ONNX_NAME, opts.quant_spec(), target=opts.backend, vocab_size=cfg.vocab_size,
+                              external_data=opts.external_data)
+            quantization, onnx_files = q.record, q.files
+            say(f"quantized {q.record['quantized_layers']} linear layers to {opts.quantize} "
+                f"({q.record['format']}, group {opts.group_size}, "
+                f"{'symmetric' if q.record['symmetric'] else 'asymmetric'}); kept in {dtype}: "
+                f"{', '.join(q.record['unquantized'])}")
 
         stage.set_description("build: config and tokenizer")
         shutil.copy(Path(opts.model) / "config.json", tmp / "config.json")
@@ -263,10 +300,10 @@ def build(opts: BuildOptions, *, progress: bool = True, log=print) -> BuildResul
             max_batch_size=opts.max_batch_size, batch_buckets=buckets, max_num_tokens=opts.max_num_tokens,
             max_seq_len=max_seq_len, max_num_blocks=max_num_blocks,
             onnx={"file": ONNX_NAME, "opset": exported.opset,
-                  "external_data": [str(f.relative_to(tmp)) for f in exported.files[1:]],
+                  "external_data": [str(f.relative_to(tmp)) for f in onnx_files[1:]],
                   "attention": exported.attrs.as_dict()},
             files=record_files(tmp, files), engines=engines, medusa=exported.medusa,
-            memory_plan=fitted.to_dict() if fitted else {},
+            memory_plan=fitted.to_dict() if fitted else {}, quantization=quantization,
             apar_rt_version=__version__,
             source_model=str(Path(opts.model).resolve()),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -306,6 +343,9 @@ def _plan_tensorrt(opts: BuildOptions, cfg: ModelConfig, fitted_blocks: int | No
     lib = library.load()
     try:
         targets = library.resolve_targets(lib, opts.gpu_targets, _device_cc()[0])
+        if opts.quantize != "none":
+            from apar_rt.build.quantize import check_tensorrt_support
+            check_tensorrt_support(lib.name, lib.version, opts.quant_spec())
     except ValueError as e:
         raise BuildError(str(e)) from None
     heads = opts.medusa is not False and find_heads_dir(opts.model) is not None

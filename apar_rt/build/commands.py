@@ -61,6 +61,17 @@ def _parse_buckets(ctx, param, value):
 @click.option("--medusa/--no-medusa", default=None,
               help="Export the Medusa heads in MODEL/medusa as a medusa_logits output "
                    "(default: when present).")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Weight-only quantization of the linear layers (onnxruntime: MatMulNBits; tensorrt: blocked "
+                   "DequantizeLinear). Embeddings, norms and the LM head stay in --dtype.")
+@click.option("--group-size", type=int, default=128, show_default=True,
+              help="Input features per quantization scale (a power of two >= 16 dividing the hidden and "
+                   "intermediate sizes).")
+@click.option("--symmetric/--asymmetric", default=None,
+              help="Symmetric scales, or scales and zero points per group [default: measured best on "
+                   "onnxruntime: int8 symmetric, int4 asymmetric; tensorrt: symmetric only].")
+@click.option("--quantize-lm-head", is_flag=True,
+              help="Also quantize the LM head (and the Medusa heads' vocabulary projections).")
 @click.option("--fit", "fit", type=click.Choice(DEVICE_NAMES), default=None,
               help="Set --max-num-blocks to the KV pool this device holds (the `apar-rt plan` arithmetic).")
 @memory_options
@@ -71,7 +82,8 @@ def _parse_buckets(ctx, param, value):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_tokens, max_seq_len,
           block_size, max_num_blocks, timing_cache, plugin, gpu_targets, max_draft_len, max_prefill_batch,
-          workspace_gib, medusa, fit, memory_gib, kv_cache_fraction, gpu_memory_utilization, check, force, quiet):
+          workspace_gib, medusa, quantize, group_size, symmetric, quantize_lm_head, fit, memory_gib,
+          kv_cache_fraction, gpu_memory_utilization, check, force, quiet):
     """Build an engine folder (model.onnx, TensorRT engines, manifest.json) from a checkpoint.
 
     \b
@@ -93,7 +105,9 @@ def build(model, output, backend, dtype, max_batch_size, batch_buckets, max_num_
                         block_size=block_size, max_num_blocks=max_num_blocks, timing_cache=timing_cache,
                         plugin=plugin, gpu_targets=gpu_targets, max_draft_len=max_draft_len,
                         max_prefill_batch=max_prefill_batch, workspace_gib=workspace_gib, medusa=medusa,
-                        fit=fit, memory_gib=memory_gib, kv_cache_fraction=kv_cache_fraction,
+                        quantize=quantize, group_size=group_size, symmetric=symmetric,
+                        quantize_lm_head=quantize_lm_head, fit=fit, memory_gib=memory_gib,
+                        kv_cache_fraction=kv_cache_fraction,
                         gpu_memory_utilization=gpu_memory_utilization, check=check, force=force)
     try:
         result = run_build(opts, progress=not quiet, log=lambda m: click.echo(m, err=True))

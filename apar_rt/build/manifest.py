@@ -56,6 +56,8 @@ class Manifest:
     engines: list = field(default_factory=list)  # TensorRT: [{"file", "profiles": [...], ...}]
     medusa: dict = field(default_factory=dict)   # {"num_heads", "num_layers"} when the graph has heads
     memory_plan: dict = field(default_factory=dict)  # with --fit: apar_rt.memory_plan.MemoryPlan.to_dict()
+    quantization: dict = field(default_factory=dict)  # with --quantize: {"scheme", "bits", "group_size",
+    #   "symmetric", "format" (MatMulNBits | DequantizeLinear), "quantizer", "quantized_layers", "unquantized"}
     apar_rt_version: str = ""
     source_model: str = ""
     created: str = ""

@@ -14,6 +14,7 @@ Invariants (checked by tests/test_block_pool.py):
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -83,10 +84,21 @@ class BlockPool:
 
 @dataclass(slots=True)
 class BlockTable:
-    """The blocks backing one sequence's cached tokens, in position order."""
+    """The blocks backing one sequence's cached tokens, in position order.
+
+    `ids` mirrors `block_ids` as a persistent int32 array (stdlib `array`, no numpy here), kept
+    in step by `KVCacheManager` on append, copy-on-write, fork, truncate and free, so a step's
+    block-table matrix is filled by one memcpy per sequence (`numpy.frombuffer(table.ids, ...)`)
+    instead of converting a Python list every step.
+    """
 
     block_ids: list[int] = field(default_factory=list)  # position p lives in block_ids[p // block_size]
     num_tokens: int = 0                                 # tokens with a reserved slot
+    ids: array = field(default_factory=lambda: array("i"))  # int32 mirror of block_ids
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.block_ids):
+            self.ids = array("i", self.block_ids)
 
 
 @dataclass(slots=True)
@@ -131,8 +143,10 @@ class KVCacheManager:
             dst = fresh.pop(0)
             self.pool.decref([src])
             table.block_ids[-1] = dst
+            table.ids[-1] = dst
             copies.append((src, dst))
         table.block_ids.extend(fresh)
+        table.ids.extend(fresh)
         start = table.num_tokens
         slots = [table.block_ids[p // bs] * bs + p % bs for p in range(start, start + num_new)]
         table.num_tokens += num_new
@@ -154,6 +168,7 @@ class KVCacheManager:
         keep = -(-num_tokens // self.block_size)
         freed = self.pool.decref(table.block_ids[keep:])
         del table.block_ids[keep:]
+        del table.ids[keep:]
         table.num_tokens = num_tokens
         return freed
 
@@ -161,5 +176,6 @@ class KVCacheManager:
         """Release the table's blocks; returns those that became free. The table is emptied."""
         freed = self.pool.decref(table.block_ids)
         table.block_ids = []
+        table.ids = array("i")
         table.num_tokens = 0
         return freed

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 from apar_rt.core import SamplingParams
-from apar_rt.scheduler import RequestRejected
+from apar_rt.scheduler import EngineOverloaded, RequestRejected
 from apar_rt.serve.streamer import BranchEvent, ReadingOrderStreamer
 
 log = logging.getLogger(__name__)
@@ -405,7 +405,7 @@ class EngineLoop:
         try:
             rid = eng.add_request(cmd.prompt, cmd.params, prompt_token_ids=cmd.prompt_token_ids,
                                   request_id=cmd.request_id)
-        except ValueError as e:
+        except (ValueError, EngineOverloaded) as e:
             cmd.future.set_exception(e)
             return
         except Exception as e:

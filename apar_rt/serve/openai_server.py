@@ -39,7 +39,8 @@ Chunks may then have an empty text delta.
 
 Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}, with status 400
 (bad request, malformed JSON included), 401 (API key), 404 (unknown model or route), 405, 413
-(body too large), 500 (server fault; no internal detail is sent) or 503 (engine down); a
+(body too large), 429 (the waiting queue is full: --max-waiting; requests already admitted go
+on), 500 (server fault; no internal detail is sent) or 503 (engine down); a
 failure after a stream has started is sent as a `data: {"error": ...}` event. A client that
 disconnects aborts its request, which frees its KV blocks at once.
 """
@@ -66,6 +67,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from apar_rt.core import MAX_LOGIT_BIAS, SamplingParams
+from apar_rt.scheduler import EngineOverloaded
 from apar_rt.serve.engine_loop import EngineLoop, RequestStream, StreamEvent
 
 log = logging.getLogger(__name__)
@@ -471,6 +473,8 @@ async def _admit(state: _State, p: _Parsed) -> RequestStream:
         if "logit_bias" in msg:
             param, code = "logit_bias", None
         raise OpenAIError(msg, param=param, code=code) from None
+    except EngineOverloaded as e:
+        raise OpenAIError(str(e), status=429, type="server_overloaded", code="max_waiting") from None
     except RuntimeError as e:
         raise OpenAIError(str(e), status=503, type="server_error") from None
 

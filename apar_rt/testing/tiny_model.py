@@ -45,15 +45,18 @@ def make_tiny_checkpoint(path: str | Path, *, seed: int = 0, num_kv_heads: int =
                          with_control_tokens: bool = True, tie_word_embeddings: bool = False,
                          rope_scaling: dict | None = None, max_position_embeddings: int = 512,
                          safe_serialization: bool = True, max_shard_size: str | None = None,
-                         weight_std: float = 0.2):
-    """A random `LlamaForCausalLM` plus tokenizer in `path`; returns (model, tokenizer)."""
+                         weight_std: float = 0.2, vocab_size: int | None = None):
+    """A random `LlamaForCausalLM` plus tokenizer in `path`; returns (model, tokenizer).
+
+    vocab_size: the model's vocabulary (default: the tokenizer's; larger leaves ids the tokenizer never makes).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(path, with_control_tokens=with_control_tokens, seed=seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+    cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                       max_position_embeddings=max_position_embeddings, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,

@@ -1,0 +1,146 @@
+"""The batched sampler against per-row sampling and a plain reference, and typical acceptance
+against the request's top-k / top-p."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from apar_rt.core import SamplingParams
+from apar_rt.medusa.tree import MedusaTree
+from apar_rt.medusa.verifier import Acceptance, MedusaVerifier
+from apar_rt.sampler import SamplingBatch, kept_probs, make_generator, process, sample
+
+V = 300
+
+
+def mixed_params(n, rng):
+    out = []
+    for i in range(n):
+        kind = i % 6
+        out.append(SamplingParams(
+            temperature=0.0 if kind == 0 else float(rng.choice([0.3, 0.7, 1.0, 1.8])),
+            top_k=int(rng.choice([0, 1, 5, 40, 299, 1000])) if kind in (2, 4) else 0,
+            top_p=float(rng.choice([0.05, 0.5, 0.9, 0.999])) if kind in (3, 4) else 1.0,
+            seed=int(rng.integers(0, 2**31)),
+            logit_bias={int(rng.integers(0, V)): 5.0} if kind == 5 else {}))
+    return out
+
+
+def test_batched_sampling_equals_per_row_sampling():
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((48, V)) * 3).astype(np.float32)
+    logits[::7] = np.round(logits[::7])                   # ties
+    params = mixed_params(48, rng)
+    bans = [[int(t) for t in rng.integers(0, V, 3)] for _ in params]
+    batch = SamplingBatch()
+    for p, b in zip(params, bans):
+        batch.add(p, b, make_generator(p.seed))
+    tokens, ok = sample(logits, batch)
+    assert ok.all()
+    for i, (p, b) in enumerate(zip(params, bans)):
+        one = SamplingBatch()
+        one.add(p, b, make_generator(p.seed))
+        t1, ok1 = sample(logits[i:i + 1], one)
+        assert ok1[0] and t1[0] == tokens[i], i
+        assert tokens[i] not in b
+
+
+def reference_kept(x, p: SamplingParams):
+    """Plain per-row definition: rank by probability (ties: lower id), top-k, then top-p over the
+    top-k set's renormalised mass."""
+    z = (x - x.max()) / p.temperature
+    e = [math.exp(v) if v != -math.inf else 0.0 for v in z.tolist()]
+    ranked = sorted(range(len(e)), key=lambda t: (-z[t], t))
+    if p.top_k:
+        ranked = ranked[:p.top_k]
+    if p.top_p >= 1.0:
+        return set(ranked)
+    mass = sum(e[t] for t in ranked)
+    kept, acc = [], 0.0
+    for t in ranked:
+        if acc / mass >= p.top_p and kept:
+            break
+        kept.append(t)
+        acc += e[t]
+    return set(kept)
+
+
+def test_kept_set_and_draw_match_a_plain_reference():
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        p = SamplingParams(temperature=float(rng.choice([0.5, 1.0, 2.0])), top_k=int(rng.choice([0, 1, 3, 50, 200])),
+                           top_p=float(rng.choice([0.1, 0.6, 0.95, 1.0])))
+        x = (rng.standard_normal(V) * float(rng.choice([0.2, 2.0, 5.0]))).astype(np.float32)
+        if trial % 3 == 0:
+            x = np.round(x * 2) / 2                       # many ties
+        q = kept_probs(x[None, :], np.array([p.temperature]), np.array([p.top_k]), np.array([p.top_p]))[0]
+        assert set(np.nonzero(q > 0)[0].tolist()) == reference_kept(x.astype(np.float64), p), trial
+        assert abs(q.sum() - 1.0) < 1e-5
+        u = float(rng.random())
+        batch = SamplingBatch()
+        batch.temperature, batch.top_k, batch.top_p, batch.uniform = [p.temperature], [p.top_k], [p.top_p], [u]
+        tok = int(sample(x[None, :], batch)[0][0])
+        acc = 0.0
+        for t in range(V):          # the kept token, in id order, where the cumulative mass passes u
+            acc += float(q[t])
+            if acc > u * float(q.sum()):
+                break
+        assert tok == t
+
+
+def test_sampled_frequencies_follow_the_softmax():
+    x = np.log(np.array([0.5, 0.25, 0.15, 0.1], np.float32))
+    p = SamplingParams(temperature=1.0, seed=3)
+    g = make_generator(3)
+    batch = SamplingBatch()
+    for _ in range(4000):
+        batch.add(p, (), g)
+    tokens, ok = sample(np.tile(x, (4000, 1)), batch)
+    freq = np.bincount(tokens, minlength=4) / 4000
+    assert np.abs(freq - [0.5, 0.25, 0.15, 0.1]).max() < 0.03
+
+
+def test_a_bad_row_fails_alone():
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((5, V)).astype(np.float32)
+    logits[1, 7] = np.nan
+    logits[3, 9] = np.inf
+    batch = SamplingBatch()
+    ps = [SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=0.8, seed=2), SamplingParams(),
+          SamplingParams(temperature=0.5, seed=4), SamplingParams(temperature=1e38, seed=5)]
+    for i, p in enumerate(ps):
+        batch.add(p, list(range(V)) if i == 2 else (), make_generator(p.seed))
+    tokens, ok = sample(logits, batch)
+    assert ok.tolist() == [True, False, False, False, True]
+    assert tokens[1] == tokens[2] == tokens[3] == -1 and 0 <= tokens[4] < V
+
+
+def test_process_adds_bias_and_bans():
+    x = np.zeros((2, 6), np.float32)
+    batch = SamplingBatch()
+    batch.add(SamplingParams(logit_bias={2: 3.0, 5: -1.0}), [0])
+    batch.add(SamplingParams(), [1, 2])
+    y = process(x, batch)
+    assert y[0].tolist() == [-np.inf, 0, 3, 0, 0, -1] and y[1].tolist() == [0, -np.inf, -np.inf, 0, 0, 0]
+    assert x.sum() == 0
+
+
+@pytest.mark.parametrize("restrict", [dict(top_k=1), dict(top_p=0.3)])
+def test_typical_acceptance_never_accepts_outside_top_k_top_p(restrict):
+    """A draft token with probability well above the typical threshold but outside the
+    request's top-k / top-p set is rejected; without the restriction it is accepted."""
+    tree = MedusaTree.from_choices([[0]], name="one")
+    ver = MedusaVerifier(tree, Acceptance("typical", epsilon=0.09, alpha=0.3))
+    probs = np.full(V, 1e-6)
+    probs[10], probs[11] = 0.55, 0.44            # token 11: p = 0.44, far above the threshold
+    logits = np.tile(np.log(probs / probs.sum()).astype(np.float32), (2, 1))
+    for seed in range(20):
+        free = SamplingParams(temperature=1.0, seed=seed)
+        tokens, nodes = ver.verify(logits, 5, [11], free, lambda t: [], make_generator(seed))
+        assert nodes == [0, 1] and tokens[0] == 11
+        tight = SamplingParams(temperature=1.0, seed=seed, **restrict)
+        tokens, nodes = ver.verify(logits, 5, [11], tight, lambda t: [], make_generator(seed))
+        assert nodes == [0] and tokens == [10]   # rejected; the bonus comes from the kept set {10}
