@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from apar_rt.apar import branch_schema
 from apar_rt import LLM, SamplingParams

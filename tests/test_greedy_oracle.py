@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from apar_rt import LLM, SamplingParams
 from apar_rt.testing.oracles import assert_branches_follow_argmax, hf_greedy

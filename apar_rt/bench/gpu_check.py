@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -361,7 +360,7 @@ def decode_steps(device, dry: bool, bandwidth_GBps: float | None) -> dict:
             print(f"   ours B={B} ctx={ctx}: {graphed:.2f} ms (eager {eager:.2f})", flush=True)
     backend.k_caches = backend.v_caches = []
     backend._graphs = backend._buffers = None
-    del backend
+    backend = None                                 # frees the pool before transformers runs
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -426,7 +425,7 @@ def engine_throughput(device, dry: bool, hf, ours, cfg) -> dict:
     generated = run()
     sync(device)
     ours_s = time.perf_counter() - t0
-    del engine, backend
+    engine = backend = None
     ids = prompts.to(device)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -487,7 +486,7 @@ def attention_vs_sdpa(device, dry: bool, bandwidth_GBps: float | None) -> dict:
             row["tile_sweep_ms"] = sweep
         rows.append(row)
         print(f"   attention B={B} ctx={ctx}: ours {ours:.3f} ms, sdpa {sdpa:.3f} ms", flush=True)
-        del kc, vc, K, V
+        kc = vc = K = V = None                       # free before the next case
     return {"rows": rows, "mixed": mixed_step(device, dry)}
 
 
