@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from apar_rt.medusa.tree import ancestor_mask
 from apar_rt.ops.tree_attention import tree_paged_attention_reference  # registers torch.ops.apar.*
 
 POISON = 1.0e4  # magnitude of the garbage in unused pool slots
@@ -37,14 +38,7 @@ def causal(n: int) -> list[list[bool]]:
 
 def tree_mask(parents: list[int]) -> list[list[bool]]:
     """Ancestor-or-self mask from a parent array (parents[0] == -1 is the root)."""
-    n = len(parents)
-    m = [[False] * n for _ in range(n)]
-    for i in range(n):
-        a = i
-        while a != -1:
-            m[i][a] = True
-            a = parents[a]
-    return m
+    return ancestor_mask(parents)
 
 
 def random_parents(rng: random.Random, n: int) -> list[int]:

@@ -171,14 +171,9 @@ def _causal(n):
 def _tree(gen, n):
     import torch
 
-    parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)]
-    m = [[False] * n for _ in range(n)]
-    for i in range(n):
-        a = i
-        while a != -1:
-            m[i][a] = True
-            a = parents[a]
-    return m
+    from apar_rt.medusa.tree import ancestor_mask
+
+    return ancestor_mask([-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)])
 
 
 def kernel_accuracy(device, dry: bool) -> dict:
@@ -277,7 +272,8 @@ class _IdTokenizer:
 def make_7b(device, dry: bool):
     """Transformers' Llama with random fp16 weights made on the device, and ours sharing them."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM as HFLlama
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM as HFLlama
 
     from apar_rt.config import ModelConfig
     from apar_rt.model.llama import LlamaForCausalLM, half_swap, rope_inv_freq

@@ -167,6 +167,11 @@ def _gemm_to_matmul(proto) -> None:
         mid = node.output[0] + "_matmul"
         new_nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mid], name=node.name + "_MatMul"))
         new_nodes.append(helper.make_node("Add", [mid, node.input[2]], list(node.output), name=node.name + "_Add"))
+    _replace_nodes(proto, new_nodes)
+
+
+def _replace_nodes(proto, new_nodes) -> None:
+    """Make `new_nodes` the graph's nodes and drop the initializers no node reads any more."""
     del proto.graph.node[:]
     proto.graph.node.extend(new_nodes)
     used = {i for nd in proto.graph.node for i in nd.input}
@@ -228,12 +233,7 @@ def _qdq_int8(proto, names: set[str], spec: QuantSpec):
         new_nodes.append(helper.make_node("DequantizeLinear", dq_in, [out], name=node.name + "_DQ_Q8", axis=0,
                                           block_size=spec.group_size))
         new_nodes.append(helper.make_node("MatMul", [node.input[0], out], list(node.output), name=node.name))
-    del proto.graph.node[:]
-    proto.graph.node.extend(new_nodes)
-    used = {i for nd in proto.graph.node for i in nd.input}
-    keep = [t for t in proto.graph.initializer if t.name in used]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(keep)
+    _replace_nodes(proto, new_nodes)
     return proto
 
 

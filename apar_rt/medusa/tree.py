@@ -70,14 +70,7 @@ class MedusaTree:
         n = len(paths) + 1
         max_depth = max(depths)
         topk = tuple(max(p[-1] for p in paths if len(p) == d) + 1 for d in range(1, max_depth + 1))
-        mask = []
-        for i in range(n):
-            row = [False] * n
-            j = i
-            while j != -1:
-                row[j] = True
-                j = parents[j]
-            mask.append(tuple(row))
+        mask = [tuple(row) for row in ancestor_mask(parents)]
         children = [[] for _ in range(n)]
         for i in range(1, n):
             children[parents[i]].append(i)
@@ -101,6 +94,19 @@ class MedusaTree:
     def draft_tokens(self, topk_per_head: list[list[int]]) -> list[int]:
         """Draft token per node, from each head's ranked candidates (topk_per_head[d][rank])."""
         return [topk_per_head[len(p) - 1][p[-1]] for p in self.paths]
+
+
+def ancestor_mask(parents) -> list[list[bool]]:
+    """Ancestor-or-self visibility [n][n] of a tree given by a parent array (parents[0] == -1 is
+    the root): row i is True at i and at every ancestor of i."""
+    n = len(parents)
+    mask = [[False] * n for _ in range(n)]
+    for i in range(n):
+        j = i
+        while j != -1:
+            mask[i][j] = True
+            j = parents[j]
+    return mask
 
 
 def preset_names() -> list[str]:
