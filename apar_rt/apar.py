@@ -53,6 +53,47 @@ class Decoder(Protocol):
 _WINDOW = 8  # context tokens kept to decode a continuation with the right leading whitespace
 
 
+def context_window(context: Sequence[int], skip_ids: frozenset[int] = frozenset()) -> list[int]:
+    """The last _WINDOW tokens of `context` that are not in skip_ids (in order): what a
+    continuation is decoded after. Scans from the end, so its cost does not grow with `context`."""
+    window: list[int] = []
+    for i in range(len(context) - 1, -1, -1):
+        t = context[i]
+        if t not in skip_ids:
+            window.append(t)
+            if len(window) == _WINDOW:
+                break
+    window.reverse()
+    return window
+
+
+def branch_window(b: Branch, start: int, skip_ids: frozenset[int] = frozenset()) -> list[int]:
+    """`context_window` of b.context()[:len(b.prefix) + start] (what b's token_ids[start:] is
+    decoded after), without building that context."""
+    window: list[int] = []
+    for seq, end in ((b.token_ids, start), (b.prefix, len(b.prefix))):
+        for i in range(end - 1, -1, -1):
+            t = seq[i]
+            if t not in skip_ids:
+                window.append(t)
+                if len(window) == _WINDOW:
+                    window.reverse()
+                    return window
+    window.reverse()
+    return window
+
+
+def windowed_text(decode: Decoder, window: list[int], new: Sequence[int], head: str | None = None) -> str:
+    """The text `new` adds after `window` (see `continuation_text`); `head` is decode(window)
+    when the caller has it."""
+    if head is None:
+        head = decode(window) if window else ""
+    full = decode(window + list(new))
+    if full.startswith(head):
+        return full[len(head):]
+    return decode(list(new))
+
+
 def continuation_text(decode: Decoder, context: Sequence[int], new: Sequence[int],
                       skip_ids: frozenset[int] = frozenset()) -> str:
     """The text that `new` adds after `context`, as the tokenizer would render it in place.
@@ -60,18 +101,7 @@ def continuation_text(decode: Decoder, context: Sequence[int], new: Sequence[int
     `decode` must skip special tokens. A few context tokens (not in skip_ids) are decoded
     along with `new`, so the first new token keeps its leading space.
     """
-    window: list[int] = []
-    for t in reversed(context):
-        if t not in skip_ids:
-            window.append(t)
-            if len(window) == _WINDOW:
-                break
-    window.reverse()
-    head = decode(window) if window else ""
-    full = decode(window + list(new))
-    if full.startswith(head):
-        return full[len(head):]
-    return decode(list(new))
+    return windowed_text(decode, context_window(context, skip_ids), new)
 
 
 def branch_text(decode: Decoder, branch: Branch, skip_ids: frozenset[int] = frozenset()) -> str:
@@ -86,7 +116,7 @@ def _join_detail(own: str, detail: str) -> str:
     """THUDM/APAR's rule for a child's text: after a numbered item it starts on a new line."""
     if detail.startswith("\n"):
         return detail
-    return ("\n" if re.search(r"\d+\. ", own) else "") + detail.lstrip("\n")
+    return detail_prefix(own) + detail.lstrip("\n")
 
 
 def _join_next(text: str) -> str:
@@ -130,34 +160,59 @@ def reading_order_counts(branches: Sequence[Branch], budget: int | None) -> dict
     return kept
 
 
+class SegmentText(Protocol):
+    def __call__(self, branch: Branch, start: int, end: int) -> str: ...
+
+
+def segment_text(decode: Decoder, skip_ids: frozenset[int] = frozenset()) -> SegmentText:
+    """The text of branch.token_ids[start:end] in its place (the default segment renderer:
+    one `continuation_text` decode; `detokenizer.TreeText.segment` gives the same text from
+    its incremental state)."""
+    def render(b: Branch, start: int, end: int) -> str:
+        return windowed_text(decode, branch_window(b, start, skip_ids), b.token_ids[start:end])
+    return render
+
+
 def recover_text(decode: Decoder, branches: Sequence[Branch], control: ControlTokens,
-                 skip_ids: frozenset[int] = frozenset(), join: str = "inplace", budget: int | None = None) -> str:
+                 skip_ids: frozenset[int] = frozenset(), join: str = "inplace", budget: int | None = None,
+                 segment: SegmentText | None = None) -> str:
     """The final text: walk the paragraph tree from the root in reading order.
 
     Only the first `budget` tokens in reading order count (None: all); a stop string's cut
     applies only to a branch kept whole. A branch's own text is cut at `stop_text_len` when a stop string ended it. join="inplace"
     decodes every piece where it stands (exactly the model's text); "reference" applies
     THUDM/APAR's newline fix-ups (a detail after "N. " starts a line, a continuation a paragraph).
+
+    This is the text contract. A branch's text is split into segments after each [Fork] that
+    spawned a child; `segment(branch, start, end)` renders token_ids[start:end] in its place
+    (default: `segment_text(decode, skip_ids)`, a decode per segment; the engine passes its
+    incremental detokenizers' cached text, which is the same text).
     """
-    return _render(decode, branches, control, skip_ids, settled_only=False, holdback=0, join=join,
-                   budget=budget)
+    return _render(segment or segment_text(decode, skip_ids), branches, settled_only=False, holdback=0,
+                   join=join, budget=budget)
 
 
 def settled_text(decode: Decoder, branches: Sequence[Branch], control: ControlTokens,
                  skip_ids: frozenset[int] = frozenset(), holdback: int = 0, join: str = "inplace",
-                 budget: int | None = None) -> str:
+                 budget: int | None = None, segment: SegmentText | None = None) -> str:
     """The longest prefix of the final text that can no longer change.
 
     Reading order stops at the first branch still running: its own text so far is settled
     except the last `holdback` characters (a stop string could still cut there) and any
     incomplete character; everything after it in reading order is not. Streaming the growth
-    of this value yields exactly `recover_text` once all branches finish.
+    of this value yields exactly `recover_text` once all branches finish (the servers'
+    `ReadingOrderStreamer` computes its growth incrementally and is tested against this).
     """
-    return _render(decode, branches, control, skip_ids, settled_only=True, holdback=holdback, join=join,
-                   budget=budget)
+    return _render(segment or segment_text(decode, skip_ids), branches, settled_only=True, holdback=holdback,
+                   join=join, budget=budget)
 
 
-def _render(decode, branches, control, skip_ids, *, settled_only: bool, holdback: int, join: str,
+def detail_prefix(own: str) -> str:
+    """What THUDM/APAR's join puts before a child's text that does not start with a newline."""
+    return "\n" if re.search(r"\d+\. ", own) else ""
+
+
+def _render(segment: SegmentText, branches, *, settled_only: bool, holdback: int, join: str,
             budget: int | None = None) -> str:
     if join not in TEXT_JOINS:
         raise ValueError(f"text join must be one of {', '.join(TEXT_JOINS)}, got {join!r}")
@@ -181,8 +236,7 @@ def _render(decode, branches, control, skip_ids, *, settled_only: bool, holdback
         open_end = settled_only and not b.finished and whole
         fork_points = sorted(i for i in forks_of.get(b.id, ()) if i < n)
         for i in fork_points + [n]:
-            raw = continuation_text(decode, b.context_slice(0, len(b.prefix) + cursor),
-                                    b.token_ids[cursor:min(i + 1, n)], skip_ids)
+            raw = segment(b, cursor, min(i + 1, n))
             seg = raw
             cut = limit is not None and own_len + len(raw) >= limit
             if cut:

@@ -197,6 +197,7 @@ class Request:
     num_live: int = 1                    # branches not finished
     kv_blocks: int = 0                   # distinct KV blocks held now (forked blocks count once)
     budget: int = 0                      # output tokens in reading order: min(max_tokens, context room)
+    detok: Any = None                    # the output side's incremental text (detokenizer.TreeText), made on first use
 
     def __post_init__(self) -> None:
         if not self.branches:

@@ -14,6 +14,7 @@ from apar_rt.apar import ControlTokens, branch_schema, recover_text
 from apar_rt.backends import Backend, backend_class
 from apar_rt.config import EngineConfig, ModelConfig, ModelLoadError
 from apar_rt.core import FinishReason, Request, RequestOutput, SamplingParams, ScheduledSeq, request_stats
+from apar_rt.detokenizer import TreeText
 from apar_rt.medusa.folder import HEADS_DIRNAME, find_heads_dir
 from apar_rt.medusa.tree import load_tree
 from apar_rt.medusa.verifier import Acceptance, MedusaVerifier
@@ -261,9 +262,19 @@ class Engine:
             self.finalize(req, o)
         return o
 
+    def text_of(self, req: Request) -> TreeText:
+        """The request's incremental text (made on first use): the streamer grows it each step,
+        `finalize` renders the final text from it."""
+        if req.detok is None:
+            # clean_up_tokenization_spaces rewrites text across tokens: decode segments in full
+            local = not getattr(self.tokenizer, "clean_up_tokenization_spaces", False)
+            req.detok = TreeText(self.decode, self.special_ids, incremental=local)
+        return req.detok
+
     def finalize(self, req: Request, o: RequestOutput) -> None:
+        """The finished request's text (apar.recover_text, from the text already decoded), branches and stats."""
         o.text = recover_text(self.decode, req.branches, self.control, self.special_ids, join=self.config.text_join,
-                              budget=req.budget)
+                              budget=req.budget, segment=self.text_of(req).segment_renderer(req.branches))
         o.branches = branch_schema(req.branches, req.budget)
         o.stats = request_stats(decode_steps=req.decode_steps, forks=len(o.branches) - 1,
                                 generated_tokens=req.generated_tokens, peak_kv_blocks=req.peak_kv_blocks,

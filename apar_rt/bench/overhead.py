@@ -76,7 +76,7 @@ def measure(model: str, num_seqs: int, context: int, *, stop: bool, stream: bool
     eng, backend = _engine(model, num_seqs, context, steps, vocab)
     rng = np.random.default_rng(seed)
     special = set(eng.special_ids)
-    ordinary = np.array([t for t in range(min(eng.tokenizer.vocab_size, eng.model_config.vocab_size))
+    ordinary = np.array([t for t in range(min(len(eng.tokenizer), eng.model_config.vocab_size))
                          if t not in special])
     params = SamplingParams(max_tokens=eng.config.max_model_len, ignore_eos=True, stop=(NEVER,) if stop else ())
     streamers = {}
@@ -84,7 +84,7 @@ def measure(model: str, num_seqs: int, context: int, *, stop: bool, stream: bool
         ids = rng.choice(ordinary, context).tolist()
         rid = eng.add_request(None, params, prompt_token_ids=ids)
         if stream:
-            streamers[rid] = ReadingOrderStreamer.for_engine(eng, params.stop)
+            streamers[rid] = ReadingOrderStreamer.for_engine(eng, eng._requests[rid])
     reqs = dict(eng._requests)
     while any(not r.branches[0].token_ids for r in reqs.values()):   # prefill until all decode
         eng.step()
@@ -95,8 +95,7 @@ def measure(model: str, num_seqs: int, context: int, *, stop: bool, stream: bool
         outs = eng.step()
         if stream:
             for o in outs:
-                r = reqs[o.request_id]
-                streamers[o.request_id].step(r.branches, r.budget)
+                streamers[o.request_id].step(o.deltas)
         times.append(time.perf_counter() - t - backend.forward_seconds)
     assert all(len(o.deltas) for o in outs) and len(outs) == num_seqs, "every sequence must decode each step"
     for rid in list(reqs):

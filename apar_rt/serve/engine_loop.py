@@ -416,7 +416,7 @@ class EngineLoop:
             return
         req = eng._requests[rid]
         cmd.stream.prompt_tokens = len(req.prompt_token_ids)
-        self._live[rid] = _Live(cmd.stream, req, ReadingOrderStreamer.for_engine(eng, cmd.params.stop),
+        self._live[rid] = _Live(cmd.stream, req, ReadingOrderStreamer.for_engine(eng, req),
                                 cmd.branches, cmd.arrival, len(req.prompt_token_ids))
         cmd.future.set_result(cmd.stream)
 
@@ -466,9 +466,8 @@ class EngineLoop:
                 live.last_token_time = now
             req = live.request
             try:
-                text = live.streamer.finish(o.text or "") if o.finished else live.streamer.step(req.branches, req.budget)
-                branch_events = (live.streamer.branch_events(req.branches, o.deltas) if live.want_branches
-                                 else None)
+                text = live.streamer.finish(o.text or "") if o.finished else live.streamer.step(o.deltas)
+                branch_events = live.streamer.branch_events(o.deltas) if live.want_branches else None
             except Exception:  # a detokenizer failure ends only this request
                 log.exception("streaming %s failed", o.request_id)
                 self._fail(o.request_id, "internal error while detokenizing (details are in the server log)")

@@ -6,19 +6,26 @@ of `apar.settled_text`: the prefix of the final text that can no longer change (
 before the first still-running branch in the paragraph tree, minus a holdback where a stop
 string could still cut). The concatenated deltas therefore equal the final text exactly.
 
+The cost of a step follows what changed, not how much was generated: the branches that got
+tokens are detokenized incrementally (`detokenizer.TreeText`, shared with `Engine.finalize`),
+and the streamer keeps its place in the reading-order walk (a stack of frames down to the
+first running branch), so settled text and finished subtrees are never rendered again. Rare
+cases the walk does not follow in place (a max_tokens cut, a stop string that cuts before an
+already-streamed fork) hand over to `apar.settled_text` itself, over the cached segment text.
+
 Per-branch deltas (the extension) report each branch's own text as it grows, with its id,
 parent and fork point, for clients that render branches side by side.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from apar_rt.apar import ControlTokens, branch_text, settled_text
-from apar_rt.core import Branch, BranchDelta
+from apar_rt.apar import ControlTokens, detail_prefix, settled_text
+from apar_rt.core import Branch, BranchDelta, Request
+from apar_rt.detokenizer import BranchText, TreeText
 
 log = logging.getLogger(__name__)
 
@@ -39,74 +46,246 @@ class BranchEvent:
                 "token_ids": self.token_ids, "text": self.text, "finished": self.finished}
 
 
-def _memo_decoder(decode, size: int = 256):
-    """`decode` with a small LRU cache. Re-rendering the tree each step decodes the same
-    settled segments again; only the frontier's growing segment is new (about 15x less work)."""
-    cached = functools.lru_cache(maxsize=size)(lambda ids: decode(ids))
-    return lambda token_ids: cached(tuple(token_ids))
+@dataclass(slots=True)
+class _Frame:
+    """The walk's place in one branch: segment k (its text up to the k-th child's [Fork])."""
+
+    b: Branch
+    k: int = 0                   # segment index
+    own_len: int = 0             # characters of the segments before k
+    emitted: int = 0             # characters of segment k's text emitted (after its join prefix)
+    entered: bool = False        # segment k's join prefix is out
+    version: int = 0             # SegmentText.version of segment k when it was entered
+    in_child: bool = False       # segment k is out and its child's subtree is being walked
+    eat_newline: bool = False    # reference join: "\n" went out before this subtree; its own leading "\n" merges
 
 
 @dataclass(slots=True)
 class ReadingOrderStreamer:
     """Per-request state of the reading-order stream. Used in the engine's thread only."""
 
-    decode: object               # token ids -> text, skipping special tokens
+    request: Request
+    text: TreeText               # the request's incremental text (shared with Engine.finalize)
     control: ControlTokens
     skip_ids: frozenset[int]
     holdback: int = 0            # characters a stop string could still cut: max(len(stop)) - 1
     join: str = "inplace"        # the engine's text join (apar.recover_text)
-    sent: str = ""               # the text emitted so far
-    branch_sent: dict[int, str] = field(default_factory=dict)
     diverged: bool = False       # the settled text stopped extending what was sent (a bug)
+    _sent: list[str] = field(default_factory=list)      # the text emitted so far, in pieces
+    _stack: list[_Frame] = field(default_factory=list)
+    _left: float = 0             # output tokens of the budget not yet walked past
+    _eaters: int = 0             # frames with eat_newline set
+    _started: bool = False
+    _done: bool = False          # the walk reached the end: nothing more settles before `finish`
+    _fallback: bool = False      # the walk handed over to apar.settled_text
+    # each branch's own text sent: [characters, its segments' versions then, the text in pieces]
+    _branch_sent: dict[int, list] = field(default_factory=dict)
 
     @classmethod
-    def for_engine(cls, engine, stop: Sequence[str] = ()) -> "ReadingOrderStreamer":
+    def for_engine(cls, engine, request: Request) -> "ReadingOrderStreamer":
+        stop = request.params.stop
         holdback = max((len(s) for s in stop), default=1) - 1
-        return cls(_memo_decoder(engine.decode), engine.control, engine.special_ids, holdback,
+        return cls(request, engine.text_of(request), engine.control, engine.special_ids, holdback,
                    join=engine.config.text_join)
 
-    def step(self, branches: Sequence[Branch], budget: int | None = None) -> str:
-        """The new settled text after a step (`budget`: the request's output tokens in reading order)."""
-        if self.diverged:
+    @property
+    def sent(self) -> str:
+        """The text emitted so far."""
+        if len(self._sent) > 1:
+            self._sent = ["".join(self._sent)]
+        return self._sent[0] if self._sent else ""
+
+    def step(self, deltas: Sequence[BranchDelta] = ()) -> str:
+        """The new settled text after a step. `deltas`: the branches that got tokens (they are
+        detokenized now; others are brought up to date when the walk reaches them)."""
+        req = self.request
+        branches = req.branches
+        for d in deltas:
+            self.text.branch(branches[d.branch_id], branches)
+        if self.diverged or self._done:
             return ""
-        now = settled_text(self.decode, branches, self.control, self.skip_ids, self.holdback, join=self.join,
-                           budget=budget)
-        if not now.startswith(self.sent):
+        if not self._started:
+            self._started = True
+            self._left = float("inf") if req.budget is None else req.budget
+            self._stack.append(_Frame(branches[0]))
+        if not self._fallback:
+            out: list[str] = []
+            if self._walk(out):
+                delta = "".join(out)
+                if delta:
+                    self._sent.append(delta)
+                return delta
+            self._fallback = True
+        return self._reference_step()
+
+    def _reference_step(self) -> str:
+        req = self.request
+        now = settled_text(self.text.decode, req.branches, self.control, self.skip_ids, self.holdback,
+                           join=self.join, budget=req.budget, segment=self.text.segment_renderer(req.branches))
+        sent = self.sent
+        if not now.startswith(sent):
             # settled_text promises a growing prefix; if it ever does not, stop streaming
             # early and let `finish` send what it can.
             log.warning("settled text no longer extends the streamed text; holding the rest")
             self.diverged = True
             return ""
-        delta = now[len(self.sent):]
-        self.sent = now
+        delta = now[len(sent):]
+        if delta:
+            self._sent.append(delta)
         return delta
+
+    def _emit(self, out: list[str], chunk: str) -> None:
+        if not chunk:
+            return
+        if self._eaters:   # reference join: a subtree's leading "\n" merges with the one sent before it
+            for fr in reversed(self._stack):
+                if fr.eat_newline:
+                    fr.eat_newline = False
+                    self._eaters -= 1
+                    if chunk[0] == "\n":
+                        chunk = chunk[1:]
+                        if not chunk:
+                            return
+        out.append(chunk)
+
+    def _emit_segment(self, out: list[str], fr: _Frame, seg, length: int, joined: bool) -> bool:
+        """Send segment text up to `length` raw characters (after `_join_next` when joined).
+        False if that is not an extension of what was sent."""
+        j = 0
+        if joined:   # _join_next(s) == "\n\n" + s[j:], j set by s[:2]; the "\n\n" went out on entry
+            h = seg.slice(0, min(2, length))
+            j = 2 if h == "\n\n" else (1 if h[:1] == "\n" else 0)
+        start = j + fr.emitted
+        if length < start:
+            return False
+        if length > start:
+            self._emit(out, seg.slice(start, length))
+            fr.emitted = length - j
+        return True
+
+    def _walk(self, out: list[str]) -> bool:
+        """Advance the reading-order walk as far as text has settled, appending it to `out`.
+        Mirrors `apar._render(settled_only=True)`; False hands over to it (a budget cut, a stop
+        cut reaching back before a fork, text that changed after it was sent)."""
+        stack = self._stack
+        branches = self.request.branches
+        reference = self.join == "reference"
+        while stack:
+            fr = stack[-1]
+            b = fr.b
+            bt: BranchText = self.text.branch(b, branches)
+            if fr.in_child:      # back from segment k's child: on to segment k + 1
+                fr.in_child = False
+                fr.k += 1
+                fr.emitted = 0
+                fr.entered = False
+            seg = bt.segments[fr.k]
+            ntok = seg.end - seg.start
+            joined = reference and seg.start > 0
+            if not fr.entered:
+                fr.entered = True
+                fr.version = seg.version
+                if joined:
+                    self._emit(out, "\n\n")
+            elif seg.version != fr.version:
+                return False
+            if self._left < ntok:
+                return False
+            limit = b.stop_text_len if b.finished else None
+            if fr.k < len(bt.segments) - 1:    # closed by a child's [Fork]: all of it, then the child
+                if limit is not None and fr.own_len + len(seg) >= limit:
+                    return False
+                if not self._emit_segment(out, fr, seg, len(seg), joined):
+                    return False
+                self._left -= ntok
+                fr.own_len += len(seg)
+                fr.in_child = True
+                child = _Frame(branches[b.children[fr.k]])
+                if reference:
+                    p = detail_prefix(seg.text())
+                    if p:
+                        self._emit(out, p)
+                        child.eat_newline = True
+                        self._eaters += 1
+                stack.append(child)
+                continue
+            if b.finished:                     # the last segment of a finished branch
+                length = len(seg)
+                if limit is not None:
+                    if fr.k > 0 and limit <= fr.own_len:
+                        return False
+                    length = min(length, limit - fr.own_len)
+                if not self._emit_segment(out, fr, seg, length, joined):
+                    return False
+                self._left -= ntok
+                stack.pop()
+                if fr.eat_newline:
+                    self._eaters -= 1
+                continue
+            # the first running branch: its text so far, less an incomplete character and the holdback
+            return self._emit_segment(out, fr, seg, max(0, seg.stable_len() - self.holdback), joined)
+        self._done = True
+        return True
 
     def finish(self, final_text: str) -> str:
         """The rest of the final text. The stream then equals `final_text` unless diverged."""
-        if final_text.startswith(self.sent):
-            delta = final_text[len(self.sent):]
-            self.sent = final_text
+        sent = self.sent
+        if final_text.startswith(sent):
+            delta = final_text[len(sent):]
+            self._sent = [final_text]
             return delta
-        log.error("the streamed text %r is not a prefix of the final text %r", self.sent[-40:],
-                  final_text[-40:])
+        log.error("the streamed text %r is not a prefix of the final text %r", sent[-40:], final_text[-40:])
         self.diverged = True
         return ""
 
-    def branch_events(self, branches: Sequence[Branch], deltas: Sequence[BranchDelta]) -> list[BranchEvent]:
-        """Per-branch deltas of this step: tokens, and the branch's own new settled text."""
+    def branch_events(self, deltas: Sequence[BranchDelta]) -> list[BranchEvent]:
+        """Per-branch deltas of this step: tokens, and the branch's own new settled text (its
+        segments' text: less an incomplete character and the holdback while it runs, cut by its
+        stop string when it ended on one)."""
+        branches = self.request.branches
         events = []
         for d in deltas:
             b = branches[d.branch_id]
-            text = branch_text(self.decode, b, self.skip_ids)
+            bt = self.text.branch(b, branches)
+            total = bt.own_len()
             if b.finished:
-                if b.stop_text_len is not None:
-                    text = text[:b.stop_text_len]
+                end = total if b.stop_text_len is None else min(total, b.stop_text_len)
             else:
-                text = text.rstrip("\ufffd")
-                text = text[:max(0, len(text) - self.holdback)]
-            prev = self.branch_sent.get(b.id, "")
-            new = text[len(prev):] if text.startswith(prev) else ""
-            if text.startswith(prev):
-                self.branch_sent[b.id] = text
+                strip = 0
+                for seg in reversed(bt.segments):
+                    stable = seg.stable_len()
+                    strip += len(seg) - stable
+                    if stable:
+                        break
+                end = max(0, total - strip - self.holdback)
+            version = sum(seg.version for seg in bt.segments)
+            sent = self._branch_sent.get(b.id)
+            if sent is None:
+                sent = self._branch_sent[b.id] = [0, version, []]
+            new = ""
+            if version != sent[1]:   # text already sent may have changed: compare in full
+                prev = "".join(sent[2])
+                text = _own_slice(bt, 0, end)
+                if text.startswith(prev):   # else compare in full again next time
+                    new = text[len(prev):]
+                    sent[0], sent[1], sent[2] = end, version, [text]
+            elif end > sent[0]:
+                new = _own_slice(bt, sent[0], end)
+                sent[0] = end
+                sent[2].append(new)
             events.append(BranchEvent(b.id, b.parent, b.fork_index, list(d.new_token_ids), new, d.finished))
         return events
+
+
+def _own_slice(bt: BranchText, a: int, b: int) -> str:
+    """A branch's own text [a:b] (its segments' text concatenated)."""
+    parts = []
+    pos = 0
+    for seg in bt.segments:
+        n = len(seg)
+        if pos + n > a and pos < b:
+            parts.append(seg.slice(max(0, a - pos), min(n, b - pos)))
+        pos += n
+        if pos >= b:
+            break
+    return "".join(parts)

@@ -1,0 +1,266 @@
+"""Incremental detokenization of APAR branches: each branch's text, grown with its tokens.
+
+The text contract is `apar.recover_text`'s: a branch's own text is split into segments after
+each [Fork] that spawned a child, and each segment is the `apar.continuation_text` of its tokens
+in their context. `SegmentText` keeps one segment's text as tokens arrive at a cost set by the
+new tokens, not by the segment's length (vLLM's `detokenize_incrementally`, HF's TextStreamer):
+it decodes the new tokens with a few tokens of left context (a prefix offset), keeps what they
+add, and holds back a trailing incomplete character (U+FFFD) until more bytes arrive.
+
+That is exact for decoders whose output for a token depends only on a few tokens before it
+(byte-level BPE, sentencepiece with byte fallback, WordPiece, the demo tokenizer). Where a
+decoder is not (a byte-fallback run that turns invalid, a clean-up rule across tokens), the
+decoded left context stops matching what was kept, and the segment is decoded again in full;
+tokenizers with `clean_up_tokenization_spaces` (a rule that can reach further back than that
+check) are decoded in full every time (`TreeText(..., incremental=False)`). So a segment's text
+is always exactly `continuation_text(decode, context, tokens)`.
+
+`TreeText` holds the segments of every branch of one request and hands their text to
+`apar.recover_text` / `apar.settled_text` (`TreeText.segment`), so the final text is rendered
+by the one walk that defines it, from text already decoded.
+
+Pure Python; used in the engine's thread only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from apar_rt.apar import Decoder, branch_window, windowed_text
+from apar_rt.core import Branch
+
+REPLACEMENT = "\ufffd"
+REBASE = 8   # tokens of left context decoded with the new ones before the prefix offset moves up
+
+
+class SegmentText:
+    """The text of token_ids[start:end] of one branch, for a growing `end`.
+
+    Invariant: `text()` == apar.continuation_text(decode, context[:start], token_ids[start:end]).
+    The text is `committed` pieces (final) plus `pending` (the newest tokens' text while it ends
+    in U+FFFD). `version` changes whenever text already returned may have changed (a full
+    re-decode); readers that emitted part of it compare versions.
+    """
+
+    __slots__ = ("_decode", "_tokens", "start", "end", "_window", "_head", "_parts", "committed_len",
+                 "pending", "_p", "_r", "_prefix", "_marks", "version", "incremental", "decoded_tokens")
+
+    def __init__(self, decode: Decoder, tokens: list[int], start: int, window: list[int],
+                 incremental: bool = True) -> None:
+        self._decode = decode
+        self._tokens = tokens            # the branch's token_ids (grows in place)
+        self.start = start
+        self.end = start
+        self._window = window            # context tokens decoded before the first token
+        self._head: str | None = None    # decode(window)
+        self._parts: list[str] = []      # committed text, in pieces
+        self.committed_len = 0
+        self.pending = ""                # text of tokens after the read offset (ends in U+FFFD)
+        self._p = 0                      # prefix offset (relative to start): left context begins here
+        self._r: int | None = None       # read offset: tokens whose text is committed; None: none yet
+        self._prefix: str | None = ""    # decode(tokens[start+p : start+r]); None: not yet decoded
+        self._marks: list[tuple[int, int]] = []   # read offsets taken (token offset, committed length)
+        self.version = 0
+        self.incremental = incremental
+        self.decoded_tokens = 0          # tokens passed to decode (for tests of the cost)
+
+    def __len__(self) -> int:
+        return self.committed_len + len(self.pending)
+
+    def _dec(self, ids: list[int]) -> str:
+        self.decoded_tokens += len(ids)
+        return self._decode(ids)
+
+    def advance(self, end: int) -> None:
+        """Take the branch's tokens up to index `end` (exclusive)."""
+        if end <= self.end:
+            return
+        self.end = end
+        if self._r is None or not self.incremental:
+            self._decode_all()
+            return
+        s = self.start
+        if self._prefix is None:
+            self._prefix = self._dec(self._tokens[s + self._p:s + self._r])
+        new = self._dec(self._tokens[s + self._p:end])
+        if not new.startswith(self._prefix):   # the left context decodes differently now
+            if not self._back_off(end):
+                self._decode_all()
+            return
+        pending = new[len(self._prefix):]
+        if pending and pending[-1] != REPLACEMENT:
+            self._commit(pending, end - s, new)
+        else:
+            self.pending = pending
+
+    def _commit(self, piece: str, read: int, decoded: str) -> None:
+        self._parts.append(piece)
+        self.committed_len += len(piece)
+        self.pending = ""
+        if read - self._p > REBASE:   # keep the decoded window short: left context from the last read offset
+            self._p = self._r
+            self._prefix = self._dec(self._tokens[self.start + self._p:self.start + read])
+        else:
+            self._prefix = decoded
+        self._r = read
+        self._marks.append((read, self.committed_len))
+
+    def _back_off(self, end: int) -> bool:
+        """Decode again from an earlier read offset, with its own left context, doubling the
+        distance until the left context decodes as kept (a byte-fallback run that turned invalid
+        reaches back to the run's start only). False: none left, decode the whole segment."""
+        marks, s, rel = self._marks, self.start, end - self.start
+        dist = 2 * (rel - self._p)
+        j = len(marks) - 1
+        while True:
+            while j >= 1 and rel - marks[j - 1][0] < dist:
+                j -= 1
+            if j < 1:
+                return False
+            left, (read, length) = marks[j - 1][0], marks[j]
+            prefix = self._dec(self._tokens[s + left:s + read])
+            new = self._dec(self._tokens[s + left:end])
+            if new.startswith(prefix):
+                old = self.text()
+                old_stable = old[:self.stable_len()]
+                kept, pending = old[:length], new[len(prefix):]
+                if not (kept + pending).startswith(old_stable):
+                    self.version += 1
+                self._parts, self.committed_len, self.pending = [kept], length, pending
+                del marks[j + 1:]
+                self._p, self._r, self._prefix = left, read, prefix
+                if pending and pending[-1] != REPLACEMENT:
+                    self._commit(pending, rel, new)
+                return True
+            dist *= 2
+
+    def _decode_all(self) -> None:
+        """The exact text from scratch (the first tokens, or after the decoder proved non-local)."""
+        old_stable = self.text().rstrip(REPLACEMENT)
+        seg = self._tokens[self.start:self.end]
+        if self._head is None:
+            self._head = self._dec(self._window) if self._window else ""
+        self.decoded_tokens += len(self._window) + len(seg)
+        raw = windowed_text(self._decode, self._window, seg, self._head)
+        if not raw.startswith(old_stable):
+            self.version += 1
+        self._parts = []
+        self._marks = []
+        self.committed_len = 0
+        self._p, self._r, self.pending = 0, None, raw
+        if raw and raw[-1] != REPLACEMENT and self.incremental:
+            self._parts.append(raw)
+            self.committed_len = len(raw)
+            self.pending = ""
+            self._r = len(seg)
+            self._marks.append((len(seg), len(raw)))
+            self._prefix = None          # decoded when the next token comes
+
+    def text(self) -> str:
+        """The whole text (joins the committed pieces once)."""
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return (self._parts[0] if self._parts else "") + self.pending
+
+    def slice(self, a: int, b: int) -> str:
+        """text()[a:b] for 0 <= a <= b <= len(self), joining only the pieces it covers."""
+        if a >= b:
+            return ""
+        c = self.committed_len
+        if a >= c:
+            return self.pending[a - c:b - c]
+        parts = self._parts
+        i, pos = len(parts), c
+        while pos > a:
+            i -= 1
+            pos -= len(parts[i])
+        head = "".join(parts[i:]) if i < len(parts) - 1 else parts[i]
+        if b <= c:
+            return head[a - pos:b - pos]
+        return head[a - pos:] + self.pending[:b - c]
+
+    def stable_len(self) -> int:
+        """Length of the text without its trailing U+FFFD (an incomplete character)."""
+        p = self.pending
+        if not p:
+            return self.committed_len
+        return self.committed_len + len(p.rstrip(REPLACEMENT))
+
+
+class BranchText:
+    """One branch's segments: closed ones (ended by a [Fork] that spawned a child) and the open one."""
+
+    __slots__ = ("segments", "forks", "starts")
+
+    def __init__(self) -> None:
+        self.segments: list[SegmentText] = []
+        self.forks = 0                       # children already split off
+        self.starts: dict[int, SegmentText] = {}
+
+    def own_len(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+
+class TreeText:
+    """Incremental text of every branch of one request (the output side's state).
+
+    `sync(b)` takes branch b's new tokens and forks (cost: its new tokens); `segment` renders a
+    segment for `apar.recover_text` / `settled_text` from what is already decoded.
+    """
+
+    __slots__ = ("decode", "skip_ids", "incremental", "branches", "exact_tokens")
+
+    def __init__(self, decode: Decoder, skip_ids: frozenset[int] = frozenset(), incremental: bool = True) -> None:
+        self.decode = decode
+        self.skip_ids = skip_ids
+        self.incremental = incremental
+        self.branches: list[BranchText] = []
+        self.exact_tokens = 0                # tokens decoded for segments cut by the budget
+
+    def _new_segment(self, bt: BranchText, b: Branch, start: int) -> SegmentText:
+        seg = SegmentText(self.decode, b.token_ids, start, branch_window(b, start, self.skip_ids), self.incremental)
+        bt.segments.append(seg)
+        bt.starts[start] = seg
+        return seg
+
+    def branch(self, b: Branch, tree: Sequence[Branch]) -> BranchText:
+        """Branch b's text state, brought up to date with its tokens and forks."""
+        while len(self.branches) <= b.id:
+            self.branches.append(BranchText())
+        bt = self.branches[b.id]
+        if not bt.segments:
+            self._new_segment(bt, b, 0)
+        children = b.children
+        while bt.forks < len(children):
+            f = tree[children[bt.forks]].fork_index + 1
+            bt.segments[-1].advance(f)
+            self._new_segment(bt, b, f)
+            bt.forks += 1
+        bt.segments[-1].advance(len(b.token_ids))
+        return bt
+
+    def sync(self, branches: Sequence[Branch], ids: Sequence[int] | None = None) -> None:
+        """Bring the named branches (default: all) up to date."""
+        for i in (range(len(branches)) if ids is None else ids):
+            self.branch(branches[i], branches)
+
+    def segment_renderer(self, branches: Sequence[Branch]):
+        """`segment(b, start, end)` for apar's render walk: the cached text of a whole segment,
+        or an exact decode of a segment cut short by the budget."""
+        def segment(b: Branch, start: int, end: int) -> str:
+            seg = self.branch(b, branches).starts.get(start)
+            if seg is not None and seg.end == end:
+                return seg.text()
+            return self.exact(b, start, end)
+        return segment
+
+    def exact(self, b: Branch, start: int, end: int) -> str:
+        """The text of b.token_ids[start:end] decoded in full (a segment cut by the budget)."""
+        if end <= start:
+            return ""
+        self.exact_tokens += end - start
+        return windowed_text(self.decode, branch_window(b, start, self.skip_ids), b.token_ids[start:end])
+
+    def decoded_tokens(self) -> int:
+        """Tokens passed to `decode` so far (the incremental segments' and the exact cuts')."""
+        return self.exact_tokens + sum(s.decoded_tokens for bt in self.branches for s in bt.segments)

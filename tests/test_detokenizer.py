@@ -1,0 +1,370 @@
+"""Incremental text (detokenizer.TreeText, the streamer, Engine.finalize) against a full re-render.
+
+The oracle is apar.py's text contract computed from scratch each time with a plain decode per
+segment (`recover_text` / `settled_text` without a segment cache): the incremental text must equal
+it at every step, on random trees with forks, stop-string cuts and max_tokens cuts, on tokens that
+split multi-byte UTF-8 characters (the demo byte-level BPE, a sentencepiece-style byte-fallback
+tokenizer), and its decode work per step must not grow with the generated length.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from apar_rt.apar import ControlTokens, continuation_text, recover_text, segment_text, settled_text
+from apar_rt.core import Branch, BranchDelta, FinishReason, Request, SamplingParams
+from apar_rt.detokenizer import REBASE, SegmentText, TreeText
+from apar_rt.serve.streamer import ReadingOrderStreamer
+
+DEMO = Path(__file__).resolve().parents[1] / "samples" / "models" / "apar-tiny"
+MULTIBYTE = "héllo wörld €100 日本語の文 😀🎉 naïve café ñandú 1. Ünïcödé — “quoted” ½ ✓"
+
+
+class Counting:
+    """A decode that counts the tokens it is given."""
+
+    def __init__(self, decode):
+        self.decode = decode
+        self.tokens = 0
+        self.calls = 0
+
+    def __call__(self, ids):
+        self.tokens += len(ids)
+        self.calls += 1
+        return self.decode(ids)
+
+
+# ---- tokenizers -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo():
+    """The demo model's byte-level BPE: (decode, ids of [Fork], [Child], EOS, special ids, token pool)."""
+    from apar_rt.model.tokenizer import control_tokens, load_tokenizer
+
+    tok = load_tokenizer(DEMO)
+    ctrl = control_tokens(tok)
+    special = frozenset(tok.all_special_ids) | frozenset(ctrl.ids)
+    # tokens of text with multi-byte characters (the BPE splits many into byte tokens) and random ids
+    split = [t for t in tok.encode(MULTIBYTE * 3, add_special_tokens=False) if t not in special]
+    ordinary = [t for t in range(len(tok)) if t not in special]
+    return (lambda ids: tok.decode(ids, skip_special_tokens=True)), ctrl, tok.eos_token_id, special, split, ordinary
+
+
+@pytest.fixture(scope="module")
+def byte_fallback():
+    """A sentencepiece-style tokenizer: '▁' pieces, <0xNN> byte fallback, Fuse and a leading-space Strip."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    pieces = ["<unk>", "<s>", "</s>", "[SplitMask]", "[SplitSop]"] + [f"<0x{i:02X}>" for i in range(256)]
+    pieces += ["▁", "▁the", "▁cat", "▁sat", "a", "b", "1.", "2.", ".", "▁é", "▁caf", "é", "▁hello", "▁world"]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(p, special=True) for p in pieces[:5]])
+    byte = {i: vocab[f"<0x{i:02X}>"] for i in range(256)}
+    split = []
+    for ch in MULTIBYTE:
+        data = ch.encode()
+        split += [byte[x] for x in data] if len(data) > 1 else [vocab.get("▁" if ch == " " else ch, byte[data[0]])]
+    ordinary = list(range(5, len(pieces)))
+    ctrl = ControlTokens(vocab["[SplitMask]"], vocab["[SplitSop]"])
+    return ((lambda ids: tok.decode(ids, skip_special_tokens=True)), ctrl, vocab["</s>"], frozenset({0, 1, 2, 3, 4}),
+            split, ordinary)
+
+
+def draw(rng, split, ordinary, n):
+    """n tokens: runs of text whose multi-byte characters are split over tokens, truncated at random
+    (incomplete and invalid UTF-8), mixed with random ids."""
+    out = []
+    while len(out) < n:
+        if rng.random() < 0.6:
+            i = int(rng.integers(0, len(split)))
+            out += split[i:i + int(rng.integers(1, 8))]
+        else:
+            out.append(int(rng.choice(ordinary)))
+    return out[:n]
+
+
+# ---- one segment --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["demo", "byte_fallback"])
+@pytest.mark.parametrize("seed", range(4))
+def test_segment_text_equals_a_full_decode_at_every_length(which, seed, request):
+    decode, ctrl, eos, special, split, ordinary = request.getfixturevalue(which)
+    rng = np.random.default_rng(seed)
+    context = draw(rng, split, ordinary, 12)
+    tokens = draw(rng, split, ordinary, 600)
+    b = Branch(0, None, None, 0, context, [])
+    count = Counting(decode)
+    seg = SegmentText(count, b.token_ids, 0, context[-8:])
+    steps = []
+    while len(b.token_ids) < len(tokens):
+        before = count.tokens
+        k = int(rng.integers(1, 4))
+        b.token_ids.extend(tokens[len(b.token_ids):len(b.token_ids) + k])
+        seg.advance(len(b.token_ids))
+        steps.append(count.tokens - before)
+        want = continuation_text(decode, context, b.token_ids, special)
+        assert seg.text() == want
+        assert len(seg) == len(want) and seg.stable_len() == len(want.rstrip("\ufffd"))
+        a = int(rng.integers(0, len(want) + 1))
+        assert seg.slice(a, len(want)) == want[a:]
+    if which == "demo":
+        # decode work follows the new tokens, not the segment's length (a full decode per step
+        # would grow to 600). Byte fallback is not bounded so: its text for a run of byte tokens
+        # is all U+FFFD until the run is valid UTF-8 as a whole, so a run is decoded until it ends.
+        q = len(steps) // 4
+        assert max(steps) <= 6 * REBASE and np.mean(steps[-q:]) <= 1.5 * np.mean(steps[:q]) + 2
+
+
+def test_a_byte_fallback_run_that_turns_invalid_is_decoded_again(byte_fallback):
+    """'é' as two byte tokens is text; a third byte token makes the whole run invalid (every byte
+    a U+FFFD in the full decode): the kept text must follow, not keep the 'é'."""
+    decode, ctrl, eos, special, split, ordinary = byte_fallback
+    e_acute = [5 + 0xC3, 5 + 0xA9]
+    b = Branch(0, None, None, 0, [split[0]], [])
+    seg = SegmentText(decode, b.token_ids, 0, [split[0]])
+    for t in [ordinary[-1]] + e_acute + [5 + 0xE2, 5 + 0x41]:
+        b.token_ids.append(t)
+        seg.advance(len(b.token_ids))
+        assert seg.text() == continuation_text(decode, b.prefix, b.token_ids, special)
+    assert "é" not in seg.text() and seg.version > 0
+
+
+# ---- random trees through the streamer ------------------------------------------------------
+
+def grow_tree(rng, req, ctrl, eos, split, ordinary, max_depth=2, wild_stops=True):
+    """Grow a random APAR tree one step at a time; yields each step's deltas. Branches take 1-3
+    tokens a step (Medusa-like), fork, end on EOS, and sometimes end on a stop-string cut placed
+    at random in their own text."""
+    branches = req.branches
+    while True:
+        live = [b for b in branches if not b.finished]
+        if not live:
+            return
+        deltas = []
+        for b in live:
+            if rng.random() < 0.25:
+                continue
+            d = BranchDelta(b.id, b.parent, b.fork_index, [], False)
+            deltas.append(d)
+            for _ in range(int(rng.integers(1, 4))):
+                r = rng.random()
+                last = b.token_ids[-1] if b.token_ids else None
+                fork_p = 0.3 if b.parent is None and not b.children else 0.1
+                if r < fork_p and b.depth < max_depth and last not in (ctrl.fork, ctrl.child):
+                    tok = ctrl.fork
+                elif r < fork_p + 0.03 and len(b.token_ids) > (20 if b.parent is None else 3):
+                    tok = eos
+                else:
+                    tok = draw(rng, split, ordinary, 1)[0]
+                b.token_ids.append(tok)
+                d.new_token_ids.append(tok)
+                if tok == ctrl.fork:
+                    c = Branch(len(branches), b.id, len(b.token_ids) - 1, b.depth + 1, b.prefix + b.token_ids,
+                               [ctrl.child])
+                    branches.append(c)
+                    b.children.append(c.id)
+                    deltas.append(BranchDelta(c.id, b.id, c.fork_index, [ctrl.child], False))
+                    break
+                if tok == eos or len(b.token_ids) > 60:
+                    b.finish_reason = FinishReason.STOP
+                    d.finished = True
+                    break
+            if not b.finished and len(b.token_ids) > 8 and (b.parent is not None or b.children) \
+                    and rng.random() < 0.03:   # a stop string matched
+                own = "".join(segment_text(req_decode[0], req_special[0])(b, s, e)
+                              for s, e in own_segments(b, branches))
+                # where the scheduler puts the cut: before the stop string that the newest token
+                # completed, near the end; sometimes anywhere (a stop string across a fork)
+                back = int(rng.integers(0, 6)) if not wild_stops or rng.random() < 0.7 else len(own)
+                b.stop_text_len = max(0, len(own) - int(rng.integers(0, back + 1)))
+                b.finish_reason = FinishReason.STOP
+                d.finished = True
+        yield deltas
+
+
+req_decode, req_special = [None], [None]   # the decode grow_tree uses for its stop cuts
+
+
+def own_segments(b, branches):
+    starts = [0] + [branches[c].fork_index + 1 for c in b.children]
+    return list(zip(starts, starts[1:] + [len(b.token_ids)]))
+
+
+def own_oracle(decode, special, b, branches, holdback):
+    """A branch's own text as the per-branch events promise it, from a plain decode per segment."""
+    own = "".join(segment_text(decode, special)(b, s, e) for s, e in own_segments(b, branches))
+    if b.finished:
+        return own if b.stop_text_len is None else own[:b.stop_text_len]
+    own = own.rstrip("\ufffd")
+    return own[:max(0, len(own) - holdback)]
+
+
+@pytest.mark.parametrize("which", ["demo", "byte_fallback"])
+@pytest.mark.parametrize("join", ["inplace", "reference"])
+@pytest.mark.parametrize("seed", range(6))
+def test_streamed_text_equals_a_full_rerender_at_every_step(which, join, seed, request):
+    decode, ctrl, eos, special, split, ordinary = request.getfixturevalue(which)
+    req_decode[0], req_special[0] = decode, special
+    rng = np.random.default_rng(seed)
+    budget = [None, 25, 70, 160][seed % 4]
+    holdback = [0, 3][seed % 2]
+    prompt = draw(rng, split, ordinary, 10)
+    req = Request("r", "", prompt, SamplingParams())
+    req.budget = budget
+    text = TreeText(Counting(decode), special)
+    streamer = ReadingOrderStreamer(req, text, ctrl, special, holdback, join=join)
+    ref_sent, ref_diverged = "", False         # the contract's stream: growth of settled_text
+    own_sent: dict[int, str] = {}
+    own_ref: dict[int, str] = {}
+    steps = 0
+    for deltas in grow_tree(rng, req, ctrl, eos, split, ordinary):
+        steps += 1
+        streamer.step(deltas)
+        now = settled_text(decode, req.branches, ctrl, special, holdback, join=join, budget=budget)
+        if not ref_diverged:
+            if now.startswith(ref_sent):
+                ref_sent = now
+            else:
+                ref_diverged = True
+        assert streamer.diverged == ref_diverged
+        assert streamer.sent == ref_sent
+        for ev in streamer.branch_events(deltas):
+            # each branch's own text, sent as it grows (as the contract's stream: only while it extends)
+            want = own_oracle(decode, special, req.branches[ev.id], req.branches, holdback)
+            prev = own_ref.get(ev.id, "")
+            own_ref[ev.id] = want if want.startswith(prev) else prev
+            own_sent[ev.id] = own_sent.get(ev.id, "") + ev.text
+            assert own_sent[ev.id] == own_ref[ev.id]
+    final = recover_text(decode, req.branches, ctrl, special, join=join, budget=budget)
+    # the engine's finalize path: the same walk over the incremental segments
+    assert recover_text(decode, req.branches, ctrl, special, join=join, budget=budget,
+                        segment=text.segment_renderer(req.branches)) == final
+    streamer.finish(final)
+    if not ref_diverged:
+        assert streamer.sent == final
+    assert steps > 5 and len(req.branches) > 1
+
+
+def test_many_random_trees_take_the_incremental_path(demo):
+    """Most steps are served by the streamer's own walk, not by the full re-render it falls back to."""
+    decode, ctrl, eos, special, split, ordinary = demo
+    req_decode[0], req_special[0] = decode, special
+    fallbacks = 0
+    for seed in range(20):
+        rng = np.random.default_rng(100 + seed)
+        req = Request("r", "", draw(rng, split, ordinary, 10), SamplingParams())
+        req.budget = None
+        streamer = ReadingOrderStreamer(req, TreeText(decode, special), ctrl, special, 2)
+        for deltas in grow_tree(rng, req, ctrl, eos, split, ordinary, wild_stops=False):
+            streamer.step(deltas)
+        fallbacks += streamer._fallback
+    assert fallbacks <= 4
+
+
+# ---- decode work per step -------------------------------------------------------------------
+
+def test_stream_decode_work_per_step_does_not_grow_with_the_text(demo):
+    """One long branch streamed token by token: the tokens decoded per step stay bounded (the old
+    streamer decoded the whole growing segment every step)."""
+    decode, ctrl, eos, special, split, ordinary = demo
+    rng = np.random.default_rng(7)
+    req = Request("r", "", draw(rng, split, ordinary, 10), SamplingParams(stop=("xyz",)))
+    req.budget = 10_000
+    count = Counting(decode)
+    streamer = ReadingOrderStreamer(req, TreeText(count, special), ctrl, special, holdback=2)
+    b = req.branches[0]
+    per_step = []
+    for tok in draw(rng, split, ordinary, 1500):
+        b.token_ids.append(tok)
+        before = count.tokens
+        streamer.step([BranchDelta(0, None, None, [tok], False)])
+        streamer.branch_events([BranchDelta(0, None, None, [tok], False)])
+        per_step.append(count.tokens - before)
+    early, late = per_step[50:300], per_step[-250:]
+    assert max(late) <= 3 * REBASE + 4
+    assert sum(late) <= 1.5 * sum(early) + 50
+    assert streamer.sent == settled_text(decode, req.branches, ctrl, special, 2)
+
+
+# ---- the engine: streaming, finalize, stop strings, max_tokens -------------------------------
+
+def test_engine_stream_and_final_text_equal_the_full_render(demo):
+    """Real scheduler trees (random logits, forks favoured, seeded sampling): what the streamer
+    sends each step equals the re-rendered settled text, the engine's final text equals
+    recover_text over a plain decode, with stop strings and max_tokens cutting trees."""
+    from apar_rt.bench.overhead import RandomLogitsBackend
+    from apar_rt.config import EngineConfig, ModelConfig
+    from apar_rt.engine import Engine
+    from apar_rt.model.tokenizer import load_tokenizer
+
+    decode, ctrl, eos, special, split, ordinary = demo
+    tok = load_tokenizer(DEMO)
+    mc = ModelConfig.from_dir(DEMO)
+    eng = Engine(RandomLogitsBackend(mc.vocab_size, seed=3), tok, mc,
+                 EngineConfig(num_blocks=512, block_size=16, max_num_seqs=32, mode="apar"))
+    streams = {}
+    rng = np.random.default_rng(5)
+    for i in range(12):
+        params = SamplingParams(max_tokens=[20, 60, 150][i % 3], temperature=1.0, seed=i, ignore_eos=i % 2 == 0,
+                                stop=[(), ("e",), ("th", "an")][i % 3], logit_bias={ctrl.fork: 4.0, eos: 1.5})
+        rid = eng.add_request(None, params, prompt_token_ids=draw(rng, split, ordinary, 8))
+        req = eng._requests[rid]
+        streams[rid] = (req, ReadingOrderStreamer.for_engine(eng, req), [""])
+    done = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            req, s, ref = streams[o.request_id]
+            if o.finished:
+                s.finish(o.text)
+                done[o.request_id] = (req, o, s)
+                continue
+            s.step(o.deltas)
+            now = settled_text(decode, req.branches, ctrl, special, s.holdback, budget=req.budget)
+            assert now.startswith(ref[0]) and s.sent == now
+            ref[0] = now
+    forks = cut = 0
+    for req, o, s in done.values():
+        final = recover_text(decode, req.branches, ctrl, special, budget=req.budget)
+        assert o.text == final and s.sent == final
+        forks += len(req.branches) - 1
+        cut += o.finish_reason == FinishReason.LENGTH
+    assert forks >= 10 and cut >= 3
+
+
+def test_finalize_of_an_unstreamed_request_decodes_each_segment_once(demo):
+    """Without a streamer, finalize decodes every segment once (as the full render does)."""
+    decode, ctrl, eos, special, split, ordinary = demo
+    req_decode[0], req_special[0] = decode, special
+    rng = np.random.default_rng(11)
+    req = Request("r", "", draw(rng, split, ordinary, 10), SamplingParams())
+    req.budget = None
+    for _ in grow_tree(rng, req, ctrl, eos, split, ordinary):
+        pass
+    count = Counting(decode)
+    text = TreeText(count, special)
+    assert recover_text(decode, req.branches, ctrl, special, segment=text.segment_renderer(req.branches)) == \
+        recover_text(decode, req.branches, ctrl, special)
+    total = sum(len(b.token_ids) for b in req.branches)
+    assert count.tokens <= total + 8 * 2 * sum(1 + len(b.children) for b in req.branches)
+
+
+def test_tree_text_decodes_in_full_when_not_incremental(demo):
+    """TreeText(incremental=False), for tokenizers whose clean-up rules reach across tokens: still the contract."""
+    decode, ctrl, eos, special, split, ordinary = demo
+    req_decode[0], req_special[0] = decode, special
+    rng = np.random.default_rng(3)
+    req = Request("r", "", draw(rng, split, ordinary, 10), SamplingParams())
+    req.budget = 50
+    text = TreeText(decode, special, incremental=False)
+    streamer = ReadingOrderStreamer(req, text, ctrl, special, 1)
+    for deltas in grow_tree(rng, req, ctrl, eos, split, ordinary):
+        streamer.step(deltas)
+        assert streamer.diverged or streamer.sent == settled_text(decode, req.branches, ctrl, special, 1, budget=50)
+    assert recover_text(decode, req.branches, ctrl, special, budget=50, segment=text.segment_renderer(req.branches)) \
+        == recover_text(decode, req.branches, ctrl, special, budget=50)
