@@ -212,7 +212,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.status == RequestStatus.FINISHED
+        return self.status is RequestStatus.FINISHED
 
     def live_branches(self) -> list[Branch]:
         return [b for b in self.branches if not b.finished]

@@ -25,6 +25,8 @@ from apar_rt.scheduler import RequestRejected, Scheduler, StepUpdate
 log = logging.getLogger(__name__)
 
 DEFAULT_TREE = "tiny_9"   # the Medusa tree when heads are loaded and no tree is named
+_NONE: tuple = ()         # no tokens / nodes (shared, never mutated)
+_ROOT = (0,)              # a plain row's one node
 
 class Engine:
     """Runs requests in flight. `add_request` + repeated `step()`; each step returns the
@@ -143,23 +145,24 @@ class Engine:
             batch = SamplingBatch()
             plain: list[tuple[int, int]] = []          # (index in results, logits row) of plain rows
             row = 0
+            banned = self.scheduler.banned
             for s in out.seqs:
                 if not s.samples:
                     continue
                 first, row = row, row + (s.num_new if s.tree else 1)
                 req, b = s.request, s.branch
-                tokens, nodes = [], []
+                tokens, nodes = _NONE, _NONE
                 if not req.finished:
                     try:
                         if s.tree:
                             tokens, nodes = self.verifier.verify(
                                 logits[first:first + s.num_new], b.token_ids[-1], b.draft, req.params,
-                                lambda last, req=req, b=b: self.scheduler.banned(req, b, last, out), req.generator)
+                                lambda last, req=req, b=b: banned(req, b, last, out), req.generator)
                         else:
                             last = b.token_ids[-1] if b.token_ids else b.prefix[-1]
-                            batch.add(req.params, self.scheduler.banned(req, b, last, out), req.generator)
+                            batch.add(req.params, banned(req, b, last, out), req.generator)
                             plain.append((len(results), first))
-                            nodes = [0]
+                            nodes = _ROOT
                     except Exception as e:
                         self._fail(req, "sampling", e, out)
                 results.append(tokens)

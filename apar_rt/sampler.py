@@ -189,6 +189,12 @@ def sample(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> t
     """Tokens [R] (int64) for logits [R, V] and the batch's rows, and `ok` [R]: False where the
     row has no valid distribution (its token is -1; fail that request alone). `inplace` lets
     the pass overwrite `logits` instead of copying them."""
+    if not batch.bias and len(batch) and not any(batch.temperature):
+        return _greedy(logits, batch)
+    return _sample(logits, batch, inplace)
+
+
+def _sample(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
     x = process(logits, batch, inplace)
     R = x.shape[0]
     ok = valid_rows(x)
@@ -206,6 +212,25 @@ def sample(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> t
         tokens[rows[good]] = draw(probs[good], np.asarray(batch.uniform, np.float64)[rows[good]])
         ok[rows[~good]] = False
     return tokens, ok
+
+
+def _greedy(logits: np.ndarray, batch: SamplingBatch) -> tuple[np.ndarray, np.ndarray]:
+    """`sample` for a batch of greedy rows without bias, without copying the logits: a row whose
+    first argmax is not banned has the same first argmax and max once its bans are applied
+    (bans only lower entries); the rows whose argmax is banned take the general pass."""
+    x = np.asarray(logits, dtype=np.float32)
+    R = x.shape[0]
+    tokens = x.argmax(axis=1)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(x[np.arange(R), tokens])
+    if batch.bans:
+        bn = np.asarray(batch.bans, dtype=np.int64)
+        redo = np.unique(bn[bn[:, 1] == tokens[bn[:, 0]], 0])
+        for r in redo.tolist():
+            t1, ok1 = _sample(x[r:r + 1], batch.row(r))
+            tokens[r], ok[r] = t1[0], ok1[0]
+    tokens[~ok] = -1
+    return tokens.astype(np.int64, copy=False), ok
 
 
 def error_message(params: SamplingParams) -> str:

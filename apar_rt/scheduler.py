@@ -15,6 +15,7 @@ error, and every other request goes on.
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -74,7 +75,7 @@ class Scheduler:
         self.tree = tree
         if tree is not None:   # the tree's step buffers, built once
             self._tree_mask = np.asarray(tree.mask, bool)
-            self._tree_depths = np.asarray(tree.depths, np.int32)
+            self._tree_depth_list = [int(d) for d in tree.depths]
         self.pool = BlockPool(config.num_blocks, config.block_size)
         self.kv = KVCacheManager(self.pool)
         self.waiting: deque[Request] = deque()
@@ -83,6 +84,7 @@ class Scheduler:
         self.num_forks = 0
         self._watermark_blocks = int(config.watermark * self.pool.capacity)
         self._causal = np.ones((1, 1), bool)
+        self._banned: dict[tuple, tuple[int, ...]] = {}
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -135,6 +137,8 @@ class Scheduler:
         contenders = len(self.running) + len(self.waiting)
         share = max_seqs if contenders <= 1 else max(1, max_seqs // contenders)
 
+        tree_on = self.tree is not None
+        append = self.kv.append
         i = 0
         while i < len(self.running):
             req = self.running[i]
@@ -143,11 +147,19 @@ class Scheduler:
             for b in self._schedulable(req):
                 if budget == 0 or len(reserved) >= max_seqs or seats >= share:
                     break
-                n, n_slots, tree = self._plan(b, budget)
-                res = self._reserve(req, b, n_slots, out)
-                if res is None:      # this branch waits; a sibling may still fit
-                    blocked = True
-                    continue
+                if tree_on:
+                    n, n_slots, tree = self._plan(b, budget)
+                else:   # _plan without a Medusa tree
+                    n = n_slots = min(len(b.prefix) + len(b.token_ids) - b.table.num_tokens, budget)
+                    tree = False
+                res = append(b.table, n_slots)
+                if res is not None:
+                    req.kv_blocks += res.new_blocks
+                else:
+                    res = self._reserve(req, b, n_slots, out)
+                    if res is None:      # this branch waits; a sibling may still fit
+                        blocked = True
+                        continue
                 reserved.append((ScheduledSeq(req, b, n, res.slots, False, tree), res.copies))
                 budget -= n
                 seats += 1
@@ -189,14 +201,18 @@ class Scheduler:
         if contenders > 1 and budget > 0 and len(reserved) < max_seqs:
             budget = self._fill_seats(reserved, budget)
 
-        for s, _ in reserved:
-            s.samples = s.tree or s.branch.table.num_tokens == s.branch.context_len
-        out.seqs = [s for s, _ in reserved]
-        for s, _ in reserved:
-            if s.request.kv_blocks > s.request.peak_kv_blocks:
-                s.request.peak_kv_blocks = s.request.kv_blocks
-        if out.seqs:
-            out.step = self._pack(out.seqs, [c for _, cs in reserved for c in cs])
+        seqs = out.seqs
+        copies: list[tuple[int, int]] = []
+        for s, cs in reserved:
+            b, req = s.branch, s.request
+            s.samples = s.tree or b.table.num_tokens == len(b.prefix) + len(b.token_ids)
+            if req.kv_blocks > req.peak_kv_blocks:
+                req.peak_kv_blocks = req.kv_blocks
+            seqs.append(s)
+            if cs:
+                copies.extend(cs)
+        if seqs:
+            out.step = self._pack(seqs, copies)
         return out
 
     def _fill_seats(self, reserved: list, budget: int) -> int:
@@ -243,8 +259,12 @@ class Scheduler:
                 return None
             self._preempt(victim, out)
 
-    def _schedulable(self, req: Request) -> list[Branch]:
-        return [b for b in req.live_branches() if b.id not in req.resume_donors]
+    @staticmethod
+    def _schedulable(req: Request) -> list[Branch]:
+        donors = req.resume_donors
+        if donors:
+            return [b for b in req.branches if b.finish_reason is None and b.id not in donors]
+        return [b for b in req.branches if b.finish_reason is None]
 
     def _blocks_to_resume(self, req: Request) -> int:
         """Blocks a (re)admitted request needs for all its live branches' contexts."""
@@ -348,46 +368,70 @@ class Scheduler:
             out.failed.append(req)
 
     def _pack(self, seqs: list[ScheduledSeq], copies: list[tuple[int, int]]) -> StepInput:
-        T = sum(s.num_new for s in seqs)
+        """The step's packed inputs. Per-token values are gathered in Python lists and converted
+        once; block tables are concatenated from each table's int32 mirror and scattered once."""
         B = len(seqs)
-        max_q = max(s.num_new for s in seqs)
-        max_blocks = max(len(s.branch.table.ids) for s in seqs)
-        input_ids = np.empty(T, np.int32)
-        positions = np.empty(T, np.int32)
-        slots = np.full(T, -1, np.int32)
-        tables = np.zeros((B, max_blocks), np.int32)
-        ctx = np.empty(B, np.int32)
-        qs = np.zeros(B + 1, np.int32)
-        mask = np.zeros((T, max_q), bool)
-        if self._causal.shape[0] < max_q:     # built once per size, not per step
-            self._causal = np.tril(np.ones((max_q, max_q), bool))
-        causal = self._causal
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        ctx: list[int] = []
+        qs = [0]
         logits_idx: list[int] = []
+        blocks: list[int] = []               # block-table length per sequence
+        flat = array("i")                    # every block table, concatenated
+        blocked: list[tuple[int, int, bool]] = []   # (first token, tokens, is a tree) of multi-token sequences
         t = 0
-        for i, s in enumerate(seqs):
+        max_q = 1
+        for s in seqs:
             b, n = s.branch, s.num_new
             ids = b.table.ids
-            tables[i, :len(ids)] = np.frombuffer(ids, np.int32) if ids.itemsize == 4 else ids
+            blocks.append(len(ids))
+            flat += ids
             if s.tree:   # root (the last sampled token) + draft nodes; K/V kept until accepted
-                start = b.context_len - 1
-                input_ids[t] = b.token_ids[-1]
-                input_ids[t + 1:t + n] = b.draft
-                positions[t:t + n] = start + self._tree_depths
-                mask[t:t + n, :n] = self._tree_mask
+                start = len(b.prefix) + len(b.token_ids) - 1
+                input_ids.append(b.token_ids[-1])
+                input_ids.extend(b.draft)
+                positions.extend([start + d for d in self._tree_depth_list])
+                slots.extend([-1] * n)
                 logits_idx.extend(range(t, t + n))
+                blocked.append((t, n, True))
             else:
                 start = b.table.num_tokens - n
-                input_ids[t:t + n] = b.context_slice(start, start + n)
-                positions[t:t + n] = np.arange(start, start + n)
-                slots[t:t + n] = s.slots
-                mask[t:t + n, :n] = causal[:n, :n]
+                if n == 1:
+                    p = len(b.prefix)
+                    input_ids.append(b.token_ids[start - p] if start >= p else b.prefix[start])
+                    positions.append(start)
+                else:
+                    input_ids.extend(b.context_slice(start, start + n))
+                    positions.extend(range(start, start + n))
+                    blocked.append((t, n, False))
+                slots.extend(s.slots)
                 if s.samples:
                     logits_idx.append(t + n - 1)
-            ctx[i] = start
+            ctx.append(start)
             t += n
-            qs[i + 1] = t
-        return StepInput(input_ids=input_ids, positions=positions, block_tables=tables, context_lens=ctx,
-                         query_start=qs, mask=mask, slot_mapping=slots,
+            qs.append(t)
+            if n > max_q:
+                max_q = n
+        T = t
+        max_blocks = max(blocks)
+        table_ids = np.frombuffer(flat, np.int32) if flat.itemsize == 4 else np.asarray(flat, np.int32)
+        if len(table_ids) == B * max_blocks:
+            tables = table_ids.reshape(B, max_blocks).copy()
+        else:
+            tables = np.zeros((B, max_blocks), np.int32)
+            tables[np.arange(max_blocks)[None, :] < np.asarray(blocks)[:, None]] = table_ids
+        mask = np.zeros((T, max_q), bool)
+        mask[:, 0] = True                    # a decode token sees itself
+        if blocked:
+            if self._causal.shape[0] < max_q:     # built once per size, not per step
+                self._causal = np.tril(np.ones((max_q, max_q), bool))
+            for t0, n, tree in blocked:
+                mask[t0:t0 + n, :n] = self._tree_mask if tree else self._causal[:n, :n]
+        return StepInput(input_ids=np.asarray(input_ids, np.int32), positions=np.asarray(positions, np.int32),
+                         block_tables=tables, context_lens=np.asarray(ctx, np.int32),
+                         query_start=np.asarray(qs, np.int32), mask=mask,
+                         slot_mapping=np.asarray(slots, np.int32),
                          logits_indices=np.asarray(logits_idx, np.int32), block_copies=copies)
 
     # ---- after the step ------------------------------------------------------------------
@@ -396,11 +440,19 @@ class Scheduler:
         """The request's decoding mode: its own, else the engine's."""
         return req.params.mode or self.config.mode
 
-    def banned(self, req: Request, branch: Branch, last_token: int, out: SchedulerOutput) -> list[int]:
+    def banned(self, req: Request, branch: Branch, last_token: int, out: SchedulerOutput) -> tuple[int, ...]:
         """Token ids `branch` of `req` may not sample after `last_token` in the step `out`."""
         step_full = self.config.ban_fork_when_full and len(out.seqs) >= self.config.max_num_seqs
-        return banned_tokens(last_token, branch.depth, self.control, mode=self.mode(req),
-                             max_depth=self.config.max_depth, step_full=step_full)
+        mode = req.params.mode or self.config.mode
+        ctrl = self.control
+        # banned_tokens depends on these alone: memoised (a step asks once per sequence)
+        key = (last_token == ctrl.fork, last_token == ctrl.child, branch.depth >= self.config.max_depth, mode,
+               step_full)
+        got = self._banned.get(key)
+        if got is None:
+            got = self._banned[key] = tuple(banned_tokens(last_token, branch.depth, ctrl, mode=mode,
+                                                          max_depth=self.config.max_depth, step_full=step_full))
+        return got
 
     def update(self, out: SchedulerOutput, results: Sequence[Sequence[int]],
                on_error: Callable[[Request, Exception], str] | None = None) -> list[StepUpdate]:
@@ -414,20 +466,26 @@ class Scheduler:
         A request whose update raises fails alone, with the message `on_error(req, exc)` gives.
         """
         per_req: dict[int, StepUpdate] = {}
-        for req in {id(s.request): s.request for s in out.seqs}.values():
-            if req.resume_donors:
-                self._fork_from_donors(req)
+        donors = {id(s.request): s.request for s in out.seqs if s.request.resume_donors}
+        for req in donors.values():
+            self._fork_from_donors(req)
         results_iter = iter(results)
         for s in out.seqs:
             if not s.samples:
                 continue
-            tokens = list(next(results_iter))
+            tokens = next(results_iter)
             req, b = s.request, s.branch
-            if req.finished or b.finished:
+            if req.finished or b.finish_reason is not None:
                 continue
-            upd = per_req.setdefault(id(req), StepUpdate(req, [], False))
+            upd = per_req.get(id(req))
+            if upd is None:
+                upd = per_req[id(req)] = StepUpdate(req, [], False)
             try:
-                self._update_seq(s, req, b, tokens, upd)
+                if not s.tree and len(tokens) == 1:   # a plain sequence's one token
+                    s.accepted = 1
+                    self._append(req, b, tokens[0], upd)
+                else:
+                    self._update_seq(s, req, b, list(tokens), upd)
             except Exception as e:
                 msg = on_error(req, e) if on_error else "internal error while updating this request"
                 self.fail(req, msg, out)
@@ -438,9 +496,10 @@ class Scheduler:
             if upd.deltas:
                 upd.request.decode_steps += 1
             req = upd.request
-            if not req.finished:
+            if not req.finished and len(req.branches) > 1:
                 # Other branches grew this step: a branch whose next token could only land past
-                # the budget in reading order has nothing more to give.
+                # the budget in reading order has nothing more to give. (A request that never
+                # forked was checked as its one branch grew.)
                 for b in req.live_branches():
                     if req.next_position(b) >= req.budget:
                         self._finish_branch(req, b, FinishReason.LENGTH, upd)
@@ -493,7 +552,13 @@ class Scheduler:
         """
         p = req.params
         b.token_ids.append(tok)
-        self._count(req, b, 1)
+        req.num_generated += 1
+        c = b
+        while True:   # _count(req, b, 1)
+            c.subtree_tokens += 1
+            if c.parent is None:
+                break
+            c = req.branches[c.parent]
         self._delta(upd, b).new_token_ids.append(tok)
         if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             self._finish_branch(req, b, FinishReason.STOP, upd)
@@ -506,7 +571,8 @@ class Scheduler:
             child = self._fork(req, b, upd)
             if req.next_position(child) >= req.budget or child.context_len >= self.max_model_len:
                 self._finish_branch(req, child, FinishReason.LENGTH, upd)
-        if req.next_position(b) >= req.budget or b.context_len >= self.max_model_len:
+        pos = b.subtree_tokens if b.parent is None else req.next_position(b)
+        if pos >= req.budget or len(b.prefix) + len(b.token_ids) >= self.max_model_len:
             self._finish_branch(req, b, FinishReason.LENGTH, upd)
 
     @staticmethod

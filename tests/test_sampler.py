@@ -118,6 +118,31 @@ def test_a_bad_row_fails_alone():
     assert tokens[1] == tokens[2] == tokens[3] == -1 and 0 <= tokens[4] < V
 
 
+def test_greedy_batches_skip_the_copy_but_not_the_bans():
+    """An all-greedy batch without bias takes the no-copy argmax; it must give what the steps
+    define: first argmax after bans, invalid rows (NaN, +inf, all banned) failing alone, a
+    banned NaN or +inf ignored."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, 12)).astype(np.float32)
+    x[1, 4] = 9.0                      # the max, banned: the next best wins
+    x[2, 3] = np.nan                   # a NaN the row may not use: invalid
+    x[3, 5] = np.nan                   # a banned NaN: ignored
+    x[4, 6] = np.inf                   # +inf, banned: ignored
+    x[5, 7] = np.inf                   # +inf not banned: invalid
+    x[6, :] = 2.0                      # ties: the lowest id, after the banned 0
+    bans = {1: [4], 3: [5], 4: [6], 6: [0], 7: list(range(12)), 8: [2]}
+    batch = SamplingBatch()
+    for r in range(9):
+        batch.add(SamplingParams(), bans.get(r, []))
+    tokens, ok = sample(x, batch)
+    ref = process(x, batch)           # step 1, then the first argmax of each valid row
+    with np.errstate(invalid="ignore"):
+        valid = np.isfinite(ref.max(axis=1))
+    assert ok.tolist() == valid.tolist() == [True, True, False, True, True, False, True, False, True]
+    assert tokens[valid].tolist() == np.argmax(ref[valid], axis=1).tolist()
+    assert (tokens[~valid] == -1).all() and tokens[1] != 4 and tokens[6] == 1
+
+
 def test_process_adds_bias_and_bans():
     x = np.zeros((2, 6), np.float32)
     batch = SamplingBatch()

@@ -132,11 +132,16 @@ class KVCacheManager:
 
     def append(self, table: BlockTable, num_new: int) -> SlotReservation | None:
         """Reserve slots for num_new tokens at the end of the table, or None if blocks run out."""
+        bs = self.block_size
+        nt = table.num_tokens
+        if num_new == 1 and nt % bs and self.pool._ref[table.block_ids[-1]] == 1:
+            # a decode token into the table's own partly filled last block (the common case)
+            table.num_tokens = nt + 1
+            return SlotReservation([table.block_ids[-1] * bs + nt % bs], [], 0)
         need = self.blocks_needed(table, num_new)
         fresh = self.pool.allocate(need)
         if fresh is None:
             return None
-        bs = self.block_size
         copies: list[tuple[int, int]] = []
         if num_new > 0 and table.num_tokens % bs and self.pool.ref_count(table.block_ids[-1]) > 1:
             src = table.block_ids[-1]
