@@ -57,8 +57,7 @@ def context_window(context: Sequence[int], skip_ids: frozenset[int] = frozenset(
     """The last _WINDOW tokens of `context` that are not in skip_ids (in order): what a
     continuation is decoded after. Scans from the end, so its cost does not grow with `context`."""
     window: list[int] = []
-    for i in range(len(context) - 1, -1, -1):
-        t = context[i]
+    for t in reversed(context):
         if t not in skip_ids:
             window.append(t)
             if len(window) == _WINDOW:

@@ -142,6 +142,7 @@ class Branch:
     finish_reason: FinishReason | None = None
     stop_text_len: int | None = None     # a stop string cut the last segment's text to this length
     draft: list[int] | None = None       # Medusa draft tokens (one per tree node) for the next step
+    stop_text: Any = None                # the scheduler's incremental text of token_ids (detokenizer.SegmentText), for stop strings
 
     @property
     def finished(self) -> bool:

@@ -45,9 +45,12 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ()) | frozenset(self.control.ids)
+        # clean_up_tokenization_spaces rewrites text across tokens: such text is decoded in full
+        self.incremental_text = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
         self.verifier = self._make_verifier(backend, self.config)
         self.scheduler = Scheduler(self.config, self.control, max_model_len=max_len, eos_token_ids=sorted(eos),
                                    decode=self.decode, special_ids=self.special_ids,
+                                   incremental_text=self.incremental_text,
                                    tree=self.verifier.tree if self.verifier else None)
         backend.allocate_kv(config.num_blocks, config.block_size)
         self._requests: dict[str, Request] = {}
@@ -269,9 +272,7 @@ class Engine:
         """The request's incremental text (made on first use): the streamer grows it each step,
         `finalize` renders the final text from it."""
         if req.detok is None:
-            # clean_up_tokenization_spaces rewrites text across tokens: decode segments in full
-            local = not getattr(self.tokenizer, "clean_up_tokenization_spaces", False)
-            req.detok = TreeText(self.decode, self.special_ids, incremental=local)
+            req.detok = TreeText(self.decode, self.special_ids, incremental=self.incremental_text)
         return req.detok
 
     def finalize(self, req: Request, o: RequestOutput) -> None:

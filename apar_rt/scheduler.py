@@ -22,10 +22,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from apar_rt.apar import ControlTokens, banned_tokens, branch_text, continuation_text
+from apar_rt.apar import ControlTokens, banned_tokens, branch_window
 from apar_rt.config import EngineConfig
 from apar_rt.core import (Branch, BranchDelta, FinishReason, Request, RequestStatus, ScheduledSeq,
                           SchedulerOutput, StepInput)
+from apar_rt.detokenizer import SegmentText
 from apar_rt.kv.block_pool import BlockPool, KVCacheManager
 from apar_rt.medusa.tree import MedusaTree
 
@@ -54,7 +55,8 @@ def _cdiv(a: int, b: int) -> int:
 class Scheduler:
     def __init__(self, config: EngineConfig, control: ControlTokens, *, max_model_len: int,
                  eos_token_ids: Sequence[int] = (), decode: Callable[[Sequence[int]], str] | None = None,
-                 special_ids: frozenset[int] = frozenset(), tree: MedusaTree | None = None) -> None:
+                 special_ids: frozenset[int] = frozenset(), tree: MedusaTree | None = None,
+                 incremental_text: bool = True) -> None:
         """
         Args:
             config: budgets and APAR mode.
@@ -65,6 +67,8 @@ class Scheduler:
             decode: detokenizer (skipping special tokens); needed for stop strings.
             special_ids: token ids that render as nothing (for stop-string text).
             tree: the Medusa draft tree; a decoding branch with a draft then feeds its whole tree.
+            incremental_text: decode stop-string text incrementally (False: in full each token, for
+                tokenizers whose clean-up rules reach across tokens).
         """
         self.config = config
         self.control = control
@@ -72,6 +76,7 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.decode = decode
         self.special_ids = special_ids
+        self.incremental_text = incremental_text
         self.tree = tree
         if tree is not None:   # the tree's step buffers, built once
             self._tree_mask = np.asarray(tree.mask, bool)
@@ -586,33 +591,27 @@ class Scheduler:
             b = req.branches[b.parent]
 
     def _hit_stop_string(self, b: Branch, stops: Sequence[str]) -> bool:
-        """Whether the branch's newest token completed a stop string.
+        """Whether the branch's newest token completed a stop string in its text (apar.branch_text);
+        on a hit, `b.stop_text_len` is where the first stop string in that text begins.
 
-        Only the tail is decoded: a stop string that the newest token completes lies within the
-        last max(len(stop)) + (newest token's text) characters, so a few tokens (with a small
-        context window for their leading space) suffice; the cost does not grow with the branch.
-        On a hit, the whole branch text is decoded once to place the cut exactly."""
+        The text is kept by an incremental detokenizer over the whole branch (the same text as
+        `branch_text`, at a cost set by the new tokens), and only its tail is searched: a stop string
+        that the newest token completed ends after the text that was already final before it."""
         if self.decode is None:
             return False
+        text = b.stop_text
+        if text is None:
+            text = b.stop_text = SegmentText(self.decode, b.token_ids, 0, branch_window(b, 0, self.special_ids),
+                                             incremental=self.incremental_text)
+        final, version = text.committed_len, text.version
+        text.advance(len(b.token_ids))
         need = max(len(s) for s in stops)
-        tokens = b.token_ids
-        p = len(b.prefix)
-        k = min(len(tokens), need + 4)
-        while True:
-            end = p + len(tokens) - k
-            window = b.context_slice(max(0, end - 24), end)
-            tail = continuation_text(self.decode, window, tokens[len(tokens) - k:], self.special_ids)
-            if len(tail) > need or k == len(tokens):
-                break
-            k = min(len(tokens), 2 * k)
+        tail = text.slice(max(0, final - need) if text.version == version else 0, len(text))
         if not any(s in tail for s in stops):
             return False
-        text = branch_text(self.decode, b, self.special_ids)
-        hits = [text.find(s) for s in stops if s in text]
-        if hits:
-            b.stop_text_len = min(hits)
-            return True
-        return False
+        whole = text.text()
+        b.stop_text_len = min(whole.find(s) for s in stops if s in whole)
+        return True
 
     def _fork(self, req: Request, parent: Branch, upd: StepUpdate) -> Branch:
         child = Branch(id=len(req.branches), parent=parent.id, fork_index=len(parent.token_ids) - 1,

@@ -368,3 +368,39 @@ def test_tree_text_decodes_in_full_when_not_incremental(demo):
         assert streamer.diverged or streamer.sent == settled_text(decode, req.branches, ctrl, special, 1, budget=50)
     assert recover_text(decode, req.branches, ctrl, special, budget=50, segment=text.segment_renderer(req.branches)) \
         == recover_text(decode, req.branches, ctrl, special, budget=50)
+
+
+# ---- stop strings ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["demo", "byte_fallback"])
+def test_stop_strings_are_found_where_the_whole_branch_text_first_holds_one(which, request):
+    """The scheduler's incremental stop check against apar.branch_text decoded in full after
+    every token: the same first token that completes a stop string, the same cut."""
+    from apar_rt.apar import branch_text
+    from apar_rt.config import EngineConfig
+    from apar_rt.scheduler import Scheduler
+
+    decode, ctrl, eos, special, split, ordinary = request.getfixturevalue(which)
+    found = 0
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        tokens = draw(rng, split, ordinary, 80)
+        text = decode(tokens)
+        stops = tuple({text[i:i + int(rng.integers(1, 4))] for i in rng.integers(20, max(21, len(text) - 3), 2)})
+        stops = tuple(s for s in stops if s) or ("zz",)
+        sched = Scheduler(EngineConfig(num_blocks=8, block_size=4), ctrl, max_model_len=1000, decode=decode,
+                          special_ids=special)
+        b = Branch(0, None, None, 0, draw(rng, split, ordinary, 6), [])
+        want_at, want_cut = None, None
+        for i, t in enumerate(tokens):
+            b.token_ids.append(t)
+            full = branch_text(decode, b, special)
+            if want_at is None and any(s in full for s in stops):
+                want_at, want_cut = i, min(full.find(s) for s in stops if s in full)
+            if sched._hit_stop_string(b, stops):
+                assert (i, b.stop_text_len) == (want_at, want_cut)
+                found += 1
+                break
+        else:
+            assert want_at is None
+    assert found >= 15
