@@ -225,6 +225,10 @@ class TreeText:
 
     def branch(self, b: Branch, tree: Sequence[Branch]) -> BranchText:
         """Branch b's text state, brought up to date with its tokens and forks."""
+        if b.id < len(self.branches):
+            bt = self.branches[b.id]
+            if bt.segments and bt.forks == len(b.children) and bt.segments[-1].end == len(b.token_ids):
+                return bt   # nothing new
         while len(self.branches) <= b.id:
             self.branches.append(BranchText())
         bt = self.branches[b.id]

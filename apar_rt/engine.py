@@ -13,7 +13,8 @@ import numpy as np
 from apar_rt.apar import ControlTokens, branch_schema, recover_text
 from apar_rt.backends import Backend, backend_class
 from apar_rt.config import EngineConfig, ModelConfig, ModelLoadError
-from apar_rt.core import FinishReason, Request, RequestOutput, SamplingParams, ScheduledSeq, request_stats
+from apar_rt.core import (FinishReason, Request, RequestOutput, RequestStatus, SamplingParams, ScheduledSeq,
+                          request_stats)
 from apar_rt.detokenizer import TreeText
 from apar_rt.medusa.folder import HEADS_DIRNAME, find_heads_dir
 from apar_rt.medusa.tree import load_tree
@@ -155,7 +156,7 @@ class Engine:
                 first, row = row, row + (s.num_new if s.tree else 1)
                 req, b = s.request, s.branch
                 tokens, nodes = _NONE, _NONE
-                if not req.finished:
+                if req.status is not RequestStatus.FINISHED:
                     try:
                         if s.tree:
                             tokens, nodes = self.verifier.verify(

@@ -59,14 +59,15 @@ class SamplingBatch:
         Values are converted first, so a bad one raises here and leaves the batch unchanged."""
         r = len(self.temperature)
         t, k, p = float(params.temperature), int(params.top_k), float(params.top_p)
-        bias = [(r, int(tok), float(v)) for tok, v in params.logit_bias]
+        bias = [(r, int(tok), float(v)) for tok, v in params.logit_bias] if params.logit_bias else None
         bans = [(r, int(tok)) for tok in banned]
-        u = float(generator.random()) if (generator is not None and not params.greedy) else 0.0
+        u = float(generator.random()) if (generator is not None and t != 0.0) else 0.0
         self.temperature.append(t)
         self.top_k.append(k)
         self.top_p.append(p)
         self.uniform.append(u)
-        self.bias.extend(bias)
+        if bias:
+            self.bias.extend(bias)
         self.bans.extend(bans)
         return r
 

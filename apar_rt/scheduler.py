@@ -31,6 +31,9 @@ from apar_rt.kv.block_pool import BlockPool, KVCacheManager
 from apar_rt.medusa.tree import MedusaTree
 
 
+FINISHED = RequestStatus.FINISHED
+
+
 class RequestRejected(ValueError):
     """A request that can never be served as given; the message names the problem."""
 
@@ -480,7 +483,7 @@ class Scheduler:
                 continue
             tokens = next(results_iter)
             req, b = s.request, s.branch
-            if req.finished or b.finish_reason is not None:
+            if req.status is FINISHED or b.finish_reason is not None:
                 continue
             upd = per_req.get(id(req))
             if upd is None:
@@ -564,7 +567,9 @@ class Scheduler:
             if c.parent is None:
                 break
             c = req.branches[c.parent]
-        self._delta(upd, b).new_token_ids.append(tok)
+        deltas = upd.deltas
+        d = deltas[-1] if deltas and deltas[-1].branch_id == b.id else self._delta(upd, b)
+        d.new_token_ids.append(tok)
         if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             self._finish_branch(req, b, FinishReason.STOP, upd)
             return

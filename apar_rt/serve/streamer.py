@@ -108,6 +108,22 @@ class ReadingOrderStreamer:
             self._started = True
             self._left = float("inf") if req.budget is None else req.budget
             self._stack.append(_Frame(branches[0]))
+        if not self._fallback and self._stack and not self._eaters:
+            # the common step: the first running branch grew within its open segment
+            fr = self._stack[-1]
+            b = fr.b
+            if b.finish_reason is None and fr.entered and not fr.in_child:
+                bt = self.text.branch(b, branches)
+                seg = bt.segments[-1]
+                if (fr.k == len(bt.segments) - 1 and seg.version == fr.version and self._left >= seg.end - seg.start
+                        and (seg.start == 0 or self.join != "reference")):
+                    length = seg.stable_len() - self.holdback
+                    if length <= fr.emitted:
+                        return ""
+                    delta = seg.slice(fr.emitted, length)
+                    fr.emitted = length
+                    self._sent.append(delta)
+                    return delta
         if not self._fallback:
             out: list[str] = []
             if self._walk(out):
