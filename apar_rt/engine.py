@@ -100,7 +100,8 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        return self.tokenizer.decode(token_ids if isinstance(token_ids, list) else list(token_ids),
+                                     skip_special_tokens=True)
 
     def encode(self, prompt: str, raw: bool = False) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, raw=raw)

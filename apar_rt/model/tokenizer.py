@@ -89,7 +89,7 @@ class FastTokenizer:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, token_ids, skip_special_tokens: bool = False) -> str:
-        text = self._tok.decode([int(t) for t in token_ids], skip_special_tokens=skip_special_tokens)
+        text = self._tok.decode(list(map(int, token_ids)), skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
 
     def get_vocab(self) -> dict[str, int]:
