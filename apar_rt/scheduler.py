@@ -377,7 +377,7 @@ class Scheduler:
 
     def _pack(self, seqs: list[ScheduledSeq], copies: list[tuple[int, int]]) -> StepInput:
         """The step's packed inputs. Per-token values are gathered in Python lists and converted
-        once; block tables are concatenated from each table's int32 mirror and scattered once."""
+        once; block tables are concatenated (padded) from each table's int32 mirror, one copy each."""
         B = len(seqs)
         input_ids: list[int] = []
         positions: list[int] = []
@@ -385,16 +385,18 @@ class Scheduler:
         ctx: list[int] = []
         qs = [0]
         logits_idx: list[int] = []
-        blocks: list[int] = []               # block-table length per sequence
-        flat = array("i")                    # every block table, concatenated
+        max_blocks = max(len(s.branch.table.ids) for s in seqs)
+        zeros = array("i", [0]) * max_blocks
+        flat = array("i")                    # every block table, padded with the null block, concatenated
         blocked: list[tuple[int, int, bool]] = []   # (first token, tokens, is a tree) of multi-token sequences
         t = 0
         max_q = 1
         for s in seqs:
             b, n = s.branch, s.num_new
             ids = b.table.ids
-            blocks.append(len(ids))
             flat += ids
+            if len(ids) < max_blocks:
+                flat += zeros[len(ids):]
             if s.tree:   # root (the last sampled token) + draft nodes; K/V kept until accepted
                 start = len(b.prefix) + len(b.token_ids) - 1
                 input_ids.append(b.token_ids[-1])
@@ -422,13 +424,8 @@ class Scheduler:
             if n > max_q:
                 max_q = n
         T = t
-        max_blocks = max(blocks)
-        table_ids = np.frombuffer(flat, np.int32) if flat.itemsize == 4 else np.asarray(flat, np.int32)
-        if len(table_ids) == B * max_blocks:
-            tables = table_ids.reshape(B, max_blocks).copy()
-        else:
-            tables = np.zeros((B, max_blocks), np.int32)
-            tables[np.arange(max_blocks)[None, :] < np.asarray(blocks)[:, None]] = table_ids
+        tables = (np.frombuffer(flat, np.int32) if flat.itemsize == 4 else np.asarray(flat, np.int32))
+        tables = tables.reshape(B, max_blocks)
         mask = np.zeros((T, max_q), bool)
         mask[:, 0] = True                    # a decode token sees itself
         if blocked:
