@@ -77,15 +77,27 @@ def _device(requested: str | None) -> tuple[str, int]:
     return kind, int(index or 0)
 
 
-def _without_outputs(path: Path, drop: set[str]) -> bytes:
-    """The model at `path` without outputs `drop` and the nodes only they needed, serialized.
+def _session_model(path: Path, drop: set[str], ort_body: bool) -> bytes:
+    """The model at `path` as the session runs it, serialized: without outputs `drop` (and the
+    nodes only they needed), and with `ort_body` the op's nodes rewritten for ONNX Runtime's
+    CPU (`apar_rt.backends.ort_attention.rewrite`).
 
     External weights stay where they are (not loaded): the session reads them from the folder.
     """
     import onnx
 
+    from apar_rt.backends.ort_attention import rewrite
+
     model = onnx.load(str(path), load_external_data=False)
-    g = model.graph
+    if ort_body:
+        rewrite(model)
+    if drop:
+        _drop_outputs(model.graph, drop)
+    return model.SerializeToString()
+
+
+def _drop_outputs(g, drop: set[str]) -> None:
+    """Remove outputs `drop` from graph `g`, and the nodes and initializers only they needed."""
     keep = [o for o in g.output if o.name not in drop]
     del g.output[:]
     g.output.extend(keep)
@@ -103,7 +115,6 @@ def _without_outputs(path: Path, drop: set[str]) -> bytes:
     inits = [t for t in g.initializer if t.name in needed]
     del g.initializer[:]
     g.initializer.extend(inits)
-    return model.SerializeToString()
 
 
 class OnnxRuntimeBackend(Backend):
@@ -156,13 +167,19 @@ class OnnxRuntimeBackend(Backend):
             providers = ["CPUExecutionProvider"]
         model_path = self.engine_dir / m.onnx.get("file", ONNX_NAME)
         model = str(model_path)
+        drop = set()
         if self.num_medusa_heads and medusa_dir is None:
             # Built with heads but run without Medusa: drop the heads from the graph (onnxruntime
             # computes every output whether it is fetched or not).
-            model = _without_outputs(model_path, {step_io.MEDUSA_LOGITS})
+            drop.add(step_io.MEDUSA_LOGITS)
+            self.num_medusa_heads = 0
+        # On the CPU the op runs as the graph of `ort_attention.rewrite` (MultiHeadAttention, index
+        # math once per step); the CUDA execution provider keeps the engine file's standard-op body.
+        self.ort_body = self._dev_type == "cpu"
+        if drop or self.ort_body:
+            model = _session_model(model_path, drop, self.ort_body)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(model_path.parent))
-            self.num_medusa_heads = 0
         try:
             self.session = ort.InferenceSession(model, so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
