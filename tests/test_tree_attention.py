@@ -331,6 +331,19 @@ def test_empty_sequence_in_batch(impl, seed):
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("hq,hkv", HEADS)
 @pytest.mark.parametrize("seed", SEEDS)
+def test_decode_step_among_padding_sequences(impl, hq, hkv, seed):
+    """A pure decode step (one new token or none per sequence: a bucket's padding rows), the
+    shape onnxruntime's CPU graph takes its decode path for; one decode at context 0."""
+    rng = random.Random(700 + seed)
+    seqs = [make_seq(rng, "empty"), make_seq(rng, "decode"), make_seq(rng, "empty"), make_seq(rng, "decode"),
+            make_seq(rng, "decode"), make_seq(rng, "empty")]
+    seqs[3].context_len = 0
+    check(build_step(seed, seqs, hq=hq, hkv=hkv, block_size=4), IMPLS[impl])
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("seed", SEEDS)
 def test_float16(impl, hq, hkv, seed):
     rng = random.Random(500 + seed)
     seqs = [make_seq(rng, kind) for kind in ("prefill", "decode", "tree", "decode")]

@@ -57,51 +57,79 @@ def rewrite(model) -> int:
     inputs = dict(zip(STEP_INPUTS, step_names))
 
     # ---- index math, once per step ----
-    top = ab.Nodes(attrs, "apar/idx/", inputs)
-    s = ab.step_index(top)
-    sg = ab.short_group(top, s)
-    short_bias = ab.mha_bias(top, sg.index, G)
-    any_long = top.op("Greater", [top.op("ReduceMax", [top.op("Cast", [s.is_long], to=top.I64)], keepdims=0),
-                                  top.zero])
     I64, F32 = TensorProto.INT64, TensorProto.FLOAT
     tables_type = _elem_type(g, step_names[0])
-    # the long group's N, R, L, q_idx, k_idx, tables, bias, and the packed rows
-    out_types = [I64, I64, I64, I64, I64, tables_type, F32, I64]
+    top = ab.Nodes(attrs, "apar/idx/", inputs)
+    s = ab.step_index(top)
+    is_long = top.op("Cast", [s.is_long], to=top.I64)
+    any_long = top.op("Greater", [top.op("ReduceMax", [is_long], keepdims=0), top.zero])
+    is_decode = top.op("LessOrEqual", [top.op("ReduceMax", [s.q_len], keepdims=0), top.one])
+
+    def if_node(cond, then_b, then_outs, else_b, else_outs, tag, types):
+        names = [f"apar/{tag}_{k}" for k in range(len(types))]
+
+        def graph(b, outs, name):
+            return helper.make_graph(b.nodes, name, [],
+                                     [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, types)])
+
+        top.nodes.append(helper.make_node("If", [cond], names, name=f"apar/{tag}",
+                                          then_branch=graph(then_b, then_outs, f"apar_{tag}_then"),
+                                          else_branch=graph(else_b, else_outs, f"apar_{tag}_else")))
+        return names
+
+    # The short group: a decode step's index (rows in packed order), or the general one. Outputs:
+    # N, R, L, q_idx, k_idx, tables, bias, the rows of a step without long sequences, and what
+    # `packed_rows` reads of the group (short_end, short_n, n_short; unused on decode steps, where
+    # there is no long group). Each output is its own tensor: an If branch that lists one name
+    # twice confuses onnxruntime.
+    types = [I64, I64, I64, I64, I64, tables_type, F32, I64, I64, I64, I64]
+    dec = ab.Nodes(attrs, "apar/dec/", inputs)
+    di = ab.decode_group(dec, s)
+    dec_outs = [dec.op("Identity", [di.N]), di.R, di.L, di.q_idx, di.k_idx, di.tables, ab.mha_bias(dec, di, G),
+                dec.op("Squeeze", [di.q_idx, dec.i1]), dec.op("Identity", [s.q_len]),
+                dec.op("Identity", [s.q_len]), dec.const([0])]
+    gen = ab.Nodes(attrs, "apar/short/", inputs)
+    sg = ab.short_group(gen, s)
+    si = sg.index
+    gen_outs = [si.N, si.R, si.L, si.q_idx, si.k_idx, si.tables, ab.mha_bias(gen, si, G),
+                ab.packed_rows(gen, s, sg, None), sg.short_end, sg.short_n, sg.n_short]
+    N, R, L, q_idx, k_idx, tables, short_bias, short_rows, short_end, short_n, n_short = if_node(
+        is_decode, dec, dec_outs, gen, gen_outs, "short", types)
+    short_index = ab.GroupIndex(N=N, R=R, Qn="", L=L, K="", q_idx=q_idx, k_idx=k_idx, tables=tables, vis="")
+    sg = ab.ShortGroup(short_index, short_n, short_end, n_short)
+
+    # The long group, only in steps that have one: N, R, L, q_idx, k_idx, tables, bias, and the
+    # packed rows of both groups.
+    types = [I64, I64, I64, I64, I64, tables_type, F32, I64]
     mixed = ab.Nodes(attrs, "apar/long/", inputs)
     lg = ab.long_group(mixed, s)
     li = lg.index
     mixed_outs = [li.N, li.R, li.L, li.q_idx, li.k_idx, li.tables, ab.mha_bias(mixed, li, G),
                   ab.packed_rows(mixed, s, sg, lg)]
-    short_only = ab.Nodes(attrs, "apar/noLong/", inputs)
+    none = ab.Nodes(attrs, "apar/noLong/", inputs)
 
     def empty(dims, dtype):
-        out = short_only.name("empty")
-        short_only.nodes.append(helper.make_node("Constant", [], [out], value=helper.make_tensor(out, dtype, dims, [])))
+        out = none.name("empty")
+        none.nodes.append(helper.make_node("Constant", [], [out], value=helper.make_tensor(out, dtype, dims, [])))
         return out
 
-    # (each output its own tensor: a branch that lists one name twice confuses onnxruntime's If)
-    short_outs = [short_only.const([0]), short_only.const([1]), short_only.const([0]), empty([0, 1], I64), empty([0, 0], I64),
-                  empty([0, 0], tables_type), empty([0, 1, G, 0], F32), ab.packed_rows(short_only, s, sg, None)]
-    names = [f"apar/long_{k}" for k in ("N", "R", "L", "q_idx", "k_idx", "tables", "bias", "rows")]
-
-    def branch(b: ab.Nodes, outs: list[str], tag: str):
-        vis = [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, out_types)]
-        return helper.make_graph(b.nodes, f"apar_{tag}", [], vis)
-
-    top.nodes.append(helper.make_node("If", [any_long], names, name="apar/long_index",
-                                      then_branch=branch(mixed, mixed_outs, "long_index"),
-                                      else_branch=branch(short_only, short_outs, "no_long_index")))
-    N, R, L, q_idx, k_idx, tables, long_bias, rows = names
+    none_outs = [none.const([0]), none.const([1]), none.const([0]), empty([0, 1], I64), empty([0, 0], I64),
+                 empty([0, 0], tables_type), empty([0, 1, G, 0], F32), none.op("Identity", [short_rows])]
+    N, R, L, q_idx, k_idx, tables, long_bias, rows = if_node(any_long, mixed, mixed_outs, none, none_outs, "long",
+                                                             types)
     long_index = ab.GroupIndex(N=N, R=R, Qn="", L=L, K="", q_idx=q_idx, k_idx=k_idx, tables=tables, vis="")
 
     # ---- layer math ----
+    def branch_graph(b: ab.Nodes, out: str, name: str):
+        return helper.make_graph(b.nodes, name, [], [helper.make_tensor_value_info(out, F32, None)])
+
     replaced = {}
     for i, n in enumerate(nodes):
         b = ab.Nodes(attrs, f"apar/l{i}/", inputs)
         q, k, v, k_cache, v_cache = n.input[:5]
         q2, k2, v2 = (b.reshape(x, [s.T, b.op("Mul", [h, b.D])]) for x, h in ((q, b.Hq), (k, b.Hkv), (v, b.Hkv)))
-        short_out = ab.attend_mha(b, sg.index, short_bias, G, q2, k2, v2, k_cache, v_cache)
-        # the long group only when the step has one (an If, so that decode steps skip its nodes)
+        short_out = ab.attend_mha(b, short_index, short_bias, G, q2, k2, v2, k_cache, v_cache)
+        # the long group only when the step has one (an If, so that other steps skip its nodes)
         lb = ab.Nodes(attrs, f"apar/l{i}/long/", inputs)
         long_out = ab.attend_mha(lb, long_index, long_bias, G, q2, k2, v2, k_cache, v_cache)
         nb = ab.Nodes(attrs, f"apar/l{i}/nolong/", inputs)
@@ -109,10 +137,9 @@ def rewrite(model) -> int:
         nb.nodes.append(helper.make_node("Constant", [], [none_out], value=helper.make_tensor(
             none_out, F32, [0, attrs.num_heads, attrs.head_size], [])))
         long_if = b.name("long_attention")
-        b.nodes.append(helper.make_node(
-            "If", [any_long], [long_if],
-            then_branch=helper.make_graph(lb.nodes, f"apar_l{i}_long", [], [helper.make_tensor_value_info(long_out, F32, None)]),
-            else_branch=helper.make_graph(nb.nodes, f"apar_l{i}_nolong", [], [helper.make_tensor_value_info(none_out, F32, None)])))
+        b.nodes.append(helper.make_node("If", [any_long], [long_if],
+                                        then_branch=branch_graph(lb, long_out, f"apar_l{i}_long"),
+                                        else_branch=branch_graph(nb, none_out, f"apar_l{i}_nolong")))
         both = b.op("Concat", [short_out, long_if], axis=0)
         b.nodes.append(helper.make_node("CastLike", [b.op("Gather", [both, rows], axis=0), q], [n.output[0]]))
         replaced[id(n)] = b.nodes

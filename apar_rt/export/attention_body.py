@@ -245,6 +245,23 @@ def short_group(b: Nodes, s: StepIndex) -> ShortGroup:
     return ShortGroup(gi, short_n, short_end, n_short)
 
 
+def decode_group(b: Nodes, s: StepIndex) -> GroupIndex:
+    """The short group of a step where every sequence has at most one new token (a decode
+    step): token t is the only new token of the t-th sequence that has one, so the group's
+    rows are the packed rows in order. Equals `short_group`'s index on such steps."""
+    seq = b.op("Squeeze", [b.op("NonZero", [b.op("Greater", [s.q_len, b.zero])]), b.i0])   # [T]
+    t = b.col(b.arange(s.T))                                                   # [T, 1]
+    nblk = b.ceil_div(b.op("ReduceMax", [s.ctx], keepdims=1), b.BS)
+    L = b.op("Mul", [nblk, b.BS])
+    tables = b.op("Gather", [b.op("Slice", [b.inp("block_tables"), b.i0, nblk, b.i1]), seq], axis=0)
+    ctx_vis = b.op("Less", [b.row(b.arange(L)), b.col(b.op("Gather", [s.ctx, seq], axis=0))])   # [T, L]
+    self_vis = b.op("Slice", [b.inp("mask"), b.i0, b.i1, b.i1])                 # [T, 1]
+    vis = b.op("Concat", [ctx_vis, self_vis], axis=1)                          # [T, K]
+    vis = b.op("Unsqueeze", [vis, b.op("Concat", [b.i1, b.i2, b.i3], axis=0)])  # [T, 1, 1, 1, K]
+    return GroupIndex(N=s.T, R=b.const([1]), Qn=b.const([1]), L=L, K=b.op("Add", [L, b.i1]), q_idx=t,
+                      k_idx=b.op("Identity", [t]), tables=tables, vis=vis)
+
+
 @dataclass
 class LongGroup:
     index: GroupIndex
@@ -332,3 +349,4 @@ def attend_mha(b: Nodes, g: GroupIndex, bias: str, G: int, q2: str, k2: str, v2:
     if G != 1:
         out = b.op("Transpose", [b.reshape(out, [N, R, b.group, b.Hkv, b.D])], perm=[0, 1, 3, 2, 4])
     return b.reshape(out, [b.op("Mul", [N, R]), b.Hq, b.D])
+
