@@ -206,16 +206,21 @@ def run_op(step: Step) -> torch.Tensor:
 _SESSIONS: dict = {}
 
 
-def run_onnx(step: Step) -> torch.Tensor:
-    """The ONNX local function (apar_rt.export.op), inlined and run by onnxruntime."""
+def run_onnx(step: Step, ort_body: bool = False) -> torch.Tensor:
+    """The ONNX local function (apar_rt.export.op), inlined and run by onnxruntime; with
+    `ort_body`, the graph the onnxruntime CPU backend runs instead (`ort_attention.rewrite`)."""
     ort = pytest.importorskip("onnxruntime")
     from apar_rt.export import op as aop
 
     (_, hq, d), hkv, bs = step.q.shape, step.k.shape[1], step.k_cache.shape[1]
     dtype = {torch.float32: "float32", torch.float16: "float16"}[step.q.dtype]
-    key = (hq, hkv, d, bs, dtype, step.scale)
+    key = (hq, hkv, d, bs, dtype, step.scale, ort_body)
     if key not in _SESSIONS:
         model = aop.attention_model(aop.AttentionAttrs(hq, hkv, d, bs, step.scale), dtype)
+        if ort_body:
+            from apar_rt.backends.ort_attention import rewrite
+
+            rewrite(model)
         _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}
     return torch.from_numpy(_SESSIONS[key].run(None, feeds)[0])
@@ -225,6 +230,7 @@ IMPLS = {
     "reference": lambda s: tree_paged_attention_reference(*s.args()),
     "op": run_op,
     "onnx": run_onnx,
+    "onnx-ort": lambda s: run_onnx(s, ort_body=True),
 }
 HEADS = [(4, 4), (4, 2), (4, 1)]
 SEEDS = [0, 1, 2]
@@ -325,6 +331,19 @@ def test_empty_sequence_in_batch(impl, seed):
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("hq,hkv", HEADS)
 @pytest.mark.parametrize("seed", SEEDS)
+def test_decode_step_among_padding_sequences(impl, hq, hkv, seed):
+    """A pure decode step (one new token or none per sequence: a bucket's padding rows), the
+    shape onnxruntime's CPU graph takes its decode path for; one decode at context 0."""
+    rng = random.Random(700 + seed)
+    seqs = [make_seq(rng, "empty"), make_seq(rng, "decode"), make_seq(rng, "empty"), make_seq(rng, "decode"),
+            make_seq(rng, "decode"), make_seq(rng, "empty")]
+    seqs[3].context_len = 0
+    check(build_step(seed, seqs, hq=hq, hkv=hkv, block_size=4), IMPLS[impl])
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("seed", SEEDS)
 def test_float16(impl, hq, hkv, seed):
     rng = random.Random(500 + seed)
     seqs = [make_seq(rng, kind) for kind in ("prefill", "decode", "tree", "decode")]
@@ -338,7 +357,7 @@ def test_float16(impl, hq, hkv, seed):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_nonfinite_garbage_is_not_read(impl, seed):
     """NaN / inf in unused slots and in the null block must not leak into the output."""
-    if impl == "onnx":
+    if impl.startswith("onnx"):
         pytest.skip("the contract lets the ONNX function rely on finite pool contents")
     rng = random.Random(600 + seed)
     seqs = [make_seq(rng, kind) for kind in ("prefill", "decode", "tree", "decode")]
@@ -354,7 +373,7 @@ def test_nonfinite_garbage_is_not_read(impl, seed):
 def test_long_chunks_tiled_among_decodes_and_trees(impl, hq, hkv, block_size):
     """Chunks longer than a tile (one starting mid-block, one at context 0), a fork's two tokens,
     a draft tree and decodes in one step: the ONNX function splits them into groups and tiles."""
-    from apar_rt.export.op import TILE
+    from apar_rt.export.attention_body import TILE
 
     seqs = [Seq("decode", 5, [[True]]), Seq("prefill", 7, causal(TILE * 2 + 3)),
             Seq("tree", 3, tree_mask([-1, 0, 0, 1])), Seq("empty", 2, []), Seq("prefill", 2, causal(2)),

@@ -77,15 +77,27 @@ def _device(requested: str | None) -> tuple[str, int]:
     return kind, int(index or 0)
 
 
-def _without_outputs(path: Path, drop: set[str]) -> bytes:
-    """The model at `path` without outputs `drop` and the nodes only they needed, serialized.
+def _session_model(path: Path, drop: set[str], ort_body: bool) -> bytes:
+    """The model at `path` as the session runs it, serialized: without outputs `drop` (and the
+    nodes only they needed), and with `ort_body` the op's nodes rewritten for ONNX Runtime's
+    CPU (`apar_rt.backends.ort_attention.rewrite`).
 
     External weights stay where they are (not loaded): the session reads them from the folder.
     """
     import onnx
 
+    from apar_rt.backends.ort_attention import rewrite
+
     model = onnx.load(str(path), load_external_data=False)
-    g = model.graph
+    if ort_body:
+        rewrite(model)
+    if drop:
+        _drop_outputs(model.graph, drop)
+    return model.SerializeToString()
+
+
+def _drop_outputs(g, drop: set[str]) -> None:
+    """Remove outputs `drop` from graph `g`, and the nodes and initializers only they needed."""
     keep = [o for o in g.output if o.name not in drop]
     del g.output[:]
     g.output.extend(keep)
@@ -103,7 +115,6 @@ def _without_outputs(path: Path, drop: set[str]) -> bytes:
     inits = [t for t in g.initializer if t.name in needed]
     del g.initializer[:]
     g.initializer.extend(inits)
-    return model.SerializeToString()
 
 
 class OnnxRuntimeBackend(Backend):
@@ -156,13 +167,19 @@ class OnnxRuntimeBackend(Backend):
             providers = ["CPUExecutionProvider"]
         model_path = self.engine_dir / m.onnx.get("file", ONNX_NAME)
         model = str(model_path)
+        drop = set()
         if self.num_medusa_heads and medusa_dir is None:
             # Built with heads but run without Medusa: drop the heads from the graph (onnxruntime
             # computes every output whether it is fetched or not).
-            model = _without_outputs(model_path, {step_io.MEDUSA_LOGITS})
+            drop.add(step_io.MEDUSA_LOGITS)
+            self.num_medusa_heads = 0
+        # On the CPU the op runs as the graph of `ort_attention.rewrite` (MultiHeadAttention, index
+        # math once per step); the CUDA execution provider keeps the engine file's standard-op body.
+        self.ort_body = self._dev_type == "cpu"
+        if drop or self.ort_body:
+            model = _session_model(model_path, drop, self.ort_body)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(model_path.parent))
-            self.num_medusa_heads = 0
         try:
             self.session = ort.InferenceSession(model, so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
@@ -176,7 +193,10 @@ class OnnxRuntimeBackend(Backend):
         self.k_caches: list = []          # per layer: numpy views (CPU) or torch views (CUDA) of the pool
         self.v_caches: list = []
         self._bufs: dict = {}             # backend-owned input/output buffers, by name (see _buffer)
-        self._bound: dict = {}            # name -> (pointer, shape, dtype) bound now (see _bind)
+        self._bound: dict = {}            # name -> (buffer generation, shape, dtype) bound now (_bind)
+        self._gens: dict = {}             # buffer name -> generation of its current allocation
+        self._next_gen = 0
+        self._outputs_key = None          # what _bind_outputs bound last
         self._ran = False                 # a forward ran: its new K/V are in self._new_kv (commit_kv)
         self._medusa = None               # the last forward's Medusa logits
 
@@ -204,9 +224,10 @@ class OnnxRuntimeBackend(Backend):
         self.v_caches = list(self._kv[1])
         self._kv_slots = self._kv.reshape(2, self.num_layers, num_blocks * block_size, self.num_kv_heads,
                                           self.head_dim)     # a view: the pool is contiguous
+        self._new_generation("kv_pool")
         for i, (k, v) in enumerate(zip(self.k_caches, self.v_caches)):
-            self._bind(step_io.k_cache_name(i), k, tuple(k.shape), input=True)
-            self._bind(step_io.v_cache_name(i), v, tuple(v.shape), input=True)
+            self._bind(step_io.k_cache_name(i), k, tuple(k.shape), input=True, base="kv_pool")
+            self._bind(step_io.v_cache_name(i), v, tuple(v.shape), input=True, base="kv_pool")
 
     def kv_bytes_per_block(self) -> int:
         return (2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
@@ -228,20 +249,28 @@ class OnnxRuntimeBackend(Backend):
 
                 buf = torch.empty((rows, *shape[1:]), dtype=_torch_dtype(dtype), device=self.device)
             self._bufs[name] = buf
+            self._new_generation(name)
         return buf[:shape[0]]
 
-    def _bind(self, name: str, buf, shape: tuple, *, input: bool) -> None:
+    def _new_generation(self, name: str) -> None:
+        self._next_gen += 1
+        self._gens[name] = self._next_gen
+
+    def _bind(self, name: str, buf, shape: tuple, *, input: bool, base: str | None = None) -> None:
         """Bind `buf` (a backend-owned numpy array or torch tensor) to input or output `name`.
 
         onnxruntime keeps only the pointer: `buf` must stay alive until the run returns, which is
-        why only the pools and `_buffer` buffers, which the backend holds, are bound here."""
+        why only the pools and `_buffer` buffers, which the backend holds, are bound here.
+        `buf` is a view of the buffer named `base` (default: `name`) at an offset that depends
+        only on `shape`, so (the buffer's generation, shape) identifies the pointer: bindings
+        persist across runs, and most steps rebind nothing without reading a pointer."""
+        key = (self._gens[base or name], shape)
+        if self._bound.get(name) == key:
+            return
         if isinstance(buf, np.ndarray):
             ptr, dt = buf.ctypes.data, buf.dtype.type
         else:
             ptr, dt = buf.data_ptr(), _numpy_dtype(buf.dtype)
-        key = (ptr, tuple(shape), dt)
-        if self._bound.get(name) == key:   # bindings persist across runs: most decode steps rebind nothing
-            return
         bind = self._io.bind_input if input else self._io.bind_output
         bind(name, self._dev_type, self._dev_id, dt, shape, ptr)
         self._bound[name] = key
@@ -262,22 +291,27 @@ class OnnxRuntimeBackend(Backend):
         """Bind the outputs to persistent buffers: logits (and Medusa logits), and the new K/V of
         all layers in one [2, layers, T, Hkv, D] block (so that one indexed write stores them)."""
         T, N, V, L = num_tokens, num_logits, self.vocab_size, self.num_layers
-        self._logits = self._buffer("logits", (N, V), np.float32)
-        self._bind("logits", self._logits, (N, V), input=False)
-        self._medusa = None
-        if self.num_medusa_heads:
-            self._medusa = self._buffer(step_io.MEDUSA_LOGITS, (N, self.num_medusa_heads, V), np.float32)
-            self._bind(step_io.MEDUSA_LOGITS, self._medusa, tuple(self._medusa.shape), input=False)
+        logits = self._buffer("logits", (N, V), np.float32)
+        medusa = (self._buffer(step_io.MEDUSA_LOGITS, (N, self.num_medusa_heads, V), np.float32)
+                  if self.num_medusa_heads else None)
         # rows = tokens, so that the buffer grows along its first axis; [T, 2, L, Hkv, D]
         kv = self._buffer("new_kv", (T + 1, 2, L, self.num_kv_heads, self.head_dim), self.dtype)
+        key = (T, N, self._gens["logits"], self._gens.get(step_io.MEDUSA_LOGITS), self._gens["new_kv"])
+        if key == self._outputs_key:      # same shapes and buffers as the last step: all bound
+            return
+        self._logits, self._medusa = logits, medusa
+        self._bind("logits", logits, (N, V), input=False)
+        if medusa is not None:
+            self._bind(step_io.MEDUSA_LOGITS, medusa, tuple(medusa.shape), input=False)
         # per-layer outputs must be contiguous: lay them out as [2, L, T+1, Hkv, D] in the same memory
         flat = kv.reshape(-1)[:2 * L * (T + 1) * self.num_kv_heads * self.head_dim]
         self._new_kv = flat.reshape(2, L, T + 1, self.num_kv_heads, self.head_dim)
         kv_shape = (T, self.num_kv_heads, self.head_dim)
         for i in range(L):
-            self._bind(step_io.new_k_name(i), self._new_kv[0, i], kv_shape, input=False)
-            self._bind(step_io.new_v_name(i), self._new_kv[1, i], kv_shape, input=False)
+            self._bind(step_io.new_k_name(i), self._new_kv[0, i], kv_shape, input=False, base="new_kv")
+            self._bind(step_io.new_v_name(i), self._new_kv[1, i], kv_shape, input=False, base="new_kv")
         self._num_tokens = T
+        self._outputs_key = key
 
     # ---- one step --------------------------------------------------------------------------
 

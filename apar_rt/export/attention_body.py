@@ -1,0 +1,352 @@
+"""The ONNX node math of `apar.TreePagedAttention`, written once for its two ONNX bodies.
+
+* `apar_rt.export.op.attention_function`: the model-local FunctionProto in default-domain ops
+  that every ONNX consumer (ONNX Runtime, TensorRT without our plugin) can inline;
+* `apar_rt.backends.ort_attention`: the graph ONNX Runtime's CPU backend runs instead, with
+  `com.microsoft.MultiHeadAttention` and a decode fast path.
+
+Both compute exactly the reference (`apar_rt.ops.tree_attention.tree_paged_attention_reference`)
+with a cost that follows each sequence's own query length: the B sequences fall in two groups,
+and each group runs the same masked attention over its own padded shapes:
+
+- short (1 to SHORT_MAX new tokens: decodes, a fork's two tokens): one row-block per sequence,
+  padded to the group's longest query and context;
+- long (prefill chunks, draft trees): tiles of TILE consecutive new tokens of one sequence; each
+  tile sees its sequence's context and all of its new tokens.
+
+Sequences with no new tokens (bucket padding) are in neither group. A mixed step of n decodes and
+a prefill chunk of P tokens thus costs about n x ctx + P x (ctx + P), the sum of its parts. Keys
+are read through the block tables up to the group's longest context only.
+
+The math splits in two parts: *index math* reads only the step inputs shared by every layer
+(block_tables, context_lens, query_start, mask) and the attributes; *layer math* reads one
+layer's q, k, v and pools. Softmax runs in float32 over scores masked with float32's lowest
+value; unlike the reference, unseen slots are not zeroed (the contract keeps pool contents
+finite, so their probability of exactly 0 removes them). Rows of padding compute finite garbage
+that no token reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Sequences with at most SHORT_MAX new tokens (decodes, a fork's [Fork][Child], small drafts) form
+# the short group, padded only among themselves; longer ones are cut into tiles of TILE rows.
+SHORT_MAX = 2
+TILE = 32
+ORT_DOMAIN = "com.microsoft"      # ONNX Runtime's contrib ops (its CPU graph only)
+FLOAT32_LOWEST = float.fromhex("-0x1.fffffep+127")
+
+
+class Nodes:
+    """Appends ONNX nodes with unique output names (`prefix` + a counter) to `self.nodes`.
+
+    attrs: None inside the FunctionProto (head counts, head size, block size and scale are
+    references to the node's attributes), or an `AttentionAttrs` whose values become constants.
+    inputs: the names of the step-wide inputs (block_tables, context_lens, query_start, mask)
+    when they differ from the op's own input names.
+    """
+
+    def __init__(self, attrs=None, prefix: str = "", inputs: dict | None = None) -> None:
+        from onnx import TensorProto
+
+        self.nodes: list = []
+        self.attrs = attrs
+        self.prefix = prefix
+        self.inputs = inputs or {}
+        self._n = 0
+        self.I64, self.F32, self.BOOL = TensorProto.INT64, TensorProto.FLOAT, TensorProto.BOOL
+        self.i0, self.i1, self.i2, self.i3 = (self.const([i]) for i in range(4))
+        self.zero, self.one = self.scalar(0, self.I64), self.scalar(1, self.I64)
+        self.fmin, self.fzero = self.scalar(FLOAT32_LOWEST, self.F32), self.scalar(0.0, self.F32)
+        self.Hq, self.Hkv, self.D, self.BS = (self.attr_int(a) for a in
+                                              ("num_heads", "num_kv_heads", "head_size", "block_size"))
+        self.group = self.op("Div", [self.Hq, self.Hkv])
+
+    def inp(self, name: str) -> str:
+        """The graph name of the op's step-wide input `name`."""
+        return self.inputs.get(name, name)
+
+    def name(self, kind: str) -> str:
+        self._n += 1
+        return f"{self.prefix}{kind}_{self._n}"
+
+    def op(self, op_type: str, inputs, domain: str = "", **attrs) -> str:
+        from onnx import helper
+
+        out = self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], domain=domain or None, **attrs))
+        return out
+
+    def const(self, values, dtype=None) -> str:
+        from onnx import helper
+
+        out = self.name("const")
+        self.nodes.append(helper.make_node("Constant", [], [out], value=helper.make_tensor(
+            out, self.I64 if dtype is None else dtype, [len(values)], values)))
+        return out
+
+    def scalar(self, value, dtype) -> str:
+        from onnx import helper
+
+        out = self.name("scalar")
+        self.nodes.append(helper.make_node("Constant", [], [out], value=helper.make_tensor(out, dtype, [], [value])))
+        return out
+
+    def _attr_ref_const(self, name: str, kind: str, attr_kind) -> str:
+        from onnx import helper
+
+        out = self.name(name)
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(helper.make_attribute_ref(kind, attr_kind, ref_attr_name=name))
+        self.nodes.append(node)
+        return out
+
+    def attr_int(self, name: str) -> str:
+        """A [1] int64 tensor holding the node's int attribute `name`."""
+        import onnx
+
+        if self.attrs is not None:
+            return self.const([int(getattr(self.attrs, name))])
+        return self.op("Unsqueeze", [self._attr_ref_const(name, "value_int", onnx.AttributeProto.INT), self.i0])
+
+    def scale(self) -> str:
+        import onnx
+
+        if self.attrs is not None:
+            return self.scalar(float(self.attrs.scale), self.F32)
+        return self._attr_ref_const("scale", "value_float", onnx.AttributeProto.FLOAT)
+
+    def mha(self, q: str, k: str, v: str, bias: str) -> str:
+        """com.microsoft.MultiHeadAttention with one head per KV head: q [N, S, Hkv*D],
+        k/v [N, K, Hkv*D], additive bias [N, 1, S, K] -> [N, S, Hkv*D]."""
+        import onnx
+        from onnx import helper
+
+        out = self.name("mha")
+        node = helper.make_node("MultiHeadAttention", [q, k, v, "", "", bias], [out], domain=ORT_DOMAIN)
+        if self.attrs is not None:
+            node.attribute.extend([helper.make_attribute("num_heads", int(self.attrs.num_kv_heads)),
+                                   helper.make_attribute("scale", float(self.attrs.scale))])
+        else:
+            node.attribute.extend([
+                helper.make_attribute_ref("num_heads", onnx.AttributeProto.INT, ref_attr_name="num_kv_heads"),
+                helper.make_attribute_ref("scale", onnx.AttributeProto.FLOAT, ref_attr_name="scale")])
+        self.nodes.append(node)
+        return out
+
+    # ---- small shape helpers ----
+
+    def dim(self, x: str, axis: int) -> str:  # a [1] int64 tensor holding x.shape[axis]
+        return self.op("Shape", [x], start=axis, end=axis + 1)
+
+    def arange(self, n1: str) -> str:  # 0 .. n-1 from a [1] tensor n
+        return self.op("Range", [self.zero, self.op("Squeeze", [n1, self.i0]), self.one])
+
+    def col(self, x: str) -> str:  # [n] -> [n, 1]
+        return self.op("Unsqueeze", [x, self.i1])
+
+    def row(self, x: str) -> str:  # [n] -> [1, n]
+        return self.op("Unsqueeze", [x, self.i0])
+
+    def reshape(self, x: str, dims) -> str:
+        return self.op("Reshape", [x, self.op("Concat", list(dims), axis=0)], allowzero=1)
+
+    def rank_of(self, ends: str, idx: str) -> str:  # for each idx, the number of `ends` entries <= it
+        le = self.op("LessOrEqual", [self.row(ends), self.col(idx)])
+        return self.op("ReduceSum", [self.op("Cast", [le], to=self.I64), self.i1], keepdims=0)
+
+    def group_max(self, flag: str, x: str) -> str:  # [1]: max of x where flag (0 if none)
+        return self.op("ReduceMax", [self.op("Where", [flag, x, self.zero])], keepdims=1)
+
+    def ceil_div(self, a: str, b: str) -> str:
+        return self.op("Div", [self.op("Add", [a, self.op("Sub", [b, self.i1])]), b])
+
+
+@dataclass
+class StepIndex:
+    """Index math shared by every layer: the step's per-sequence facts and group flags."""
+
+    T: str            # [1] new tokens in the step
+    t_last: str       # [1] max(T - 1, 0)
+    q_start: str      # [B] first packed row of each sequence
+    q_end: str        # [B]
+    q_len: str        # [B] new tokens of each sequence
+    ctx: str          # [B] cached context of each sequence
+    is_short: str     # [B] bool
+    is_long: str      # [B] bool
+
+
+@dataclass
+class GroupIndex:
+    """One group's index math: N row-blocks of R query rows each."""
+
+    N: str            # [1] row-blocks
+    R: str            # [1] query rows per block
+    Qn: str           # [1] new-token keys each block may see
+    L: str            # [1] cached keys read (the group's longest context, whole blocks)
+    K: str            # [1] keys per row: L + Qn
+    q_idx: str        # [N, R] packed query rows
+    k_idx: str        # [N, Qn] packed new-key rows
+    tables: str       # [N, nblk] block tables, cut to the blocks read
+    vis: str          # [N, 1, R, 1, K] bool: cached positions < ctx, then the mask over new tokens
+
+
+def step_index(b: Nodes) -> StepIndex:
+    qs = b.op("Cast", [b.inp("query_start")], to=b.I64)
+    q_start = b.op("Slice", [qs, b.i0, b.const([-1]), b.i0])
+    q_end = b.op("Slice", [qs, b.i1, b.const([2 ** 62]), b.i0])
+    q_len = b.op("Sub", [q_end, q_start])
+    T = b.dim(b.inp("mask"), 0)
+    short_max = b.const([SHORT_MAX])
+    return StepIndex(
+        T=T, t_last=b.op("Max", [b.op("Sub", [T, b.i1]), b.i0]), q_start=q_start, q_end=q_end, q_len=q_len,
+        ctx=b.op("Cast", [b.inp("context_lens")], to=b.I64),
+        is_short=b.op("And", [b.op("Greater", [q_len, b.zero]), b.op("LessOrEqual", [q_len, short_max])]),
+        is_long=b.op("Greater", [q_len, short_max]))
+
+
+def group_index(b: Nodes, s: StepIndex, flag: str, seq: str, q0: str, R: str, Qn: str) -> GroupIndex:
+    """seq [N]: each block's sequence; q0 [N]: its first new-token offset in that sequence."""
+    s_start, s_len, s_ctx = (b.op("Gather", [x, seq], axis=0) for x in (s.q_start, s.q_len, s.ctx))
+    jq = b.op("Add", [b.col(q0), b.row(b.arange(R))])                          # [N, R] offsets in seq
+    q_idx = b.op("Min", [b.op("Add", [b.col(s_start), jq]), s.t_last])
+    jk = b.arange(Qn)
+    k_idx = b.op("Min", [b.op("Add", [b.col(s_start), b.row(jk)]), s.t_last])
+    k_ok = b.op("Less", [b.row(jk), b.col(s_len)])                              # [N, Qn]
+    nblk = b.ceil_div(b.group_max(flag, s.ctx), b.BS)
+    L = b.op("Mul", [nblk, b.BS])
+    tables = b.op("Gather", [b.op("Slice", [b.inp("block_tables"), b.i0, nblk, b.i1]), seq], axis=0)
+    N = b.dim(seq, 0)
+    ctx_vis = b.op("Less", [b.row(b.arange(L)), b.col(s_ctx)])                 # [N, L]
+    ctx_vis = b.op("Expand", [b.op("Unsqueeze", [ctx_vis, b.i1]), b.op("Concat", [N, R, L], axis=0)])
+    new_vis = b.op("Slice", [b.op("Gather", [b.inp("mask"), q_idx], axis=0), b.i0, Qn, b.i2])   # [N, R, Qn]
+    new_vis = b.op("And", [new_vis, b.op("Unsqueeze", [k_ok, b.i1])])
+    vis = b.op("Unsqueeze", [b.op("Concat", [ctx_vis, new_vis], axis=2), b.op("Concat", [b.i1, b.i3], axis=0)])
+    return GroupIndex(N=N, R=R, Qn=Qn, L=L, K=b.op("Add", [L, Qn]), q_idx=q_idx, k_idx=k_idx, tables=tables, vis=vis)
+
+
+@dataclass
+class ShortGroup:
+    index: GroupIndex
+    short_n: str      # [B] 1 where the sequence is short
+    short_end: str    # [B] inclusive cumulative count of short sequences
+    n_short: str      # [1]
+
+
+def short_group(b: Nodes, s: StepIndex) -> ShortGroup:
+    """One row-block per short sequence, rows = the group's longest query."""
+    short_n = b.op("Cast", [s.is_short], to=b.I64)
+    short_end = b.op("CumSum", [short_n, b.zero])
+    n_short = b.op("ReduceSum", [short_n], keepdims=1)
+    R = b.op("Max", [b.group_max(s.is_short, s.q_len), b.i1])
+    seq = b.rank_of(short_end, b.arange(n_short))
+    gi = group_index(b, s, s.is_short, seq, b.op("Mul", [seq, b.zero]), R, R)
+    return ShortGroup(gi, short_n, short_end, n_short)
+
+
+def decode_group(b: Nodes, s: StepIndex) -> GroupIndex:
+    """The short group of a step where every sequence has at most one new token (a decode
+    step): token t is the only new token of the t-th sequence that has one, so the group's
+    rows are the packed rows in order. Equals `short_group`'s index on such steps."""
+    seq = b.op("Squeeze", [b.op("NonZero", [b.op("Greater", [s.q_len, b.zero])]), b.i0])   # [T]
+    t = b.col(b.arange(s.T))                                                   # [T, 1]
+    nblk = b.ceil_div(b.op("ReduceMax", [s.ctx], keepdims=1), b.BS)
+    L = b.op("Mul", [nblk, b.BS])
+    tables = b.op("Gather", [b.op("Slice", [b.inp("block_tables"), b.i0, nblk, b.i1]), seq], axis=0)
+    ctx_vis = b.op("Less", [b.row(b.arange(L)), b.col(b.op("Gather", [s.ctx, seq], axis=0))])   # [T, L]
+    self_vis = b.op("Slice", [b.inp("mask"), b.i0, b.i1, b.i1])                 # [T, 1]
+    vis = b.op("Concat", [ctx_vis, self_vis], axis=1)                          # [T, K]
+    vis = b.op("Unsqueeze", [vis, b.op("Concat", [b.i1, b.i2, b.i3], axis=0)])  # [T, 1, 1, 1, K]
+    return GroupIndex(N=s.T, R=b.const([1]), Qn=b.const([1]), L=L, K=b.op("Add", [L, b.i1]), q_idx=t,
+                      k_idx=b.op("Identity", [t]), tables=tables, vis=vis)
+
+
+@dataclass
+class LongGroup:
+    index: GroupIndex
+    tile_begin: str   # [B] first tile of each sequence
+
+
+def long_group(b: Nodes, s: StepIndex) -> LongGroup:
+    """Tiles of TILE rows of the long sequences."""
+    tile = b.const([TILE])
+    tiles = b.op("Where", [s.is_long, b.ceil_div(s.q_len, tile), b.zero])     # [B] tiles per sequence
+    tile_end = b.op("CumSum", [tiles, b.zero])
+    tile_begin = b.op("Sub", [tile_end, tiles])
+    tile_ids = b.arange(b.op("ReduceSum", [tiles], keepdims=1))
+    tile_seq = b.rank_of(tile_end, tile_ids)
+    tile_q0 = b.op("Mul", [b.op("Sub", [tile_ids, b.op("Gather", [tile_begin, tile_seq], axis=0)]), tile])
+    gi = group_index(b, s, s.is_long, tile_seq, tile_q0, tile, b.group_max(s.is_long, s.q_len))
+    return LongGroup(gi, tile_begin)
+
+
+def packed_rows(b: Nodes, s: StepIndex, sg: ShortGroup, lg: LongGroup | None) -> str:
+    """[T]: the row of each packed token in Concat(short output, long output). Token t of
+    sequence b at offset j is row rank*Rs + j (short) or Ns*Rs + tile_begin*TILE + j (long).
+    lg None: the step has no long sequence."""
+    t = b.arange(s.T)
+    seq = b.rank_of(s.q_end, t)
+    j = b.op("Sub", [t, b.op("Gather", [s.q_start, seq], axis=0)])
+    rank = b.op("Gather", [b.op("Sub", [sg.short_end, sg.short_n]), seq], axis=0)
+    short_row = b.op("Add", [b.op("Mul", [rank, sg.index.R]), j])
+    if lg is None:
+        return short_row
+    long_row = b.op("Add", [b.op("Mul", [sg.n_short, sg.index.R]),
+                            b.op("Add", [b.op("Mul", [b.op("Gather", [lg.tile_begin, seq], axis=0),
+                                                      b.const([TILE])]), j])])
+    return b.op("Where", [b.op("Gather", [s.is_short, seq], axis=0), short_row, long_row])
+
+
+def attend_standard(b: Nodes, g: GroupIndex, q: str, k: str, v: str, k_cache: str, v_cache: str) -> str:
+    """Layer math in default-domain ops: [N * R, Hq, D] float32."""
+    F32, N, R, L, K = b.F32, g.N, g.R, g.L, g.K
+    kv = []
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        cached = b.reshape(b.op("Gather", [cache, g.tables], axis=0), [N, L, b.Hkv, b.D])
+        both = b.op("Concat", [cached, b.op("Gather", [new, g.k_idx], axis=0)], axis=1)   # [N, K, Hkv, D]
+        kv.append(b.op("Cast", [b.op("Transpose", [both], perm=[0, 2, 1, 3])], to=F32))  # [N, Hkv, K, D]
+    keys, vals = kv
+    # queries [N, Hkv, R*G, D], query head h = kv * G + g
+    qp = b.op("Cast", [b.op("Gather", [q, g.q_idx], axis=0)], to=F32)          # [N, R, Hq, D]
+    qp = b.op("Transpose", [b.reshape(qp, [N, R, b.Hkv, b.group, b.D])], perm=[0, 2, 1, 3, 4])
+    RG = b.op("Mul", [R, b.group])
+    qp = b.reshape(b.op("Mul", [qp, b.scale()]), [N, b.Hkv, RG, b.D])
+    scores = b.op("MatMul", [qp, b.op("Transpose", [keys], perm=[0, 1, 3, 2])])       # [N, Hkv, R*G, K]
+    scores = b.op("Where", [g.vis, b.reshape(scores, [N, b.Hkv, R, b.group, K]), b.fmin])
+    probs = b.reshape(b.op("Softmax", [scores], axis=-1), [N, b.Hkv, RG, K])
+    out = b.reshape(b.op("MatMul", [probs, vals]), [N, b.Hkv, R, b.group, b.D])
+    out = b.op("Transpose", [out], perm=[0, 2, 1, 3, 4])                        # [N, R, Hkv, G, D]
+    return b.reshape(out, [b.op("Mul", [N, R]), b.Hq, b.D])
+
+
+def mha_bias(b: Nodes, g: GroupIndex, G: int) -> str:
+    """[N, 1, R*G, K] float32 additive bias of `g.vis` for `attend_mha` (index math)."""
+    bias = b.op("Where", [g.vis, b.fzero, b.fmin])                             # [N, 1, R, 1, K]
+    if G == 1:
+        return b.op("Squeeze", [bias, b.i3])
+    full = b.op("Expand", [bias, b.op("Concat", [g.N, b.i1, g.R, b.group, g.K], axis=0)])
+    return b.reshape(full, [g.N, b.i1, b.op("Mul", [g.R, b.group]), g.K])
+
+
+def attend_mha(b: Nodes, g: GroupIndex, bias: str, G: int, q2: str, k2: str, v2: str,
+               k_cache: str, v_cache: str) -> str:
+    """Layer math with com.microsoft.MultiHeadAttention, one MHA head per KV head (query row
+    r*G + g is query head kv*G + g of token r, so GQA needs no copy of K/V). q2/k2/v2 are the
+    layer's q/k/v as [T, heads*D]; K/V stay [.., Hkv*D] (no transposes when G == 1).
+    Returns [N * R, Hq, D] float32."""
+    F32, N, R, L = b.F32, g.N, g.R, g.L
+    HkvD = b.op("Mul", [b.Hkv, b.D])
+    kv = []
+    for cache, new in ((k_cache, k2), (v_cache, v2)):
+        cached = b.reshape(b.op("Gather", [cache, g.tables], axis=0), [N, L, HkvD])
+        kv.append(b.op("Cast", [b.op("Concat", [cached, b.op("Gather", [new, g.k_idx], axis=0)], axis=1)], to=F32))
+    q3 = b.op("Cast", [b.op("Gather", [q2, g.q_idx], axis=0)], to=F32)        # [N, R, Hq*D]
+    if G != 1:
+        q3 = b.op("Transpose", [b.reshape(q3, [N, R, b.Hkv, b.group, b.D])], perm=[0, 1, 3, 2, 4])
+        q3 = b.reshape(q3, [N, b.op("Mul", [R, b.group]), HkvD])              # [N, R*G, Hkv*D]
+    out = b.mha(q3, kv[0], kv[1], bias)
+    if G != 1:
+        out = b.op("Transpose", [b.reshape(out, [N, R, b.group, b.Hkv, b.D])], perm=[0, 1, 3, 2, 4])
+    return b.reshape(out, [b.op("Mul", [N, R]), b.Hq, b.D])
+
