@@ -38,12 +38,12 @@ def test_batched_sampling_equals_per_row_sampling():
     batch = SamplingBatch()
     for p, b in zip(params, bans):
         batch.add(p, b, make_generator(p.seed))
-    tokens, ok = sample(logits, batch)
+    tokens, ok, _, _ = sample(logits, batch)
     assert ok.all()
     for i, (p, b) in enumerate(zip(params, bans)):
         one = SamplingBatch()
         one.add(p, b, make_generator(p.seed))
-        t1, ok1 = sample(logits[i:i + 1], one)
+        t1, ok1, _, _ = sample(logits[i:i + 1], one)
         assert ok1[0] and t1[0] == tokens[i], i
         assert tokens[i] not in b
 
@@ -98,7 +98,7 @@ def test_sampled_frequencies_follow_the_softmax():
     batch = SamplingBatch()
     for _ in range(4000):
         batch.add(p, (), g)
-    tokens, ok = sample(np.tile(x, (4000, 1)), batch)
+    tokens, ok, _, _ = sample(np.tile(x, (4000, 1)), batch)
     freq = np.bincount(tokens, minlength=4) / 4000
     assert np.abs(freq - [0.5, 0.25, 0.15, 0.1]).max() < 0.03
 
@@ -113,7 +113,7 @@ def test_a_bad_row_fails_alone():
           SamplingParams(temperature=0.5, seed=4), SamplingParams(temperature=1e38, seed=5)]
     for i, p in enumerate(ps):
         batch.add(p, list(range(V)) if i == 2 else (), make_generator(p.seed))
-    tokens, ok = sample(logits, batch)
+    tokens, ok, _, _ = sample(logits, batch)
     assert ok.tolist() == [True, False, False, False, True]
     assert tokens[1] == tokens[2] == tokens[3] == -1 and 0 <= tokens[4] < V
 
