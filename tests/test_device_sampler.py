@@ -1,0 +1,242 @@
+"""The torch sampler (backends/torch_sampler.py; on CPU tensors here, the same code as on CUDA)
+against the numpy reference (apar_rt/sampler.py), and the engine with either.
+
+The oracle is the reference for the same uniforms: tokens and ok flags must be equal, probes and
+entropies equal to rounding. The reference itself is checked against a plain per-row definition
+in tests/test_sampler.py (and here where ties meet the candidate edge)."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from apar_rt import LLM, SamplingParams
+from apar_rt.backends.base import Backend
+from apar_rt.backends.torch_sampler import DeviceSampler
+from apar_rt.core import SamplingParams as SP
+from apar_rt.medusa.tree import MedusaTree, load_tree
+from apar_rt.medusa.verifier import Acceptance, MedusaVerifier
+from apar_rt.sampler import CANDIDATES, SamplingBatch, kept_probs, make_generator, process, ranked_top_k, sample
+
+CPU = DeviceSampler(torch.device("cpu"))
+
+
+def random_params(rng, V):
+    kind = int(rng.integers(0, 9))
+    t = float(rng.choice([0.3, 0.7, 1.0, 1.8]))
+    if kind == 0:
+        return SP()                                                     # greedy
+    if kind == 1:
+        return SP(temperature=t)
+    if kind == 2:
+        return SP(temperature=t, top_k=int(rng.choice([1, 2, 5, CANDIDATES, CANDIDATES + 1, V - 1, V, 5 * V])))
+    if kind == 3:
+        return SP(temperature=t, top_p=float(rng.uniform(0.02, 1.0)))
+    if kind == 4:
+        return SP(temperature=t, top_k=int(rng.choice([3, 40, 100, V])), top_p=float(rng.choice([0.3, 0.9, 0.99])))
+    if kind == 5:
+        return SP(temperature=t, top_p=0.999)                           # a nucleus past the candidates
+    if kind == 6:
+        return SP(logit_bias={int(rng.integers(0, V)): 30.0})           # greedy with a bias
+    if kind == 7:
+        return SP(temperature=t, top_k=7, logit_bias={int(rng.integers(0, V)): -4.5, int(rng.integers(0, V)): 2.0}
+                  if rng.random() < 0.9 else {})
+    return SP(temperature=float(rng.choice([1e-4, 40.0])), top_p=float(rng.choice([0.5, 1.0])))
+
+
+def random_case(rng):
+    """A logits matrix (rows shuffled, some unused) and a mixed batch over it, with probes."""
+    V = int(rng.choice([17, 64, 300, 1000]))
+    R = int(rng.integers(1, 40))
+    N = R + int(rng.integers(0, 5))
+    x = (rng.standard_normal((N, V)) * float(rng.choice([0.1, 1.0, 4.0, 20.0]))).astype(np.float32)
+    for i in range(N):
+        r = rng.random()
+        if r < 0.15:
+            x[i] = np.round(x[i])                                       # many ties
+        elif r < 0.2:
+            x[i] = 0.0                                                  # all tied: ties at the candidate edge
+        elif r < 0.23:
+            x[i] = np.where(rng.random(V) < 0.5, -0.0, 0.0)             # signed zeros are one value
+    rows = rng.permutation(N)[:R]
+    batch = SamplingBatch()
+    for i in range(R):
+        bans = [int(t) for t in rng.integers(0, V, int(rng.choice([0, 1, 3])))]
+        r = rng.random()
+        if r < 0.04:
+            bans = list(range(V))                                       # everything banned: invalid
+        elif r < 0.08:
+            bans = [t for t in range(V) if t % 7]                       # few tokens left
+        elif r < 0.11:
+            x[rows[i], int(rng.integers(0, V))] = float(rng.choice([np.nan, np.inf]))   # invalid
+        elif r < 0.13:
+            x[rows[i], int(rng.integers(0, V))] = -np.inf
+        batch.add(random_params(rng, V), bans, rng)
+    for _ in range(int(rng.integers(0, 2 * R))):
+        batch.probes.append((int(rng.integers(0, R)), int(rng.integers(-1, V + 1))))
+    return x, rows, batch
+
+
+def assert_same(ref, got):
+    assert np.array_equal(got.ok, ref.ok)
+    assert np.array_equal(got.tokens, ref.tokens), np.nonzero(got.tokens != ref.tokens)
+    np.testing.assert_allclose(got.probes, ref.probes, rtol=1e-5, atol=1e-7, equal_nan=True)
+    np.testing.assert_allclose(got.entropy, ref.entropy, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_device_sampler_equals_the_reference_on_random_mixed_batches():
+    rng = np.random.default_rng(0)
+    rows_seen = invalid = 0
+    for trial in range(150):
+        x, rows, batch = random_case(rng)
+        ref = sample(x[rows], batch)
+        got = CPU.sample(torch.from_numpy(x), rows, batch)
+        assert_same(ref, got)
+        rows_seen += len(batch)
+        invalid += int((~ref.ok).sum())
+    assert rows_seen > 2500 and invalid > 50
+
+
+def test_the_pass_takes_half_precision_logits_as_the_reference_takes_them():
+    rng = np.random.default_rng(1)
+    x, rows, batch = random_case(rng)
+    half = torch.from_numpy(x).to(torch.bfloat16)
+    assert_same(sample(half.float().numpy()[rows], batch), CPU.sample(half, rows, batch))
+
+
+def test_ties_at_the_candidate_edge_go_to_the_lower_id():
+    """All 1000 logits equal: top_k=2 keeps tokens 0 and 1 (the partition alone would keep an
+    arbitrary pair); top-p on a flat row keeps the lowest ids."""
+    x = np.zeros((1, 1000), np.float32)
+    for p, want in ((SP(temperature=1.0, top_k=2), {0, 1}), (SP(temperature=1.0, top_k=70), set(range(70))),
+                    (SP(temperature=1.0, top_p=0.003), {0, 1, 2})):
+        q = kept_probs(x, np.array([p.temperature]), np.array([p.top_k]), np.array([p.top_p]))[0]
+        assert set(np.nonzero(q)[0].tolist()) == want
+        batch = SamplingBatch()
+        g = make_generator(0)
+        for _ in range(200):
+            batch.add(p, (), g)
+        tokens = np.tile(x, (200, 1))
+        ref = sample(tokens, batch)
+        drawn = set(ref.tokens.tolist())
+        assert drawn <= want and len(drawn) >= min(len(want), 30)
+        assert_same(ref, CPU.sample(torch.from_numpy(tokens), np.arange(200), batch))
+
+
+def test_ranked_top_k_equals_the_reference_with_ties():
+    rng = np.random.default_rng(2)
+    for trial in range(40):
+        V = int(rng.choice([5, 64, 500]))
+        x = (rng.standard_normal((9, V)) * 2).astype(np.float32)
+        x[::3] = np.round(x[::3])
+        x[1] = 0.0
+        x[4, ::2] = -0.0
+        k = int(rng.choice([1, 3, 10, V, V + 3]))
+        want = ranked_top_k(x, k)
+        for row, ids in zip(x, want):   # the definition: by value, largest first, ties to the lower id
+            assert ids.tolist() == sorted(range(V), key=lambda t: (-float(row[t]), t))[:k]
+        assert np.array_equal(CPU.ranked_top_k(torch.from_numpy(x), k), want)
+
+
+# ---- Medusa verification on the device path ------------------------------------------------------
+
+def device_verify(ver, logits, root, draft, params, banned, generator):
+    batch = SamplingBatch()
+    rows = ver.add_tree(batch, root, draft, params, banned, generator)
+    return ver.accept(CPU.sample(torch.from_numpy(logits), np.arange(len(batch)), batch), rows)
+
+
+def kept_set(x_row, params):
+    q = kept_probs(x_row[None, :], np.array([params.temperature]), np.array([params.top_k]),
+                   np.array([params.top_p]))[0]
+    return set(np.nonzero(q > 0)[0].tolist())
+
+
+@pytest.mark.parametrize("tree_name", ["tiny_9", "mc_sim_7b_63"])
+def test_typical_acceptance_on_the_device_path_stays_in_top_k_top_p(tree_name):
+    """Every accepted draft token and every bonus token is in its parent's kept set, and the
+    device path accepts exactly what the host path accepts."""
+    tree = load_tree(tree_name)
+    ver = MedusaVerifier(tree, Acceptance("typical"))
+    rng = np.random.default_rng(3)
+    V, accepted = 50, 0
+    for trial in range(60):
+        params = SP(temperature=float(rng.choice([0.5, 1.0])), top_k=int(rng.choice([0, 2, 5])),
+                    top_p=float(rng.choice([0.4, 0.8, 1.0])), seed=trial)
+        logits = (rng.standard_normal((tree.size, V)) * 2).astype(np.float32)
+        hot = rng.integers(0, V, 3)                               # drafts from a few likely tokens
+        logits[:, hot] += 3.0
+        draft = [int(rng.choice(hot)) if rng.random() < 0.8 else int(rng.integers(0, V))
+                 for _ in range(tree.num_nodes)]
+        banned = lambda last: [7] if last % 2 else []             # noqa: E731
+        tokens, nodes = device_verify(ver, logits, 1, draft, params, banned, make_generator(trial))
+        want = ver.verify(logits, 1, draft, params, banned, make_generator(trial))
+        assert (tokens, nodes) == want
+        node_tokens = [1, *draft]
+        x = process(logits, SamplingBatch([1.0] * tree.size, [0] * tree.size, [1.0] * tree.size,
+                                          [0.0] * tree.size, [], [(i, 7) for i in range(tree.size)
+                                                                  if node_tokens[i] % 2]))
+        for tok, parent in zip(tokens, nodes):
+            assert tok in kept_set(x[parent], params)
+        accepted += len(nodes) - 1
+    assert accepted > 20, "the test should accept drafts"
+
+
+def test_greedy_tree_verification_on_the_device_path_by_hand():
+    tree = MedusaTree.from_choices([[0], [1], [0, 0], [1, 0]])
+    ver = MedusaVerifier(tree, Acceptance("greedy"))
+    logits = np.zeros((tree.size, 10), np.float32)
+    logits[0, 5] = 9
+    logits[2, 7] = 9
+    logits[4, 1] = 9
+    assert device_verify(ver, logits, 4, [6, 5, 8, 7], SP(), lambda last: [], None) == ([5, 7, 1], [0, 2, 4])
+    tokens, nodes = device_verify(ver, logits, 4, [6, 5, 8, 7], SP(), lambda last: [5] if last == 4 else [], None)
+    assert nodes == [0] and tokens[0] != 5
+
+
+# ---- the engine: device sampler vs the reference ---------------------------------------------------
+
+def with_reference_sampler(llm):
+    """The same engine, sampling with the numpy reference over host logits (Backend's default)."""
+    be = llm.engine.backend
+    be.sample = types.MethodType(Backend.sample, be)
+    be.medusa_topk = types.MethodType(Backend.medusa_topk, be)
+    return llm
+
+
+PROMPTS = ["the list of water and sleep", "one two three", "tree fork model data run build code test",
+           "first tip", "a plan for food and walk and read", "x y"]
+
+
+def mixed_requests(fork):
+    return [SamplingParams(max_tokens=24, logit_bias={fork: 4.0}),
+            SamplingParams(max_tokens=24, temperature=0.9, seed=1),
+            SamplingParams(max_tokens=24, temperature=1.3, top_k=5, seed=2, logit_bias={fork: 2.0}),
+            SamplingParams(max_tokens=24, temperature=0.7, top_p=0.8, seed=3),
+            SamplingParams(max_tokens=24, temperature=1.0, top_k=50, top_p=0.95, seed=4),
+            SamplingParams(max_tokens=24)]
+
+
+def test_engine_outputs_are_the_same_with_the_device_sampler_and_the_reference(tiny_gqa):
+    path, _, tok = tiny_gqa
+    fork = tok.convert_tokens_to_ids("[SplitMask]")
+    params = mixed_requests(fork)
+    device = LLM(str(path), dtype="float32", device="cpu", raw=True)
+    assert type(device.engine.backend).sample is not Backend.sample
+    ref = with_reference_sampler(LLM(str(path), dtype="float32", device="cpu", raw=True))
+    a, b = device.generate(PROMPTS, params), ref.generate(PROMPTS, params)
+    assert [o.branches for o in a] == [o.branches for o in b]
+    assert [o.text for o in a] == [o.text for o in b]
+    assert sum(o.stats["forks"] for o in a) >= 2
+    c = device.generate(PROMPTS, params)                          # seeded: the same again
+    assert [o.branches for o in c] == [o.branches for o in a]
+    # a bad row fails its own request on the device path too
+    poisoned = SamplingParams(max_tokens=8, temperature=0.8, seed=3)
+    object.__setattr__(poisoned, "logit_bias", ((5, math.nan),))
+    outs = device.generate(PROMPTS[:2] + ["x"], params[:2] + [poisoned])
+    assert [o.branches for o in outs[:2]] == [o.branches for o in a[:2]]
+    assert outs[2].finish_reason.value == "error" and "not finite" in outs[2].error
