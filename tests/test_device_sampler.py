@@ -46,6 +46,15 @@ def test_device_sampler_equals_the_reference_on_random_mixed_batches():
     assert rows_seen > 2500 and invalid > 50
 
 
+def test_all_greedy_batches_without_probes_give_the_reference_tokens():
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        x, rows, batch = random_case(rng)
+        batch.temperature = [0.0] * len(batch)
+        batch.probes = []
+        assert_same(sample(x[rows], batch), CPU.sample(torch.from_numpy(x), rows, batch))
+
+
 def test_the_pass_takes_half_precision_logits_as_the_reference_takes_them():
     rng = np.random.default_rng(1)
     x, rows, batch = random_case(rng)

@@ -91,14 +91,17 @@ class DeviceSampler:
         if R == 0:
             return Sampled(np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, np.float32),
                            np.zeros(0))
+        if not P and not any(batch.temperature):                      # all greedy: the short path
+            d = self._stage.upload({"rows": np.asarray(rows, np.int64), **_edits(batch, V)})
+            x = _processed(logits, d)
+            ok = torch.isfinite(x.amax(dim=1))
+            tokens = torch.where(ok, x.argmax(dim=1), -1)
+            out = self._stage.download([tokens, ok])
+            return Sampled(out[:R].astype(np.int64), out[R:] != 0, np.zeros(0, np.float32), np.full(R, np.nan))
         plan = _Plan(batch, V)
         d = self._stage.upload(plan.parts(np.asarray(rows, np.int64)))
         dev = self.device
-        x = logits.index_select(0, d["rows"].long()).float()          # a copy: bias and bans go in place
-        if d["bias_row"].numel():
-            x.index_put_((d["bias_row"].long(), d["bias_tok"].long()), d["bias_val"].float(), accumulate=True)
-        if d["ban_row"].numel():
-            x.index_put_((d["ban_row"].long(), d["ban_tok"].long()), x.new_full((), NEG_INF))
+        x = _processed(logits, d)
         mx = x.amax(dim=1)
         ok = torch.isfinite(mx)
         tokens = torch.full((R,), -1, dtype=torch.int64, device=dev)
@@ -253,14 +256,9 @@ class _Plan:
 
     def parts(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         b, V = self.batch, self.V
-        bias = np.asarray(b.bias, np.float64).reshape(-1, 3)
-        bias = bias[(bias[:, 1] >= 0) & (bias[:, 1] < V)]
-        bans = np.asarray(b.bans, np.int64).reshape(-1, 2)
-        bans = bans[(bans[:, 1] >= 0) & (bans[:, 1] < V)]
         p = {"rows": rows, "temperature": np.asarray(b.temperature, np.float64), "top_k": self.k,
-             "top_p": self.top_p, "uniform": np.asarray(b.uniform, np.float64),
-             "bias_row": bias[:, 0], "bias_tok": bias[:, 1], "bias_val": bias[:, 2].astype(np.float32),
-             "ban_row": bans[:, 0], "ban_tok": bans[:, 1], "whole": self.whole}
+             "top_p": self.top_p, "uniform": np.asarray(b.uniform, np.float64), **_edits(b, V),
+             "whole": self.whole}
         for name, g in self.groups.items():
             key = name[0]
             j, local, tok, erows = self.probe_of[name]
@@ -268,6 +266,26 @@ class _Plan:
             p[f"{key}_probe"], p[f"{key}_probe_row"], p[f"{key}_probe_tok"] = j, local, np.clip(tok, -1, V)
             p[f"{key}_ent"] = erows
         return p
+
+
+def _edits(b: SamplingBatch, V: int) -> dict[str, np.ndarray]:
+    """Step 1's bias and bans as flat arrays (entries naming a token outside [0, V) dropped)."""
+    bias = np.asarray(b.bias, np.float64).reshape(-1, 3)
+    bias = bias[(bias[:, 1] >= 0) & (bias[:, 1] < V)]
+    bans = np.asarray(b.bans, np.int64).reshape(-1, 2)
+    bans = bans[(bans[:, 1] >= 0) & (bans[:, 1] < V)]
+    return {"bias_row": bias[:, 0], "bias_tok": bias[:, 1], "bias_val": bias[:, 2].astype(np.float32),
+            "ban_row": bans[:, 0], "ban_tok": bans[:, 1]}
+
+
+def _processed(logits: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Step 1: the batch's rows of logits as float32 (a copy), bias added, bans at -inf."""
+    x = logits.index_select(0, d["rows"].long()).float()
+    if d["bias_row"].numel():
+        x.index_put_((d["bias_row"].long(), d["bias_tok"].long()), d["bias_val"].float(), accumulate=True)
+    if d["ban_row"].numel():
+        x.index_put_((d["ban_row"].long(), d["ban_tok"].long()), x.new_full((), NEG_INF))
+    return x
 
 
 def _unpack(out: np.ndarray, R: int, P: int):
