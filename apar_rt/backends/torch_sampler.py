@@ -10,7 +10,8 @@ the last bit could only move a draw that lands within rounding of a cumulative-m
 Rows are grouped on the host by their parameters alone (greedy / unfiltered / top-k-top-p), so
 a pass reads nothing back from the device until its one result copy. Top-k/top-p rows rank a
 candidate set first (`CANDIDATES`, or k); a row whose kept set may reach past its candidates,
-or whose candidate edge splits a tie, is ranked whole in a second pass (a second small copy).
+or whose candidate edge splits a tie, goes again among `WIDER` times as many, then ranked whole
+(each a further small copy; rare with peaked distributions, common with flat ones).
 On CUDA the inputs go up in one copy from pinned memory and the results come back in one.
 """
 
@@ -22,6 +23,7 @@ import torch
 from apar_rt.sampler import CANDIDATES, Sampled, SamplingBatch
 
 NEG_INF = float("-inf")
+WIDER = 16        # a row whose kept set reaches past its candidates is tried again among this many times more
 
 
 class _Staging:
@@ -144,7 +146,7 @@ class DeviceSampler:
         out = self._stage.download([tokens, ok, redo, probes, ent])
         res = _unpack(out, R, P)
         if res[2].any():                                              # the rare second pass
-            self._redo(res, zf, kk, top_p, u, batch, plan, d)
+            self._redo(res, zf, kk, top_p, u, batch, plan)
         tokens, okh, _, probes_h, ent_h = res
         probes_h[~okh[plan.probe_rows]] = np.nan
         ent_h[~okh] = np.nan
@@ -159,43 +161,47 @@ class DeviceSampler:
             el = d[f"{key}_ent"].long()
             ent.index_copy_(0, gi.index_select(0, el), _entropy(q.index_select(0, el)))
 
-    def _redo(self, res, zf, kk, top_p, u, batch, plan: _Plan, d) -> None:
-        """Rank whole the filtered rows flagged in the first pass; update `res` in place."""
+    def _redo(self, res, zf, kk, top_p, u, batch, plan: _Plan) -> None:
+        """The filtered rows flagged in the first pass, among WIDER times as many candidates, then
+        the whole row ranked; updates `res` in place."""
         tokens, ok, redo, probes, ent = res
         fr = plan.groups["filtered"]
         local = np.nonzero(redo[fr] & ok[fr])[0]
-        if not local.size:
-            return
-        rows = fr[local]
+        V = zf.shape[1]
         dev = self.device
-        li = torch.as_tensor(local, device=dev)
-        z = zf.index_select(0, li)
-        zs, ids = torch.sort(z, dim=1, descending=True, stable=True)
-        gi = torch.as_tensor(rows, device=dev)
-        keep, q, _ = _kept(zs, ids, kk.index_select(0, gi), top_p.index_select(0, gi), None, z.shape[1])
-        tok, good = _draw(*_id_order(ids, keep, q), u.index_select(0, gi))
-        where = np.full(len(batch), -1, np.int64)
-        where[rows] = np.arange(rows.size)
-        pj = np.nonzero(where[plan.probe_rows] >= 0)[0]
-        prow = where[plan.probe_rows[pj]]
-        pt = plan.probe_toks[pj]
-        erows = np.nonzero(plan.probed[rows])[0]
-        parts = [tok, good]
-        if pj.size:
-            parts.append(_probe_values(ids, q, torch.as_tensor(prow, device=dev),
-                                       torch.as_tensor(pt, device=dev).clamp(min=-1)))
-        if erows.size:
-            parts.append(_entropy(q.index_select(0, torch.as_tensor(erows, device=dev))))
-        out = self._stage.download(parts)
-        n = rows.size
-        tokens[rows] = out[:n].astype(np.int64)
-        ok[rows] = out[n:2 * n] != 0
-        off = 2 * n
-        if pj.size:
-            probes[pj] = out[off:off + pj.size]
-            off += pj.size
-        if erows.size:
-            ent[rows[erows]] = out[off:off + erows.size]
+        for W in sorted({min(V, WIDER * plan.M), V}):
+            if not local.size:
+                return
+            rows = fr[local]
+            z = zf.index_select(0, torch.as_tensor(local, device=dev))
+            gi = torch.as_tensor(rows, device=dev)
+            whole = np.nonzero(np.where(plan.k[rows] > 0, plan.k[rows], V) > W)[0]
+            ids, q, again = _filtered(z, kk.index_select(0, gi), top_p.index_select(0, gi), W,
+                                      torch.as_tensor(whole, device=dev) if whole.size else None)
+            tok, good = _draw(ids, q, u.index_select(0, gi))
+            where = np.full(len(batch), -1, np.int64)
+            where[rows] = np.arange(rows.size)
+            pj = np.nonzero(where[plan.probe_rows] >= 0)[0]
+            erows = np.nonzero(plan.probed[rows])[0]
+            parts = [tok, good, again]
+            if pj.size:
+                parts.append(_probe_values(ids, q, torch.as_tensor(where[plan.probe_rows[pj]], device=dev),
+                                           torch.as_tensor(plan.probe_toks[pj], device=dev)))
+            if erows.size:
+                parts.append(_entropy(q.index_select(0, torch.as_tensor(erows, device=dev))))
+            out = self._stage.download(parts)
+            n = rows.size
+            done = out[2 * n:3 * n] == 0
+            tokens[rows[done]] = out[:n][done].astype(np.int64)
+            ok[rows[done]] = out[n:2 * n][done] != 0
+            off = 3 * n
+            if pj.size:
+                fin = done[where[plan.probe_rows[pj]]]
+                probes[pj[fin]] = out[off:off + pj.size][fin]
+                off += pj.size
+            if erows.size:
+                ent[rows[erows[done[erows]]]] = out[off:off + erows.size][done[erows]]
+            local = local[~done]
 
     # ---- Medusa drafting ---------------------------------------------------------------------
 
