@@ -57,7 +57,7 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tiny_gqa):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     from apar_rt.backends import BackendUnavailable
-    from apar_rt.backends.torch_backend import resolve_device
+    from apar_rt.backends.device import resolve_device
 
     with pytest.raises(BackendUnavailable, match=r"--device cuda: no CUDA GPU is visible.*use --device cpu"):
         resolve_device("cuda")

@@ -7,7 +7,7 @@ import torch
 from apar_rt.backends.base import BackendUnavailable
 
 
-def resolve_device(device: str | None, *, backend: str = "torch", cuda_only: bool = False,
+def resolve_device(device: str | None, *, runner: str = "the torch backend", cuda_only: bool = False,
                    cuda=torch.cuda) -> torch.device:
     """`cpu`, `cuda` or `cuda:N` as a torch.device; a CUDA device always has an index ("cuda" is the
     current device: torch.cuda.set_device refuses a device without one).
@@ -15,7 +15,7 @@ def resolve_device(device: str | None, *, backend: str = "torch", cuda_only: boo
     Args:
         device: the value given; None, "" or "auto" mean cuda when a GPU is visible (always cuda
             when `cuda_only`), else cpu.
-        backend: named in errors.
+        runner: what runs there, named in errors ("the tensorrt backend", "training").
         cuda_only: the backend runs only on CUDA (cpu is an error).
         cuda: what answers is_available / device_count / current_device (torch.cuda; tests pass
             a stand-in machine).
@@ -33,7 +33,7 @@ def resolve_device(device: str | None, *, backend: str = "torch", cuda_only: boo
     if dev.type == "cpu" and not cuda_only:
         return dev
     if dev.type != "cuda":
-        raise ValueError(f"the {backend} backend runs on {allowed}, not {device!r}")
+        raise ValueError(f"{runner} runs on {allowed}, not {device!r}")
     if not cuda.is_available():
         built = torch.version.cuda or "none (a CPU-only build)"
         hint = "" if cuda_only else "; use --device cpu"

@@ -73,7 +73,7 @@ class TensorRTBackend(Backend):
                                   f"(TensorRT plans are tied to the library version)")
         if not torch.cuda.is_available():
             raise BackendUnavailable("the tensorrt backend needs an NVIDIA GPU and a CUDA build of torch")
-        self.device = resolve_device(device, backend=self.name, cuda_only=True)
+        self.device = resolve_device(device, runner=f"the {self.name} backend", cuda_only=True)
         props = torch.cuda.get_device_properties(self.device)
         try:
             library.check_device(rec, f"{props.major}.{props.minor}", props.name)

@@ -643,7 +643,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         device = torch.device("cpu")
     else:
-        from apar_rt.backends.torch_backend import resolve_device
+        from apar_rt.backends.device import resolve_device
 
         device = resolve_device(args.device)
         if device.type != "cuda":
