@@ -82,7 +82,7 @@ class SamplingBatch:
         self.bans.extend(bans)
         return r
 
-    def extend(self, other: "SamplingBatch") -> int:
+    def extend(self, other: SamplingBatch) -> int:
         """Append `other`'s rows (and probes), renumbered; returns the index of its first row."""
         r = len(self)
         self.temperature += other.temperature
@@ -94,7 +94,7 @@ class SamplingBatch:
         self.probes += [(i + r, t) for i, t in other.probes]
         return r
 
-    def select(self, rows: Sequence[int]) -> tuple["SamplingBatch", list[int]]:
+    def select(self, rows: Sequence[int]) -> tuple[SamplingBatch, list[int]]:
         """Rows `rows` alone, renumbered 0.., with their probes; and the indices those probes
         had in this batch."""
         new = {r: i for i, r in enumerate(rows)}

@@ -126,7 +126,8 @@ def test_typical_acceptance_on_the_device_path_stays_in_top_k_top_p(tree_name):
         logits[:, hot] += 3.0
         draft = [int(rng.choice(hot)) if rng.random() < 0.8 else int(rng.integers(0, V))
                  for _ in range(tree.num_nodes)]
-        banned = lambda last: [7] if last % 2 else []             # noqa: E731
+        def banned(last):
+            return [7] if last % 2 else []
         tokens, nodes = device_verify(ver, logits, 1, draft, params, banned, make_generator(trial))
         want = ver.verify(logits, 1, draft, params, banned, make_generator(trial))
         assert (tokens, nodes) == want

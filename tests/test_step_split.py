@@ -92,7 +92,7 @@ def test_backend_device_always_has_an_index():
         return SimpleNamespace(is_available=lambda: count > 0, device_count=lambda: count,
                                current_device=lambda: current)
 
-    trt = dict(runner="the tensorrt backend", cuda_only=True)
+    trt = {"runner": "the tensorrt backend", "cuda_only": True}
     assert resolve_device("cuda:1", cuda=machine(2, 0), **trt) == torch.device("cuda", 1)
     assert resolve_device("cuda", cuda=machine(4, 3), **trt) == torch.device("cuda", 3)
     assert resolve_device(None, cuda=machine(4, 2), **trt) == torch.device("cuda", 2)

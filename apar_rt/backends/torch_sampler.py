@@ -349,7 +349,7 @@ def _kept(zr, ranked, kk, top_p, whole, V):
     """Step 3 on ranked values zr [R, M] (largest first): (keep [R, M], kept probabilities [R, M]
     float32 renormalised, full [R]: every candidate kept). `whole`: (local rows, their whole-row
     mass) for rows whose top-k reaches past the candidates."""
-    R, M = zr.shape
+    M = zr.shape[1]
     pc = zr.double().exp()
     kk = torch.where(kk > 0, kk, V)
     in_k = torch.arange(M, device=zr.device)[None, :] < kk[:, None]
