@@ -55,6 +55,28 @@ def test_all_greedy_batches_without_probes_give_the_reference_tokens():
         assert_same(sample(x[rows], batch), CPU.sample(torch.from_numpy(x), rows, batch))
 
 
+def test_selected_and_extended_batches_sample_as_their_rows_in_the_whole():
+    """Rows depend only on their own logits, parameters and uniform: a selection of a batch (the
+    engine's request-by-request retry) and a concatenation (trees added to a step) sample the
+    same tokens and probes as those rows did in the whole batch."""
+    rng = np.random.default_rng(6)
+    for trial in range(30):
+        x, rows, batch = random_case(rng, R=int(rng.integers(2, 30)))
+        whole = sample(x[rows], batch)
+        pick = sorted(rng.choice(len(batch), size=int(rng.integers(1, len(batch))), replace=False).tolist())
+        sub, probe_idx = batch.select(pick)
+        part = CPU.sample(torch.from_numpy(x), rows[pick], sub)
+        assert np.array_equal(part.tokens, whole.tokens[pick]) and np.array_equal(part.ok, whole.ok[pick])
+        np.testing.assert_allclose(part.probes, whole.probes[probe_idx], rtol=1e-5, atol=1e-7, equal_nan=True)
+        rest = [i for i in range(len(batch)) if i not in pick]
+        if not rest:
+            continue
+        joined, _ = batch.select(rest)
+        first = joined.extend(sub)
+        both = sample(x[np.concatenate([rows[rest], rows[pick]])], joined)
+        assert first == len(rest) and np.array_equal(both.tokens, np.concatenate([whole.tokens[rest], part.tokens]))
+
+
 def test_the_pass_takes_half_precision_logits_as_the_reference_takes_them():
     rng = np.random.default_rng(1)
     x, rows, batch = random_case(rng)
@@ -195,3 +217,33 @@ def test_engine_outputs_are_the_same_with_the_device_sampler_and_the_reference(t
     outs = device.generate(PROMPTS[:2] + ["x"], params[:2] + [poisoned])
     assert [o.branches for o in outs[:2]] == [o.branches for o in a[:2]]
     assert outs[2].finish_reason.value == "error" and "not finite" in outs[2].error
+
+
+def test_a_pass_that_raises_is_retried_request_by_request_and_fails_only_its_request(tiny_gqa):
+    """A backend whose batched pass raises on one request's rows (a bias value stands in for a
+    device fault): the engine samples request by request, that request fails with an internal
+    error, and the others finish exactly as in a clean run."""
+    from apar_rt.backends.torch_backend import TorchBackend
+    from apar_rt.config import EngineConfig, ModelConfig
+    from apar_rt.engine import Engine
+    from apar_rt.model.tokenizer import load_tokenizer
+
+    class Faulty(TorchBackend):
+        def sample(self, rows, batch):
+            if any(v == 77.0 for _, _, v in batch.bias):
+                raise RuntimeError("device fault")
+            return super().sample(rows, batch)
+
+    path, _, tok = tiny_gqa
+    params = mixed_requests(tok.convert_tokens_to_ids("[SplitMask]"))
+    clean = LLM(str(path), dtype="float32", device="cpu", raw=True).generate(PROMPTS, params)
+    llm = LLM.__new__(LLM)
+    llm.raw = True
+    llm.engine = Engine(Faulty(str(path), dtype="float32", device="cpu"), load_tokenizer(path),
+                        ModelConfig.from_dir(path), EngineConfig())
+    bad = SamplingParams(max_tokens=24, temperature=0.5, seed=9, logit_bias={5: 77.0})
+    outs = llm.generate(PROMPTS[:3] + ["x"] + PROMPTS[3:], params[:3] + [bad] + params[3:])
+    good = outs[:3] + outs[4:]
+    assert [o.branches for o in good] == [o.branches for o in clean]
+    assert outs[3].finish_reason.value == "error" and "internal error while sampling" in outs[3].error
+    assert llm.engine.scheduler.pool.num_used == 0

@@ -37,7 +37,7 @@ class StepBuffers:
         self.dev = torch.empty(0, dtype=torch.int32, device=device)
         self.host_mask = torch.empty(0, dtype=torch.bool)
         self.dev_mask = torch.empty(0, dtype=torch.bool, device=device)
-        self.copied = _CopyFence(device)
+        self.copied = CopyFence(device)
 
     def _fit(self, n_int: int, n_mask: int) -> None:
         if n_int > self.host.numel():
@@ -71,7 +71,7 @@ class StepBuffers:
         return out
 
 
-class _CopyFence:
+class CopyFence:
     """An event after the last copies from a pinned staging buffer (nothing on the CPU)."""
 
     def __init__(self, device: torch.device) -> None:
@@ -112,7 +112,7 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, tuple]] = {}
         self.pool = None
         self.host = torch.empty(0, dtype=torch.int32)
-        self.copied = _CopyFence(device)
+        self.copied = CopyFence(device)
 
     def bucket(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)

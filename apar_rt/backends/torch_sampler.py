@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from apar_rt.backends.cuda_step import CopyFence
 from apar_rt.sampler import CANDIDATES, Sampled, SamplingBatch
 
 NEG_INF = float("-inf")
@@ -27,14 +28,16 @@ WIDER = 16        # a row whose kept set reaches past its candidates is tried ag
 
 
 class _Staging:
-    """One pinned host buffer per direction (plain memory on the CPU). Each pass ends by waiting
-    for its result copy, so a buffer is never rewritten while a copy still reads it."""
+    """One pinned host buffer per direction (plain memory on the CPU). The upload buffer is
+    rewritten only after its last copy completed (an event; normally long done, since each pass
+    ends by waiting for its result copy)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self.up = torch.empty(0, dtype=torch.float64)
         self.down = torch.empty(0, dtype=torch.float64)
+        self.copied = CopyFence(device)
 
     def _host(self, attr: str, n: int) -> torch.Tensor:
         buf = getattr(self, attr)
@@ -51,6 +54,7 @@ class _Staging:
             flat = torch.from_numpy(np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in parts.values()])
                                     if parts else np.zeros(0))
         else:
+            self.copied.wait()
             host = self._host("up", n)
             h, off = host.numpy(), 0
             for a in parts.values():
@@ -58,6 +62,7 @@ class _Staging:
                 off += a.size
             flat = torch.empty(n, dtype=torch.float64, device=self.device)
             flat.copy_(host, non_blocking=True)
+            self.copied.record()
         out, off = {}, 0
         for name, a in parts.items():
             out[name] = flat[off:off + a.size]
