@@ -10,8 +10,10 @@ the last bit could only move a draw that lands within rounding of a cumulative-m
 Rows are grouped on the host by their parameters alone (greedy / unfiltered / top-k-top-p), so
 a pass reads nothing back from the device until its one result copy. Top-k/top-p rows rank a
 candidate set first (`CANDIDATES`, or k); a row whose kept set may reach past its candidates,
-or whose candidate edge splits a tie, goes again among `WIDER` times as many, then ranked whole
-(each a further small copy; rare with peaked distributions, common with flat ones).
+or whose candidate edge splits a tie, goes again among as many candidates as a histogram of its
+probability mass says its nucleus needs, then ranked whole if still needed (each a further small
+copy; rare with peaked distributions, common with flat ones). The histogram only sizes the
+candidate set: which tokens are kept is decided, exactly, as in the first pass.
 On CUDA the inputs go up in one copy from pinned memory and the results come back in one.
 """
 
@@ -24,7 +26,7 @@ from apar_rt.backends.cuda_step import CopyFence
 from apar_rt.sampler import CANDIDATES, Sampled, SamplingBatch
 
 NEG_INF = float("-inf")
-WIDER = 16        # a row whose kept set reaches past its candidates is tried again among this many times more
+SEARCH_BINS = 256   # value bins of the mass histogram that sizes the second pass
 
 
 class _Staging:
@@ -167,14 +169,19 @@ class DeviceSampler:
             ent.index_copy_(0, gi.index_select(0, el), _entropy(q.index_select(0, el)))
 
     def _redo(self, res, zf, kk, top_p, u, batch, plan: _Plan) -> None:
-        """The filtered rows flagged in the first pass, among WIDER times as many candidates, then
-        the whole row ranked; updates `res` in place."""
+        """The filtered rows flagged in the first pass, among as many candidates as their nuclei
+        need (`_nucleus_width`), then (if still not enough, or a tie splits) the whole row ranked;
+        updates `res` in place."""
         tokens, ok, redo, probes, ent = res
         fr = plan.groups["filtered"]
         local = np.nonzero(redo[fr] & ok[fr])[0]
         V = zf.shape[1]
         dev = self.device
-        for W in sorted({min(V, WIDER * plan.M), V}):
+        if not local.size:
+            return
+        z = zf.index_select(0, torch.as_tensor(local, device=dev))
+        wide = max(2 * plan.M, _nucleus_width(z, top_p.index_select(0, torch.as_tensor(fr[local], device=dev))))
+        for W in sorted({min(V, wide), V}):
             if not local.size:
                 return
             rows = fr[local]
@@ -316,6 +323,24 @@ def _scaled(x: torch.Tensor, mx: torch.Tensor, t: torch.Tensor, hot: bool) -> to
     if hot:
         z = z.masked_fill(torch.isnan(z), NEG_INF)
     return torch.where(z == 0, 0.0, z)
+
+
+def _nucleus_width(z: torch.Tensor, top_p: torch.Tensor) -> int:
+    """A candidate count that holds every row's top-p nucleus over its whole mass (z: scaled
+    logits, max 0), plus one so that a kept set that fits leaves a candidate out: a histogram of
+    each row's probability mass over SEARCH_BINS value bins, summed from the top until top_p of
+    the mass. Approximate by a bin at most; the caller's exact check catches a short count."""
+    R, V = z.shape
+    e = z.exp()
+    lo = z.masked_fill(torch.isinf(z), 0.0).amin(dim=1, keepdim=True)
+    span = (-lo).clamp(min=float(np.finfo(np.float32).tiny))
+    b = ((z - lo) / span * (SEARCH_BINS - 1)).nan_to_num_(0.0).clamp_(0, SEARCH_BINS - 1).long()  # -inf: bin 0
+    mass = torch.zeros(R, SEARCH_BINS, dtype=torch.float64, device=z.device).scatter_add_(1, b, e.double())
+    count = torch.zeros(R, SEARCH_BINS, dtype=torch.int64, device=z.device).scatter_add_(
+        1, b, torch.ones_like(b))
+    cum_mass, cum_count = mass.flip(1).cumsum(dim=1), count.flip(1).cumsum(dim=1)
+    first = (cum_mass < top_p[:, None] * cum_mass[:, -1:]).sum(dim=1).clamp(max=SEARCH_BINS - 1)
+    return int(cum_count.gather(1, first[:, None]).max()) + 1
 
 
 def _split_ties(x: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
