@@ -169,21 +169,50 @@ def kept_probs(x: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p:
     ids, probs, redo = _kept_candidates(z[rows], k[rows], top_p[rows])
     sub = np.zeros((rows.size, V), np.float32)
     np.put_along_axis(sub, ids, probs.astype(np.float32), axis=1)
-    for i in np.nonzero(redo)[0]:
+    again = np.nonzero(redo)[0]
+    if again.size:                      # among as many candidates as the nuclei need, then whole
+        r = rows[again]
+        width = max(2 * ids.shape[1], nucleus_width(z[r], top_p[r]))
+        if width < V:
+            ids2, probs2, redo2 = _kept_candidates(z[r], k[r], top_p[r], width)
+            sub[again] = 0.0
+            part = sub[again]
+            np.put_along_axis(part, ids2, probs2.astype(np.float32), axis=1)
+            sub[again] = part
+            again = again[redo2]
+    for i in again:
         sub[i] = _kept_row(z[rows[i]], int(k[rows[i]]), float(top_p[rows[i]]))
     out[rows] = sub
     return out
 
 
-def _kept_candidates(z: np.ndarray, k: np.ndarray, top_p: np.ndarray):
-    """Top-k then top-p among each row's best M = max(CANDIDATES, k) tokens.
+def nucleus_width(z: np.ndarray, top_p: np.ndarray, bins: int = 256) -> int:
+    """A candidate count that holds every row's top-p nucleus over its whole mass (z: scaled
+    logits, max 0), plus one: a histogram of each row's probability mass over `bins` value bins,
+    summed from the top until top_p of the mass. Approximate by a bin at most: it only sizes a
+    candidate set, whose exact check (`_kept_candidates`' redo) catches a short count."""
+    R, V = z.shape
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lo = np.where(np.isinf(z), 0.0, z).min(axis=1, keepdims=True).astype(np.float32)
+        span = np.maximum(-lo, np.float32(np.finfo(np.float32).tiny))
+        b = np.nan_to_num((z - lo) / span * np.float32(bins - 1))
+    b = np.clip(b, 0, bins - 1).astype(np.int64) + (np.arange(R) * bins)[:, None]     # -inf: bin 0
+    mass = np.bincount(b.ravel(), np.exp(z.astype(np.float64)).ravel(), R * bins).reshape(R, bins)
+    count = np.bincount(b.ravel(), None, R * bins).reshape(R, bins)
+    cum_mass, cum_count = np.cumsum(mass[:, ::-1], axis=1), np.cumsum(count[:, ::-1], axis=1)
+    first = np.minimum((cum_mass < top_p[:, None] * cum_mass[:, -1:]).sum(axis=1), bins - 1)
+    return int(cum_count[np.arange(R), first].max()) + 1
+
+
+def _kept_candidates(z: np.ndarray, k: np.ndarray, top_p: np.ndarray, M: int | None = None):
+    """Top-k then top-p among each row's best M (default max(CANDIDATES, k)) tokens.
 
     Returns (ids [R, M], probs [R, M] renormalised, 0 where dropped, redo [R]): redo marks rows
     whose kept set may reach past the candidates, or whose M-th best value ties with a token the
     partition left out (which one is in is then arbitrary; ties must go to the lower id); they
     are ranked whole by `_kept_row`."""
     R, V = z.shape
-    M = int(min(V, max(CANDIDATES, int(k.max()))))
+    M = int(min(V, M if M is not None else max(CANDIDATES, int(k.max()))))
     cand = np.argpartition(z, V - M, axis=1)[:, V - M:] if M < V else np.tile(np.arange(V), (R, 1))
     cand.sort(axis=1)                                   # id order, so a stable sort breaks ties by id
     zc = np.take_along_axis(z, cand, axis=1)

@@ -144,3 +144,19 @@ def test_typical_acceptance_never_accepts_outside_top_k_top_p(restrict):
         tight = SamplingParams(temperature=1.0, seed=seed, **restrict)
         tokens, nodes = ver.verify(logits, 5, [11], tight, lambda t: [], make_generator(seed))
         assert nodes == [0] and tokens == [10]   # rejected; the bonus comes from the kept set {10}
+
+
+def test_nuclei_past_the_candidates_match_the_plain_reference():
+    """Flat rows whose top-p nucleus holds hundreds of tokens (the second, histogram-sized pass,
+    and the whole-row path when that is not enough or a tie splits its edge)."""
+    rng = np.random.default_rng(4)
+    V = 3000
+    for trial in range(12):
+        p = SamplingParams(temperature=1.0, top_k=int(rng.choice([0, 0, 2000])),
+                           top_p=float(rng.choice([0.3, 0.7, 0.95])))
+        x = (rng.standard_normal(V) * float(rng.choice([0.3, 1.0]))).astype(np.float32)
+        if trial % 4 == 0:
+            x = np.round(x * 4) / 4                        # ties everywhere, also at the edges
+        q = kept_probs(x[None, :], np.array([p.temperature]), np.array([p.top_k]), np.array([p.top_p]))[0]
+        want = reference_kept(x.astype(np.float64), p)
+        assert len(want) > 64 and set(np.nonzero(q > 0)[0].tolist()) == want, trial
