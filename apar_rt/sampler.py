@@ -34,6 +34,7 @@ import numpy as np
 from apar_rt.core import SamplingParams
 
 CANDIDATES = 64    # top-p looks for its nucleus among this many best tokens first (exact fallback)
+NUCLEUS_BINS = 256  # value bins of the mass histogram that sizes the candidates of a larger nucleus
 
 
 class SamplingError(ValueError):
@@ -186,7 +187,7 @@ def kept_probs(x: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p:
     return out
 
 
-def nucleus_width(z: np.ndarray, top_p: np.ndarray, bins: int = 256) -> int:
+def nucleus_width(z: np.ndarray, top_p: np.ndarray, bins: int = NUCLEUS_BINS) -> int:
     """A candidate count that holds every row's top-p nucleus over its whole mass (z: scaled
     logits, max 0), plus one: a histogram of each row's probability mass over `bins` value bins,
     summed from the top until top_p of the mass. Approximate by a bin at most: it only sizes a

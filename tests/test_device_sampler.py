@@ -74,7 +74,8 @@ def test_selected_and_extended_batches_sample_as_their_rows_in_the_whole():
         joined, _ = batch.select(rest)
         first = joined.extend(sub)
         both = sample(x[np.concatenate([rows[rest], rows[pick]])], joined)
-        assert first == len(rest) and np.array_equal(both.tokens, np.concatenate([whole.tokens[rest], part.tokens]))
+        assert first == len(rest)
+        assert np.array_equal(both.tokens, np.concatenate([whole.tokens[rest], part.tokens]))
 
 
 def test_the_pass_takes_half_precision_logits_as_the_reference_takes_them():
@@ -171,7 +172,8 @@ def test_greedy_tree_verification_on_the_device_path_by_hand():
     logits[2, 7] = 9
     logits[4, 1] = 9
     assert device_verify(ver, logits, 4, [6, 5, 8, 7], SP(), lambda last: [], None) == ([5, 7, 1], [0, 2, 4])
-    tokens, nodes = device_verify(ver, logits, 4, [6, 5, 8, 7], SP(), lambda last: [5] if last == 4 else [], None)
+    tokens, nodes = device_verify(ver, logits, 4, [6, 5, 8, 7], SP(), lambda last: [5] if last == 4 else [],
+                                  None)
     assert nodes == [0] and tokens[0] != 5
 
 

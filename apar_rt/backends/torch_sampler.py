@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from apar_rt.backends.cuda_step import CopyFence
-from apar_rt.sampler import CANDIDATES, Sampled, SamplingBatch
+from apar_rt.sampler import CANDIDATES, NUCLEUS_BINS, Sampled, SamplingBatch
 
 NEG_INF = float("-inf")
-SEARCH_BINS = 256   # value bins of the mass histogram that sizes the second pass
 
 
 class _Staging:
@@ -53,8 +52,8 @@ class _Staging:
         """Device float64 views of named host arrays, sent in one copy."""
         n = sum(a.size for a in parts.values())
         if not self.cuda:
-            flat = torch.from_numpy(np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in parts.values()])
-                                    if parts else np.zeros(0))
+            flat = torch.from_numpy(np.concatenate([np.asarray(a, np.float64).reshape(-1)
+                                                    for a in parts.values()]))
         else:
             self.copied.wait()
             host = self._host("up", n)
@@ -106,7 +105,8 @@ class DeviceSampler:
             ok = torch.isfinite(x.amax(dim=1))
             tokens = torch.where(ok, x.argmax(dim=1), -1)
             out = self._stage.download([tokens, ok])
-            return Sampled(out[:R].astype(np.int64), out[R:] != 0, np.zeros(0, np.float32), np.full(R, np.nan))
+            return Sampled(out[:R].astype(np.int64), out[R:] != 0, np.zeros(0, np.float32),
+                           np.full(R, np.nan))
         plan = _Plan(batch, V)
         d = self._stage.upload(plan.parts(np.asarray(rows, np.int64)))
         dev = self.device
@@ -163,7 +163,8 @@ class DeviceSampler:
         """Fill the probes and entropies of one group's rows (q: kept probabilities, ids: their
         token ids or None for the whole vocabulary in order)."""
         if probe_of[0].size:
-            pj, pl, pt = (d[f"{key}_probe"].long(), d[f"{key}_probe_row"].long(), d[f"{key}_probe_tok"].long())
+            pj, pl = d[f"{key}_probe"].long(), d[f"{key}_probe_row"].long()
+            pt = d[f"{key}_probe_tok"].long()
             probes.index_copy_(0, pj, _probe_values(ids, q, pl, pt))
             el = d[f"{key}_ent"].long()
             ent.index_copy_(0, gi.index_select(0, el), _entropy(q.index_select(0, el)))
@@ -180,7 +181,8 @@ class DeviceSampler:
         if not local.size:
             return
         z = zf.index_select(0, torch.as_tensor(local, device=dev))
-        wide = max(2 * plan.M, _nucleus_width(z, top_p.index_select(0, torch.as_tensor(fr[local], device=dev))))
+        tp = top_p.index_select(0, torch.as_tensor(fr[local], device=dev))
+        wide = max(2 * plan.M, _nucleus_width(z, tp))
         for W in sorted({min(V, wide), V}):
             if not local.size:
                 return
@@ -235,8 +237,8 @@ class DeviceSampler:
         fix = np.nonzero(out[R * k:] != 0)[0]
         if fix.size:
             sub = x.index_select(0, torch.as_tensor(fix, device=x.device))
-            ids[fix] = self._stage.download([torch.sort(sub, dim=1, descending=True, stable=True).indices[:, :k]]
-                                            ).astype(np.int64).reshape(fix.size, k)
+            best = torch.sort(sub, dim=1, descending=True, stable=True).indices[:, :k]
+            ids[fix] = self._stage.download([best]).astype(np.int64).reshape(fix.size, k)
         return ids
 
 
@@ -326,20 +328,19 @@ def _scaled(x: torch.Tensor, mx: torch.Tensor, t: torch.Tensor, hot: bool) -> to
 
 
 def _nucleus_width(z: torch.Tensor, top_p: torch.Tensor) -> int:
-    """A candidate count that holds every row's top-p nucleus over its whole mass (z: scaled
-    logits, max 0), plus one so that a kept set that fits leaves a candidate out: a histogram of
-    each row's probability mass over SEARCH_BINS value bins, summed from the top until top_p of
-    the mass. Approximate by a bin at most; the caller's exact check catches a short count."""
+    """`apar_rt.sampler.nucleus_width` on the device (one read back): a candidate count that holds
+    every row's top-p nucleus, from a histogram of its mass over NUCLEUS_BINS value bins."""
     R, V = z.shape
     e = z.exp()
     lo = z.masked_fill(torch.isinf(z), 0.0).amin(dim=1, keepdim=True)
     span = (-lo).clamp(min=float(np.finfo(np.float32).tiny))
-    b = ((z - lo) / span * (SEARCH_BINS - 1)).nan_to_num_(0.0).clamp_(0, SEARCH_BINS - 1).long()  # -inf: bin 0
-    mass = torch.zeros(R, SEARCH_BINS, dtype=torch.float64, device=z.device).scatter_add_(1, b, e.double())
-    count = torch.zeros(R, SEARCH_BINS, dtype=torch.int64, device=z.device).scatter_add_(
+    b = ((z - lo) / span * (NUCLEUS_BINS - 1)).nan_to_num_(0.0)
+    b = b.clamp_(0, NUCLEUS_BINS - 1).long()                           # -inf (no mass): bin 0
+    mass = torch.zeros(R, NUCLEUS_BINS, dtype=torch.float64, device=z.device).scatter_add_(1, b, e.double())
+    count = torch.zeros(R, NUCLEUS_BINS, dtype=torch.int64, device=z.device).scatter_add_(
         1, b, torch.ones_like(b))
     cum_mass, cum_count = mass.flip(1).cumsum(dim=1), count.flip(1).cumsum(dim=1)
-    first = (cum_mass < top_p[:, None] * cum_mass[:, -1:]).sum(dim=1).clamp(max=SEARCH_BINS - 1)
+    first = (cum_mass < top_p[:, None] * cum_mass[:, -1:]).sum(dim=1).clamp(max=NUCLEUS_BINS - 1)
     return int(cum_count.gather(1, first[:, None]).max()) + 1
 
 

@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 
-CASES = (("greedy", {}), ("top-k 50", {"temperature": 1.0, "top_k": 50}), ("top-p 0.9", {"temperature": 1.0, "top_p": 0.9}))
+CASES = (("greedy", {}), ("top-k 50", {"temperature": 1.0, "top_k": 50}),
+         ("top-p 0.9", {"temperature": 1.0, "top_p": 0.9}))
 
 
 def bench_sampler(rows: int = 256, vocab: int = 32000, reps: int = 7, device: str = "cpu", seed: int = 0,
@@ -63,7 +64,8 @@ def bench_sampler(rows: int = 256, vocab: int = 32000, reps: int = 7, device: st
     out = []
     for name, _ in CASES:
         a, b = statistics.median(times[(name, "numpy")]), statistics.median(times[(name, "torch")])
-        out.append({"case": name, "rows": rows, "vocab": vocab, "device": str(dev), "numpy_ms": a, "torch_ms": b,
+        out.append({"case": name, "rows": rows, "vocab": vocab, "device": str(dev), "numpy_ms": a,
+                    "torch_ms": b,
                     "numpy_over_torch": a / b, "numpy_all_ms": times[(name, "numpy")],
                     "torch_all_ms": times[(name, "torch")]})
     return out
@@ -72,6 +74,7 @@ def bench_sampler(rows: int = 256, vocab: int = 32000, reps: int = 7, device: st
 def format_rows(rows: list[dict]) -> str:
     lines = [f"{'case':10s} {'rows x vocab':>14s} {'numpy ms':>9s} {'torch ms':>9s} {'numpy/torch':>11s}"]
     for r in rows:
-        lines.append(f"{r['case']:10s} {r['rows']:>6d} x {r['vocab']:<6d} {r['numpy_ms']:9.2f} {r['torch_ms']:9.2f} "
+        lines.append(f"{r['case']:10s} {r['rows']:>6d} x {r['vocab']:<6d} {r['numpy_ms']:9.2f} "
+                     f"{r['torch_ms']:9.2f} "
                      f"{r['numpy_over_torch']:11.2f}")
     return "\n".join(lines)

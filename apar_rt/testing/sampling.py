@@ -18,18 +18,20 @@ def random_params(rng, V):
     if kind == 1:
         return SP(temperature=t)
     if kind == 2:
-        return SP(temperature=t, top_k=int(rng.choice([1, 2, 5, CANDIDATES, CANDIDATES + 1, V - 1, V, 5 * V])))
+        k = int(rng.choice([1, 2, 5, CANDIDATES, CANDIDATES + 1, V - 1, V, 5 * V]))
+        return SP(temperature=t, top_k=k)
     if kind == 3:
         return SP(temperature=t, top_p=float(rng.uniform(0.02, 1.0)))
     if kind == 4:
-        return SP(temperature=t, top_k=int(rng.choice([3, 40, 100, V])), top_p=float(rng.choice([0.3, 0.9, 0.99])))
+        k, p = int(rng.choice([3, 40, 100, V])), float(rng.choice([0.3, 0.9, 0.99]))
+        return SP(temperature=t, top_k=k, top_p=p)
     if kind == 5:
         return SP(temperature=t, top_p=0.999)                           # a nucleus past the candidates
     if kind == 6:
         return SP(logit_bias={int(rng.integers(0, V)): 30.0})           # greedy with a bias
     if kind == 7:
-        return SP(temperature=t, top_k=7, logit_bias={int(rng.integers(0, V)): -4.5, int(rng.integers(0, V)): 2.0}
-                  if rng.random() < 0.9 else {})
+        bias = {int(rng.integers(0, V)): -4.5, int(rng.integers(0, V)): 2.0} if rng.random() < 0.9 else {}
+        return SP(temperature=t, top_k=7, logit_bias=bias)
     return SP(temperature=float(rng.choice([1e-4, 40.0])), top_p=float(rng.choice([0.5, 1.0])))
 
 
