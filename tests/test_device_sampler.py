@@ -249,3 +249,21 @@ def test_a_pass_that_raises_is_retried_request_by_request_and_fails_only_its_req
     assert [o.branches for o in good] == [o.branches for o in clean]
     assert outs[3].finish_reason.value == "error" and "internal error while sampling" in outs[3].error
     assert llm.engine.scheduler.pool.num_used == 0
+
+
+def test_bench_sampler_command_runs_and_names_a_bad_device():
+    """`apar-rt bench sampler` on tiny sizes (it checks tokens equal on every pass), and a clear
+    error for a device this machine lacks."""
+    import json
+
+    from click.testing import CliRunner
+
+    from apar_rt.cli import main
+
+    out = CliRunner().invoke(main, ["bench", "sampler", "--rows", "8", "--vocab", "300", "--reps", "1", "--json"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.stdout)
+    assert [r["case"] for r in rows] == ["greedy", "top-k 50", "top-p 0.9"]
+    bad = CliRunner().invoke(main, ["bench", "sampler", "--device", "gpu0"])
+    assert bad.exit_code == 2 and "unknown device 'gpu0'; use cpu, cuda or cuda:N" in bad.output
+    assert "Traceback" not in bad.output
