@@ -49,21 +49,22 @@ class _Staging:
         return buf[:n]
 
     def upload(self, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """Device float64 views of named host arrays, sent in one copy."""
+        """Device float64 views of named host arrays, packed into the staging buffer and sent in
+        one copy (on the CPU the views are of the staging buffer itself: valid until the next
+        upload)."""
         n = sum(a.size for a in parts.values())
-        if not self.cuda:
-            flat = torch.from_numpy(np.concatenate([np.asarray(a, np.float64).reshape(-1)
-                                                    for a in parts.values()]))
-        else:
-            self.copied.wait()
-            host = self._host("up", n)
-            h, off = host.numpy(), 0
-            for a in parts.values():
-                h[off:off + a.size] = a.reshape(-1)
-                off += a.size
+        self.copied.wait()
+        host = self._host("up", n)
+        h, off = host.numpy(), 0
+        for a in parts.values():
+            h[off:off + a.size] = a.reshape(-1)
+            off += a.size
+        if self.cuda:
             flat = torch.empty(n, dtype=torch.float64, device=self.device)
             flat.copy_(host, non_blocking=True)
             self.copied.record()
+        else:
+            flat = host
         out, off = {}, 0
         for name, a in parts.items():
             out[name] = flat[off:off + a.size]
@@ -72,12 +73,11 @@ class _Staging:
 
     def download(self, parts: list[torch.Tensor]) -> np.ndarray:
         """Device tensors, flattened as float64 into one host array (one copy, then a wait)."""
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in parts]) if parts else torch.zeros(0)
-        if not self.cuda:
-            return flat.numpy().copy()
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in parts])
         host = self._host("down", flat.numel())
-        host.copy_(flat, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
+        host.copy_(flat, non_blocking=self.cuda)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
         return host.numpy().copy()
 
 
