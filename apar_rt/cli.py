@@ -361,6 +361,34 @@ def bench_overhead_cmd(model, seqs, contexts, steps, vocab, as_json):
     click.echo(to_json(rows) if as_json else "\n" + format_rows(rows) + "\n\n" + ratios(rows))
 
 
+@bench.command("sampler")
+@click.option("--rows", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Rows (sequences) sampled per pass.")
+@click.option("--vocab", type=click.IntRange(min=2), default=32000, show_default=True, help="Logits width.")
+@click.option("--reps", type=click.IntRange(min=1), default=7, show_default=True,
+              help="Timed passes per side and case (medians shown).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (where the logits live).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's own).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def bench_sampler_cmd(rows, vocab, reps, device, threads, as_json):
+    """The numpy reference sampler against the torch (device) sampler, interleaved, on the same
+    random logits: greedy, top-k 50 and top-p 0.9. Tokens are checked equal on every pass."""
+    from apar_rt.backends import BackendUnavailable
+    from apar_rt.backends.device import resolve_device
+    from apar_rt.bench.sampler import bench_sampler, format_rows
+
+    try:
+        resolve_device(device)
+    except (ValueError, BackendUnavailable) as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    out = bench_sampler(rows, vocab, reps, device, log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(out, indent=1) if as_json else format_rows(out))
+
+
 @bench.command("backends")
 @click.option("--model", type=click.Path(exists=True, file_okay=False), required=True, help="HF model folder.")
 @click.option("--engine", "engine_dir", type=click.Path(exists=True, file_okay=False), default=None,

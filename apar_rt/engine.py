@@ -18,16 +18,14 @@ from apar_rt.core import (FinishReason, Request, RequestOutput, RequestStatus, S
 from apar_rt.detokenizer import TreeText
 from apar_rt.medusa.folder import HEADS_DIRNAME, find_heads_dir
 from apar_rt.medusa.tree import load_tree
-from apar_rt.medusa.verifier import Acceptance, MedusaVerifier
+from apar_rt.medusa.verifier import Acceptance, MedusaVerifier, TreeRows
 from apar_rt.model.tokenizer import control_tokens, encode_prompt, load_tokenizer
-from apar_rt.sampler import SamplingBatch, SamplingError, error_message, make_generator, sample
+from apar_rt.sampler import Sampled, SamplingBatch, SamplingError, error_message, make_generator
 from apar_rt.scheduler import RequestRejected, Scheduler, StepUpdate
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TREE = "tiny_9"   # the Medusa tree when heads are loaded and no tree is named
-_NONE: tuple = ()         # no tokens / nodes (shared, never mutated)
-_ROOT = (0,)              # a plain row's one node
 
 class Engine:
     """Runs requests in flight. `add_request` + repeated `step()`; each step returns the
@@ -146,9 +144,10 @@ class Engine:
         results: list[list[int]] = []
         picks: list[tuple[ScheduledSeq, int, list[int]]] = []   # (seq, first logits row, nodes)
         if out.step is not None:
-            logits = self.backend.forward(out.step)
+            self.backend.execute(out.step)
             batch = SamplingBatch()
-            plain: list[tuple[int, int]] = []          # (index in results, logits row) of plain rows
+            rows: list[int] = []                      # the logits row of each batch row
+            jobs: list[tuple[int, int, int, TreeRows | None]] = []  # (results index, first row, rows, tree)
             row = 0
             banned = self.scheduler.banned
             for s in out.seqs:
@@ -156,24 +155,27 @@ class Engine:
                     continue
                 first, row = row, row + (s.num_new if s.tree else 1)
                 req, b = s.request, s.branch
-                tokens, nodes = _NONE, _NONE
+                nodes: list[int] = []
                 if req.status is not RequestStatus.FINISHED:
                     try:
+                        start = len(batch)
                         if s.tree:
-                            tokens, nodes = self.verifier.verify(
-                                logits[first:first + s.num_new], b.token_ids[-1], b.draft, req.params,
+                            tree = self.verifier.add_tree(
+                                batch, b.token_ids[-1], b.draft, req.params,
                                 lambda last, req=req, b=b: banned(req, b, last, out), req.generator)
+                            rows.extend(range(first, first + s.num_new))
                         else:
                             last = b.token_ids[-1] if b.token_ids else b.prefix[-1]
                             batch.add(req.params, banned(req, b, last, out), req.generator)
-                            plain.append((len(results), first))
-                            nodes = _ROOT
+                            rows.append(first)
+                            tree, nodes = None, [0]
+                        jobs.append((len(results), start, len(batch) - start, tree))
                     except Exception as e:
                         self._fail(req, "sampling", e, out)
-                results.append(tokens)
+                results.append([])
                 picks.append((s, first, nodes))
-            if plain:
-                self._sample_plain(logits, batch, plain, results, picks, out)
+            if jobs:
+                self._sample(rows, batch, jobs, results, picks, out)
             self.num_steps += 1
         updates = self.scheduler.update(out, results,
                                         on_error=lambda req, e: self._error_message(req, "updating", e))
@@ -189,33 +191,49 @@ class Engine:
                 outputs.append(self._failed_output(u.request, e))
         return outputs
 
-    def _sample_plain(self, logits, batch: SamplingBatch, plain, results, picks, out) -> None:
-        """Sample every plain row of the step in one vectorised pass (`sampler.sample`); a row
-        without a valid distribution fails its own request only."""
-        x = np.asarray(logits)
-        rows = np.fromiter((r for _, r in plain), np.int64, len(plain))
+    def _sample(self, rows, batch: SamplingBatch, jobs, results, picks, out) -> None:
+        """Sample every row of the step (plain rows and draft-tree nodes) in one pass on the
+        backend's device (`backend.sample`), then accept each tree; a row without a valid
+        distribution fails its own request only."""
+        rows_a = np.asarray(rows, np.int64)
         try:
-            # A plain step samples every logits row in order: no gather, the pass copies once.
-            # Otherwise the gather is already a copy, which the pass may overwrite.
-            whole = rows.size == x.shape[0] and rows[-1] == rows.size - 1
-            tokens, ok = sample(x, batch) if whole else sample(x[rows], batch, inplace=True)
-            picked = list(zip(tokens.tolist(), ok.tolist()))
-        except Exception as e:   # not expected: find the row that raises, row by row
-            log.error("batched sampling failed; sampling row by row", exc_info=e)
-            picked = []
-            for j, r in enumerate(rows.tolist()):
-                try:
-                    t1, ok1 = sample(x[r:r + 1], batch.row(j))
-                    picked.append((int(t1[0]), bool(ok1[0])))
-                except Exception as e1:
-                    self._fail(picks[plain[j][0]][0].request, "sampling", e1, out)
-                    picked.append((-1, False))
-        for (i, _), (tok, good) in zip(plain, picked):
+            sampled = self.backend.sample(rows_a, batch)
+        except Exception as e:   # not expected: find the request whose rows raise, one request at a time
+            log.error("batched sampling failed; sampling request by request", exc_info=e)
+            sampled = self._sample_each(rows_a, batch, jobs, picks, out)
+        for i, start, n, tree in jobs:
             req = picks[i][0].request
-            if good:
-                results[i] = [tok]
-            elif not req.finished:
-                self._fail(req, "sampling", SamplingError(error_message(req.params)), out)
+            if req.finished:
+                continue
+            try:
+                if tree is not None:
+                    results[i], nodes = self.verifier.accept(sampled, tree)
+                    picks[i] = (picks[i][0], picks[i][1], nodes)
+                elif sampled.ok[start]:
+                    results[i] = [int(sampled.tokens[start])]
+                else:
+                    raise SamplingError(error_message(req.params))
+            except Exception as e:
+                self._fail(req, "sampling", e, out)
+
+    def _sample_each(self, rows, batch: SamplingBatch, jobs, picks, out) -> Sampled:
+        """The pass again, one request's rows at a time; a request whose rows still raise fails."""
+        tokens = np.full(len(batch), -1, np.int64)
+        ok = np.zeros(len(batch), bool)
+        probes = np.full(len(batch.probes), np.nan, np.float32)
+        entropy = np.full(len(batch), np.nan)
+        for i, start, n, _ in jobs:
+            idx = list(range(start, start + n))
+            sub, probe_idx = batch.select(idx)
+            try:
+                part = self.backend.sample(rows[start:start + n], sub)
+            except Exception as e:
+                self._fail(picks[i][0].request, "sampling", e, out)
+                continue
+            tokens[start:start + n], ok[start:start + n] = part.tokens, part.ok
+            entropy[start:start + n] = part.entropy
+            probes[probe_idx] = part.probes
+        return Sampled(tokens, ok, probes, entropy)
 
     def _fail(self, req: Request, stage: str, e: Exception, out=None) -> None:
         """Fail one request after an error in `stage`; its blocks are freed, the others go on."""
@@ -251,14 +269,22 @@ class Engine:
                 slots += s.slots[:s.accepted]
         if idx:
             self.backend.commit_kv(idx, slots)
-        medusa = self.backend.medusa_logits()
-        for s, row, nodes in picks:
-            b = s.branch
-            if s.accepted and not b.finished and self.verifier.drafts_for(s.request.params):
-                try:
-                    b.draft = self.verifier.draft(medusa[row + nodes[s.accepted - 1]])
-                except Exception as e:
-                    self._fail(s.request, "drafting for", e)
+        want = [(s, row + nodes[s.accepted - 1]) for s, row, nodes in picks
+                if s.accepted and not s.branch.finished and self.verifier.drafts_for(s.request.params)]
+        if not want:
+            return
+        k = self.verifier.max_rank
+        try:
+            ranked = self.backend.medusa_topk([r for _, r in want], k)
+        except Exception as e:   # not expected: draft row by row, failing only the request that raises
+            log.error("batched drafting failed; drafting row by row", exc_info=e)
+            ranked = None
+        for j, (s, r) in enumerate(want):
+            try:
+                top = ranked[j] if ranked is not None else self.backend.medusa_topk([r], k)[0]
+                s.branch.draft = self.verifier.draft(top)
+            except Exception as e:
+                self._fail(s.request, "drafting for", e)
 
     def _output(self, upd: StepUpdate) -> RequestOutput:
         req = upd.request

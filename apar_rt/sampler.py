@@ -13,21 +13,28 @@ The semantics are defined once, here, over numpy (so the ONNX Runtime path needs
    exceeds u, a uniform draw in [0, 1) taken from the request's own RNG (one per sampled row).
 
 Because each row's token depends only on its logits, its parameters and its own u, sampling a
-batch gives the same tokens as sampling its rows one at a time. A backend that keeps logits on
-a device may implement the same four steps there (only ids then cross back); this module is
-the reference it is tested against.
+batch gives the same tokens as sampling its rows one at a time. A batch may also ask for
+*probes*: the kept probability of a given token in a given row (0 outside the kept set), and
+the entropy of the kept distribution of each probed row; Medusa's typical acceptance needs only
+these. A greedy row's kept distribution is the point mass at its token.
+
+A backend that keeps logits on a device implements the same steps there
+(`apar_rt.backends.torch_sampler`), so only these small arrays cross back; this module is the
+reference it is tested against. `ranked_top_k` is the one definition of "the k best tokens"
+(largest first, ties to the lower id) that Medusa drafting uses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from apar_rt.core import SamplingParams
 
 CANDIDATES = 64    # top-p looks for its nucleus among this many best tokens first (exact fallback)
+NUCLEUS_BINS = 256  # value bins of the mass histogram that sizes the candidates of a larger nucleus
 
 
 class SamplingError(ValueError):
@@ -50,18 +57,24 @@ class SamplingBatch:
     uniform: list[float] = field(default_factory=list)
     bias: list[tuple[int, int, float]] = field(default_factory=list)   # (row, token, value)
     bans: list[tuple[int, int]] = field(default_factory=list)          # (row, token)
+    probes: list[tuple[int, int]] = field(default_factory=list)        # (row, token): kept probability wanted
 
     def __len__(self) -> int:
         return len(self.temperature)
 
-    def add(self, params: SamplingParams, banned: Sequence[int] = (), generator=None) -> int:
-        """Add a row; draws its uniform from `generator` when the row samples. Returns its index.
-        Values are converted first, so a bad one raises here and leaves the batch unchanged."""
+    def add(self, params: SamplingParams, banned: Sequence[int] = (), generator=None,
+            uniform: float | None = None) -> int:
+        """Add a row; its uniform is `uniform` when given, else drawn from `generator` when the row
+        samples. Returns its index. Values are converted first, so a bad one raises here and leaves
+        the batch unchanged."""
         r = len(self.temperature)
         t, k, p = float(params.temperature), int(params.top_k), float(params.top_p)
         bias = [(r, int(tok), float(v)) for tok, v in params.logit_bias] if params.logit_bias else None
         bans = [(r, int(tok)) for tok in banned]
-        u = float(generator.random()) if (generator is not None and t != 0.0) else 0.0
+        if uniform is not None:
+            u = float(uniform)
+        else:
+            u = float(generator.random()) if (generator is not None and t != 0.0) else 0.0
         self.temperature.append(t)
         self.top_k.append(k)
         self.top_p.append(p)
@@ -71,15 +84,45 @@ class SamplingBatch:
         self.bans.extend(bans)
         return r
 
-    def row(self, i: int) -> "SamplingBatch":
-        """Row i alone, as a batch of one."""
-        return SamplingBatch([self.temperature[i]], [self.top_k[i]], [self.top_p[i]], [self.uniform[i]],
-                             [(0, t, v) for r, t, v in self.bias if r == i], [(0, t) for r, t in self.bans if r == i])
+    def extend(self, other: SamplingBatch) -> int:
+        """Append `other`'s rows (and probes), renumbered; returns the index of its first row."""
+        r = len(self)
+        self.temperature += other.temperature
+        self.top_k += other.top_k
+        self.top_p += other.top_p
+        self.uniform += other.uniform
+        self.bias += [(i + r, t, v) for i, t, v in other.bias]
+        self.bans += [(i + r, t) for i, t in other.bans]
+        self.probes += [(i + r, t) for i, t in other.probes]
+        return r
+
+    def select(self, rows: Sequence[int]) -> tuple[SamplingBatch, list[int]]:
+        """Rows `rows` alone, renumbered 0.., with their probes; and the indices those probes
+        had in this batch."""
+        new = {r: i for i, r in enumerate(rows)}
+        sub = SamplingBatch([self.temperature[r] for r in rows], [self.top_k[r] for r in rows],
+                            [self.top_p[r] for r in rows], [self.uniform[r] for r in rows],
+                            [(new[r], t, v) for r, t, v in self.bias if r in new],
+                            [(new[r], t) for r, t in self.bans if r in new])
+        kept = [j for j, (r, _) in enumerate(self.probes) if r in new]
+        sub.probes = [(new[self.probes[j][0]], self.probes[j][1]) for j in kept]
+        return sub, kept
+
+
+class Sampled(NamedTuple):
+    """What a sampling pass returns (all on the host, all small)."""
+
+    tokens: np.ndarray    # [R] int64: the sampled (or greedy) token; -1 where not ok
+    ok: np.ndarray        # [R] bool: False where the row has no valid distribution
+    probes: np.ndarray    # [P] float32: kept probability of each batch.probes (row, token): 0 outside the
+                          # kept set or the vocabulary, NaN on a bad row
+    entropy: np.ndarray   # [R] float64: entropy (nats) of the kept distribution of probed rows; NaN elsewhere
 
 
 def process(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> np.ndarray:
-    """Step 1: logits [R, V] as float32 with bias added and bans set to -inf; a copy, or the
-    array itself when `inplace` (the caller's rows are then consumed)."""
+    """Step 1: logits [R, V] as float32 with bias added and bans set to -inf (entries naming a
+    token outside [0, V) are ignored); a copy, or the array itself when `inplace` (the caller's
+    rows are then consumed)."""
     x = np.asarray(logits, dtype=np.float32) if inplace else np.array(logits, dtype=np.float32, copy=True)
     V = x.shape[1]
     if batch.bias:
@@ -89,6 +132,7 @@ def process(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> 
         np.add.at(x, (rows[keep], toks[keep]), b[keep, 2].astype(np.float32))
     if batch.bans:
         bn = np.asarray(batch.bans, dtype=np.int64)
+        bn = bn[(bn[:, 1] >= 0) & (bn[:, 1] < V)]
         x[bn[:, 0], bn[:, 1]] = -np.inf
     return x
 
@@ -127,20 +171,50 @@ def kept_probs(x: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p:
     ids, probs, redo = _kept_candidates(z[rows], k[rows], top_p[rows])
     sub = np.zeros((rows.size, V), np.float32)
     np.put_along_axis(sub, ids, probs.astype(np.float32), axis=1)
-    for i in np.nonzero(redo)[0]:
+    again = np.nonzero(redo)[0]
+    if again.size:                      # among as many candidates as the nuclei need, then whole
+        r = rows[again]
+        width = max(2 * ids.shape[1], nucleus_width(z[r], top_p[r]))
+        if width < V:
+            ids2, probs2, redo2 = _kept_candidates(z[r], k[r], top_p[r], width)
+            sub[again] = 0.0
+            part = sub[again]
+            np.put_along_axis(part, ids2, probs2.astype(np.float32), axis=1)
+            sub[again] = part
+            again = again[redo2]
+    for i in again:
         sub[i] = _kept_row(z[rows[i]], int(k[rows[i]]), float(top_p[rows[i]]))
     out[rows] = sub
     return out
 
 
-def _kept_candidates(z: np.ndarray, k: np.ndarray, top_p: np.ndarray):
-    """Top-k then top-p among each row's best M = max(CANDIDATES, k) tokens.
+def nucleus_width(z: np.ndarray, top_p: np.ndarray, bins: int = NUCLEUS_BINS) -> int:
+    """A candidate count that holds every row's top-p nucleus over its whole mass (z: scaled
+    logits, max 0), plus one: a histogram of each row's probability mass over `bins` value bins,
+    summed from the top until top_p of the mass. Approximate by a bin at most: it only sizes a
+    candidate set, whose exact check (`_kept_candidates`' redo) catches a short count."""
+    R, V = z.shape
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lo = np.where(np.isinf(z), 0.0, z).min(axis=1, keepdims=True).astype(np.float32)
+        span = np.maximum(-lo, np.float32(np.finfo(np.float32).tiny))
+        b = np.nan_to_num((z - lo) / span * np.float32(bins - 1))
+    b = np.clip(b, 0, bins - 1).astype(np.int64) + (np.arange(R) * bins)[:, None]     # -inf: bin 0
+    mass = np.bincount(b.ravel(), np.exp(z.astype(np.float64)).ravel(), R * bins).reshape(R, bins)
+    count = np.bincount(b.ravel(), None, R * bins).reshape(R, bins)
+    cum_mass, cum_count = np.cumsum(mass[:, ::-1], axis=1), np.cumsum(count[:, ::-1], axis=1)
+    first = np.minimum((cum_mass < top_p[:, None] * cum_mass[:, -1:]).sum(axis=1), bins - 1)
+    return int(cum_count[np.arange(R), first].max()) + 1
+
+
+def _kept_candidates(z: np.ndarray, k: np.ndarray, top_p: np.ndarray, M: int | None = None):
+    """Top-k then top-p among each row's best M (default max(CANDIDATES, k)) tokens.
 
     Returns (ids [R, M], probs [R, M] renormalised, 0 where dropped, redo [R]): redo marks rows
-    whose kept set may reach past the candidates (or cut a tie the partition split); they are
-    ranked whole by `_kept_row`."""
+    whose kept set may reach past the candidates, or whose M-th best value ties with a token the
+    partition left out (which one is in is then arbitrary; ties must go to the lower id); they
+    are ranked whole by `_kept_row`."""
     R, V = z.shape
-    M = int(min(V, max(CANDIDATES, int(k.max()))))
+    M = int(min(V, M if M is not None else max(CANDIDATES, int(k.max()))))
     cand = np.argpartition(z, V - M, axis=1)[:, V - M:] if M < V else np.tile(np.arange(V), (R, 1))
     cand.sort(axis=1)                                   # id order, so a stable sort breaks ties by id
     zc = np.take_along_axis(z, cand, axis=1)
@@ -158,9 +232,41 @@ def _kept_candidates(z: np.ndarray, k: np.ndarray, top_p: np.ndarray):
     keep = in_k & (before < top_p[:, None])
     keep[:, 0] = True
     redo = (keep.sum(axis=1) == M) & (M < V)
+    if M < V:
+        redo |= split_ties(z, zc)
     probs = np.where(keep, pc, 0.0)
     probs /= probs.sum(axis=1, keepdims=True)
     return ranked, probs, redo
+
+
+def split_ties(z: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """[R] bool: rows whose smallest chosen value (chosen [R, M] holds the M largest of z [R, V],
+    ties broken arbitrarily) is also held by a token left out, so the lower-id rule may pick
+    differently. -inf ties never matter (their probability is 0)."""
+    kth = chosen.min(axis=1, keepdims=True)
+    return (kth[:, 0] > -np.inf) & ((z == kth).sum(axis=1) > (chosen == kth).sum(axis=1))
+
+
+def ranked_top_k(x: np.ndarray, k: int) -> np.ndarray:
+    """[R, k] int64: each row's k largest values' ids, largest first, ties to the lower id (k is
+    clipped to the row length)."""
+    R, V = x.shape
+    k = min(int(k), V)
+    if k < V:
+        cand = np.argpartition(x, V - k, axis=1)[:, V - k:]
+        for i in np.nonzero(split_ties(x, np.take_along_axis(x, cand, axis=1)))[0]:
+            cand[i] = np.argsort(-x[i], kind="stable")[:k]
+    else:
+        cand = np.tile(np.arange(V), (R, 1))
+    cand.sort(axis=1)
+    order = np.argsort(-np.take_along_axis(x, cand, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(cand, order, axis=1).astype(np.int64)
+
+
+def entropy(q: np.ndarray) -> np.ndarray:
+    """[R] float64 entropy (nats) of probability rows q [R, V] (zeros contribute nothing)."""
+    q = q.astype(np.float64)
+    return -(q * np.log(np.where(q > 0, q, 1.0))).sum(axis=1)
 
 
 def _kept_row(z: np.ndarray, k: int, top_p: float) -> np.ndarray:
@@ -186,16 +292,16 @@ def draw(probs: np.ndarray, uniform: np.ndarray) -> np.ndarray:
     return np.minimum(idx, last)
 
 
-def sample(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens [R] (int64) for logits [R, V] and the batch's rows, and `ok` [R]: False where the
-    row has no valid distribution (its token is -1; fail that request alone). `inplace` lets
-    the pass overwrite `logits` instead of copying them."""
-    if not batch.bias and len(batch) and not any(batch.temperature):
+def sample(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> Sampled:
+    """Tokens [R] (int64) for logits [R, V] and the batch's rows, `ok` [R] (False where the row
+    has no valid distribution: its token is -1; fail that request alone), and the batch's probes.
+    `inplace` lets the pass overwrite `logits` instead of copying them."""
+    if not batch.bias and not batch.probes and len(batch) and not any(batch.temperature):
         return _greedy(logits, batch)
     return _sample(logits, batch, inplace)
 
 
-def _sample(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _sample(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> Sampled:
     x = process(logits, batch, inplace)
     R = x.shape[0]
     ok = valid_rows(x)
@@ -205,6 +311,12 @@ def _sample(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> 
     if greedy.any():
         tokens[greedy] = np.argmax(x[greedy], axis=1)
     samp = ok & ~greedy
+    probed = np.zeros(R, bool)
+    pr = np.asarray([r for r, _ in batch.probes], np.int64)
+    pt = np.asarray([t for _, t in batch.probes], np.int64)
+    probed[pr] = True
+    probe_p = np.full(len(batch.probes), np.nan, np.float32)
+    ent = np.full(R, np.nan, np.float64)
     if samp.any():
         rows = np.nonzero(samp)[0]
         probs = kept_probs(x[rows], temperature[rows], np.asarray(batch.top_k, np.int64)[rows],
@@ -212,13 +324,29 @@ def _sample(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> 
         good = np.isfinite(probs).all(axis=1)
         tokens[rows[good]] = draw(probs[good], np.asarray(batch.uniform, np.float64)[rows[good]])
         ok[rows[~good]] = False
-    return tokens, ok
+        if pr.size:
+            at = np.full(R, -1, np.int64)
+            at[rows] = np.arange(rows.size)
+            hit = at[pr] >= 0
+            inside = hit & (pt >= 0) & (pt < x.shape[1])
+            probe_p[hit] = 0.0
+            probe_p[inside] = probs[at[pr[inside]], pt[inside]]
+            want = probed[rows]
+            ent[rows[want]] = entropy(probs[want])
+    g = ok & (temperature == 0.0) & probed            # greedy: the point mass at the token
+    ent[g] = 0.0
+    gp = g[pr] if pr.size else np.zeros(0, bool)
+    probe_p[gp] = (tokens[pr[gp]] == pt[gp]).astype(np.float32)
+    if pr.size:
+        probe_p[~ok[pr]] = np.nan
+    ent[~ok] = np.nan
+    return Sampled(tokens, ok, probe_p, ent)
 
 
-def _greedy(logits: np.ndarray, batch: SamplingBatch) -> tuple[np.ndarray, np.ndarray]:
-    """`sample` for a batch of greedy rows without bias, without copying the logits: a row whose
-    first argmax is not banned has the same first argmax and max once its bans are applied
-    (bans only lower entries); the rows whose argmax is banned take the general pass."""
+def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
+    """`sample` for a batch of greedy rows without bias or probes, without copying the logits: a
+    row whose first argmax is not banned has the same first argmax and max once its bans are
+    applied (bans only lower entries); the rows whose argmax is banned take the general pass."""
     x = np.asarray(logits, dtype=np.float32)
     R = x.shape[0]
     tokens = x.argmax(axis=1)
@@ -228,10 +356,10 @@ def _greedy(logits: np.ndarray, batch: SamplingBatch) -> tuple[np.ndarray, np.nd
         bn = np.asarray(batch.bans, dtype=np.int64)
         redo = np.unique(bn[bn[:, 1] == tokens[bn[:, 0]], 0])
         for r in redo.tolist():
-            t1, ok1 = _sample(x[r:r + 1], batch.row(r))
-            tokens[r], ok[r] = t1[0], ok1[0]
+            one = _sample(x[r:r + 1], batch.select([r])[0])
+            tokens[r], ok[r] = one.tokens[0], one.ok[0]
     tokens[~ok] = -1
-    return tokens.astype(np.int64, copy=False), ok
+    return Sampled(tokens.astype(np.int64, copy=False), ok, np.zeros(0, np.float32), np.full(R, np.nan))
 
 
 def error_message(params: SamplingParams) -> str:

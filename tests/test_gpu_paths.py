@@ -57,7 +57,7 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tiny_gqa):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     from apar_rt.backends import BackendUnavailable
-    from apar_rt.backends.torch_backend import resolve_device
+    from apar_rt.backends.device import resolve_device
 
     with pytest.raises(BackendUnavailable, match=r"--device cuda: no CUDA GPU is visible.*use --device cpu"):
         resolve_device("cuda")
@@ -76,10 +76,11 @@ def test_gpu_check_dry_run_exercises_every_section(tmp_path):
                          capture_output=True, text=True, timeout=900, env=env)
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = data["sections"]
-    assert set(sections) == {"bandwidth", "kernel_accuracy", "oracles", "attention", "decode_steps"}
+    assert set(sections) == {"bandwidth", "kernel_accuracy", "oracles", "attention", "sampler", "decode_steps"}
     assert all(s["ok"] for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
     assert sections["kernel_accuracy"]["all_pass"]
     assert sections["oracles"]["ar_pass"] and sections["oracles"]["apar_pass"]
+    assert sections["sampler"]["all_pass"] and sections["sampler"]["rows_checked"] > 200
     assert len(sections["decode_steps"]["rows"]) == 6
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "decode step" in out.stdout.splitlines()[-12:][0] or "decode step" in out.stdout

@@ -283,3 +283,29 @@ def test_sampled_requests_with_typical_acceptance_run_and_are_seeded(medusa_mode
     b = llm.generate(prompts(3, seed=9), p)
     assert [o.branches for o in a] == [o.branches for o in b]
     assert all(o.stats["generated_tokens"] == 30 for o in a)
+
+
+def test_medusa_outputs_are_the_same_with_the_device_sampler_and_the_reference(medusa_model):
+    """The torch backend verifies trees and drafts with the device sampler; the numpy reference
+    over host logits (Backend's default) gives the same trees, greedy and typical."""
+    import types
+
+    from apar_rt.backends.base import Backend
+
+    path, _ = medusa_model
+    ps = prompts(6, seed=4)
+    params = [SamplingParams(max_tokens=40, logit_bias={FORK: 3.0}), SamplingParams(max_tokens=40),
+              SamplingParams(max_tokens=40, temperature=0.7, seed=1, logit_bias={FORK: 3.0}),
+              SamplingParams(max_tokens=40, temperature=1.0, top_k=3, seed=2),
+              SamplingParams(max_tokens=40, temperature=0.8, top_p=0.7, seed=3),
+              SamplingParams(max_tokens=40, temperature=1.2, top_k=20, top_p=0.9, seed=4)]
+    device = LLM(str(path), raw=True, medusa=True, acceptance="typical")
+    ref = LLM(str(path), raw=True, medusa=True, acceptance="typical")
+    be = ref.engine.backend
+    be.sample = types.MethodType(Backend.sample, be)
+    be.medusa_topk = types.MethodType(Backend.medusa_topk, be)
+    a, b = device.generate(ps, params), ref.generate(ps, params)
+    assert [o.branches for o in a] == [o.branches for o in b]
+    assert [o.text for o in a] == [o.text for o in b]
+    assert all(o.stats["accepted_tokens_per_step"] > 1.0 for o in a[:2])
+    assert sum(o.stats["accepted_tokens_per_step"] for o in a[2:]) > 4.0, "typical acceptance should accept drafts"

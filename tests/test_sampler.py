@@ -38,12 +38,12 @@ def test_batched_sampling_equals_per_row_sampling():
     batch = SamplingBatch()
     for p, b in zip(params, bans):
         batch.add(p, b, make_generator(p.seed))
-    tokens, ok = sample(logits, batch)
+    tokens, ok, _, _ = sample(logits, batch)
     assert ok.all()
     for i, (p, b) in enumerate(zip(params, bans)):
         one = SamplingBatch()
         one.add(p, b, make_generator(p.seed))
-        t1, ok1 = sample(logits[i:i + 1], one)
+        t1, ok1, _, _ = sample(logits[i:i + 1], one)
         assert ok1[0] and t1[0] == tokens[i], i
         assert tokens[i] not in b
 
@@ -98,7 +98,7 @@ def test_sampled_frequencies_follow_the_softmax():
     batch = SamplingBatch()
     for _ in range(4000):
         batch.add(p, (), g)
-    tokens, ok = sample(np.tile(x, (4000, 1)), batch)
+    tokens, ok, _, _ = sample(np.tile(x, (4000, 1)), batch)
     freq = np.bincount(tokens, minlength=4) / 4000
     assert np.abs(freq - [0.5, 0.25, 0.15, 0.1]).max() < 0.03
 
@@ -113,7 +113,7 @@ def test_a_bad_row_fails_alone():
           SamplingParams(temperature=0.5, seed=4), SamplingParams(temperature=1e38, seed=5)]
     for i, p in enumerate(ps):
         batch.add(p, list(range(V)) if i == 2 else (), make_generator(p.seed))
-    tokens, ok = sample(logits, batch)
+    tokens, ok, _, _ = sample(logits, batch)
     assert ok.tolist() == [True, False, False, False, True]
     assert tokens[1] == tokens[2] == tokens[3] == -1 and 0 <= tokens[4] < V
 
@@ -134,7 +134,7 @@ def test_greedy_batches_skip_the_copy_but_not_the_bans():
     batch = SamplingBatch()
     for r in range(9):
         batch.add(SamplingParams(), bans.get(r, []))
-    tokens, ok = sample(x, batch)
+    tokens, ok, _, _ = sample(x, batch)
     ref = process(x, batch)           # step 1, then the first argmax of each valid row
     with np.errstate(invalid="ignore"):
         valid = np.isfinite(ref.max(axis=1))
@@ -169,3 +169,19 @@ def test_typical_acceptance_never_accepts_outside_top_k_top_p(restrict):
         tight = SamplingParams(temperature=1.0, seed=seed, **restrict)
         tokens, nodes = ver.verify(logits, 5, [11], tight, lambda t: [], make_generator(seed))
         assert nodes == [0] and tokens == [10]   # rejected; the bonus comes from the kept set {10}
+
+
+def test_nuclei_past_the_candidates_match_the_plain_reference():
+    """Flat rows whose top-p nucleus holds hundreds of tokens (the second, histogram-sized pass,
+    and the whole-row path when that is not enough or a tie splits its edge)."""
+    rng = np.random.default_rng(4)
+    V = 3000
+    for trial in range(12):
+        p = SamplingParams(temperature=1.0, top_k=int(rng.choice([0, 0, 2000])),
+                           top_p=float(rng.choice([0.3, 0.7, 0.95])))
+        x = (rng.standard_normal(V) * float(rng.choice([0.3, 1.0]))).astype(np.float32)
+        if trial % 4 == 0:
+            x = np.round(x * 4) / 4                        # ties everywhere, also at the edges
+        q = kept_probs(x[None, :], np.array([p.temperature]), np.array([p.top_k]), np.array([p.top_p]))[0]
+        want = reference_kept(x.astype(np.float64), p)
+        assert len(want) > 64 and set(np.nonzero(q > 0)[0].tolist()) == want, trial

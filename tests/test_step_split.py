@@ -81,11 +81,26 @@ def test_a_decode_only_step_is_one_run():
 
 
 def test_backend_device_always_has_an_index():
-    """torch.cuda.set_device(torch.device("cuda")) raises; the backend resolves "cuda" to the current index."""
-    from apar_rt.backends.tensorrt_backend import resolve_device
+    """torch.cuda.set_device(torch.device("cuda")) raises; "cuda" resolves to the current index,
+    checked against the (stand-in) machine's GPUs; the tensorrt backend refuses the CPU."""
+    from types import SimpleNamespace
 
-    assert resolve_device("cuda:1", current=lambda: 0) == torch.device("cuda", 1)
-    assert resolve_device("cuda", current=lambda: 3) == torch.device("cuda", 3)
-    assert resolve_device(None, current=lambda: 2) == torch.device("cuda", 2)
-    with pytest.raises(ValueError, match="runs on cuda, not 'cpu'"):
-        resolve_device("cpu")
+    from apar_rt.backends import BackendUnavailable
+    from apar_rt.backends.device import resolve_device
+
+    def machine(count, current):
+        return SimpleNamespace(is_available=lambda: count > 0, device_count=lambda: count,
+                               current_device=lambda: current)
+
+    trt = {"runner": "the tensorrt backend", "cuda_only": True}
+    assert resolve_device("cuda:1", cuda=machine(2, 0), **trt) == torch.device("cuda", 1)
+    assert resolve_device("cuda", cuda=machine(4, 3), **trt) == torch.device("cuda", 3)
+    assert resolve_device(None, cuda=machine(4, 2), **trt) == torch.device("cuda", 2)
+    assert resolve_device(None, cuda=machine(0, 0)) == torch.device("cpu")
+    assert resolve_device(None, cuda=machine(1, 0)) == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="the tensorrt backend runs on cuda or cuda:N, not 'cpu'"):
+        resolve_device("cpu", cuda=machine(1, 0), **trt)
+    with pytest.raises(BackendUnavailable, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0..cuda:1"):
+        resolve_device("cuda:2", cuda=machine(2, 0), **trt)
+    with pytest.raises(BackendUnavailable, match="no CUDA GPU is visible"):
+        resolve_device(None, cuda=machine(0, 0), **trt)

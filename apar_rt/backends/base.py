@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
+
 from apar_rt.core import StepInput
+from apar_rt.sampler import Sampled, SamplingBatch, ranked_top_k, sample
 
 
 class BackendUnavailable(RuntimeError):
@@ -44,6 +47,32 @@ class Backend(ABC):
     @abstractmethod
     def forward(self, step: StepInput):
         """Run one step; returns logits [N, vocab] float32 on the CPU (torch or numpy)."""
+
+    # ---- the engine's step: outputs stay with the backend ------------------------------------
+
+    def execute(self, step: StepInput) -> None:
+        """Run one step for the engine, keeping its outputs (logits, Medusa logits) with the
+        backend until the next step; `sample` and `medusa_topk` read them. The default keeps
+        `forward`'s host logits; a backend whose logits live on a device keeps them there."""
+        self._step_logits = self.forward(step)
+
+    def step_logits(self):
+        """The last `execute`'s logits [N, vocab] float32 on the CPU (torch or numpy)."""
+        return self._step_logits
+
+    def sample(self, rows, batch: SamplingBatch) -> Sampled:
+        """Sample batch row i from row rows[i] of the last `execute`'s logits, as
+        `apar_rt.sampler.sample` defines it. The default runs that numpy reference on the host
+        logits; a device backend runs the same steps where its logits are and returns only the
+        small arrays."""
+        return sample(np.asarray(self.step_logits())[np.asarray(rows, np.int64)], batch, inplace=True)
+
+    def medusa_topk(self, rows, k: int) -> np.ndarray:
+        """[R, heads, k] int64: for each logits row in `rows` of the last step, each Medusa head's
+        k best token ids (`apar_rt.sampler.ranked_top_k`: largest first, ties to the lower id)."""
+        m = np.asarray(self.medusa_logits())[np.asarray(rows, np.int64)]
+        R, H, V = m.shape
+        return ranked_top_k(m.reshape(R * H, V), k).reshape(R, H, -1)
 
     # ---- Medusa (optional) -----------------------------------------------------------------
 

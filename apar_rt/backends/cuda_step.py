@@ -4,13 +4,15 @@ Per step the host packs every int input into one pinned staging buffer and the m
 second, and each goes to the device in one non-blocking copy; the model reads views of the
 persistent device buffers. Decode steps (one new token per sequence, logits for each) replay a
 CUDA graph captured once per batch bucket: the graph holds the whole forward, the LM head, the
-Medusa heads when loaded, and the K/V scatter into the pool.
+Medusa heads when loaded, and the K/V scatter into the pool. The logits stay in the graph's
+output buffer (valid until the next replay), where the torch sampler reads them.
 
 Invariants:
 - the device buffers are sized for the largest step seen and grow (re-allocated) only when a
   larger step arrives; graphs are captured against the decode buffers, which never move;
-- the host staging buffers are reused only after the previous step's copies completed (every
-  step ends with the logits' device-to-host copy, which synchronises the stream);
+- the host staging buffers are rewritten only after the previous step's copies from them
+  completed: each upload records an event after its copies and the next waits on it (a step
+  need not end with a device-to-host copy: logits stay on the device for the sampler);
 - padded decode rows have context 0, slot -1 and read the null block: they write nothing.
 """
 
@@ -35,6 +37,7 @@ class StepBuffers:
         self.dev = torch.empty(0, dtype=torch.int32, device=device)
         self.host_mask = torch.empty(0, dtype=torch.bool)
         self.dev_mask = torch.empty(0, dtype=torch.bool, device=device)
+        self.copied = CopyFence(device)
 
     def _fit(self, n_int: int, n_mask: int) -> None:
         if n_int > self.host.numel():
@@ -50,6 +53,7 @@ class StepBuffers:
         """Device views of the step's inputs (valid until the next upload)."""
         arrays = [getattr(step, f) for f in self.FIELDS] + [step.block_tables]
         sizes = [a.size for a in arrays]
+        self.copied.wait()
         self._fit(sum(sizes), step.mask.size)
         host = self.host.numpy()
         views, off = {}, 0
@@ -61,9 +65,27 @@ class StepBuffers:
         nm = step.mask.size
         self.host_mask.numpy()[:nm] = step.mask.reshape(-1)
         self.dev_mask[:nm].copy_(self.host_mask[:nm], non_blocking=True)
+        self.copied.record()
         out = {name: self.dev[o:o + n].view(shape) for name, (o, n, shape) in views.items()}
         out["mask"] = self.dev_mask[:nm].view(step.mask.shape)
         return out
+
+
+class CopyFence:
+    """An event after the last copies from a pinned staging buffer (nothing on the CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.event = None
+
+    def record(self) -> None:
+        if self.device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(self.device))
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
 
 
 def _pinned(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -90,6 +112,7 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, tuple]] = {}
         self.pool = None
         self.host = torch.empty(0, dtype=torch.int32)
+        self.copied = CopyFence(device)
 
     def bucket(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
@@ -129,6 +152,7 @@ class DecodeGraphs:
         # One pinned staging buffer -> one copy per field group (all non-blocking).
         W = self.max_blocks
         n = 4 * bucket + bucket * W
+        self.copied.wait()
         if self.host.numel() < n:
             self.host = _pinned(n, torch.int32, self.device)
         h = self.host.numpy()[:n]
@@ -144,5 +168,6 @@ class DecodeGraphs:
         for i, name in enumerate(("input_ids", "positions", "context_lens", "slot_mapping")):
             inputs[name].copy_(src[i * bucket:(i + 1) * bucket], non_blocking=True)
         inputs["block_tables"].copy_(src[4 * bucket:].view(bucket, W), non_blocking=True)
+        self.copied.record()
         graph.replay()
         return tuple(o[:B] if o is not None else None for o in outputs)

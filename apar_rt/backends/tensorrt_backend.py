@@ -21,23 +21,13 @@ import numpy as np
 import torch
 
 from apar_rt.backends.base import Backend, BackendUnavailable, load_engine_folder
+from apar_rt.backends.device import resolve_device
 from apar_rt.backends.step_split import split_step
 from apar_rt.build.manifest import EngineLoadError
 from apar_rt.core import StepInput
 from apar_rt.export import step_io
 
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(device: str | None, current=torch.cuda.current_device) -> torch.device:
-    """The CUDA device to run on, always with an index: "cuda:i" as given; "cuda" or None: `current()`.
-
-    (`torch.device("cuda")` has no index, and torch.cuda.set_device refuses it with a ValueError.)
-    """
-    dev = torch.device(device or "cuda")
-    if dev.type != "cuda":
-        raise ValueError(f"the tensorrt backend runs on cuda, not {device!r}")
-    return torch.device("cuda", current() if dev.index is None else dev.index)
 
 
 class TensorRTBackend(Backend):
@@ -83,7 +73,7 @@ class TensorRTBackend(Backend):
                                   f"(TensorRT plans are tied to the library version)")
         if not torch.cuda.is_available():
             raise BackendUnavailable("the tensorrt backend needs an NVIDIA GPU and a CUDA build of torch")
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, runner=f"the {self.name} backend", cuda_only=True)
         props = torch.cuda.get_device_properties(self.device)
         try:
             library.check_device(rec, f"{props.major}.{props.minor}", props.name)

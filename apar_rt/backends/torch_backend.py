@@ -2,15 +2,21 @@
 
 On CUDA a layer runs fused projections and Triton kernels (`cuda_model`), step inputs live in persistent device buffers
 (`cuda_step.StepBuffers`), new K/V are scattered into the pool by a device kernel, and decode
-steps replay CUDA graphs captured per batch bucket (`cuda_step.DecodeGraphs`).
+steps replay CUDA graphs captured per batch bucket (`cuda_step.DecodeGraphs`). The engine's steps
+(`execute`) keep the logits on the device: the torch sampler (`torch_sampler`) runs there and only
+token ids (and Medusa's ranked top-k) come back.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from apar_rt.backends.base import Backend, BackendUnavailable
+from apar_rt.backends.device import resolve_device
+from apar_rt.backends.torch_sampler import DeviceSampler
 from apar_rt.core import StepInput
+from apar_rt.sampler import Sampled, SamplingBatch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -21,30 +27,6 @@ def resolve_dtype(name: str | None, device: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of: auto, {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """`cpu`, `cuda` or `cuda:N`, checked against what this machine has (default: cuda if present)."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise ValueError(f"device {device!r} is not supported by the torch backend; use cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        built = torch.version.cuda or "none (a CPU-only build)"
-        raise BackendUnavailable(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__} "
-                                 f"(its CUDA: {built}); use --device cpu")
-    count = torch.cuda.device_count()
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    if index >= count:
-        raise BackendUnavailable(f"--device {device}: this machine has {count} CUDA device(s), "
-                                 f"cuda:0..cuda:{count - 1}")
-    return torch.device("cuda", index)
 
 
 class TorchBackend(Backend):
@@ -79,9 +61,13 @@ class TorchBackend(Backend):
         self.use_cuda_graphs = cuda_graphs and self.cuda
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
-        self._last: tuple | None = None   # (new_k, new_v, medusa logits) of the last eager forward
+        self._last: tuple | None = None   # (new_k, new_v, medusa logits) of the last step (K/V: eager only)
+        self._logits = None               # the last step's logits, on the device
+        self._host = self._host_medusa = None   # their host copies, made on demand
         self._buffers = self._graphs = None
         self._host_logits = torch.empty(0)
+        self._host_medusa_buf = torch.empty(0)
+        self._sampler = DeviceSampler(device)
         if self.cuda:
             from apar_rt.backends.cuda_model import fuse_projections
 
@@ -126,26 +112,54 @@ class TorchBackend(Backend):
         return logits, medusa
 
     @torch.inference_mode()
-    def forward(self, step: StepInput) -> torch.Tensor:
+    def execute(self, step: StepInput) -> None:
+        """Run one step; its logits and Medusa logits stay on the device (on CUDA, a decode step's
+        stay in its graph's output buffers) for `sample`, `medusa_topk` and `step_logits`."""
         self._copy_blocks(step.block_copies)
+        self._host = self._host_medusa = None
         if not self.cuda:
-            return self._forward_cpu(step)
-        out = self._graphs.run(step) if self._graphs is not None and _decode_only(step) else None
-        if out is not None:
-            (logits, medusa), new_k, new_v = out, None, None     # graphs serve plain decode: no commit_kv
+            self._logits, medusa, new_k, new_v = self._forward_cpu(step)
         else:
-            logits, medusa, new_k, new_v = self._run(self._buffers.upload(step))
-        self._last = (new_k, new_v, medusa.cpu() if medusa is not None else None)
-        return self._to_host(logits)
+            out = self._graphs.run(step) if self._graphs is not None and _decode_only(step) else None
+            if out is not None:
+                (self._logits, medusa), new_k, new_v = out, None, None   # graphs serve plain decode: no commit_kv
+            else:
+                self._logits, medusa, new_k, new_v = self._run(self._buffers.upload(step))
+        self._last = (new_k, new_v, medusa)
 
-    def _to_host(self, logits: torch.Tensor) -> torch.Tensor:
-        """One non-blocking copy into a pinned buffer, then wait: the only sync of the step.
-        The returned tensor is valid until the next forward."""
-        n = logits.numel()
-        if self._host_logits.numel() < n:
-            self._host_logits = torch.empty(n, dtype=torch.float32).pin_memory()
-        host = self._host_logits[:n].view(logits.shape)
-        host.copy_(logits, non_blocking=True)
+    def forward(self, step: StepInput) -> torch.Tensor:
+        self.execute(step)
+        return self.step_logits()
+
+    def step_logits(self) -> torch.Tensor:
+        """The last step's logits on the CPU: on CUDA one pinned copy, valid until the next step."""
+        if self._host is None:
+            self._host = self._logits if not self.cuda else self._to_host(self._logits, "_host_logits")
+        return self._host
+
+    def sample(self, rows, batch: SamplingBatch) -> Sampled:
+        """The torch sampler where the logits are (`torch_sampler`): only ids, ok flags and the
+        asked-for probes cross back, in one copy."""
+        return self._sampler.sample(self._logits, rows, batch)
+
+    def medusa_topk(self, rows, k: int) -> np.ndarray:
+        m = self._last[2] if self._last is not None else None
+        if m is None:
+            return super().medusa_topk(rows, k)
+        R = len(rows)
+        sel = m.index_select(0, torch.as_tensor(np.asarray(rows, np.int64)).to(m.device))
+        return self._sampler.ranked_top_k(sel.reshape(R * m.shape[1], m.shape[2]), k).reshape(R, m.shape[1], -1)
+
+    def _to_host(self, t: torch.Tensor, attr: str) -> torch.Tensor:
+        """One non-blocking copy into a pinned buffer (kept in `attr`), then wait. The returned
+        tensor is valid until the next step."""
+        n = t.numel()
+        buf = getattr(self, attr)
+        if buf.numel() < n:
+            buf = torch.empty(n, dtype=torch.float32).pin_memory()
+            setattr(self, attr, buf)
+        host = buf[:n].view(t.shape)
+        host.copy_(t, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
         return host
 
@@ -157,7 +171,7 @@ class TorchBackend(Backend):
         for cache in (*self.k_caches, *self.v_caches):
             cache[dst] = cache[src]
 
-    def _forward_cpu(self, step: StepInput) -> torch.Tensor:
+    def _forward_cpu(self, step: StepInput):
         t = torch.from_numpy
         rows = t(step.logits_indices).long()
         h, new_k, new_v = self.model.hidden_states(
@@ -166,11 +180,10 @@ class TorchBackend(Backend):
         h = h[rows]
         logits = self.model.lm_head(h).float()
         medusa = self.heads(h).float() if self.heads is not None else None
-        self._last = (new_k, new_v, medusa)
         slots = t(step.slot_mapping).long()
         keep = slots >= 0
         self._write_cpu(new_k, new_v, keep.nonzero().squeeze(1), slots[keep])
-        return logits
+        return logits, medusa, new_k, new_v
 
     def _write_cpu(self, new_k, new_v, idx: torch.Tensor, slots: torch.Tensor) -> None:
         for kc, vc, k, v in zip(self.k_caches, self.v_caches, new_k, new_v):
@@ -180,7 +193,10 @@ class TorchBackend(Backend):
     def medusa_logits(self) -> torch.Tensor:
         if self._last is None or self._last[2] is None:
             return super().medusa_logits()
-        return self._last[2]
+        if self._host_medusa is None:
+            m = self._last[2]
+            self._host_medusa = m if not self.cuda else self._to_host(m, "_host_medusa_buf").clone()
+        return self._host_medusa
 
     @torch.inference_mode()
     def commit_kv(self, token_indices, slots) -> None:

@@ -14,7 +14,11 @@ Sections (each recorded even if another fails; DIR/gpu_check.json is rewritten a
    CUDA-graphed, against the HBM floor (weights + KV read over the measured copy bandwidth) and
    against transformers `generate` (sdpa) on the same weights;
 5. the attention kernel alone vs `scaled_dot_product_attention` on the same decode batch held as
-   contiguous KV, and a mixed step (32 decodes + a 980-token prefill chunk) vs its parts.
+   contiguous KV, and a mixed step (32 decodes + a 980-token prefill chunk) vs its parts;
+6. the device sampler (`backends/torch_sampler.py`) against the numpy reference on random mixed
+   batches (tokens and ok flags equal, probes to rounding) and Medusa's ranked top-k, and its time
+   at 256 rows x vocab 32000 (greedy, top-k 50, top-p 0.9) against the old path (logits copied
+   to the host, then the numpy reference).
 A short table is printed last.
 """
 
@@ -508,6 +512,57 @@ def mixed_step(device, dry: bool) -> dict:
     return {**{f"{k}_ms": v for k, v in ms.items()}, "x_parts": ms["mixed"] / (ms["decodes"] + ms["prefill"])}
 
 
+# ---- section 6: the device sampler ----------------------------------------------------------------------
+
+def device_sampler(device, dry: bool) -> dict:
+    import numpy as np
+    import torch
+
+    from apar_rt.backends.torch_sampler import DeviceSampler
+    from apar_rt.core import SamplingParams
+    from apar_rt.sampler import SamplingBatch, ranked_top_k, sample
+    from apar_rt.testing.sampling import random_case
+
+    ds = DeviceSampler(device)
+    rng = np.random.default_rng(0)
+    rows_n = token_diff = ok_diff = 0
+    probe_err = 0.0
+    cases = [dict()] * (20 if dry else 300) + [dict(V=1000 if dry else 32000, R=16 if dry else 256)] * (2 if dry else 6)
+    for kw in cases:
+        x, rows, batch = random_case(rng, **kw)
+        ref = sample(x[rows], batch)
+        got = ds.sample(torch.from_numpy(x).to(device), rows, batch)
+        rows_n += len(batch)
+        ok_diff += int((got.ok != ref.ok).sum())
+        token_diff += int((got.tokens != ref.tokens).sum())
+        both = ~np.isnan(ref.probes)
+        if both.any():
+            probe_err = max(probe_err, float(np.abs(got.probes[both] - ref.probes[both]).max()))
+    x = torch.randn(64 * 5, 1000 if dry else 32000, device=device)
+    x[::4] = x[::4].round()
+    topk_equal = bool(np.array_equal(ds.ranked_top_k(x, 10), ranked_top_k(x.cpu().numpy(), 10)))
+
+    R, V = (16, 1000) if dry else (256, 32000)
+    logits = torch.randn(R, V, device=device) * 3
+    rows = np.arange(R)
+    timing = []
+    for name, p in (("greedy", SamplingParams()), ("top-k 50", SamplingParams(temperature=1.0, top_k=50)),
+                    ("top-p 0.9", SamplingParams(temperature=1.0, top_p=0.9))):
+        batch, g = SamplingBatch(), np.random.default_rng(1)
+        for _ in range(R):
+            batch.add(p, (), g)
+        same = bool(np.array_equal(ds.sample(logits, rows, batch).tokens, sample(logits.cpu().numpy(), batch).tokens))
+        dev_ms = median_ms(lambda: ds.sample(logits, rows, batch), device, reps=3 if dry else 20)
+        host_ms = median_ms(lambda: sample(logits.cpu().numpy(), batch), device, warmup=1, reps=3 if dry else 5)
+        timing.append({"case": name, "rows": R, "vocab": V, "device_ms": dev_ms, "host_copy_numpy_ms": host_ms,
+                       "x_faster": host_ms / dev_ms, "tokens_equal": same})
+        print(f"   sampler {name}: device {dev_ms:.2f} ms, copy+numpy {host_ms:.2f} ms", flush=True)
+    return {"rows_checked": rows_n, "token_mismatches": token_diff, "ok_mismatches": ok_diff,
+            "max_probe_error": probe_err, "ranked_topk_equal": topk_equal, "timing": timing,
+            "all_pass": token_diff == 0 and ok_diff == 0 and probe_err < 1e-5 and topk_equal
+            and all(t["tokens_equal"] for t in timing)}
+
+
 # ---- the table ---------------------------------------------------------------------------------------
 
 def summary(data: dict) -> str:
@@ -558,6 +613,17 @@ def summary(data: dict) -> str:
                      f"{m['prefill_ms']:.3f} ms: x{m['x_parts']:.2f}")
     else:
         lines.append(f"attention: ERROR {at.get('error')}")
+    sm = s.get("sampler", {})
+    if sm.get("ok"):
+        lines.append(f"device sampler == numpy reference: {'PASS' if sm['all_pass'] else 'FAIL'} "
+                     f"({sm['rows_checked']} rows, {sm['token_mismatches']} token / {sm['ok_mismatches']} ok "
+                     f"mismatches, probe err {sm['max_probe_error']:.1e}, ranked top-k "
+                     f"{'equal' if sm['ranked_topk_equal'] else 'DIFFERENT'})")
+        for t in sm["timing"]:
+            lines.append(f"  sample {t['rows']}x{t['vocab']} {t['case']:9s}: device {t['device_ms']:.2f} ms, "
+                         f"copy+numpy {t['host_copy_numpy_ms']:.2f} ms: x{t['x_faster']:.1f}")
+    elif "sampler" in s:
+        lines.append(f"device sampler: ERROR {sm.get('error')}")
     return "\n".join(lines)
 
 
@@ -577,7 +643,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         device = torch.device("cpu")
     else:
-        from apar_rt.backends.torch_backend import resolve_device
+        from apar_rt.backends.device import resolve_device
 
         device = resolve_device(args.device)
         if device.type != "cuda":
@@ -585,7 +651,7 @@ def main(argv=None) -> int:
             return 2
     check = Check(Path(args.out), args.dry_run)
     sections = [("bandwidth", copy_bandwidth), ("kernel_accuracy", kernel_accuracy), ("oracles", oracles),
-                ("attention", attention_vs_sdpa), ("decode_steps", decode_steps)]
+                ("attention", attention_vs_sdpa), ("sampler", device_sampler), ("decode_steps", decode_steps)]
     bw = None
     for name, fn in sections:
         if name in args.skip:

@@ -6,6 +6,12 @@ exactly what plain greedy decoding would produce. Typical acceptance (temperatur
 the request's own sampling distribution (temperature, then top-k and top-p, as `sampler`
 defines it): a node is accepted when it is in that distribution's kept set and
 q(node | parent) > min(epsilon, alpha * exp(-H(q))). The bonus token is drawn from q.
+
+Verification is split so that a whole step's trees are sampled in one pass on the backend's
+device: `add_tree` puts a tree's nodes (with their bans, and for typical acceptance one uniform
+and a probe per draft node) into the step's `SamplingBatch`; `accept` walks the tree from the
+small `Sampled` arrays that come back (per node: the greedy or drawn token, ok, the entropy;
+per draft node: its kept probability under its parent).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import numpy as np
 
 from apar_rt.core import SamplingParams
 from apar_rt.medusa.tree import MedusaTree
-from apar_rt.sampler import SamplingBatch, SamplingError, draw, error_message, kept_probs, process, valid_rows
+from apar_rt.sampler import Sampled, SamplingBatch, SamplingError, error_message, sample
 
 ACCEPTANCE = ("greedy", "typical")
 
@@ -37,60 +43,83 @@ class Acceptance:
             raise ValueError(f"acceptance must be one of {', '.join(ACCEPTANCE)}, got {self.kind!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class TreeRows:
+    """Where one tree's nodes sit in a step's SamplingBatch."""
+
+    first: int                    # batch row of the root; node i is row first + i
+    node_tokens: tuple[int, ...]  # the root token, then the draft tokens
+    first_probe: int              # typical: probe of draft node c is first_probe + c - 1; -1 when greedy
+    params: SamplingParams
+
+
 class MedusaVerifier:
     def __init__(self, tree: MedusaTree, acceptance: Acceptance = Acceptance()) -> None:
         self.tree = tree
         self.acceptance = acceptance
 
-    def verify(self, logits, root_token: int, draft: Sequence[int], params: SamplingParams,
-               banned: Callable[[int], Sequence[int]], generator) -> tuple[list[int], list[int]]:
-        """Accept the longest run of the tree.
+    def add_tree(self, batch: SamplingBatch, root_token: int, draft: Sequence[int], params: SamplingParams,
+                 banned: Callable[[int], Sequence[int]], generator) -> TreeRows:
+        """Add one tree's nodes to `batch` (all or none of them).
 
         Args:
-            logits: [tree.size, V] raw logits, root first, in tree node order.
             root_token, draft: the tokens fed at the root and at each draft node.
             banned: token ids banned after a given last token.
-            generator: the request's RNG (numpy), for the bonus token of a sampled request.
+            generator: the request's RNG (numpy); a sampled request draws one uniform, for its
+                bonus token.
+        """
+        node_tokens = (int(root_token), *map(int, draft))
+        if len(node_tokens) != self.tree.size:
+            raise ValueError(f"a draft of {len(draft)} tokens for a tree of {self.tree.num_nodes} nodes")
+        sub = SamplingBatch()
+        u = None if params.greedy else float(generator.random())
+        for t in node_tokens:
+            sub.add(params, banned(t), uniform=u)
+        if not params.greedy:
+            sub.probes = [(self.tree.parents[c], node_tokens[c]) for c in range(1, len(node_tokens))]
+        first_probe = len(batch.probes)
+        first = batch.extend(sub)
+        return TreeRows(first, node_tokens, -1 if params.greedy else first_probe, params)
+
+    def accept(self, sampled: Sampled, rows: TreeRows) -> tuple[list[int], list[int]]:
+        """Accept the longest run of the tree from the sampled nodes.
+
         Returns:
             (tokens, nodes): the accepted draft tokens followed by the bonus token, and for each
             token the tree index whose logits produced it (0 = root).
         Raises:
-            SamplingError: a node on the path has no valid distribution.
+            SamplingError: a node on the path (typical: any node) has no valid distribution.
         """
-        tree = self.tree
-        node_tokens = [root_token, *draft]
-        batch = SamplingBatch()
-        for t in node_tokens:
-            batch.add(params, banned(t))
-        x = process(np.asarray(logits), batch)
-        ok = valid_rows(x)
-        if params.greedy:
+        f, node_tokens = rows.first, rows.node_tokens
+        tokens, ok = sampled.tokens, sampled.ok
+        if rows.first_probe < 0:
             path = [0]
             while True:
-                if not ok[path[-1]]:
-                    raise SamplingError(error_message(params))
-                target = int(np.argmax(x[path[-1]]))
-                nxt = next((c for c in tree.children[path[-1]] if node_tokens[c] == target), None)
+                if not ok[f + path[-1]]:
+                    raise SamplingError(error_message(rows.params))
+                target = int(tokens[f + path[-1]])
+                nxt = next((c for c in self.tree.children[path[-1]] if node_tokens[c] == target), None)
                 if nxt is None:
                     return [node_tokens[i] for i in path[1:]] + [target], path
                 path.append(nxt)
-        if not ok.all():
-            raise SamplingError(error_message(params))
         n = len(node_tokens)
-        q = kept_probs(x, np.full(n, params.temperature), np.full(n, params.top_k, np.int64),
-                       np.full(n, params.top_p))
-        if not np.isfinite(q).all():
-            raise SamplingError(error_message(params))
-        path = self._longest_typical(q, node_tokens)
-        u = np.array([generator.random()])
-        bonus = int(draw(q[path[-1]][None, :], u)[0])
-        return [node_tokens[i] for i in path[1:]] + [bonus], path
+        if not ok[f:f + n].all():
+            raise SamplingError(error_message(rows.params))
+        probs = sampled.probes[rows.first_probe:rows.first_probe + n - 1]
+        path = self._longest_typical(probs, sampled.entropy[f:f + n])
+        return [node_tokens[i] for i in path[1:]] + [int(tokens[f + path[-1]])], path
 
-    def _longest_typical(self, q: np.ndarray, node_tokens: Sequence[int]) -> list[int]:
+    def verify(self, logits, root_token: int, draft: Sequence[int], params: SamplingParams,
+               banned: Callable[[int], Sequence[int]], generator) -> tuple[list[int], list[int]]:
+        """One tree on the host: `add_tree`, the numpy sampler over logits [tree.size, V] (root
+        first, in node order), then `accept`."""
+        batch = SamplingBatch()
+        rows = self.add_tree(batch, root_token, draft, params, banned, generator)
+        return self.accept(sample(np.asarray(logits, np.float32), batch), rows)
+
+    def _longest_typical(self, probs: np.ndarray, entropy: np.ndarray) -> list[int]:
+        """probs[c - 1]: draft node c's kept probability under its parent; entropy per node."""
         eps, alpha = self.acceptance.epsilon, self.acceptance.alpha
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logq = np.where(q > 0, np.log(np.where(q > 0, q, 1.0)), 0.0)
-        entropy = -(q * logq).sum(axis=1)
         threshold = np.minimum(eps, alpha * np.exp(-entropy))
         best: list[int] = [0]
 
@@ -100,7 +129,7 @@ class MedusaVerifier:
                 best = list(path)
             node = path[-1]
             for c in self.tree.children[node]:
-                p = q[node, node_tokens[c]]
+                p = probs[c - 1]
                 if p > 0 and p > threshold[node]:       # p > 0: inside the top-k / top-p set
                     walk(path + [c])
 
@@ -111,12 +140,12 @@ class MedusaVerifier:
         """Whether a request with these params decodes with draft trees."""
         return params.greedy or self.acceptance.kind == "typical"
 
-    def draft(self, medusa_logits) -> list[int]:
-        """Draft tokens for the next tree from the heads' logits [H, V] at the new root."""
-        m = np.asarray(medusa_logits)
-        ranked = []
-        for d, k in enumerate(self.tree.topk):
-            row = m[d]
-            top = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
-            ranked.append(top[np.lexsort((top, -row[top]))].tolist())
-        return self.tree.draft_tokens(ranked)
+    @property
+    def max_rank(self) -> int:
+        """How many ranked candidates per head drafting needs (the widest level of the tree)."""
+        return max(self.tree.topk)
+
+    def draft(self, ranked) -> list[int]:
+        """Draft tokens for the next tree from the heads' ranked candidates at the new root:
+        ranked [H, >= max_rank] token ids, best first, ties to the lower id (`ranked_top_k`)."""
+        return self.tree.draft_tokens([[int(t) for t in ranked[d][:k]] for d, k in enumerate(self.tree.topk)])

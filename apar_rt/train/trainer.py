@@ -121,17 +121,6 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` becomes ``cuda`` when available, else ``cpu``."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available")
-    return name
-
-
 def load_for_training(model_dir: str, tokenizer_dir: str | None):
     """Load a Llama checkpoint and its tokenizer (fp32) for training."""
     import torch
@@ -165,7 +154,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError("no data file given")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    from apar_rt.backends.device import resolve_device
+
+    device = resolve_device(cfg.device, runner="training")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
 
