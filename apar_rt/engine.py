@@ -158,18 +158,19 @@ class Engine:
                 nodes: list[int] = []
                 if req.status is not RequestStatus.FINISHED:
                     try:
-                        start = len(batch)
                         if s.tree:
+                            start = len(batch)
                             tree = self.verifier.add_tree(
                                 batch, b.token_ids[-1], b.draft, req.params,
                                 lambda last, req=req, b=b: banned(req, b, last, out), req.generator)
                             rows.extend(range(first, first + s.num_new))
+                            jobs.append((len(results), start, len(batch) - start, tree))
                         else:
                             last = b.token_ids[-1] if b.token_ids else b.prefix[-1]
-                            batch.add(req.params, banned(req, b, last, out), req.generator)
+                            start = batch.add(req.params, banned(req, b, last, out), req.generator)
                             rows.append(first)
-                            tree, nodes = None, [0]
-                        jobs.append((len(results), start, len(batch) - start, tree))
+                            nodes = [0]
+                            jobs.append((len(results), start, 1, None))
                     except Exception as e:
                         self._fail(req, "sampling", e, out)
                 results.append([])
@@ -201,16 +202,17 @@ class Engine:
         except Exception as e:   # not expected: find the request whose rows raise, one request at a time
             log.error("batched sampling failed; sampling request by request", exc_info=e)
             sampled = self._sample_each(rows_a, batch, jobs, picks, out)
+        tokens, ok = sampled.tokens.tolist(), sampled.ok.tolist()
         for i, start, n, tree in jobs:
             req = picks[i][0].request
-            if req.finished:
+            if req.status is RequestStatus.FINISHED:
                 continue
             try:
                 if tree is not None:
                     results[i], nodes = self.verifier.accept(sampled, tree)
                     picks[i] = (picks[i][0], picks[i][1], nodes)
-                elif sampled.ok[start]:
-                    results[i] = [int(sampled.tokens[start])]
+                elif ok[start]:
+                    results[i] = [tokens[start]]
                 else:
                     raise SamplingError(error_message(req.params))
             except Exception as e:

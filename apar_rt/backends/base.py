@@ -65,7 +65,12 @@ class Backend(ABC):
         `apar_rt.sampler.sample` defines it. The default runs that numpy reference on the host
         logits; a device backend runs the same steps where its logits are and returns only the
         small arrays."""
-        return sample(np.asarray(self.step_logits())[np.asarray(rows, np.int64)], batch, inplace=True)
+        logits = np.asarray(self.step_logits())
+        rows = np.asarray(rows, np.int64)
+        n = len(rows)
+        if n == logits.shape[0] and (n == 0 or (rows[0] == 0 and rows[-1] == n - 1)):   # rows increase: all, in order
+            return sample(logits, batch)
+        return sample(logits[rows], batch, inplace=True)
 
     def medusa_topk(self, rows, k: int) -> np.ndarray:
         """[R, heads, k] int64: for each logits row in `rows` of the last step, each Medusa head's
