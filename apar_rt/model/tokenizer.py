@@ -89,7 +89,10 @@ class FastTokenizer:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, token_ids, skip_special_tokens: bool = False) -> str:
-        text = self._tok.decode(list(map(int, token_ids)), skip_special_tokens=skip_special_tokens)
+        try:   # the engine's lists of Python ints go straight in (this runs per branch per step)
+            text = self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        except TypeError:   # numpy ints, arrays, tuples
+            text = self._tok.decode(list(map(int, token_ids)), skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
 
     def get_vocab(self) -> dict[str, int]:
