@@ -350,12 +350,10 @@ def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
     x = np.asarray(logits, dtype=np.float32)
     R = x.shape[0]
     tokens = x.argmax(axis=1)
-    with np.errstate(invalid="ignore"):
-        ok = np.isfinite(x[np.arange(R), tokens])
+    ok = np.isfinite(x[np.arange(R), tokens])
     if batch.bans:
-        bn = np.asarray(batch.bans, dtype=np.int64)
-        redo = np.unique(bn[bn[:, 1] == tokens[bn[:, 0]], 0])
-        for r in redo.tolist():
+        first = tokens.tolist()
+        for r in sorted({r for r, t in batch.bans if first[r] == t}):
             one = _sample(x[r:r + 1], batch.select([r])[0])
             tokens[r], ok[r] = one.tokens[0], one.ok[0]
     tokens[~ok] = -1
