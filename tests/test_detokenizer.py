@@ -135,6 +135,31 @@ def test_a_byte_fallback_run_that_turns_invalid_is_decoded_again(byte_fallback):
     assert "é" not in seg.text() and seg.version > 0
 
 
+def test_stream_waits_through_an_incomplete_byte_run_instead_of_stopping(byte_fallback):
+    """Two CJK characters as six byte tokens: after the first character's three bytes the text
+    shows it, and the next character's first byte turns the whole run into U+FFFD until that
+    character completes. The stream waits there (it used to stop streaming until `finish`)
+    and goes on once the run is valid again, ending equal to the final text."""
+    decode, ctrl, eos, special, split, ordinary = byte_fallback
+    req = Request("r", "", [split[0]], SamplingParams())
+    req.budget = None                          # no max_tokens cut
+    text = TreeText(decode, special)
+    streamer = ReadingOrderStreamer(req, text, ctrl, special, 0)
+    root = req.branches[0]
+    sent_after = []
+    for tok in [ordinary[-1]] + [5 + x for x in "你好".encode()] + [ordinary[-2], eos]:
+        root.token_ids.append(tok)
+        if tok == eos:
+            root.finish_reason = FinishReason.STOP
+        streamer.step([BranchDelta(0, None, None, [tok], tok == eos)])
+        sent_after.append(streamer.sent)
+        assert not streamer.diverged
+    final = recover_text(decode, req.branches, ctrl, special)
+    assert "你好" in final and "你" in sent_after[4] and "你好" in sent_after[7]
+    streamer.finish(final)
+    assert streamer.sent == final
+
+
 # ---- random trees through the streamer ------------------------------------------------------
 
 def grow_tree(rng, req, ctrl, eos, split, ordinary, max_depth=2, wild_stops=True):
@@ -219,7 +244,8 @@ def test_streamed_text_equals_a_full_rerender_at_every_step(which, join, seed, r
     req.budget = budget
     text = TreeText(Counting(decode), special)
     streamer = ReadingOrderStreamer(req, text, ctrl, special, holdback, join=join)
-    ref_sent, ref_diverged = "", False         # the contract's stream: growth of settled_text
+    ref_sent, ref_diverged = "", False         # the contract's stream: growth of settled_text (a shorter
+                                               # settled text, e.g. an incomplete byte run, waits)
     own_sent: dict[int, str] = {}
     own_ref: dict[int, str] = {}
     steps = 0
@@ -230,7 +256,7 @@ def test_streamed_text_equals_a_full_rerender_at_every_step(which, join, seed, r
         if not ref_diverged:
             if now.startswith(ref_sent):
                 ref_sent = now
-            else:
+            elif not ref_sent.startswith(now):
                 ref_diverged = True
         assert streamer.diverged == ref_diverged
         assert streamer.sent == ref_sent

@@ -140,8 +140,13 @@ class ReadingOrderStreamer:
                            join=self.join, budget=req.budget, segment=self.text.segment_renderer(req.branches))
         sent = self.sent
         if not now.startswith(sent):
-            # settled_text promises a growing prefix; if it ever does not, stop streaming
-            # early and let `finish` send what it can.
+            if sent.startswith(now):
+                # Shorter, not different: a byte-fallback tokenizer shows a whole run of byte tokens
+                # as U+FFFD until the run is valid UTF-8 again (the next character's first byte
+                # arrived), and settled text drops trailing U+FFFD. Wait for the run to complete.
+                return ""
+            # settled_text contradicts what was sent; stop streaming early and let `finish` send
+            # what it can.
             log.warning("settled text no longer extends the streamed text; holding the rest")
             self.diverged = True
             return ""
