@@ -175,9 +175,9 @@ class OnnxRuntimeBackend(Backend):
             self.num_medusa_heads = 0
         # On the CPU the op runs as the graph of `ort_attention.rewrite` (MultiHeadAttention, index
         # math once per step); the CUDA execution provider keeps the engine file's standard-op body.
-        self.ort_body = self._dev_type == "cpu"
-        if drop or self.ort_body:
-            model = _session_model(model_path, drop, self.ort_body)
+        ort_body = self._dev_type == "cpu"
+        if drop or ort_body:
+            model = _session_model(model_path, drop, ort_body)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(model_path.parent))
         try:
@@ -193,7 +193,7 @@ class OnnxRuntimeBackend(Backend):
         self.k_caches: list = []          # per layer: numpy views (CPU) or torch views (CUDA) of the pool
         self.v_caches: list = []
         self._bufs: dict = {}             # backend-owned input/output buffers, by name (see _buffer)
-        self._bound: dict = {}            # name -> (buffer generation, shape, dtype) bound now (_bind)
+        self._bound: dict = {}            # name -> (buffer generation, shape) bound now (see _bind)
         self._gens: dict = {}             # buffer name -> generation of its current allocation
         self._next_gen = 0
         self._outputs_key = None          # what _bind_outputs bound last

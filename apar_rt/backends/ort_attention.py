@@ -17,9 +17,9 @@ Tested against the float64 oracle in tests/test_tree_attention.py (impl "onnx-or
 from __future__ import annotations
 
 from apar_rt.export import attention_body as ab
-from apar_rt.export.op import OP_DOMAIN, OP_TYPE, AttentionAttrs
+from apar_rt.export.op import OP_DOMAIN, OP_INPUTS, OP_TYPE, AttentionAttrs
 
-STEP_INPUTS = ("block_tables", "context_lens", "query_start", "mask")   # the op's inputs 5..8
+STEP_INPUTS = OP_INPUTS[5:]   # block_tables, context_lens, query_start, mask: shared by every layer
 
 
 def _attrs(node) -> AttentionAttrs:
@@ -65,16 +65,18 @@ def rewrite(model) -> int:
     any_long = top.op("Greater", [top.op("ReduceMax", [is_long], keepdims=0), top.zero])
     is_decode = top.op("LessOrEqual", [top.op("ReduceMax", [s.q_len], keepdims=0), top.one])
 
-    def if_node(cond, then_b, then_outs, else_b, else_outs, tag, types):
+    def if_node(into: ab.Nodes, cond, then_b, then_outs, else_b, else_outs, tag, types) -> list[str]:
+        """An If node appended to `into`, its branches the nodes of `then_b` / `else_b` with
+        outputs `then_outs` / `else_outs` (of element types `types`); returns its outputs."""
         names = [f"apar/{tag}_{k}" for k in range(len(types))]
 
         def graph(b, outs, name):
             return helper.make_graph(b.nodes, name, [],
                                      [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, types)])
 
-        top.nodes.append(helper.make_node("If", [cond], names, name=f"apar/{tag}",
-                                          then_branch=graph(then_b, then_outs, f"apar_{tag}_then"),
-                                          else_branch=graph(else_b, else_outs, f"apar_{tag}_else")))
+        into.nodes.append(helper.make_node("If", [cond], names, name=f"apar/{tag}",
+                                           then_branch=graph(then_b, then_outs, f"apar_{tag}_then"),
+                                           else_branch=graph(else_b, else_outs, f"apar_{tag}_else")))
         return names
 
     # The short group: a decode step's index (rows in packed order), or the general one. Outputs:
@@ -94,7 +96,7 @@ def rewrite(model) -> int:
     gen_outs = [si.N, si.R, si.L, si.q_idx, si.k_idx, si.tables, ab.mha_bias(gen, si, G),
                 ab.packed_rows(gen, s, sg, None), sg.short_end, sg.short_n, sg.n_short]
     N, R, L, q_idx, k_idx, tables, short_bias, short_rows, short_end, short_n, n_short = if_node(
-        is_decode, dec, dec_outs, gen, gen_outs, "short", types)
+        top, is_decode, dec, dec_outs, gen, gen_outs, "short", types)
     short_index = ab.GroupIndex(N=N, R=R, Qn="", L=L, K="", q_idx=q_idx, k_idx=k_idx, tables=tables, vis="")
     sg = ab.ShortGroup(short_index, short_n, short_end, n_short)
 
@@ -107,22 +109,13 @@ def rewrite(model) -> int:
     mixed_outs = [li.N, li.R, li.L, li.q_idx, li.k_idx, li.tables, ab.mha_bias(mixed, li, G),
                   ab.packed_rows(mixed, s, sg, lg)]
     none = ab.Nodes(attrs, "apar/noLong/", inputs)
-
-    def empty(dims, dtype):
-        out = none.name("empty")
-        none.nodes.append(helper.make_node("Constant", [], [out], value=helper.make_tensor(out, dtype, dims, [])))
-        return out
-
-    none_outs = [none.const([0]), none.const([1]), none.const([0]), empty([0, 1], I64), empty([0, 0], I64),
-                 empty([0, 0], tables_type), empty([0, 1, G, 0], F32), none.op("Identity", [short_rows])]
-    N, R, L, q_idx, k_idx, tables, long_bias, rows = if_node(any_long, mixed, mixed_outs, none, none_outs, "long",
-                                                             types)
+    none_outs = [none.const([0]), none.const([1]), none.const([0]), none.empty([0, 1], I64), none.empty([0, 0], I64),
+                 none.empty([0, 0], tables_type), none.empty([0, 1, G, 0], F32), none.op("Identity", [short_rows])]
+    N, R, L, q_idx, k_idx, tables, long_bias, rows = if_node(top, any_long, mixed, mixed_outs, none, none_outs,
+                                                             "long", types)
     long_index = ab.GroupIndex(N=N, R=R, Qn="", L=L, K="", q_idx=q_idx, k_idx=k_idx, tables=tables, vis="")
 
     # ---- layer math ----
-    def branch_graph(b: ab.Nodes, out: str, name: str):
-        return helper.make_graph(b.nodes, name, [], [helper.make_tensor_value_info(out, F32, None)])
-
     replaced = {}
     for i, n in enumerate(nodes):
         b = ab.Nodes(attrs, f"apar/l{i}/", inputs)
@@ -133,13 +126,8 @@ def rewrite(model) -> int:
         lb = ab.Nodes(attrs, f"apar/l{i}/long/", inputs)
         long_out = ab.attend_mha(lb, long_index, long_bias, G, q2, k2, v2, k_cache, v_cache)
         nb = ab.Nodes(attrs, f"apar/l{i}/nolong/", inputs)
-        none_out = nb.name("empty")
-        nb.nodes.append(helper.make_node("Constant", [], [none_out], value=helper.make_tensor(
-            none_out, F32, [0, attrs.num_heads, attrs.head_size], [])))
-        long_if = b.name("long_attention")
-        b.nodes.append(helper.make_node("If", [any_long], [long_if],
-                                        then_branch=branch_graph(lb, long_out, f"apar_l{i}_long"),
-                                        else_branch=branch_graph(nb, none_out, f"apar_l{i}_nolong")))
+        none_out = nb.empty([0, attrs.num_heads, attrs.head_size], F32)
+        long_if, = if_node(b, any_long, lb, [long_out], nb, [none_out], f"l{i}/long_attention", [F32])
         both = b.op("Concat", [short_out, long_if], axis=0)
         b.nodes.append(helper.make_node("CastLike", [b.op("Gather", [both, rows], axis=0), q], [n.output[0]]))
         replaced[id(n)] = b.nodes

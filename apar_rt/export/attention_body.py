@@ -55,7 +55,7 @@ class Nodes:
         self.prefix = prefix
         self.inputs = inputs or {}
         self._n = 0
-        self.I64, self.F32, self.BOOL = TensorProto.INT64, TensorProto.FLOAT, TensorProto.BOOL
+        self.I64, self.F32 = TensorProto.INT64, TensorProto.FLOAT
         self.i0, self.i1, self.i2, self.i3 = (self.const([i]) for i in range(4))
         self.zero, self.one = self.scalar(0, self.I64), self.scalar(1, self.I64)
         self.fmin, self.fzero = self.scalar(FLOAT32_LOWEST, self.F32), self.scalar(0.0, self.F32)
@@ -71,11 +71,11 @@ class Nodes:
         self._n += 1
         return f"{self.prefix}{kind}_{self._n}"
 
-    def op(self, op_type: str, inputs, domain: str = "", **attrs) -> str:
+    def op(self, op_type: str, inputs, **attrs) -> str:
         from onnx import helper
 
         out = self.name(op_type.lower())
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], domain=domain or None, **attrs))
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
         return out
 
     def const(self, values, dtype=None) -> str:
@@ -84,6 +84,14 @@ class Nodes:
         out = self.name("const")
         self.nodes.append(helper.make_node("Constant", [], [out], value=helper.make_tensor(
             out, self.I64 if dtype is None else dtype, [len(values)], values)))
+        return out
+
+    def empty(self, dims, dtype) -> str:
+        """A constant tensor of shape `dims` with no elements (one dimension is 0)."""
+        from onnx import helper
+
+        out = self.name("empty")
+        self.nodes.append(helper.make_node("Constant", [], [out], value=helper.make_tensor(out, dtype, dims, [])))
         return out
 
     def scalar(self, value, dtype) -> str:
