@@ -19,6 +19,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 from apar_rt import LLM, SamplingParams  # noqa: E402
+from apar_rt.testing.serving import wait_until_idle
 
 PROMPTS = ["the list of water and sleep", "one two three", "tree fork model data run build code test",
            "first tip", "a plan for food and walk and read", "note step tip plan idea"]
@@ -64,17 +65,6 @@ def ref_chat(tiny_gqa):
     return LLM(str(tiny_gqa[0]), dtype="float32", device="cpu", **ENGINE_KW)
 
 
-def idle(server, timeout=10.0) -> bool:
-    """Wait (bounded) until the engine holds no request and no KV block."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = server.loop.stats
-        if s.kv_blocks_used == 0 and s.running == 0 and s.waiting == 0 and not server.loop._live:
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def stream_text(chunks) -> tuple[str, str | None, object]:
     text, finish, usage = "", None, None
     for ch in chunks:
@@ -101,7 +91,7 @@ def test_completions_equal_generate_streamed_and_not(server, client, ref_raw, fo
                                                                     stream_options={"include_usage": True}))
         assert text == ref.text and finish == ref.finish_reason.value
         assert usage.completion_tokens == ref.stats["generated_tokens"]
-    assert idle(server)
+    assert wait_until_idle(server.loop)
 
 
 def test_chat_equals_generate_with_its_template(client, ref_chat, fork_id):
@@ -149,7 +139,7 @@ def test_32_concurrent_streams_complete_and_free_their_blocks(server, client, re
     assert [t for t, _ in got] == [o.text for o in want]
     assert all(f in ("stop", "length") for _, f in got)
     assert max(peak) > 1                      # requests really ran together
-    assert idle(server)
+    assert wait_until_idle(server.loop)
     metrics = httpx.get(server.url + "/metrics").text
     assert "apar_rt_kv_blocks_used 0.0" in metrics and "apar_rt_num_requests_running 0.0" in metrics
 
@@ -266,7 +256,7 @@ def test_too_long_prompt_and_typed_client_errors(server, client):
     openai_error(httpx.get(server.url + "/v1/nothing"), 404)
     openai_error(httpx.get(server.url + "/v1/completions"), 405)
     assert_served(client)
-    assert idle(server)
+    assert wait_until_idle(server.loop)
 
 
 def finished_total(server, reason: str) -> float:
@@ -288,7 +278,7 @@ def test_client_disconnecting_mid_stream_aborts_and_frees_blocks(server, client)
             assert any(line.startswith("data: {") for line in got)
             assert server.loop.stats.kv_blocks_used > 0
         # leaving the block closes the connection mid-stream
-    assert idle(server)
+    assert wait_until_idle(server.loop)
     assert finished_total(server, "abort") == aborted + 1
     assert_served(client)
 
@@ -303,7 +293,7 @@ def test_client_disconnecting_before_a_plain_answer(server, client):
         deadline = time.monotonic() + 10
         while server.loop.stats.running == 0 and time.monotonic() < deadline:
             time.sleep(0.005)
-    assert idle(server)
+    assert wait_until_idle(server.loop)
     assert finished_total(server, "abort") == aborted + 1
     assert_served(client)
 

@@ -21,6 +21,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 from apar_rt import LLM, SamplingParams  # noqa: E402
+from apar_rt.testing.serving import wait_until_idle
 
 MODEL = "tiny"
 ENGINE_KW = dict(max_num_seqs=512, max_num_tokens=4096, num_blocks=2048)
@@ -88,16 +89,6 @@ def assert_served(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
-def idle(server, timeout=10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = server.loop.stats
-        if s.kv_blocks_used == 0 and s.running == 0 and not server.loop._live:
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def poisoned(**fields) -> SamplingParams:
     p = SamplingParams(max_tokens=40, temperature=0.8, seed=3)
     for k, v in fields.items():
@@ -131,7 +122,7 @@ def test_poisoned_requests_fail_alone_while_four_streams_finish(server, referenc
     for r, param in ((nan, None), (inf, "top_p"), (huge, "max_tokens")):
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == param
-    assert idle(server)
+    assert wait_until_idle(server.loop)
 
 
 def test_huge_requests_do_not_stall_a_running_stream(server, reference, fork_id):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from apar_rt.serve.triton_adapter import TritonServing
+from apar_rt.testing.serving import wait_until_idle
 
 
 class Recorder:
@@ -64,16 +65,6 @@ def serving(tiny_gqa):
     s.close()
 
 
-def idle(serving, timeout=10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = serving.loop.stats
-        if st.kv_blocks_used == 0 and st.running == 0 and not serving.loop._live:
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_a_failed_send_cancels_the_request_and_frees_its_blocks(serving):
     bad = Recorder(fail_after=1)            # the client goes away after its first piece
     good = Recorder()
@@ -81,7 +72,7 @@ def test_a_failed_send_cancels_the_request_and_frees_its_blocks(serving):
     serving.submit(inputs("first tip", max_tokens=24), good)
     assert good.done.wait(60) and not good.errors
     assert "".join(t for t, _ in good.sent)
-    assert idle(serving), serving.loop.stats       # KV blocks back to 0 long before 400 tokens
+    assert wait_until_idle(serving.loop), serving.loop.stats   # KV blocks back to 0 long before 400 tokens
     assert serving.counts.finished("abort") == 1 and len(bad.sent) == 1
     assert serving.engine.num_steps < 200
 
