@@ -87,7 +87,8 @@ def rewrite(model) -> int:
     types = [I64, I64, I64, I64, I64, tables_type, F32, I64, I64, I64, I64]
     dec = ab.Nodes(attrs, "apar/dec/", inputs)
     di = ab.decode_group(dec, s)
-    dec_outs = [dec.op("Identity", [di.N]), di.R, di.L, di.q_idx, di.k_idx, di.tables, ab.mha_bias(dec, di, G),
+    dec_outs = [dec.op("Identity", [di.N]), di.R, di.L, di.q_idx, di.k_idx, di.tables,
+                ab.mha_bias(dec, di, G),
                 dec.op("Squeeze", [di.q_idx, dec.i1]), dec.op("Identity", [s.q_len]),
                 dec.op("Identity", [s.q_len]), dec.const([0])]
     gen = ab.Nodes(attrs, "apar/short/", inputs)
@@ -109,10 +110,11 @@ def rewrite(model) -> int:
     mixed_outs = [li.N, li.R, li.L, li.q_idx, li.k_idx, li.tables, ab.mha_bias(mixed, li, G),
                   ab.packed_rows(mixed, s, sg, lg)]
     none = ab.Nodes(attrs, "apar/noLong/", inputs)
-    none_outs = [none.const([0]), none.const([1]), none.const([0]), none.empty([0, 1], I64), none.empty([0, 0], I64),
-                 none.empty([0, 0], tables_type), none.empty([0, 1, G, 0], F32), none.op("Identity", [short_rows])]
-    N, R, L, q_idx, k_idx, tables, long_bias, rows = if_node(top, any_long, mixed, mixed_outs, none, none_outs,
-                                                             "long", types)
+    none_outs = [none.const([0]), none.const([1]), none.const([0]), none.empty([0, 1], I64),
+                 none.empty([0, 0], I64), none.empty([0, 0], tables_type), none.empty([0, 1, G, 0], F32),
+                 none.op("Identity", [short_rows])]
+    N, R, L, q_idx, k_idx, tables, long_bias, rows = if_node(
+        top, any_long, mixed, mixed_outs, none, none_outs, "long", types)
     long_index = ab.GroupIndex(N=N, R=R, Qn="", L=L, K="", q_idx=q_idx, k_idx=k_idx, tables=tables, vis="")
 
     # ---- layer math ----
@@ -120,7 +122,8 @@ def rewrite(model) -> int:
     for i, n in enumerate(nodes):
         b = ab.Nodes(attrs, f"apar/l{i}/", inputs)
         q, k, v, k_cache, v_cache = n.input[:5]
-        q2, k2, v2 = (b.reshape(x, [s.T, b.op("Mul", [h, b.D])]) for x, h in ((q, b.Hq), (k, b.Hkv), (v, b.Hkv)))
+        q2, k2, v2 = (b.reshape(x, [s.T, b.op("Mul", [h, b.D])])            # [T, heads * D]
+                      for x, h in ((q, b.Hq), (k, b.Hkv), (v, b.Hkv)))
         short_out = ab.attend_mha(b, short_index, short_bias, G, q2, k2, v2, k_cache, v_cache)
         # the long group only when the step has one (an If, so that other steps skip its nodes)
         lb = ab.Nodes(attrs, f"apar/l{i}/long/", inputs)

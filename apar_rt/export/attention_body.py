@@ -78,28 +78,24 @@ class Nodes:
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
         return out
 
-    def const(self, values, dtype=None) -> str:
+    def constant(self, kind: str, dtype, dims, values) -> str:
+        """A Constant node of element type `dtype`, shape `dims`, holding `values`."""
         from onnx import helper
 
-        out = self.name("const")
-        self.nodes.append(helper.make_node("Constant", [], [out], value=helper.make_tensor(
-            out, self.I64 if dtype is None else dtype, [len(values)], values)))
+        out = self.name(kind)
+        self.nodes.append(helper.make_node("Constant", [], [out],
+                                           value=helper.make_tensor(out, dtype, dims, values)))
         return out
+
+    def const(self, values, dtype=None) -> str:   # a 1-D tensor, int64 by default
+        return self.constant("const", self.I64 if dtype is None else dtype, [len(values)], values)
+
+    def scalar(self, value, dtype) -> str:
+        return self.constant("scalar", dtype, [], [value])
 
     def empty(self, dims, dtype) -> str:
         """A constant tensor of shape `dims` with no elements (one dimension is 0)."""
-        from onnx import helper
-
-        out = self.name("empty")
-        self.nodes.append(helper.make_node("Constant", [], [out], value=helper.make_tensor(out, dtype, dims, [])))
-        return out
-
-    def scalar(self, value, dtype) -> str:
-        from onnx import helper
-
-        out = self.name("scalar")
-        self.nodes.append(helper.make_node("Constant", [], [out], value=helper.make_tensor(out, dtype, [], [value])))
-        return out
+        return self.constant("empty", dtype, dims, [])
 
     def _attr_ref_const(self, name: str, kind: str, attr_kind) -> str:
         from onnx import helper
@@ -116,7 +112,8 @@ class Nodes:
 
         if self.attrs is not None:
             return self.const([int(getattr(self.attrs, name))])
-        return self.op("Unsqueeze", [self._attr_ref_const(name, "value_int", onnx.AttributeProto.INT), self.i0])
+        ref = self._attr_ref_const(name, "value_int", onnx.AttributeProto.INT)
+        return self.op("Unsqueeze", [ref, self.i0])
 
     def scale(self) -> str:
         import onnx
@@ -230,8 +227,10 @@ def group_index(b: Nodes, s: StepIndex, flag: str, seq: str, q0: str, R: str, Qn
     ctx_vis = b.op("Expand", [b.op("Unsqueeze", [ctx_vis, b.i1]), b.op("Concat", [N, R, L], axis=0)])
     new_vis = b.op("Slice", [b.op("Gather", [b.inp("mask"), q_idx], axis=0), b.i0, Qn, b.i2])   # [N, R, Qn]
     new_vis = b.op("And", [new_vis, b.op("Unsqueeze", [k_ok, b.i1])])
-    vis = b.op("Unsqueeze", [b.op("Concat", [ctx_vis, new_vis], axis=2), b.op("Concat", [b.i1, b.i3], axis=0)])
-    return GroupIndex(N=N, R=R, Qn=Qn, L=L, K=b.op("Add", [L, Qn]), q_idx=q_idx, k_idx=k_idx, tables=tables, vis=vis)
+    vis = b.op("Unsqueeze", [b.op("Concat", [ctx_vis, new_vis], axis=2),
+                             b.op("Concat", [b.i1, b.i3], axis=0)])
+    return GroupIndex(N=N, R=R, Qn=Qn, L=L, K=b.op("Add", [L, Qn]), q_idx=q_idx, k_idx=k_idx, tables=tables,
+                      vis=vis)
 
 
 @dataclass
@@ -348,7 +347,8 @@ def attend_mha(b: Nodes, g: GroupIndex, bias: str, G: int, q2: str, k2: str, v2:
     kv = []
     for cache, new in ((k_cache, k2), (v_cache, v2)):
         cached = b.reshape(b.op("Gather", [cache, g.tables], axis=0), [N, L, HkvD])
-        kv.append(b.op("Cast", [b.op("Concat", [cached, b.op("Gather", [new, g.k_idx], axis=0)], axis=1)], to=F32))
+        both = b.op("Concat", [cached, b.op("Gather", [new, g.k_idx], axis=0)], axis=1)   # [N, K, Hkv*D]
+        kv.append(b.op("Cast", [both], to=F32))
     q3 = b.op("Cast", [b.op("Gather", [q2, g.q_idx], axis=0)], to=F32)        # [N, R, Hq*D]
     if G != 1:
         q3 = b.op("Transpose", [b.reshape(q3, [N, R, b.Hkv, b.group, b.D])], perm=[0, 1, 3, 2, 4])
