@@ -345,19 +345,29 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
               help="Context tokens per sequence (comma-separated).")
 @click.option("--steps", type=int, default=30, show_default=True, help="Timed decode steps per configuration.")
 @click.option("--vocab", type=int, default=None, help="Logits width (default: the model's vocabulary).")
+@click.option("--stop", "stops", multiple=True,
+              help="Stop string of the stop-string variants (repeatable; default: '\\nUser:' and '</s>').")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def bench_overhead_cmd(model, seqs, contexts, steps, vocab, as_json):
+def bench_overhead_cmd(model, seqs, contexts, steps, vocab, stops, as_json):
     """The engine's own milliseconds per decode step, with a backend that returns random logits.
 
     \b
     Everything but the model is timed: scheduling, packing, sampling, appending, stop strings
-    (a stop string that never matches) and the reading-order streamer the servers run. Each
+    (stop strings that never match) and the reading-order streamer the servers run. Each
     (seqs, context) runs plain, with stop strings, with streaming, and with both.
-    """
-    from apar_rt.bench.overhead import bench_overhead, format_rows, ratios, to_json
 
+    \b
+    Stop strings are never completed by the random tokens. The text is checked only after a
+    token that holds one of their last characters ("checked": the share of tokens that were);
+    a stop string that ends in whitespace is checked after every token.
+    """
+    from apar_rt.bench.overhead import DEFAULT_STOPS, bench_overhead, format_rows, ratios, to_json
+
+    if any(not s for s in stops):
+        raise click.BadParameter("a stop string must not be empty", param_hint="--stop")
     rows = bench_overhead(model, _positive_ints(seqs, "--seqs"), _positive_ints(contexts, "--contexts"), steps,
-                          vocab=vocab, log=(lambda m: None) if as_json else click.echo)
+                          vocab=vocab, stops=tuple(stops) or DEFAULT_STOPS,
+                          log=(lambda m: None) if as_json else click.echo)
     click.echo(to_json(rows) if as_json else "\n" + format_rows(rows) + "\n\n" + ratios(rows))
 
 

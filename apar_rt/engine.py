@@ -22,6 +22,7 @@ from apar_rt.medusa.verifier import Acceptance, MedusaVerifier, TreeRows
 from apar_rt.model.tokenizer import control_tokens, encode_prompt, load_tokenizer
 from apar_rt.sampler import Sampled, SamplingBatch, SamplingError, error_message, make_generator
 from apar_rt.scheduler import RequestRejected, Scheduler, StepUpdate
+from apar_rt.stop_filter import for_tokenizer as stop_filter_for
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Engine:
         self.scheduler = Scheduler(self.config, self.control, max_model_len=max_len, eos_token_ids=sorted(eos),
                                    decode=self.decode, special_ids=self.special_ids,
                                    incremental_text=self.incremental_text,
+                                   stop_filter=stop_filter_for(tokenizer, self.decode),
                                    tree=self.verifier.tree if self.verifier else None)
         backend.allocate_kv(config.num_blocks, config.block_size)
         self._requests: dict[str, Request] = {}

@@ -29,6 +29,7 @@ from apar_rt.core import (Branch, BranchDelta, FinishReason, Request, RequestSta
 from apar_rt.detokenizer import SegmentText
 from apar_rt.kv.block_pool import BlockPool, KVCacheManager
 from apar_rt.medusa.tree import MedusaTree
+from apar_rt.stop_filter import StopFilter
 
 
 FINISHED = RequestStatus.FINISHED
@@ -59,7 +60,7 @@ class Scheduler:
     def __init__(self, config: EngineConfig, control: ControlTokens, *, max_model_len: int,
                  eos_token_ids: Sequence[int] = (), decode: Callable[[Sequence[int]], str] | None = None,
                  special_ids: frozenset[int] = frozenset(), tree: MedusaTree | None = None,
-                 incremental_text: bool = True) -> None:
+                 incremental_text: bool = True, stop_filter: StopFilter | None = None) -> None:
         """
         Args:
             config: budgets and APAR mode.
@@ -72,6 +73,8 @@ class Scheduler:
             tree: the Medusa draft tree; a decoding branch with a draft then feeds its whole tree.
             incremental_text: decode stop-string text incrementally (False: in full each token, for
                 tokenizers whose clean-up rules reach across tokens).
+            stop_filter: tells which tokens could complete a stop string (`apar_rt.stop_filter`);
+                the text check runs only after those. None: after every token.
         """
         self.config = config
         self.control = control
@@ -80,6 +83,8 @@ class Scheduler:
         self.decode = decode
         self.special_ids = special_ids
         self.incremental_text = incremental_text
+        self.stop_filter = stop_filter
+        self.num_stop_checks = 0      # stop-string text checks run (the filter skips the others)
         self.tree = tree
         if tree is not None:   # the tree's step buffers, built once
             self._tree_mask = np.asarray(tree.mask, bool)
@@ -598,9 +603,14 @@ class Scheduler:
 
         The text is kept by an incremental detokenizer over the whole branch (the same text as
         `branch_text`, at a cost set by the new tokens), and only its tail is searched: a stop string
-        that the newest token completed ends after the text that was already final before it."""
+        that the newest token completed ends after the text that was already final before it.
+        With a stop filter, the text waits for a token that could complete one; the tokens before
+        it (none of which could) are decoded with it, and their text is in that tail too."""
         if self.decode is None:
             return False
+        if self.stop_filter is not None and not self.stop_filter.may_complete(b.token_ids[-1], stops):
+            return False
+        self.num_stop_checks += 1
         text = b.stop_text
         if text is None:
             text = b.stop_text = SegmentText(self.decode, b.token_ids, 0, branch_window(b, 0, self.special_ids),

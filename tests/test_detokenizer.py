@@ -76,6 +76,40 @@ def byte_fallback():
             split, ordinary)
 
 
+@pytest.fixture(scope="module")
+def metaspace():
+    """A Metaspace tokenizer (a space before each '▁' piece, the first one's dropped), no byte fallback."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    pieces = ["<unk>", "<s>", "</s>", "[SplitMask]", "[SplitSop]", "▁", "▁the", "▁cat", "a", "b", ":", "▁é", "é",
+              "日本", "▁wörld", "1.", ".", "!", "'s", "▁:", "😀"]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.add_special_tokens([AddedToken(p, special=True) for p in pieces[:5]])
+    ordinary = list(range(5, len(pieces)))
+    ctrl = ControlTokens(vocab["[SplitMask]"], vocab["[SplitSop]"])
+    return ((lambda ids: tok.decode(ids, skip_special_tokens=True)), ctrl, vocab["</s>"], frozenset(range(5)),
+            ordinary, ordinary)
+
+
+@pytest.fixture(scope="module")
+def wordpiece():
+    """A WordPiece tokenizer ('##' continuations, a space before the others, clean-up of spaces)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    pieces = ["[UNK]", "[CLS]", "[SEP]", "[SplitMask]", "[SplitSop]", "the", "cat", "##s", "##ing", "sat", ".", ",",
+              "'", "n", "##'t", "do", "not", ":", "é", "##é", "日", "##本", "?"]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.add_special_tokens([AddedToken(p, special=True) for p in pieces[:5]])
+    ordinary = list(range(5, len(pieces)))
+    ctrl = ControlTokens(vocab["[SplitMask]"], vocab["[SplitSop]"])
+    return ((lambda ids: tok.decode(ids, skip_special_tokens=True)), ctrl, vocab["[SEP]"], frozenset(range(5)),
+            ordinary, ordinary)
+
+
 def draw(rng, split, ordinary, n):
     """n tokens: runs of text whose multi-byte characters are split over tokens, truncated at random
     (incomplete and invalid UTF-8), mixed with random ids."""
@@ -398,28 +432,38 @@ def test_tree_text_decodes_in_full_when_not_incremental(demo):
 
 # ---- stop strings ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("which", ["demo", "byte_fallback"])
-def test_stop_strings_are_found_where_the_whole_branch_text_first_holds_one(which, request):
+@pytest.mark.parametrize("filtered", [False, True], ids=["every-token", "stop-filter"])
+@pytest.mark.parametrize("which", ["demo", "byte_fallback", "metaspace", "wordpiece"])
+def test_stop_strings_are_found_where_the_whole_branch_text_first_holds_one(which, filtered, request):
     """The scheduler's incremental stop check against apar.branch_text decoded in full after
-    every token: the same first token that completes a stop string, the same cut."""
+    every token: the same first token that completes a stop string, the same cut. With the stop
+    filter (checks only after tokens that could complete one), the same, with fewer checks.
+    The stop strings are pieces of the text, so they end in spaces, multi-byte characters and
+    characters split over byte tokens."""
     from apar_rt.apar import branch_text
     from apar_rt.config import EngineConfig
     from apar_rt.scheduler import Scheduler
+    from apar_rt.stop_filter import StopFilter
 
     decode, ctrl, eos, special, split, ordinary = request.getfixturevalue(which)
-    found = 0
+    found = checks = appended = 0
     for seed in range(30):
         rng = np.random.default_rng(seed)
         tokens = draw(rng, split, ordinary, 80)
         text = decode(tokens)
         stops = tuple({text[i:i + int(rng.integers(1, 4))] for i in rng.integers(20, max(21, len(text) - 3), 2)})
+        wide = [j for j in range(20, len(text)) if ord(text[j]) > 127 and text[j] != "\ufffd"]
+        if wide:   # one that ends in a multi-byte character (its last byte may be a token of its own)
+            j = wide[int(rng.integers(0, len(wide)))]
+            stops += (text[j - 1:j + 1],)
         stops = tuple(s for s in stops if s) or ("zz",)
         sched = Scheduler(EngineConfig(num_blocks=8, block_size=4), ctrl, max_model_len=1000, decode=decode,
-                          special_ids=special)
+                          special_ids=special, stop_filter=StopFilter(decode) if filtered else None)
         b = Branch(0, None, None, 0, draw(rng, split, ordinary, 6), [])
         want_at, want_cut = None, None
         for i, t in enumerate(tokens):
             b.token_ids.append(t)
+            appended += 1
             full = branch_text(decode, b, special)
             if want_at is None and any(s in full for s in stops):
                 want_at, want_cut = i, min(full.find(s) for s in stops if s in full)
@@ -429,4 +473,41 @@ def test_stop_strings_are_found_where_the_whole_branch_text_first_holds_one(whic
                 break
         else:
             assert want_at is None
+        checks += sched.num_stop_checks
     assert found >= 15
+    assert checks <= appended if filtered else checks == appended   # demo: 527 of 698 with the filter
+
+
+def test_decoder_pipelines_the_stop_filter_accepts():
+    """Pipelines whose steps keep each token's characters in any context (up to whitespace and
+    split UTF-8) get a filter; a step that rewrites across tokens or strips other characters, or
+    an unknown one, gets none (every token is checked)."""
+    from apar_rt.model.tokenizer import load_tokenizer
+    from apar_rt.stop_filter import StopFilter, decoder_is_local, for_tokenizer
+
+    llama = {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                                              {"type": "ByteFallback"}, {"type": "Fuse"},
+                                              {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    assert decoder_is_local(llama) and decoder_is_local(None)
+    assert decoder_is_local({"type": "ByteLevel"}) and decoder_is_local({"type": "WordPiece", "cleanup": True})
+    after_fuse = {"type": "Sequence", "decoders": [{"type": "Fuse"},
+                                                   {"type": "Replace", "pattern": {"Regex": "a+b"}, "content": "c"}]}
+    assert not decoder_is_local(after_fuse)
+    assert not decoder_is_local({"type": "Strip", "content": "x", "start": 1, "stop": 0})
+    assert not decoder_is_local({"type": "CTC"})
+    tok = load_tokenizer(DEMO)
+    assert isinstance(for_tokenizer(tok, lambda ids: tok.decode(ids, skip_special_tokens=True)), StopFilter)
+    assert for_tokenizer(object(), str) is None
+
+
+def test_the_stop_filter_checks_every_token_for_stops_ending_in_whitespace_or_a_partial_character(demo):
+    decode = demo[0]
+    from apar_rt.stop_filter import StopFilter
+
+    f = StopFilter(decode)
+    colon = [t for t in demo[5] if decode([t]) == ":"][0]
+    plain = [t for t in demo[5] if decode([t]).isalpha()][0]
+    partial = [t for t in demo[4] if decode([t]) == "\ufffd"][0]
+    assert f.may_complete(colon, ("User:",)) and not f.may_complete(plain, ("User:",))
+    assert f.may_complete(partial, ("User:",))             # could end a multi-byte character
+    assert f.may_complete(plain, ("User: ",)) and f.may_complete(plain, ("\n",))

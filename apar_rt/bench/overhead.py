@@ -20,7 +20,10 @@ from apar_rt.backends.base import Backend
 from apar_rt.core import SamplingParams, StepInput
 
 MAX_NUM_TOKENS = 8192
-NEVER = "\x00never\x00"     # a stop string that is checked every step and never matches
+# stop strings of a chat deployment; random tokens never complete them. How often the text is
+# checked depends on how often a new token holds one of their last characters (stop_filter.py):
+# a stop string that ends in whitespace is checked after every token (`--stop`).
+DEFAULT_STOPS = ("\nUser:", "</s>")
 
 
 class RandomLogitsBackend(Backend):
@@ -69,7 +72,7 @@ def _engine(model: str, num_seqs: int, context: int, steps: int, vocab: int | No
 
 
 def measure(model: str, num_seqs: int, context: int, *, stop: bool, stream: bool, steps: int = 30,
-            vocab: int | None = None, seed: int = 0) -> dict:
+            vocab: int | None = None, seed: int = 0, stops: tuple[str, ...] = DEFAULT_STOPS) -> dict:
     """Median engine milliseconds per decode step (forward excluded) for one configuration."""
     from apar_rt.serve.streamer import ReadingOrderStreamer
 
@@ -78,7 +81,7 @@ def measure(model: str, num_seqs: int, context: int, *, stop: bool, stream: bool
     special = set(eng.special_ids)
     ordinary = np.array([t for t in range(min(len(eng.tokenizer), eng.model_config.vocab_size))
                          if t not in special])
-    params = SamplingParams(max_tokens=eng.config.max_model_len, ignore_eos=True, stop=(NEVER,) if stop else ())
+    params = SamplingParams(max_tokens=eng.config.max_model_len, ignore_eos=True, stop=stops if stop else ())
     streamers = {}
     for _ in range(num_seqs):
         ids = rng.choice(ordinary, context).tolist()
@@ -89,6 +92,7 @@ def measure(model: str, num_seqs: int, context: int, *, stop: bool, stream: bool
     while any(not r.branches[0].token_ids for r in reqs.values()):   # prefill until all decode
         eng.step()
     times = []
+    checks = eng.scheduler.num_stop_checks
     for _ in range(steps):
         backend.forward_seconds = 0.0
         t = time.perf_counter()
@@ -98,15 +102,16 @@ def measure(model: str, num_seqs: int, context: int, *, stop: bool, stream: bool
                 streamers[o.request_id].step(o.deltas)
         times.append(time.perf_counter() - t - backend.forward_seconds)
     assert all(len(o.deltas) for o in outs) and len(outs) == num_seqs, "every sequence must decode each step"
+    checked = (eng.scheduler.num_stop_checks - checks) / (steps * num_seqs)
     for rid in list(reqs):
         eng.abort_request(rid)
     return {"seqs": num_seqs, "context": context, "stop": stop, "stream": stream,
             "vocab": eng.model_config.vocab_size, "ms_per_step": 1000 * statistics.median(times),
-            "ms_per_step_min": 1000 * min(times)}
+            "ms_per_step_min": 1000 * min(times), "stop_checks_per_token": checked if stop else None}
 
 
 def bench_overhead(model: str, seqs=(1, 32, 256), contexts=(128, 1024, 4096), steps: int = 30,
-                   vocab: int | None = None, log=print) -> list[dict]:
+                   vocab: int | None = None, stops: tuple[str, ...] = DEFAULT_STOPS, log=print) -> list[dict]:
     """Every (seqs, context) at each of: plain, stop strings, streaming, both.
 
     The four variants of one (seqs, context) run one after another, and contexts are
@@ -115,17 +120,19 @@ def bench_overhead(model: str, seqs=(1, 32, 256), contexts=(128, 1024, 4096), st
     for n in seqs:
         for ctx in contexts:
             for stop, stream in ((False, False), (True, False), (False, True), (True, True)):
-                r = measure(model, n, ctx, stop=stop, stream=stream, steps=steps, vocab=vocab)
+                r = measure(model, n, ctx, stop=stop, stream=stream, steps=steps, vocab=vocab, stops=stops)
                 log(format_rows([r], header=False))
                 rows.append(r)
     return rows
 
 
 def format_rows(rows: list[dict], header: bool = True) -> str:
-    lines = [f"{'seqs':>5} {'context':>7} {'stop':>5} {'stream':>6} {'vocab':>6} {'ms/step':>8} {'min':>7}"] if header else []
+    lines = [f"{'seqs':>5} {'context':>7} {'stop':>5} {'stream':>6} {'vocab':>6} {'ms/step':>8} {'min':>7} "
+             f"{'checked':>7}"] if header else []
     for r in rows:
+        checked = "" if r["stop_checks_per_token"] is None else f"{r['stop_checks_per_token']:.1%}"
         lines.append(f"{r['seqs']:>5} {r['context']:>7} {str(r['stop']):>5} {str(r['stream']):>6} {r['vocab']:>6} "
-                     f"{r['ms_per_step']:>8.3f} {r['ms_per_step_min']:>7.3f}")
+                     f"{r['ms_per_step']:>8.3f} {r['ms_per_step_min']:>7.3f} {checked:>7}")
     return "\n".join(lines)
 
 

@@ -98,6 +98,11 @@ class FastTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return self._tok.get_vocab(with_added_tokens=True)
 
+    def decoder_spec(self) -> dict | None:
+        """tokenizer.json's "decoder" pipeline (None: tokens are joined as they are)."""
+        dec = self._tok.decoder
+        return None if dec is None else json.loads(dec.__getstate__())
+
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

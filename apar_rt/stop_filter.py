@@ -1,0 +1,123 @@
+"""Which new tokens could complete a stop string: a filter in front of the stop-string check.
+
+A stop string first appears in a branch's text with the token that wrote its last character.
+The scheduler's check (`Scheduler._hit_stop_string`: an incremental decode of the branch and a
+search of its new tail) is therefore needed only after a token that could have written that
+character; after any other token it waits, and the next check decodes the tokens it skipped
+together (`SegmentText.advance` takes any number of new tokens).
+
+Whether a token could write a character is read from its text alone, `decode([token])`. That is
+sound for decoders whose output for a token is the same characters in every context, except for
+
+- whitespace: Metaspace, WordPiece, BPE suffixes and Strip add or drop spaces around a token
+  depending on its neighbours, and clean-up rules drop spaces; so a stop string that ends in
+  whitespace is checked after every token;
+- a character whose UTF-8 bytes span tokens (byte-level BPE, byte fallback): a token that holds
+  only some of its bytes decodes alone to U+FFFD, and such a token is always checked (so is every
+  token when a stop string ends in U+FFFD).
+
+`decoder_is_local` accepts exactly the decoder pipelines (tokenizer.json's "decoder") made of
+such steps; for any other pipeline (a Replace or a regex that acts across fused tokens, a Strip of
+other characters, an unknown step) the engine builds no filter and checks after every token.
+
+Pure Python; used in the engine's thread only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+REPLACEMENT = "\ufffd"
+
+# decoder steps that map each token to the same characters in any context (up to whitespace and
+# split UTF-8), whether they act on tokens or on the fused text
+_LOCAL_ANYWHERE = {"ByteLevel", "WordPiece", "Metaspace", "BPEDecoder", "Fuse"}
+# steps that are local while they act on single tokens (before a Fuse), not on the fused text
+_LOCAL_PER_TOKEN = {"ByteFallback", "Replace"}
+
+
+def decoder_is_local(spec: dict | None) -> bool:
+    """Whether a tokenizer.json "decoder" pipeline keeps each token's characters in every context,
+    up to whitespace and U+FFFD (see the module docstring). None (no decoder: tokens joined as
+    they are) is local."""
+    if spec is None:
+        return True
+    steps = spec.get("decoders", []) if spec.get("type") == "Sequence" else [spec]
+    fused = False
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Fuse":
+            fused = True
+        if kind in _LOCAL_ANYWHERE:
+            continue
+        if kind == "Strip" and str(step.get("content", "")).isspace():
+            continue
+        if kind in _LOCAL_PER_TOKEN and not fused:
+            continue
+        if kind == "Replace" and len(step.get("pattern", {}).get("String") or "") == 1:
+            continue   # one character for another: context-free even on the fused text
+        return False
+    return True
+
+
+def _last_chars(stops: tuple[str, ...]) -> frozenset[str] | None:
+    """The stop strings' last characters; None when one of them ends in whitespace or U+FFFD
+    (every token must be checked)."""
+    ends = frozenset(s[-1] for s in stops)
+    if any(c.isspace() or c == REPLACEMENT for c in ends):
+        return None
+    return ends
+
+
+class StopFilter:
+    """`may_complete(token, stops)` is False only if `token` cannot have completed any of `stops`.
+
+    `decode` renders token ids as the stop-string text does (special tokens skipped); it must
+    belong to a tokenizer whose decoder `decoder_is_local`. Each token's characters are decoded
+    once, on first sight, and each (stop strings, token) answer is kept.
+    """
+
+    __slots__ = ("_decode", "_chars", "_answers")
+
+    MAX_STOP_SETS = 1024   # distinct stop-string tuples whose answers are kept (then forgotten)
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self._decode = decode
+        self._chars: dict[int, frozenset[str] | None] = {}   # None: holds part of a character
+        self._answers: dict[tuple[str, ...], dict[int, bool]] = {}
+
+    def may_complete(self, token: int, stops: tuple[str, ...]) -> bool:
+        answers = self._answers.get(stops)
+        if answers is None:
+            if len(self._answers) >= self.MAX_STOP_SETS:
+                self._answers.clear()
+            answers = self._answers[stops] = {}
+        may = answers.get(token)
+        if may is None:
+            may = answers[token] = self._may_complete(token, stops)
+        return may
+
+    def _may_complete(self, token: int, stops: tuple[str, ...]) -> bool:
+        ends = _last_chars(stops)
+        if ends is None:
+            return True
+        if token not in self._chars:
+            text = self._decode([token])
+            self._chars[token] = None if REPLACEMENT in text else frozenset(text)
+        chars = self._chars[token]
+        return chars is None or not ends.isdisjoint(chars)
+
+
+def for_tokenizer(tokenizer, decode: Callable[[Sequence[int]], str]) -> StopFilter | None:
+    """A StopFilter for `tokenizer` if its decoder pipeline is known to be local, else None.
+
+    The pipeline is read from the tokenizer's `decoder_spec()` (apar-rt's FastTokenizer); a
+    tokenizer without one gets no filter."""
+    spec_of = getattr(tokenizer, "decoder_spec", None)
+    if spec_of is None:
+        return None
+    try:
+        spec = spec_of()
+    except Exception:   # an unreadable pipeline: check after every token
+        return None
+    return StopFilter(decode) if decoder_is_local(spec) else None
