@@ -421,6 +421,66 @@ def _float_intermediates(step: Step) -> int:
     return sum(o.size for o in outs if o.dtype == np.float32)
 
 
+def _ort_float_intermediates(step: Step) -> int:
+    """`_float_intermediates` for the graph the onnxruntime CPU backend runs (`ort_attention.rewrite`):
+    each `If` is replaced by the branch it takes on `step` (so every tensor onnxruntime makes is
+    an output), and each MultiHeadAttention adds its score matrix (N x heads x S x K), which it
+    keeps inside. The inlined graph must give the rewrite's own result."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    ort = pytest.importorskip("onnxruntime")
+    from apar_rt.backends.ort_attention import rewrite
+    from apar_rt.export import op as aop
+
+    (_, hq, d), hkv, bs = step.q.shape, step.k.shape[1], step.k_cache.shape[1]
+    model = aop.attention_model(aop.AttentionAttrs(hq, hkv, d, bs, step.scale))
+    rewrite(model)
+    feeds = {name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def run(m, extra):
+        m = onnx.ModelProto.FromString(m.SerializeToString())
+        m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return dict(zip([o.name for o in m.graph.output], sess.run(None, feeds)))
+
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    taken = run(model, sorted({n.input[0] for n in ifs}))
+    nodes = []
+    for n in model.graph.node:
+        if n.op_type != "If":
+            nodes.append(n)
+            continue
+        branch = {a.name: a.g for a in n.attribute}["then_branch" if bool(taken[n.input[0]]) else "else_branch"]
+        nodes.extend(branch.node)
+        nodes.extend(helper.make_node("Identity", [b.name], [o]) for b, o in zip(branch.output, n.output))
+    flat = onnx.ModelProto.FromString(model.SerializeToString())
+    del flat.graph.node[:]
+    flat.graph.node.extend(nodes)
+    outs = run(flat, [o for n in nodes for o in n.output if o != "out"])
+    assert np.array_equal(outs["out"], taken["out"])
+    total = sum(o.size for o in outs.values() if o.dtype == np.float32)
+    for n in nodes:
+        if n.op_type == "MultiHeadAttention":
+            heads = {a.name: a.i for a in n.attribute}["num_heads"]
+            (N, S, _), K = outs[n.input[0]].shape, outs[n.input[1]].shape[1]
+            total += N * heads * S * K
+    return total
+
+
+def test_onnx_mixed_step_costs_its_parts_in_the_cpu_rewrite():
+    """The same for the graph onnxruntime runs on the CPU: decodes go to the short group, the chunk
+    to the long group's tiles, and neither pads to the other."""
+    decodes = [Seq("decode", 60, [[True]]) for _ in range(32)]
+    chunk = [Seq("prefill", 0, causal(300))]
+    cost = {name: _ort_float_intermediates(build_step(0, seqs, hq=2, hkv=1, block_size=16))
+            for name, seqs in (("decodes", decodes), ("chunk", chunk), ("mixed", decodes + chunk))}
+    assert cost["mixed"] <= 1.5 * (cost["decodes"] + cost["chunk"]), cost
+
+
 def test_onnx_mixed_step_costs_its_parts():
     """32 decodes plus a long prefill chunk in one step cost what they cost apart (<= 1.5x).
 
