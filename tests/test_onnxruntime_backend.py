@@ -299,3 +299,26 @@ def test_outputs_reuse_persistent_buffers(gqa_engine):
     new_kv = be._new_kv.ctypes.data
     assert be.forward(_one_token_step(-1)).ctypes.data == first
     assert be._new_kv.ctypes.data == new_kv
+
+
+@pytest.mark.parametrize("which", ["gqa_engine", "mha_engine"])
+def test_rotary_embeddings_are_fused_for_the_cpu(request, which):
+    """Each layer's q and k rope becomes one RotaryEmbedding in the graph the CPU session runs
+    (the step-by-step test above checks that graph's logits against torch)."""
+    import onnx
+
+    from apar_rt.backends.onnxruntime_backend import _session_model
+    from apar_rt.backends.ort_rotary import _constants
+    from apar_rt.config import ModelConfig
+
+    model, engine = request.getfixturevalue(which)
+    layers = ModelConfig.from_dir(model).num_hidden_layers
+    graph = onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("RotaryEmbedding") == 2 * layers
+    consts = _constants(graph)
+    swaps = [n for n in graph.node if n.op_type == "Gather" and n.input[1] in consts
+             and consts[n.input[1]].ndim == 1 and consts[n.input[1]][0] > 0]   # rotate-half index gathers
+    assert not swaps and "Sin" in ops       # the step's tables are still computed in the graph
+    on_disk = onnx.load(str(engine / "model.onnx"), load_external_data=False).graph
+    assert not any(n.op_type == "RotaryEmbedding" for n in on_disk.node)

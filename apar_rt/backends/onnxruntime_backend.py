@@ -80,17 +80,20 @@ def _device(requested: str | None) -> tuple[str, int]:
 def _session_model(path: Path, drop: set[str], ort_body: bool) -> bytes:
     """The model at `path` as the session runs it, serialized: without outputs `drop` (and the
     nodes only they needed), and with `ort_body` the op's nodes rewritten for ONNX Runtime's
-    CPU (`apar_rt.backends.ort_attention.rewrite`).
+    CPU (`apar_rt.backends.ort_attention.rewrite`) and the rotary embeddings fused
+    (`apar_rt.backends.ort_rotary.fuse_rotary`).
 
     External weights stay where they are (not loaded): the session reads them from the folder.
     """
     import onnx
 
     from apar_rt.backends.ort_attention import rewrite
+    from apar_rt.backends.ort_rotary import fuse_rotary
 
     model = onnx.load(str(path), load_external_data=False)
     if ort_body:
         rewrite(model)
+        fuse_rotary(model)
     if drop:
         _drop_outputs(model.graph, drop)
     return model.SerializeToString()

@@ -1,0 +1,131 @@
+"""Rotary embeddings as ONNX Runtime's CPU backend runs them: one fused node per q and k.
+
+The exported graph applies RoPE as `apar_rt.model.llama.apply_rope` writes it:
+
+    y = x * cos + Gather(x, half_swap, axis=-1) * signed_sin        x: Reshape(P, [T, H, D])
+
+with cos = [c, c] and signed_sin = [-s, s] ([T, 1, D], built once per step by `rope_tables`).
+`fuse_rotary(model)` replaces each such pattern with `com.microsoft.RotaryEmbedding` on P itself
+([1, T, H*D], non-interleaved), fed with the step's own tables: cos_cache = c and sin_cache = s
+([T, D/2], sliced out of cos and signed_sin once per step) and position ids 0..T-1, so every
+rope variant the exporter computes (scaled, llama3, ...) is kept as it is. Four nodes per q/k
+(and their intermediates) become one.
+
+Only that exact pattern is matched (the Gather's indices must be the half swap); anything else is
+left as it is. The engine file on disk is unchanged: this runs on load, on the CPU only.
+"""
+
+from __future__ import annotations
+
+PREFIX = "apar/rope/"
+
+
+def _constants(graph) -> dict:
+    """Small constant tensors by name (Constant nodes and inline initializers)."""
+    from onnx import TensorProto, numpy_helper
+
+    out = {}
+    for n in graph.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    for t in graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL and t.name not in out and len(t.dims) <= 1:
+            out[t.name] = numpy_helper.to_array(t)
+    return out
+
+
+def fuse_rotary(model) -> int:
+    """Replace every rotary pattern of `model`'s main graph (a ModelProto, changed in place) with
+    RotaryEmbedding; returns how many (q and k of each layer: 2 per layer)."""
+    from onnx import helper
+
+    g = model.graph
+    consts = _constants(g)
+    producer = {o: n for n in g.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+
+    def mul_with(node, name):   # the other input of Mul `node` if one input is `name`
+        if node is None or node.op_type != "Mul" or name not in node.input:
+            return None
+        return node.input[1] if node.input[0] == name else node.input[0]
+
+    matches = []   # (add, the two Muls and the Gather, x's Reshape, cos, signed_sin, H, D)
+    for add in g.node:
+        if add.op_type != "Add" or len(add.input) != 2:
+            continue
+        for a_name, b_name in (add.input, add.input[::-1]):
+            a, b = producer.get(a_name), producer.get(b_name)
+            if a is None or b is None or a.op_type != "Mul" or b.op_type != "Mul":
+                continue
+            for x in a.input:
+                gather = next((producer.get(i) for i in b.input if producer.get(i) is not None
+                               and producer[i].op_type == "Gather" and producer[i].input[0] == x), None)
+                reshape = producer.get(x)
+                if gather is None or reshape is None or reshape.op_type != "Reshape":
+                    continue
+                shape = consts.get(reshape.input[1])
+                axis = next((at.i for at in gather.attribute if at.name == "axis"), 0)
+                if shape is None or shape.ndim != 1 or len(shape) != 3 or int(shape[1]) <= 0 or axis not in (2, -1):
+                    continue
+                H, D = int(shape[1]), int(shape[2])
+                swap = consts.get(gather.input[1])
+                if D % 2 or swap is None or swap.tolist() != list(range(D // 2, D)) + list(range(D // 2)):
+                    continue
+                matches.append((add, (a, b, gather), reshape, mul_with(a, x), mul_with(b, gather.output[0]), H, D))
+                break
+            else:
+                continue
+            break
+    tables = {(m[3], m[4], m[6]) for m in matches}
+    if not matches or len(tables) != 1:   # one rope per model: the step's tables are shared
+        return 0
+    cos, signed_sin, D = tables.pop()
+
+    # once per step: c, s [T, D/2] and position ids [1, T]
+    def const(name, values):
+        import numpy as np
+        from onnx import numpy_helper
+
+        return helper.make_node("Constant", [], [PREFIX + name],
+                                value=numpy_helper.from_array(np.asarray(values, np.int64), PREFIX + name))
+
+    p = PREFIX
+    step = [const("shape", [-1, D]), const("zero", [0]), const("half", [D // 2]), const("end", [D]),
+            const("axis1", [1]), const("axis0", [0]), const("zero_s", 0), const("one_s", 1),
+            helper.make_node("Reshape", [cos, p + "shape"], [p + "cos2"]),
+            helper.make_node("Slice", [p + "cos2", p + "zero", p + "half", p + "axis1"], [p + "cos"]),
+            helper.make_node("Reshape", [signed_sin, p + "shape"], [p + "sin2"]),
+            helper.make_node("Slice", [p + "sin2", p + "half", p + "end", p + "axis1"], [p + "sin"]),
+            helper.make_node("Shape", [p + "cos"], [p + "T1"], start=0, end=1),
+            helper.make_node("Squeeze", [p + "T1", p + "axis0"], [p + "T"]),
+            helper.make_node("Range", [p + "zero_s", p + "T", p + "one_s"], [p + "range"]),
+            helper.make_node("Unsqueeze", [p + "range", p + "axis0"], [p + "positions"])]
+    replace, dead = {}, set()
+    for k, (add, parts, reshape, _, _, H, _) in enumerate(matches):
+        x_in, y = f"{p}q{k}/in", f"{p}q{k}/out"
+        replace[id(add)] = [
+            helper.make_node("Unsqueeze", [reshape.input[0], p + "axis0"], [x_in]),
+            helper.make_node("RotaryEmbedding", [x_in, p + "positions", p + "cos", p + "sin"], [y],
+                             name=f"{p}q{k}", domain="com.microsoft", interleaved=0, num_heads=H),
+            helper.make_node("Reshape", [y, reshape.input[1]], [add.output[0]])]
+        dead.update(id(n) for n in parts)
+        if uses.get(reshape.output[0], 0) == 2:   # only the two rope nodes read x
+            dead.add(id(reshape))
+    nodes = []
+    for n in g.node:
+        if id(n) in dead:
+            continue
+        if id(n) in replace:
+            nodes += step
+            step = []
+            nodes += replace[id(n)]
+        else:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(matches)
