@@ -110,14 +110,23 @@ def _drop_outputs(g, drop: set[str]) -> None:
         if needed.intersection(node.output):
             nodes.append(node)
             needed.update(node.input)
-            for attr in node.attribute:   # subgraphs read outer names too
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    needed.update(i for n in sub.node for i in n.input)
+            needed.update(_subgraph_reads(node))
     del g.node[:]
     g.node.extend(reversed(nodes))
     inits = [t for t in g.initializer if t.name in needed]
     del g.initializer[:]
     g.initializer.extend(inits)
+
+
+def _subgraph_reads(node) -> set[str]:
+    """Every name the subgraphs of `node` (If branches, at any depth) read: outer names among them."""
+    reads: set[str] = set()
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for n in sub.node:
+                reads.update(n.input)
+                reads |= _subgraph_reads(n)
+    return reads
 
 
 class OnnxRuntimeBackend(Backend):
