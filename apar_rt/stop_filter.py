@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-REPLACEMENT = "\ufffd"
+from apar_rt.detokenizer import REPLACEMENT
 
 # decoder steps that map each token to the same characters in any context (up to whitespace and
 # split UTF-8), whether they act on tokens or on the fused text
