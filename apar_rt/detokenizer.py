@@ -31,6 +31,7 @@ from apar_rt.core import Branch
 
 REPLACEMENT = "\ufffd"
 REBASE = 8   # tokens of left context decoded with the new ones before the prefix offset moves up
+MAX_CHAR_TOKENS = 4   # a character's UTF-8 bytes span at most this many tokens
 
 
 class SegmentText:
@@ -138,6 +139,7 @@ class SegmentText:
         """The exact text from scratch (the first tokens, or after the decoder proved non-local)."""
         old_stable = self.text().rstrip(REPLACEMENT)
         seg = self._tokens[self.start:self.end]
+        again = self._head is not None   # decoded before: more tokens are coming
         if self._head is None:
             self._head = self._dec(self._window) if self._window else ""
         self.decoded_tokens += len(self._window) + len(seg)
@@ -148,13 +150,28 @@ class SegmentText:
         self._marks = []
         self.committed_len = 0
         self._p, self._r, self.pending = 0, None, raw
-        if raw and raw[-1] != REPLACEMENT and self.incremental:
-            self._parts.append(raw)
-            self.committed_len = len(raw)
-            self.pending = ""
-            self._r = len(seg)
-            self._marks.append((len(seg), len(raw)))
-            self._prefix = None          # decoded when the next token comes
+        if not (raw and self.incremental):
+            return
+        read, kept = len(seg), raw
+        # A trailing incomplete character holds back only its own tokens (its bytes span at most
+        # MAX_CHAR_TOKENS): on a decode after the first (so that a growing segment is not decoded
+        # in full again and again), commit the text up to the last token boundary where it ends whole.
+        for j in range(1, min(MAX_CHAR_TOKENS, len(seg) - 1) + 1 if again else 0):
+            if kept[-1] != REPLACEMENT:
+                break
+            read = len(seg) - j
+            self.decoded_tokens += len(self._window) + read
+            kept = windowed_text(self._decode, self._window, seg[:read], self._head)
+            if not kept or not raw.startswith(kept):
+                return
+        if kept[-1] == REPLACEMENT:
+            return
+        self._parts.append(kept)
+        self.committed_len = len(kept)
+        self.pending = raw[len(kept):]
+        self._r = read
+        self._marks.append((read, len(kept)))
+        self._prefix = None              # decoded when the next token comes
 
     def text(self) -> str:
         """The whole text (joins the committed pieces once)."""
