@@ -343,12 +343,15 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
 @click.option("--seqs", default="1,32,256", show_default=True, help="Running sequences (comma-separated).")
 @click.option("--contexts", default="128,1024,4096", show_default=True,
               help="Context tokens per sequence (comma-separated).")
-@click.option("--steps", type=int, default=30, show_default=True, help="Timed decode steps per configuration.")
+@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Timed decode steps per configuration.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs of the whole grid, interleaved; each row is the median of its runs' medians.")
 @click.option("--vocab", type=int, default=None, help="Logits width (default: the model's vocabulary).")
 @click.option("--stop", "stops", multiple=True,
               help="Stop string of the stop-string variants (repeatable; default: '\\nUser:' and '</s>').")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def bench_overhead_cmd(model, seqs, contexts, steps, vocab, stops, as_json):
+def bench_overhead_cmd(model, seqs, contexts, steps, repeats, vocab, stops, as_json):
     """The engine's own milliseconds per decode step, with a backend that returns random logits.
 
     \b
@@ -366,7 +369,7 @@ def bench_overhead_cmd(model, seqs, contexts, steps, vocab, stops, as_json):
     if any(not s for s in stops):
         raise click.BadParameter("a stop string must not be empty", param_hint="--stop")
     rows = bench_overhead(model, _positive_ints(seqs, "--seqs"), _positive_ints(contexts, "--contexts"), steps,
-                          vocab=vocab, stops=tuple(stops) or DEFAULT_STOPS,
+                          vocab=vocab, stops=tuple(stops) or DEFAULT_STOPS, repeats=repeats,
                           log=(lambda m: None) if as_json else click.echo)
     click.echo(to_json(rows) if as_json else "\n" + format_rows(rows) + "\n\n" + ratios(rows))
 

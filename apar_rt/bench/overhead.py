@@ -111,18 +111,29 @@ def measure(model: str, num_seqs: int, context: int, *, stop: bool, stream: bool
 
 
 def bench_overhead(model: str, seqs=(1, 32, 256), contexts=(128, 1024, 4096), steps: int = 30,
-                   vocab: int | None = None, stops: tuple[str, ...] = DEFAULT_STOPS, log=print) -> list[dict]:
+                   vocab: int | None = None, stops: tuple[str, ...] = DEFAULT_STOPS, repeats: int = 3,
+                   log=print) -> list[dict]:
     """Every (seqs, context) at each of: plain, stop strings, streaming, both.
 
-    The four variants of one (seqs, context) run one after another, and contexts are
-    interleaved per seqs, so machine noise hits the compared figures alike."""
+    The grid runs `repeats` times over; each row is the median of its runs' medians (and the
+    least step seen). The four variants of one (seqs, context) run one after another, contexts
+    are interleaved per seqs, and the repeats interleave the whole grid, so machine noise (a
+    shared machine's speed drifts over minutes) hits the compared figures alike."""
+    runs: dict[tuple, list[dict]] = {}
+    for rep in range(repeats):
+        for n in seqs:
+            for ctx in contexts:
+                for stop, stream in ((False, False), (True, False), (False, True), (True, True)):
+                    r = measure(model, n, ctx, stop=stop, stream=stream, steps=steps, vocab=vocab, stops=stops)
+                    log(f"run {rep + 1}/{repeats}: " + format_rows([r], header=False))
+                    runs.setdefault((n, ctx, stop, stream), []).append(r)
     rows = []
-    for n in seqs:
-        for ctx in contexts:
-            for stop, stream in ((False, False), (True, False), (False, True), (True, True)):
-                r = measure(model, n, ctx, stop=stop, stream=stream, steps=steps, vocab=vocab, stops=stops)
-                log(format_rows([r], header=False))
-                rows.append(r)
+    for rs in runs.values():
+        row = dict(rs[0], ms_per_step=statistics.median(r["ms_per_step"] for r in rs),
+                   ms_per_step_min=min(r["ms_per_step_min"] for r in rs), repeats=len(rs))
+        if row["stop"]:
+            row["stop_checks_per_token"] = statistics.median(r["stop_checks_per_token"] for r in rs)
+        rows.append(row)
     return rows
 
 
