@@ -93,6 +93,24 @@ class SegmentText:
             self._commit(pending, end - s, new)
         else:
             self.pending = pending
+            if end - s - self._r > 2 * REBASE:
+                self._commit_whole_part(end, new)
+
+    def _commit_whole_part(self, end: int, new: str) -> None:
+        """The text of the tokens up to `end` ends in an incomplete character, and 2 * REBASE
+        tokens are uncommitted: commit up to the last token boundary where the text ends whole,
+        so that a reader that advances only after tokens holding part of a character (the stop
+        filter's checks) does not decode an ever longer uncommitted tail (at most MAX_CHAR_TOKENS
+        more decodes, once per 2 * REBASE tokens at the most)."""
+        s, prefix = self.start, self._prefix
+        for j in range(1, MAX_CHAR_TOKENS + 1):
+            head = self._dec(self._tokens[s + self._p:end - j])
+            if not (head.startswith(prefix) and new.startswith(head)):
+                return
+            if len(head) > len(prefix) and head[-1] != REPLACEMENT:
+                self._commit(head[len(prefix):], end - j - s, head)
+                self.pending = new[len(head):]
+                return
 
     def _commit(self, piece: str, read: int, decoded: str) -> None:
         self._parts.append(piece)

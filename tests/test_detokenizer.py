@@ -16,7 +16,7 @@ import pytest
 
 from apar_rt.apar import ControlTokens, continuation_text, recover_text, segment_text, settled_text
 from apar_rt.core import Branch, BranchDelta, FinishReason, Request, SamplingParams
-from apar_rt.detokenizer import REBASE, SegmentText, TreeText
+from apar_rt.detokenizer import MAX_CHAR_TOKENS, REBASE, SegmentText, TreeText
 from apar_rt.serve.streamer import ReadingOrderStreamer
 
 DEMO = Path(__file__).resolve().parents[1] / "samples" / "models" / "apar-tiny"
@@ -151,8 +151,11 @@ def test_segment_text_equals_a_full_decode_at_every_length(which, seed, request)
         # decode work follows the new tokens, not the segment's length (a full decode per step
         # would grow to 600). Byte fallback is not bounded so: its text for a run of byte tokens
         # is all U+FFFD until the run is valid UTF-8 as a whole, so a run is decoded until it ends.
+        # A step that commits an incomplete tail's whole part decodes up to MAX_CHAR_TOKENS more
+        # windows (at most once per 2 * REBASE tokens).
         q = len(steps) // 4
-        assert max(steps) <= 6 * REBASE and np.mean(steps[-q:]) <= 1.5 * np.mean(steps[:q]) + 2
+        assert max(steps) <= (1 + MAX_CHAR_TOKENS) * 3 * REBASE
+        assert np.mean(steps[-q:]) <= 1.5 * np.mean(steps[:q]) + 2
 
 
 def test_a_byte_fallback_run_that_turns_invalid_is_decoded_again(byte_fallback):
@@ -511,3 +514,27 @@ def test_the_stop_filter_checks_every_token_for_stops_ending_in_whitespace_or_a_
     assert f.may_complete(colon, ("User:",)) and not f.may_complete(plain, ("User:",))
     assert f.may_complete(partial, ("User:",))             # could end a multi-byte character
     assert f.may_complete(plain, ("User: ",)) and f.may_complete(plain, ("\n",))
+
+
+def test_stop_checks_decode_work_follows_the_new_tokens(demo):
+    """With the stop filter, checks fall on tokens that hold part of a character, after which the
+    text often ends incomplete: such a segment still commits up to its last whole character, so
+    a long branch is not decoded in full at each check. Uniformly random tokens of the demo's
+    byte-level BPE (an eighth are lone bytes). (Sentencepiece byte fallback renders a whole run of
+    byte tokens as one unit, so a long invalid run is decoded again per check: not tested here.)"""
+    from apar_rt.config import EngineConfig
+    from apar_rt.scheduler import Scheduler
+    from apar_rt.stop_filter import StopFilter
+
+    decode, ctrl, eos, special, split, ordinary = demo
+    count = Counting(decode)
+    sched = Scheduler(EngineConfig(num_blocks=8, block_size=4), ctrl, max_model_len=5000, decode=count,
+                      special_ids=special, stop_filter=StopFilter(decode))
+    rng = np.random.default_rng(5)
+    b = Branch(0, None, None, 0, [int(t) for t in rng.choice(ordinary, 6)], [])
+    tokens = [int(t) for t in rng.choice(ordinary, 3000)]
+    for t in tokens:
+        b.token_ids.append(t)
+        assert not sched._hit_stop_string(b, ("\x01never\x02",))
+    assert sched.num_stop_checks > 100
+    assert count.tokens <= 40 * len(tokens), (count.tokens, sched.num_stop_checks)
