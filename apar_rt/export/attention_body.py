@@ -11,8 +11,10 @@ and each group runs the same masked attention over its own padded shapes:
 
 - short (1 to SHORT_MAX new tokens: decodes, a fork's two tokens): one row-block per sequence,
   padded to the group's longest query and context;
-- long (prefill chunks, draft trees): tiles of TILE consecutive new tokens of one sequence; each
-  tile sees its sequence's context and all of its new tokens.
+- long (prefill chunks, draft trees): tiles of consecutive new tokens of one sequence; each tile
+  sees its sequence's context and all of its new tokens. A lone long sequence (a step's prefill
+  chunk) is one tile, so its keys are gathered once; several are cut into tiles of TILE rows,
+  so that none is padded to the longest.
 
 Sequences with no new tokens (bucket padding) are in neither group. A mixed step of n decodes and
 a prefill chunk of P tokens thus costs about n x ctx + P x (ctx + P), the sum of its parts. Keys
@@ -273,24 +275,28 @@ def decode_group(b: Nodes, s: StepIndex) -> GroupIndex:
 class LongGroup:
     index: GroupIndex
     tile_begin: str   # [B] first tile of each sequence
+    tile: str         # [1] rows per tile
 
 
 def long_group(b: Nodes, s: StepIndex) -> LongGroup:
-    """Tiles of TILE rows of the long sequences."""
-    tile = b.const([TILE])
+    """Tiles of the long sequences: one per sequence when the step has one long sequence (its
+    keys are gathered once, not once per tile), else TILE rows each."""
+    longest = b.group_max(s.is_long, s.q_len)
+    alone = b.op("Equal", [b.op("ReduceSum", [b.op("Cast", [s.is_long], to=b.I64)], keepdims=1), b.i1])
+    tile = b.op("Where", [alone, b.op("Max", [longest, b.const([TILE])]), b.const([TILE])])
     tiles = b.op("Where", [s.is_long, b.ceil_div(s.q_len, tile), b.zero])     # [B] tiles per sequence
     tile_end = b.op("CumSum", [tiles, b.zero])
     tile_begin = b.op("Sub", [tile_end, tiles])
     tile_ids = b.arange(b.op("ReduceSum", [tiles], keepdims=1))
     tile_seq = b.rank_of(tile_end, tile_ids)
     tile_q0 = b.op("Mul", [b.op("Sub", [tile_ids, b.op("Gather", [tile_begin, tile_seq], axis=0)]), tile])
-    gi = group_index(b, s, s.is_long, tile_seq, tile_q0, tile, b.group_max(s.is_long, s.q_len))
-    return LongGroup(gi, tile_begin)
+    gi = group_index(b, s, s.is_long, tile_seq, tile_q0, tile, longest)
+    return LongGroup(gi, tile_begin, tile)
 
 
 def packed_rows(b: Nodes, s: StepIndex, sg: ShortGroup, lg: LongGroup | None) -> str:
     """[T]: the row of each packed token in Concat(short output, long output). Token t of
-    sequence b at offset j is row rank*Rs + j (short) or Ns*Rs + tile_begin*TILE + j (long).
+    sequence b at offset j is row rank*Rs + j (short) or Ns*Rs + tile_begin*tile + j (long).
     lg None: the step has no long sequence."""
     t = b.arange(s.T)
     seq = b.rank_of(s.q_end, t)
@@ -301,7 +307,7 @@ def packed_rows(b: Nodes, s: StepIndex, sg: ShortGroup, lg: LongGroup | None) ->
         return short_row
     long_row = b.op("Add", [b.op("Mul", [sg.n_short, sg.index.R]),
                             b.op("Add", [b.op("Mul", [b.op("Gather", [lg.tile_begin, seq], axis=0),
-                                                      b.const([TILE])]), j])])
+                                                      lg.tile]), j])])
     return b.op("Where", [b.op("Gather", [s.is_short, seq], axis=0), short_row, long_row])
 
 
