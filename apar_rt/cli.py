@@ -303,9 +303,12 @@ def bench() -> None:
                    "greedy AR stops after the skeleton; that figure is in --json too).")
 @click.option("--apar-max-tokens", type=int, default=256, show_default=True,
               help="max_tokens per request of the --prompts runs.")
+@click.option("--input-len", type=click.IntRange(min=1), default=None,
+              help="With --peer onnxruntime-genai: prompt tokens per request of the AR rows (the built-in "
+                   "prompts repeated and cut; default: the built-in prompts, about 40 tokens).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, engine_dir, peer, peer_dir,
-                       prompts_file, apar_max_tokens, as_json):
+                       prompts_file, apar_max_tokens, input_len, as_json):
     """tokens/s of apar-rt generate against a peer engine (transformers or onnxruntime-genai), side by side.
 
     \b
@@ -321,16 +324,26 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
         if mode != "ar":
             raise click.BadParameter("with --peer onnxruntime-genai the tokens/s rows are AR (the peer has no "
                                      "APAR); APAR is timed on --prompts", param_hint="--mode")
+        if input_len is not None:
+            from apar_rt.config import ModelConfig
+
+            limit = ModelConfig.from_dir(model).max_position_embeddings
+            if input_len + max_tokens > limit:
+                raise click.BadParameter(f"{input_len} prompt tokens + --max-tokens {max_tokens} exceed the "
+                                         f"model's {limit} positions", param_hint="--input-len")
         try:
             rows = bench_peer(model, engine=engine_dir, peer_dir=peer_dir, batch_sizes=sizes,
                               max_tokens=max_tokens, repeats=repeats, threads=threads, prompts_file=prompts_file,
-                              apar_max_tokens=apar_max_tokens, log=lambda m: click.echo(m, err=True))
+                              apar_max_tokens=apar_max_tokens, input_len=input_len,
+                              log=lambda m: click.echo(m, err=True))
         except PeerUnavailable as e:
             raise click.ClickException(str(e)) from None
         click.echo(json.dumps(rows, indent=1) if as_json else peer_rows(rows))
         return
     if prompts_file:
         raise click.BadParameter("--prompts needs --peer onnxruntime-genai", param_hint="--prompts")
+    if input_len is not None:
+        raise click.BadParameter("--input-len needs --peer onnxruntime-genai", param_hint="--input-len")
     from apar_rt.bench.generate import bench_generate, format_rows
 
     rows = bench_generate(model, sizes, max_tokens, repeats, mode=mode, threads=threads, engine=engine_dir)

@@ -40,3 +40,14 @@ def test_peer_greedy_tokens_equal_apar_rt(tiny_gqa, tmp_path):
     theirs = [peer.generate([i], 12, ignore_eos=True)[0] for i in ids]   # batch 1: no padding
     assert [list(map(int, t)) for t in ours] == theirs
     assert peer.generate(ids, 12, ignore_eos=True) == theirs    # in one padded batch too
+
+
+def test_input_len_past_the_models_positions_is_refused(tiny_gqa):
+    from apar_rt.cli import main
+    from apar_rt.config import ModelConfig
+
+    path, _, _ = tiny_gqa
+    limit = ModelConfig.from_dir(path).max_position_embeddings
+    res = CliRunner().invoke(main, ["bench", "generate", "--model", str(path), "--peer", "onnxruntime-genai",
+                                    "--input-len", str(limit), "--max-tokens", "8"])
+    assert res.exit_code == 2 and "--input-len" in res.output and f"{limit} positions" in res.output, res.output

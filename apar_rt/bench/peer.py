@@ -121,8 +121,13 @@ def _interleave(run_a, run_b, repeats: int) -> tuple[list[float], list[float], i
 
 def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = None, batch_sizes=(1, 8),
                max_tokens: int = 64, repeats: int = 5, threads: int | None = None,
-               prompts_file: str | None = None, apar_max_tokens: int = 256, log=print) -> list[dict]:
+               prompts_file: str | None = None, apar_max_tokens: int = 256, input_len: int | None = None,
+               log=print) -> list[dict]:
     """Rows of AR tokens/s (and, with `prompts_file`, APAR requests/s) against onnxruntime-genai.
+
+    input_len: prompt tokens per request of the AR rows (the built-in prompts' tokens repeated and
+    cut to that length; default: the built-in prompts as they are). Prefill and the growing
+    context's decode cost are both in the tokens/s, as a user sees them.
 
     Raises:
         PeerUnavailable: onnxruntime-genai is missing (the message says how to install it) or its
@@ -148,6 +153,8 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
             ar = _ours(engine, "ar", threads, bs)
             peer = Peer(peer_path)
             ids = [ar.engine.encode(p) for p in _prompts(bs)]
+            if input_len is not None:
+                ids = [(p * (input_len // len(p) + 1))[:input_len] for p in ids]
             params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 
             def run_ours():
@@ -156,7 +163,8 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
             ta, tb, na, nb = _interleave(run_ours, lambda: sum(map(len, peer.generate(ids, max_tokens, True))),
                                          repeats)
             ma, mb = statistics.median(ta), statistics.median(tb)
-            row = {"batch": bs, "max_tokens": max_tokens, "repeats": repeats, "threads": threads,
+            row = {"batch": bs, "input_len": statistics.mean(map(len, ids)), "max_tokens": max_tokens,
+                   "repeats": repeats, "threads": threads,
                    "apar_rt_ar_tok_s": na / ma, "peer_ar_tok_s": nb / mb, "ar_ratio": (na / ma) / (nb / mb)}
             if prompts_file:
                 row.update(_requests_per_s(engine, peer, load_prompts(prompts_file), bs, apar_max_tokens,
@@ -213,12 +221,12 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
 
 
 def format_rows(rows: list[dict], header: bool = True) -> str:
-    head = (f"{'batch':>5} {'apar-rt AR tok/s':>16} {PEER + ' AR tok/s':>26} {'ratio':>6}"
+    head = (f"{'batch':>5} {'prompt':>6} {'apar-rt AR tok/s':>16} {PEER + ' AR tok/s':>26} {'ratio':>6}"
             f" {'apar-rt APAR req/s':>18} {PEER + ' AR req/s':>26} {'ratio':>6}")
     lines = [head] if header else []
     for r in rows:
         req = (f" {r['apar_rt_apar_req_s']:>18.2f} {r['peer_ar_req_s']:>26.2f} {r['req_ratio']:>6.2f}"
                if "req_ratio" in r else "")
-        lines.append(f"{r['batch']:>5} {r['apar_rt_ar_tok_s']:>16.1f} {r['peer_ar_tok_s']:>26.1f} "
+        lines.append(f"{r['batch']:>5} {r['input_len']:>6.0f} {r['apar_rt_ar_tok_s']:>16.1f} {r['peer_ar_tok_s']:>26.1f} "
                      f"{r['ar_ratio']:>6.2f}{req}")
     return "\n".join(lines)
