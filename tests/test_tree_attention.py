@@ -381,6 +381,20 @@ def test_long_chunks_tiled_among_decodes_and_trees(impl, hq, hkv, block_size):
     check(build_step(9, seqs, hq=hq, hkv=hkv, block_size=block_size), IMPLS[impl], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (2, 1)])
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_a_chunk_in_tiles_beside_draft_trees(impl, hq, hkv, block_size):
+    """A chunk of several TILE-row tiles (starting mid-block) beside draft trees, so short that
+    one tile per sequence would pad the group far more than 2x: the chunk is cut into tiles."""
+    from apar_rt.export.attention_body import TILE
+
+    seqs = [Seq("tree", 4, tree_mask([-1, 0, 0, 1])), Seq("prefill", 5, causal(TILE * 3 + 5)),
+            Seq("tree", 0, tree_mask([-1, 0, 1])), Seq("decode", 3, [[True]]),
+            Seq("tree", 7, tree_mask([-1, 0, 0, 2, 2])), Seq("tree", 2, tree_mask([-1, 0, 1, 2]))]
+    check(build_step(11, seqs, hq=hq, hkv=hkv, block_size=block_size), IMPLS[impl], atol=2e-5, rtol=2e-5)
+
+
 def test_poisoned_pool_actually_poisons():
     """Sanity check of the test itself: reading a garbage slot changes the answer."""
     step = build_step(0, [make_seq(random.Random(0), "decode", 3)], hq=2, hkv=1, block_size=4)

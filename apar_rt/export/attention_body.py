@@ -12,9 +12,10 @@ and each group runs the same masked attention over its own padded shapes:
 - short (1 to SHORT_MAX new tokens: decodes, a fork's two tokens): one row-block per sequence,
   padded to the group's longest query and context;
 - long (prefill chunks, draft trees): tiles of consecutive new tokens of one sequence; each tile
-  sees its sequence's context and all of its new tokens. A lone long sequence (a step's prefill
-  chunk) is one tile, so its keys are gathered once; several are cut into tiles of TILE rows,
-  so that none is padded to the longest.
+  sees its sequence's context and all of its new tokens. When one tile of the longest one's rows
+  per sequence pads the group at most 2x (a step's prefill chunk, or chunks of similar lengths),
+  that is the tiling, so each sequence's keys are gathered once; otherwise tiles of TILE rows,
+  so that short ones (draft trees) are not padded to a long chunk.
 
 Sequences with no new tokens (bucket padding) are in neither group. A mixed step of n decodes and
 a prefill chunk of P tokens thus costs about n x ctx + P x (ctx + P), the sum of its parts. Keys
@@ -279,11 +280,14 @@ class LongGroup:
 
 
 def long_group(b: Nodes, s: StepIndex) -> LongGroup:
-    """Tiles of the long sequences: one per sequence when the step has one long sequence (its
-    keys are gathered once, not once per tile), else TILE rows each."""
+    """Tiles of the long sequences: one per sequence, of the longest one's rows, when that pads
+    the group's rows at most 2x (a lone prefill chunk, chunks of similar lengths: each sequence's
+    keys are gathered once, not once per tile); else TILE rows each (draft trees beside a chunk)."""
     longest = b.group_max(s.is_long, s.q_len)
-    alone = b.op("Equal", [b.op("ReduceSum", [b.op("Cast", [s.is_long], to=b.I64)], keepdims=1), b.i1])
-    tile = b.op("Where", [alone, b.op("Max", [longest, b.const([TILE])]), b.const([TILE])])
+    n_long = b.op("ReduceSum", [b.op("Cast", [s.is_long], to=b.I64)], keepdims=1)
+    long_rows = b.op("ReduceSum", [b.op("Where", [s.is_long, s.q_len, b.zero])], keepdims=1)
+    even = b.op("LessOrEqual", [b.op("Mul", [n_long, longest]), b.op("Mul", [long_rows, b.i2])])
+    tile = b.op("Where", [even, b.op("Max", [longest, b.const([TILE])]), b.const([TILE])])
     tiles = b.op("Where", [s.is_long, b.ceil_div(s.q_len, tile), b.zero])     # [B] tiles per sequence
     tile_end = b.op("CumSum", [tiles, b.zero])
     tile_begin = b.op("Sub", [tile_end, tiles])
