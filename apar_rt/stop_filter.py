@@ -73,39 +73,36 @@ class StopFilter:
     """`may_complete(token, stops)` is False only if `token` cannot have completed any of `stops`.
 
     `decode` renders token ids as the stop-string text does (special tokens skipped); it must
-    belong to a tokenizer whose decoder `decoder_is_local`. Each token's characters are decoded
-    once, on first sight, and each (stop strings, token) answer is kept.
+    belong to a tokenizer whose decoder `decoder_is_local`. Memory is bounded by the vocabulary
+    (each token's characters, decoded once on first sight) plus MAX_STOP_SETS stop-string tuples'
+    last characters, whatever stop strings the requests bring.
     """
 
-    __slots__ = ("_decode", "_chars", "_answers")
+    __slots__ = ("_decode", "_chars", "_ends")
 
-    MAX_STOP_SETS = 1024   # distinct stop-string tuples whose answers are kept (then forgotten)
+    MAX_STOP_SETS = 1024   # distinct stop-string tuples whose last characters are kept (then forgotten)
 
     def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
         self._decode = decode
         self._chars: dict[int, frozenset[str] | None] = {}   # None: holds part of a character
-        self._answers: dict[tuple[str, ...], dict[int, bool]] = {}
+        self._ends: dict[tuple[str, ...], frozenset[str] | None] = {}
 
     def may_complete(self, token: int, stops: tuple[str, ...]) -> bool:
-        answers = self._answers.get(stops)
-        if answers is None:
-            if len(self._answers) >= self.MAX_STOP_SETS:
-                self._answers.clear()
-            answers = self._answers[stops] = {}
-        may = answers.get(token)
-        if may is None:
-            may = answers[token] = self._may_complete(token, stops)
-        return may
-
-    def _may_complete(self, token: int, stops: tuple[str, ...]) -> bool:
-        ends = _last_chars(stops)
+        ends = self._ends.get(stops, _UNSEEN)
+        if ends is _UNSEEN:
+            if len(self._ends) >= self.MAX_STOP_SETS:
+                self._ends.clear()
+            ends = self._ends[stops] = _last_chars(stops)
         if ends is None:
             return True
-        if token not in self._chars:
+        chars = self._chars.get(token, _UNSEEN)
+        if chars is _UNSEEN:
             text = self._decode([token])
-            self._chars[token] = None if REPLACEMENT in text else frozenset(text)
-        chars = self._chars[token]
+            chars = self._chars[token] = None if REPLACEMENT in text else frozenset(text)
         return chars is None or not ends.isdisjoint(chars)
+
+
+_UNSEEN = object()
 
 
 def for_tokenizer(tokenizer, decode: Callable[[Sequence[int]], str]) -> StopFilter | None:
