@@ -110,6 +110,23 @@ def wordpiece():
             ordinary, ordinary)
 
 
+@pytest.fixture(scope="module")
+def bpe_suffix():
+    """A BPE with end-of-word suffixes (BPEDecoder: '</w>' becomes a space, except on the last token)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    pieces = ["<unk>", "<s>", "</s>", "[SplitMask]", "[SplitSop]", "the</w>", "ca", "t</w>", "sa", ":</w>", "é",
+              "é</w>", "a", "b</w>", ".</w>", "日本</w>", "x", "😀</w>", "1.</w>"]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", end_of_word_suffix="</w>"))
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    tok.add_special_tokens([AddedToken(p, special=True) for p in pieces[:5]])
+    ordinary = list(range(5, len(pieces)))
+    ctrl = ControlTokens(vocab["[SplitMask]"], vocab["[SplitSop]"])
+    return ((lambda ids: tok.decode(ids, skip_special_tokens=True)), ctrl, vocab["</s>"], frozenset(range(5)),
+            ordinary, ordinary)
+
+
 def draw(rng, split, ordinary, n):
     """n tokens: runs of text whose multi-byte characters are split over tokens, truncated at random
     (incomplete and invalid UTF-8), mixed with random ids."""
@@ -436,13 +453,14 @@ def test_tree_text_decodes_in_full_when_not_incremental(demo):
 # ---- stop strings ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("filtered", [False, True], ids=["every-token", "stop-filter"])
-@pytest.mark.parametrize("which", ["demo", "byte_fallback", "metaspace", "wordpiece"])
+@pytest.mark.parametrize("which", ["demo", "byte_fallback", "metaspace", "wordpiece", "bpe_suffix"])
 def test_stop_strings_are_found_where_the_whole_branch_text_first_holds_one(which, filtered, request):
     """The scheduler's incremental stop check against apar.branch_text decoded in full after
     every token: the same first token that completes a stop string, the same cut. With the stop
     filter (checks only after tokens that could complete one), the same, with fewer checks.
     The stop strings are pieces of the text, so they end in spaces, multi-byte characters and
-    characters split over byte tokens."""
+    characters split over byte tokens. The five tokenizers cover the decoder steps the filter
+    accepts (ByteLevel, ByteFallback, Replace, Fuse, Strip, Metaspace, WordPiece, BPEDecoder)."""
     from apar_rt.apar import branch_text
     from apar_rt.config import EngineConfig
     from apar_rt.scheduler import Scheduler
