@@ -53,78 +53,77 @@ def demo():
     return (lambda ids: tok.decode(ids, skip_special_tokens=True)), ctrl, tok.eos_token_id, special, split, ordinary
 
 
+def small_tokenizer(pieces: list[str], model, decoder, split=None):
+    """A `tokenizers` tokenizer over `pieces`, whose first five are special (unknown, BOS, EOS,
+    [Fork], [Child]), as the fixtures' tuple: (decode, control ids, EOS id, special ids, token runs
+    for `draw` (default: the ordinary ids), the ordinary ids). `model` makes the model from the
+    vocabulary; `split(vocab)` makes the token runs."""
+    from tokenizers import AddedToken, Tokenizer
+
+    vocab = {p: i for i, p in enumerate(pieces)}
+    tok = Tokenizer(model(vocab))
+    tok.decoder = decoder
+    tok.add_special_tokens([AddedToken(p, special=True) for p in pieces[:5]])
+    ordinary = list(range(5, len(pieces)))
+    ctrl = ControlTokens(vocab[pieces[3]], vocab[pieces[4]])
+    return ((lambda ids: tok.decode(ids, skip_special_tokens=True)), ctrl, vocab[pieces[2]], frozenset(range(5)),
+            ordinary if split is None else split(vocab), ordinary)
+
+
 @pytest.fixture(scope="module")
 def byte_fallback():
     """A sentencepiece-style tokenizer: '▁' pieces, <0xNN> byte fallback, Fuse and a leading-space Strip."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from tokenizers import decoders, models
 
     pieces = ["<unk>", "<s>", "</s>", "[SplitMask]", "[SplitSop]"] + [f"<0x{i:02X}>" for i in range(256)]
     pieces += ["▁", "▁the", "▁cat", "▁sat", "a", "b", "1.", "2.", ".", "▁é", "▁caf", "é", "▁hello", "▁world"]
-    vocab = {p: i for i, p in enumerate(pieces)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens([AddedToken(p, special=True) for p in pieces[:5]])
-    byte = {i: vocab[f"<0x{i:02X}>"] for i in range(256)}
-    split = []
-    for ch in MULTIBYTE:
-        data = ch.encode()
-        split += [byte[x] for x in data] if len(data) > 1 else [vocab.get("▁" if ch == " " else ch, byte[data[0]])]
-    ordinary = list(range(5, len(pieces)))
-    ctrl = ControlTokens(vocab["[SplitMask]"], vocab["[SplitSop]"])
-    return ((lambda ids: tok.decode(ids, skip_special_tokens=True)), ctrl, vocab["</s>"], frozenset({0, 1, 2, 3, 4}),
-            split, ordinary)
+
+    def split(vocab):
+        byte = {i: vocab[f"<0x{i:02X}>"] for i in range(256)}
+        out = []
+        for ch in MULTIBYTE:
+            data = ch.encode()
+            out += [byte[x] for x in data] if len(data) > 1 else [vocab.get("▁" if ch == " " else ch, byte[data[0]])]
+        return out
+
+    return small_tokenizer(
+        pieces, lambda vocab: models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True),
+        decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                           decoders.Strip(" ", 1, 0)]), split)
 
 
 @pytest.fixture(scope="module")
 def metaspace():
     """A Metaspace tokenizer (a space before each '▁' piece, the first one's dropped), no byte fallback."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from tokenizers import decoders, models
 
     pieces = ["<unk>", "<s>", "</s>", "[SplitMask]", "[SplitSop]", "▁", "▁the", "▁cat", "a", "b", ":", "▁é", "é",
               "日本", "▁wörld", "1.", ".", "!", "'s", "▁:", "😀"]
-    vocab = {p: i for i, p in enumerate(pieces)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    tok.add_special_tokens([AddedToken(p, special=True) for p in pieces[:5]])
-    ordinary = list(range(5, len(pieces)))
-    ctrl = ControlTokens(vocab["[SplitMask]"], vocab["[SplitSop]"])
-    return ((lambda ids: tok.decode(ids, skip_special_tokens=True)), ctrl, vocab["</s>"], frozenset(range(5)),
-            ordinary, ordinary)
+    return small_tokenizer(pieces, lambda vocab: models.BPE(vocab=vocab, merges=[], unk_token="<unk>"),
+                           decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True))
 
 
 @pytest.fixture(scope="module")
 def wordpiece():
     """A WordPiece tokenizer ('##' continuations, a space before the others, clean-up of spaces)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from tokenizers import decoders, models
 
     pieces = ["[UNK]", "[CLS]", "[SEP]", "[SplitMask]", "[SplitSop]", "the", "cat", "##s", "##ing", "sat", ".", ",",
               "'", "n", "##'t", "do", "not", ":", "é", "##é", "日", "##本", "?"]
-    vocab = {p: i for i, p in enumerate(pieces)}
-    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tok.add_special_tokens([AddedToken(p, special=True) for p in pieces[:5]])
-    ordinary = list(range(5, len(pieces)))
-    ctrl = ControlTokens(vocab["[SplitMask]"], vocab["[SplitSop]"])
-    return ((lambda ids: tok.decode(ids, skip_special_tokens=True)), ctrl, vocab["[SEP]"], frozenset(range(5)),
-            ordinary, ordinary)
+    return small_tokenizer(pieces, lambda vocab: models.WordPiece(vocab=vocab, unk_token="[UNK]"),
+                           decoders.WordPiece(prefix="##", cleanup=True))
 
 
 @pytest.fixture(scope="module")
 def bpe_suffix():
     """A BPE with end-of-word suffixes (BPEDecoder: '</w>' becomes a space, except on the last token)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from tokenizers import decoders, models
 
     pieces = ["<unk>", "<s>", "</s>", "[SplitMask]", "[SplitSop]", "the</w>", "ca", "t</w>", "sa", ":</w>", "é",
               "é</w>", "a", "b</w>", ".</w>", "日本</w>", "x", "😀</w>", "1.</w>"]
-    vocab = {p: i for i, p in enumerate(pieces)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", end_of_word_suffix="</w>"))
-    tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    tok.add_special_tokens([AddedToken(p, special=True) for p in pieces[:5]])
-    ordinary = list(range(5, len(pieces)))
-    ctrl = ControlTokens(vocab["[SplitMask]"], vocab["[SplitSop]"])
-    return ((lambda ids: tok.decode(ids, skip_special_tokens=True)), ctrl, vocab["</s>"], frozenset(range(5)),
-            ordinary, ordinary)
+    return small_tokenizer(
+        pieces, lambda vocab: models.BPE(vocab=vocab, merges=[], unk_token="<unk>", end_of_word_suffix="</w>"),
+        decoders.BPEDecoder(suffix="</w>"))
 
 
 def draw(rng, split, ordinary, n):
