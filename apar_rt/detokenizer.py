@@ -94,23 +94,28 @@ class SegmentText:
         else:
             self.pending = pending
             if end - s - self._r > 2 * REBASE:
-                self._commit_whole_part(end, new)
+                # a reader that advances only after tokens holding part of a character (the stop
+                # filter's checks) must not decode an ever longer uncommitted tail
+                found = self._last_whole(lambda r: self._dec(self._tokens[s + self._p:s + r]), end - s,
+                                         self._r, self._prefix, new)
+                if found is not None:
+                    read, head = found
+                    self._commit(head[len(self._prefix):], read, head)
+                    self.pending = new[len(head):]
 
-    def _commit_whole_part(self, end: int, new: str) -> None:
-        """The text of the tokens up to `end` ends in an incomplete character, and 2 * REBASE
-        tokens are uncommitted: commit up to the last token boundary where the text ends whole,
-        so that a reader that advances only after tokens holding part of a character (the stop
-        filter's checks) does not decode an ever longer uncommitted tail (at most MAX_CHAR_TOKENS
-        more decodes, once per 2 * REBASE tokens at the most)."""
-        s, prefix = self.start, self._prefix
-        for j in range(1, MAX_CHAR_TOKENS + 1):
-            head = self._dec(self._tokens[s + self._p:end - j])
-            if not (head.startswith(prefix) and new.startswith(head)):
-                return
-            if len(head) > len(prefix) and head[-1] != REPLACEMENT:
-                self._commit(head[len(prefix):], end - j - s, head)
-                self.pending = new[len(head):]
-                return
+    @staticmethod
+    def _last_whole(text_upto, end: int, low: int, base: str, full: str) -> tuple[int, str] | None:
+        """The text ends in an incomplete character at token offset `end`: the last offset r in
+        end - MAX_CHAR_TOKENS .. end - 1 (r > low) where `text_upto(r)` ends whole, longer than
+        `base` and a prefix of `full` (the text at `end`), with that text; None if there is none.
+        At most MAX_CHAR_TOKENS decodes."""
+        for r in range(end - 1, max(low, end - MAX_CHAR_TOKENS - 1), -1):
+            head = text_upto(r)
+            if not (head.startswith(base) and full.startswith(head)):
+                return None
+            if len(head) > len(base) and head[-1] != REPLACEMENT:
+                return r, head
+        return None
 
     def _commit(self, piece: str, read: int, decoded: str) -> None:
         self._parts.append(piece)
@@ -160,8 +165,7 @@ class SegmentText:
         again = self._head is not None   # decoded before: more tokens are coming
         if self._head is None:
             self._head = self._dec(self._window) if self._window else ""
-        self.decoded_tokens += len(self._window) + len(seg)
-        raw = windowed_text(self._decode, self._window, seg, self._head)
+        raw = self._windowed(seg)
         if not raw.startswith(old_stable):
             self.version += 1
         self._parts = []
@@ -171,25 +175,25 @@ class SegmentText:
         if not (raw and self.incremental):
             return
         read, kept = len(seg), raw
-        # A trailing incomplete character holds back only its own tokens (its bytes span at most
-        # MAX_CHAR_TOKENS): on a decode after the first (so that a growing segment is not decoded
-        # in full again and again), commit the text up to the last token boundary where it ends whole.
-        for j in range(1, min(MAX_CHAR_TOKENS, len(seg) - 1) + 1 if again else 0):
-            if kept[-1] != REPLACEMENT:
-                break
-            read = len(seg) - j
-            self.decoded_tokens += len(self._window) + read
-            kept = windowed_text(self._decode, self._window, seg[:read], self._head)
-            if not kept or not raw.startswith(kept):
+        if raw[-1] == REPLACEMENT:
+            # A trailing incomplete character holds back only its own tokens: on a decode after the
+            # first (so that a growing segment is not decoded in full again and again), commit up to
+            # the last token boundary where the text ends whole.
+            found = again and self._last_whole(lambda r: self._windowed(seg[:r]), len(seg), 0, "", raw)
+            if not found:
                 return
-        if kept[-1] == REPLACEMENT:
-            return
+            read, kept = found
         self._parts.append(kept)
         self.committed_len = len(kept)
         self.pending = raw[len(kept):]
         self._r = read
         self._marks.append((read, len(kept)))
         self._prefix = None              # decoded when the next token comes
+
+    def _windowed(self, tokens: list[int]) -> str:
+        """The text `tokens` (the segment's first ones) add after the window, counted as decoded."""
+        self.decoded_tokens += len(self._window) + len(tokens)
+        return windowed_text(self._decode, self._window, tokens, self._head)
 
     def text(self) -> str:
         """The whole text (joins the committed pieces once)."""
