@@ -34,6 +34,35 @@ def _constants(graph) -> dict:
     return out
 
 
+def _match(add, producer: dict, consts: dict):
+    """The rope pattern whose final Add is `add`: (its two Muls and Gather, x's Reshape, cos,
+    signed_sin, H, D), or None."""
+    if add.op_type != "Add" or len(add.input) != 2:
+        return None
+    for a_name, b_name in (add.input, add.input[::-1]):
+        a, b = producer.get(a_name), producer.get(b_name)   # a = x * cos, b = Gather(x) * signed_sin
+        if a is None or b is None or a.op_type != "Mul" or b.op_type != "Mul":
+            continue
+        for x in a.input:
+            reshape = producer.get(x)
+            gather = next((producer[i] for i in b.input if i in producer and producer[i].op_type == "Gather"
+                           and producer[i].input[0] == x), None)
+            if gather is None or reshape is None or reshape.op_type != "Reshape":
+                continue
+            shape = consts.get(reshape.input[1])
+            axis = next((at.i for at in gather.attribute if at.name == "axis"), 0)
+            if shape is None or shape.ndim != 1 or len(shape) != 3 or int(shape[1]) <= 0 or axis not in (2, -1):
+                continue
+            H, D = int(shape[1]), int(shape[2])
+            swap = consts.get(gather.input[1])
+            if D % 2 or swap is None or swap.tolist() != list(range(D // 2, D)) + list(range(D // 2)):
+                continue
+            cos = a.input[1] if a.input[0] == x else a.input[0]
+            signed_sin = b.input[1] if b.input[0] == gather.output[0] else b.input[0]
+            return (a, b, gather), reshape, cos, signed_sin, H, D
+    return None
+
+
 def fuse_rotary(model) -> int:
     """Replace every rotary pattern of `model`'s main graph (a ModelProto, changed in place) with
     RotaryEmbedding; returns how many (q and k of each layer: 2 per layer)."""
@@ -46,39 +75,7 @@ def fuse_rotary(model) -> int:
     for n in g.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
-
-    def mul_with(node, name):   # the other input of Mul `node` if one input is `name`
-        if node is None or node.op_type != "Mul" or name not in node.input:
-            return None
-        return node.input[1] if node.input[0] == name else node.input[0]
-
-    matches = []   # (add, the two Muls and the Gather, x's Reshape, cos, signed_sin, H, D)
-    for add in g.node:
-        if add.op_type != "Add" or len(add.input) != 2:
-            continue
-        for a_name, b_name in (add.input, add.input[::-1]):
-            a, b = producer.get(a_name), producer.get(b_name)
-            if a is None or b is None or a.op_type != "Mul" or b.op_type != "Mul":
-                continue
-            for x in a.input:
-                gather = next((producer.get(i) for i in b.input if producer.get(i) is not None
-                               and producer[i].op_type == "Gather" and producer[i].input[0] == x), None)
-                reshape = producer.get(x)
-                if gather is None or reshape is None or reshape.op_type != "Reshape":
-                    continue
-                shape = consts.get(reshape.input[1])
-                axis = next((at.i for at in gather.attribute if at.name == "axis"), 0)
-                if shape is None or shape.ndim != 1 or len(shape) != 3 or int(shape[1]) <= 0 or axis not in (2, -1):
-                    continue
-                H, D = int(shape[1]), int(shape[2])
-                swap = consts.get(gather.input[1])
-                if D % 2 or swap is None or swap.tolist() != list(range(D // 2, D)) + list(range(D // 2)):
-                    continue
-                matches.append((add, (a, b, gather), reshape, mul_with(a, x), mul_with(b, gather.output[0]), H, D))
-                break
-            else:
-                continue
-            break
+    matches = [(add, *m) for add in g.node if (m := _match(add, producer, consts)) is not None]
     tables = {(m[3], m[4], m[6]) for m in matches}
     if not matches or len(tables) != 1:   # one rope per model: the step's tables are shared
         return 0
