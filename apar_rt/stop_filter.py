@@ -69,6 +69,9 @@ def _last_chars(stops: tuple[str, ...]) -> frozenset[str] | None:
     return ends
 
 
+_UNSEEN = object()
+
+
 class StopFilter:
     """`may_complete(token, stops)` is False only if `token` cannot have completed any of `stops`.
 
@@ -101,8 +104,6 @@ class StopFilter:
             chars = self._chars[token] = None if REPLACEMENT in text else frozenset(text)
         return chars is None or not ends.isdisjoint(chars)
 
-
-_UNSEEN = object()
 
 
 def for_tokenizer(tokenizer, decode: Callable[[Sequence[int]], str]) -> StopFilter | None:
