@@ -359,7 +359,8 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
 @click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True,
               help="Timed decode steps per configuration.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Runs of the whole grid, interleaved; each row is the median of its runs' medians.")
+              help="Runs of the whole grid, interleaved; each row is the median of its runs' medians "
+                   "(and the mean of their means).")
 @click.option("--vocab", type=int, default=None, help="Logits width (default: the model's vocabulary).")
 @click.option("--stop", "stops", multiple=True,
               help="Stop string of the stop-string variants (repeatable; default: '\\nUser:' and '</s>').")
@@ -370,7 +371,8 @@ def bench_overhead_cmd(model, seqs, contexts, steps, repeats, vocab, stops, as_j
     \b
     Everything but the model is timed: scheduling, packing, sampling, appending, stop strings
     (stop strings that never match) and the reading-order streamer the servers run. Each
-    (seqs, context) runs plain, with stop strings, with streaming, and with both.
+    (seqs, context) runs plain, with stop strings, with streaming, and with both. "ms/step" is
+    the median step; "mean" also counts the rare slow step (a garbage collection, say).
 
     \b
     Stop strings are never completed by the random tokens. The text is checked only after a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 from dataclasses import replace
@@ -27,6 +28,20 @@ from apar_rt.stop_filter import for_tokenizer as stop_filter_for
 log = logging.getLogger(__name__)
 
 DEFAULT_TREE = "tiny_9"   # the Medusa tree when heads are loaded and no tree is named
+
+
+def freeze_heap() -> None:
+    """Collect garbage once, then move every object alive now (the imported libraries, the loaded
+    model) into the collector's permanent generation, as vLLM does after startup.
+
+    Without it, each full collection in the step loop scans all of them: with torch loaded, one
+    step in about a hundred at 256 sequences took 80-90 ms instead of 2 (`bench overhead`'s mean).
+    Call it before the Engine is made: the engine's own reference cycles (its scheduler holds its
+    bound methods) must stay collectable, so that a dropped engine is reclaimed. Objects made
+    later (the engine, requests) are collected as usual."""
+    gc.collect()
+    gc.freeze()
+
 
 class Engine:
     """Runs requests in flight. `add_request` + repeated `step()`; each step returns the
@@ -95,6 +110,7 @@ class Engine:
         model_config = ModelConfig.from_dir(model_dir)
         tokenizer = load_tokenizer(model_dir, only=recorded)
         be = backend_cls(str(model_dir), dtype=dtype, device=device, **backend_kw)
+        freeze_heap()
         return cls(be, tokenizer, model_config, cfg, control=control)
 
     # ---- requests ------------------------------------------------------------------------

@@ -206,3 +206,21 @@ def test_ban_fork_when_full(tiny_gqa):
     full, _ = make_llm(path, max_num_seqs=1, ban_fork_when_full=True)
     o = full.generate([PROMPTS[0]], params)[0]
     assert o.stats["forks"] == 0 and fork not in o.branches[0]["token_ids"]
+
+
+def test_loading_freezes_the_heap_but_a_dropped_engine_is_reclaimed(tiny_gqa):
+    """from_pretrained moves what is loaded out of the step loop's garbage collections, and does
+    so before making the engine, whose own reference cycles must stay collectable."""
+    import gc
+    import weakref
+
+    from apar_rt.engine import Engine
+
+    path, _, _ = tiny_gqa
+    gc.unfreeze()
+    engine = Engine.from_pretrained(str(path), num_blocks=16, block_size=4)
+    assert gc.get_freeze_count() > 0
+    scheduler = weakref.ref(engine.scheduler)   # holds the engine's bound methods: a cycle
+    engine = None
+    gc.collect()
+    assert scheduler() is None, "the engine was frozen: a dropped engine is never reclaimed"
