@@ -85,13 +85,15 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, *, backend: str = "torch", dtype: str | None = "auto",
-                        device: str | None = None, medusa: bool | str = False, **engine_kwargs) -> "Engine":
+                        device: str | None = None, medusa: bool | str = False, backend_options: dict | None = None,
+                        **engine_kwargs) -> "Engine":
         """Load a HF model folder (torch backend) or an engine folder (built backends).
 
         medusa: True loads the heads in `<model_dir>/medusa`; a path loads them from there.
+        backend_options: extra keyword arguments of the backend class (e.g. onnxruntime's `threads`).
         """
         backend_cls = backend_class(backend)
-        backend_kw = {}
+        backend_kw = dict(backend_options or {})
         if medusa:
             heads_dir = find_heads_dir(model_dir) if medusa is True else Path(medusa)
             if heads_dir is None:

@@ -38,18 +38,13 @@ def _timed(backend):
 
 def _ort_llm(engine: str, threads: int | None, kw: dict):
     """LLM over the onnxruntime backend with `threads` intra-op threads (LLM() takes no backend options)."""
-    from apar_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from apar_rt.build.manifest import engine_settings
-    from apar_rt.config import EngineConfig, ModelConfig
     from apar_rt.engine import Engine
     from apar_rt.llm import LLM
-    from apar_rt.model.tokenizer import load_tokenizer
 
-    ekw, control = engine_settings(engine, "onnxruntime", kw)
     llm = LLM.__new__(LLM)
     llm.raw = False
-    llm.engine = Engine(OnnxRuntimeBackend(engine, device="cpu", threads=threads), load_tokenizer(engine),
-                        ModelConfig.from_dir(engine), EngineConfig(**ekw), control=control)
+    llm.engine = Engine.from_pretrained(engine, backend="onnxruntime", device="cpu",
+                                        backend_options={"threads": threads}, **kw)
     return llm
 
 
