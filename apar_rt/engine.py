@@ -20,6 +20,7 @@ from apar_rt.detokenizer import TreeText
 from apar_rt.medusa.folder import HEADS_DIRNAME, find_heads_dir
 from apar_rt.medusa.tree import load_tree
 from apar_rt.medusa.verifier import Acceptance, MedusaVerifier, TreeRows
+from apar_rt.model.byte_table import byte_table_decoder
 from apar_rt.model.tokenizer import control_tokens, encode_prompt, load_tokenizer
 from apar_rt.sampler import Sampled, SamplingBatch, SamplingError, error_message, make_generator
 from apar_rt.scheduler import RequestRejected, Scheduler, StepUpdate
@@ -60,6 +61,7 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ()) | frozenset(self.control.ids)
+        self._table_decode = byte_table_decoder(tokenizer)   # None: the tokenizer decodes
         # clean_up_tokenization_spaces rewrites text across tokens: such text is decoded in full
         self.incremental_text = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
         self.verifier = self._make_verifier(backend, self.config)
@@ -118,6 +120,10 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------
 
     def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of token ids, special tokens skipped: every text the engine makes is decoded
+        here (by a byte table for byte-level BPE tokenizers, model/byte_table.py)."""
+        if self._table_decode is not None:
+            return self._table_decode(token_ids)
         return self.tokenizer.decode(token_ids if isinstance(token_ids, list) else list(token_ids),
                                      skip_special_tokens=True)
 

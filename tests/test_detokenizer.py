@@ -555,3 +555,69 @@ def test_stop_checks_decode_work_follows_the_new_tokens(demo):
         assert not sched._hit_stop_string(b, ("\x01never\x02",))
     assert sched.num_stop_checks > 100
     assert count.tokens <= 40 * len(tokens), (count.tokens, sched.num_stop_checks)
+
+
+# ---- the byte table ------------------------------------------------------------------------
+
+def _byte_level_folder(tmp_path, clean_up: bool = False) -> Path:
+    """A trained byte-level BPE (GPT-2 style) with special tokens and plain-text added tokens, saved
+    as a folder."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<s>", "</s>", "[SplitMask]", "[SplitSop]"])
+    tok.train_from_iterator([MULTIBYTE * 4, "the cat sat on the mat. 1. 2. a list of things"] * 20, trainer)
+    tok.add_tokens([AddedToken("日本 語", special=False), AddedToken("<note>", special=False)])
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>",
+                                                                "clean_up_tokenization_spaces": clean_up}))
+    return tmp_path
+
+
+def test_byte_table_decodes_as_the_tokenizer(tmp_path):
+    """The byte table against the tokenizer's own decode (skip_special_tokens=True) on random ids
+    rich in pieces of characters, special and plain-text added tokens, and ids past the vocabulary;
+    for the demo tokenizer and a trained byte-level BPE."""
+    from apar_rt.model.byte_table import byte_table_decoder
+    from apar_rt.model.tokenizer import load_tokenizer
+
+    for folder in (DEMO, _byte_level_folder(tmp_path / "bl")):
+        tok = load_tokenizer(folder)
+        table = byte_table_decoder(tok)
+        assert table is not None
+        n = len(tok)
+        split = tok.encode(MULTIBYTE, add_special_tokens=False)
+        rng = np.random.default_rng(0)
+        for _ in range(3000):
+            k = int(rng.integers(1, 16))
+            ids = [int(x) for x in np.where(rng.random(k) < 0.5, rng.choice(split, k), rng.integers(0, n + 3, k))]
+            assert table(ids) == tok.decode(ids, skip_special_tokens=True), ids
+
+
+def test_byte_table_only_where_it_is_exact(tmp_path):
+    """No table for a decoder that is not byte-level alone, for clean-up of spaces, and for a
+    tokenizer whose decode disagrees with its bytes (the check at load)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from apar_rt.model.byte_table import byte_table_decoder
+    from apar_rt.model.tokenizer import FastTokenizer, load_tokenizer
+
+    assert byte_table_decoder(load_tokenizer(_byte_level_folder(tmp_path / "clean", clean_up=True))) is None
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    tok = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁a": 1, "b": 2}, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Metaspace()
+    tok.save(str(meta / "tokenizer.json"))
+    assert byte_table_decoder(load_tokenizer(meta)) is None
+
+    class Shouting(FastTokenizer):
+        def decode(self, token_ids, skip_special_tokens=False):
+            return super().decode(token_ids, skip_special_tokens).upper()
+
+    assert byte_table_decoder(Shouting(_byte_level_folder(tmp_path / "shout"))) is None

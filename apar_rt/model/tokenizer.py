@@ -106,6 +106,12 @@ class FastTokenizer:
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def decoder_tokens(self) -> list[str | None]:
+        """Each id's token string as the decoder pipeline receives it; None for the ids that
+        `decode(..., skip_special_tokens=True)` drops (special added tokens, unused ids)."""
+        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        return [None if i in special else self._tok.id_to_token(i) for i in range(len(self))]
+
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
