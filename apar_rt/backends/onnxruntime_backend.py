@@ -188,6 +188,8 @@ class OnnxRuntimeBackend(Backend):
         # On the CPU the op runs as the graph of `ort_attention.rewrite` (MultiHeadAttention, index
         # math once per step); the CUDA execution provider keeps the engine file's standard-op body.
         ort_body = self._dev_type == "cpu"
+        # that graph takes the pools head-major (ort_attention.POOL_LAYOUT), [Hkv, slots, D]
+        self._head_major = ort_body
         if drop or ort_body:
             model = _session_model(model_path, drop, ort_body)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
@@ -202,7 +204,8 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailable(f"{self.engine_dir / ONNX_NAME} has inputs {got}, expected {want}")
         self._io = self.session.io_binding()
         self.block_size = m.block_size
-        self.k_caches: list = []          # per layer: numpy views (CPU) or torch views (CUDA) of the pool
+        self.k_caches: list = []          # per layer, the pool as [blocks, block_size, Hkv, D]: numpy views
+                                          # (CPU; strided where the pools are head-major) or torch views (CUDA)
         self.v_caches: list = []
         self._bufs: dict = {}             # backend-owned input/output buffers, by name (see _buffer)
         self._bound: dict = {}            # name -> (buffer generation, shape) bound now (see _bind)
@@ -222,7 +225,8 @@ class OnnxRuntimeBackend(Backend):
             raise ValueError(f"num_blocks {num_blocks} exceeds the engine's max_num_blocks "
                              f"{self.manifest.max_num_blocks}")
         # One tensor holds every layer's K and V pools, so one indexed write stores a step's K/V.
-        shape = (2, self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        L, H, D, slots = self.num_layers, self.num_kv_heads, self.head_dim, num_blocks * block_size
+        shape = (2, L, H, slots, D) if self._head_major else (2, L, num_blocks, block_size, H, D)
         if self._dev_type == "cpu":
             # written, not just mapped: the pool is resident from the start (as a GPU pool is), so a
             # pool that does not fit fails here and not mid-run, and RSS is what the memory plan says
@@ -232,12 +236,17 @@ class OnnxRuntimeBackend(Backend):
             import torch
 
             self._kv = torch.zeros(shape, dtype=_torch_dtype(self.dtype), device=self.device)
-        self.k_caches = list(self._kv[0])
-        self.v_caches = list(self._kv[1])
-        self._kv_slots = self._kv.reshape(2, self.num_layers, num_blocks * block_size, self.num_kv_heads,
-                                          self.head_dim)     # a view: the pool is contiguous
+        if self._head_major:
+            # views in the op's layout: blocks [2, L, blocks, block_size, Hkv, D], slots [2, L, slots, Hkv, D]
+            self._kv_blocks = self._kv.reshape(2, L, H, num_blocks, block_size, D).transpose(0, 1, 3, 4, 2, 5)
+            self._kv_slots = self._kv.swapaxes(2, 3)
+        else:
+            self._kv_blocks = self._kv
+            self._kv_slots = self._kv.reshape(2, L, slots, H, D)     # a view: the pool is contiguous
+        bound = list(self._kv[0]), list(self._kv[1])               # what the graph takes
+        self.k_caches, self.v_caches = list(self._kv_blocks[0]), list(self._kv_blocks[1])
         self._new_generation("kv_pool")
-        for i, (k, v) in enumerate(zip(self.k_caches, self.v_caches)):
+        for i, (k, v) in enumerate(zip(*bound)):
             self._bind(step_io.k_cache_name(i), k, tuple(k.shape), input=True, base="kv_pool")
             self._bind(step_io.v_cache_name(i), v, tuple(v.shape), input=True, base="kv_pool")
 
@@ -338,8 +347,7 @@ class OnnxRuntimeBackend(Backend):
             src = [s for s, _ in step.block_copies]
             dst = [d for _, d in step.block_copies]
             if cpu:
-                pools = self._kv_slots.reshape(2, self.num_layers, *self.k_caches[0].shape)
-                pools[:, :, dst] = pools[:, :, src]
+                self._kv_blocks[:, :, dst] = self._kv_blocks[:, :, src]
             else:
                 import torch
 

@@ -4,8 +4,10 @@ The engine file keeps the op's standard-op FunctionProto (any ONNX consumer can 
 CPU, `rewrite(model)` replaces the op's nodes with the same math (`apar_rt.export.attention_body`)
 laid out for ONNX Runtime:
 
-- each group's masked attention is one `com.microsoft.MultiHeadAttention` (one MHA head per KV
-  head; K/V gathered as [.., Hkv*D], so no transposes without GQA);
+- the KV pools are head-major, [Hkv, slots, D] (`POOL_LAYOUT`; the backend allocates them so),
+  and each group's attention reads its context with one Gather per pool, straight into the
+  layout the matmuls take (`attend_head_major`): no transpose and no concatenation of the
+  context, which were two more copies of it per layer and step;
 - the index math runs once per step at the top level, not once per layer: the short group's
   always, the long group's (prefill chunks, draft trees) inside one `If` that runs only when the
   step has a sequence with more than SHORT_MAX new tokens. A decode step (decodes and forks
@@ -20,6 +22,13 @@ from apar_rt.export import attention_body as ab
 from apar_rt.export.op import OP_DOMAIN, OP_INPUTS, OP_TYPE, AttentionAttrs
 
 STEP_INPUTS = OP_INPUTS[5:]   # block_tables, context_lens, query_start, mask: shared by every layer
+POOL_LAYOUT = "[num_kv_heads, num_blocks * block_size, head_size]"   # the pools the rewritten graph takes
+
+
+def to_head_major(pool):
+    """A pool in the op's layout [num_blocks, block_size, Hkv, D] as the rewrite takes it (numpy)."""
+    nb, bs, hkv, d = pool.shape
+    return pool.transpose(2, 0, 1, 3).reshape(hkv, nb * bs, d)
 
 
 def _attrs(node) -> AttentionAttrs:
@@ -80,54 +89,53 @@ def rewrite(model) -> int:
         return names
 
     # The short group: a decode step's index (rows in packed order), or the general one. Outputs:
-    # N, R, L, q_idx, k_idx, tables, bias, the rows of a step without long sequences, and what
-    # `packed_rows` reads of the group (short_end, short_n, n_short; unused on decode steps, where
-    # there is no long group). Each output is its own tensor: an If branch that lists one name
-    # twice confuses onnxruntime.
-    types = [I64, I64, I64, I64, I64, tables_type, F32, I64, I64, I64, I64]
+    # N, R, Qn, L, q_idx, k_idx, pool slots, bias, the rows of a step without long sequences, and
+    # what `packed_rows` reads of the group (short_end, short_n, n_short; unused on decode steps,
+    # where there is no long group). Each output is its own tensor: an If branch that lists one
+    # name twice confuses onnxruntime.
+    types = [I64, I64, I64, I64, I64, I64, I64, F32, I64, I64, I64, I64]
     dec = ab.Nodes(attrs, "apar/dec/", inputs)
     di = ab.decode_group(dec, s)
-    dec_outs = [dec.op("Identity", [di.N]), di.R, di.L, di.q_idx, di.k_idx, di.tables,
-                ab.mha_bias(dec, di, G),
-                dec.op("Squeeze", [di.q_idx, dec.i1]), dec.op("Identity", [s.q_len]),
+    dec_outs = [dec.op("Identity", [di.N]), di.R, di.Qn, di.L, di.q_idx, di.k_idx, ab.pool_slots(dec, di),
+                ab.score_bias(dec, di, G), dec.op("Squeeze", [di.q_idx, dec.i1]), dec.op("Identity", [s.q_len]),
                 dec.op("Identity", [s.q_len]), dec.const([0])]
     gen = ab.Nodes(attrs, "apar/short/", inputs)
     sg = ab.short_group(gen, s)
     si = sg.index
-    gen_outs = [si.N, si.R, si.L, si.q_idx, si.k_idx, si.tables, ab.mha_bias(gen, si, G),
-                ab.packed_rows(gen, s, sg, None), sg.short_end, sg.short_n, sg.n_short]
-    N, R, L, q_idx, k_idx, tables, short_bias, short_rows, short_end, short_n, n_short = if_node(
+    gen_outs = [si.N, si.R, gen.op("Identity", [si.Qn]), si.L, si.q_idx, si.k_idx, ab.pool_slots(gen, si),
+                ab.score_bias(gen, si, G), ab.packed_rows(gen, s, sg, None), sg.short_end, sg.short_n, sg.n_short]
+    N, R, Qn, L, q_idx, k_idx, slots, short_bias, short_rows, short_end, short_n, n_short = if_node(
         top, is_decode, dec, dec_outs, gen, gen_outs, "short", types)
-    short_index = ab.GroupIndex(N=N, R=R, Qn="", L=L, K="", q_idx=q_idx, k_idx=k_idx, tables=tables, vis="")
+    short_index = ab.GroupIndex(N=N, R=R, Qn=Qn, L=L, K="", q_idx=q_idx, k_idx=k_idx, tables="", vis="")
+    short_slots = slots
     sg = ab.ShortGroup(short_index, short_n, short_end, n_short)
 
-    # The long group, only in steps that have one: N, R, L, q_idx, k_idx, tables, bias, and the
-    # packed rows of both groups.
-    types = [I64, I64, I64, I64, I64, tables_type, F32, I64]
+    # The long group, only in steps that have one: N, R, Qn, L, q_idx, k_idx, pool slots, bias, and
+    # the packed rows of both groups.
+    types = [I64, I64, I64, I64, I64, I64, I64, F32, I64]
     mixed = ab.Nodes(attrs, "apar/long/", inputs)
     lg = ab.long_group(mixed, s)
     li = lg.index
-    mixed_outs = [li.N, li.R, li.L, li.q_idx, li.k_idx, li.tables, ab.mha_bias(mixed, li, G),
-                  ab.packed_rows(mixed, s, sg, lg)]
+    mixed_outs = [li.N, li.R, mixed.op("Identity", [li.Qn]), li.L, li.q_idx, li.k_idx, ab.pool_slots(mixed, li),
+                  ab.score_bias(mixed, li, G), ab.packed_rows(mixed, s, sg, lg)]
     none = ab.Nodes(attrs, "apar/noLong/", inputs)
-    none_outs = [none.const([0]), none.const([1]), none.const([0]), none.empty([0, 1], I64),
-                 none.empty([0, 0], I64), none.empty([0, 0], tables_type), none.empty([0, 1, G, 0], F32),
+    none_outs = [none.const([0]), none.const([1]), none.const([0]), none.const([0]), none.empty([0, 1], I64),
+                 none.empty([0, 0], I64), none.empty([0, 0], I64), none.empty([0, G, 0], F32),
                  none.op("Identity", [short_rows])]
-    N, R, L, q_idx, k_idx, tables, long_bias, rows = if_node(
+    N, R, Qn, L, q_idx, k_idx, slots, long_bias, rows = if_node(
         top, any_long, mixed, mixed_outs, none, none_outs, "long", types)
-    long_index = ab.GroupIndex(N=N, R=R, Qn="", L=L, K="", q_idx=q_idx, k_idx=k_idx, tables=tables, vis="")
+    long_index = ab.GroupIndex(N=N, R=R, Qn=Qn, L=L, K="", q_idx=q_idx, k_idx=k_idx, tables="", vis="")
+    long_slots = slots
 
-    # ---- layer math ----
     replaced = {}
     for i, n in enumerate(nodes):
         b = ab.Nodes(attrs, f"apar/l{i}/", inputs)
         q, k, v, k_cache, v_cache = n.input[:5]
-        q2, k2, v2 = (b.reshape(x, [s.T, b.op("Mul", [h, b.D])])            # [T, heads * D]
-                      for x, h in ((q, b.Hq), (k, b.Hkv), (v, b.Hkv)))
-        short_out = ab.attend_mha(b, short_index, short_bias, G, q2, k2, v2, k_cache, v_cache)
+        q2 = b.reshape(q, [s.T, b.op("Mul", [b.Hq, b.D])])                    # [T, Hq * D]
+        short_out = ab.attend_head_major(b, short_index, short_slots, short_bias, G, q2, k, v, k_cache, v_cache)
         # the long group only when the step has one (an If, so that other steps skip its nodes)
         lb = ab.Nodes(attrs, f"apar/l{i}/long/", inputs)
-        long_out = ab.attend_mha(lb, long_index, long_bias, G, q2, k2, v2, k_cache, v_cache)
+        long_out = ab.attend_head_major(lb, long_index, long_slots, long_bias, G, q2, k, v, k_cache, v_cache)
         nb = ab.Nodes(attrs, f"apar/l{i}/nolong/", inputs)
         none_out = nb.empty([0, attrs.num_heads, attrs.head_size], F32)
         long_if, = if_node(b, any_long, lb, [long_out], nb, [none_out], f"l{i}/long_attention", [F32])
@@ -142,9 +150,21 @@ def rewrite(model) -> int:
         new_nodes += replaced.get(id(n), [n])
     del g.node[:]
     g.node.extend(new_nodes)
+    _declare_head_major_pools(g, {name for n in nodes for name in n.input[3:5]}, attrs)
     keep = [f for f in model.functions if (f.domain, f.name) != (OP_DOMAIN, OP_TYPE)]
     del model.functions[:]
     model.functions.extend(keep)
     if not any(o.domain == ab.ORT_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(ab.ORT_DOMAIN, 1))
     return len(nodes)
+
+
+def _declare_head_major_pools(g, pools: set[str], attrs: AttentionAttrs) -> None:
+    """Declare the graph inputs `pools` as POOL_LAYOUT (their element type kept)."""
+    from onnx import helper
+
+    for vi in g.input:
+        if vi.name in pools:
+            t = vi.type.tensor_type.elem_type
+            vi.CopyFrom(helper.make_tensor_value_info(vi.name, t, [attrs.num_kv_heads, "pool_slots",
+                                                                  attrs.head_size]))

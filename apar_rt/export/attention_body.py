@@ -2,8 +2,8 @@
 
 * `apar_rt.export.op.attention_function`: the model-local FunctionProto in default-domain ops
   that every ONNX consumer (ONNX Runtime, TensorRT without our plugin) can inline;
-* `apar_rt.backends.ort_attention`: the graph ONNX Runtime's CPU backend runs instead, with
-  `com.microsoft.MultiHeadAttention` and a decode fast path.
+* `apar_rt.backends.ort_attention`: the graph ONNX Runtime's CPU backend runs instead, over
+  head-major pools (`attend_head_major`) and with a decode fast path.
 
 Both compute exactly the reference (`apar_rt.ops.tree_attention.tree_paged_attention_reference`)
 with a cost that follows each sequence's own query length: the B sequences fall in two groups,
@@ -125,22 +125,13 @@ class Nodes:
             return self.scalar(float(self.attrs.scale), self.F32)
         return self._attr_ref_const("scale", "value_float", onnx.AttributeProto.FLOAT)
 
-    def mha(self, q: str, k: str, v: str, bias: str) -> str:
-        """com.microsoft.MultiHeadAttention with one head per KV head: q [N, S, Hkv*D],
-        k/v [N, K, Hkv*D], additive bias [N, 1, S, K] -> [N, S, Hkv*D]."""
-        import onnx
+    def fused_matmul_t(self, a: str, b: str, alpha: float) -> str:
+        """com.microsoft.FusedMatMul: alpha * a @ b^T over the last two axes (no transpose of b)."""
         from onnx import helper
 
-        out = self.name("mha")
-        node = helper.make_node("MultiHeadAttention", [q, k, v, "", "", bias], [out], domain=ORT_DOMAIN)
-        if self.attrs is not None:
-            node.attribute.extend([helper.make_attribute("num_heads", int(self.attrs.num_kv_heads)),
-                                   helper.make_attribute("scale", float(self.attrs.scale))])
-        else:
-            node.attribute.extend([
-                helper.make_attribute_ref("num_heads", onnx.AttributeProto.INT, ref_attr_name="num_kv_heads"),
-                helper.make_attribute_ref("scale", onnx.AttributeProto.FLOAT, ref_attr_name="scale")])
-        self.nodes.append(node)
+        out = self.name("qk")
+        self.nodes.append(helper.make_node("FusedMatMul", [a, b], [out], domain=ORT_DOMAIN, transB=1,
+                                           alpha=float(alpha)))
         return out
 
     # ---- small shape helpers ----
@@ -337,34 +328,45 @@ def attend_standard(b: Nodes, g: GroupIndex, q: str, k: str, v: str, k_cache: st
     return b.reshape(out, [b.op("Mul", [N, R]), b.Hq, b.D])
 
 
-def mha_bias(b: Nodes, g: GroupIndex, G: int) -> str:
-    """[N, 1, R*G, K] float32 additive bias of `g.vis` for `attend_mha` (index math)."""
+def score_bias(b: Nodes, g: GroupIndex, G: int) -> str:
+    """[N, R*G, K] float32 additive bias of `g.vis` for `attend_head_major` (index math)."""
     bias = b.op("Where", [g.vis, b.fzero, b.fmin])                             # [N, 1, R, 1, K]
     if G == 1:
-        return b.op("Squeeze", [bias, b.i3])
+        return b.op("Squeeze", [bias, b.const([1, 3])])
     full = b.op("Expand", [bias, b.op("Concat", [g.N, b.i1, g.R, b.group, g.K], axis=0)])
-    return b.reshape(full, [g.N, b.i1, b.op("Mul", [g.R, b.group]), g.K])
+    return b.reshape(full, [g.N, b.op("Mul", [g.R, b.group]), g.K])
 
 
-def attend_mha(b: Nodes, g: GroupIndex, bias: str, G: int, q2: str, k2: str, v2: str,
-               k_cache: str, v_cache: str) -> str:
-    """Layer math with com.microsoft.MultiHeadAttention, one MHA head per KV head (query row
-    r*G + g is query head kv*G + g of token r, so GQA needs no copy of K/V). q2/k2/v2 are the
-    layer's q/k/v as [T, heads*D]; K/V stay [.., Hkv*D] (no transposes when G == 1).
-    Returns [N * R, Hq, D] float32."""
-    F32, N, R, L = b.F32, g.N, g.R, g.L
-    HkvD = b.op("Mul", [b.Hkv, b.D])
-    kv = []
-    for cache, new in ((k_cache, k2), (v_cache, v2)):
-        cached = b.reshape(b.op("Gather", [cache, g.tables], axis=0), [N, L, HkvD])
-        both = b.op("Concat", [cached, b.op("Gather", [new, g.k_idx], axis=0)], axis=1)   # [N, K, Hkv*D]
-        kv.append(b.op("Cast", [both], to=F32))
-    q3 = b.op("Cast", [b.op("Gather", [q2, g.q_idx], axis=0)], to=F32)        # [N, R, Hq*D]
-    if G != 1:
-        q3 = b.op("Transpose", [b.reshape(q3, [N, R, b.Hkv, b.group, b.D])], perm=[0, 1, 3, 2, 4])
-        q3 = b.reshape(q3, [N, b.op("Mul", [R, b.group]), HkvD])              # [N, R*G, Hkv*D]
-    out = b.mha(q3, kv[0], kv[1], bias)
-    if G != 1:
-        out = b.op("Transpose", [b.reshape(out, [N, R, b.group, b.Hkv, b.D])], perm=[0, 1, 3, 2, 4])
+def pool_slots(b: Nodes, g: GroupIndex) -> str:
+    """[N, L] int64 (index math): the pool slot of each cached key position of each row-block,
+    block_tables[n, j // BS] * BS + j % BS, for pools laid out as [Hkv, slots, D]."""
+    tables = b.op("Cast", [g.tables], to=b.I64)                                   # [N, nblk]
+    slots = b.op("Add", [b.op("Mul", [b.op("Unsqueeze", [tables, b.i2]), b.BS]), b.arange(b.BS)])
+    return b.reshape(slots, [g.N, g.L])                                          # [N, nblk, BS] -> [N, L]
+
+
+def attend_head_major(b: Nodes, g: GroupIndex, slots: str, bias: str, G: int, q2: str, k3: str, v3: str,
+                      k_pool: str, v_pool: str) -> str:
+    """Layer math over head-major pools [Hkv, slots, D] (the CPU rewrite; `b.attrs` known).
+
+    The context's keys and values are read with one Gather each, straight into the
+    [Hkv, N, L, D] layout the matmuls take: no transpose and no concatenation of the context.
+    The step's new keys ([N, Qn] rows of k3 [T, Hkv, D]) are scored apart, their scores joined
+    to the context's before the softmax, and their values added after it. q2 is [T, Hq*D];
+    `bias` is `score_bias` ([N, R*G, L+Qn]), `slots` is `pool_slots`. Query row r*G + g of
+    block n is query head kv*G + g of its r-th token. Returns [N * R, Hq, D] float32."""
+    F32, N, R, L, Qn = b.F32, g.N, g.R, g.L, g.Qn
+    ctx_k, ctx_v = (b.op("Cast", [b.op("Gather", [pool, slots], axis=1)], to=F32) for pool in (k_pool, v_pool))
+    new_k, new_v = (b.op("Transpose", [b.op("Cast", [b.op("Gather", [x, g.k_idx], axis=0)], to=F32)],
+                         perm=[2, 0, 1, 3]) for x in (k3, v3))                  # [Hkv, N, Qn, D]
+    q = b.op("Cast", [b.op("Gather", [q2, g.q_idx], axis=0)], to=F32)          # [N, R, Hq*D]
+    q = b.op("Transpose", [b.reshape(q, [N, R, b.Hkv, b.group, b.D])], perm=[2, 0, 1, 3, 4])
+    RG = b.op("Mul", [R, b.group])
+    q = b.reshape(q, [b.Hkv, N, RG, b.D])                                       # [Hkv, N, R*G, D]
+    scale = float(b.attrs.scale)
+    scores = b.op("Concat", [b.fused_matmul_t(q, ctx_k, scale), b.fused_matmul_t(q, new_k, scale)], axis=3)
+    probs = b.op("Softmax", [b.op("Add", [scores, bias])], axis=-1)
+    p_ctx, p_new = (b.op("Slice", [probs, lo, hi, b.i3]) for lo, hi in ((b.i0, L), (L, b.op("Add", [L, Qn]))))
+    out = b.op("Add", [b.op("MatMul", [p_ctx, ctx_v]), b.op("MatMul", [p_new, new_v])])   # [Hkv, N, R*G, D]
+    out = b.op("Transpose", [b.reshape(out, [b.Hkv, N, R, b.group, b.D])], perm=[1, 2, 0, 3, 4])
     return b.reshape(out, [b.op("Mul", [N, R]), b.Hq, b.D])
-
