@@ -346,7 +346,7 @@ def pool_slots(b: Nodes, g: GroupIndex) -> str:
 
 
 def attend_head_major(b: Nodes, g: GroupIndex, slots: str, bias: str, G: int, q2: str, k3: str, v3: str,
-                      k_pool: str, v_pool: str) -> str:
+                      k_pool: str, v_pool: str, few_queries: bool = False) -> str:
     """Layer math over head-major pools [Hkv, slots, D] (the CPU rewrite; `b.attrs` known).
 
     The context's keys and values are read with one Gather each, straight into the
@@ -354,17 +354,28 @@ def attend_head_major(b: Nodes, g: GroupIndex, slots: str, bias: str, G: int, q2
     The step's new keys ([N, Qn] rows of k3 [T, Hkv, D]) are scored apart, their scores joined
     to the context's before the softmax, and their values added after it. q2 is [T, Hq*D];
     `bias` is `score_bias` ([N, R*G, L+Qn]), `slots` is `pool_slots`. Query row r*G + g of
-    block n is query head kv*G + g of its r-th token. Returns [N * R, Hq, D] float32."""
+    block n is query head kv*G + g of its r-th token. Returns [N * R, Hq, D] float32.
+
+    few_queries (for one query row per block, R*G = 1): scores are computed as keys @ q^T, a
+    matrix-vector product over the gathered keys as they lie (2-3x faster in onnxruntime than
+    q @ keys^T, which repacks the keys), and only the small score matrix is transposed. With two
+    or more rows it is faster or slower depending on the heads, so it is not used there."""
     F32, N, R, L, Qn = b.F32, g.N, g.R, g.L, g.Qn
     ctx_k, ctx_v = (b.op("Cast", [b.op("Gather", [pool, slots], axis=1)], to=F32) for pool in (k_pool, v_pool))
     new_k, new_v = (b.op("Transpose", [b.op("Cast", [b.op("Gather", [x, g.k_idx], axis=0)], to=F32)],
                          perm=[2, 0, 1, 3]) for x in (k3, v3))                  # [Hkv, N, Qn, D]
     q = b.op("Cast", [b.op("Gather", [q2, g.q_idx], axis=0)], to=F32)          # [N, R, Hq*D]
-    q = b.op("Transpose", [b.reshape(q, [N, R, b.Hkv, b.group, b.D])], perm=[2, 0, 1, 3, 4])
+    q = b.reshape(q, [N, R, b.Hkv, b.group, b.D])
     RG = b.op("Mul", [R, b.group])
-    q = b.reshape(q, [b.Hkv, N, RG, b.D])                                       # [Hkv, N, R*G, D]
     scale = float(b.attrs.scale)
-    scores = b.op("Concat", [b.fused_matmul_t(q, ctx_k, scale), b.fused_matmul_t(q, new_k, scale)], axis=3)
+    if few_queries:
+        qt = b.op("Mul", [b.op("Transpose", [q], perm=[2, 0, 4, 1, 3]), b.scalar(scale, F32)])
+        qt = b.reshape(qt, [b.Hkv, N, b.D, RG])                                 # [Hkv, N, D, R*G]
+        scores_t = b.op("Concat", [b.op("MatMul", [ctx_k, qt]), b.op("MatMul", [new_k, qt])], axis=2)
+        scores = b.op("Transpose", [scores_t], perm=[0, 1, 3, 2])                # [Hkv, N, R*G, L+Qn]
+    else:
+        q = b.reshape(b.op("Transpose", [q], perm=[2, 0, 1, 3, 4]), [b.Hkv, N, RG, b.D])
+        scores = b.op("Concat", [b.fused_matmul_t(q, ctx_k, scale), b.fused_matmul_t(q, new_k, scale)], axis=3)
     probs = b.op("Softmax", [b.op("Add", [scores, bias])], axis=-1)
     p_ctx, p_new = (b.op("Slice", [probs, lo, hi, b.i3]) for lo, hi in ((b.i0, L), (L, b.op("Add", [L, Qn]))))
     out = b.op("Add", [b.op("MatMul", [p_ctx, ctx_v]), b.op("MatMul", [p_new, new_v])])   # [Hkv, N, R*G, D]
