@@ -24,6 +24,7 @@ Pure Python; used in the engine's thread only.
 
 from __future__ import annotations
 
+import codecs
 from typing import Sequence
 
 from apar_rt.apar import Decoder, branch_window, windowed_text
@@ -226,6 +227,79 @@ class SegmentText:
         return self.committed_len + len(p.rstrip(REPLACEMENT))
 
 
+class ByteSegmentText(SegmentText):
+    """A SegmentText for a byte-level BPE tokenizer with a byte table (`model/byte_table.py`).
+
+    Such a decoder reads the joined bytes as UTF-8, so the text of a segment is its tokens' bytes
+    decoded once each, by an incremental UTF-8 decoder that holds back an incomplete last
+    character (`pending` is what those held bytes read as now: U+FFFD). Only the window matters,
+    and only through the incomplete character it may end with (its held bytes, H):
+    `continuation_text` is then lossy(H + T) less its first U+FFFD (the one decode(window) ended
+    with) when lossy(H + T) starts with one, else lossy(T) alone. So the segment starts by
+    decoding H + T until its first character comes out, and settles which case it is in then.
+    The text never changes once returned (`version` stays 0). Same invariant and interface as
+    SegmentText."""
+
+    __slots__ = ("_bytes", "_utf8", "_lead")
+
+    def __init__(self, token_bytes: list[bytes], tokens: list[int], start: int, window: list[int]) -> None:
+        super().__init__(None, tokens, start, [])
+        self._bytes = token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._utf8.decode(b"".join([token_bytes[t] for t in window]))
+        held = self._utf8.getstate()[0]
+        self._lead: bytes | None = None
+        if held:   # the window ends in an incomplete character: the tokens' bytes go after it until it settles
+            self._lead = b""
+        else:
+            self._utf8.reset()
+
+    def advance(self, end: int) -> None:
+        if end <= self.end:
+            return
+        table = self._bytes
+        data = b"".join([table[t] for t in self._tokens[self.end:end]])
+        self.decoded_tokens += end - self.end
+        self.end = end
+        text = self._utf8.decode(data)
+        if self._lead is not None:   # H + T has not given a character yet
+            self._lead += data
+            if not text:
+                return   # lossy(H + T) is one U+FFFD so far: no text of the tokens' own
+            if text[0] == REPLACEMENT:
+                text = text[1:]
+            else:        # the window's character completed: the text is the tokens' bytes alone
+                self._utf8.reset()
+                text = self._utf8.decode(self._lead)
+            self._lead = None
+        if text:
+            self._parts.append(text)
+            self.committed_len += len(text)
+        held = self._utf8.getstate()[0]
+        self.pending = held.decode("utf-8", "replace") if held else ""
+
+    def stable_len(self) -> int:
+        """Length of the text without its trailing U+FFFD: the held bytes' (`pending`), and those
+        an invalid byte already left in the committed text."""
+        n = self.committed_len
+        for part in reversed(self._parts):
+            kept = part.rstrip(REPLACEMENT)
+            n -= len(part) - len(kept)
+            if kept:
+                break
+        return n
+
+
+def open_segment(b: Branch, start: int, decode: Decoder, skip_ids: frozenset[int], incremental: bool = True,
+                 byte_table=None) -> SegmentText:
+    """The incremental text of b.token_ids[start:] (in its context): a ByteSegmentText with a
+    byte table (`model.byte_table.ByteTable`), else a SegmentText decoding with `decode`."""
+    window = branch_window(b, start, skip_ids)
+    if byte_table is not None:
+        return ByteSegmentText(byte_table.token_bytes, b.token_ids, start, window)
+    return SegmentText(decode, b.token_ids, start, window, incremental)
+
+
 class BranchText:
     """One branch's segments: closed ones (ended by a [Fork] that spawned a child) and the open one."""
 
@@ -247,17 +321,19 @@ class TreeText:
     segment for `apar.recover_text` / `settled_text` from what is already decoded.
     """
 
-    __slots__ = ("decode", "skip_ids", "incremental", "branches", "exact_tokens")
+    __slots__ = ("decode", "skip_ids", "incremental", "byte_table", "branches", "exact_tokens")
 
-    def __init__(self, decode: Decoder, skip_ids: frozenset[int] = frozenset(), incremental: bool = True) -> None:
+    def __init__(self, decode: Decoder, skip_ids: frozenset[int] = frozenset(), incremental: bool = True,
+                 byte_table=None) -> None:
         self.decode = decode
         self.skip_ids = skip_ids
         self.incremental = incremental
+        self.byte_table = byte_table         # segments are ByteSegmentText with one (see open_segment)
         self.branches: list[BranchText] = []
         self.exact_tokens = 0                # tokens decoded for segments cut by the budget
 
     def _new_segment(self, bt: BranchText, b: Branch, start: int) -> SegmentText:
-        seg = SegmentText(self.decode, b.token_ids, start, branch_window(b, start, self.skip_ids), self.incremental)
+        seg = open_segment(b, start, self.decode, self.skip_ids, self.incremental, self.byte_table)
         bt.segments.append(seg)
         bt.starts[start] = seg
         return seg

@@ -20,7 +20,7 @@ from apar_rt.detokenizer import TreeText
 from apar_rt.medusa.folder import HEADS_DIRNAME, find_heads_dir
 from apar_rt.medusa.tree import load_tree
 from apar_rt.medusa.verifier import Acceptance, MedusaVerifier, TreeRows
-from apar_rt.model.byte_table import byte_table_decoder
+from apar_rt.model.byte_table import byte_table
 from apar_rt.model.tokenizer import control_tokens, encode_prompt, load_tokenizer
 from apar_rt.sampler import Sampled, SamplingBatch, SamplingError, error_message, make_generator
 from apar_rt.scheduler import RequestRejected, Scheduler, StepUpdate
@@ -61,13 +61,14 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ()) | frozenset(self.control.ids)
-        self._table_decode = byte_table_decoder(tokenizer)   # None: the tokenizer decodes
+        # byte-level BPE: text from a table of each token's bytes (None: the tokenizer decodes)
+        self.byte_table = byte_table(tokenizer, model_config.vocab_size)
         # clean_up_tokenization_spaces rewrites text across tokens: such text is decoded in full
         self.incremental_text = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
         self.verifier = self._make_verifier(backend, self.config)
         self.scheduler = Scheduler(self.config, self.control, max_model_len=max_len, eos_token_ids=sorted(eos),
                                    decode=self.decode, special_ids=self.special_ids,
-                                   incremental_text=self.incremental_text,
+                                   incremental_text=self.incremental_text, byte_table=self.byte_table,
                                    stop_filter=stop_filter_for(tokenizer, self.decode),
                                    tree=self.verifier.tree if self.verifier else None)
         backend.allocate_kv(config.num_blocks, config.block_size)
@@ -122,8 +123,8 @@ class Engine:
     def decode(self, token_ids: Sequence[int]) -> str:
         """The text of token ids, special tokens skipped: every text the engine makes is decoded
         here (by a byte table for byte-level BPE tokenizers, model/byte_table.py)."""
-        if self._table_decode is not None:
-            return self._table_decode(token_ids)
+        if self.byte_table is not None:
+            return self.byte_table.decode(token_ids)
         return self.tokenizer.decode(token_ids if isinstance(token_ids, list) else list(token_ids),
                                      skip_special_tokens=True)
 
@@ -328,7 +329,8 @@ class Engine:
         """The request's incremental text (made on first use): the streamer grows it each step,
         `finalize` renders the final text from it."""
         if req.detok is None:
-            req.detok = TreeText(self.decode, self.special_ids, incremental=self.incremental_text)
+            req.detok = TreeText(self.decode, self.special_ids, incremental=self.incremental_text,
+                                 byte_table=self.byte_table)
         return req.detok
 
     def finalize(self, req: Request, o: RequestOutput) -> None:

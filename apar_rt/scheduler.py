@@ -22,11 +22,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from apar_rt.apar import ControlTokens, banned_tokens, branch_window
+from apar_rt.apar import ControlTokens, banned_tokens
 from apar_rt.config import EngineConfig
 from apar_rt.core import (Branch, BranchDelta, FinishReason, Request, RequestStatus, ScheduledSeq,
                           SchedulerOutput, StepInput)
-from apar_rt.detokenizer import SegmentText
+from apar_rt.detokenizer import open_segment
 from apar_rt.kv.block_pool import BlockPool, KVCacheManager
 from apar_rt.medusa.tree import MedusaTree
 from apar_rt.stop_filter import StopFilter
@@ -60,7 +60,7 @@ class Scheduler:
     def __init__(self, config: EngineConfig, control: ControlTokens, *, max_model_len: int,
                  eos_token_ids: Sequence[int] = (), decode: Callable[[Sequence[int]], str] | None = None,
                  special_ids: frozenset[int] = frozenset(), tree: MedusaTree | None = None,
-                 incremental_text: bool = True, stop_filter: StopFilter | None = None) -> None:
+                 incremental_text: bool = True, stop_filter: StopFilter | None = None, byte_table=None) -> None:
         """
         Args:
             config: budgets and APAR mode.
@@ -75,6 +75,8 @@ class Scheduler:
                 tokenizers whose clean-up rules reach across tokens).
             stop_filter: tells which tokens could complete a stop string (`apar_rt.stop_filter`);
                 the text check runs only after those. None: after every token.
+            byte_table: the tokenizer's byte table (`apar_rt.model.byte_table`), if it has one:
+                stop-string text is then read from it (`detokenizer.open_segment`).
         """
         self.config = config
         self.control = control
@@ -84,6 +86,7 @@ class Scheduler:
         self.special_ids = special_ids
         self.incremental_text = incremental_text
         self.stop_filter = stop_filter
+        self.byte_table = byte_table
         self.num_stop_checks = 0      # stop-string text checks run (the filter skips the others)
         self.tree = tree
         if tree is not None:   # the tree's step buffers, built once
@@ -613,8 +616,8 @@ class Scheduler:
         self.num_stop_checks += 1
         text = b.stop_text
         if text is None:
-            text = b.stop_text = SegmentText(self.decode, b.token_ids, 0, branch_window(b, 0, self.special_ids),
-                                             incremental=self.incremental_text)
+            text = b.stop_text = open_segment(b, 0, self.decode, self.special_ids, self.incremental_text,
+                                              self.byte_table)
         final, version = text.committed_len, text.version
         text.advance(len(b.token_ids))
         need = max(len(s) for s in stops)

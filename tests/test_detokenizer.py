@@ -71,6 +71,28 @@ def small_tokenizer(pieces: list[str], model, decoder, split=None):
 
 
 @pytest.fixture(scope="module")
+def demo_bytes(demo):
+    """The demo tokenizer with the code under test reading its byte table (ByteSegmentText); the
+    oracle still decodes with the tokenizer."""
+    return demo
+
+
+def byte_table_of(which: str):
+    """The byte table the code under test uses for fixture `which` (None: it decodes)."""
+    from apar_rt.model.byte_table import byte_table
+    from apar_rt.model.tokenizer import load_tokenizer
+
+    if which != "demo_bytes":
+        return None
+    if "demo" not in _TABLES:
+        _TABLES["demo"] = byte_table(load_tokenizer(DEMO))
+    return _TABLES["demo"]
+
+
+_TABLES: dict = {}
+
+
+@pytest.fixture(scope="module")
 def byte_fallback():
     """A sentencepiece-style tokenizer: '▁' pieces, <0xNN> byte fallback, Fuse and a leading-space Strip."""
     from tokenizers import decoders, models
@@ -141,23 +163,25 @@ def draw(rng, split, ordinary, n):
 
 # ---- one segment --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("which", ["demo", "byte_fallback"])
+@pytest.mark.parametrize("which", ["demo", "demo_bytes", "byte_fallback"])
 @pytest.mark.parametrize("seed", range(4))
 def test_segment_text_equals_a_full_decode_at_every_length(which, seed, request):
+    from apar_rt.detokenizer import open_segment
+
     decode, ctrl, eos, special, split, ordinary = request.getfixturevalue(which)
     rng = np.random.default_rng(seed)
     context = draw(rng, split, ordinary, 12)
     tokens = draw(rng, split, ordinary, 600)
     b = Branch(0, None, None, 0, context, [])
     count = Counting(decode)
-    seg = SegmentText(count, b.token_ids, 0, context[-8:])
+    seg = open_segment(b, 0, count, special, byte_table=byte_table_of(which))
     steps = []
     while len(b.token_ids) < len(tokens):
-        before = count.tokens
+        before = count.tokens + seg.decoded_tokens * (which == "demo_bytes")
         k = int(rng.integers(1, 4))
         b.token_ids.extend(tokens[len(b.token_ids):len(b.token_ids) + k])
         seg.advance(len(b.token_ids))
-        steps.append(count.tokens - before)
+        steps.append(count.tokens + seg.decoded_tokens * (which == "demo_bytes") - before)
         want = continuation_text(decode, context, b.token_ids, special)
         assert seg.text() == want
         assert len(seg) == len(want) and seg.stable_len() == len(want.rstrip("\ufffd"))
@@ -172,6 +196,8 @@ def test_segment_text_equals_a_full_decode_at_every_length(which, seed, request)
         q = len(steps) // 4
         assert max(steps) <= (1 + MAX_CHAR_TOKENS) * 3 * REBASE
         assert np.mean(steps[-q:]) <= 1.5 * np.mean(steps[:q]) + 2
+    if which == "demo_bytes":   # each new token's bytes are read once, and nothing is decoded
+        assert sum(steps) == len(tokens) and count.calls == 0
 
 
 def test_a_byte_fallback_run_that_turns_invalid_is_decoded_again(byte_fallback):
@@ -283,7 +309,7 @@ def own_oracle(decode, special, b, branches, holdback):
     return own[:max(0, len(own) - holdback)]
 
 
-@pytest.mark.parametrize("which", ["demo", "byte_fallback"])
+@pytest.mark.parametrize("which", ["demo", "demo_bytes", "byte_fallback"])
 @pytest.mark.parametrize("join", ["inplace", "reference"])
 @pytest.mark.parametrize("seed", range(6))
 def test_streamed_text_equals_a_full_rerender_at_every_step(which, join, seed, request):
@@ -295,7 +321,7 @@ def test_streamed_text_equals_a_full_rerender_at_every_step(which, join, seed, r
     prompt = draw(rng, split, ordinary, 10)
     req = Request("r", "", prompt, SamplingParams())
     req.budget = budget
-    text = TreeText(Counting(decode), special)
+    text = TreeText(Counting(decode), special, byte_table=byte_table_of(which))
     streamer = ReadingOrderStreamer(req, text, ctrl, special, holdback, join=join)
     ref_sent, ref_diverged = "", False         # the contract's stream: growth of settled_text (a shorter
                                                # settled text, e.g. an incomplete byte run, waits)
@@ -452,7 +478,7 @@ def test_tree_text_decodes_in_full_when_not_incremental(demo):
 # ---- stop strings ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("filtered", [False, True], ids=["every-token", "stop-filter"])
-@pytest.mark.parametrize("which", ["demo", "byte_fallback", "metaspace", "wordpiece", "bpe_suffix"])
+@pytest.mark.parametrize("which", ["demo", "demo_bytes", "byte_fallback", "metaspace", "wordpiece", "bpe_suffix"])
 def test_stop_strings_are_found_where_the_whole_branch_text_first_holds_one(which, filtered, request):
     """The scheduler's incremental stop check against apar.branch_text decoded in full after
     every token: the same first token that completes a stop string, the same cut. With the stop
@@ -478,7 +504,8 @@ def test_stop_strings_are_found_where_the_whole_branch_text_first_holds_one(whic
             stops += (text[j - 1:j + 1],)
         stops = tuple(s for s in stops if s) or ("zz",)
         sched = Scheduler(EngineConfig(num_blocks=8, block_size=4), ctrl, max_model_len=1000, decode=decode,
-                          special_ids=special, stop_filter=StopFilter(decode) if filtered else None)
+                          special_ids=special, stop_filter=StopFilter(decode) if filtered else None,
+                          byte_table=byte_table_of(which))
         b = Branch(0, None, None, 0, draw(rng, split, ordinary, 6), [])
         want_at, want_cut = None, None
         for i, t in enumerate(tokens):
@@ -584,20 +611,20 @@ def test_byte_table_decodes_as_the_tokenizer(tmp_path):
     """The byte table against the tokenizer's own decode (skip_special_tokens=True) on random ids
     rich in pieces of characters, special and plain-text added tokens, and ids past the vocabulary;
     for the demo tokenizer and a trained byte-level BPE."""
-    from apar_rt.model.byte_table import byte_table_decoder
+    from apar_rt.model.byte_table import byte_table
     from apar_rt.model.tokenizer import load_tokenizer
 
     for folder in (DEMO, _byte_level_folder(tmp_path / "bl")):
         tok = load_tokenizer(folder)
-        table = byte_table_decoder(tok)
-        assert table is not None
         n = len(tok)
+        table = byte_table(tok, vocab_size=n + 3)   # a padded embedding: ids past the vocabulary
+        assert table is not None
         split = tok.encode(MULTIBYTE, add_special_tokens=False)
         rng = np.random.default_rng(0)
         for _ in range(3000):
             k = int(rng.integers(1, 16))
             ids = [int(x) for x in np.where(rng.random(k) < 0.5, rng.choice(split, k), rng.integers(0, n + 3, k))]
-            assert table(ids) == tok.decode(ids, skip_special_tokens=True), ids
+            assert table.decode(ids) == tok.decode(ids, skip_special_tokens=True), ids
 
 
 def test_byte_table_only_where_it_is_exact(tmp_path):
@@ -605,19 +632,19 @@ def test_byte_table_only_where_it_is_exact(tmp_path):
     tokenizer whose decode disagrees with its bytes (the check at load)."""
     from tokenizers import Tokenizer, decoders, models
 
-    from apar_rt.model.byte_table import byte_table_decoder
+    from apar_rt.model.byte_table import byte_table
     from apar_rt.model.tokenizer import FastTokenizer, load_tokenizer
 
-    assert byte_table_decoder(load_tokenizer(_byte_level_folder(tmp_path / "clean", clean_up=True))) is None
+    assert byte_table(load_tokenizer(_byte_level_folder(tmp_path / "clean", clean_up=True))) is None
     meta = tmp_path / "meta"
     meta.mkdir()
     tok = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁a": 1, "b": 2}, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Metaspace()
     tok.save(str(meta / "tokenizer.json"))
-    assert byte_table_decoder(load_tokenizer(meta)) is None
+    assert byte_table(load_tokenizer(meta)) is None
 
     class Shouting(FastTokenizer):
         def decode(self, token_ids, skip_special_tokens=False):
             return super().decode(token_ids, skip_special_tokens).upper()
 
-    assert byte_table_decoder(Shouting(_byte_level_folder(tmp_path / "shout"))) is None
+    assert byte_table(Shouting(_byte_level_folder(tmp_path / "shout"))) is None

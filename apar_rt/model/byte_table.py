@@ -7,10 +7,15 @@ a third of a call into the tokenizer (1.0 against 2.6 us for nine tokens). The e
 few tokens per branch per step (incremental text, stop strings, streaming), so this is its
 hottest call at scale.
 
-`byte_table_decoder(tokenizer)` builds the table from the vocabulary only for tokenizers whose
+The same fact makes incremental text cheap: a segment's text is its tokens' bytes read as UTF-8
+whatever came before them (UTF-8 restarts at every character), so each new token's bytes are
+decoded once (`detokenizer.ByteSegmentText`).
+
+`byte_table(tokenizer, vocab_size)` builds the table from the vocabulary only for tokenizers whose
 decoder pipeline is ByteLevel alone with no clean-up rule, and returns it only after it gave the
-tokenizer's own `decode` on every single token and on random sequences rich in partial UTF-8
-characters; otherwise None, and the engine calls the tokenizer. Pure Python.
+tokenizer's own `decode` on every single id below `vocab_size` (ids past the tokenizer's
+vocabulary, as a padded embedding has, decode to nothing) and on random sequences rich in partial
+UTF-8 characters; otherwise None, and the engine calls the tokenizer. Pure Python.
 """
 
 from __future__ import annotations
@@ -51,10 +56,27 @@ def _token_bytes(token: str, byte_of: dict[str, int]) -> bytes:
         return token.encode("utf-8")
 
 
-def byte_table_decoder(tokenizer, seed: int = 0) -> Decoder | None:
-    """A table decoder equal to `tokenizer.decode(ids, skip_special_tokens=True)`, or None when
-    the tokenizer is not byte-level BPE or the table fails the check (see the module docstring).
-    Ids outside the table are decoded by the tokenizer."""
+class ByteTable:
+    """Each token id's bytes (`token_bytes[i]`; b"" for ids the decode skips), and `decode`."""
+
+    __slots__ = ("token_bytes", "_slow")
+
+    def __init__(self, token_bytes: list[bytes], slow: Decoder) -> None:
+        self.token_bytes = token_bytes
+        self._slow = slow
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The tokenizer's `decode(ids, skip_special_tokens=True)`; ids outside the table go to
+        the tokenizer itself."""
+        try:
+            return b"".join([self.token_bytes[i] for i in ids]).decode("utf-8", "replace")
+        except (IndexError, TypeError):
+            return self._slow(ids)
+
+
+def byte_table(tokenizer, vocab_size: int | None = None, seed: int = 0) -> ByteTable | None:
+    """The byte table of `tokenizer` for ids below max(vocab_size, its vocabulary), or None when
+    the tokenizer is not byte-level BPE or the table fails the check (see the module docstring)."""
     spec_of = getattr(tokenizer, "decoder_spec", None)
     tokens_of = getattr(tokenizer, "decoder_tokens", None)
     if spec_of is None or tokens_of is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
@@ -66,17 +88,16 @@ def byte_table_decoder(tokenizer, seed: int = 0) -> Decoder | None:
         table = [b"" if t is None else _token_bytes(t, byte_of) for t in tokens_of()]
     except Exception:   # an unexpected tokenizer object: keep its own decode
         return None
+    table += [b""] * max(0, (vocab_size or 0) - len(table))
 
     def slow(ids: Sequence[int]) -> str:
         return tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def decode(ids: Sequence[int]) -> str:
-        try:
-            return b"".join([table[i] for i in ids]).decode("utf-8", "replace")
-        except (IndexError, TypeError):
-            return slow(ids)
-
-    return decode if _agrees(decode, slow, table, seed) else None
+    bt = ByteTable(table, slow)
+    try:
+        return bt if _agrees(bt.decode, slow, table, seed) else None
+    except Exception:   # the tokenizer refused ids past its vocabulary
+        return None
 
 
 def _agrees(fast: Decoder, slow: Decoder, table: list[bytes], seed: int) -> bool:
