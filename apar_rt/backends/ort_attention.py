@@ -39,15 +39,6 @@ def _attrs(node) -> AttentionAttrs:
                           int(a["block_size"]), float(a["scale"]))
 
 
-def _elem_type(graph, name: str) -> int:
-    from onnx import TensorProto
-
-    for vi in list(graph.input) + list(graph.value_info):
-        if vi.name == name:
-            return vi.type.tensor_type.elem_type
-    return TensorProto.INT32
-
-
 def rewrite(model) -> int:
     """Replace every `apar.TreePagedAttention` node of `model` (a ModelProto, changed in place);
     returns how many. The nodes must share their attributes and step-wide inputs (one model)."""
@@ -67,7 +58,6 @@ def rewrite(model) -> int:
 
     # ---- index math, once per step ----
     I64, F32 = TensorProto.INT64, TensorProto.FLOAT
-    tables_type = _elem_type(g, step_names[0])
     top = ab.Nodes(attrs, "apar/idx/", inputs)
     s = ab.step_index(top)
     is_long = top.op("Cast", [s.is_long], to=top.I64)
@@ -104,10 +94,9 @@ def rewrite(model) -> int:
     si = sg.index
     gen_outs = [si.N, si.R, gen.op("Identity", [si.Qn]), si.L, si.q_idx, si.k_idx, ab.pool_slots(gen, si),
                 ab.score_bias(gen, si, G), ab.packed_rows(gen, s, sg, None), sg.short_end, sg.short_n, sg.n_short]
-    N, R, Qn, L, q_idx, k_idx, slots, short_bias, short_rows, short_end, short_n, n_short = if_node(
+    N, R, Qn, L, q_idx, k_idx, short_slots, short_bias, short_rows, short_end, short_n, n_short = if_node(
         top, is_decode, dec, dec_outs, gen, gen_outs, "short", types)
     short_index = ab.GroupIndex(N=N, R=R, Qn=Qn, L=L, K="", q_idx=q_idx, k_idx=k_idx, tables="", vis="")
-    short_slots = slots
     sg = ab.ShortGroup(short_index, short_n, short_end, n_short)
 
     # The long group, only in steps that have one: N, R, Qn, L, q_idx, k_idx, pool slots, bias, and
@@ -122,11 +111,11 @@ def rewrite(model) -> int:
     none_outs = [none.const([0]), none.const([1]), none.const([0]), none.const([0]), none.empty([0, 1], I64),
                  none.empty([0, 0], I64), none.empty([0, 0], I64), none.empty([0, G, 0], F32),
                  none.op("Identity", [short_rows])]
-    N, R, Qn, L, q_idx, k_idx, slots, long_bias, rows = if_node(
+    N, R, Qn, L, q_idx, k_idx, long_slots, long_bias, rows = if_node(
         top, any_long, mixed, mixed_outs, none, none_outs, "long", types)
     long_index = ab.GroupIndex(N=N, R=R, Qn=Qn, L=L, K="", q_idx=q_idx, k_idx=k_idx, tables="", vis="")
-    long_slots = slots
 
+    # ---- layer math ----
     replaced = {}
     for i, n in enumerate(nodes):
         b = ab.Nodes(attrs, f"apar/l{i}/", inputs)
