@@ -122,11 +122,11 @@ def rewrite(model) -> int:
         q, k, v, k_cache, v_cache = n.input[:5]
         q2 = b.reshape(q, [s.T, b.op("Mul", [b.Hq, b.D])])                    # [T, Hq * D]
         # keys @ q^T is a matrix-vector product only with one query row per block (decodes without GQA)
-        short_out = ab.attend_head_major(b, short_index, short_slots, short_bias, G, q2, k, v, k_cache, v_cache,
+        short_out = ab.attend_head_major(b, short_index, short_slots, short_bias, q2, k, v, k_cache, v_cache,
                                          few_queries=G == 1)
         # the long group only when the step has one (an If, so that other steps skip its nodes)
         lb = ab.Nodes(attrs, f"apar/l{i}/long/", inputs)
-        long_out = ab.attend_head_major(lb, long_index, long_slots, long_bias, G, q2, k, v, k_cache, v_cache)
+        long_out = ab.attend_head_major(lb, long_index, long_slots, long_bias, q2, k, v, k_cache, v_cache)
         nb = ab.Nodes(attrs, f"apar/l{i}/nolong/", inputs)
         none_out = nb.empty([0, attrs.num_heads, attrs.head_size], F32)
         long_if, = if_node(b, any_long, lb, [long_out], nb, [none_out], f"l{i}/long_attention", [F32])

@@ -345,7 +345,7 @@ def pool_slots(b: Nodes, g: GroupIndex) -> str:
     return b.reshape(slots, [g.N, g.L])                                          # [N, nblk, BS] -> [N, L]
 
 
-def attend_head_major(b: Nodes, g: GroupIndex, slots: str, bias: str, G: int, q2: str, k3: str, v3: str,
+def attend_head_major(b: Nodes, g: GroupIndex, slots: str, bias: str, q2: str, k3: str, v3: str,
                       k_pool: str, v_pool: str, few_queries: bool = False) -> str:
     """Layer math over head-major pools [Hkv, slots, D] (the CPU rewrite; `b.attrs` known).
 
@@ -356,10 +356,11 @@ def attend_head_major(b: Nodes, g: GroupIndex, slots: str, bias: str, G: int, q2
     `bias` is `score_bias` ([N, R*G, L+Qn]), `slots` is `pool_slots`. Query row r*G + g of
     block n is query head kv*G + g of its r-th token. Returns [N * R, Hq, D] float32.
 
-    few_queries (for one query row per block, R*G = 1): scores are computed as keys @ q^T, a
-    matrix-vector product over the gathered keys as they lie (2-3x faster in onnxruntime than
-    q @ keys^T, which repacks the keys), and only the small score matrix is transposed. With two
-    or more rows it is faster or slower depending on the heads, so it is not used there."""
+    few_queries (for a handful of query rows per block): scores are computed as keys @ q^T, a
+    matrix-vector product over the gathered keys as they lie when R*G = 1 (2-3x faster in
+    onnxruntime than q @ keys^T, which repacks the keys), and only the small score matrix is
+    transposed. With GQA (two rows or more on every step) it is faster or slower depending on the
+    heads, so the rewrite uses it only without GQA (R*G = 1 on decodes, 2 on a fork's step)."""
     F32, N, R, L, Qn = b.F32, g.N, g.R, g.L, g.Qn
     ctx_k, ctx_v = (b.op("Cast", [b.op("Gather", [pool, slots], axis=1)], to=F32) for pool in (k_pool, v_pool))
     new_k, new_v = (b.op("Transpose", [b.op("Cast", [b.op("Gather", [x, g.k_idx], axis=0)], to=F32)],
