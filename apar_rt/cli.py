@@ -292,8 +292,9 @@ def bench() -> None:
 @click.option("--peer", type=click.Choice(["transformers", "onnxruntime-genai"]), default="transformers",
               show_default=True,
               help="The engine to compare with. onnxruntime-genai: apar-rt's onnxruntime engine against the "
-                   "model onnxruntime-genai's own builder makes from MODEL (fp32, cpu), AR tokens/s and, with "
-                   "--prompts, APAR requests/s against the peer's AR (install: pip install onnxruntime-genai).")
+                   "model onnxruntime-genai's own builder makes from MODEL (fp32, cpu): AR tokens/s, the median "
+                   "decode step (ms per output token) and, with --prompts, APAR requests/s against the peer's AR "
+                   "(install: pip install onnxruntime-genai).")
 @click.option("--peer-dir", type=click.Path(file_okay=False), default=None,
               help="Keep the peer's built model here (reused when present; default: a temporary folder).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,

@@ -23,17 +23,26 @@ def test_missing_peer_says_how_to_install(tiny_gqa, monkeypatch):
     assert res.exit_code != 0 and "pip install onnxruntime-genai" in res.output
 
 
-def test_peer_greedy_tokens_equal_apar_rt(tiny_gqa, tmp_path):
+@pytest.fixture(scope="module")
+def both(tiny_gqa, tmp_path_factory):
+    """apar-rt's onnxruntime engine and the peer's own build of the same tiny folder."""
     pytest.importorskip("onnxruntime_genai")
-    from apar_rt import SamplingParams
     from apar_rt.bench.backends import _ort_llm
     from apar_rt.build.builder import BuildOptions, build
 
     path, _, _ = tiny_gqa
-    engine = build(BuildOptions(model=str(path), output=str(tmp_path / "ours"), block_size=4, max_batch_size=4),
+    tmp = tmp_path_factory.mktemp("peer")
+    engine = build(BuildOptions(model=str(path), output=str(tmp / "ours"), block_size=4, max_batch_size=4),
                    progress=False, log=lambda m: None).output
-    peer = peer_mod.Peer(peer_mod.build_peer_model(str(path), tmp_path / "peer", threads=1, log=lambda m: None))
+    peer = peer_mod.Peer(peer_mod.build_peer_model(str(path), tmp / "peer", threads=1, log=lambda m: None))
     llm = _ort_llm(str(engine), 1, {"mode": "ar", "max_num_seqs": 4})
+    return llm, peer
+
+
+def test_peer_greedy_tokens_equal_apar_rt(both):
+    from apar_rt import SamplingParams
+
+    llm, peer = both
     ids = [llm.engine.encode(p) for p in ("one two three", "the list of water and sleep and food")]
     ours = [o.branches[0]["token_ids"][-12:]
             for o in llm.generate(prompt_token_ids=ids, params=SamplingParams(max_tokens=12, ignore_eos=True))]
@@ -51,3 +60,22 @@ def test_input_len_past_the_models_positions_is_refused(tiny_gqa):
     res = CliRunner().invoke(main, ["bench", "generate", "--model", str(path), "--peer", "onnxruntime-genai",
                                     "--input-len", str(limit), "--max-tokens", "8"])
     assert res.exit_code == 2 and "--input-len" in res.output and f"{limit} positions" in res.output, res.output
+
+
+def test_decode_steps_are_timed_on_both_sides(both):
+    """The decode-step column times exactly the steps in which every sequence decodes: 6 tokens
+    each are the prefill's first token and 5 decode steps, on both sides."""
+    from apar_rt import SamplingParams
+
+    llm, peer = both
+    ids = [llm.engine.encode(p) for p in ("one two three", "the list of water and sleep and food")]
+    ours = peer_mod.decode_step_times(llm.engine)
+    llm.generate(prompt_token_ids=ids, params=SamplingParams(max_tokens=6, ignore_eos=True))
+    theirs: list[float] = []
+    peer.generate(ids, 6, ignore_eos=True, step_times=theirs)
+    assert len(ours) == 5 and len(theirs) == 5
+    assert all(t > 0 for t in ours + theirs)
+    rows = peer_mod.format_rows([{"batch": 2, "input_len": 5.0, "apar_rt_ar_tok_s": 1.0, "peer_ar_tok_s": 2.0,
+                                  "ar_ratio": 0.5, "apar_rt_decode_ms": None, "peer_decode_ms": None,
+                                  "decode_ratio": None}])
+    assert rows.splitlines()[1].split()[5:8] == ["-", "-", "-"]   # --max-tokens 1: no decode step

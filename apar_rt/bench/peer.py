@@ -7,8 +7,11 @@ token ids (apar-rt's encoding of each prompt; the peer gets them right-padded in
 static batching, as its own encode_batch pads) and the same intra-op thread count. Runs alternate (apar-rt, peer, apar-rt, ...)
 so that machine noise hits both alike, and medians are reported.
 
-Two measures:
+Measures:
 * AR tokens/s: every request decodes exactly `max_tokens` tokens (EOS ignored on both sides);
+* the AR rows' decode step (time per output token): the median time of a step in which every
+  sequence decodes one token, apar-rt's `Engine.step` (scheduling and sampling included)
+  against the peer's `generate_next_token` after its first token;
 * requests/s on a prompt set (the held-out prompts): apar-rt in `--mode apar` (EOS honoured)
   against the peer's AR decoding each prompt to the length of apar-rt's AR answer, `batch`
   requests at a time (see `_requests_per_s`).
@@ -74,8 +77,10 @@ class Peer:
         eos = cfg.get("eos_token_id", [])
         self.eos = {int(e) for e in (eos if isinstance(eos, list) else [eos])}
 
-    def generate(self, ids: list[list[int]], max_tokens: int, ignore_eos: bool) -> list[list[int]]:
-        """Generate for one right-padded batch; returns each prompt's new tokens (up to its EOS)."""
+    def generate(self, ids: list[list[int]], max_tokens: int, ignore_eos: bool,
+                 step_times: list[float] | None = None) -> list[list[int]]:
+        """Generate for one right-padded batch; returns each prompt's new tokens (up to its EOS).
+        step_times: gets the time of each `generate_next_token` after the first (decode steps)."""
         import numpy as np
 
         P = max(len(i) for i in ids)
@@ -87,8 +92,13 @@ class Peer:
         params.set_search_options(**opts)
         gen = self.og.Generator(self.model, params)
         gen.append_tokens(batch)
+        first = True
         while not gen.is_done():
+            t = time.perf_counter()
             gen.generate_next_token()
+            if step_times is not None and not first:
+                step_times.append(time.perf_counter() - t)
+            first = False
         out = []
         for b in range(len(ids)):
             new = [int(t) for t in gen.get_sequence(b)[P:]]
@@ -103,6 +113,30 @@ def _ours(engine: str, mode: str, threads: int | None, max_num_seqs: int):
     from apar_rt.bench.backends import _ort_llm
 
     return _ort_llm(engine, threads, {"mode": mode, "max_num_seqs": max_num_seqs})
+
+
+def decode_step_times(engine) -> list[float]:
+    """Time `engine.step` from now on: returns the list that gets the duration of each step whose
+    forward had one new token per sequence (a decode step; prefill and mixed steps are left out)."""
+    times: list[float] = []
+    step, forward = engine.step, engine.backend.forward
+    decode = [False]
+
+    def timed_forward(s):
+        decode[0] = int(s.mask.shape[1]) == 1
+        return forward(s)
+
+    def timed_step():
+        decode[0] = False
+        t = time.perf_counter()
+        out = step()
+        if decode[0]:
+            times.append(time.perf_counter() - t)
+        return out
+
+    engine.backend.forward = timed_forward
+    engine.step = timed_step
+    return times
 
 
 def _interleave(run_a, run_b, repeats: int) -> tuple[list[float], list[float], int, int]:
@@ -156,16 +190,22 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
             if input_len is not None:
                 ids = [(p * (input_len // len(p) + 1))[:input_len] for p in ids]
             params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+            steps_a, steps_b = decode_step_times(ar.engine), []
 
             def run_ours():
                 return sum(o.stats["generated_tokens"] for o in ar.generate(prompt_token_ids=ids, params=params))
 
-            ta, tb, na, nb = _interleave(run_ours, lambda: sum(map(len, peer.generate(ids, max_tokens, True))),
-                                         repeats)
+            def run_peer():
+                return sum(map(len, peer.generate(ids, max_tokens, True, step_times=steps_b)))
+
+            ta, tb, na, nb = _interleave(run_ours, run_peer, repeats)
             ma, mb = statistics.median(ta), statistics.median(tb)
+            da, db = (1000 * statistics.median(x) if x else None for x in (steps_a, steps_b))
             row = {"batch": bs, "input_len": statistics.mean(map(len, ids)), "max_tokens": max_tokens,
                    "repeats": repeats, "threads": threads,
-                   "apar_rt_ar_tok_s": na / ma, "peer_ar_tok_s": nb / mb, "ar_ratio": (na / ma) / (nb / mb)}
+                   "apar_rt_ar_tok_s": na / ma, "peer_ar_tok_s": nb / mb, "ar_ratio": (na / ma) / (nb / mb),
+                   "apar_rt_decode_ms": da, "peer_decode_ms": db,
+                   "decode_ratio": db / da if da and db else None}
             if prompts_file:
                 row.update(_requests_per_s(engine, peer, load_prompts(prompts_file), bs, apar_max_tokens,
                                            repeats, threads))
@@ -222,11 +262,16 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
 
 def format_rows(rows: list[dict], header: bool = True) -> str:
     head = (f"{'batch':>5} {'prompt':>6} {'apar-rt AR tok/s':>16} {PEER + ' AR tok/s':>26} {'ratio':>6}"
+            f" {'apar-rt ms/step':>15} {PEER + ' ms/step':>25} {'ratio':>6}"
             f" {'apar-rt APAR req/s':>18} {PEER + ' AR req/s':>26} {'ratio':>6}")
     lines = [head] if header else []
     for r in rows:
+        if r.get("decode_ratio") is not None:
+            dec = f" {r['apar_rt_decode_ms']:>15.2f} {r['peer_decode_ms']:>25.2f} {r['decode_ratio']:>6.2f}"
+        else:   # --max-tokens 1: no decode step
+            dec = f" {'-':>15} {'-':>25} {'-':>6}"
         req = (f" {r['apar_rt_apar_req_s']:>18.2f} {r['peer_ar_req_s']:>26.2f} {r['req_ratio']:>6.2f}"
                if "req_ratio" in r else "")
         lines.append(f"{r['batch']:>5} {r['input_len']:>6.0f} {r['apar_rt_ar_tok_s']:>16.1f} {r['peer_ar_tok_s']:>26.1f} "
-                     f"{r['ar_ratio']:>6.2f}{req}")
+                     f"{r['ar_ratio']:>6.2f}{dec}{req}")
     return "\n".join(lines)
