@@ -356,26 +356,29 @@ def attend_head_major(b: Nodes, g: GroupIndex, slots: str, bias: str, q2: str, k
     `bias` is `score_bias` ([N, R*G, L+Qn]), `slots` is `pool_slots`. Query row r*G + g of
     block n is query head kv*G + g of its r-th token. Returns [N * R, Hq, D] float32.
 
-    few_queries (for a handful of query rows per block): scores are computed as keys @ q^T, a
-    matrix-vector product over the gathered keys as they lie when R*G = 1 (2-3x faster in
-    onnxruntime than q @ keys^T, which repacks the keys), and only the small score matrix is
-    transposed. With GQA (two rows or more on every step) it is faster or slower depending on the
-    heads, so the rewrite uses it only without GQA (R*G = 1 on decodes, 2 on a fork's step)."""
+    few_queries (without GQA only; a handful of query rows per block): scores are computed as
+    keys @ q^T, a matrix-vector product over the gathered keys as they lie when R = 1 (2-3x
+    faster in onnxruntime than q @ keys^T, which repacks the keys), and only the small score
+    matrix is transposed. With GQA (two rows or more on every step) it is faster or slower
+    depending on the heads, so the rewrite uses it only without (R = 1 on decodes, 2 on a fork's
+    step)."""
     F32, N, R, L, Qn = b.F32, g.N, g.R, g.L, g.Qn
     ctx_k, ctx_v = (b.op("Cast", [b.op("Gather", [pool, slots], axis=1)], to=F32) for pool in (k_pool, v_pool))
     new_k, new_v = (b.op("Transpose", [b.op("Cast", [b.op("Gather", [x, g.k_idx], axis=0)], to=F32)],
                          perm=[2, 0, 1, 3]) for x in (k3, v3))                  # [Hkv, N, Qn, D]
     q = b.op("Cast", [b.op("Gather", [q2, g.q_idx], axis=0)], to=F32)          # [N, R, Hq*D]
-    q = b.reshape(q, [N, R, b.Hkv, b.group, b.D])
-    RG = b.op("Mul", [R, b.group])
     scale = float(b.attrs.scale)
     if few_queries:
-        qt = b.op("Mul", [b.op("Transpose", [q], perm=[2, 0, 4, 1, 3]), b.scalar(scale, F32)])
-        qt = b.reshape(qt, [b.Hkv, N, b.D, RG])                                 # [Hkv, N, D, R*G]
+        if b.attrs.num_heads != b.attrs.num_kv_heads:
+            raise ValueError("few_queries is for attention without GQA")
+        q = b.op("Mul", [q, b.scalar(scale, F32)])                              # scaled while 3-D: cheap
+        qt = b.op("Transpose", [b.reshape(q, [N, R, b.Hkv, b.D])], perm=[2, 0, 3, 1])   # [Hkv, N, D, R]
+        # plain MatMul: onnxruntime runs it as a matrix-vector product (FusedMatMul does not)
         scores_t = b.op("Concat", [b.op("MatMul", [ctx_k, qt]), b.op("MatMul", [new_k, qt])], axis=2)
-        scores = b.op("Transpose", [scores_t], perm=[0, 1, 3, 2])                # [Hkv, N, R*G, L+Qn]
+        scores = b.op("Transpose", [scores_t], perm=[0, 1, 3, 2])                # [Hkv, N, R, L+Qn]
     else:
-        q = b.reshape(b.op("Transpose", [q], perm=[2, 0, 1, 3, 4]), [b.Hkv, N, RG, b.D])
+        q = b.op("Transpose", [b.reshape(q, [N, R, b.Hkv, b.group, b.D])], perm=[2, 0, 1, 3, 4])
+        q = b.reshape(q, [b.Hkv, N, b.op("Mul", [R, b.group]), b.D])          # [Hkv, N, R*G, D]
         scores = b.op("Concat", [b.fused_matmul_t(q, ctx_k, scale), b.fused_matmul_t(q, new_k, scale)], axis=3)
     probs = b.op("Softmax", [b.op("Add", [scores, bias])], axis=-1)
     p_ctx, p_new = (b.op("Slice", [probs, lo, hi, b.i3]) for lo, hi in ((b.i0, L), (L, b.op("Add", [L, Qn]))))
