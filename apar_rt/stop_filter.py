@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from apar_rt.detokenizer import REPLACEMENT
+from apar_rt.model.tokenizer import decoder_steps
 
 # decoder steps that map each token to the same characters in any context (up to whitespace and
 # split UTF-8), whether they act on tokens or on the fused text
@@ -40,11 +41,8 @@ def decoder_is_local(spec: dict | None) -> bool:
     """Whether a tokenizer.json "decoder" pipeline keeps each token's characters in every context,
     up to whitespace and U+FFFD (see the module docstring). None (no decoder: tokens joined as
     they are) is local."""
-    if spec is None:
-        return True
-    steps = spec.get("decoders", []) if spec.get("type") == "Sequence" else [spec]
     fused = False
-    for step in steps:
+    for step in decoder_steps(spec):
         kind = step.get("type")
         if kind == "Fuse":
             fused = True
@@ -103,7 +101,6 @@ class StopFilter:
             text = self._decode([token])
             chars = self._chars[token] = None if REPLACEMENT in text else frozenset(text)
         return chars is None or not ends.isdisjoint(chars)
-
 
 
 def for_tokenizer(tokenizer, decode: Callable[[Sequence[int]], str]) -> StopFilter | None:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import random
 from typing import Callable, Sequence
 
+from apar_rt.model.tokenizer import decoder_steps
+
 Decoder = Callable[[Sequence[int]], str]
 
 CHECK_SEQUENCES = 2000   # random sequences the table must decode as the tokenizer does
@@ -38,13 +40,6 @@ def _byte_of_char() -> dict[str, int]:
             chars[b] = 256 + extra
             extra += 1
     return {chr(c): b for b, c in chars.items()}
-
-
-def _is_byte_level_only(spec: dict | None) -> bool:
-    if spec is None:
-        return False
-    steps = spec.get("decoders", []) if spec.get("type") == "Sequence" else [spec]
-    return len(steps) == 1 and steps[0].get("type") == "ByteLevel"
 
 
 def _token_bytes(token: str, byte_of: dict[str, int]) -> bytes:
@@ -82,7 +77,8 @@ def byte_table(tokenizer, vocab_size: int | None = None, seed: int = 0) -> ByteT
     if spec_of is None or tokens_of is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
         return None
     try:
-        if not _is_byte_level_only(spec_of()):
+        steps = decoder_steps(spec_of())
+        if len(steps) != 1 or steps[0].get("type") != "ByteLevel":
             return None
         byte_of = _byte_of_char()
         table = [b"" if t is None else _token_bytes(t, byte_of) for t in tokens_of()]

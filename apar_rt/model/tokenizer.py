@@ -143,6 +143,14 @@ class FastTokenizer:
                 shutil.copyfile(self.path / name, Path(path) / name)
 
 
+def decoder_steps(spec: dict | None) -> list[dict]:
+    """The steps of a tokenizer.json "decoder" pipeline (`FastTokenizer.decoder_spec()`): a
+    Sequence's decoders in order, a lone decoder as one step, none without a decoder."""
+    if spec is None:
+        return []
+    return list(spec.get("decoders", [])) if spec.get("type") == "Sequence" else [spec]
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
