@@ -108,7 +108,8 @@ def measure(model: str, num_seqs: int, context: int, *, stop: bool, stream: bool
         eng.abort_request(rid)
     return {"seqs": num_seqs, "context": context, "stop": stop, "stream": stream,
             "vocab": eng.model_config.vocab_size, "ms_per_step": 1000 * statistics.median(times),
-            "ms_per_step_mean": 1000 * statistics.fmean(times), "ms_per_step_min": 1000 * min(times), "stop_checks_per_token": checked if stop else None}
+            "ms_per_step_mean": 1000 * statistics.fmean(times), "ms_per_step_min": 1000 * min(times),
+            "stop_checks_per_token": checked if stop else None}
 
 
 def bench_overhead(model: str, seqs=(1, 32, 256), contexts=(128, 1024, 4096), steps: int = 30,
