@@ -439,10 +439,10 @@ def _float_intermediates(step: Step) -> int:
     return sum(o.size for o in outs if o.dtype == np.float32)
 
 
-def _ort_float_intermediates(step: Step) -> int:
-    """`_float_intermediates` for the graph the onnxruntime CPU backend runs (`ort_attention.rewrite`):
-    each `If` is replaced by the branch it takes on `step` (so every tensor onnxruntime makes is
-    an output). The inlined graph must give the rewrite's own result."""
+def _ort_taken(step: Step) -> tuple[list, dict]:
+    """The nodes of the graph the onnxruntime CPU backend runs (`ort_attention.rewrite`) that run
+    on `step`, each `If` replaced by the branch it takes (at any depth), and every tensor they
+    make. The inlined graph must give the rewrite's own result."""
     import numpy as np
     import onnx
     from onnx import helper
@@ -465,23 +465,44 @@ def _ort_float_intermediates(step: Step) -> int:
         sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
         return dict(zip([o.name for o in m.graph.output], sess.run(None, feeds)))
 
-    ifs = [n for n in model.graph.node if n.op_type == "If"]
-    taken = run(model, sorted({n.input[0] for n in ifs}))
-    nodes = []
-    for n in model.graph.node:
-        if n.op_type != "If":
-            nodes.append(n)
-            continue
-        branch = {a.name: a.g for a in n.attribute}["then_branch" if bool(taken[n.input[0]]) else "else_branch"]
-        nodes.extend(branch.node)
-        nodes.extend(helper.make_node("Identity", [b.name], [o]) for b, o in zip(branch.output, n.output))
     flat = onnx.ModelProto.FromString(model.SerializeToString())
-    del flat.graph.node[:]
-    flat.graph.node.extend(nodes)
+    while ifs := [n for n in flat.graph.node if n.op_type == "If"]:   # nested Ifs: one level per pass
+        taken = run(flat, sorted({n.input[0] for n in ifs}))
+        nodes = []
+        for n in flat.graph.node:
+            if n.op_type != "If":
+                nodes.append(n)
+                continue
+            branch = {a.name: a.g for a in n.attribute}["then_branch" if bool(taken[n.input[0]]) else "else_branch"]
+            nodes.extend(branch.node)
+            nodes.extend(helper.make_node("Identity", [b.name], [o]) for b, o in zip(branch.output, n.output))
+        del flat.graph.node[:]
+        flat.graph.node.extend(nodes)
     outs = run(flat, [o for n in nodes for o in n.output if o != "out"])
-    assert np.array_equal(outs["out"], taken["out"])
+    assert np.array_equal(outs["out"], run(model, [])["out"])
+    return nodes, outs
+
+
+def _ort_float_intermediates(step: Step) -> int:
+    """`_float_intermediates` for the graph the onnxruntime CPU backend runs."""
+    import numpy as np
+
+    nodes, outs = _ort_taken(step)
     assert not any(n.op_type == "MultiHeadAttention" for n in nodes)   # no op keeps a score matrix inside
     return sum(o.size for o in outs.values() if o.dtype == np.float32)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2)])
+def test_cpu_rewrite_runs_decode_steps_on_its_decode_path(hq, hkv):
+    """A decode step (at most one new token per sequence) takes `attend_decode` in every layer and
+    none of the general path's nodes; a fork's step ([Fork][Child]: two tokens) takes the general
+    path. Both give the oracle's result (the tests above); this checks which nodes run."""
+    rng = random.Random(5)
+    decode = [make_seq(rng, "empty"), make_seq(rng, "decode", 9), make_seq(rng, "decode", 0)]
+    fork = [make_seq(rng, "decode", 9), Seq("tree", 6, tree_mask([-1, 0]))]
+    for seqs, runs, skips in ((decode, "/decode/", "/general/"), (fork, "/general/", "/decode/")):
+        names = [o for n in _ort_taken(build_step(0, seqs, hq=hq, hkv=hkv, block_size=4))[0] for o in n.output]
+        assert any(runs in o for o in names) and not any(skips in o for o in names), (runs, skips)
 
 
 def test_onnx_mixed_step_costs_its_parts_in_the_cpu_rewrite():

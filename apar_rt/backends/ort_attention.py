@@ -10,8 +10,11 @@ laid out for ONNX Runtime:
   context, which were two more copies of it per layer and step;
 - the index math runs once per step at the top level, not once per layer: the short group's
   always, the long group's (prefill chunks, draft trees) inside one `If` that runs only when the
-  step has a sequence with more than SHORT_MAX new tokens. A decode step (decodes and forks
-  only) thus skips the long group's index math; its layers run the long group on empty tensors.
+  step has a sequence with more than SHORT_MAX new tokens. A step of decodes and forks thus
+  skips the long group's index math;
+- each layer's attention is an `If`: a decode step (at most one new token per sequence, the
+  common step) runs `attention_body.attend_decode`, about 20 nodes with no row gathers and
+  constant shapes; any other step runs the short group and, in a nested `If`, the long group.
 
 Tested against the float64 oracle in tests/test_tree_attention.py (impl "onnx-ort").
 """
@@ -94,9 +97,9 @@ def rewrite(model) -> int:
     si = sg.index
     gen_outs = [si.N, si.R, gen.op("Identity", [si.Qn]), si.L, si.q_idx, si.k_idx, ab.pool_slots(gen, si),
                 ab.score_bias(gen, si, G), ab.packed_rows(gen, s, sg, None), sg.short_end, sg.short_n, sg.n_short]
-    N, R, Qn, L, q_idx, k_idx, short_slots, short_bias, short_rows, short_end, short_n, n_short = if_node(
+    N, R, Qn, L_short, q_idx, k_idx, short_slots, short_bias, short_rows, short_end, short_n, n_short = if_node(
         top, is_decode, dec, dec_outs, gen, gen_outs, "short", types)
-    short_index = ab.GroupIndex(N=N, R=R, Qn=Qn, L=L, K="", q_idx=q_idx, k_idx=k_idx, tables="", vis="")
+    short_index = ab.GroupIndex(N=N, R=R, Qn=Qn, L=L_short, K="", q_idx=q_idx, k_idx=k_idx, tables="", vis="")
     sg = ab.ShortGroup(short_index, short_n, short_end, n_short)
 
     # The long group, only in steps that have one: N, R, Qn, L, q_idx, k_idx, pool slots, bias, and
@@ -117,21 +120,28 @@ def rewrite(model) -> int:
 
     # ---- layer math ----
     replaced = {}
+    split = top.op("Concat", [L_short, top.i1], axis=0)     # a decode step's scores: L context keys, 1 new
     for i, n in enumerate(nodes):
         b = ab.Nodes(attrs, f"apar/l{i}/", inputs)
         q, k, v, k_cache, v_cache = n.input[:5]
-        q2 = b.reshape(q, [s.T, b.op("Mul", [b.Hq, b.D])])                    # [T, Hq * D]
+        # a decode step: half the nodes (attend_decode)
+        db = ab.Nodes(attrs, f"apar/l{i}/decode/", inputs)
+        dec_out = ab.attend_decode(db, short_slots, short_bias, split, q, k, v, k_cache, v_cache)
+        # any other step: the short group, and the long group when the step has one
+        gb = ab.Nodes(attrs, f"apar/l{i}/general/", inputs)
+        q2 = gb.reshape(q, [s.T, gb.op("Mul", [gb.Hq, gb.D])])                    # [T, Hq * D]
         # keys @ q^T is a matrix-vector product only with one query row per block (decodes without GQA)
-        short_out = ab.attend_head_major(b, short_index, short_slots, short_bias, q2, k, v, k_cache, v_cache,
+        short_out = ab.attend_head_major(gb, short_index, short_slots, short_bias, q2, k, v, k_cache, v_cache,
                                          few_queries=G == 1)
         # the long group only when the step has one (an If, so that other steps skip its nodes)
         lb = ab.Nodes(attrs, f"apar/l{i}/long/", inputs)
         long_out = ab.attend_head_major(lb, long_index, long_slots, long_bias, q2, k, v, k_cache, v_cache)
         nb = ab.Nodes(attrs, f"apar/l{i}/nolong/", inputs)
         none_out = nb.empty([0, attrs.num_heads, attrs.head_size], F32)
-        long_if, = if_node(b, any_long, lb, [long_out], nb, [none_out], f"l{i}/long_attention", [F32])
-        both = b.op("Concat", [short_out, long_if], axis=0)
-        b.nodes.append(helper.make_node("CastLike", [b.op("Gather", [both, rows], axis=0), q], [n.output[0]]))
+        long_if, = if_node(gb, any_long, lb, [long_out], nb, [none_out], f"l{i}/long_attention", [F32])
+        gen_out = gb.op("Gather", [gb.op("Concat", [short_out, long_if], axis=0), rows], axis=0)
+        out, = if_node(b, is_decode, db, [dec_out], gb, [gen_out], f"l{i}/attention", [F32])
+        b.nodes.append(helper.make_node("CastLike", [out, q], [n.output[0]]))
         replaced[id(n)] = b.nodes
     new_nodes = []
     for n in g.node:   # the index math goes right before the first layer's attention

@@ -385,3 +385,39 @@ def attend_head_major(b: Nodes, g: GroupIndex, slots: str, bias: str, q2: str, k
     out = b.op("Add", [b.op("MatMul", [p_ctx, ctx_v]), b.op("MatMul", [p_new, new_v])])   # [Hkv, N, R*G, D]
     out = b.op("Transpose", [b.reshape(out, [b.Hkv, N, R, b.group, b.D])], perm=[1, 2, 0, 3, 4])
     return b.reshape(out, [b.op("Mul", [N, R]), b.Hq, b.D])
+
+
+def attend_decode(b: Nodes, slots: str, bias: str, split: str, q: str, k: str, v: str,
+                  k_pool: str, v_pool: str) -> str:
+    """Layer math of a decode step over head-major pools [Hkv, slots, D] (the CPU rewrite;
+    `b.attrs` known): every sequence that has a new token has exactly one, so token t is the
+    only query row of row-block t, its only new key is its own, and the output rows are already
+    in packed order. The same math as `attend_head_major` on `decode_group`'s index, in about
+    half its nodes: no row gathers and no dynamic shapes.
+
+    q [T, Hq, D], k and v [T, Hkv, D]; `slots` [T, L] is `pool_slots`; `bias` [T, G or 1, L+1]
+    is `score_bias`; `split` [2] is (L, 1). Returns [T, Hq, D] float32."""
+    a, F32 = b.attrs, b.F32
+    Hkv, G, D = a.num_kv_heads, a.num_heads // a.num_kv_heads, a.head_size
+    ctx_k, ctx_v = (b.op("Cast", [b.op("Gather", [pool, slots], axis=1)], to=F32) for pool in (k_pool, v_pool))
+    new_k, new_v = (b.op("Reshape", [b.op("Transpose", [b.op("Cast", [x], to=F32)], perm=[1, 0, 2]),
+                                     b.const([Hkv, -1, 1, D])]) for x in (k, v))      # [Hkv, T, 1, D]
+    q = b.op("Cast", [q], to=F32)
+    if G == 1:
+        # keys @ q^T: a matrix-vector product over the gathered keys as they lie (see
+        # attend_head_major's few_queries); [Hkv, T, K, 1] and [Hkv, T, 1, K] share their memory
+        q = b.op("Mul", [q, b.scalar(float(a.scale), F32)])
+        qt = b.op("Transpose", [b.op("Reshape", [q, b.const([-1, Hkv, D, 1])])], perm=[1, 0, 2, 3])
+        scores = b.op("Concat", [b.op("MatMul", [ctx_k, qt]), b.op("MatMul", [new_k, qt])], axis=2)
+        scores = b.op("Reshape", [scores, b.const([0, 0, 1, -1])])                # [Hkv, T, 1, K]
+    else:
+        qh = b.op("Transpose", [b.op("Reshape", [q, b.const([-1, Hkv, G, D])])], perm=[1, 0, 2, 3])
+        scores = b.op("Concat", [b.fused_matmul_t(qh, ctx_k, a.scale), b.fused_matmul_t(qh, new_k, a.scale)],
+                      axis=3)                                                      # [Hkv, T, G, K]
+    probs = b.op("Softmax", [b.op("Add", [scores, bias])], axis=-1)
+    p_ctx, p_new = b.name("p_ctx"), b.name("p_new")
+    from onnx import helper
+
+    b.nodes.append(helper.make_node("Split", [probs, split], [p_ctx, p_new], axis=3))
+    out = b.op("Add", [b.op("MatMul", [p_ctx, ctx_v]), b.op("Mul", [p_new, new_v])])   # [Hkv, T, G, D]
+    return b.op("Reshape", [b.op("Transpose", [out], perm=[1, 0, 2, 3]), b.const([-1, a.num_heads, D])])
