@@ -276,7 +276,7 @@ def test_bound_inputs_outlive_the_callers_arrays(gqa_engine):
                      query_start=np.array([0, n], np.int32), mask=mask,
                      slot_mapping=np.full(n, -1, np.int32), logits_indices=np.arange(n, dtype=np.int32))
     want = ref.forward(step)
-    feeds = step_io.step_feeds(step, step_io.pick_bucket(1, be.buckets))
+    feeds = be._step_feeds(step)
     feeds.arrays = {k: v.copy() for k, v in feeds.arrays.items()}
     be._stage_inputs(feeds)
     be._bind_outputs(feeds.num_tokens, feeds.num_logits)

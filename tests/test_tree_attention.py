@@ -206,6 +206,17 @@ def run_op(step: Step) -> torch.Tensor:
 _SESSIONS: dict = {}
 
 
+def ort_feeds(feeds: dict, block_size: int) -> dict:
+    """The op's feeds as the onnxruntime CPU rewrite takes them: head-major pools, and the decode
+    index the backend computes on the host (`ort_attention.decode_feeds`)."""
+    from apar_rt.backends.ort_attention import decode_feeds, to_head_major
+
+    feeds = dict(feeds, k_cache=to_head_major(feeds["k_cache"]), v_cache=to_head_major(feeds["v_cache"]))
+    feeds.update(decode_feeds(feeds["block_tables"], feeds["context_lens"], feeds["query_start"], feeds["mask"],
+                              block_size))
+    return feeds
+
+
 def run_onnx(step: Step, ort_body: bool = False) -> torch.Tensor:
     """The ONNX local function (apar_rt.export.op), inlined and run by onnxruntime; with
     `ort_body`, the graph the onnxruntime CPU backend runs instead (`ort_attention.rewrite`)."""
@@ -223,10 +234,8 @@ def run_onnx(step: Step, ort_body: bool = False) -> torch.Tensor:
             rewrite(model)
         _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}
-    if ort_body:   # the rewrite takes head-major pools
-        from apar_rt.backends.ort_attention import to_head_major
-
-        feeds["k_cache"], feeds["v_cache"] = to_head_major(feeds["k_cache"]), to_head_major(feeds["v_cache"])
+    if ort_body:
+        feeds = ort_feeds(feeds, bs)
     return torch.from_numpy(_SESSIONS[key].run(None, feeds)[0])
 
 
@@ -330,6 +339,15 @@ def test_empty_sequence_in_batch(impl, seed):
     seqs = [make_seq(rng, "empty"), make_seq(rng, "tree"), make_seq(rng, "empty"),
             make_seq(rng, "decode"), make_seq(rng, "empty")]
     check(build_step(seed, seqs, hq=4, hkv=2, block_size=4), IMPLS[impl])
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("hq,hkv", HEADS)
+def test_decode_step_with_no_context_at_all(impl, hq, hkv):
+    """Every sequence's first token as a decode step: no context to read (L = 0), each token
+    sees only itself."""
+    check(build_step(3, [Seq("decode", 0, [[True]]), Seq("empty", 0, []), Seq("decode", 0, [[True]])],
+                     hq=hq, hkv=hkv, block_size=4), IMPLS[impl])
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))
@@ -448,14 +466,13 @@ def _ort_taken(step: Step) -> tuple[list, dict]:
     from onnx import helper
 
     ort = pytest.importorskip("onnxruntime")
-    from apar_rt.backends.ort_attention import rewrite, to_head_major
+    from apar_rt.backends.ort_attention import rewrite
     from apar_rt.export import op as aop
 
     (_, hq, d), hkv, bs = step.q.shape, step.k.shape[1], step.k_cache.shape[1]
     model = aop.attention_model(aop.AttentionAttrs(hq, hkv, d, bs, step.scale))
     rewrite(model)
-    feeds = {name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}
-    feeds["k_cache"], feeds["v_cache"] = to_head_major(feeds["k_cache"]), to_head_major(feeds["v_cache"])
+    feeds = ort_feeds({name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}, bs)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 

@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from apar_rt.backends.base import Backend, BackendUnavailable, load_engine_folder
+from apar_rt.backends.ort_attention import DECODE_INPUTS, decode_feeds
 from apar_rt.build.manifest import ONNX_NAME
 from apar_rt.core import StepInput
 from apar_rt.export import step_io
@@ -198,7 +199,7 @@ class OnnxRuntimeBackend(Backend):
             self.session = ort.InferenceSession(model, so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendUnavailable(f"onnxruntime cannot load {self.engine_dir / ONNX_NAME}: {e}") from None
-        want = step_io.input_names(self.num_layers)
+        want = step_io.input_names(self.num_layers) + (list(DECODE_INPUTS) if ort_body else [])
         got = [i.name for i in self.session.get_inputs()]
         if got != want:
             raise BackendUnavailable(f"{self.engine_dir / ONNX_NAME} has inputs {got}, expected {want}")
@@ -353,8 +354,7 @@ class OnnxRuntimeBackend(Backend):
 
                 src_t, dst_t = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
                 self._kv[:, :, dst_t] = self._kv[:, :, src_t]
-        bucket = step_io.pick_bucket(int(step.block_tables.shape[0]), self.buckets) if self.buckets else None
-        feeds = step_io.step_feeds(step, bucket)
+        feeds = self._step_feeds(step)
         self._stage_inputs(feeds)
         self._bind_outputs(feeds.num_tokens, feeds.num_logits)
         self._run()
@@ -366,6 +366,17 @@ class OnnxRuntimeBackend(Backend):
         else:
             self._write(np.flatnonzero(keep), slots[keep])
         return self._logits if cpu else self._logits.cpu()
+
+    def _step_feeds(self, step: StepInput) -> step_io.StepFeeds:
+        """The session's feeds for `step`: `step_io`'s, padded to a batch bucket, and on the CPU the
+        decode index the rewritten graph takes from the host (`ort_attention.decode_feeds`)."""
+        bucket = step_io.pick_bucket(int(step.block_tables.shape[0]), self.buckets) if self.buckets else None
+        feeds = step_io.step_feeds(step, bucket)
+        if self._head_major:
+            a = feeds.arrays
+            a.update(decode_feeds(a["block_tables"], a["context_lens"], a["query_start"], a["mask"],
+                                  self.block_size))
+        return feeds
 
     def _run(self) -> None:
         if self._dev_type != "cpu":

@@ -21,9 +21,17 @@ Tested against the float64 oracle in tests/test_tree_attention.py (impl "onnx-or
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
+
 from apar_rt.export import attention_body as ab
 from apar_rt.export.op import OP_DOMAIN, OP_INPUTS, OP_TYPE, AttentionAttrs
 
+DECODE_INPUTS = ("apar_decode", "apar_decode_slots", "apar_decode_bias", "apar_decode_split")   # decode_feeds
+# decode_feeds on any other step (read-only)
+_NOT_DECODE = {"apar_decode": np.zeros(1, np.bool_), "apar_decode_slots": np.zeros((1, 1), np.int32),
+               "apar_decode_bias": np.zeros((1, 1, 1), np.float32), "apar_decode_split": np.array([0, 1], np.int64)}
 STEP_INPUTS = OP_INPUTS[5:]   # block_tables, context_lens, query_start, mask: shared by every layer
 POOL_LAYOUT = "[num_kv_heads, num_blocks * block_size, head_size]"   # the pools the rewritten graph takes
 
@@ -56,16 +64,17 @@ def rewrite(model) -> int:
     if len(attrs) != 1 or len(step_names) != 1:
         raise ValueError(f"{OP_TYPE} nodes with different attributes or step inputs: {attrs}, {step_names}")
     attrs, step_names = attrs.pop(), step_names.pop()
+    dtype = _elem_type(g, nodes[0].input[3])
     G = attrs.num_heads // attrs.num_kv_heads
     inputs = dict(zip(STEP_INPUTS, step_names))
 
     # ---- index math, once per step ----
+    # A decode step's index comes in with the step (`decode_feeds`); any other step's is computed
+    # here, inside an If that decode steps skip: the short group's, and the long group's (prefill
+    # chunks, draft trees) in a nested If that runs only when the step has one.
     I64, F32 = TensorProto.INT64, TensorProto.FLOAT
     top = ab.Nodes(attrs, "apar/idx/", inputs)
-    s = ab.step_index(top)
-    is_long = top.op("Cast", [s.is_long], to=top.I64)
-    any_long = top.op("Greater", [top.op("ReduceMax", [is_long], keepdims=0), top.zero])
-    is_decode = top.op("LessOrEqual", [top.op("ReduceMax", [s.q_len], keepdims=0), top.one])
+    decode, dec_slots, dec_bias, dec_split = DECODE_INPUTS
 
     def if_node(into: ab.Nodes, cond, then_b, then_outs, else_b, else_outs, tag, types) -> list[str]:
         """An If node appended to `into`, its branches the nodes of `then_b` / `else_b` with
@@ -81,67 +90,63 @@ def rewrite(model) -> int:
                                            else_branch=graph(else_b, else_outs, f"apar_{tag}_else")))
         return names
 
-    # The short group: a decode step's index (rows in packed order), or the general one. Outputs:
-    # N, R, Qn, L, q_idx, k_idx, pool slots, bias, the rows of a step without long sequences, and
-    # what `packed_rows` reads of the group (short_end, short_n, n_short; unused on decode steps,
-    # where there is no long group). Each output is its own tensor: an If branch that lists one
-    # name twice confuses onnxruntime.
-    types = [I64, I64, I64, I64, I64, I64, I64, F32, I64, I64, I64, I64]
-    dec = ab.Nodes(attrs, "apar/dec/", inputs)
-    di = ab.decode_group(dec, s)
-    dec_outs = [dec.op("Identity", [di.N]), di.R, di.Qn, di.L, di.q_idx, di.k_idx, ab.pool_slots(dec, di),
-                ab.score_bias(dec, di, G), dec.op("Squeeze", [di.q_idx, dec.i1]), dec.op("Identity", [s.q_len]),
-                dec.op("Identity", [s.q_len]), dec.const([0])]
-    gen = ab.Nodes(attrs, "apar/short/", inputs)
-    sg = ab.short_group(gen, s)
-    si = sg.index
-    gen_outs = [si.N, si.R, gen.op("Identity", [si.Qn]), si.L, si.q_idx, si.k_idx, ab.pool_slots(gen, si),
-                ab.score_bias(gen, si, G), ab.packed_rows(gen, s, sg, None), sg.short_end, sg.short_n, sg.n_short]
-    N, R, Qn, L_short, q_idx, k_idx, short_slots, short_bias, short_rows, short_end, short_n, n_short = if_node(
-        top, is_decode, dec, dec_outs, gen, gen_outs, "short", types)
-    short_index = ab.GroupIndex(N=N, R=R, Qn=Qn, L=L_short, K="", q_idx=q_idx, k_idx=k_idx, tables="", vis="")
-    sg = ab.ShortGroup(short_index, short_n, short_end, n_short)
+    def index_outs(b: ab.Nodes, gi: ab.GroupIndex) -> list[str]:
+        """N, R, Qn, L, q_idx, k_idx, pool slots, bias: what a group's layer math reads. Each output
+        is its own tensor: an If branch that lists one name twice confuses onnxruntime."""
+        return [b.op("Identity", [gi.N]), b.op("Identity", [gi.R]), b.op("Identity", [gi.Qn]), gi.L, gi.q_idx,
+                gi.k_idx, ab.pool_slots(b, gi), ab.score_bias(b, gi, G)]
 
-    # The long group, only in steps that have one: N, R, Qn, L, q_idx, k_idx, pool slots, bias, and
-    # the packed rows of both groups.
-    types = [I64, I64, I64, I64, I64, I64, I64, F32, I64]
+    def no_index(b: ab.Nodes) -> list[str]:
+        return [b.const([0]), b.const([1]), b.const([0]), b.const([0]), b.empty([0, 1], I64), b.empty([0, 0], I64),
+                b.empty([0, 0], I64), b.empty([0, G, 0], F32)]
+
+    index_types = [I64] * 7 + [F32]
+    gen = ab.Nodes(attrs, "apar/general/", inputs)
+    s = ab.step_index(gen)
+    sg = ab.short_group(gen, s)
+    any_long = gen.op("Greater", [gen.op("ReduceMax", [gen.op("Cast", [s.is_long], to=gen.I64)], keepdims=0),
+                                  gen.zero])
+    # the long group and the packed rows of both groups, in steps that have one
     mixed = ab.Nodes(attrs, "apar/long/", inputs)
     lg = ab.long_group(mixed, s)
-    li = lg.index
-    mixed_outs = [li.N, li.R, mixed.op("Identity", [li.Qn]), li.L, li.q_idx, li.k_idx, ab.pool_slots(mixed, li),
-                  ab.score_bias(mixed, li, G), ab.packed_rows(mixed, s, sg, lg)]
     none = ab.Nodes(attrs, "apar/noLong/", inputs)
-    none_outs = [none.const([0]), none.const([1]), none.const([0]), none.const([0]), none.empty([0, 1], I64),
-                 none.empty([0, 0], I64), none.empty([0, 0], I64), none.empty([0, G, 0], F32),
-                 none.op("Identity", [short_rows])]
-    N, R, Qn, L, q_idx, k_idx, long_slots, long_bias, rows = if_node(
-        top, any_long, mixed, mixed_outs, none, none_outs, "long", types)
-    long_index = ab.GroupIndex(N=N, R=R, Qn=Qn, L=L, K="", q_idx=q_idx, k_idx=k_idx, tables="", vis="")
+    long_outs = if_node(gen, any_long, mixed, index_outs(mixed, lg.index) + [ab.packed_rows(mixed, s, sg, lg)],
+                        none, no_index(none) + [ab.packed_rows(none, s, sg, None)], "long", index_types + [I64])
+    gen_outs = index_outs(gen, sg.index) + long_outs + [any_long]
+    skip = ab.Nodes(attrs, "apar/decodeStep/", inputs)
+    skip_outs = no_index(skip) + no_index(skip) + [skip.const([0]), skip.scalar(False, TensorProto.BOOL)]
+    outs = if_node(top, decode, skip, skip_outs, gen, gen_outs, "index",
+                   index_types * 2 + [I64, TensorProto.BOOL])
+    short_index, long_index = (ab.GroupIndex(N=o[0], R=o[1], Qn=o[2], L=o[3], K="", q_idx=o[4], k_idx=o[5],
+                                             tables="", vis="") for o in (outs[:8], outs[8:16]))
+    short_slots, short_bias, long_slots, long_bias = outs[6], outs[7], outs[14], outs[15]
+    rows, any_long = outs[16], outs[17]
 
     # ---- layer math ----
     replaced = {}
-    split = top.op("Concat", [L_short, top.i1], axis=0)     # a decode step's scores: L context keys, 1 new
     for i, n in enumerate(nodes):
         b = ab.Nodes(attrs, f"apar/l{i}/", inputs)
         q, k, v, k_cache, v_cache = n.input[:5]
-        # a decode step: half the nodes (attend_decode)
+        # a decode step: about 20 nodes (attend_decode)
         db = ab.Nodes(attrs, f"apar/l{i}/decode/", inputs)
-        dec_out = ab.attend_decode(db, short_slots, short_bias, split, q, k, v, k_cache, v_cache)
+        dec_out = ab.attend_decode(db, dec_slots, dec_bias, dec_split, q, k, v, k_cache, v_cache)
         # any other step: the short group, and the long group when the step has one
         gb = ab.Nodes(attrs, f"apar/l{i}/general/", inputs)
-        q2 = gb.reshape(q, [s.T, gb.op("Mul", [gb.Hq, gb.D])])                    # [T, Hq * D]
-        # keys @ q^T is a matrix-vector product only with one query row per block (decodes without GQA)
+        q2 = gb.reshape(q, [gb.dim(q, 0), gb.op("Mul", [gb.Hq, gb.D])])             # [T, Hq * D]
+        # keys @ q^T is a matrix-vector product only with one query row per block (forks without GQA)
         short_out = ab.attend_head_major(gb, short_index, short_slots, short_bias, q2, k, v, k_cache, v_cache,
                                          few_queries=G == 1)
-        # the long group only when the step has one (an If, so that other steps skip its nodes)
         lb = ab.Nodes(attrs, f"apar/l{i}/long/", inputs)
         long_out = ab.attend_head_major(lb, long_index, long_slots, long_bias, q2, k, v, k_cache, v_cache)
         nb = ab.Nodes(attrs, f"apar/l{i}/nolong/", inputs)
         none_out = nb.empty([0, attrs.num_heads, attrs.head_size], F32)
         long_if, = if_node(gb, any_long, lb, [long_out], nb, [none_out], f"l{i}/long_attention", [F32])
         gen_out = gb.op("Gather", [gb.op("Concat", [short_out, long_if], axis=0), rows], axis=0)
-        out, = if_node(b, is_decode, db, [dec_out], gb, [gen_out], f"l{i}/attention", [F32])
-        b.nodes.append(helper.make_node("CastLike", [out, q], [n.output[0]]))
+        out, = if_node(b, decode, db, [dec_out], gb, [gen_out], f"l{i}/attention", [F32])
+        if dtype == TensorProto.FLOAT:
+            b.nodes.append(helper.make_node("Identity", [out], [n.output[0]]))
+        else:
+            b.nodes.append(helper.make_node("Cast", [out], [n.output[0]], to=dtype))
         replaced[id(n)] = b.nodes
     new_nodes = []
     for n in g.node:   # the index math goes right before the first layer's attention
@@ -152,6 +157,7 @@ def rewrite(model) -> int:
     del g.node[:]
     g.node.extend(new_nodes)
     _declare_head_major_pools(g, {name for n in nodes for name in n.input[3:5]}, attrs)
+    _declare_decode_inputs(g, G)
     keep = [f for f in model.functions if (f.domain, f.name) != (OP_DOMAIN, OP_TYPE)]
     del model.functions[:]
     model.functions.extend(keep)
@@ -169,3 +175,56 @@ def _declare_head_major_pools(g, pools: set[str], attrs: AttentionAttrs) -> None
             t = vi.type.tensor_type.elem_type
             vi.CopyFrom(helper.make_tensor_value_info(vi.name, t, [attrs.num_kv_heads, "pool_slots",
                                                                   attrs.head_size]))
+
+
+def _elem_type(g, name: str) -> int:
+    """The element type of graph input `name` (a pool: the engine's dtype)."""
+    for vi in g.input:
+        if vi.name == name:
+            return vi.type.tensor_type.elem_type
+    raise ValueError(f"{name!r} is not a graph input")
+
+
+def _declare_decode_inputs(g, G: int) -> None:
+    from onnx import TensorProto, helper
+
+    shapes = {"apar_decode": (TensorProto.BOOL, [1]), "apar_decode_slots": (TensorProto.INT32, ["T", "L"]),
+              "apar_decode_bias": (TensorProto.FLOAT, ["T", 1, "K"]), "apar_decode_split": (TensorProto.INT64, [2])}
+    g.input.extend(helper.make_tensor_value_info(name, *shapes[name]) for name in DECODE_INPUTS)
+
+
+@functools.lru_cache(maxsize=None)
+def _block_offsets(block_size: int):
+    return np.arange(block_size, dtype=np.int32)
+
+
+def decode_feeds(block_tables, context_lens, query_start, mask, block_size: int) -> dict:
+    """The rewritten graph's DECODE_INPUTS for one step (numpy; its other inputs as `step_io`
+    packs them, padding sequences included).
+
+    On a decode step (every sequence has at most one new token) the graph takes its attention
+    index from these, instead of computing it in about 55 nodes: the T sequences with a token,
+    in order (token t is the t-th one's), and L, the longest context rounded up to whole blocks.
+    - apar_decode [1]: True;
+    - apar_decode_slots [T, L]: the pool slot of each context position, through the block table;
+    - apar_decode_bias [T, 1, L+1]: 0 where the token sees the key, float32's lowest elsewhere:
+      context positions below its context length, then the token itself (mask[t, 0]);
+    - apar_decode_split [2]: (L, 1).
+    On any other step apar_decode is False and the rest are placeholders the graph does not read.
+    The arguments are numpy arrays (block_tables and context_lens int32, as `step_io` packs them).
+    """
+    ctx, tables = context_lens, block_tables
+    if mask.shape[1] > 1 or len(mask) != len(ctx):   # not every sequence has exactly one new token
+        q_len = np.diff(query_start)
+        if q_len.max() > 1:
+            return _NOT_DECODE
+        seq = np.flatnonzero(q_len)
+        ctx, tables = ctx[seq], tables[seq]
+    nblk = -(-int(ctx.max()) // block_size)
+    L = nblk * block_size
+    slots = (tables[:, :nblk, None] * np.int32(block_size) + _block_offsets(block_size)).reshape(len(ctx), L)
+    vis = np.arange(L + 1) < ctx[:, None]
+    vis[:, L] = mask[:, 0]
+    bias = np.where(vis, np.float32(0), np.float32(ab.FLOAT32_LOWEST))[:, None, :]
+    return {"apar_decode": np.ones(1, np.bool_), "apar_decode_slots": slots, "apar_decode_bias": bias,
+            "apar_decode_split": np.array([L, 1], np.int64)}

@@ -246,23 +246,6 @@ def short_group(b: Nodes, s: StepIndex) -> ShortGroup:
     return ShortGroup(gi, short_n, short_end, n_short)
 
 
-def decode_group(b: Nodes, s: StepIndex) -> GroupIndex:
-    """The short group of a step where every sequence has at most one new token (a decode
-    step): token t is the only new token of the t-th sequence that has one, so the group's
-    rows are the packed rows in order. Equals `short_group`'s index on such steps."""
-    seq = b.op("Squeeze", [b.op("NonZero", [b.op("Greater", [s.q_len, b.zero])]), b.i0])   # [T]
-    t = b.col(b.arange(s.T))                                                   # [T, 1]
-    nblk = b.ceil_div(b.op("ReduceMax", [s.ctx], keepdims=1), b.BS)
-    L = b.op("Mul", [nblk, b.BS])
-    tables = b.op("Gather", [b.op("Slice", [b.inp("block_tables"), b.i0, nblk, b.i1]), seq], axis=0)
-    ctx_vis = b.op("Less", [b.row(b.arange(L)), b.col(b.op("Gather", [s.ctx, seq], axis=0))])   # [T, L]
-    self_vis = b.op("Slice", [b.inp("mask"), b.i0, b.i1, b.i1])                 # [T, 1]
-    vis = b.op("Concat", [ctx_vis, self_vis], axis=1)                          # [T, K]
-    vis = b.op("Unsqueeze", [vis, b.op("Concat", [b.i1, b.i2, b.i3], axis=0)])  # [T, 1, 1, 1, K]
-    return GroupIndex(N=s.T, R=b.const([1]), Qn=b.const([1]), L=L, K=b.op("Add", [L, b.i1]), q_idx=t,
-                      k_idx=b.op("Identity", [t]), tables=tables, vis=vis)
-
-
 @dataclass
 class LongGroup:
     index: GroupIndex
@@ -392,11 +375,11 @@ def attend_decode(b: Nodes, slots: str, bias: str, split: str, q: str, k: str, v
     """Layer math of a decode step over head-major pools [Hkv, slots, D] (the CPU rewrite;
     `b.attrs` known): every sequence that has a new token has exactly one, so token t is the
     only query row of row-block t, its only new key is its own, and the output rows are already
-    in packed order. The same math as `attend_head_major` on `decode_group`'s index, in about
-    half its nodes: no row gathers and no dynamic shapes.
+    in packed order. The same math as `attend_head_major` on `short_group`'s index of such a
+    step, in about half its nodes: no row gathers and no dynamic shapes.
 
-    q [T, Hq, D], k and v [T, Hkv, D]; `slots` [T, L] is `pool_slots`; `bias` [T, G or 1, L+1]
-    is `score_bias`; `split` [2] is (L, 1). Returns [T, Hq, D] float32."""
+    q [T, Hq, D], k and v [T, Hkv, D]; `slots` [T, L], `bias` [T, 1, L+1] and `split` [2] = (L, 1)
+    are the step's decode index (`ort_attention.decode_feeds`). Returns [T, Hq, D] float32."""
     a, F32 = b.attrs, b.F32
     Hkv, G, D = a.num_kv_heads, a.num_heads // a.num_kv_heads, a.head_size
     ctx_k, ctx_v = (b.op("Cast", [b.op("Gather", [pool, slots], axis=1)], to=F32) for pool in (k_pool, v_pool))
