@@ -190,9 +190,10 @@ class Request:
     decode_steps: int = 0                # engine steps in which this request produced tokens
     forks: int = 0
     peak_kv_blocks: int = 0              # most distinct KV blocks held at once
-    # After a preemption: branch id -> (donor branch id, tokens of shared context). The branch
-    # waits until the donor has recomputed that many tokens, then forks the donor's blocks.
-    resume_donors: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # Branch id -> (donor branch id, tokens of shared context): the branch waits until the donor
+    # has computed that many tokens, then forks the donor's blocks. A fork's child waits so for its
+    # parent's [Fork]; after a preemption, a branch for a sibling it shares a prefix with.
+    prefix_donors: dict[int, tuple[int, int]] = field(default_factory=dict)
     accepted_lengths: dict[int, int] = field(default_factory=dict)  # tokens per thread-step -> count
     num_generated: int = 0               # tokens appended over all branches (work done, may pass the budget)
     num_live: int = 1                    # branches not finished

@@ -277,7 +277,7 @@ class Scheduler:
 
     @staticmethod
     def _schedulable(req: Request) -> list[Branch]:
-        donors = req.resume_donors
+        donors = req.prefix_donors
         if donors:
             return [b for b in req.branches if b.finish_reason is None and b.id not in donors]
         return [b for b in req.branches if b.finish_reason is None]
@@ -288,8 +288,8 @@ class Scheduler:
         need = 0
         for b in req.live_branches():
             need += _cdiv(b.context_len + 1, bs) - len(b.table.block_ids)
-            if b.id in req.resume_donors:
-                need -= req.resume_donors[b.id][1] // bs
+            if b.id in req.prefix_donors:
+                need -= req.prefix_donors[b.id][1] // bs
         return need
 
     def _best_donor(self, b: Branch, candidates: Sequence[Branch]) -> tuple[int, int] | None:
@@ -310,11 +310,11 @@ class Scheduler:
         """Pair each live branch with an earlier one it shares a context prefix with, so that
         recompute after a preemption shares blocks as the original forks did."""
         live = req.live_branches()
-        req.resume_donors = {}
+        req.prefix_donors = {}
         for i, b in enumerate(live):
             donor = self._best_donor(b, live[:i])
             if donor is not None:
-                req.resume_donors[b.id] = donor
+                req.prefix_donors[b.id] = donor
 
     def _shed_branch(self, req: Request) -> bool:
         """Free the newest block-holding branch of a request that cannot grow at all, so its
@@ -331,20 +331,20 @@ class Scheduler:
         donor = self._best_donor(b, holders[:-1])
         if donor is not None:
             did, n = donor
-            req.resume_donors[b.id] = (did, min(n, req.branches[did].table.num_tokens))
+            req.prefix_donors[b.id] = (did, min(n, req.branches[did].table.num_tokens))
         return True
 
     def _fork_from_donors(self, req: Request) -> None:
-        """Branches whose donor has recomputed the shared prefix take its blocks now."""
-        for bid, (did, n) in list(req.resume_donors.items()):
+        """Branches whose donor has computed the shared prefix take its blocks now."""
+        for bid, (did, n) in list(req.prefix_donors.items()):
             donor = req.branches[did]
-            if donor.finished or did in req.resume_donors:
+            if donor.finished or did in req.prefix_donors:
                 if donor.finished:
-                    del req.resume_donors[bid]
+                    del req.prefix_donors[bid]
                 continue
             if donor.table.num_tokens >= n:
                 req.branches[bid].table = self.kv.fork(donor.table, n)
-                del req.resume_donors[bid]
+                del req.prefix_donors[bid]
 
     def _too_big_message(self, req: Request) -> str:
         live = req.live_branches()
@@ -479,7 +479,7 @@ class Scheduler:
         A request whose update raises fails alone, with the message `on_error(req, exc)` gives.
         """
         per_req: dict[int, StepUpdate] = {}
-        donors = {id(s.request): s.request for s in out.seqs if s.request.resume_donors}
+        donors = {id(s.request): s.request for s in out.seqs if s.request.prefix_donors}
         for req in donors.values():
             self._fork_from_donors(req)
         results_iter = iter(results)
@@ -629,9 +629,18 @@ class Scheduler:
         return True
 
     def _fork(self, req: Request, parent: Branch, upd: StepUpdate) -> Branch:
+        """A child of `parent`, which just sampled [Fork]. The child's context is the parent's through
+        [Fork], then [Child]. [Fork] has no K/V yet (unless it was an accepted draft token): the
+        parent computes it next step, and the child waits for that and then shares the parent's
+        blocks (`_fork_from_donors`), so its first step feeds [Child] alone, a decode, rather than
+        [Fork] and [Child]. (Should the parent end first, the child shares what it has.)"""
+        n = len(parent.prefix) + len(parent.token_ids)
+        ready = parent.table.num_tokens >= n
         child = Branch(id=len(req.branches), parent=parent.id, fork_index=len(parent.token_ids) - 1,
                        depth=parent.depth + 1, prefix=parent.prefix + parent.token_ids,
-                       token_ids=[self.control.child], table=self.kv.fork(parent.table))
+                       token_ids=[self.control.child], table=self.kv.fork(parent.table, n if ready else 0))
+        if not ready:
+            req.prefix_donors[child.id] = (parent.id, n)
         req.branches.append(child)
         parent.children.append(child.id)
         req.num_live += 1
@@ -644,6 +653,11 @@ class Scheduler:
     def _finish_branch(self, req: Request, b: Branch, reason: FinishReason, upd: StepUpdate) -> None:
         b.finish_reason = reason
         req.num_live -= 1
+        req.prefix_donors.pop(b.id, None)
+        for bid, (did, n) in list(req.prefix_donors.items()):
+            if did == b.id:   # b ends before it computed all the prefix they wait for: they share what it has
+                req.branches[bid].table = self.kv.fork(b.table, min(n, b.table.num_tokens))
+                del req.prefix_donors[bid]
         self._free(req, b)
         self._delta(upd, b).finished = True
         if not req.num_live:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from apar_rt import LLM, SamplingParams
@@ -49,10 +50,10 @@ def test_a_tree_larger_than_the_pool_finishes_by_recomputing_branches(tiny_gqa):
     (recomputed later) instead of failing, as long as each branch fits."""
     path, hf, tok = tiny_gqa
     fork, child = tok.convert_tokens_to_ids("[SplitMask]"), tok.convert_tokens_to_ids("[SplitSop]")
-    llm = LLM(str(path), mode="apar", raw=True, num_blocks=12, block_size=4)
-    # 11 usable blocks hold 44 tokens: any one branch (at most prompt + max_tokens) fits, the tree does not.
+    llm = LLM(str(path), mode="apar", raw=True, num_blocks=11, block_size=4)
+    # 10 usable blocks hold 40 tokens: any one branch (at most prompt + max_tokens = 39) fits, the tree does not.
     o = llm.generate(["first tip"], SamplingParams(max_tokens=36, logit_bias={fork: 4.0}))[0]
-    assert o.stats["peak_kv_blocks"] <= 11 and o.stats["preemptions"] > 0 and o.stats["forks"] >= 2
+    assert o.stats["peak_kv_blocks"] <= 10 and o.stats["preemptions"] > 0 and o.stats["forks"] >= 2
     assert_branches_follow_argmax(hf, o, fork, child, 4.0, 2)
     assert o.stats["generated_tokens"] == 36
     assert llm.engine.scheduler.pool.num_used == 0
@@ -79,3 +80,28 @@ def test_apar_fork_positions_are_recovered_in_reading_order(tiny_gqa):
     ids = walk(0)
     special = set(tok.all_special_ids)
     assert o.text == tok.decode([t for t in ids if t not in special], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("max_tokens", [9, 14, 22, 40])
+def test_a_forks_child_shares_its_parents_fork_token_and_starts_with_a_decode(tiny_gqa, max_tokens):
+    """The parent computes [Fork]; its child waits one step, shares those blocks and feeds [Child]
+    alone: no step has a sequence of two new tokens (prompts are prefilled whole), the branches
+    still follow the per-branch argmax, budget cuts included (a parent may end right at its
+    [Fork]: its child then shares what it has), and every block returns."""
+    path, hf, tok = tiny_gqa
+    fork, child = tok.convert_tokens_to_ids("[SplitMask]"), tok.convert_tokens_to_ids("[SplitSop]")
+    llm = LLM(str(path), mode="apar", raw=True, block_size=4)
+    backend = llm.engine.backend
+    run, q_lens = backend.execute, []
+
+    def spy(step):
+        q_lens.extend(np.diff(step.query_start).tolist())
+        return run(step)
+
+    backend.execute = spy
+    outs = llm.generate(PROMPTS[:4], SamplingParams(max_tokens=max_tokens, logit_bias={fork: 4.0}))
+    assert sum(o.stats["forks"] for o in outs) >= 2, "the bias was meant to make forks happen"
+    assert 2 not in q_lens and min(len(o.prompt_token_ids) for o in outs) > 2
+    for o in outs:
+        assert_branches_follow_argmax(hf, o, fork, child, 4.0, llm.engine.config.max_depth)
+    assert llm.engine.scheduler.pool.num_used == 0
