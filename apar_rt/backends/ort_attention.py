@@ -8,13 +8,14 @@ laid out for ONNX Runtime:
   and each group's attention reads its context with one Gather per pool, straight into the
   layout the matmuls take (`attend_head_major`): no transpose and no concatenation of the
   context, which were two more copies of it per layer and step;
-- the index math runs once per step at the top level, not once per layer: the short group's
-  always, the long group's (prefill chunks, draft trees) inside one `If` that runs only when the
-  step has a sequence with more than SHORT_MAX new tokens. A step of decodes and forks thus
-  skips the long group's index math;
-- each layer's attention is an `If`: a decode step (at most one new token per sequence, the
-  common step) runs `attention_body.attend_decode`, about 20 nodes with no row gathers and
-  constant shapes; any other step runs the short group and, in a nested `If`, the long group.
+- a decode step (at most one new token per sequence: the common step, APAR's too, since a fork's
+  child starts with its [Child] alone) takes its attention index from the host (`decode_feeds`:
+  pool slots, score bias, split), and each layer runs `attention_body.attend_decode`, about 20
+  nodes with no row gathers and constant shapes;
+- any other step computes its index in the graph, once per step, inside an `If` that decode steps
+  skip: the short group's, and the long group's (prefill chunks, draft trees) in a nested `If`
+  that runs only when the step has one; each layer then runs the short group and, in a nested
+  `If`, the long group.
 
 Tested against the float64 oracle in tests/test_tree_attention.py (impl "onnx-ort").
 """
@@ -32,6 +33,8 @@ DECODE_INPUTS = ("apar_decode", "apar_decode_slots", "apar_decode_bias", "apar_d
 # decode_feeds on any other step (read-only)
 _NOT_DECODE = {"apar_decode": np.zeros(1, np.bool_), "apar_decode_slots": np.zeros((1, 1), np.int32),
                "apar_decode_bias": np.zeros((1, 1, 1), np.float32), "apar_decode_split": np.array([0, 1], np.int64)}
+for _a in _NOT_DECODE.values():
+    _a.flags.writeable = False
 STEP_INPUTS = OP_INPUTS[5:]   # block_tables, context_lens, query_start, mask: shared by every layer
 POOL_LAYOUT = "[num_kv_heads, num_blocks * block_size, head_size]"   # the pools the rewritten graph takes
 
@@ -157,7 +160,7 @@ def rewrite(model) -> int:
     del g.node[:]
     g.node.extend(new_nodes)
     _declare_head_major_pools(g, {name for n in nodes for name in n.input[3:5]}, attrs)
-    _declare_decode_inputs(g, G)
+    _declare_decode_inputs(g)
     keep = [f for f in model.functions if (f.domain, f.name) != (OP_DOMAIN, OP_TYPE)]
     del model.functions[:]
     model.functions.extend(keep)
@@ -185,7 +188,8 @@ def _elem_type(g, name: str) -> int:
     raise ValueError(f"{name!r} is not a graph input")
 
 
-def _declare_decode_inputs(g, G: int) -> None:
+def _declare_decode_inputs(g) -> None:
+    """Declare DECODE_INPUTS as graph inputs (what `decode_feeds` gives)."""
     from onnx import TensorProto, helper
 
     shapes = {"apar_decode": (TensorProto.BOOL, [1]), "apar_decode_slots": (TensorProto.INT32, ["T", "L"]),
