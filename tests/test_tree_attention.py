@@ -366,9 +366,11 @@ def test_decode_step_among_padding_sequences(impl, hq, hkv, seed):
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("hq,hkv", HEADS)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_float16(impl, hq, hkv, seed):
+@pytest.mark.parametrize("kinds", [("prefill", "decode", "tree", "decode"), ("decode", "empty", "decode")],
+                         ids=["mixed", "decode"])
+def test_float16(impl, hq, hkv, seed, kinds):
     rng = random.Random(500 + seed)
-    seqs = [make_seq(rng, kind) for kind in ("prefill", "decode", "tree", "decode")]
+    seqs = [make_seq(rng, kind) for kind in kinds]
     step = build_step(seed, seqs, hq=hq, hkv=hkv, block_size=4, dtype=torch.float16)
     # Poison in float16 stays finite (|x| <= 2e4 < 65504).
     assert torch.isfinite(step.k_cache).all() and torch.isfinite(step.v_cache).all()
