@@ -76,19 +76,20 @@ def rewrite(model) -> int:
     # here, inside an If that decode steps skip: the short group's, and the long group's (prefill
     # chunks, draft trees) in a nested If that runs only when the step has one.
     I64, F32 = TensorProto.INT64, TensorProto.FLOAT
-    top = ab.Nodes(attrs, "apar/idx/", inputs)
+    top: list = []                    # the step's index math: one If
     decode, dec_slots, dec_bias, dec_split = DECODE_INPUTS
 
-    def if_node(into: ab.Nodes, cond, then_b, then_outs, else_b, else_outs, tag, types) -> list[str]:
-        """An If node appended to `into`, its branches the nodes of `then_b` / `else_b` with
-        outputs `then_outs` / `else_outs` (of element types `types`); returns its outputs."""
-        names = [f"apar/{tag}_{k}" for k in range(len(types))]
+    def if_node(into: list, cond, then_b, then_outs, else_b, else_outs, tag, types, names=None) -> list[str]:
+        """An If node appended to the node list `into`, its branches the nodes of `then_b` / `else_b`
+        with outputs `then_outs` / `else_outs` (of element types `types`); returns its outputs
+        (`names`, else named after `tag`)."""
+        names = names or [f"apar/{tag}_{k}" for k in range(len(types))]
 
         def graph(b, outs, name):
             return helper.make_graph(b.nodes, name, [],
                                      [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, types)])
 
-        into.nodes.append(helper.make_node("If", [cond], names, name=f"apar/{tag}",
+        into.append(helper.make_node("If", [cond], names, name=f"apar/{tag}",
                                            then_branch=graph(then_b, then_outs, f"apar_{tag}_then"),
                                            else_branch=graph(else_b, else_outs, f"apar_{tag}_else")))
         return names
@@ -113,7 +114,7 @@ def rewrite(model) -> int:
     mixed = ab.Nodes(attrs, "apar/long/", inputs)
     lg = ab.long_group(mixed, s)
     none = ab.Nodes(attrs, "apar/noLong/", inputs)
-    long_outs = if_node(gen, any_long, mixed, index_outs(mixed, lg.index) + [ab.packed_rows(mixed, s, sg, lg)],
+    long_outs = if_node(gen.nodes, any_long, mixed, index_outs(mixed, lg.index) + [ab.packed_rows(mixed, s, sg, lg)],
                         none, no_index(none) + [ab.packed_rows(none, s, sg, None)], "long", index_types + [I64])
     gen_outs = index_outs(gen, sg.index) + long_outs + [any_long]
     skip = ab.Nodes(attrs, "apar/decodeStep/", inputs)
@@ -128,7 +129,6 @@ def rewrite(model) -> int:
     # ---- layer math ----
     replaced = {}
     for i, n in enumerate(nodes):
-        b = ab.Nodes(attrs, f"apar/l{i}/", inputs)
         q, k, v, k_cache, v_cache = n.input[:5]
         # a decode step: about 20 nodes (attend_decode)
         db = ab.Nodes(attrs, f"apar/l{i}/decode/", inputs)
@@ -143,19 +143,20 @@ def rewrite(model) -> int:
         long_out = ab.attend_head_major(lb, long_index, long_slots, long_bias, q2, k, v, k_cache, v_cache)
         nb = ab.Nodes(attrs, f"apar/l{i}/nolong/", inputs)
         none_out = nb.empty([0, attrs.num_heads, attrs.head_size], F32)
-        long_if, = if_node(gb, any_long, lb, [long_out], nb, [none_out], f"l{i}/long_attention", [F32])
+        long_if, = if_node(gb.nodes, any_long, lb, [long_out], nb, [none_out], f"l{i}/long_attention", [F32])
         gen_out = gb.op("Gather", [gb.op("Concat", [short_out, long_if], axis=0), rows], axis=0)
-        out, = if_node(b, decode, db, [dec_out], gb, [gen_out], f"l{i}/attention", [F32])
-        if dtype == TensorProto.FLOAT:
-            b.nodes.append(helper.make_node("Identity", [out], [n.output[0]]))
+        layer: list = []
+        if dtype == TensorProto.FLOAT:   # the If gives the op's output itself
+            if_node(layer, decode, db, [dec_out], gb, [gen_out], f"l{i}/attention", [F32], names=[n.output[0]])
         else:
-            b.nodes.append(helper.make_node("Cast", [out], [n.output[0]], to=dtype))
-        replaced[id(n)] = b.nodes
+            out, = if_node(layer, decode, db, [dec_out], gb, [gen_out], f"l{i}/attention", [F32])
+            layer.append(helper.make_node("Cast", [out], [n.output[0]], to=dtype))
+        replaced[id(n)] = layer
     new_nodes = []
     for n in g.node:   # the index math goes right before the first layer's attention
-        if id(n) in replaced and top.nodes:
-            new_nodes += top.nodes
-            top.nodes = []
+        if id(n) in replaced and top:
+            new_nodes += top
+            top = []
         new_nodes += replaced.get(id(n), [n])
     del g.node[:]
     g.node.extend(new_nodes)
