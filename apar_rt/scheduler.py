@@ -335,14 +335,11 @@ class Scheduler:
         return True
 
     def _fork_from_donors(self, req: Request) -> None:
-        """Branches whose donor has computed the shared prefix take its blocks now."""
+        """Branches whose donor has computed the shared prefix take its blocks now. (A donor that
+        ends first hands over what it has in `_finish_branch`, so every donor here is live.)"""
         for bid, (did, n) in list(req.prefix_donors.items()):
             donor = req.branches[did]
-            if donor.finished or did in req.prefix_donors:
-                if donor.finished:
-                    del req.prefix_donors[bid]
-                continue
-            if donor.table.num_tokens >= n:
+            if did not in req.prefix_donors and donor.table.num_tokens >= n:
                 req.branches[bid].table = self.kv.fork(donor.table, n)
                 del req.prefix_donors[bid]
 
@@ -666,6 +663,7 @@ class Scheduler:
             req.finish_reason = self._request_reason(req)
 
     def _finish_request(self, req: Request, reason: FinishReason) -> None:
+        req.prefix_donors = {}   # no branch waits any more
         for b in req.branches:
             if not b.finished:
                 b.finish_reason = reason
