@@ -514,12 +514,13 @@ def _ort_float_intermediates(step: Step) -> int:
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2)])
 def test_cpu_rewrite_runs_decode_steps_on_its_decode_path(hq, hkv):
     """A decode step (at most one new token per sequence) takes `attend_decode` in every layer and
-    none of the general path's nodes; a fork's step ([Fork][Child]: two tokens) takes the general
-    path. Both give the oracle's result (the tests above); this checks which nodes run."""
+    none of the general path's nodes; a step with a two-token sequence (a fork whose parent ended
+    before computing [Fork], a small draft tree) takes the general path. Both give the oracle's
+    result (the tests above); this checks which nodes run."""
     rng = random.Random(5)
     decode = [make_seq(rng, "empty"), make_seq(rng, "decode", 9), make_seq(rng, "decode", 0)]
-    fork = [make_seq(rng, "decode", 9), Seq("tree", 6, tree_mask([-1, 0]))]
-    for seqs, runs, skips in ((decode, "/decode/", "/general/"), (fork, "/general/", "/decode/")):
+    two = [make_seq(rng, "decode", 9), Seq("tree", 6, tree_mask([-1, 0]))]
+    for seqs, runs, skips in ((decode, "/decode/", "/general/"), (two, "/general/", "/decode/")):
         names = [o for n in _ort_taken(build_step(0, seqs, hq=hq, hkv=hkv, block_size=4))[0] for o in n.output]
         assert any(runs in o for o in names) and not any(skips in o for o in names), (runs, skips)
 

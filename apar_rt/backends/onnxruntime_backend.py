@@ -186,8 +186,9 @@ class OnnxRuntimeBackend(Backend):
             # computes every output whether it is fetched or not).
             drop.add(step_io.MEDUSA_LOGITS)
             self.num_medusa_heads = 0
-        # On the CPU the op runs as the graph of `ort_attention.rewrite` (head-major pools, index
-        # math once per step); the CUDA execution provider keeps the engine file's standard-op body.
+        # On the CPU the op runs as the graph of `ort_attention.rewrite` (head-major pools; a decode
+        # step's index from the host, `_step_feeds`); the CUDA execution provider keeps the engine
+        # file's standard-op body.
         ort_body = self._dev_type == "cpu"
         # that graph takes the pools head-major (ort_attention.POOL_LAYOUT), [Hkv, slots, D]
         self._head_major = ort_body

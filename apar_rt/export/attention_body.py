@@ -343,8 +343,8 @@ def attend_head_major(b: Nodes, g: GroupIndex, slots: str, bias: str, q2: str, k
     keys @ q^T, a matrix-vector product over the gathered keys as they lie when R = 1 (2-3x
     faster in onnxruntime than q @ keys^T, which repacks the keys), and only the small score
     matrix is transposed. With GQA (two rows or more on every step) it is faster or slower
-    depending on the heads, so the rewrite uses it only without (R = 1 on decodes, 2 on a fork's
-    step)."""
+    depending on the heads, so the rewrite uses it only without (R = 1 for the decodes of a step
+    with a prefill chunk, 2 beside a two-token sequence)."""
     F32, N, R, L, Qn = b.F32, g.N, g.R, g.L, g.Qn
     ctx_k, ctx_v = (b.op("Cast", [b.op("Gather", [pool, slots], axis=1)], to=F32) for pool in (k_pool, v_pool))
     new_k, new_v = (b.op("Transpose", [b.op("Cast", [b.op("Gather", [x, g.k_idx], axis=0)], to=F32)],
@@ -380,6 +380,8 @@ def attend_decode(b: Nodes, slots: str, bias: str, split: str, q: str, k: str, v
 
     q [T, Hq, D], k and v [T, Hkv, D]; `slots` [T, L], `bias` [T, 1, L+1] and `split` [2] = (L, 1)
     are the step's decode index (`ort_attention.decode_feeds`). Returns [T, Hq, D] float32."""
+    from onnx import helper
+
     a, F32 = b.attrs, b.F32
     Hkv, G, D = a.num_kv_heads, a.num_heads // a.num_kv_heads, a.head_size
     ctx_k, ctx_v = (b.op("Cast", [b.op("Gather", [pool, slots], axis=1)], to=F32) for pool in (k_pool, v_pool))
@@ -399,8 +401,6 @@ def attend_decode(b: Nodes, slots: str, bias: str, split: str, q: str, k: str, v
                       axis=3)                                                      # [Hkv, T, G, K]
     probs = b.op("Softmax", [b.op("Add", [scores, bias])], axis=-1)
     p_ctx, p_new = b.name("p_ctx"), b.name("p_new")
-    from onnx import helper
-
     b.nodes.append(helper.make_node("Split", [probs, split], [p_ctx, p_new], axis=3))
     out = b.op("Add", [b.op("MatMul", [p_ctx, ctx_v]), b.op("Mul", [p_new, new_v])])   # [Hkv, T, G, D]
     return b.op("Reshape", [b.op("Transpose", [out], perm=[1, 0, 2, 3]), b.const([-1, a.num_heads, D])])
