@@ -258,7 +258,20 @@ class ByteSegmentText(SegmentText):
         if end <= self.end:
             return
         table = self._bytes
-        data = b"".join([table[t] for t in self._tokens[self.end:end]])
+        if end == self.end + 1:
+            data = table[self._tokens[self.end]]
+            if not self.pending and self._lead is None and data.isascii():
+                # one token of ASCII after whole text (the common step): the UTF-8 decoder holds
+                # nothing before it and would hold nothing after it
+                self.decoded_tokens += 1
+                self.end = end
+                if data:
+                    text = data.decode("ascii")
+                    self._parts.append(text)
+                    self.committed_len += len(text)
+                return
+        else:
+            data = b"".join([table[t] for t in self._tokens[self.end:end]])
         self.decoded_tokens += end - self.end
         self.end = end
         text = self._utf8.decode(data)

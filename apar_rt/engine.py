@@ -168,21 +168,22 @@ class Engine:
         fails that request alone (finish_reason 'error', with a message saying why); the step goes
         on for the others. A failure of the shared forward pass still raises."""
         out = self.scheduler.schedule()
-        results: list[list[int]] = []
-        picks: list[tuple[ScheduledSeq, int, list[int]]] = []   # (seq, first logits row, nodes)
+        results: list[Sequence[int]] = []            # per sampling sequence, in out.seqs order
+        picks: list[tuple[ScheduledSeq, int, list[int]]] = []   # with Medusa: (seq, first logits row, nodes)
         if out.step is not None:
             self.backend.execute(out.step)
             batch = SamplingBatch()
             rows: list[int] = []                      # the logits row of each batch row
-            jobs: list[tuple[int, int, int, TreeRows | None]] = []  # (results index, first row, rows, tree)
+            # (results index, first batch row, batch rows, tree, request) per sequence that samples
+            jobs: list[tuple[int, int, int, TreeRows | None, Request]] = []
             row = 0
             banned = self.scheduler.banned
+            medusa = self.verifier is not None
             for s in out.seqs:
                 if not s.samples:
                     continue
-                first, row = row, row + (s.num_new if s.tree else 1)
                 req, b = s.request, s.branch
-                nodes: list[int] = []
+                first = row
                 if req.status is not RequestStatus.FINISHED:
                     try:
                         if s.tree:
@@ -191,23 +192,24 @@ class Engine:
                                 batch, b.token_ids[-1], b.draft, req.params,
                                 lambda last, req=req, b=b: banned(req, b, last, out), req.generator)
                             rows.extend(range(first, first + s.num_new))
-                            jobs.append((len(results), start, len(batch) - start, tree))
+                            jobs.append((len(results), start, len(batch) - start, tree, req))
                         else:
                             last = b.token_ids[-1] if b.token_ids else b.prefix[-1]
                             start = batch.add(req.params, banned(req, b, last, out), req.generator)
                             rows.append(first)
-                            nodes = [0]
-                            jobs.append((len(results), start, 1, None))
+                            jobs.append((len(results), start, 1, None, req))
                     except Exception as e:
                         self._fail(req, "sampling", e, out)
-                results.append([])
-                picks.append((s, first, nodes))
+                row += s.num_new if s.tree else 1
+                results.append(())
+                if medusa:
+                    picks.append((s, first, [] if s.tree else [0]))
             if jobs:
                 self._sample(rows, batch, jobs, results, picks, out)
             self.num_steps += 1
         updates = self.scheduler.update(out, results,
                                         on_error=lambda req, e: self._error_message(req, "updating", e))
-        if self.verifier is not None and picks:
+        if picks:
             self._after_medusa_step(out, picks)
             for u in updates:   # drafting may have failed a request
                 u.finished = u.request.finished
@@ -228,10 +230,9 @@ class Engine:
             sampled = self.backend.sample(rows_a, batch)
         except Exception as e:   # not expected: find the request whose rows raise, one request at a time
             log.error("batched sampling failed; sampling request by request", exc_info=e)
-            sampled = self._sample_each(rows_a, batch, jobs, picks, out)
+            sampled = self._sample_each(rows_a, batch, jobs, out)
         tokens, ok = sampled.tokens.tolist(), sampled.ok.tolist()
-        for i, start, n, tree in jobs:
-            req = picks[i][0].request
+        for i, start, n, tree, req in jobs:
             if req.status is RequestStatus.FINISHED:
                 continue
             try:
@@ -239,25 +240,25 @@ class Engine:
                     results[i], nodes = self.verifier.accept(sampled, tree)
                     picks[i] = (picks[i][0], picks[i][1], nodes)
                 elif ok[start]:
-                    results[i] = [tokens[start]]
+                    results[i] = (tokens[start],)
                 else:
                     raise SamplingError(error_message(req.params))
             except Exception as e:
                 self._fail(req, "sampling", e, out)
 
-    def _sample_each(self, rows, batch: SamplingBatch, jobs, picks, out) -> Sampled:
+    def _sample_each(self, rows, batch: SamplingBatch, jobs, out) -> Sampled:
         """The pass again, one request's rows at a time; a request whose rows still raise fails."""
         tokens = np.full(len(batch), -1, np.int64)
         ok = np.zeros(len(batch), bool)
         probes = np.full(len(batch.probes), np.nan, np.float32)
         entropy = np.full(len(batch), np.nan)
-        for i, start, n, _ in jobs:
+        for _, start, n, _, req in jobs:
             idx = list(range(start, start + n))
             sub, probe_idx = batch.select(idx)
             try:
                 part = self.backend.sample(rows[start:start + n], sub)
             except Exception as e:
-                self._fail(picks[i][0].request, "sampling", e, out)
+                self._fail(req, "sampling", e, out)
                 continue
             tokens[start:start + n], ok[start:start + n] = part.tokens, part.ok
             entropy[start:start + n] = part.entropy

@@ -147,7 +147,8 @@ class Scheduler:
         out = SchedulerOutput(seqs=[], step=None)
         budget = self.config.max_num_tokens
         max_seqs = self.config.max_num_seqs
-        reserved: list[tuple[ScheduledSeq, list[tuple[int, int]]]] = []
+        seqs = out.seqs                              # ScheduledSeq per branch, in packing order
+        copies: list[tuple[int, int]] = []           # copy-on-write block copies to run first
         # Fairness: while several requests want seats, each first gets at most an equal share of
         # max_num_seqs (one wide APAR tree cannot take them all); seats left over go round again.
         contenders = len(self.running) + len(self.waiting)
@@ -161,7 +162,7 @@ class Scheduler:
             got_any = blocked = False
             seats = 0
             for b in self._schedulable(req):
-                if budget == 0 or len(reserved) >= max_seqs or seats >= share:
+                if budget == 0 or len(seqs) >= max_seqs or seats >= share:
                     break
                 if tree_on:
                     n, n_slots, tree = self._plan(b, budget)
@@ -169,14 +170,18 @@ class Scheduler:
                     n = n_slots = min(len(b.prefix) + len(b.token_ids) - b.table.num_tokens, budget)
                     tree = False
                 res = append(b.table, n_slots)
-                if res is not None:
-                    req.kv_blocks += res.new_blocks
-                else:
+                if res is None:
                     res = self._reserve(req, b, n_slots, out)
                     if res is None:      # this branch waits; a sibling may still fit
                         blocked = True
                         continue
-                reserved.append((ScheduledSeq(req, b, n, res.slots, False, tree), res.copies))
+                elif res.new_blocks:
+                    self._took_blocks(req, res.new_blocks)
+                if res.copies:
+                    copies += res.copies
+                table = b.table
+                seqs.append(ScheduledSeq(req, b, n, res.slots,
+                                         tree or table.num_tokens == len(b.prefix) + len(b.token_ids), tree))
                 budget -= n
                 seats += 1
                 got_any = True
@@ -189,14 +194,14 @@ class Scheduler:
                 continue
             i += 1
 
-        while self.waiting and budget > 0 and len(reserved) < max_seqs:
+        while self.waiting and budget > 0 and len(seqs) < max_seqs:
             req = self.waiting[0]
             need = self._blocks_to_resume(req)
             if need > self.pool.capacity:
                 self.waiting.popleft()
                 self.fail(req, self._too_big_message(req), out)
                 continue
-            if need + self._watermark_blocks > self.pool.num_free and (self.running or reserved):
+            if need + self._watermark_blocks > self.pool.num_free and (self.running or seqs):
                 break
             if need > self.pool.num_free:
                 break
@@ -204,51 +209,49 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             for b in self._schedulable(req)[:share]:
-                if budget == 0 or len(reserved) >= max_seqs:
+                if budget == 0 or len(seqs) >= max_seqs:
                     break
                 n = min(b.num_uncomputed, budget)
                 res = self.kv.append(b.table, n)
                 if res is None:
                     break
-                req.kv_blocks += res.new_blocks
-                reserved.append((ScheduledSeq(req, b, n, res.slots, False), res.copies))
+                self._took_blocks(req, res.new_blocks)
+                copies += res.copies
+                seqs.append(ScheduledSeq(req, b, n, res.slots, b.table.num_tokens == b.context_len))
                 budget -= n
 
-        if contenders > 1 and budget > 0 and len(reserved) < max_seqs:
-            budget = self._fill_seats(reserved, budget)
+        if contenders > 1 and budget > 0 and len(seqs) < max_seqs:
+            self._fill_seats(seqs, copies, budget)
 
-        seqs = out.seqs
-        copies: list[tuple[int, int]] = []
-        for s, cs in reserved:
-            b, req = s.branch, s.request
-            s.samples = s.tree or b.table.num_tokens == len(b.prefix) + len(b.token_ids)
-            if req.kv_blocks > req.peak_kv_blocks:
-                req.peak_kv_blocks = req.kv_blocks
-            seqs.append(s)
-            if cs:
-                copies.extend(cs)
         if seqs:
             out.step = self._pack(seqs, copies)
         return out
 
-    def _fill_seats(self, reserved: list, budget: int) -> int:
+    def _fill_seats(self, seqs: list[ScheduledSeq], copies: list[tuple[int, int]], budget: int) -> None:
         """Second round: seats the fair shares left free go to the running requests' other
-        branches, in admission order, without preempting anyone. Returns the token budget left."""
-        taken = {id(s.branch) for s, _ in reserved}
+        branches, in admission order, without preempting anyone."""
+        taken = {id(s.branch) for s in seqs}
         for req in self.running:
             for b in self._schedulable(req):
-                if budget == 0 or len(reserved) >= self.config.max_num_seqs:
-                    return budget
+                if budget == 0 or len(seqs) >= self.config.max_num_seqs:
+                    return
                 if id(b) in taken or b.num_uncomputed == 0:
                     continue
                 n, n_slots, tree = self._plan(b, budget)
                 res = self.kv.append(b.table, n_slots)
                 if res is None:
-                    return budget
-                req.kv_blocks += res.new_blocks
-                reserved.append((ScheduledSeq(req, b, n, res.slots, False, tree), res.copies))
+                    return
+                self._took_blocks(req, res.new_blocks)
+                copies += res.copies
+                seqs.append(ScheduledSeq(req, b, n, res.slots, tree or b.table.num_tokens == b.context_len, tree))
                 budget -= n
-        return budget
+
+    @staticmethod
+    def _took_blocks(req: Request, n: int) -> None:
+        """n more blocks now back `req` (its peak is kept for its stats)."""
+        req.kv_blocks += n
+        if req.kv_blocks > req.peak_kv_blocks:
+            req.peak_kv_blocks = req.kv_blocks
 
     def _plan(self, b: Branch, budget: int) -> tuple[int, int, bool]:
         """(new tokens, slots to reserve, is a draft tree) for branch b within the token budget."""
@@ -268,7 +271,7 @@ class Scheduler:
         while True:
             res = self.kv.append(b.table, n)
             if res is not None:
-                req.kv_blocks += res.new_blocks
+                self._took_blocks(req, res.new_blocks)
                 return res
             victim = self.running[-1]
             if victim is req:
