@@ -155,7 +155,7 @@ class Scheduler:
         share = max_seqs if contenders <= 1 else max(1, max_seqs // contenders)
 
         tree_on = self.tree is not None
-        append = self.kv.append
+        append_in_place = self.kv.append_in_place
         i = 0
         while i < len(self.running):
             req = self.running[i]
@@ -169,18 +169,23 @@ class Scheduler:
                 else:   # _plan without a Medusa tree
                     n = n_slots = min(len(b.prefix) + len(b.token_ids) - b.table.num_tokens, budget)
                     tree = False
-                res = append(b.table, n_slots)
-                if res is None:
-                    res = self._reserve(req, b, n_slots, out)
-                    if res is None:      # this branch waits; a sibling may still fit
-                        blocked = True
-                        continue
-                elif res.new_blocks:
-                    self._took_blocks(req, res.new_blocks)
-                if res.copies:
-                    copies += res.copies
                 table = b.table
-                seqs.append(ScheduledSeq(req, b, n, res.slots,
+                slot = append_in_place(table) if n_slots == 1 else -1
+                if slot >= 0:
+                    slots = [slot]
+                else:
+                    res = self.kv.append(table, n_slots)
+                    if res is None:
+                        res = self._reserve(req, b, n_slots, out)
+                        if res is None:      # this branch waits; a sibling may still fit
+                            blocked = True
+                            continue
+                    elif res.new_blocks:
+                        self._took_blocks(req, res.new_blocks)
+                    if res.copies:
+                        copies += res.copies
+                    slots = res.slots
+                seqs.append(ScheduledSeq(req, b, n, slots,
                                          tree or table.num_tokens == len(b.prefix) + len(b.token_ids), tree))
                 budget -= n
                 seats += 1
@@ -280,6 +285,9 @@ class Scheduler:
 
     @staticmethod
     def _schedulable(req: Request) -> list[Branch]:
+        branches = req.branches
+        if len(branches) == 1:   # no fork yet (and so no branch waits for a donor)
+            return branches if branches[0].finish_reason is None else []
         donors = req.prefix_donors
         if donors:
             return [b for b in req.branches if b.finish_reason is None and b.id not in donors]

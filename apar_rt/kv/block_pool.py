@@ -130,14 +130,24 @@ class KVCacheManager:
             needed += 1
         return max(needed, 0)
 
-    def append(self, table: BlockTable, num_new: int) -> SlotReservation | None:
-        """Reserve slots for num_new tokens at the end of the table, or None if blocks run out."""
+    def append_in_place(self, table: BlockTable) -> int:
+        """The slot of one more token when it goes into the table's own partly filled last block
+        (the common decode step: no block taken, nothing copied), reserved; else -1, and the
+        table is unchanged (`append` takes it from there)."""
         bs = self.block_size
         nt = table.num_tokens
-        if num_new == 1 and nt % bs and self.pool._ref[table.block_ids[-1]] == 1:
-            # a decode token into the table's own partly filled last block (the common case)
+        if nt % bs and self.pool._ref[table.block_ids[-1]] == 1:
             table.num_tokens = nt + 1
-            return SlotReservation([table.block_ids[-1] * bs + nt % bs], [], 0)
+            return table.block_ids[-1] * bs + nt % bs
+        return -1
+
+    def append(self, table: BlockTable, num_new: int) -> SlotReservation | None:
+        """Reserve slots for num_new tokens at the end of the table, or None if blocks run out."""
+        if num_new == 1:
+            slot = self.append_in_place(table)
+            if slot >= 0:
+                return SlotReservation([slot], [], 0)
+        bs = self.block_size
         need = self.blocks_needed(table, num_new)
         fresh = self.pool.allocate(need)
         if fresh is None:
