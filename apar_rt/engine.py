@@ -330,9 +330,10 @@ class Engine:
 
     def _output(self, upd: StepUpdate) -> RequestOutput:
         req = upd.request
-        o = RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                          deltas=upd.deltas, finished=upd.finished, finish_reason=req.finish_reason,
-                          error=req.error)
+        # positional (a step makes one per request): request_id, prompt, prompt_token_ids, deltas,
+        # finished, finish_reason, text, branches, stats, error
+        o = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, upd.deltas, upd.finished,
+                          req.finish_reason, None, None, None, req.error)
         if upd.finished:
             self._requests.pop(req.request_id, None)
             self.finalize(req, o)
