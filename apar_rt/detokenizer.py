@@ -295,6 +295,9 @@ class ByteSegmentText(SegmentText):
         """Length of the text without its trailing U+FFFD: the held bytes' (`pending`), and those
         an invalid byte already left in the committed text."""
         n = self.committed_len
+        last = self._parts[-1] if self._parts else ""
+        if last and last[-1] != REPLACEMENT:
+            return n   # the committed text ends whole (the common case)
         for part in reversed(self._parts):
             kept = part.rstrip(REPLACEMENT)
             n -= len(part) - len(kept)
@@ -355,8 +358,9 @@ class TreeText:
         """Branch b's text state, brought up to date with its tokens and forks."""
         if b.id < len(self.branches):
             bt = self.branches[b.id]
-            if bt.segments and bt.forks == len(b.children) and bt.segments[-1].end == len(b.token_ids):
-                return bt   # nothing new
+            if bt.segments and bt.forks == len(b.children):   # no new fork: at most new tokens
+                bt.segments[-1].advance(len(b.token_ids))
+                return bt
         while len(self.branches) <= b.id:
             self.branches.append(BranchText())
         bt = self.branches[b.id]
