@@ -100,8 +100,10 @@ class ReadingOrderStreamer:
         detokenized now; others are brought up to date when the walk reaches them)."""
         req = self.request
         branches = req.branches
+        text = self.text
+        bt = None                # the last delta's branch text
         for d in deltas:
-            self.text.branch(branches[d.branch_id], branches)
+            bt = text.branch(branches[d.branch_id], branches)
         if self.diverged or self._done:
             return ""
         if not self._started:
@@ -113,7 +115,8 @@ class ReadingOrderStreamer:
             fr = self._stack[-1]
             b = fr.b
             if b.finish_reason is None and fr.entered and not fr.in_child:
-                bt = self.text.branch(b, branches)
+                if len(deltas) != 1 or deltas[0].branch_id != b.id:   # else bt is b's, just brought up to date
+                    bt = text.branch(b, branches)
                 seg = bt.segments[-1]
                 if (fr.k == len(bt.segments) - 1 and seg.version == fr.version and self._left >= seg.end - seg.start
                         and (seg.start == 0 or self.join != "reference")):
