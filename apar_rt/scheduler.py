@@ -516,19 +516,20 @@ class Scheduler:
             per_req.setdefault(id(req), StepUpdate(req, [], True))
         updates = list(per_req.values())
         for upd in updates:
-            if upd.deltas:
-                upd.request.decode_steps += 1
             req = upd.request
-            if not req.finished and len(req.branches) > 1:
-                # Other branches grew this step: a branch whose next token could only land past
-                # the budget in reading order has nothing more to give. (A request that never
-                # forked was checked as its one branch grew.)
-                for b in req.live_branches():
-                    if req.next_position(b) >= req.budget:
-                        self._finish_branch(req, b, FinishReason.LENGTH, upd)
-            if not req.finished and not req.num_live:
-                self._finish_request(req, FinishReason.STOP)
-            upd.finished = req.finished
+            if upd.deltas:
+                req.decode_steps += 1
+            if req.status is not FINISHED:
+                if len(req.branches) > 1:
+                    # Other branches grew this step: a branch whose next token could only land
+                    # past the budget in reading order has nothing more to give. (A request that
+                    # never forked was checked as its one branch grew.)
+                    for b in req.live_branches():
+                        if req.next_position(b) >= req.budget:
+                            self._finish_branch(req, b, FinishReason.LENGTH, upd)
+                if req.status is not FINISHED and not req.num_live:
+                    self._finish_request(req, FinishReason.STOP)
+            upd.finished = req.status is FINISHED
         return updates
 
     def _update_seq(self, s: ScheduledSeq, req: Request, b: Branch, tokens: list[int],
