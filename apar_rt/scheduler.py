@@ -393,7 +393,8 @@ class Scheduler:
 
     def _pack(self, seqs: list[ScheduledSeq], copies: list[tuple[int, int]]) -> StepInput:
         """The step's packed inputs. Per-token values are gathered in Python lists and converted
-        once; block tables are concatenated (padded) from each table's int32 mirror, one copy each."""
+        once; block tables are copied into one zeroed (null-block padded) matrix from each table's
+        int32 mirror, one copy each, into memory allocated once."""
         B = len(seqs)
         input_ids: list[int] = []
         positions: list[int] = []
@@ -402,17 +403,16 @@ class Scheduler:
         qs = [0]
         logits_idx: list[int] = []
         max_blocks = max(len(s.branch.table.ids) for s in seqs)
-        zeros = array("i", [0]) * max_blocks
-        flat = array("i")                    # every block table, padded with the null block, concatenated
+        flat = array("i", [0]) * (B * max_blocks)   # [B, max_blocks]: row i is seqs[i]'s table, 0-padded
+        row = 0
         blocked: list[tuple[int, int, bool]] = []   # (first token, tokens, is a tree) of multi-token sequences
         t = 0
         max_q = 1
         for s in seqs:
             b, n = s.branch, s.num_new
             ids = b.table.ids
-            flat += ids
-            if len(ids) < max_blocks:
-                flat += zeros[len(ids):]
+            flat[row:row + len(ids)] = ids
+            row += max_blocks
             if s.tree:   # root (the last sampled token) + draft nodes; K/V kept until accepted
                 start = len(b.prefix) + len(b.token_ids) - 1
                 input_ids.append(b.token_ids[-1])
