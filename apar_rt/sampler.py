@@ -56,7 +56,8 @@ class SamplingBatch:
     top_p: list[float] = field(default_factory=list)
     uniform: list[float] = field(default_factory=list)
     bias: list[tuple[int, int, float]] = field(default_factory=list)   # (row, token, value)
-    bans: list[tuple[int, int]] = field(default_factory=list)          # (row, token)
+    ban_rows: list[int] = field(default_factory=list)                  # bans: (ban_rows[i], ban_tokens[i])
+    ban_tokens: list[int] = field(default_factory=list)
     probes: list[tuple[int, int]] = field(default_factory=list)        # (row, token): kept probability wanted
 
     def __len__(self) -> int:
@@ -70,7 +71,7 @@ class SamplingBatch:
         r = len(self.temperature)
         t, k, p = float(params.temperature), int(params.top_k), float(params.top_p)
         bias = [(r, int(tok), float(v)) for tok, v in params.logit_bias] if params.logit_bias else None
-        bans = [(r, int(tok)) for tok in banned]
+        bans = list(map(int, banned))
         if uniform is not None:
             u = float(uniform)
         else:
@@ -81,8 +82,14 @@ class SamplingBatch:
         self.uniform.append(u)
         if bias:
             self.bias.extend(bias)
-        self.bans.extend(bans)
+        if bans:
+            self.ban_tokens += bans
+            self.ban_rows += [r] * len(bans)
         return r
+
+    def ban_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The bans as (rows, tokens) int64 arrays."""
+        return np.asarray(self.ban_rows, np.int64), np.asarray(self.ban_tokens, np.int64)
 
     def extend(self, other: SamplingBatch) -> int:
         """Append `other`'s rows (and probes), renumbered; returns the index of its first row."""
@@ -92,7 +99,8 @@ class SamplingBatch:
         self.top_p += other.top_p
         self.uniform += other.uniform
         self.bias += [(i + r, t, v) for i, t, v in other.bias]
-        self.bans += [(i + r, t) for i, t in other.bans]
+        self.ban_rows += [i + r for i in other.ban_rows]
+        self.ban_tokens += other.ban_tokens
         self.probes += [(i + r, t) for i, t in other.probes]
         return r
 
@@ -103,7 +111,8 @@ class SamplingBatch:
         sub = SamplingBatch([self.temperature[r] for r in rows], [self.top_k[r] for r in rows],
                             [self.top_p[r] for r in rows], [self.uniform[r] for r in rows],
                             [(new[r], t, v) for r, t, v in self.bias if r in new],
-                            [(new[r], t) for r, t in self.bans if r in new])
+                            [new[r] for r in self.ban_rows if r in new],
+                            [t for r, t in zip(self.ban_rows, self.ban_tokens) if r in new])
         kept = [j for j, (r, _) in enumerate(self.probes) if r in new]
         sub.probes = [(new[self.probes[j][0]], self.probes[j][1]) for j in kept]
         return sub, kept
@@ -130,10 +139,10 @@ def process(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> 
         rows, toks = b[:, 0].astype(np.int64), b[:, 1].astype(np.int64)
         keep = (toks >= 0) & (toks < V)
         np.add.at(x, (rows[keep], toks[keep]), b[keep, 2].astype(np.float32))
-    if batch.bans:
-        bn = np.asarray(batch.bans, dtype=np.int64)
-        bn = bn[(bn[:, 1] >= 0) & (bn[:, 1] < V)]
-        x[bn[:, 0], bn[:, 1]] = -np.inf
+    if batch.ban_rows:
+        rows, toks = batch.ban_arrays()
+        keep = (toks >= 0) & (toks < V)
+        x[rows[keep], toks[keep]] = -np.inf
     return x
 
 
@@ -351,9 +360,9 @@ def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
     R = x.shape[0]
     tokens = x.argmax(axis=1)
     ok = np.isfinite(x[np.arange(R), tokens])
-    if batch.bans:
-        first = tokens.tolist()
-        for r in sorted({r for r, t in batch.bans if first[r] == t}):
+    if batch.ban_rows:
+        rows, toks = batch.ban_arrays()
+        for r in np.unique(rows[tokens[rows] == toks]).tolist():
             one = _sample(x[r:r + 1], batch.select([r])[0])
             tokens[r], ok[r] = one.tokens[0], one.ok[0]
     tokens[~ok] = -1

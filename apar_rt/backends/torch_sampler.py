@@ -292,10 +292,10 @@ def _edits(b: SamplingBatch, V: int) -> dict[str, np.ndarray]:
     """Step 1's bias and bans as flat arrays (entries naming a token outside [0, V) dropped)."""
     bias = np.asarray(b.bias, np.float64).reshape(-1, 3)
     bias = bias[(bias[:, 1] >= 0) & (bias[:, 1] < V)]
-    bans = np.asarray(b.bans, np.int64).reshape(-1, 2)
-    bans = bans[(bans[:, 1] >= 0) & (bans[:, 1] < V)]
+    ban_row, ban_tok = b.ban_arrays()
+    keep = (ban_tok >= 0) & (ban_tok < V)
     return {"bias_row": bias[:, 0], "bias_tok": bias[:, 1], "bias_val": bias[:, 2].astype(np.float32),
-            "ban_row": bans[:, 0], "ban_tok": bans[:, 1]}
+            "ban_row": ban_row[keep], "ban_tok": ban_tok[keep]}
 
 
 def _processed(logits: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tensor:
