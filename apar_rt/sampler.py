@@ -361,8 +361,8 @@ def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
     tokens = x.argmax(axis=1)
     ok = np.isfinite(x[np.arange(R), tokens])
     if batch.ban_rows:
-        rows, toks = batch.ban_arrays()
-        for r in np.unique(rows[tokens[rows] == toks]).tolist():
+        first = tokens.tolist()
+        for r in sorted({r for r, t in zip(batch.ban_rows, batch.ban_tokens) if first[r] == t}):
             one = _sample(x[r:r + 1], batch.select([r])[0])
             tokens[r], ok[r] = one.tokens[0], one.ok[0]
     tokens[~ok] = -1
