@@ -13,8 +13,12 @@ sound for decoders whose output for a token is the same characters in every cont
   depending on its neighbours, and clean-up rules drop spaces; so a stop string that ends in
   whitespace is checked after every token;
 - a character whose UTF-8 bytes span tokens (byte-level BPE, byte fallback): a token that holds
-  only some of its bytes decodes alone to U+FFFD, and such a token is always checked (so is every
-  token when a stop string ends in U+FFFD).
+  only some of its bytes decodes alone to U+FFFD, and in context it may complete a character that
+  began before it. That character is not ASCII (UTF-8 never puts an ASCII byte inside another
+  character), so such a token is checked when a stop string ends in a non-ASCII character, and
+  otherwise only for the ASCII characters of its own text, which are the same in any context.
+  (Every token is checked when a stop string ends in U+FFFD.) Random tokens of a byte-level
+  vocabulary are an eighth lone bytes; text in a non-Latin script is mostly such tokens.
 
 `decoder_is_local` accepts exactly the decoder pipelines (tokenizer.json's "decoder") made of
 such steps; for any other pipeline (a Replace or a regex that acts across fused tokens, a Strip of
@@ -85,22 +89,26 @@ class StopFilter:
 
     def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
         self._decode = decode
-        self._chars: dict[int, frozenset[str] | None] = {}   # None: holds part of a character
-        self._ends: dict[tuple[str, ...], frozenset[str] | None] = {}
+        # token -> (the characters of its text but U+FFFD, whether it holds part of a character)
+        self._chars: dict[int, tuple[frozenset[str], bool]] = {}
+        # stop strings -> (their last characters, whether one is not ASCII); None: check every token
+        self._ends: dict[tuple[str, ...], tuple[frozenset[str], bool] | None] = {}
 
     def may_complete(self, token: int, stops: tuple[str, ...]) -> bool:
         ends = self._ends.get(stops, _UNSEEN)
         if ends is _UNSEEN:
             if len(self._ends) >= self.MAX_STOP_SETS:
                 self._ends.clear()
-            ends = self._ends[stops] = _last_chars(stops)
+            last = _last_chars(stops)
+            ends = self._ends[stops] = None if last is None else (last, not all(c.isascii() for c in last))
         if ends is None:
             return True
-        chars = self._chars.get(token, _UNSEEN)
-        if chars is _UNSEEN:
+        chars = self._chars.get(token)
+        if chars is None:
             text = self._decode([token])
-            chars = self._chars[token] = None if REPLACEMENT in text else frozenset(text)
-        return chars is None or not ends.isdisjoint(chars)
+            chars = self._chars[token] = (frozenset(text) - {REPLACEMENT}, REPLACEMENT in text)
+        # a token holding part of a character may complete a non-ASCII one begun before it
+        return (chars[1] and ends[1]) or not ends[0].isdisjoint(chars[0])
 
 
 def for_tokenizer(tokenizer, decode: Callable[[Sequence[int]], str]) -> StopFilter | None:

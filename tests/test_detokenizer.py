@@ -548,6 +548,9 @@ def test_decoder_pipelines_the_stop_filter_accepts():
 
 
 def test_the_stop_filter_checks_every_token_for_stops_ending_in_whitespace_or_a_partial_character(demo):
+    """Whitespace and U+FFFD at the end of a stop string: every token. A token that holds part of a
+    character: checked when a stop string ends in a non-ASCII character (it may complete one),
+    else only for its own ASCII characters."""
     decode = demo[0]
     from apar_rt.stop_filter import StopFilter
 
@@ -556,8 +559,10 @@ def test_the_stop_filter_checks_every_token_for_stops_ending_in_whitespace_or_a_
     plain = [t for t in demo[5] if decode([t]).isalpha()][0]
     partial = [t for t in demo[4] if decode([t]) == "\ufffd"][0]
     assert f.may_complete(colon, ("User:",)) and not f.may_complete(plain, ("User:",))
-    assert f.may_complete(partial, ("User:",))             # could end a multi-byte character
+    assert f.may_complete(partial, ("café",)) and f.may_complete(partial, ("User:", "naïve ç"))
+    assert not f.may_complete(partial, ("User:",))        # cannot write a ':' in any context
     assert f.may_complete(plain, ("User: ",)) and f.may_complete(plain, ("\n",))
+    assert f.may_complete(plain, ("x\ufffd",))
 
 
 def test_stop_checks_decode_work_follows_the_new_tokens(demo):
@@ -579,7 +584,7 @@ def test_stop_checks_decode_work_follows_the_new_tokens(demo):
     tokens = [int(t) for t in rng.choice(ordinary, 3000)]
     for t in tokens:
         b.token_ids.append(t)
-        assert not sched._hit_stop_string(b, ("\x01never\x02",))
+        assert not sched._hit_stop_string(b, ("\x01never\x02é",))   # non-ASCII end: partial tokens checked
     assert sched.num_stop_checks > 100
     assert count.tokens <= 40 * len(tokens), (count.tokens, sched.num_stop_checks)
 
