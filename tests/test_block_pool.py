@@ -140,6 +140,26 @@ def test_append_slots_and_blocks():
     assert pool.peak_used == 3
 
 
+def test_append_in_place_only_into_an_own_partly_filled_last_block():
+    """The decode fast path: one token into the table's own partly filled last block gives its
+    slot; an empty table, a full last block or a shared one gives -1 and leaves all as it was."""
+    pool = BlockPool(8, 4)
+    kv = KVCacheManager(pool)
+    t = BlockTable()
+    assert kv.append_in_place(t) == -1 and t.num_tokens == 0 and t.block_ids == []
+    kv.append(t, 6)                                   # [1, 2]: block 2 holds positions 4, 5
+    assert kv.append_in_place(t) == 2 * 4 + 2 and t.num_tokens == 7
+    assert kv.append_in_place(t) == 2 * 4 + 3 and t.num_tokens == 8
+    free_before = free_list(pool)
+    assert kv.append_in_place(t) == -1               # block 2 is full: a new block is append's job
+    assert t.num_tokens == 8 and t.block_ids == [1, 2] and free_list(pool) == free_before
+    kv.append(t, 1)                                   # block 3, position 8
+    c = kv.fork(t)
+    assert kv.append_in_place(t) == -1 and kv.append_in_place(c) == -1   # block 3 is shared
+    assert t.num_tokens == c.num_tokens == 9 and pool.ref_count(3) == 2
+    assert list(t.ids) == t.block_ids == [1, 2, 3]
+
+
 def test_append_slots_follow_shuffled_blocks():
     pool = BlockPool(6, 2)
     kv = KVCacheManager(pool)
