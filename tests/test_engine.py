@@ -210,17 +210,29 @@ def test_ban_fork_when_full(tiny_gqa):
 
 def test_loading_freezes_the_heap_but_a_dropped_engine_is_reclaimed(tiny_gqa):
     """from_pretrained moves what is loaded out of the step loop's garbage collections, and does
-    so before making the engine, whose own reference cycles must stay collectable."""
+    so before making the engine, whose own reference cycles must stay collectable; it raises the
+    young generation's threshold, never lowers it."""
     import gc
     import weakref
 
     from apar_rt.engine import Engine
 
+    from apar_rt.engine import YOUNG_GC_THRESHOLD
+
     path, _, _ = tiny_gqa
     gc.unfreeze()
-    engine = Engine.from_pretrained(str(path), num_blocks=16, block_size=4)
-    assert gc.get_freeze_count() > 0
-    scheduler = weakref.ref(engine.scheduler)   # holds the engine's bound methods: a cycle
-    engine = None
-    gc.collect()
-    assert scheduler() is None, "the engine was frozen: a dropped engine is never reclaimed"
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        engine = Engine.from_pretrained(str(path), num_blocks=16, block_size=4)
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (YOUNG_GC_THRESHOLD, 10, 10)   # young collections, not every 700
+        scheduler = weakref.ref(engine.scheduler)   # holds the engine's bound methods: a cycle
+        engine = None
+        gc.collect()
+        assert scheduler() is None, "the engine was frozen: a dropped engine is never reclaimed"
+        gc.set_threshold(50_000, 10, 10)            # a higher threshold of the user's is kept
+        Engine.from_pretrained(str(path), num_blocks=16, block_size=4)
+        assert gc.get_threshold() == (50_000, 10, 10)
+    finally:
+        gc.set_threshold(*saved)
