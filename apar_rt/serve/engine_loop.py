@@ -76,6 +76,31 @@ class LoopObserver(Protocol):
 _CLOSED = object()
 
 
+def _deliver(events: Sequence[tuple["RequestStream", StreamEvent]]) -> None:
+    """Queue each (stream, event), in order, from the loop thread: a thread consumer's event at
+    once, and all the events bound for one asyncio loop in one thread-safe call. Each such call
+    wakes that loop (a write to its self-pipe, then a GIL hand-over to it): one per event cost the
+    loop thread about 0.5 ms a step at 256 streams, against about 0.02 ms for one per step."""
+    by_loop: dict = {}
+    for stream, ev in events:
+        if ev.finished:
+            stream.finished = True
+        if stream._q is not None:
+            stream._q.put(ev)
+        else:
+            by_loop.setdefault(stream._aio_loop, []).append((stream._aq, ev))
+    for aio_loop, items in by_loop.items():
+        try:
+            aio_loop.call_soon_threadsafe(_put_each, items)
+        except RuntimeError:  # that consumer's event loop is closed: nobody is listening
+            pass
+
+
+def _put_each(items: list) -> None:
+    for aq, ev in items:
+        aq.put_nowait(ev)
+
+
 class RequestStream:
     """The events of one request, in order; the last has `finished` set.
 
@@ -101,15 +126,7 @@ class RequestStream:
     # ---- producer side (the loop thread) ----
 
     def _put(self, ev: StreamEvent) -> None:
-        if ev.finished:
-            self.finished = True
-        if self._q is not None:
-            self._q.put(ev)
-            return
-        try:
-            self._aio_loop.call_soon_threadsafe(self._aq.put_nowait, ev)
-        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
-            pass
+        _deliver([(self, ev)])
 
     # ---- consumer side ----
 
@@ -453,6 +470,15 @@ class EngineLoop:
                 self._fail(rid, "internal error in the engine step (details are in the server log)")
             return
         now = time.monotonic()
+        events: list[tuple[RequestStream, StreamEvent]] = []
+        try:
+            self._stream_outputs(outputs, now, events)
+        finally:   # what was made is delivered, even if a bug stopped the step half-way
+            _deliver(events)
+
+    def _stream_outputs(self, outputs, now: float, events: list) -> None:
+        """Each output's stream event (text in reading order), appended to `events`; a request whose
+        text fails ends alone."""
         for o in outputs:
             live = self._live.get(o.request_id)
             if live is None:
@@ -480,7 +506,7 @@ class EngineLoop:
                 ev.output = o
                 del self._live[o.request_id]
                 self._observe_finish(live, ev.finish_reason, o.stats)
-            live.stream._put(ev)
+            events.append((live.stream, ev))
 
     def _observe_finish(self, live: _Live, reason: str, stats: dict | None = None) -> None:
         self._obs("on_finish", time.monotonic() - live.arrival, reason, live.prompt_tokens,
@@ -497,7 +523,7 @@ class EngineLoop:
         s = self.engine.scheduler
         self.stats = LoopStats(running=len(s.running), waiting=len(s.waiting), kv_blocks_used=s.pool.num_used,
                                kv_blocks_total=s.pool.capacity, forks=s.num_forks,
-                               live_branches=sum(len(r.live_branches()) for r in s.running),
+                               live_branches=sum(r.num_live for r in s.running),
                                steps=self.engine.num_steps, preemptions=s.num_preemptions)
         self._obs("on_stats", self.stats)
 
