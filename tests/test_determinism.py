@@ -69,6 +69,40 @@ def test_one_request_at_a_time_matches_sixteen_at_once(tiny_gqa):
     same(together, alone)
 
 
+def test_sixteen_asyncio_streams_get_every_event_in_order(tiny_gqa):
+    """Streams consumed in an asyncio loop (as the OpenAI server does), which gets each step's events
+    in one batch: every stream's text, concatenated from its events, is its final text, it ends with
+    exactly one finished event, and the outputs match the same requests one at a time."""
+    import asyncio
+
+    from apar_rt.engine import Engine
+    from apar_rt.serve.engine_loop import EngineLoop
+
+    path, _, tok = tiny_gqa
+    params = SamplingParams(max_tokens=16, logit_bias={fork_id(tok): 4.0})
+    engine = Engine.from_pretrained(path, dtype="float32", device="cpu", max_num_seqs=8, max_num_tokens=64,
+                                    num_blocks=96, block_size=4)
+    prompts = (PROMPTS * 3)[:16]
+
+    async def run(loop):
+        streams = await asyncio.gather(*[loop.add_async(p, params, raw=True) for p in prompts])
+
+        async def read(stream):
+            return [ev async for ev in stream]
+
+        return await asyncio.wait_for(asyncio.gather(*[read(s) for s in streams]), 60)   # a lost event: fail, not hang
+
+    with EngineLoop(engine) as loop:
+        alone = [next(ev.output for ev in loop.add(p, params, raw=True, timeout=30) if ev.finished)
+                 for p in prompts]
+        together = asyncio.run(run(loop))
+    for events, want in zip(together, alone):
+        assert [ev.finished for ev in events] == [False] * (len(events) - 1) + [True]
+        assert "".join(ev.text for ev in events) == events[-1].output.text == want.text
+    same([events[-1].output for events in together], alone)
+    assert sum(o.stats["forks"] for o in alone) >= 3
+
+
 def _branch(i, parent, fork_index, n):
     return Branch(id=i, parent=parent, fork_index=fork_index, depth=0 if parent is None else 1, prefix=[],
                   token_ids=list(range(n)))
