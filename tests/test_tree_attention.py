@@ -377,6 +377,29 @@ def test_float16(impl, hq, hkv, seed, kinds):
     check(step, IMPLS[impl], atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("poison", ["large", "nonfinite"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cpu_decode_path_matches_the_oracle(hq, hkv, block_size, poison, seed):
+    """`decode_attention`, the CPU op's path for decode steps: shuffled tables, contexts ending
+    mid-block, on a block edge and at zero, a sequence without a token (a bucket's padding row),
+    and garbage (huge, or NaN/inf) in every slot no token sees, which must not leak. The mask
+    has spare columns, as the contract allows. The registered CPU op takes this path for such a
+    step (`is_decode_step`), and the reference for any step with a longer sequence."""
+    from apar_rt.ops import tree_attention as ta
+
+    rng = random.Random(900 + seed)
+    seqs = [make_seq(rng, "decode", c) for c in (rng.randrange(1, 40), 0, block_size * 3, rng.randrange(1, 40))]
+    seqs.insert(2, make_seq(rng, "empty"))
+    step = build_step(seed, seqs, hq=hq, hkv=hkv, block_size=block_size, poison=poison)
+    got = check(step, lambda s: ta.decode_attention(*s.args()))
+    assert torch.isfinite(got).all()
+    assert ta.is_decode_step(step.q, step.query_start) and step.mask.shape[1] > 1
+    mixed = build_step(seed, seqs + [Seq("prefill", 3, causal(2))], hq=hq, hkv=hkv, block_size=block_size)
+    assert not ta.is_decode_step(mixed.q, mixed.query_start)
+
+
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("seed", SEEDS)
 def test_nonfinite_garbage_is_not_read(impl, seed):

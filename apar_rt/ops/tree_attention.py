@@ -2,7 +2,9 @@
 
 The reference function's docstring is THE contract. The ONNX local function, the Triton GPU
 kernel (`apar_rt.kernels.tree_attention`, registered here for CUDA tensors) and the TensorRT
-plugin (which launches that same kernel) all compute this same function.
+plugin (which launches that same kernel) all compute this same function. On the CPU, decode
+steps run `decode_attention`, torch's fused attention over each sequence's gathered blocks;
+every other step runs the reference.
 """
 
 from __future__ import annotations
@@ -103,6 +105,45 @@ def tree_paged_attention_reference(
     return out[seq, pos_in_seq].to(q.dtype)
 
 
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor,
+    block_tables: torch.Tensor, context_lens: torch.Tensor, query_start: torch.Tensor,
+    mask: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """`tree_paged_attention_reference` for a decode step: each sequence has at most one new token
+    (`is_decode_step`; sequences without one, a bucket's padding rows, are skipped).
+
+    Token t's keys are one gather of its sequence's blocks per pool, plus one more block whose
+    first slot holds t's own key; slots t does not see are zeroed (so garbage in them, even
+    NaN, cannot leak, as in the reference), and torch's scaled_dot_product_attention runs in
+    float32 over them. No padding to the longest query and no per-row copies: on the CPU about
+    10x the reference's speed at 64 decodes of 176 tokens (demo shape), 3x at 32 of 512.
+    """
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    bs = k_cache.shape[1]
+    tables, ctx = block_tables, context_lens
+    if T != block_tables.shape[0]:
+        seq = torch.nonzero(query_start[1:] - query_start[:-1]).flatten()
+        tables, ctx = block_tables[seq], context_lens[seq]
+    L = tables.shape[1] * bs
+    idx = torch.cat([tables.long(), torch.zeros(T, 1, dtype=torch.long, device=q.device)], dim=1).flatten()
+    keys = k_cache.index_select(0, idx).view(T, L + bs, Hkv, D)
+    vals = v_cache.index_select(0, idx).view(T, L + bs, Hkv, D)
+    keys[:, L] = k
+    vals[:, L] = v
+    vis = torch.arange(L + bs, device=q.device)[None, :] < ctx.long()[:, None]   # [T, L + bs]
+    vis[:, L] = mask[:, 0]
+    hidden = ~vis[:, :, None, None]
+    keys.masked_fill_(hidden, 0)
+    vals.masked_fill_(hidden, 0)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float()[:, :, None], keys.transpose(1, 2).float(), vals.transpose(1, 2).float(),
+        attn_mask=vis[:, None, None, :], scale=scale, enable_gqa=Hq != Hkv)     # [T, Hq, 1, D]
+    return out[:, :, 0].to(q.dtype)
+
+
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def tree_paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -129,6 +170,17 @@ def gpu_kernels():
                            f"install it with `pip install triton` (PyTorch's CUDA wheels ship a matching one)"
                            ) from None
     return tree_attention
+
+
+def is_decode_step(q: torch.Tensor, query_start: torch.Tensor) -> bool:
+    """Whether a step has new tokens and at most one per sequence: the CPU op's `decode_attention`."""
+    return q.shape[0] > 0 and bool((query_start[1:] - query_start[:-1] <= 1).all())
+
+
+@tree_paged_attention.register_kernel("cpu")
+def _(q, k, v, k_cache, v_cache, block_tables, context_lens, query_start, mask, scale):
+    f = decode_attention if is_decode_step(q, query_start) else tree_paged_attention_reference
+    return f(q, k, v, k_cache, v_cache, block_tables, context_lens, query_start, mask, scale)
 
 
 @tree_paged_attention.register_kernel("cuda")
