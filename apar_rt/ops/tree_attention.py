@@ -2,9 +2,9 @@
 
 The reference function's docstring is THE contract. The ONNX local function, the Triton GPU
 kernel (`apar_rt.kernels.tree_attention`, registered here for CUDA tensors) and the TensorRT
-plugin (which launches that same kernel) all compute this same function. On the CPU, decode
-steps run `decode_attention`, torch's fused attention over each sequence's gathered blocks;
-every other step runs the reference.
+plugin (which launches that same kernel) all compute this same function. On the CPU the op runs
+`split_attention`: sequences with one new token through `decode_attention` (torch's fused
+attention over each sequence's gathered blocks), the others through the reference.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def decode_attention(
     mask: torch.Tensor, scale: float,
 ) -> torch.Tensor:
     """`tree_paged_attention_reference` for a decode step: each sequence has at most one new token
-    (`is_decode_step`; sequences without one, a bucket's padding rows, are skipped).
+    (sequences without one, a bucket's padding rows, are skipped).
 
     Token t's keys are one gather of its sequence's blocks per pool, plus one more block whose
     first slot holds t's own key; slots t does not see are zeroed (so garbage in them, even
@@ -172,15 +172,45 @@ def gpu_kernels():
     return tree_attention
 
 
-def is_decode_step(q: torch.Tensor, query_start: torch.Tensor) -> bool:
-    """Whether a step has new tokens and at most one per sequence: the CPU op's `decode_attention`."""
-    return q.shape[0] > 0 and bool((query_start[1:] - query_start[:-1] <= 1).all())
+def split_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor,
+    block_tables: torch.Tensor, context_lens: torch.Tensor, query_start: torch.Tensor,
+    mask: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """`tree_paged_attention_reference` for any step, as the CPU runs it: the sequences with one
+    new token through `decode_attention`, the others (prefill chunks, draft trees) through the
+    reference on their own, so decodes are not padded to the longest query: a mixed step costs
+    about what its two parts cost apart."""
+    q_len = query_start[1:] - query_start[:-1]
+    long = q_len > 1
+    if not bool(long.any()):
+        return decode_attention(q, k, v, k_cache, v_cache, block_tables, context_lens, query_start, mask, scale)
+    starts = query_start[:-1].long()
+    one = torch.nonzero(q_len == 1).flatten()
+    many = torch.nonzero(long).flatten()
+    # the long group's tokens, in packed order, and its own query_start
+    n = q_len[many].long()
+    offsets = torch.repeat_interleave(starts[many] - torch.cumsum(n, 0) + n, n)
+    rows = torch.arange(int(n.sum()), device=q.device) + offsets
+    qs = torch.cat([n.new_zeros(1), torch.cumsum(n, 0)]).to(query_start.dtype)
+    out = torch.empty_like(q)
+    out[rows] = tree_paged_attention_reference(q[rows], k[rows], v[rows], k_cache, v_cache, block_tables[many],
+                                               context_lens[many], qs, mask[rows], scale)
+    if one.numel():
+        t = starts[one]
+        out[t] = decode_attention(q[t], k[t], v[t], k_cache, v_cache, block_tables[one], context_lens[one],
+                                  torch.arange(one.numel() + 1, dtype=query_start.dtype, device=q.device),
+                                  mask[t], scale)
+    return out
 
 
 @tree_paged_attention.register_kernel("cpu")
 def _(q, k, v, k_cache, v_cache, block_tables, context_lens, query_start, mask, scale):
-    f = decode_attention if is_decode_step(q, query_start) else tree_paged_attention_reference
-    return f(q, k, v, k_cache, v_cache, block_tables, context_lens, query_start, mask, scale)
+    if q.shape[0] == 0:
+        return tree_paged_attention_reference(q, k, v, k_cache, v_cache, block_tables, context_lens,
+                                              query_start, mask, scale)
+    return split_attention(q, k, v, k_cache, v_cache, block_tables, context_lens, query_start, mask, scale)
 
 
 @tree_paged_attention.register_kernel("cuda")
