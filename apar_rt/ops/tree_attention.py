@@ -4,7 +4,8 @@ The reference function's docstring is THE contract. The ONNX local function, the
 kernel (`apar_rt.kernels.tree_attention`, registered here for CUDA tensors) and the TensorRT
 plugin (which launches that same kernel) all compute this same function. On the CPU the op runs
 `split_attention`: sequences with one new token through `decode_attention` (torch's fused
-attention over each sequence's gathered blocks), the others through the reference.
+attention over each sequence's gathered blocks), draft trees and each prefill chunk through the
+reference in groups of their own.
 """
 
 from __future__ import annotations
@@ -172,36 +173,41 @@ def gpu_kernels():
     return tree_attention
 
 
+SHORT_QUERIES = 16   # split_attention: sequences with 2..16 new tokens (draft trees) share one reference call
+
+
 def split_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_tables: torch.Tensor, context_lens: torch.Tensor, query_start: torch.Tensor,
     mask: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """`tree_paged_attention_reference` for any step, as the CPU runs it: the sequences with one
-    new token through `decode_attention`, the others (prefill chunks, draft trees) through the
-    reference on their own, so decodes are not padded to the longest query: a mixed step costs
-    about what its two parts cost apart."""
+    """`tree_paged_attention_reference` for any step, as the CPU runs it, in groups that are not
+    padded to each other's queries: the sequences with one new token through `decode_attention`;
+    those with 2..SHORT_QUERIES (draft trees) through one reference call; each longer one (a
+    prefill chunk) through a reference call of its own. A mixed step then costs about what its
+    parts cost apart. A group of all the step's sequences is the reference itself, bit for bit."""
     q_len = query_start[1:] - query_start[:-1]
-    long = q_len > 1
-    if not bool(long.any()):
+    if bool((q_len <= 1).all()):
         return decode_attention(q, k, v, k_cache, v_cache, block_tables, context_lens, query_start, mask, scale)
     starts = query_start[:-1].long()
-    one = torch.nonzero(q_len == 1).flatten()
-    many = torch.nonzero(long).flatten()
-    # the long group's tokens, in packed order, and its own query_start
-    n = q_len[many].long()
-    offsets = torch.repeat_interleave(starts[many] - torch.cumsum(n, 0) + n, n)
-    rows = torch.arange(int(n.sum()), device=q.device) + offsets
-    qs = torch.cat([n.new_zeros(1), torch.cumsum(n, 0)]).to(query_start.dtype)
     out = torch.empty_like(q)
-    out[rows] = tree_paged_attention_reference(q[rows], k[rows], v[rows], k_cache, v_cache, block_tables[many],
-                                               context_lens[many], qs, mask[rows], scale)
+    one = torch.nonzero(q_len == 1).flatten()
     if one.numel():
         t = starts[one]
         out[t] = decode_attention(q[t], k[t], v[t], k_cache, v_cache, block_tables[one], context_lens[one],
                                   torch.arange(one.numel() + 1, dtype=query_start.dtype, device=q.device),
                                   mask[t], scale)
+    short = torch.nonzero((q_len > 1) & (q_len <= SHORT_QUERIES)).flatten()
+    groups = ([short] if short.numel() else []) + list(torch.nonzero(q_len > SHORT_QUERIES).flatten()[:, None])
+    for seqs in groups:
+        # the group's tokens, in packed order, and its own query_start
+        n = q_len[seqs].long()
+        rows = torch.arange(int(n.sum()), device=q.device) + torch.repeat_interleave(
+            starts[seqs] - torch.cumsum(n, 0) + n, n)
+        qs = torch.cat([n.new_zeros(1), torch.cumsum(n, 0)]).to(query_start.dtype)
+        out[rows] = tree_paged_attention_reference(q[rows], k[rows], v[rows], k_cache, v_cache, block_tables[seqs],
+                                                   context_lens[seqs], qs, mask[rows], scale)
     return out
 
 
