@@ -190,8 +190,8 @@ def split_attention(
 ) -> torch.Tensor:
     """`tree_paged_attention_reference` for any step, as the CPU runs it, in groups that are not
     padded to each other's queries: the sequences with one new token through `decode_attention`;
-    those with 2..SHORT_QUERIES (draft trees) through one reference call; each longer one (a
-    prefill chunk) through a reference call of its own, each group with only the block-table and
+    the others (draft trees, prefill chunks) through the reference, one call per group of
+    2..SHORT_QUERIES, 17..32, 33..64, ... new tokens, each group with only the block-table and
     mask columns it uses. A mixed step then costs about what its parts cost apart (32 decodes and
     a 980-token chunk: 1.3x; with 16 draft trees and two chunks besides: 1.0x)."""
     q_len = query_start[1:] - query_start[:-1]
@@ -205,9 +205,12 @@ def split_attention(
         out[t] = decode_attention(q[t], k[t], v[t], k_cache, v_cache, block_tables[one], context_lens[one],
                                   torch.arange(one.numel() + 1, dtype=query_start.dtype, device=q.device),
                                   mask[t], scale)
-    short = torch.nonzero((q_len > 1) & (q_len <= SHORT_QUERIES)).flatten()
-    groups = ([short] if short.numel() else []) + list(torch.nonzero(q_len > SHORT_QUERIES).flatten()[:, None])
-    for seqs in groups:
+    # groups of multi-token sequences that pad to at most twice each other's queries: 2..16
+    # (draft trees), 17..32, 33..64, ... (prefill chunks)
+    size = torch.clamp(q_len, min=SHORT_QUERIES).float().log2().ceil()
+    size[q_len <= 1] = -1
+    for g in torch.unique(size[size >= 0]).tolist():
+        seqs = torch.nonzero(size == g).flatten()
         # the group's tokens, in packed order, and its own query_start
         n = q_len[seqs].long()
         rows = torch.arange(int(n.sum()), device=q.device) + torch.repeat_interleave(
