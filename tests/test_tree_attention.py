@@ -399,6 +399,22 @@ def test_cpu_decode_path_matches_the_oracle(hq, hkv, block_size, poison, seed):
     assert step.mask.shape[1] > 1
 
 
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("poison", ["large", "nonfinite"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cpu_group_path_matches_the_oracle(hq, hkv, poison, seed):
+    """`group_attention`, the CPU op's path for prefill chunks and draft trees, on a whole mixed
+    step (it takes any step whose sequences all have tokens): chunks mid-block and at context 0,
+    trees, decodes, garbage in unseen slots."""
+    from apar_rt.ops.tree_attention import group_attention
+
+    rng = random.Random(1000 + seed)
+    seqs = [make_seq(rng, kind) for kind in ("prefill", "tree", "decode", "prefill", "tree")]
+    seqs[3].context_len = 0
+    step = build_step(seed, seqs, hq=hq, hkv=hkv, block_size=4, poison=poison)
+    assert torch.isfinite(check(step, lambda s: group_attention(*s.args()))).all()
+
+
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("seed", SEEDS)
 def test_nonfinite_garbage_is_not_read(impl, seed):
