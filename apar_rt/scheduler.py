@@ -589,8 +589,7 @@ class Scheduler:
         if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             self._finish_branch(req, b, FinishReason.STOP, upd)
             return
-        if p.stop and (self.stop_filter is None or self.stop_filter.may_complete(tok, p.stop)) \
-                and self._stop_string_completed(b, p.stop):
+        if p.stop and self._hit_stop_string(b, p.stop):
             self._finish_branch(req, b, FinishReason.STOP, upd)
             return
         if (tok == self.control.fork and self.control.child is not None and self.mode(req) == "apar"
@@ -614,14 +613,7 @@ class Scheduler:
 
     def _hit_stop_string(self, b: Branch, stops: Sequence[str]) -> bool:
         """Whether the branch's newest token completed a stop string in its text (apar.branch_text);
-        on a hit, `b.stop_text_len` is where the first stop string in that text begins. The stop
-        filter (if any) first rules out tokens that cannot have completed one."""
-        if self.stop_filter is not None and not self.stop_filter.may_complete(b.token_ids[-1], stops):
-            return False
-        return self._stop_string_completed(b, stops)
-
-    def _stop_string_completed(self, b: Branch, stops: Sequence[str]) -> bool:
-        """`_hit_stop_string` after the stop filter let the newest token through.
+        on a hit, `b.stop_text_len` is where the first stop string in that text begins.
 
         The text is kept by an incremental detokenizer over the whole branch (the same text as
         `branch_text`, at a cost set by the new tokens), and only its tail is searched: a stop string
@@ -630,6 +622,8 @@ class Scheduler:
         it (none of which could) are decoded with it, and their text is in that tail too."""
         if self.decode is None:
             return False
+        if self.stop_filter is not None and not self.stop_filter.may_complete(b.token_ids[-1], stops):
+            return False
         self.num_stop_checks += 1
         text = b.stop_text
         if text is None:
@@ -637,11 +631,9 @@ class Scheduler:
                                               self.byte_table)
         final, version = text.committed_len, text.version
         text.advance(len(b.token_ids))
-        tail = text.slice(max(0, final - max(map(len, stops))) if text.version == version else 0, len(text))
-        for s in stops:
-            if s in tail:
-                break
-        else:
+        need = max(len(s) for s in stops)
+        tail = text.slice(max(0, final - need) if text.version == version else 0, len(text))
+        if not any(s in tail for s in stops):
             return False
         whole = text.text()
         b.stop_text_len = min(whole.find(s) for s in stops if s in whole)
