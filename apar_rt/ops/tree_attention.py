@@ -115,6 +115,25 @@ def _blocks_for(context_lens: torch.Tensor, block_size: int) -> int:
     return -(-int(context_lens.max()) // block_size) if context_lens.numel() else 0
 
 
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """[S, columns * block_size, Hkv, D]: each row's blocks of a pool, in order (a copy)."""
+    return cache.index_select(0, tables.long().flatten()).view(tables.shape[0], -1, *cache.shape[2:])
+
+
+def _attend_gathered(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, key_ok: torch.Tensor,
+                     vis: torch.Tensor, scale: float) -> torch.Tensor:
+    """Torch's fused attention over gathered keys: q [S, Q, Hq, D]; keys and vals [S, K, Hkv, D],
+    fresh copies, zeroed here where key_ok [S, K] is False (so garbage in them, even NaN, cannot
+    leak, as in the reference); vis [S, Q, K] the query-key visibility. Float32; [S, Q, Hq, D]."""
+    hidden = ~key_ok[:, :, None, None]
+    keys.masked_fill_(hidden, 0)
+    vals.masked_fill_(hidden, 0)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(1, 2), keys.transpose(1, 2).float(), vals.transpose(1, 2).float(),
+        attn_mask=vis[:, None], scale=scale, enable_gqa=q.shape[2] != keys.shape[2])
+    return out.transpose(1, 2)
+
+
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -130,8 +149,7 @@ def decode_attention(
     float32 over them. No padding to the longest query and no per-row copies: on the CPU about
     10x the reference's speed at 64 decodes of 176 tokens (demo shape), 3x at 32 of 512.
     """
-    T, Hq, D = q.shape
-    Hkv = k.shape[1]
+    T = q.shape[0]
     bs = k_cache.shape[1]
     tables, ctx = block_tables, context_lens
     if T != block_tables.shape[0]:
@@ -139,20 +157,13 @@ def decode_attention(
         tables, ctx = block_tables[seq], context_lens[seq]
     tables = tables[:, :_blocks_for(ctx, bs)]     # the columns these contexts reach, not the step's widest
     L = tables.shape[1] * bs
-    idx = torch.cat([tables.long(), torch.zeros(T, 1, dtype=torch.long, device=q.device)], dim=1).flatten()
-    keys = k_cache.index_select(0, idx).view(T, L + bs, Hkv, D)
-    vals = v_cache.index_select(0, idx).view(T, L + bs, Hkv, D)
+    tables = torch.cat([tables, tables.new_zeros(T, 1)], dim=1)   # one more block: slot L takes t's key
+    keys, vals = _gather(k_cache, tables), _gather(v_cache, tables)
     keys[:, L] = k
     vals[:, L] = v
     vis = torch.arange(L + bs, device=q.device)[None, :] < ctx.long()[:, None]   # [T, L + bs]
     vis[:, L] = mask[:, 0]
-    hidden = ~vis[:, :, None, None]
-    keys.masked_fill_(hidden, 0)
-    vals.masked_fill_(hidden, 0)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.float()[:, :, None], keys.transpose(1, 2).float(), vals.transpose(1, 2).float(),
-        attn_mask=vis[:, None, None, :], scale=scale, enable_gqa=Hq != Hkv)     # [T, Hq, 1, D]
-    return out[:, :, 0].to(q.dtype)
+    return _attend_gathered(q[:, None], keys, vals, vis, vis[:, None], scale)[:, 0].to(q.dtype)
 
 
 def group_attention(
@@ -165,8 +176,7 @@ def group_attention(
     chunks, draft trees), as the CPU runs it: each sequence's blocks gathered once per pool, its new
     keys appended (padded to the step's most new tokens), slots no query sees zeroed, and torch's
     scaled_dot_product_attention in float32 with the context and tree mask as its boolean mask."""
-    T, Hq, D = q.shape
-    Hkv = k.shape[1]
+    T = q.shape[0]
     bs = k_cache.shape[1]
     S = block_tables.shape[0]
     starts = query_start[:-1].long()
@@ -177,20 +187,14 @@ def group_attention(
     j = torch.arange(max_q, device=q.device)
     new_idx = (starts[:, None] + j[None, :]).clamp(max=T - 1)                   # [S, max_q]
     valid = j[None, :] < n[:, None]                                             # [S, max_q]
-    flat = tables.long().flatten()
-    keys = torch.cat([k_cache.index_select(0, flat).view(S, L, Hkv, D), k[new_idx]], dim=1)   # [S, L + max_q, Hkv, D]
-    vals = torch.cat([v_cache.index_select(0, flat).view(S, L, Hkv, D), v[new_idx]], dim=1)
+    keys = torch.cat([_gather(k_cache, tables), k[new_idx]], dim=1)          # [S, L + max_q, Hkv, D]
+    vals = torch.cat([_gather(v_cache, tables), v[new_idx]], dim=1)
     ctx_vis = torch.arange(L, device=q.device)[None, :] < context_lens.long()[:, None]          # [S, L]
-    hidden = ~torch.cat([ctx_vis, valid], dim=1)[:, :, None, None]
-    keys.masked_fill_(hidden, 0)
-    vals.masked_fill_(hidden, 0)
     new_vis = mask[new_idx][:, :, :max_q] & valid[:, None, :]                  # [S, max_q, max_q]
     vis = torch.cat([ctx_vis[:, None, :].expand(S, max_q, L), new_vis], dim=2)  # [S, max_q, L + max_q]
     vis |= ~valid[:, :, None] & (torch.arange(L + max_q, device=q.device) == 0)   # padded rows: one key, discarded
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q[new_idx].float().transpose(1, 2), keys.transpose(1, 2).float(), vals.transpose(1, 2).float(),
-        attn_mask=vis[:, None], scale=scale, enable_gqa=Hq != Hkv)              # [S, Hq, max_q, D]
-    return out.transpose(1, 2)[valid].to(q.dtype)                               # [T, Hq, D], packed order
+    out = _attend_gathered(q[new_idx], keys, vals, torch.cat([ctx_vis, valid], dim=1), vis, scale)
+    return out[valid].to(q.dtype)                                               # [T, Hq, D], packed order
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
