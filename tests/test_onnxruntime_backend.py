@@ -313,12 +313,14 @@ def test_rotary_embeddings_are_fused_for_the_cpu(request, which):
 
     model, engine = request.getfixturevalue(which)
     layers = ModelConfig.from_dir(model).num_hidden_layers
-    graph = onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)).graph
-    ops = [n.op_type for n in graph.node]
-    assert ops.count("RotaryEmbedding") == 2 * layers
-    consts = _constants(graph)
-    swaps = [n for n in graph.node if n.op_type == "Gather" and n.input[1] in consts
-             and consts[n.input[1]].ndim == 1 and consts[n.input[1]][0] > 0]   # rotate-half index gathers
-    assert not swaps and "Sin" in ops       # the step's tables are still computed in the graph
+    main = onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)).graph
+    (step,) = main.node   # the step's If: a decode step's body and any other step's
+    for graph in (a.g for a in step.attribute):
+        ops = [n.op_type for n in graph.node]
+        assert ops.count("RotaryEmbedding") == 2 * layers
+        consts = _constants(graph)
+        swaps = [n for n in graph.node if n.op_type == "Gather" and n.input[1] in consts
+                 and consts[n.input[1]].ndim == 1 and consts[n.input[1]][0] > 0]   # rotate-half index gathers
+        assert not swaps and "Sin" in ops       # the step's tables are still computed in the graph
     on_disk = onnx.load(str(engine / "model.onnx"), load_external_data=False).graph
     assert not any(n.op_type == "RotaryEmbedding" for n in on_disk.node)

@@ -92,11 +92,11 @@ def _session_model(path: Path, drop: set[str], ort_body: bool) -> bytes:
     from apar_rt.backends.ort_rotary import fuse_rotary
 
     model = onnx.load(str(path), load_external_data=False)
-    if ort_body:
-        rewrite(model)
-        fuse_rotary(model)
     if drop:
         _drop_outputs(model.graph, drop)
+    if ort_body:   # in this order: both read the main graph, which the rewrite turns into one If
+        fuse_rotary(model)
+        rewrite(model)
     return model.SerializeToString()
 
 
