@@ -159,7 +159,7 @@ def test_kernels_compile_to_ptx_for_a100_orin_and_hopper():
 
     code = (
         "import torch\n"
-        "from apar_rt.kernels.aot import compile_tree_attention, compile_write_kv\n"
+        "from apar_rt.kernels.aot import compile_rope_and_cache, compile_tree_attention, compile_write_kv\n"
         "from apar_rt.kernels.tree_attention import plan_launch\n"
         "for cc in (80, 87, 90):\n"
         "    for dt, hd, plan in ((torch.float16, 128, None), (torch.bfloat16, 64, plan_launch(64, 64, 8, 2, 64, 512, "
@@ -168,6 +168,9 @@ def test_kernels_compile_to_ptx_for_a100_orin_and_hopper():
         "        assert f'.target sm_{cc}' in ptx['tree_attention'] and 'mma' in ptx['tree_attention'], cc\n"
         "        assert ('combine_splits' in ptx) == (plan is None)\n"
         "    assert '.entry' in compile_write_kv(cc, torch.float16, num_kv_heads=2, head_dim=64, block_size=16)\n"
+        "    for dt in (torch.float16, torch.bfloat16, torch.float32):\n"
+        "        ptx = compile_rope_and_cache(cc, dt, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16)\n"
+        "        assert f'.target sm_{cc}' in ptx and '.entry' in ptx, cc\n"
         "print('ok')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)

@@ -3,8 +3,9 @@
 `fuse_projections` packs each layer's q/k/v and gate/up weights into one matrix and makes the
 original Linear weights views into it, so the plain module (CPU path, export) still works and
 no memory is duplicated. `fused_hidden_states` then runs a layer as: add+RMSNorm, one QKV matmul,
-RoPE in place, the Triton attention kernel, O projection, add+RMSNorm, one gate/up matmul,
-SiLU*up, down projection: about 11 launches per layer instead of about 40.
+RoPE of q and k in place with the new K/V written to the pool (one launch), the Triton
+attention kernel, O projection, add+RMSNorm, one gate/up matmul,
+SiLU*up, down projection: about 10 launches per layer instead of about 40.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from apar_rt.kernels.fused import add_rms_norm, rope_, silu_mul
+from apar_rt.kernels.fused import add_rms_norm, rope_and_cache_, silu_mul
 from apar_rt.kernels.tree_attention import tree_paged_attention
 
 
@@ -43,9 +44,10 @@ def fuse_projections(model) -> None:
 
 
 def fused_hidden_states(model, input_ids, positions, k_caches, v_caches, block_tables, context_lens,
-                        query_start, mask):
+                        query_start, mask, slot_mapping=None):
     """Same contract as `LlamaForCausalLM.hidden_states` (final-norm hidden states and per-layer new
-    K/V); needs `fuse_projections(model)` first."""
+    K/V); needs `fuse_projections(model)` first. With `slot_mapping` ([T] flat slots, -1 for none)
+    each layer also writes its new K/V to its pools, in the launch that applies RoPE."""
     cfg = model.config
     T = input_ids.shape[0]
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -57,8 +59,7 @@ def fused_hidden_states(model, input_ids, positions, k_caches, v_caches, block_t
         h, residual = add_rms_norm(x, residual, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         qkv = F.linear(h, *layer.qkv).view(T, hq + 2 * hkv, d)
         q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
-        rope_(q, positions, model.inv_freq)
-        rope_(k, positions, model.inv_freq)
+        rope_and_cache_(q, k, v, positions, model.inv_freq, kc, vc, slot_mapping)
         o = tree_paged_attention(q, k, v, kc, vc, block_tables, context_lens, query_start, mask,
                                  layer.self_attn.scale, max_context=max_context)
         x = layer.self_attn.o_proj(o.view(T, hq * d))

@@ -93,18 +93,15 @@ class TorchBackend(Backend):
     # ---- one step --------------------------------------------------------------------------
 
     def _run(self, x: dict[str, torch.Tensor]):
-        """Forward over device inputs; writes the new K/V to x["slot_mapping"] (CUDA kernel)."""
+        """Forward over device inputs; each layer writes its new K/V to x["slot_mapping"]."""
         from apar_rt.backends.cuda_model import fused_hidden_states
-        from apar_rt.kernels.kv_cache import write_kv
 
         h, new_k, new_v = fused_hidden_states(
             self.model, x["input_ids"], x["positions"], self.k_caches, self.v_caches, x["block_tables"],
-            x["context_lens"], x["query_start"], x["mask"])
+            x["context_lens"], x["query_start"], x["mask"], x["slot_mapping"])
         h = h[x["logits_indices"].long()]
         logits = self.model.lm_head(h).float()
         medusa = self.heads(h).float() if self.heads is not None else None
-        for kc, vc, k, v in zip(self.k_caches, self.v_caches, new_k, new_v):
-            write_kv(k, v, kc, vc, x["slot_mapping"])
         return logits, medusa, new_k, new_v
 
     def _run_graphed(self, x):

@@ -13,6 +13,7 @@ import torch
 
 from apar_rt.kernels.tree_attention import (
     LaunchPlan, _combine_splits_kernel, _tree_attention_kernel, plan_launch)
+from apar_rt.kernels.fused import _rope_cache_kernel
 from apar_rt.kernels.kv_cache import _write_kv_kernel
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
@@ -78,3 +79,19 @@ def compile_write_kv(cc: int, dtype: torch.dtype, *, num_kv_heads: int, head_dim
     row = num_kv_heads * head_dim
     const = dict(ROW=row, BLOCK_ROW=triton.next_power_of_2(row), BLOCK_SIZE=block_size, HAS_TOKEN_IDS=False)
     return _compile(_write_kv_kernel, sig, const, cc, 4, 2).asm["ptx"]
+
+
+def compile_rope_and_cache(cc: int, dtype: torch.dtype, *, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                           block_size: int) -> str:
+    """PTX of the RoPE + K/V write kernel (`fused.rope_and_cache_`) for compute capability `cc`."""
+    import triton
+
+    ptr = _PTR[dtype]
+    sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "pos_ptr": "*i32", "inv_freq_ptr": "*fp32",
+           "k_cache_ptr": ptr, "v_cache_ptr": ptr, "slots_ptr": "*i32"}
+    sig |= {a: "i32" for a in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh")}
+    sig |= {"stride_cb": "i64", "stride_cs": "i32"}
+    const = dict(HQ=num_q_heads, HKV=num_kv_heads, HALF=head_dim // 2, BLOCK_HQ=triton.next_power_of_2(num_q_heads),
+                 BLOCK_HKV=triton.next_power_of_2(num_kv_heads), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+                 BLOCK_SIZE=block_size, WRITE=True)
+    return _compile(_rope_cache_kernel, sig, const, cc, 4, 2).asm["ptx"]
