@@ -301,6 +301,23 @@ def test_outputs_reuse_persistent_buffers(gqa_engine):
     assert be._new_kv.ctypes.data == new_kv
 
 
+def test_cpu_logits_come_from_the_lm_head_without_a_copy(gqa_engine):
+    """The exporter's Cast of float32 logits to float32 makes the graph output on disk; onnxruntime
+    keeps a node that makes a graph output, so the CPU session graph lets the lm_head MatMul write
+    the logits itself, in both bodies of the step (logits against torch: the tests above)."""
+    import onnx
+
+    from apar_rt.backends.onnxruntime_backend import _session_model
+
+    _, engine = gqa_engine
+    on_disk = onnx.load(str(engine / "model.onnx"), load_external_data=False).graph
+    assert {n.op_type for n in on_disk.node if "logits" in n.output} == {"Cast"}
+    (step,) = onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)).graph.node
+    for body in (a.g for a in step.attribute):
+        (logits,) = [n for n in body.node if n.output[0] == body.output[0].name]
+        assert logits.op_type == "MatMul"
+
+
 @pytest.mark.parametrize("which", ["gqa_engine", "mha_engine"])
 def test_rotary_embeddings_are_fused_for_the_cpu(request, which):
     """Each layer's q and k rope becomes one RotaryEmbedding in the graph the CPU session runs

@@ -94,10 +94,41 @@ def _session_model(path: Path, drop: set[str], ort_body: bool) -> bytes:
     model = onnx.load(str(path), load_external_data=False)
     if drop:
         _drop_outputs(model.graph, drop)
-    if ort_body:   # in this order: both read the main graph, which the rewrite turns into one If
+    if ort_body:   # in this order: all read the main graph, which the rewrite turns into one If
+        _drop_noop_output_casts(model.graph)
         fuse_rotary(model)
         rewrite(model)
     return model.SerializeToString()
+
+
+def _drop_noop_output_casts(g) -> int:
+    """Let a MatMul write a graph output itself where the exporter put a Cast to the type the
+    MatMul already has (`.float()` on float32 logits): onnxruntime keeps a node that makes a graph
+    output, so that Cast copied the logits every step. Safe by construction: a MatMul's output has
+    its inputs' type, known here from its weight initializer. Returns how many were dropped."""
+    from onnx import helper
+
+    producer = {o: n for n in g.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    weights = {t.name: t.data_type for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    drop = []
+    for cast in g.node:
+        if cast.op_type != "Cast" or cast.output[0] not in outputs:
+            continue
+        src = producer.get(cast.input[0])
+        to = helper.get_attribute_value(next(a for a in cast.attribute if a.name == "to"))
+        if (src is None or src.op_type != "MatMul" or uses[cast.input[0]] != 1 or cast.input[0] in outputs
+                or to not in {weights.get(i) for i in src.input}):
+            continue
+        src.output[0] = cast.output[0]
+        drop.append(cast)
+    for cast in drop:
+        g.node.remove(cast)
+    return len(drop)
 
 
 def _drop_outputs(g, drop: set[str]) -> None:
