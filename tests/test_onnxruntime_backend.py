@@ -233,6 +233,32 @@ def test_medusa_heads_in_the_graph_match_torch(medusa_engine):
     assert ort_llm.engine.scheduler.pool.num_used == 0
 
 
+def test_cpu_logits_are_written_by_the_heads_without_a_copy(medusa_engine):
+    """The exporter's Casts of float32 logits to float32 make the graph outputs on disk; onnxruntime
+    keeps a node that makes a graph output, so the CPU session graph lets the lm_head MatMul and
+    the Medusa heads' Concat write their outputs themselves, in both bodies of the step (their
+    values against torch: the test above). A Cast that does change the type stays."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from apar_rt.backends.onnxruntime_backend import _drop_noop_output_casts, _session_model
+
+    _, engine = medusa_engine
+    on_disk = onnx.load(str(engine / "model.onnx"), load_external_data=False).graph
+    made_by = {o: n.op_type for n in on_disk.node for o in n.output}
+    assert made_by["logits"] == made_by[step_io.MEDUSA_LOGITS] == "Cast"
+    (step,) = onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)).graph.node
+    for body in (a.g for a in step.attribute):
+        made_by = {o: n.op_type for n in body.node for o in n.output}
+        assert [made_by[o.name] for o in body.output[:2]] == ["MatMul", "Concat"]
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 2], [1.0, 0.0, 0.0, 1.0])
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"]),
+                           helper.make_node("Cast", ["y"], ["half"], to=TensorProto.FLOAT16)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                          [helper.make_tensor_value_info("half", TensorProto.FLOAT16, [1, 2])], [w])
+    assert _drop_noop_output_casts(g) == 0 and [n.op_type for n in g.node] == ["MatMul", "Cast"]
+
+
 def test_medusa_requested_from_an_engine_without_heads(gqa_engine):
     from apar_rt.backends import BackendUnavailable
 
@@ -299,23 +325,6 @@ def test_outputs_reuse_persistent_buffers(gqa_engine):
     new_kv = be._new_kv.ctypes.data
     assert be.forward(_one_token_step(-1)).ctypes.data == first
     assert be._new_kv.ctypes.data == new_kv
-
-
-def test_cpu_logits_come_from_the_lm_head_without_a_copy(gqa_engine):
-    """The exporter's Cast of float32 logits to float32 makes the graph output on disk; onnxruntime
-    keeps a node that makes a graph output, so the CPU session graph lets the lm_head MatMul write
-    the logits itself, in both bodies of the step (logits against torch: the tests above)."""
-    import onnx
-
-    from apar_rt.backends.onnxruntime_backend import _session_model
-
-    _, engine = gqa_engine
-    on_disk = onnx.load(str(engine / "model.onnx"), load_external_data=False).graph
-    assert {n.op_type for n in on_disk.node if "logits" in n.output} == {"Cast"}
-    (step,) = onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)).graph.node
-    for body in (a.g for a in step.attribute):
-        (logits,) = [n for n in body.node if n.output[0] == body.output[0].name]
-        assert logits.op_type == "MatMul"
 
 
 @pytest.mark.parametrize("which", ["gqa_engine", "mha_engine"])

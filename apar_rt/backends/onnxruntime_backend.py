@@ -102,33 +102,56 @@ def _session_model(path: Path, drop: set[str], ort_body: bool) -> bytes:
 
 
 def _drop_noop_output_casts(g) -> int:
-    """Let a MatMul write a graph output itself where the exporter put a Cast to the type the
-    MatMul already has (`.float()` on float32 logits): onnxruntime keeps a node that makes a graph
-    output, so that Cast copied the logits every step. Safe by construction: a MatMul's output has
-    its inputs' type, known here from its weight initializer. Returns how many were dropped."""
+    """Let the node before a graph output's Cast write the output itself where the Cast is to the
+    type the value already has (the exporter's `.float()` on float32 logits and Medusa logits):
+    onnxruntime keeps a node that makes a graph output, so each such Cast copied its output every
+    step. A value's type is known only where `_known_types` can prove it. Returns how many."""
     from onnx import helper
 
-    producer = {o: n for n in g.node for o in n.output}
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
-    weights = {t.name: t.data_type for t in g.initializer}
     outputs = {o.name for o in g.output}
-    drop = []
-    for cast in g.node:
-        if cast.op_type != "Cast" or cast.output[0] not in outputs:
-            continue
-        src = producer.get(cast.input[0])
-        to = helper.get_attribute_value(next(a for a in cast.attribute if a.name == "to"))
-        if (src is None or src.op_type != "MatMul" or uses[cast.input[0]] != 1 or cast.input[0] in outputs
-                or to not in {weights.get(i) for i in src.input}):
-            continue
-        src.output[0] = cast.output[0]
-        drop.append(cast)
-    for cast in drop:
-        g.node.remove(cast)
-    return len(drop)
+    dropped = 0
+    while True:
+        producer = {o: n for n in g.node for o in n.output}
+        uses: dict[str, int] = {}
+        for n in g.node:
+            for i in n.input:
+                uses[i] = uses.get(i, 0) + 1
+        types = _known_types(g)
+        for cast in g.node:
+            if cast.op_type != "Cast" or cast.output[0] not in outputs:
+                continue
+            src, x = producer.get(cast.input[0]), cast.input[0]
+            to = helper.get_attribute_value(next(a for a in cast.attribute if a.name == "to"))
+            if src is not None and types.get(x) == to and uses[x] == 1 and x not in outputs:
+                src.output[list(src.output).index(x)] = cast.output[0]
+                g.node.remove(cast)
+                dropped += 1
+                break
+        else:
+            return dropped
+
+
+# ops whose output has their first input's element type
+_SAME_TYPE = {"Unsqueeze", "Squeeze", "Reshape", "Transpose", "Concat", "Identity", "Flatten", "Slice", "Add",
+              "Mul", "Sub", "Div"}
+
+
+def _known_types(g) -> dict[str, int]:
+    """Element types of the values of `g` that follow from its initializers alone: a MatMul or
+    Gemm has its weight's type, a Cast its target, and `_SAME_TYPE` ops their first input's."""
+    from onnx import helper
+
+    types = {t.name: t.data_type for t in g.initializer}
+    for n in g.node:   # nodes are in topological order
+        if n.op_type == "Cast":
+            types[n.output[0]] = helper.get_attribute_value(next(a for a in n.attribute if a.name == "to"))
+        elif n.op_type in ("MatMul", "Gemm"):
+            known = {types[i] for i in n.input[:2] if i in types}
+            if len(known) == 1:
+                types[n.output[0]] = known.pop()
+        elif n.op_type in _SAME_TYPE and n.input and n.input[0] in types:
+            types[n.output[0]] = types[n.input[0]]
+    return types
 
 
 def _drop_outputs(g, drop: set[str]) -> None:
