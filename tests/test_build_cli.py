@@ -43,7 +43,9 @@ def test_build_writes_a_verified_engine_folder_and_checks_it(built):
     m = verify_engine_dir(out, backend="onnxruntime")
     assert (m.backend, m.dtype, m.block_size, m.max_batch_size, m.batch_buckets, m.max_seq_len) == \
         ("onnxruntime", "float32", 8, 4, [1, 2, 4], 256)
-    assert set(m.files) >= {"model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json"}
+    assert set(m.files) >= {"model.onnx", "model.onnx.data", "config.json", "tokenizer.json", "tokenizer_config.json"}
+    assert m.onnx["external_data"] == ["model.onnx.data"]     # the weights: what onnxruntime maps (save_model)
+    assert (out / "model.onnx.data").stat().st_size > 10 * (out / "model.onnx").stat().st_size
     assert m.control_tokens == {"fork": 3, "child": 4} and m.apar_rt_version
     assert m.onnx["attention"]["block_size"] == 8 and m.onnx["attention"]["plugin_namespace"] == "apar"
     worst = float(res.output.split("largest |engine - torch| = ")[1].split()[0])

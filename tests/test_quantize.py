@@ -145,6 +145,7 @@ def test_each_quantized_matmul_is_dequantize_then_matmul(demo_engines, tmp_path,
     src = demo_engines["fp32"] / "model.onnx"
     path = tmp_path / "model.onnx"
     shutil.copy(src, path)
+    shutil.copy(demo_engines["fp32"] / "model.onnx.data", tmp_path)     # its weights
     quantize_onnx(path, mp.QuantSpec(scheme, 128, symmetric), target=target, vocab_size=1026)
     originals = _original_weights(src)
     m = onnx.load(str(path))

@@ -22,7 +22,7 @@ def _parse_buckets(ctx, param, value):
 
 @click.command("build")
 @click.option("--model", required=True, type=click.Path(), help="Hugging Face Llama folder to build from.")
-@click.option("--output", "-o", "--output_dir", "output", required=True, type=click.Path(), help="Engine folder to create.")
+@click.option("--output", "-o", "--output-dir", "--output_dir", "output", required=True, type=click.Path(), help="Engine folder to create.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
               show_default=True, help="What the engine folder is built for.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",

@@ -63,7 +63,7 @@ def quantize_onnx(path: str | Path, spec: QuantSpec, *, target: str, vocab_size:
         spec: scheme (int8/int4), group size, symmetric or not, and whether the LM head is quantized.
         target: "onnxruntime" (MatMulNBits) or "tensorrt" (blocked DequantizeLinear -> MatMul).
         vocab_size: the model's vocabulary (MatMuls producing it are the LM head and Medusa projections).
-        external_data: save weights next to the graph; None: by size.
+        external_data: False keeps the weights inside the .onnx file (`onnx_export.save_model`).
 
     Returns:
         The manifest record and the files written.
@@ -77,6 +77,8 @@ def quantize_onnx(path: str | Path, spec: QuantSpec, *, target: str, vocab_size:
         raise ValueError(f"quantize scheme must be int8 or int4, got {spec.scheme!r}")
     if target not in FORMATS:
         raise ValueError(f"quantize target must be one of {', '.join(FORMATS)}, got {target!r}")
+    from apar_rt.export.onnx_export import save_model
+
     path = Path(path)
     proto = onnx.load(str(path), load_external_data=True)
     _gemm_to_matmul(proto)
@@ -112,7 +114,7 @@ def quantize_onnx(path: str | Path, spec: QuantSpec, *, target: str, vocab_size:
         raise RuntimeError(f"quantization wrote {done} {op} nodes for the {len(chosen)} chosen layers")
     if target == "tensorrt":
         _set_opset(proto, QDQ_OPSET)
-    files = _save(proto, path, external_data)
+    files = save_model(proto, path, external_data)
     record = {"scheme": spec.scheme, "bits": spec.bits, "group_size": spec.group_size,
               "symmetric": spec.symmetric, "format": FORMATS[target], "quantizer": quantizer,
               "quantized_layers": len(chosen),
@@ -245,22 +247,3 @@ def _set_opset(proto, version: int) -> None:
                 o.version = version
 
 
-def _save(proto, path: Path, external_data: bool | None) -> tuple[Path, ...]:
-    import os
-
-    import onnx
-
-    from apar_rt.export.onnx_export import EXTERNAL_DATA_SUFFIX, EXTERNAL_DATA_THRESHOLD
-
-    size = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if external_data is None:
-        external_data = size > EXTERNAL_DATA_THRESHOLD
-    data = path.parent / (path.name + EXTERNAL_DATA_SUFFIX)
-    if data.exists():
-        os.remove(data)
-    if external_data:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        return (path, data)
-    onnx.save_model(proto, str(path))
-    return (path,)

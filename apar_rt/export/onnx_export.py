@@ -17,9 +17,7 @@ from apar_rt.export import op as aop
 from apar_rt.export import step_io
 
 DEFAULT_OPSET = 18
-# Above this many bytes of weights the model is saved with external data (protobuf's limit is 2 GiB).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-EXTERNAL_DATA_SUFFIX = ".data"
+EXTERNAL_DATA_SUFFIX = ".data"    # model.onnx's weights: model.onnx.data beside it
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +100,7 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, *, dtype: str = "fl
         dtype: weights and KV pools' dtype: float32, float16 or bfloat16.
         block_size: KV block size recorded on every attention node.
         opset: default-domain opset (>= 18).
-        external_data: save weights in `<name>.data`; None decides by size (> ~1.8 GB).
+        external_data: False keeps the weights inside the .onnx file (`save_model`).
         model: an already-loaded `LlamaForCausalLM` to export instead of loading `model_dir`.
         medusa_dir: a Medusa heads folder; the graph then also outputs `medusa_logits`.
 
@@ -162,21 +160,31 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, *, dtype: str = "fl
     num_nodes = sum(1 for nd in proto.graph.node if nd.domain == aop.OP_DOMAIN and nd.op_type == aop.OP_TYPE)
     if num_nodes != n:
         raise RuntimeError(f"export produced {num_nodes} {aop.OP_TYPE} nodes for {n} layers")
-    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if external_data is None:
-        external_data = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    files = [out_path]
-    data_name = out_path.name + EXTERNAL_DATA_SUFFIX
-    if (out_path.parent / data_name).exists():
-        os.remove(out_path.parent / data_name)
-    if external_data:
-        onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        files.append(out_path.parent / data_name)
-    else:
-        onnx.save_model(proto, str(out_path))
+    files = save_model(proto, out_path, external_data)
     medusa = {"num_heads": heads.num_heads, "num_layers": heads.num_layers} if heads is not None else {}
-    return ExportResult(out_path, tuple(files), opset, num_nodes, attrs, medusa)
+    return ExportResult(out_path, files, opset, num_nodes, attrs, medusa)
+
+
+def save_model(proto, path: Path, external_data: bool | None = None) -> tuple[Path, ...]:
+    """Write `proto` to `path`; returns the files written. The weights go to `<name>.data` beside
+    it unless `external_data` is False (None: the default, external).
+
+    External weights are what a session should be given: onnxruntime maps them from the file,
+    while weights inside a model handed to it as bytes (as the CPU backend does, since it
+    rewrites the graph on load) stay resident twice: loading a 222 MB engine took 180 MB of
+    resident memory with external weights and 464 MB with them inside (build_engines/README.md).
+    Protobuf's 2 GiB limit needs them external anyway for large models."""
+    import onnx
+
+    data = path.parent / (path.name + EXTERNAL_DATA_SUFFIX)
+    if data.exists():
+        os.remove(data)
+    if external_data is False:
+        onnx.save_model(proto, str(path))
+        return (path,)
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return (path, data) if data.exists() else (path,)
 
 
 def _finish_model(proto, opset: int) -> None:
