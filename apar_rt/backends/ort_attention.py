@@ -18,8 +18,9 @@ laid out for ONNX Runtime:
     long group's (prefill chunks, draft trees) in a nested `If` that runs only when the step has
     one; each layer then runs the short group and, in a nested `If`, the long group.
 
-  One If per step costs less than one per layer and one for the index: a decode step's session
-  run was 5-7% shorter on a hidden-512, 8-layer model at batch 1 and 8, and the same on the demo.
+  One If per step instead of one per layer and one for the index: a decode step's session run,
+  in alternating processes, was the same within noise at batch 1 (demo +1%, hidden-512 -1%) and
+  6-8% shorter at batch 8 (demo 1-5% shorter at 32).
 
 Tested against the float64 oracle in tests/test_tree_attention.py (impl "onnx-ort").
 """
