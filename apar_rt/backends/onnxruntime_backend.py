@@ -114,7 +114,7 @@ def _drop_noop_output_casts(g) -> int:
         producer = {o: n for n in g.node for o in n.output}
         uses: dict[str, int] = {}
         for n in g.node:
-            for i in n.input:
+            for i in [*n.input, *_subgraph_reads(n)]:   # a value an If branch reads counts as a use
                 uses[i] = uses.get(i, 0) + 1
         types = _known_types(g)
         for cast in g.node:
