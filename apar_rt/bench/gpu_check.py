@@ -12,7 +12,8 @@ Sections (each recorded even if another fails; DIR/gpu_check.json is rewritten a
 4. a 7B-shaped Llama (32 layers, hidden 4096, 32 heads, vocab 32000, random fp16 weights made on
    the device): median decode-step time at batch 1/8/64 and contexts 512/2048, eager and
    CUDA-graphed, against the HBM floor (weights + KV read over the measured copy bandwidth) and
-   against transformers `generate` (sdpa) on the same weights;
+   against transformers `generate` (sdpa) on the same weights; at batch 1 also the device
+   activities (kernels, copies) one step launches, which its CUDA graph replays;
 5. the attention kernel alone vs `scaled_dot_product_attention` on the same decode batch held as
    contiguous KV, and a mixed step (32 decodes + a 980-token prefill chunk) vs its parts;
 6. the device sampler (`backends/torch_sampler.py`) against the numpy reference on random mixed
@@ -99,6 +100,27 @@ def kernel_ms(fn, device, reps: int = 50) -> float:
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
     return median_ms(fn, device, warmup=1, reps=3)
+
+
+def device_ops_per_call(fn, device) -> int | None:
+    """How many device activities (kernels, copies, memsets) one call of fn() launches, from the
+    profiler's CUDA trace: what a CUDA graph of it replays one by one. None off CUDA, or when the
+    profiler cannot trace the device (e.g. no CUPTI)."""
+    if device.type != "cuda":
+        return None
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        fn()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            sync(device)
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception as e:   # a diagnostic: never fail the section for it
+        print(f"   (device activity count unavailable: {e})", flush=True)
+        return None
 
 
 # ---- section 1: bandwidth -------------------------------------------------------------------------
@@ -349,10 +371,12 @@ def decode_steps(device, dry: bool, bandwidth_GBps: float | None) -> dict:
             graphed = median_ms(lambda: backend.forward(step), device, reps=reps)
             graphs, backend._graphs = backend._graphs, None
             eager = median_ms(lambda: backend.forward(step), device, reps=max(3, reps // 2))
+            # what the graph replays: at batch 1 the gap to the floor is per-launch cost times this
+            ops = device_ops_per_call(lambda: backend.forward(step), device) if B == 1 else None
             backend._graphs = graphs
             floor_bytes = weight_bytes + B * ctx * kv_token_bytes
             row = {"batch": B, "context": ctx, "step_ms_graph": graphed, "step_ms_eager": eager,
-                   "floor_bytes": floor_bytes}
+                   "floor_bytes": floor_bytes, "device_ops_per_step": ops}
             if bandwidth_GBps:
                 row["floor_ms"] = floor_bytes / (bandwidth_GBps * 1e9) * 1e3
                 row["x_floor"] = graphed / row["floor_ms"]
@@ -586,14 +610,16 @@ def summary(data: dict) -> str:
         lines.append(f"oracles: ERROR {orc.get('error')}")
     ds = s.get("decode_steps", {})
     if ds.get("ok"):
-        lines.append(f"{ds['model']} decode step (ms, median)   graph   eager   floor  x_floor   hf(sdpa)  hf/ours")
+        lines.append(f"{ds['model']} decode step (ms, median)   graph   eager   floor  x_floor   hf(sdpa)  hf/ours"
+                     "  device ops")
         for r in ds["rows"]:
             hf = r.get("hf_step_ms")
             hf_s = f"{hf:8.2f}" if isinstance(hf, float) else f"{str(hf)[:8]:>8s}"
             sp = r.get("x_hf_speedup")
+            ops = r.get("device_ops_per_step")
             lines.append(f"  B={r['batch']:<3d} ctx={r['context']:<5d}          {r['step_ms_graph']:7.2f} "
                          f"{r['step_ms_eager']:7.2f} {r.get('floor_ms', 0):7.2f} {r.get('x_floor', 0):7.2f}  "
-                         f"{hf_s}  {sp if sp is None else round(sp, 2)}")
+                         f"{hf_s}  {sp if sp is None else round(sp, 2)}  {'-' if ops is None else ops}")
         e = ds.get("engine", {})
         if e:
             lines.append(f"engine loop (AR greedy) B={e['batch']} prompt {e['prompt']} +{e['new_tokens']}: apar-rt "
