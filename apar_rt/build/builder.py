@@ -50,7 +50,7 @@ class BuildOptions:
     max_prefill_batch: int = 4              # most prefilling sequences in one TensorRT run
     dry_run: bool = False                   # TensorRT: report profiles and memory, build nothing
     opset: int = 18
-    external_data: bool | None = None       # weights in model.onnx.data; False: inside model.onnx
+    external_data: bool = True              # weights in model.onnx.data; False: inside model.onnx
     medusa: bool | None = None              # export MODEL/medusa heads; None: when present
     quantize: str = "none"                  # weight-only: none | int8 | int4 (apar_rt.build.quantize)
     group_size: int = 128                   # input features per quantization scale

@@ -55,7 +55,7 @@ class QuantizeResult:
 
 
 def quantize_onnx(path: str | Path, spec: QuantSpec, *, target: str, vocab_size: int,
-                  external_data: bool | None = None) -> QuantizeResult:
+                  external_data: bool = True) -> QuantizeResult:
     """Quantize model.onnx at `path` in place.
 
     Args:

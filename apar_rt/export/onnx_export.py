@@ -90,7 +90,7 @@ def example_step(cfg, block_size: int, dtype, num_blocks: int = 8):
 
 
 def export_onnx(model_dir: str | Path, out_path: str | Path, *, dtype: str = "float32", block_size: int = 16,
-                opset: int = DEFAULT_OPSET, external_data: bool | None = None, model=None,
+                opset: int = DEFAULT_OPSET, external_data: bool = True, model=None,
                 medusa_dir: str | Path | None = None) -> ExportResult:
     """Write `out_path` (model.onnx) for the checkpoint in `model_dir`.
 
@@ -165,9 +165,9 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, *, dtype: str = "fl
     return ExportResult(out_path, files, opset, num_nodes, attrs, medusa)
 
 
-def save_model(proto, path: Path, external_data: bool | None = None) -> tuple[Path, ...]:
+def save_model(proto, path: Path, external_data: bool = True) -> tuple[Path, ...]:
     """Write `proto` to `path`; returns the files written. The weights go to `<name>.data` beside
-    it unless `external_data` is False (None: the default, external).
+    it unless `external_data` is False.
 
     External weights are what a session should be given: onnxruntime maps them from the file,
     while weights inside a model handed to it as bytes (as the CPU backend does, since it
@@ -179,7 +179,7 @@ def save_model(proto, path: Path, external_data: bool | None = None) -> tuple[Pa
     data = path.parent / (path.name + EXTERNAL_DATA_SUFFIX)
     if data.exists():
         os.remove(data)
-    if external_data is False:
+    if not external_data:
         onnx.save_model(proto, str(path))
         return (path,)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
