@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from apar_rt.kernels.kv_cache import slot_offset
+
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, eps,
@@ -86,8 +88,7 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr, 
             h = tl.arange(0, BLOCK_HKV)
             ok = (h[:, None] < HKV) & (i[None, :] < HALF)
             # pools [num_blocks, block_size, Hkv, D]: head h of a slot at h * D
-            dst = ((slot // BLOCK_SIZE).to(tl.int64) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
-                   + h[:, None] * (2 * HALF) + i[None, :])
+            dst = slot_offset(slot, stride_cb, stride_cs, BLOCK_SIZE) + h[:, None] * (2 * HALF) + i[None, :]
             tl.store(k_cache_ptr + dst, k1, mask=ok)
             tl.store(k_cache_ptr + dst + HALF, k2, mask=ok)
             v = v_ptr + t * stride_vt + h[:, None] * stride_vh + i[None, :]

@@ -8,6 +8,13 @@ import triton.language as tl
 
 
 @triton.jit
+def slot_offset(slot, stride_cb, stride_cs, BLOCK_SIZE: tl.constexpr):
+    """Element offset of flat slot `slot` (block * BLOCK_SIZE + position) in a pool
+    [num_blocks, block_size, ...] with strides stride_cb, stride_cs (int64: pools pass 2^31)."""
+    return (slot // BLOCK_SIZE).to(tl.int64) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+
+
+@triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, token_ids_ptr,
                      stride_kt, stride_vt, stride_cb, stride_cs,
                      ROW: tl.constexpr, BLOCK_ROW: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -18,7 +25,7 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, token_id
         token = tl.load(token_ids_ptr + i) if HAS_TOKEN_IDS else i
         x = tl.arange(0, BLOCK_ROW)
         ok = x < ROW
-        dst = (slot // BLOCK_SIZE).to(tl.int64) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + x
+        dst = slot_offset(slot, stride_cb, stride_cs, BLOCK_SIZE) + x
         tl.store(k_cache_ptr + dst, tl.load(k_ptr + token * stride_kt + x, mask=ok), mask=ok)
         tl.store(v_cache_ptr + dst, tl.load(v_ptr + token * stride_vt + x, mask=ok), mask=ok)
 
