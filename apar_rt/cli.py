@@ -304,12 +304,16 @@ def bench() -> None:
                    "greedy AR stops after the skeleton; that figure is in --json too).")
 @click.option("--apar-max-tokens", type=int, default=256, show_default=True,
               help="max_tokens per request of the --prompts runs.")
+@click.option("--apar-max-num-seqs", type=click.IntRange(min=1), default=None,
+              help="max_num_seqs of apar-rt's APAR runs on --prompts (every branch takes a seat; default: "
+                   "the engine's --max-batch-size, as a server runs it). With no more seats than --batch-sizes, "
+                   "each request's fair share is one seat and none can fork.")
 @click.option("--input-len", type=click.IntRange(min=1), default=None,
               help="With --peer onnxruntime-genai: prompt tokens per request of the AR rows (the built-in "
                    "prompts repeated and cut; default: the built-in prompts, about 40 tokens).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, engine_dir, peer, peer_dir,
-                       prompts_file, apar_max_tokens, input_len, as_json):
+                       prompts_file, apar_max_tokens, apar_max_num_seqs, input_len, as_json):
     """tokens/s of apar-rt generate against a peer engine (transformers or onnxruntime-genai), side by side.
 
     \b
@@ -320,7 +324,8 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
     """
     sizes = _positive_ints(batch_sizes, "--batch-sizes")
     if peer == "onnxruntime-genai":
-        from apar_rt.bench.peer import PeerUnavailable, bench_peer, format_rows as peer_rows
+        from apar_rt.bench.peer import APAR_SEATS_PER_REQUEST, PeerUnavailable, bench_peer, format_rows as peer_rows
+        from apar_rt.build.manifest import read_manifest
 
         if mode != "ar":
             raise click.BadParameter("with --peer onnxruntime-genai the tokens/s rows are AR (the peer has no "
@@ -332,11 +337,16 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
             if input_len + max_tokens > limit:
                 raise click.BadParameter(f"{input_len} prompt tokens + --max-tokens {max_tokens} exceed the "
                                          f"model's {limit} positions", param_hint="--input-len")
+        limit = (read_manifest(engine_dir).max_batch_size if engine_dir
+                 else APAR_SEATS_PER_REQUEST * max(sizes))   # what bench_peer builds
+        if apar_max_num_seqs is not None and apar_max_num_seqs > limit:
+            raise click.BadParameter(f"{apar_max_num_seqs} exceeds the engine's --max-batch-size {limit}",
+                                     param_hint="--apar-max-num-seqs")
         try:
             rows = bench_peer(model, engine=engine_dir, peer_dir=peer_dir, batch_sizes=sizes,
                               max_tokens=max_tokens, repeats=repeats, threads=threads, prompts_file=prompts_file,
                               apar_max_tokens=apar_max_tokens, input_len=input_len,
-                              log=lambda m: click.echo(m, err=True))
+                              apar_max_num_seqs=apar_max_num_seqs, log=lambda m: click.echo(m, err=True))
         except PeerUnavailable as e:
             raise click.ClickException(str(e)) from None
         click.echo(json.dumps(rows, indent=1) if as_json else peer_rows(rows))
@@ -345,6 +355,9 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
         raise click.BadParameter("--prompts needs --peer onnxruntime-genai", param_hint="--prompts")
     if input_len is not None:
         raise click.BadParameter("--input-len needs --peer onnxruntime-genai", param_hint="--input-len")
+    if apar_max_num_seqs is not None:
+        raise click.BadParameter("--apar-max-num-seqs needs --peer onnxruntime-genai",
+                                 param_hint="--apar-max-num-seqs")
     from apar_rt.bench.generate import bench_generate, format_rows
 
     rows = bench_generate(model, sizes, max_tokens, repeats, mode=mode, threads=threads, engine=engine_dir)

@@ -79,3 +79,19 @@ def test_decode_steps_are_timed_on_both_sides(both):
                                   "ar_ratio": 0.5, "apar_rt_decode_ms": None, "peer_decode_ms": None,
                                   "decode_ratio": None}])
     assert rows.splitlines()[1].split()[5:8] == ["-", "-", "-"]   # --max-tokens 1: no decode step
+
+
+def test_apar_runs_get_the_engines_seats_unless_told(both, tiny_gqa):
+    """With only `batch` seats the fair share is one seat per request and no request can fork, so
+    the APAR runs default to the engine's --max-batch-size; more than that is refused up front."""
+    from apar_rt.cli import main
+
+    llm, _ = both
+    engine = str(llm.engine.backend.engine_dir)   # built with --max-batch-size 4
+    assert peer_mod.apar_seats(engine, None) == 4 and peer_mod.apar_seats(engine, 3) == 3
+    with pytest.raises(ValueError, match="--apar-max-num-seqs 5 exceeds the engine's --max-batch-size 4"):
+        peer_mod.apar_seats(engine, 5)
+    res = CliRunner().invoke(main, ["bench", "generate", "--model", str(tiny_gqa[0]), "--engine", engine, "--peer",
+                                    "onnxruntime-genai", "--apar-max-num-seqs", "5"])
+    assert res.exit_code == 2 and "--apar-max-num-seqs" in res.output and "--max-batch-size 4" in res.output, \
+        res.output

@@ -14,7 +14,9 @@ Measures:
   against the peer's `generate_next_token` after its first token;
 * requests/s on a prompt set (the held-out prompts): apar-rt in `--mode apar` (EOS honoured)
   against the peer's AR decoding each prompt to the length of apar-rt's AR answer, `batch`
-  requests at a time (see `_requests_per_s`).
+  requests at a time (see `_requests_per_s`). The APAR runs get the engine's seats
+  (`apar_max_num_seqs`, default its --max-batch-size), as a server runs it: with only `batch`
+  seats, the fair share is one seat per request and no request could fork.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 PEER = "onnxruntime-genai"
+APAR_SEATS_PER_REQUEST = 4   # an engine built for the comparison holds 4 seats per request of the largest batch
 INSTALL_HINT = "pip install onnxruntime-genai  (or: pip install 'apar-rt[peer]')"
 
 
@@ -156,12 +159,15 @@ def _interleave(run_a, run_b, repeats: int) -> tuple[list[float], list[float], i
 def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = None, batch_sizes=(1, 8),
                max_tokens: int = 64, repeats: int = 5, threads: int | None = None,
                prompts_file: str | None = None, apar_max_tokens: int = 256, input_len: int | None = None,
-               log=print) -> list[dict]:
+               apar_max_num_seqs: int | None = None, log=print) -> list[dict]:
     """Rows of AR tokens/s (and, with `prompts_file`, APAR requests/s) against onnxruntime-genai.
 
     input_len: prompt tokens per request of the AR rows (the built-in prompts' tokens repeated and
     cut to that length; default: the built-in prompts as they are). Prefill and the growing
     context's decode cost are both in the tokens/s, as a user sees them.
+    apar_max_num_seqs: the APAR runs' max_num_seqs (all branches of all requests in a step; at
+    most the engine's --max-batch-size, which is the default). An engine built here gets
+    `APAR_SEATS_PER_REQUEST` times the largest batch.
 
     Raises:
         PeerUnavailable: onnxruntime-genai is missing (the message says how to install it) or its
@@ -180,7 +186,9 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
             engine = str(Path(tmp.name) / "apar-rt")
             log(f"building the apar-rt onnxruntime engine into {engine}")
             build(BuildOptions(model=str(model), output=engine, backend="onnxruntime", dtype="float32",
-                               max_batch_size=max(batch_sizes), medusa=False), progress=False, log=lambda m: None)
+                               max_batch_size=APAR_SEATS_PER_REQUEST * max(batch_sizes), medusa=False),
+                  progress=False, log=lambda m: None)
+        seats = apar_seats(engine, apar_max_num_seqs)
         peer_path = build_peer_model(model, Path(peer_dir) if peer_dir else Path(tmp.name) / "peer", threads, log)
         rows = []
         for bs in batch_sizes:
@@ -208,7 +216,7 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
                    "decode_ratio": db / da if da and db else None}
             if prompts_file:
                 row.update(_requests_per_s(engine, peer, load_prompts(prompts_file), bs, apar_max_tokens,
-                                           repeats, threads))
+                                           repeats, threads, seats))
             rows.append(row)
             log(format_rows([row], header=not rows[:-1]))
         return rows
@@ -216,8 +224,23 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
         tmp.cleanup()
 
 
+def apar_seats(engine: str, wanted: int | None) -> int:
+    """The APAR runs' max_num_seqs: `wanted`, else the engine's --max-batch-size.
+
+    Raises:
+        ValueError: `wanted` is above the engine's --max-batch-size.
+    """
+    from apar_rt.build.manifest import read_manifest
+
+    limit = read_manifest(engine).max_batch_size
+    if wanted is not None and wanted > limit:
+        raise ValueError(f"--apar-max-num-seqs {wanted} exceeds the engine's --max-batch-size {limit} "
+                         f"(rebuild the engine with a larger --max-batch-size, or ask for at most {limit})")
+    return wanted or limit
+
+
 def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens: int, repeats: int,
-                    threads: int | None) -> dict:
+                    threads: int | None, seats: int) -> dict:
     """apar-rt APAR against the peer's AR on a prompt set, `bs` requests at a time.
 
     The peer cannot ban the control tokens, so its greedy AR on an APAR-trained model stops
@@ -225,6 +248,8 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
     decodes each prompt to the length of apar-rt's AR answer (EOS ignored; a wave runs to its
     longest answer, as static batching does): the same answers' worth of tokens. Its to-EOS
     figure is reported too.
+
+    seats: apar-rt's max_num_seqs in APAR mode.
     """
     from apar_rt import SamplingParams
 
@@ -232,7 +257,7 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
     ids = [ar.engine.encode(r["prompt"]) for r in prompts]
     params = SamplingParams(max_tokens=max_tokens)
     ar_lens = [o.stats["generated_tokens"] for o in ar.generate(prompt_token_ids=ids, params=params)]
-    llm = _ours(engine, "apar", threads, max(bs, 8))
+    llm = _ours(engine, "apar", threads, seats)
     waves = [range(i, min(i + bs, len(ids))) for i in range(0, len(ids), bs)]
 
     def run_ours():
@@ -255,7 +280,8 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
 
     peer_eos()
     ma, mb = statistics.median(ta), statistics.median(tb)
-    return {"prompts": len(ids), "apar_max_tokens": max_tokens, "apar_rt_apar_req_s": na / ma,
+    return {"prompts": len(ids), "apar_max_tokens": max_tokens, "apar_max_num_seqs": seats,
+            "apar_rt_apar_req_s": na / ma,
             "peer_ar_req_s": nb / mb, "req_ratio": (na / ma) / (nb / mb),
             "mean_ar_answer_tokens": statistics.mean(ar_lens), "peer_ar_to_eos_req_s": len(ids) / te[0]}
 
@@ -263,7 +289,7 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
 def format_rows(rows: list[dict], header: bool = True) -> str:
     head = (f"{'batch':>5} {'prompt':>6} {'apar-rt AR tok/s':>16} {PEER + ' AR tok/s':>26} {'ratio':>6}"
             f" {'apar-rt ms/step':>15} {PEER + ' ms/step':>25} {'ratio':>6}"
-            f" {'apar-rt APAR req/s':>18} {PEER + ' AR req/s':>26} {'ratio':>6}")
+            f" {'apar-rt APAR req/s':>18} {PEER + ' AR req/s':>26} {'ratio':>6} {'seats':>5}")
     lines = [head] if header else []
     for r in rows:
         if r.get("decode_ratio") is not None:
@@ -271,6 +297,7 @@ def format_rows(rows: list[dict], header: bool = True) -> str:
         else:   # --max-tokens 1: no decode step
             dec = f" {'-':>15} {'-':>25} {'-':>6}"
         req = (f" {r['apar_rt_apar_req_s']:>18.2f} {r['peer_ar_req_s']:>26.2f} {r['req_ratio']:>6.2f}"
+               f" {r['apar_max_num_seqs']:>5}"
                if "req_ratio" in r else "")
         lines.append(f"{r['batch']:>5} {r['input_len']:>6.0f} {r['apar_rt_ar_tok_s']:>16.1f} {r['peer_ar_tok_s']:>26.1f} "
                      f"{r['ar_ratio']:>6.2f}{dec}{req}")
