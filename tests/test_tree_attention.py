@@ -206,20 +206,22 @@ def run_op(step: Step) -> torch.Tensor:
 _SESSIONS: dict = {}
 
 
-def ort_feeds(feeds: dict, block_size: int) -> dict:
+def ort_feeds(feeds: dict, block_size: int, small: bool = True) -> dict:
     """The op's feeds as the onnxruntime CPU rewrite takes them: head-major pools, and the decode
-    index the backend computes on the host (`ort_attention.decode_feeds`)."""
+    or small-step index the backend computes on the host (`ort_attention.decode_feeds`; without
+    `small`, a small step takes the general branch)."""
     from apar_rt.backends.ort_attention import decode_feeds, to_head_major
 
     feeds = dict(feeds, k_cache=to_head_major(feeds["k_cache"]), v_cache=to_head_major(feeds["v_cache"]))
     feeds.update(decode_feeds(feeds["block_tables"], feeds["context_lens"], feeds["query_start"], feeds["mask"],
-                              block_size))
+                              block_size, small=small))
     return feeds
 
 
-def run_onnx(step: Step, ort_body: bool = False) -> torch.Tensor:
+def run_onnx(step: Step, ort_body: bool = False, small: bool = True) -> torch.Tensor:
     """The ONNX local function (apar_rt.export.op), inlined and run by onnxruntime; with
-    `ort_body`, the graph the onnxruntime CPU backend runs instead (`ort_attention.rewrite`)."""
+    `ort_body`, the graph the onnxruntime CPU backend runs instead (`ort_attention.rewrite`),
+    where `small` lets small steps take their own branch (else the general one)."""
     ort = pytest.importorskip("onnxruntime")
     from apar_rt.export import op as aop
 
@@ -235,7 +237,7 @@ def run_onnx(step: Step, ort_body: bool = False) -> torch.Tensor:
         _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}
     if ort_body:
-        feeds = ort_feeds(feeds, bs)
+        feeds = ort_feeds(feeds, bs, small)
     return torch.from_numpy(_SESSIONS[key].run(None, feeds)[0])
 
 
@@ -244,6 +246,7 @@ IMPLS = {
     "op": run_op,
     "onnx": run_onnx,
     "onnx-ort": lambda s: run_onnx(s, ort_body=True),
+    "onnx-ort-general": lambda s: run_onnx(s, ort_body=True, small=False),
 }
 HEADS = [(4, 4), (4, 2), (4, 1)]
 SEEDS = [0, 1, 2]
@@ -551,17 +554,25 @@ def _ort_float_intermediates(step: Step) -> int:
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2)])
-def test_cpu_rewrite_runs_decode_steps_on_its_decode_path(hq, hkv):
-    """A decode step (at most one new token per sequence) takes `attend_decode` in every layer and
-    none of the general path's nodes; a step with a two-token sequence (a fork whose parent ended
-    before computing [Fork], a small draft tree) takes the general path. Both give the oracle's
-    result (the tests above); this checks which nodes run."""
+def test_cpu_rewrite_runs_each_step_on_its_own_path(hq, hkv):
+    """A decode step (at most one new token per sequence) takes `attend_decode` in every layer; a
+    small step (a fork whose parent ended before computing [Fork], a draft tree, next to decodes)
+    takes `attend_small`; a step with a chunk longer than SMALL_MAX_QUERY, or whose padding to the
+    longest query would pass SMALL_MAX_PADDING times its tokens, takes the general path. Each runs
+    none of the others' nodes. All give the oracle's result (the tests above); this checks which
+    nodes run."""
+    from apar_rt.backends.ort_attention import SMALL_MAX_PADDING, SMALL_MAX_QUERY
+
     rng = random.Random(5)
     decode = [make_seq(rng, "empty"), make_seq(rng, "decode", 9), make_seq(rng, "decode", 0)]
     two = [make_seq(rng, "decode", 9), Seq("tree", 6, tree_mask([-1, 0]))]
-    for seqs, runs, skips in ((decode, "/decode/", "/general/"), (two, "/general/", "/decode/")):
+    chunk = [make_seq(rng, "decode", 3), Seq("prefill", 5, causal(SMALL_MAX_QUERY + 1))]
+    padded = [Seq("decode", 4, [[True]]) for _ in range(2 * SMALL_MAX_PADDING)] + [Seq("prefill", 0, causal(16))]
+    paths = ("/decode/", "/small/", "/general/")
+    for seqs, runs in ((decode, "/decode/"), (two, "/small/"), (chunk, "/general/"), (padded, "/general/")):
         names = [o for n in _ort_taken(build_step(0, seqs, hq=hq, hkv=hkv, block_size=4))[0] for o in n.output]
-        assert any(runs in o for o in names) and not any(skips in o for o in names), (runs, skips)
+        assert any(runs in o for o in names), runs
+        assert not any(p in o for o in names for p in paths if p != runs), runs
 
 
 def test_onnx_mixed_step_costs_its_parts_in_the_cpu_rewrite():

@@ -34,12 +34,19 @@ import numpy as np
 from apar_rt.export import attention_body as ab
 from apar_rt.export.op import OP_DOMAIN, OP_INPUTS, OP_TYPE, AttentionAttrs
 
-DECODE_INPUTS = ("apar_decode", "apar_decode_slots", "apar_decode_bias", "apar_decode_split")   # decode_feeds
-# decode_feeds on any other step (read-only)
-_NOT_DECODE = {"apar_decode": np.zeros(1, np.bool_), "apar_decode_slots": np.zeros((1, 1), np.int32),
-               "apar_decode_bias": np.zeros((1, 1, 1), np.float32), "apar_decode_split": np.array([0, 1], np.int64)}
-for _a in _NOT_DECODE.values():
+DECODE_INPUTS = ("apar_decode", "apar_decode_slots", "apar_decode_bias", "apar_decode_split",   # decode_feeds
+                 "apar_small", "apar_small_rows", "apar_small_out_rows")
+SMALL_MAX_QUERY = 64    # a small step: no sequence has more new tokens than this (a Medusa tree, a fork) ...
+SMALL_MAX_PADDING = 4   # ... and its [sequences, longest query] rows are at most this many times its tokens
+# decode_feeds' placeholders for the inputs a step's branch does not read (read-only)
+_UNUSED = {"apar_decode": np.zeros(1, np.bool_), "apar_decode_slots": np.zeros((1, 1), np.int32),
+           "apar_decode_bias": np.zeros((1, 1, 1), np.float32), "apar_decode_split": np.array([0, 1], np.int64),
+           "apar_small": np.zeros(1, np.bool_), "apar_small_rows": np.zeros(1, np.int32),
+           "apar_small_out_rows": np.zeros(1, np.int32)}
+for _a in _UNUSED.values():
     _a.flags.writeable = False
+_TRUE = np.ones(1, np.bool_)
+_TRUE.flags.writeable = False
 STEP_INPUTS = OP_INPUTS[5:]   # block_tables, context_lens, query_start, mask: shared by every layer
 POOL_LAYOUT = "[num_kv_heads, num_blocks * block_size, head_size]"   # the pools the rewritten graph takes
 
@@ -84,7 +91,7 @@ def rewrite(model) -> int:
     # short group and, in a nested If, the long group. The rest of the graph is in both branches;
     # the weights stay initializers of the main graph, read by both (one copy, prepacked once).
     I64, F32 = TensorProto.INT64, TensorProto.FLOAT
-    decode, dec_slots, dec_bias, dec_split = DECODE_INPUTS
+    decode, dec_slots, dec_bias, dec_split, small, small_rows, small_out_rows = DECODE_INPUTS
 
     def if_node(into: list, cond, then_b, then_outs, else_b, else_outs, tag, types) -> list[str]:
         """An If node appended to the node list `into`, its branches the nodes of `then_b` / `else_b`
@@ -121,14 +128,19 @@ def rewrite(model) -> int:
                                              tables="", vis="") for o in (short_outs, long_outs[:8]))
     short_slots, short_bias, long_slots, long_bias = short_outs[6], short_outs[7], long_outs[6], long_outs[7]
     rows = long_outs[8]
+    sm = ab.Nodes(attrs, "apar/small/", inputs)        # the small branch's shapes, once per step
+    small_ix = ab.small_index(sm, small_rows, small_out_rows, dec_slots, dec_bias, dec_split)
 
     # ---- layer math ----
-    decode_layer, general_layer = {}, {}
+    decode_layer, small_layer, general_layer = {}, {}, {}
     for i, n in enumerate(nodes):
         q, k, v, k_cache, v_cache = n.input[:5]
         # a decode step: about 20 nodes (attend_decode)
         db = ab.Nodes(attrs, f"apar/l{i}/decode/", inputs)
         dec_out = ab.attend_decode(db, dec_slots, dec_bias, dec_split, q, k, v, k_cache, v_cache)
+        # a small step (draft trees, a fork's two tokens): about 30 nodes (attend_small)
+        sb = ab.Nodes(attrs, f"apar/l{i}/small/", inputs)
+        small_out = ab.attend_small(sb, small_ix, q, k, v, k_cache, v_cache)
         # any other step: the short group, and the long group when the step has one
         gb = ab.Nodes(attrs, f"apar/l{i}/general/", inputs)
         q2 = gb.reshape(q, [gb.dim(q, 0), gb.op("Mul", [gb.Hq, gb.D])])             # [T, Hq * D]
@@ -141,26 +153,35 @@ def rewrite(model) -> int:
         none_out = nb.empty([0, attrs.num_heads, attrs.head_size], F32)
         long_if, = if_node(gb.nodes, any_long, lb, [long_out], nb, [none_out], f"l{i}/long_attention", [F32])
         gen_out = gb.op("Gather", [gb.op("Concat", [short_out, long_if], axis=0), rows], axis=0)
-        for b, out, into in ((db, dec_out, decode_layer), (gb, gen_out, general_layer)):
+        for b, out, into in ((db, dec_out, decode_layer), (sb, small_out, small_layer), (gb, gen_out, general_layer)):
             b.nodes.append(helper.make_node("Identity", [out], [n.output[0]]) if dtype == TensorProto.FLOAT
                            else helper.make_node("Cast", [out], [n.output[0]], to=dtype))
             into[id(n)] = b.nodes
     decode_nodes: list = []
+    small_nodes: list = []
     general_nodes: list = []
-    index = gen.nodes
+    index, shapes = gen.nodes, sm.nodes
     for n in g.node:
         if id(n) in decode_layer:
             general_nodes += index    # the index math goes right before the first layer's attention
-            index = []
+            small_nodes += shapes
+            index = shapes = []
             decode_nodes += decode_layer[id(n)]
+            small_nodes += small_layer[id(n)]
             general_nodes += general_layer[id(n)]
         else:
             decode_nodes.append(n)
+            small_nodes.append(n)
             general_nodes.append(n)
     outs = [(o.name, o.type.tensor_type.elem_type) for o in g.output]
+    not_decode = [("apar/notDecode/" + name, t) for name, t in outs]
+    other = helper.make_node("If", [small], [name for name, _ in not_decode], name="apar/notDecode",
+                             then_branch=_body(small_nodes, outs, "apar/smallStep/"),
+                             else_branch=_body(general_nodes, outs, "apar/anyStep/"))
     step = helper.make_node("If", [decode], [name for name, _ in outs], name="apar/step",
                             then_branch=_body(decode_nodes, outs, "apar/decodeStep/"),
-                            else_branch=_body(general_nodes, outs, "apar/anyStep/"))
+                            else_branch=_branch([other], [name for name, _ in not_decode],
+                                                [t for _, t in not_decode], "apar_notDecode"))
     del g.node[:]
     g.node.append(step)
     _declare_head_major_pools(g, {name for n in nodes for name in n.input[3:5]}, attrs)
@@ -235,8 +256,10 @@ def _declare_decode_inputs(g) -> None:
     """Declare DECODE_INPUTS as graph inputs (what `decode_feeds` gives)."""
     from onnx import TensorProto, helper
 
-    shapes = {"apar_decode": (TensorProto.BOOL, [1]), "apar_decode_slots": (TensorProto.INT32, ["T", "L"]),
-              "apar_decode_bias": (TensorProto.FLOAT, ["T", 1, "K"]), "apar_decode_split": (TensorProto.INT64, [2])}
+    shapes = {"apar_decode": (TensorProto.BOOL, [1]), "apar_decode_slots": (TensorProto.INT32, ["S", "L"]),
+              "apar_decode_bias": (TensorProto.FLOAT, ["S", "Q", "K"]), "apar_decode_split": (TensorProto.INT64, [2]),
+              "apar_small": (TensorProto.BOOL, [1]), "apar_small_rows": (TensorProto.INT32, ["R"]),
+              "apar_small_out_rows": (TensorProto.INT32, ["T"])}
     g.input.extend(helper.make_tensor_value_info(name, *shapes[name]) for name in DECODE_INPUTS)
 
 
@@ -245,26 +268,29 @@ def _block_offsets(block_size: int):
     return np.arange(block_size, dtype=np.int32)
 
 
-def decode_feeds(block_tables, context_lens, query_start, mask, block_size: int) -> dict:
+def decode_feeds(block_tables, context_lens, query_start, mask, block_size: int, small: bool = True) -> dict:
     """The rewritten graph's DECODE_INPUTS for one step (numpy; its other inputs as `step_io`
-    packs them, padding sequences included).
+    packs them, padding sequences included). They pick the step's branch and carry its index:
 
-    On a decode step (every sequence has at most one new token) the graph takes its attention
-    index from these, instead of computing it in about 55 nodes: the T sequences with a token,
-    in order (token t is the t-th one's), and L, the longest context rounded up to whole blocks.
-    - apar_decode [1]: True;
-    - apar_decode_slots [T, L]: the pool slot of each context position, through the block table;
-    - apar_decode_bias [T, 1, L+1]: 0 where the token sees the key, float32's lowest elsewhere:
-      context positions below its context length, then the token itself (mask[t, 0]);
-    - apar_decode_split [2]: (L, 1).
-    On any other step apar_decode is False and the rest are placeholders the graph does not read.
+    - a decode step (every sequence has at most one new token) takes its attention index from
+      these instead of computing it in about 55 nodes: the T sequences with a token, in order
+      (token t is the t-th one's), and L, the longest context rounded up to whole blocks.
+      - apar_decode [1]: True;
+      - apar_decode_slots [T, L]: the pool slot of each context position, through the block table;
+      - apar_decode_bias [T, 1, L+1]: 0 where the token sees the key, float32's lowest elsewhere:
+        context positions below its context length, then the token itself (mask[t, 0]);
+      - apar_decode_split [2]: (L, 1).
+    - a small step (`small_feeds`; with `small`) has apar_small True, and the same three inputs
+      in the small layout, with its rows.
+    - on any other step both flags are False and the rest are placeholders the graph does not read.
     The arguments are numpy arrays (block_tables and context_lens int32, as `step_io` packs them).
     """
     ctx, tables = context_lens, block_tables
     if mask.shape[1] > 1 or len(mask) != len(ctx):   # not every sequence has exactly one new token
         q_len = np.diff(query_start)
         if q_len.max() > 1:
-            return _NOT_DECODE
+            got = small_feeds(block_tables, context_lens, query_start, mask, block_size) if small else None
+            return _UNUSED if got is None else got
         seq = np.flatnonzero(q_len)
         ctx, tables = ctx[seq], tables[seq]
     nblk = -(-int(ctx.max()) // block_size)
@@ -273,5 +299,42 @@ def decode_feeds(block_tables, context_lens, query_start, mask, block_size: int)
     vis = np.arange(L + 1) < ctx[:, None]
     vis[:, L] = mask[:, 0]
     bias = np.where(vis, np.float32(0), np.float32(ab.FLOAT32_LOWEST))[:, None, :]
-    return {"apar_decode": np.ones(1, np.bool_), "apar_decode_slots": slots, "apar_decode_bias": bias,
-            "apar_decode_split": np.array([L, 1], np.int64)}
+    return dict(_UNUSED, apar_decode=_TRUE, apar_decode_slots=slots, apar_decode_bias=bias,
+                apar_decode_split=np.array([L, 1], np.int64))
+
+
+def small_feeds(block_tables, context_lens, query_start, mask, block_size: int) -> dict | None:
+    """A small step's DECODE_INPUTS, or None when the step is not small (a long chunk, or
+    sequences whose query lengths differ so much that padding them to the longest costs more
+    than SMALL_MAX_PADDING times the step's tokens).
+
+    With B the sequences that have new tokens, Q the longest query and L the longest context
+    rounded up to whole blocks (`ab.attend_small` reads them so):
+    - apar_small [1]: True (apar_decode False);
+    - apar_small_rows [B*Q]: row j of sequence i is its j-th new token's packed row (padding
+      rows repeat its first token);
+    - apar_small_out_rows [T]: each packed token's place i*Q + j in that layout;
+    - apar_decode_slots [B, L]: each sequence's context slots, through its block table;
+    - apar_decode_bias [B, Q, L+Q]: 0 where query j sees the key, float32's lowest elsewhere:
+      context positions below the sequence's context length, then its new tokens as `mask` says;
+    - apar_decode_split [2]: (L, Q)."""
+    q_len = np.diff(query_start)
+    seq = np.flatnonzero(q_len)
+    Q, B, T = int(q_len.max()), len(seq), int(query_start[-1])
+    if Q > SMALL_MAX_QUERY or B * Q > SMALL_MAX_PADDING * T:
+        return None
+    n, first = q_len[seq], query_start[seq]
+    ctx, tables = context_lens[seq], block_tables[seq]
+    j = np.arange(Q, dtype=np.int32)
+    valid = j < n[:, None]                                                         # [B, Q]
+    rows = np.where(valid, first[:, None] + j, first[:, None]).astype(np.int32)
+    out_rows = (np.arange(B, dtype=np.int32)[:, None] * Q + j)[valid]
+    nblk = -(-int(ctx.max()) // block_size)
+    L = nblk * block_size
+    slots = (tables[:, :nblk, None] * np.int32(block_size) + _block_offsets(block_size)).reshape(B, L)
+    vis = np.empty((B, Q, L + Q), np.bool_)
+    vis[:, :, :L] = (np.arange(L) < ctx[:, None])[:, None, :]
+    vis[:, :, L:] = mask[rows, :Q] & valid[:, None, :] & valid[:, :, None]
+    bias = np.where(vis, np.float32(0), np.float32(ab.FLOAT32_LOWEST))
+    return dict(_UNUSED, apar_small=_TRUE, apar_small_rows=rows.reshape(-1), apar_small_out_rows=out_rows,
+                apar_decode_slots=slots, apar_decode_bias=bias, apar_decode_split=np.array([L, Q], np.int64))

@@ -404,3 +404,64 @@ def attend_decode(b: Nodes, slots: str, bias: str, split: str, q: str, k: str, v
     b.nodes.append(helper.make_node("Split", [probs, split], [p_ctx, p_new], axis=3))
     out = b.op("Add", [b.op("MatMul", [p_ctx, ctx_v]), b.op("Mul", [p_new, new_v])])   # [Hkv, T, G, D]
     return b.op("Reshape", [b.op("Transpose", [out], perm=[1, 0, 2, 3]), b.const([-1, a.num_heads, D])])
+
+
+@dataclass(frozen=True)
+class SmallIndex:
+    """A small step's index (`ort_attention.decode_feeds`) and the shapes its layers share,
+    computed once per step by `small_index`."""
+
+    rows: str        # [B*Q]: the packed row of each (sequence, new token j), padding repeats a row of its own
+    out_rows: str    # [T]: each packed token's place in the [B*Q] layout
+    slots: str       # [B, L]: each sequence's context slots
+    bias: str        # [B, Q*G, L+Q]: 0 where the row sees the key, float32's lowest elsewhere
+    split: str       # [2]: (L, Q)
+    q_shape: str     # [Hkv, B*Q, G, D] -> [Hkv, B, Q*G, D]
+    kv_shape: str    # [B*Q, Hkv, D] -> [B, Q, Hkv, D]
+
+
+def small_index(b: Nodes, rows: str, out_rows: str, slots: str, bias: str, split: str) -> SmallIndex:
+    """The shapes a small step's layers share, from the host's index (`b.attrs` known); the
+    bias [B, Q, L+Q] is repeated over each query's G heads, once per step."""
+    a = b.attrs
+    G = a.num_heads // a.num_kv_heads
+    Q = b.op("Slice", [split, b.i1, b.i2])
+    q_shape = b.op("Concat", [b.const([0, -1]), b.op("Mul", [Q, b.const([G])]), b.const([0])], axis=0)
+    kv_shape = b.op("Concat", [b.const([-1]), Q, b.const([a.num_kv_heads, a.head_size])], axis=0)
+    if G > 1:
+        bias_shape = b.op("Shape", [bias])
+        expanded = b.op("Expand", [b.op("Unsqueeze", [bias, b.const([2])]),
+                                   b.op("Concat", [b.op("Slice", [bias_shape, b.i0, b.i2]), b.const([G]),
+                                                   b.op("Slice", [bias_shape, b.i2, b.i3])], axis=0)])
+        bias = b.op("Reshape", [expanded, b.op("Concat", [b.const([0, -1]), b.op("Slice", [bias_shape, b.i2, b.i3])],
+                                                        axis=0)])
+    return SmallIndex(rows, out_rows, slots, bias, split, q_shape, kv_shape)
+
+
+def attend_small(b: Nodes, ix: SmallIndex, q: str, k: str, v: str, k_pool: str, v_pool: str) -> str:
+    """Layer math of a small step over head-major pools [Hkv, slots, D] (the CPU rewrite;
+    `b.attrs` known): every sequence has at most Q new tokens (a Medusa draft tree, a fork's
+    first two tokens, a short chunk), and its Q (padded) query rows read its context, gathered
+    once, as one matrix: row (j, g) of sequence i is its j-th token's g-th query head of the
+    group. The new keys are the sequence's own Q tokens, seen as the step's mask says. The same
+    math as `attend_head_major` on `short_group`'s index of such a step, with the index from the
+    host (`ort_attention.decode_feeds`).
+
+    q [T, Hq, D], k and v [T, Hkv, D]. Returns [T, Hq, D] float32."""
+    from onnx import helper
+
+    a, F32 = b.attrs, b.F32
+    Hkv, G, D = a.num_kv_heads, a.num_heads // a.num_kv_heads, a.head_size
+    ctx_k, ctx_v = (b.op("Cast", [b.op("Gather", [pool, ix.slots], axis=1)], to=F32) for pool in (k_pool, v_pool))
+    new_k, new_v = (b.op("Transpose", [b.op("Reshape", [b.op("Gather", [b.op("Cast", [x], to=F32), ix.rows], axis=0),
+                                                    ix.kv_shape])], perm=[2, 0, 1, 3])
+                    for x in (k, v))                                             # [Hkv, B, Q, D]
+    qg = b.op("Gather", [b.op("Reshape", [b.op("Cast", [q], to=F32), b.const([-1, Hkv, G, D])]), ix.rows], axis=0)
+    qg = b.op("Reshape", [b.op("Transpose", [qg], perm=[1, 0, 2, 3]), ix.q_shape])         # [Hkv, B, Q*G, D]
+    scores = b.op("Concat", [b.fused_matmul_t(qg, ctx_k, a.scale), b.fused_matmul_t(qg, new_k, a.scale)], axis=3)
+    probs = b.op("Softmax", [b.op("Add", [scores, ix.bias])], axis=-1)            # [Hkv, B, Q*G, L+Q]
+    p_ctx, p_new = b.name("p_ctx"), b.name("p_new")
+    b.nodes.append(helper.make_node("Split", [probs, ix.split], [p_ctx, p_new], axis=3))
+    out = b.op("Add", [b.op("MatMul", [p_ctx, ctx_v]), b.op("MatMul", [p_new, new_v])])   # [Hkv, B, Q*G, D]
+    out = b.op("Transpose", [b.op("Reshape", [out, b.const([Hkv, -1, G, D])])], perm=[1, 0, 2, 3])  # [B*Q, Hkv, G, D]
+    return b.op("Gather", [b.op("Reshape", [out, b.const([-1, a.num_heads, D])]), ix.out_rows], axis=0)
