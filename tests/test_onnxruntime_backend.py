@@ -236,19 +236,21 @@ def test_medusa_heads_in_the_graph_match_torch(medusa_engine):
 def test_cpu_logits_are_written_by_the_heads_without_a_copy(medusa_engine):
     """The exporter's Casts of float32 logits to float32 make the graph outputs on disk; onnxruntime
     keeps a node that makes a graph output, so the CPU session graph lets the lm_head MatMul and
-    the Medusa heads' Concat write their outputs themselves, in both bodies of the step (their
+    the Medusa heads' Concat write their outputs themselves, in every body of the step (their
     values against torch: the test above). A Cast that does change the type stays."""
     import onnx
     from onnx import TensorProto, helper
 
     from apar_rt.backends.onnxruntime_backend import _drop_noop_output_casts, _session_model
+    from apar_rt.backends.ort_attention import step_bodies
 
     _, engine = medusa_engine
     on_disk = onnx.load(str(engine / "model.onnx"), load_external_data=False).graph
     made_by = {o: n.op_type for n in on_disk.node for o in n.output}
     assert made_by["logits"] == made_by[step_io.MEDUSA_LOGITS] == "Cast"
-    (step,) = onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)).graph.node
-    for body in (a.g for a in step.attribute):
+    found = step_bodies(onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)).graph)
+    assert len(found) == 3   # decode, small, general
+    for body in found:
         made_by = {o: n.op_type for n in body.node for o in n.output}
         assert [made_by[o.name] for o in body.output[:2]] == ["MatMul", "Concat"]
     w = helper.make_tensor("w", TensorProto.FLOAT, [2, 2], [1.0, 0.0, 0.0, 1.0])
@@ -334,14 +336,16 @@ def test_rotary_embeddings_are_fused_for_the_cpu(request, which):
     import onnx
 
     from apar_rt.backends.onnxruntime_backend import _session_model
+    from apar_rt.backends.ort_attention import step_bodies
     from apar_rt.backends.ort_rotary import _constants
     from apar_rt.config import ModelConfig
 
     model, engine = request.getfixturevalue(which)
     layers = ModelConfig.from_dir(model).num_hidden_layers
     main = onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)).graph
-    (step,) = main.node   # the step's If: a decode step's body and any other step's
-    for graph in (a.g for a in step.attribute):
+    bodies = step_bodies(main)   # a decode step's body, a small step's and any other step's
+    assert len(bodies) == 3
+    for graph in bodies:
         ops = [n.op_type for n in graph.node]
         assert ops.count("RotaryEmbedding") == 2 * layers
         consts = _constants(graph)
