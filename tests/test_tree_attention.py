@@ -324,6 +324,18 @@ def test_mixed_prefill_decode_tree(impl, hq, hkv, block_size, seed):
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_draft_trees_of_one_shape(impl, hq, hkv, seed):
+    """Medusa's step: every sequence verifies a tree of the same shape (a small step with no
+    padding row on the CPU rewrite), at different contexts, one of them empty."""
+    rng = random.Random(400 + seed)
+    parents = random_parents(rng, rng.randrange(2, 9))
+    seqs = [Seq("tree", ctx, tree_mask(parents)) for ctx in (rng.randrange(1, 14), 0, rng.randrange(5, 20))]
+    check(build_step(seed, seqs, hq=hq, hkv=hkv, block_size=4), IMPLS[impl])
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("seed", SEEDS)
 def test_padding_entries_point_at_live_blocks(impl, seed):
     """Table entries past context_len may name any block: they must not be read."""

@@ -278,9 +278,12 @@ def _declare_decode_inputs(g) -> None:
     g.input.extend(helper.make_tensor_value_info(name, *shapes[name]) for name in DECODE_INPUTS)
 
 
-@functools.lru_cache(maxsize=None)
-def _block_offsets(block_size: int):
-    return np.arange(block_size, dtype=np.int32)
+@functools.lru_cache(maxsize=256)
+def _arange(n: int):
+    """np.arange(n) as int32, read-only (shared)."""
+    a = np.arange(n, dtype=np.int32)
+    a.flags.writeable = False
+    return a
 
 
 def decode_feeds(block_tables, context_lens, query_start, mask, block_size: int, small: bool = True) -> dict:
@@ -310,8 +313,8 @@ def decode_feeds(block_tables, context_lens, query_start, mask, block_size: int,
         ctx, tables = ctx[seq], tables[seq]
     nblk = -(-int(ctx.max()) // block_size)
     L = nblk * block_size
-    slots = (tables[:, :nblk, None] * np.int32(block_size) + _block_offsets(block_size)).reshape(len(ctx), L)
-    vis = np.arange(L + 1) < ctx[:, None]
+    slots = (tables[:, :nblk, None] * np.int32(block_size) + _arange(block_size)).reshape(len(ctx), L)
+    vis = _arange(L + 1) < ctx[:, None]
     vis[:, L] = mask[:, 0]
     bias = np.where(vis, np.float32(0), np.float32(ab.FLOAT32_LOWEST))[:, None, :]
     return dict(_UNUSED, apar_decode=_TRUE, apar_decode_slots=slots, apar_decode_bias=bias,
@@ -338,18 +341,26 @@ def small_feeds(block_tables, context_lens, query_start, mask, block_size: int) 
     Q, B, T = int(q_len.max()), len(seq), int(query_start[-1])
     if Q > SMALL_MAX_QUERY or B * Q > SMALL_MAX_PADDING * T:
         return None
-    n, first = q_len[seq], query_start[seq]
-    ctx, tables = context_lens[seq], block_tables[seq]
-    j = np.arange(Q, dtype=np.int32)
-    valid = j < n[:, None]                                                         # [B, Q]
-    rows = np.where(valid, first[:, None] + j, first[:, None]).astype(np.int32)
-    out_rows = (np.arange(B, dtype=np.int32)[:, None] * Q + j)[valid]
+    if B == len(q_len):   # no padding sequence
+        n, first, ctx, tables = q_len, query_start[:-1], context_lens, block_tables
+    else:
+        n, first = q_len[seq], query_start[seq]
+        ctx, tables = context_lens[seq], block_tables[seq]
+    j = _arange(Q)
     nblk = -(-int(ctx.max()) // block_size)
     L = nblk * block_size
-    slots = (tables[:, :nblk, None] * np.int32(block_size) + _block_offsets(block_size)).reshape(B, L)
+    slots = (tables[:, :nblk, None] * np.int32(block_size) + _arange(block_size)).reshape(B, L)
     vis = np.empty((B, Q, L + Q), np.bool_)
-    vis[:, :, :L] = (np.arange(L) < ctx[:, None])[:, None, :]
-    vis[:, :, L:] = mask[rows, :Q] & valid[:, None, :] & valid[:, :, None]
+    vis[:, :, :L] = (_arange(L) < ctx[:, None])[:, None, :]
+    if B * Q == T:        # every sequence has Q tokens (draft trees of one shape, one chunk): no padding row
+        rows = (first[:, None] + j).reshape(-1)
+        out_rows = _arange(T)
+        vis[:, :, L:] = mask[:, :Q].reshape(B, Q, Q)
+    else:
+        valid = j < n[:, None]                                                     # [B, Q]
+        rows = np.where(valid, first[:, None] + j, first[:, None]).reshape(-1)
+        out_rows = (_arange(B)[:, None] * Q + j)[valid]
+        vis[:, :, L:] = mask[rows, :Q].reshape(B, Q, Q) & valid[:, None, :] & valid[:, :, None]
     bias = np.where(vis, np.float32(0), np.float32(ab.FLOAT32_LOWEST))
-    return dict(_UNUSED, apar_small=_TRUE, apar_small_rows=rows.reshape(-1), apar_small_out_rows=out_rows,
+    return dict(_UNUSED, apar_small=_TRUE, apar_small_rows=rows.astype(np.int32, copy=False), apar_small_out_rows=out_rows,
                 apar_decode_slots=slots, apar_decode_bias=bias, apar_decode_split=np.array([L, Q], np.int64))
