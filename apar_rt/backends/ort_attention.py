@@ -90,13 +90,14 @@ def rewrite(model) -> int:
     G = attrs.num_heads // attrs.num_kv_heads
     inputs = dict(zip(STEP_INPUTS, step_names))
 
-    # ---- the two bodies ----
-    # The graph becomes one If on apar_decode. A decode step's branch runs every layer's
-    # `attend_decode` on the index that comes with the step (`decode_feeds`). Any other step's
-    # branch computes its index once, the short group's and, in a nested If that runs only when
-    # the step has one, the long group's (prefill chunks, draft trees); each layer then runs the
-    # short group and, in a nested If, the long group. The rest of the graph is in both branches;
-    # the weights stay initializers of the main graph, read by both (one copy, prepacked once).
+    # ---- the three bodies ----
+    # The graph becomes one If on apar_decode, and its else branch one If on apar_small. A decode
+    # step's body runs every layer's `attend_decode` on the index that comes with the step
+    # (`decode_feeds`); a small step's, `attend_small` on its own (`small_feeds`). Any other
+    # step's body computes its index once, the short group's and, in a nested If that runs only
+    # when the step has one, the long group's (prefill chunks); each layer then runs the short
+    # group and, in a nested If, the long group. The rest of the graph is in every body; the
+    # weights stay initializers of the main graph, read by all (one copy, prepacked once).
     I64, F32 = TensorProto.INT64, TensorProto.FLOAT
     decode, dec_slots, dec_bias, dec_split, small, small_rows, small_out_rows = DECODE_INPUTS
 
