@@ -1,0 +1,97 @@
+"""Transparent huge pages for a CPU engine's large, resident memory (Linux).
+
+A decode step on the CPU streams every weight matrix once, and the step's context from the KV
+pool. With 4 KiB pages that is a TLB miss every 4 KiB of a few hundred MB per step. onnxruntime
+allocates its prepacked weights itself, with plain 4 KiB pages unless the whole process runs with
+THP "always" (or glibc's hugetlb tunable). So after the session is built and the pool filled,
+`collapse_new(before)` asks the kernel to back the anonymous mappings made since `before` with
+2 MiB pages: madvise(MADV_HUGEPAGE), then madvise(MADV_COLLAPSE) (Linux 6.1+), which moves the
+pages now, synchronously.
+
+Only mappings that are already mostly resident (RESIDENT_FRACTION) are collapsed, so that
+collapsing does not fill untouched reservations (an allocator's arena) and grow the process.
+Best effort: a kernel without MADV_COLLAPSE, THP set to "never", a non-Linux system, or any
+refusal leaves the pages as they were; the data never changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HUGE_PAGE = 2 << 20          # x86-64 and arm64 (4 KiB base pages) PMD size
+RESIDENT_FRACTION = 0.75     # collapse a mapping only when this much of it is resident already
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
+_MAPS, _SMAPS = Path("/proc/self/maps"), Path("/proc/self/smaps")
+
+
+@dataclass(frozen=True)
+class Collapse:
+    """What `collapse_new` did: bytes asked for (2 MiB-aligned ranges of the mappings that
+    qualified), bytes the kernel collapsed, and the seconds it took."""
+
+    asked: int
+    collapsed: int
+    seconds: float
+
+
+def available() -> bool:
+    """Whether this system can back memory with transparent huge pages on request."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return sys.platform == "linux" and thp.exists() and "[never]" not in thp.read_text()
+
+
+def anonymous_mappings() -> set[tuple[int, int]]:
+    """The process's private, writable anonymous mappings (and its heap), as (start, end)."""
+    if not _MAPS.exists():
+        return set()
+    out = set()
+    for line in _MAPS.read_text().splitlines():
+        parts = line.split()
+        path = parts[5] if len(parts) > 5 else ""
+        if parts[1].startswith("rw") and parts[1].endswith("p") and path in ("", "[heap]"):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.add((start, end))
+    return out
+
+
+def _resident() -> dict[int, int]:
+    """Resident bytes of each mapping, by start address."""
+    rss, start = {}, None
+    for line in _SMAPS.read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            start = int(head.split("-")[0], 16)
+        elif head == "Rss:" and start is not None:
+            rss[start] = int(line.split()[1]) * 1024
+    return rss
+
+
+def collapse_new(before: set[tuple[int, int]]) -> Collapse:
+    """Back the anonymous mappings made since `before` (`anonymous_mappings()` then) with huge
+    pages, where at least RESIDENT_FRACTION of a mapping is resident. Never raises."""
+    t = time.perf_counter()
+    asked = done = 0
+    try:
+        if not available():
+            return Collapse(0, 0, 0.0)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        rss = _resident()
+        for start, end in sorted(anonymous_mappings() - before):
+            lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
+            if hi - lo < HUGE_PAGE or rss.get(start, 0) < RESIDENT_FRACTION * (end - start):
+                continue
+            asked += hi - lo
+            libc.madvise(lo, hi - lo, _MADV_HUGEPAGE)
+            if libc.madvise(lo, hi - lo, _MADV_COLLAPSE) == 0:
+                done += hi - lo
+    except OSError as e:   # no libc to call, /proc unreadable: leave the pages as they are
+        log.debug("huge pages not requested: %s", e)
+    return Collapse(asked, done, time.perf_counter() - t)

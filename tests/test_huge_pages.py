@@ -1,0 +1,77 @@
+"""`backends.huge_pages`: the CPU engine's resident memory moves to 2 MiB pages, its contents
+unchanged, and memory that is mostly not resident is left alone (the process does not grow)."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from apar_rt.backends import huge_pages as hp
+
+pytestmark = pytest.mark.skipif(not hp.available() or not Path("/proc/self/smaps").exists(),
+                                reason="needs Linux with transparent huge pages not set to never")
+
+
+def _mapping_stats(addr: int) -> dict[str, int]:
+    """Rss and AnonHugePages (bytes) of the mapping that holds `addr`."""
+    stats, inside = {}, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= addr < end
+        elif inside and head in ("Rss:", "AnonHugePages:"):
+            stats[head[:-1]] = int(line.split()[1]) * 1024
+    return stats
+
+
+def _anonymous(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_NOHUGEPAGE)           # 4 KiB pages to start with, as onnxruntime's are
+    a = np.frombuffer(m, np.uint8)
+    return m, a
+
+
+def test_resident_memory_is_collapsed_with_its_contents():
+    before = hp.anonymous_mappings()
+    m, a = _anonymous(16 << 20)
+    a[:] = np.random.default_rng(0).integers(0, 256, a.size, dtype=np.uint8)
+    want = a.copy()
+    addr = a.ctypes.data
+    assert _mapping_stats(addr).get("AnonHugePages", 0) == 0
+    m.madvise(mmap.MADV_NORMAL)
+    got = hp.collapse_new(before)
+    if got.asked and not got.collapsed:
+        pytest.skip("the kernel refused MADV_COLLAPSE (before Linux 6.1?)")
+    assert got.asked >= 14 << 20 and got.collapsed >= 14 << 20
+    assert _mapping_stats(addr)["AnonHugePages"] >= 14 << 20
+    assert np.array_equal(a, want)
+    del a
+    m.close()
+
+
+def test_mostly_untouched_memory_is_left_alone():
+    """An allocator's reserve is not filled in: RSS stays what was touched."""
+    before = hp.anonymous_mappings()
+    m, a = _anonymous(64 << 20)
+    a[::1 << 20] = 1                          # 64 pages of 16384 resident
+    m.madvise(mmap.MADV_NORMAL)
+    hp.collapse_new(before)
+    stats = _mapping_stats(a.ctypes.data)
+    assert stats["Rss"] < 1 << 20 and stats.get("AnonHugePages", 0) == 0, stats
+    del a
+    m.close()
+
+
+def test_mappings_from_before_are_not_touched():
+    m, a = _anonymous(8 << 20)
+    a[:] = 7
+    m.madvise(mmap.MADV_NORMAL)
+    got = hp.collapse_new(hp.anonymous_mappings())   # nothing new since
+    assert _mapping_stats(a.ctypes.data).get("AnonHugePages", 0) == 0
+    assert got.asked < 8 << 20
+    del a
+    m.close()
