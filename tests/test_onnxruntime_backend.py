@@ -167,6 +167,26 @@ def test_negative_slots_are_skipped_and_copies_run_first(gqa_engine):
     np.testing.assert_array_equal(be.v_caches[1][3], be.v_caches[1][1])
 
 
+def test_huge_pages_move_the_pool_and_change_no_result(gqa_engine):
+    """On the CPU the weights and the pool go to huge pages once the pool is allocated (in the
+    background); a step gives the same logits and K/V, bit for bit, with and without."""
+    from apar_rt.backends import huge_pages as hp
+
+    _, engine = gqa_engine
+    runs = {}
+    for on in (True, False):
+        be = OnnxRuntimeBackend(str(engine), huge_pages=on)
+        be.allocate_kv(8192, 4)                  # an 8 MiB pool
+        if on:
+            be._huge_pages_thread.join()
+            assert (be.huge_pages.asked >= 6 << 20) == hp.available()
+        else:
+            assert be._huge_pages_thread is None and be.huge_pages is None
+        runs[on] = (be.forward(_one_token_step(4 + 2)).copy(), be.k_caches[0][1, 2].copy())
+    np.testing.assert_array_equal(runs[True][0], runs[False][0])
+    np.testing.assert_array_equal(runs[True][1], runs[False][1])
+
+
 def test_step_larger_than_the_largest_bucket_is_a_bug(gqa_engine):
     _, engine = gqa_engine
     be = OnnxRuntimeBackend(str(engine))
