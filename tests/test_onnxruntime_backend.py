@@ -178,10 +178,9 @@ def test_huge_pages_move_the_pool_and_change_no_result(gqa_engine):
         be = OnnxRuntimeBackend(str(engine), huge_pages=on)
         be.allocate_kv(8192, 4)                  # an 8 MiB pool
         if on:
-            be._huge_pages_thread.join()
-            assert (be.huge_pages.asked >= 6 << 20) == hp.available()
+            assert (be.huge_pages.wait().asked >= 6 << 20) == hp.available()
         else:
-            assert be._huge_pages_thread is None and be.huge_pages is None
+            assert be.huge_pages is None
         runs[on] = (be.forward(_one_token_step(4 + 2)).copy(), be.k_caches[0][1, 2].copy())
     np.testing.assert_array_equal(runs[True][0], runs[False][0])
     np.testing.assert_array_equal(runs[True][1], runs[False][1])

@@ -17,21 +17,17 @@ imported only for a CUDA device.
 
 from __future__ import annotations
 
-import logging
-import threading
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from apar_rt.backends.base import Backend, BackendUnavailable, load_engine_folder
-from apar_rt.backends.huge_pages import Collapse, anonymous_mappings, collapse_new
+from apar_rt.backends.huge_pages import BackgroundCollapse
 from apar_rt.backends.ort_attention import DECODE_INPUTS, decode_feeds
 from apar_rt.build.manifest import ONNX_NAME
 from apar_rt.core import StepInput
 from apar_rt.export import step_io
-
-log = logging.getLogger(__name__)
 
 _NUMPY = {"float32": np.float32, "float16": np.float16}
 
@@ -221,10 +217,8 @@ class OnnxRuntimeBackend(Backend):
                                      f"not {m.dtype}")
         self._dev_type, self._dev_id = _device(device)
         self.device = "cpu" if self._dev_type == "cpu" else f"cuda:{self._dev_id}"
-        # the memory the session and the pool will add, collapsed into huge pages in allocate_kv
-        self._maps_before = anonymous_mappings() if huge_pages and self._dev_type == "cpu" else None
-        self.huge_pages: Collapse | None = None   # what the last collapse did (when it has finished)
-        self._huge_pages_thread: threading.Thread | None = None
+        # the memory the session and the pool will add, moved to huge pages once the pool exists
+        self.huge_pages = BackgroundCollapse() if huge_pages and self._dev_type == "cpu" else None
         self.dtype = _NUMPY[m.dtype]      # numpy dtype of the pools and the new K/V
         cfg = m.model_config
         self.num_layers = int(cfg["num_hidden_layers"])
@@ -318,16 +312,8 @@ class OnnxRuntimeBackend(Backend):
         for i, (k, v) in enumerate(zip(*bound)):
             self._bind(step_io.k_cache_name(i), k, tuple(k.shape), input=True, base="kv_pool")
             self._bind(step_io.v_cache_name(i), v, tuple(v.shape), input=True, base="kv_pool")
-        if self._maps_before is not None:
-            # in the background (about 0.4 s per GB here): the engine serves meanwhile, on the same
-            # data, while the kernel moves it page by page
-            self._huge_pages_thread = threading.Thread(target=self._collapse, name="apar-rt huge pages", daemon=True)
-            self._huge_pages_thread.start()
-
-    def _collapse(self) -> None:
-        self.huge_pages = c = collapse_new(self._maps_before)
-        log.info("huge pages: %d of %d MiB of weights and pool collapsed in %.2f s",
-                 c.collapsed >> 20, c.asked >> 20, c.seconds)
+        if self.huge_pages is not None:
+            self.huge_pages.start()
 
     def kv_bytes_per_block(self) -> int:
         return (2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim

@@ -118,6 +118,15 @@ def _ours(engine: str, mode: str, threads: int | None, max_num_seqs: int):
     return _ort_llm(engine, threads, {"mode": mode, "max_num_seqs": max_num_seqs})
 
 
+def _settle(llm) -> None:
+    """Wait until apar-rt's engine has moved its own memory to huge pages (in the background, see
+    `backends.huge_pages`), so that the collapse neither runs during a timed run nor takes in
+    memory that the peer allocates next."""
+    pager = getattr(llm.engine.backend, "huge_pages", None)
+    if pager is not None:
+        pager.wait()
+
+
 def decode_step_times(engine) -> list[float]:
     """Time `engine.step` from now on: returns the list that gets the duration of each step whose
     forward had one new token per sequence (a decode step; prefill and mixed steps are left out)."""
@@ -193,6 +202,7 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
         rows = []
         for bs in batch_sizes:
             ar = _ours(engine, "ar", threads, bs)
+            _settle(ar)
             peer = Peer(peer_path)
             ids = [ar.engine.encode(p) for p in _prompts(bs)]
             if input_len is not None:
@@ -254,10 +264,12 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
     from apar_rt import SamplingParams
 
     ar = _ours(engine, "ar", threads, max(bs, 8))
+    _settle(ar)
     ids = [ar.engine.encode(r["prompt"]) for r in prompts]
     params = SamplingParams(max_tokens=max_tokens)
     ar_lens = [o.stats["generated_tokens"] for o in ar.generate(prompt_token_ids=ids, params=params)]
     llm = _ours(engine, "apar", threads, seats)
+    _settle(llm)
     waves = [range(i, min(i + bs, len(ids))) for i in range(0, len(ids), bs)]
 
     def run_ours():
