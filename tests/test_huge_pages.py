@@ -75,3 +75,26 @@ def test_mappings_from_before_are_not_touched():
     assert got.asked < 8 << 20
     del a
     m.close()
+
+
+def test_torch_cpu_backend_moves_its_memory_and_changes_no_result(tiny_gqa):
+    """The torch backend on the CPU does the same for its weights and pool: same logits, bit for
+    bit, with and without."""
+    from apar_rt.backends.torch_backend import TorchBackend
+    from apar_rt.core import StepInput
+
+    path, _, _ = tiny_gqa
+    step = StepInput(input_ids=np.array([5, 6], np.int32), positions=np.array([0, 1], np.int32),
+                     block_tables=np.array([[1]], np.int32), context_lens=np.array([0], np.int32),
+                     query_start=np.array([0, 2], np.int32), mask=np.tril(np.ones((2, 2), bool)),
+                     slot_mapping=np.array([4, 5], np.int32), logits_indices=np.array([1], np.int32))
+    logits = {}
+    for on in (True, False):
+        be = TorchBackend(str(path), device="cpu", dtype="float32", huge_pages=on)
+        be.allocate_kv(8192, 4)
+        if on:
+            assert be.huge_pages.wait().asked >= 6 << 20
+        else:
+            assert be.huge_pages is None
+        logits[on] = be.forward(step).numpy().copy()
+    np.testing.assert_array_equal(logits[True], logits[False])
