@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,11 @@ def _resident() -> dict[int, int]:
     return rss
 
 
-def collapse_new(before: set[tuple[int, int]]) -> Collapse:
-    """Back the anonymous mappings made since `before` (`anonymous_mappings()` then) with huge
-    pages, where at least RESIDENT_FRACTION of a mapping is resident. Never raises."""
+def collapse_new(before: set[tuple[int, int]], buffers: Iterable[tuple[int, int]] = ()) -> Collapse:
+    """Back with huge pages the anonymous mappings made since `before` (`anonymous_mappings()`
+    then) and those that hold any of `buffers` ((address, bytes): memory an allocator may have
+    placed in a mapping it already had), where at least RESIDENT_FRACTION of a mapping is
+    resident. Never raises."""
     t = time.perf_counter()
     asked = done = 0
     try:
@@ -85,7 +88,10 @@ def collapse_new(before: set[tuple[int, int]]) -> Collapse:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         rss = _resident()
-        for start, end in sorted(anonymous_mappings() - before):
+        now = anonymous_mappings()
+        spans = [(a, a + n) for a, n in buffers if n > 0]
+        chosen = (now - before) | {(s, e) for s, e in now if any(a < e and b > s for a, b in spans)}
+        for start, end in sorted(chosen):
             lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
             if hi - lo < HUGE_PAGE or rss.get(start, 0) < RESIDENT_FRACTION * (end - start):
                 continue
@@ -107,9 +113,12 @@ class BackgroundCollapse:
     def __init__(self) -> None:
         self._before = anonymous_mappings()
         self._thread: threading.Thread | None = None
+        self._buffers: list[tuple[int, int]] = []
         self.result: Collapse | None = None
 
-    def start(self) -> None:
+    def start(self, buffers: Iterable[tuple[int, int]] = ()) -> None:
+        """`buffers`: (address, bytes) of the backend's own large buffers (see `collapse_new`)."""
+        self._buffers = list(buffers)
         self._thread = threading.Thread(target=self._run, name="apar-rt huge pages", daemon=True)
         self._thread.start()
 
@@ -120,6 +129,6 @@ class BackgroundCollapse:
         return self.result
 
     def _run(self) -> None:
-        self.result = c = collapse_new(self._before)
+        self.result = c = collapse_new(self._before, self._buffers)
         log.info("huge pages: %d of %d MiB of weights and KV pool collapsed in %.2f s",
                  c.collapsed >> 20, c.asked >> 20, c.seconds)

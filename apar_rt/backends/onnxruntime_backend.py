@@ -313,7 +313,7 @@ class OnnxRuntimeBackend(Backend):
             self._bind(step_io.k_cache_name(i), k, tuple(k.shape), input=True, base="kv_pool")
             self._bind(step_io.v_cache_name(i), v, tuple(v.shape), input=True, base="kv_pool")
         if self.huge_pages is not None:
-            self.huge_pages.start()
+            self.huge_pages.start([(self._kv.ctypes.data, self._kv.nbytes)])
 
     def kv_bytes_per_block(self) -> int:
         return (2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim

@@ -91,7 +91,8 @@ class TorchBackend(Backend):
             width = min(num_blocks, -(-c.max_position_embeddings // block_size))
             self._graphs = DecodeGraphs(self._run_graphed, self.device, width) if self.use_cuda_graphs else None
         if self.huge_pages is not None:
-            self.huge_pages.start()
+            tensors = [*self.model.parameters(), *self.k_caches, *self.v_caches]
+            self.huge_pages.start([(t.data_ptr(), t.numel() * t.element_size()) for t in tensors])
 
     def kv_bytes_per_block(self) -> int:
         c = self.config
