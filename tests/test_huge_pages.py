@@ -1,7 +1,7 @@
 """`backends.huge_pages`: the CPU engine's resident memory moves to 2 MiB pages, its contents
 unchanged, and memory that is mostly not resident is left alone (the process does not grow).
-Each backend's own collapse is checked in a fresh process, as a server runs it: inside this one,
-an allocator may place a pool in memory that earlier tests left behind."""
+The onnxruntime backend's own collapse is checked in a fresh process, as a server runs it: inside
+this one, an allocator may place a pool in memory that earlier tests left behind."""
 
 from __future__ import annotations
 
@@ -81,26 +81,6 @@ def test_mappings_from_before_are_not_touched():
     m.close()
 
 
-def test_torch_cpu_backend_moves_its_memory_and_changes_no_result(tiny_gqa):
-    """The torch backend on the CPU does the same for its weights and pool: same logits, bit for
-    bit, with and without."""
-    from apar_rt.backends.torch_backend import TorchBackend
-    from apar_rt.core import StepInput
-
-    path, _, _ = tiny_gqa
-    step = StepInput(input_ids=np.array([5, 6], np.int32), positions=np.array([0, 1], np.int32),
-                     block_tables=np.array([[1]], np.int32), context_lens=np.array([0], np.int32),
-                     query_start=np.array([0, 2], np.int32), mask=np.tril(np.ones((2, 2), bool)),
-                     slot_mapping=np.array([4, 5], np.int32), logits_indices=np.array([1], np.int32))
-    logits = {}
-    for on in (True, False):
-        be = TorchBackend(str(path), device="cpu", dtype="float32", huge_pages=on)
-        be.allocate_kv(8192, 4)
-        assert (be.huge_pages.wait() is not None) if on else be.huge_pages is None
-        logits[on] = be.forward(step).numpy().copy()
-    np.testing.assert_array_equal(logits[True], logits[False])
-
-
 def test_a_buffer_in_an_older_mapping_is_collapsed_when_named():
     m, a = _anonymous(8 << 20)
     a[:] = 3
@@ -116,28 +96,20 @@ def test_a_buffer_in_an_older_mapping_is_collapsed_when_named():
 
 _IN_A_FRESH_PROCESS = """
 import sys
-from pathlib import Path
-which, path = sys.argv[1], sys.argv[2]
-if which == "torch":
-    from apar_rt.backends.torch_backend import TorchBackend
-    be = TorchBackend(path, device="cpu", dtype="float32")
-else:
-    from apar_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
-    be = OnnxRuntimeBackend(path)
+from apar_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
+be = OnnxRuntimeBackend(sys.argv[1])
 be.allocate_kv(8192, 4)
 print(be.huge_pages.wait().asked)
 """
 
 
-@pytest.mark.parametrize("which", ["torch", "onnxruntime"])
-def test_each_cpu_backend_collapses_its_weights_and_pool(which, tiny_gqa, tmp_path_factory):
-    path, _, _ = tiny_gqa
-    if which == "onnxruntime":
-        from apar_rt.build.builder import BuildOptions, build
+def test_the_onnxruntime_cpu_backend_collapses_its_weights_and_pool(tiny_gqa, tmp_path_factory):
+    from apar_rt.build.builder import BuildOptions, build
 
-        path = build(BuildOptions(model=str(path), output=str(tmp_path_factory.mktemp("hp") / "e"), block_size=4,
-                                  max_batch_size=4), progress=False, log=lambda m: None).output
-    res = subprocess.run([sys.executable, "-c", _IN_A_FRESH_PROCESS, which, str(path)], capture_output=True,
+    path, _, _ = tiny_gqa
+    engine = build(BuildOptions(model=str(path), output=str(tmp_path_factory.mktemp("hp") / "e"), block_size=4,
+                                max_batch_size=4), progress=False, log=lambda m: None).output
+    res = subprocess.run([sys.executable, "-c", _IN_A_FRESH_PROCESS, str(engine)], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert int(res.stdout.split()[-1]) >= 6 << 20     # at least the 8 MiB pool

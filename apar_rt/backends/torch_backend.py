@@ -33,15 +33,11 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model_dir: str, *, dtype: str | None = "auto", device: str | None = None,
-                 medusa_dir: str | None = None, cuda_graphs: bool = True, huge_pages: bool = True) -> None:
-        """huge_pages: on the CPU, once the pool is allocated, move the weights and the pool to
-        transparent huge pages where Linux allows it (`huge_pages.BackgroundCollapse`)."""
-        from apar_rt.backends.huge_pages import BackgroundCollapse
+                 medusa_dir: str | None = None, cuda_graphs: bool = True) -> None:
         from apar_rt.model.weights import load_model
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev.type)
-        huge = BackgroundCollapse() if huge_pages and dev.type == "cpu" else None
         if dev.type == "cuda":
             _check_gpu_support(model_dir, dt)
         model, config = load_model(model_dir, dtype=dt, device=dev)
@@ -50,7 +46,6 @@ class TorchBackend(Backend):
             from apar_rt.medusa.heads import load_heads
             heads = load_heads(medusa_dir, hidden=config.hidden_size, vocab=config.vocab_size, dtype=dt, device=dev)
         self._setup(model, config, dev, dt, heads, cuda_graphs)
-        self.huge_pages = huge
 
     @classmethod
     def from_module(cls, model, config, *, device: torch.device, heads=None, cuda_graphs: bool = True):
@@ -73,7 +68,6 @@ class TorchBackend(Backend):
         self._host_logits = torch.empty(0)
         self._host_medusa_buf = torch.empty(0)
         self._sampler = DeviceSampler(device)
-        self.huge_pages = None            # a BackgroundCollapse on the CPU (see __init__)
         if self.cuda:
             from apar_rt.backends.cuda_model import fuse_projections
 
@@ -90,9 +84,6 @@ class TorchBackend(Backend):
             self._buffers = StepBuffers(self.device)
             width = min(num_blocks, -(-c.max_position_embeddings // block_size))
             self._graphs = DecodeGraphs(self._run_graphed, self.device, width) if self.use_cuda_graphs else None
-        if self.huge_pages is not None:
-            tensors = [*self.model.parameters(), *self.k_caches, *self.v_caches]
-            self.huge_pages.start([(t.data_ptr(), t.numel() * t.element_size()) for t in tensors])
 
     def kv_bytes_per_block(self) -> int:
         c = self.config
