@@ -32,66 +32,51 @@ def _mapping_stats(addr: int) -> dict[str, int]:
     return stats
 
 
-def _anonymous(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
+def _small_pages(nbytes: int, fill) -> np.ndarray:
+    """A fresh anonymous mapping in 4 KiB pages, as onnxruntime's are, written by `fill(array)`
+    and then left to the kernel's default (so that it may be collapsed). It is unmapped once the
+    array is dropped."""
     m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    m.madvise(mmap.MADV_NOHUGEPAGE)           # 4 KiB pages to start with, as onnxruntime's are
+    m.madvise(mmap.MADV_NOHUGEPAGE)
     a = np.frombuffer(m, np.uint8)
-    return m, a
+    fill(a)
+    m.madvise(mmap.MADV_NORMAL)
+    return a
+
+
+def _refused(got: hp.Collapse) -> None:
+    if got.asked and not got.collapsed:
+        pytest.skip("the kernel refused MADV_COLLAPSE (before Linux 6.1?)")
 
 
 def test_resident_memory_is_collapsed_with_its_contents():
     before = hp.anonymous_mappings()
-    m, a = _anonymous(16 << 20)
-    a[:] = np.random.default_rng(0).integers(0, 256, a.size, dtype=np.uint8)
-    want = a.copy()
-    addr = a.ctypes.data
-    assert _mapping_stats(addr).get("AnonHugePages", 0) == 0
-    m.madvise(mmap.MADV_NORMAL)
+    want = np.random.default_rng(0).integers(0, 256, 16 << 20, dtype=np.uint8)
+    a = _small_pages(16 << 20, lambda x: np.copyto(x, want))
+    assert _mapping_stats(a.ctypes.data).get("AnonHugePages", 0) == 0
     got = hp.collapse_new(before)
-    if got.asked and not got.collapsed:
-        pytest.skip("the kernel refused MADV_COLLAPSE (before Linux 6.1?)")
+    _refused(got)
     assert got.asked >= 14 << 20 and got.collapsed >= 14 << 20
-    assert _mapping_stats(addr)["AnonHugePages"] >= 14 << 20
+    assert _mapping_stats(a.ctypes.data)["AnonHugePages"] >= 14 << 20
     assert np.array_equal(a, want)
-    del a
-    m.close()
 
 
 def test_mostly_untouched_memory_is_left_alone():
     """An allocator's reserve is not filled in: RSS stays what was touched."""
     before = hp.anonymous_mappings()
-    m, a = _anonymous(64 << 20)
-    a[::1 << 20] = 1                          # 64 pages of 16384 resident
-    m.madvise(mmap.MADV_NORMAL)
+    a = _small_pages(64 << 20, lambda x: x.__setitem__(slice(None, None, 1 << 20), 1))   # 64 of 16384 pages
     hp.collapse_new(before)
     stats = _mapping_stats(a.ctypes.data)
     assert stats["Rss"] < 1 << 20 and stats.get("AnonHugePages", 0) == 0, stats
-    del a
-    m.close()
 
 
-def test_mappings_from_before_are_not_touched():
-    m, a = _anonymous(8 << 20)
-    a[:] = 7
-    m.madvise(mmap.MADV_NORMAL)
+def test_mappings_from_before_are_left_alone_unless_named():
+    old = _small_pages(8 << 20, lambda x: x.fill(7))
     got = hp.collapse_new(hp.anonymous_mappings())   # nothing new since
-    assert _mapping_stats(a.ctypes.data).get("AnonHugePages", 0) == 0
-    assert got.asked < 8 << 20
-    del a
-    m.close()
-
-
-def test_a_buffer_in_an_older_mapping_is_collapsed_when_named():
-    m, a = _anonymous(8 << 20)
-    a[:] = 3
-    m.madvise(mmap.MADV_NORMAL)
-    before = hp.anonymous_mappings()          # the mapping is older than the snapshot
-    got = hp.collapse_new(before, [(a.ctypes.data, a.nbytes)])
-    if got.asked and not got.collapsed:
-        pytest.skip("the kernel refused MADV_COLLAPSE (before Linux 6.1?)")
-    assert _mapping_stats(a.ctypes.data)["AnonHugePages"] >= 6 << 20 and (a == 3).all()
-    del a
-    m.close()
+    assert _mapping_stats(old.ctypes.data).get("AnonHugePages", 0) == 0 and got.asked < 8 << 20
+    got = hp.collapse_new(hp.anonymous_mappings(), [(old.ctypes.data, old.nbytes)])
+    _refused(got)
+    assert _mapping_stats(old.ctypes.data)["AnonHugePages"] >= 6 << 20 and (old == 7).all()
 
 
 _IN_A_FRESH_PROCESS = """
