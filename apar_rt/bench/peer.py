@@ -17,6 +17,10 @@ Measures:
   requests at a time (see `_requests_per_s`). The APAR runs get the engine's seats
   (`apar_max_num_seqs`, default its --max-batch-size), as a server runs it: with only `batch`
   seats, the fair share is one seat per request and no request could fork.
+
+apar-rt's onnxruntime engine moves its weights and pool to huge pages on Linux (see
+`backends.huge_pages`); the peer's memory is left as its runtime allocates it. Each row's
+`apar_rt_huge_pages_mib` (in --json) says how much was moved.
 """
 
 from __future__ import annotations
@@ -118,13 +122,14 @@ def _ours(engine: str, mode: str, threads: int | None, max_num_seqs: int):
     return _ort_llm(engine, threads, {"mode": mode, "max_num_seqs": max_num_seqs})
 
 
-def _settle(llm) -> None:
+def _settle(llm) -> int:
     """Wait until apar-rt's engine has moved its own memory to huge pages (in the background, see
     `backends.huge_pages`), so that the collapse neither runs during a timed run nor takes in
-    memory that the peer allocates next."""
+    memory that the peer allocates next. Returns the MiB it moved (0 where the system does not
+    allow it, or with huge_pages off): a row's figures depend on it."""
     pager = getattr(llm.engine.backend, "huge_pages", None)
-    if pager is not None:
-        pager.wait()
+    done = pager.wait() if pager is not None else None
+    return done.collapsed >> 20 if done is not None else 0
 
 
 def decode_step_times(engine) -> list[float]:
@@ -202,7 +207,7 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
         rows = []
         for bs in batch_sizes:
             ar = _ours(engine, "ar", threads, bs)
-            _settle(ar)
+            huge = _settle(ar)
             peer = Peer(peer_path)
             ids = [ar.engine.encode(p) for p in _prompts(bs)]
             if input_len is not None:
@@ -223,7 +228,8 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
                    "repeats": repeats, "threads": threads,
                    "apar_rt_ar_tok_s": na / ma, "peer_ar_tok_s": nb / mb, "ar_ratio": (na / ma) / (nb / mb),
                    "apar_rt_decode_ms": da, "peer_decode_ms": db,
-                   "decode_ratio": db / da if da and db else None}
+                   "decode_ratio": db / da if da and db else None,
+                   "apar_rt_huge_pages_mib": huge}
             if prompts_file:
                 row.update(_requests_per_s(engine, peer, load_prompts(prompts_file), bs, apar_max_tokens,
                                            repeats, threads, seats))
