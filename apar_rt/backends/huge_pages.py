@@ -4,9 +4,10 @@ A decode step on the CPU streams every weight matrix once, and the step's contex
 pool. With 4 KiB pages that is a TLB miss every 4 KiB of a few hundred MB per step. onnxruntime
 allocates its prepacked weights itself, with plain 4 KiB pages unless the whole process runs with
 THP "always" (or glibc's hugetlb tunable). So after the session is built and the pool filled,
-`collapse_new(before)` asks the kernel to back the anonymous mappings made since `before` with
-2 MiB pages: madvise(MADV_HUGEPAGE), then madvise(MADV_COLLAPSE) (Linux 6.1+), which moves the
-pages now, synchronously.
+`collapse_new(before, buffers)` asks the kernel to back with 2 MiB pages the anonymous mappings
+made since `before` and those holding the backend's own `buffers`: madvise(MADV_HUGEPAGE), then
+madvise(MADV_COLLAPSE) (Linux 6.1+), which moves the pages now, synchronously.
+`BackgroundCollapse` does that in a thread for the onnxruntime backend.
 
 Only mappings that are already mostly resident (RESIDENT_FRACTION) are collapsed, so that
 collapsing does not fill untouched reservations (an allocator's arena) and grow the process.
