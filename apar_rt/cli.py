@@ -324,8 +324,7 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
     """
     sizes = _positive_ints(batch_sizes, "--batch-sizes")
     if peer == "onnxruntime-genai":
-        from apar_rt.bench.peer import APAR_SEATS_PER_REQUEST, PeerUnavailable, bench_peer, format_rows as peer_rows
-        from apar_rt.build.manifest import read_manifest
+        from apar_rt.bench.peer import PeerUnavailable, apar_seats, bench_peer, format_rows as peer_rows
 
         if mode != "ar":
             raise click.BadParameter("with --peer onnxruntime-genai the tokens/s rows are AR (the peer has no "
@@ -337,11 +336,10 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
             if input_len + max_tokens > limit:
                 raise click.BadParameter(f"{input_len} prompt tokens + --max-tokens {max_tokens} exceed the "
                                          f"model's {limit} positions", param_hint="--input-len")
-        limit = (read_manifest(engine_dir).max_batch_size if engine_dir
-                 else APAR_SEATS_PER_REQUEST * max(sizes))   # what bench_peer builds
-        if apar_max_num_seqs is not None and apar_max_num_seqs > limit:
-            raise click.BadParameter(f"{apar_max_num_seqs} exceeds the engine's --max-batch-size {limit}",
-                                     param_hint="--apar-max-num-seqs")
+        try:   # refused before anything is built or run
+            apar_seats(engine_dir, apar_max_num_seqs, sizes)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--apar-max-num-seqs") from None
         try:
             rows = bench_peer(model, engine=engine_dir, peer_dir=peer_dir, batch_sizes=sizes,
                               max_tokens=max_tokens, repeats=repeats, threads=threads, prompts_file=prompts_file,

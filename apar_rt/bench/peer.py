@@ -200,7 +200,7 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
             engine = str(Path(tmp.name) / "apar-rt")
             log(f"building the apar-rt onnxruntime engine into {engine}")
             build(BuildOptions(model=str(model), output=engine, backend="onnxruntime", dtype="float32",
-                               max_batch_size=APAR_SEATS_PER_REQUEST * max(batch_sizes), medusa=False),
+                               max_batch_size=apar_seats(None, None, batch_sizes), medusa=False),
                   progress=False, log=lambda m: None)
         seats = apar_seats(engine, apar_max_num_seqs)
         peer_path = build_peer_model(model, Path(peer_dir) if peer_dir else Path(tmp.name) / "peer", threads, log)
@@ -240,15 +240,16 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
         tmp.cleanup()
 
 
-def apar_seats(engine: str, wanted: int | None) -> int:
-    """The APAR runs' max_num_seqs: `wanted`, else the engine's --max-batch-size.
+def apar_seats(engine: str | None, wanted: int | None, batch_sizes=(1,)) -> int:
+    """The APAR runs' max_num_seqs: `wanted`, else the engine's --max-batch-size (with no
+    `engine`, that of the one `bench_peer` builds for `batch_sizes`).
 
     Raises:
-        ValueError: `wanted` is above the engine's --max-batch-size.
+        ValueError: `wanted` is above that --max-batch-size.
     """
     from apar_rt.build.manifest import read_manifest
 
-    limit = read_manifest(engine).max_batch_size
+    limit = read_manifest(engine).max_batch_size if engine else APAR_SEATS_PER_REQUEST * max(batch_sizes)
     if wanted is not None and wanted > limit:
         raise ValueError(f"--apar-max-num-seqs {wanted} exceeds the engine's --max-batch-size {limit} "
                          f"(rebuild the engine with a larger --max-batch-size, or ask for at most {limit})")
