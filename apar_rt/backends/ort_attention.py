@@ -287,6 +287,14 @@ def _arange(n: int):
     return a
 
 
+def _context_slots(tables, ctx, block_size: int):
+    """(slots [S, L], L): each row's pool slots of context positions 0..L-1 through its block table,
+    L the longest context `ctx` rounded up to whole blocks."""
+    nblk = -(-int(ctx.max()) // block_size)
+    L = nblk * block_size
+    return (tables[:, :nblk, None] * np.int32(block_size) + _arange(block_size)).reshape(len(ctx), L), L
+
+
 def decode_feeds(block_tables, context_lens, query_start, mask, block_size: int, small: bool = True) -> dict:
     """The rewritten graph's DECODE_INPUTS for one step (numpy; its other inputs as `step_io`
     packs them, padding sequences included). They pick the step's branch and carry its index:
@@ -312,9 +320,7 @@ def decode_feeds(block_tables, context_lens, query_start, mask, block_size: int,
             return _UNUSED if got is None else got
         seq = np.flatnonzero(q_len)
         ctx, tables = ctx[seq], tables[seq]
-    nblk = -(-int(ctx.max()) // block_size)
-    L = nblk * block_size
-    slots = (tables[:, :nblk, None] * np.int32(block_size) + _arange(block_size)).reshape(len(ctx), L)
+    slots, L = _context_slots(tables, ctx, block_size)
     vis = _arange(L + 1) < ctx[:, None]
     vis[:, L] = mask[:, 0]
     bias = np.where(vis, np.float32(0), np.float32(ab.FLOAT32_LOWEST))[:, None, :]
@@ -348,9 +354,7 @@ def small_feeds(block_tables, context_lens, query_start, mask, block_size: int) 
         n, first = q_len[seq], query_start[seq]
         ctx, tables = context_lens[seq], block_tables[seq]
     j = _arange(Q)
-    nblk = -(-int(ctx.max()) // block_size)
-    L = nblk * block_size
-    slots = (tables[:, :nblk, None] * np.int32(block_size) + _arange(block_size)).reshape(B, L)
+    slots, L = _context_slots(tables, ctx, block_size)
     vis = np.empty((B, Q, L + Q), np.bool_)
     vis[:, :, :L] = (_arange(L) < ctx[:, None])[:, None, :]
     if B * Q == T:        # every sequence has Q tokens (draft trees of one shape, one chunk): no padding row
@@ -363,5 +367,6 @@ def small_feeds(block_tables, context_lens, query_start, mask, block_size: int) 
         out_rows = (_arange(B)[:, None] * Q + j)[valid]
         vis[:, :, L:] = mask[rows, :Q].reshape(B, Q, Q) & valid[:, None, :] & valid[:, :, None]
     bias = np.where(vis, np.float32(0), np.float32(ab.FLOAT32_LOWEST))
-    return dict(_UNUSED, apar_small=_TRUE, apar_small_rows=rows.astype(np.int32, copy=False), apar_small_out_rows=out_rows,
-                apar_decode_slots=slots, apar_decode_bias=bias, apar_decode_split=np.array([L, Q], np.int64))
+    return dict(_UNUSED, apar_small=_TRUE, apar_small_rows=rows.astype(np.int32, copy=False),
+                apar_small_out_rows=out_rows, apar_decode_slots=slots, apar_decode_bias=bias,
+                apar_decode_split=np.array([L, Q], np.int64))
