@@ -107,8 +107,6 @@ def _drop_noop_output_casts(g) -> int:
     type the value already has (the exporter's `.float()` on float32 logits and Medusa logits):
     onnxruntime keeps a node that makes a graph output, so each such Cast copied its output every
     step. A value's type is known only where `_known_types` can prove it. Returns how many."""
-    from onnx import helper
-
     outputs = {o.name for o in g.output}
     dropped = 0
     while True:
@@ -122,7 +120,7 @@ def _drop_noop_output_casts(g) -> int:
             if cast.op_type != "Cast" or cast.output[0] not in outputs:
                 continue
             src, x = producer.get(cast.input[0]), cast.input[0]
-            to = helper.get_attribute_value(next(a for a in cast.attribute if a.name == "to"))
+            to = _cast_to(cast)
             if src is not None and types.get(x) == to and uses[x] == 1 and x not in outputs:
                 src.output[list(src.output).index(x)] = cast.output[0]
                 g.node.remove(cast)
@@ -130,6 +128,13 @@ def _drop_noop_output_casts(g) -> int:
                 break
         else:
             return dropped
+
+
+def _cast_to(cast) -> int:
+    """The element type a Cast node casts to."""
+    from onnx import helper
+
+    return helper.get_attribute_value(next(a for a in cast.attribute if a.name == "to"))
 
 
 # ops whose output has their first input's element type
@@ -140,12 +145,10 @@ _SAME_TYPE = {"Unsqueeze", "Squeeze", "Reshape", "Transpose", "Concat", "Identit
 def _known_types(g) -> dict[str, int]:
     """Element types of the values of `g` that follow from its initializers alone: a MatMul or
     Gemm has its weight's type, a Cast its target, and `_SAME_TYPE` ops their first input's."""
-    from onnx import helper
-
     types = {t.name: t.data_type for t in g.initializer}
     for n in g.node:   # nodes are in topological order
         if n.op_type == "Cast":
-            types[n.output[0]] = helper.get_attribute_value(next(a for a in n.attribute if a.name == "to"))
+            types[n.output[0]] = _cast_to(n)
         elif n.op_type in ("MatMul", "Gemm"):
             known = {types[i] for i in n.input[:2] if i in types}
             if len(known) == 1:
