@@ -4,8 +4,8 @@
 original Linear weights views into it, so the plain module (CPU path, export) still works and
 no memory is duplicated. `fused_hidden_states` then runs a layer as: add+RMSNorm, one QKV matmul,
 RoPE of q and k in place with the new K/V written to the pool (one launch), the Triton
-attention kernel, O projection, add+RMSNorm, one gate/up matmul,
-SiLU*up, down projection: about 10 launches per layer instead of about 40.
+attention kernel, O projection, add+RMSNorm, one gate/up matmul, SiLU*up, down projection:
+about 10 launches per layer instead of about 40.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Small fused Triton kernels for the CUDA decode path: residual add + RMSNorm, RoPE of q and k in
-place with the new K/V written to the pool, and SiLU(gate) * up. Each replaces several elementwise launches, which dominate a CUDA graph of a
-7B decode step at batch 1 once the matmuls run at memory speed.
+place with the new K/V written to the pool, and SiLU(gate) * up. Each replaces several
+elementwise launches, which dominate a CUDA graph of a 7B decode step at batch 1 once the
+matmuls run at memory speed.
 
 Numerics follow the torch model (apar_rt/model/llama.py): the norm runs in float32 and rounds to
 the activation dtype before the weight; RoPE is HF's rotate-half convention with the angles
