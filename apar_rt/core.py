@@ -143,6 +143,10 @@ class Branch:
     stop_text_len: int | None = None     # a stop string cut the last segment's text to this length
     draft: list[int] | None = None       # Medusa draft tokens (one per tree node) for the next step
     stop_text: Any = None                # the scheduler's incremental text of token_ids (detokenizer.SegmentText), for stop strings
+    prefix_len: int = field(init=False)  # len(prefix), which never changes (read per step without touching the list)
+
+    def __post_init__(self) -> None:
+        self.prefix_len = len(self.prefix)
 
     @property
     def finished(self) -> bool:
@@ -150,14 +154,14 @@ class Branch:
 
     @property
     def context_len(self) -> int:
-        return len(self.prefix) + len(self.token_ids)
+        return self.prefix_len + len(self.token_ids)
 
     def context(self) -> list[int]:
         return self.prefix + self.token_ids
 
     def context_slice(self, start: int, stop: int) -> list[int]:
         """context()[start:stop] without building the whole context (the per-step hot path)."""
-        p = len(self.prefix)
+        p = self.prefix_len
         if start >= p:
             return self.token_ids[start - p:stop - p]
         return self.prefix[start:stop] + self.token_ids[:max(0, stop - p)]

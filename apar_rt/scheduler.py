@@ -167,7 +167,7 @@ class Scheduler:
                 if tree_on:
                     n, n_slots, tree = self._plan(b, budget)
                 else:   # _plan without a Medusa tree
-                    n = n_slots = min(len(b.prefix) + len(b.token_ids) - b.table.num_tokens, budget)
+                    n = n_slots = min(b.prefix_len + len(b.token_ids) - b.table.num_tokens, budget)
                     tree = False
                 table = b.table
                 slot = append_in_place(table) if n_slots == 1 else -1
@@ -186,7 +186,7 @@ class Scheduler:
                         copies += res.copies
                     slots = res.slots
                 seqs.append(ScheduledSeq(req, b, n, slots,
-                                         tree or table.num_tokens == len(b.prefix) + len(b.token_ids), tree))
+                                         tree or table.num_tokens == b.prefix_len + len(b.token_ids), tree))
                 budget -= n
                 seats += 1
                 got_any = True
@@ -414,7 +414,7 @@ class Scheduler:
             flat[row:row + len(ids)] = ids
             row += max_blocks
             if s.tree:   # root (the last sampled token) + draft nodes; K/V kept until accepted
-                start = len(b.prefix) + len(b.token_ids) - 1
+                start = b.prefix_len + len(b.token_ids) - 1
                 input_ids.append(b.token_ids[-1])
                 input_ids.extend(b.draft)
                 positions.extend([start + d for d in self._tree_depth_list])
@@ -424,7 +424,7 @@ class Scheduler:
             else:
                 start = b.table.num_tokens - n
                 if n == 1:
-                    p = len(b.prefix)
+                    p = b.prefix_len
                     input_ids.append(b.token_ids[start - p] if start >= p else b.prefix[start])
                     positions.append(start)
                 else:
@@ -598,7 +598,7 @@ class Scheduler:
             if req.next_position(child) >= req.budget or child.context_len >= self.max_model_len:
                 self._finish_branch(req, child, FinishReason.LENGTH, upd)
         pos = b.subtree_tokens if b.parent is None else req.next_position(b)
-        if pos >= req.budget or len(b.prefix) + len(b.token_ids) >= self.max_model_len:
+        if pos >= req.budget or b.prefix_len + len(b.token_ids) >= self.max_model_len:
             self._finish_branch(req, b, FinishReason.LENGTH, upd)
 
     @staticmethod
@@ -645,7 +645,7 @@ class Scheduler:
         parent computes it next step, and the child waits for that and then shares the parent's
         blocks (`_fork_from_donors`), so its first step feeds [Child] alone, a decode, rather than
         [Fork] and [Child]. (Should the parent end first, the child shares what it has.)"""
-        n = len(parent.prefix) + len(parent.token_ids)
+        n = parent.prefix_len + len(parent.token_ids)
         ready = parent.table.num_tokens >= n
         child = Branch(id=len(req.branches), parent=parent.id, fork_index=len(parent.token_ids) - 1,
                        depth=parent.depth + 1, prefix=parent.prefix + parent.token_ids,
