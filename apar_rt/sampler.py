@@ -66,25 +66,24 @@ class SamplingBatch:
     def add(self, params: SamplingParams, banned: Sequence[int] = (), generator=None,
             uniform: float | None = None) -> int:
         """Add a row; its uniform is `uniform` when given, else drawn from `generator` when the row
-        samples. Returns its index. Values are converted first, so a bad one raises here and leaves
-        the batch unchanged."""
+        samples. Returns its index. `params` is already validated (SamplingParams checks its
+        fields) and `banned` holds token ids; what is still converted (the uniform, the bias) is
+        converted first, so a bad value raises here and leaves the batch unchanged."""
         r = len(self.temperature)
-        t, k, p = float(params.temperature), int(params.top_k), float(params.top_p)
-        bias = [(r, int(tok), float(v)) for tok, v in params.logit_bias] if params.logit_bias else None
-        bans = list(map(int, banned))
+        t = params.temperature
         if uniform is not None:
             u = float(uniform)
         else:
             u = float(generator.random()) if (generator is not None and t != 0.0) else 0.0
+        if params.logit_bias:
+            self.bias.extend([(r, int(tok), float(v)) for tok, v in params.logit_bias])
         self.temperature.append(t)
-        self.top_k.append(k)
-        self.top_p.append(p)
+        self.top_k.append(params.top_k)
+        self.top_p.append(params.top_p)
         self.uniform.append(u)
-        if bias:
-            self.bias.extend(bias)
-        if bans:
-            self.ban_tokens += bans
-            self.ban_rows += [r] * len(bans)
+        if banned:
+            self.ban_tokens.extend(banned)
+            self.ban_rows.extend([r] * len(banned))
         return r
 
     def ban_arrays(self) -> tuple[np.ndarray, np.ndarray]:
