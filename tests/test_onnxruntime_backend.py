@@ -368,3 +368,47 @@ def test_rotary_embeddings_are_fused_for_the_cpu(request, which):
         assert not swaps and "Sin" in ops       # the step's tables are still computed in the graph
     on_disk = onnx.load(str(engine / "model.onnx"), load_external_data=False).graph
     assert not any(n.op_type == "RotaryEmbedding" for n in on_disk.node)
+
+
+def test_decode_steps_run_on_the_native_op(gqa_engine, tiny_gqa):
+    """With the native op library built, a float32 engine's decode body holds one
+    PagedDecodeAttention node per layer and no Gather of the pools; an APAR run with forks gives
+    the standard-op body's greedy trees, and each step's logits within 1e-5 of its."""
+    import onnx
+
+    from apar_rt.backends import ort_native
+    from apar_rt.backends.onnxruntime_backend import _session_model
+    from apar_rt.backends.ort_attention import step_bodies
+    from apar_rt.engine import Engine
+    from apar_rt.testing.native import library_or_skip
+
+    lib = library_or_skip()
+    _, engine = gqa_engine
+    be = OnnxRuntimeBackend(str(engine))
+    assert be.native_ops == lib
+    assert OnnxRuntimeBackend(str(engine), native_ops=False).native_ops is None
+    decode = step_bodies(onnx.load_from_string(_session_model(engine / "model.onnx", set(), True, native=True)).graph)[0]
+    ops = [(n.domain, n.op_type) for n in decode.node]
+    assert ops.count((ort_native.OP_DOMAIN, ort_native.OP_TYPE)) == be.num_layers
+    assert not [n for n in decode.node if n.op_type == "Gather" and n.input[0].startswith(("k_cache", "v_cache"))]
+
+    fork = tiny_gqa[2].convert_tokens_to_ids("[SplitMask]")
+    runs = {}
+    for native in (True, False):
+        eng = Engine.from_pretrained(str(engine), backend="onnxruntime", device="cpu", mode="apar",
+                                     backend_options={"native_ops": native}, max_num_seqs=8)
+        logits, fw = [], eng.backend.forward
+        eng.backend.forward = lambda s, fw=fw: (logits.append(np.array(fw(s))), logits[-1])[1]
+        ids = [eng.encode(p, raw=True) for p in PROMPTS]
+        for i in ids:
+            eng.add_request(None, SamplingParams(max_tokens=32, logit_bias={fork: 3.0}), prompt_token_ids=i)
+        outs = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    outs[o.request_id] = o.branches
+        runs[native] = outs, logits, eng.scheduler.num_forks
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][2] > 0, "the run was meant to fork"
+    for a, b in zip(runs[True][1], runs[False][1], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from apar_rt.medusa.tree import ancestor_mask
+from apar_rt.testing.native import library_or_skip
 from apar_rt.ops.tree_attention import tree_paged_attention_reference  # registers torch.ops.apar.*
 
 POISON = 1.0e4  # magnitude of the garbage in unused pool slots
@@ -218,23 +219,27 @@ def ort_feeds(feeds: dict, block_size: int, small: bool = True) -> dict:
     return feeds
 
 
-def run_onnx(step: Step, ort_body: bool = False, small: bool = True) -> torch.Tensor:
+def run_onnx(step: Step, ort_body: bool = False, small: bool = True, native: bool = False) -> torch.Tensor:
     """The ONNX local function (apar_rt.export.op), inlined and run by onnxruntime; with
     `ort_body`, the graph the onnxruntime CPU backend runs instead (`ort_attention.rewrite`),
-    where `small` lets small steps take their own branch (else the general one)."""
+    where `small` lets small steps take their own branch (else the general one) and `native`
+    runs decode steps on the native op library (float32)."""
     ort = pytest.importorskip("onnxruntime")
     from apar_rt.export import op as aop
 
     (_, hq, d), hkv, bs = step.q.shape, step.k.shape[1], step.k_cache.shape[1]
     dtype = {torch.float32: "float32", torch.float16: "float16"}[step.q.dtype]
-    key = (hq, hkv, d, bs, dtype, step.scale, ort_body)
+    key = (hq, hkv, d, bs, dtype, step.scale, ort_body, native)
     if key not in _SESSIONS:
         model = aop.attention_model(aop.AttentionAttrs(hq, hkv, d, bs, step.scale), dtype)
+        so = ort.SessionOptions()
         if ort_body:
             from apar_rt.backends.ort_attention import rewrite
 
-            rewrite(model)
-        _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            if native:
+                so.register_custom_ops_library(str(library_or_skip()))
+            rewrite(model, native)
+        _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     feeds = {name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}
     if ort_body:
         feeds = ort_feeds(feeds, bs, small)
@@ -247,6 +252,7 @@ IMPLS = {
     "onnx": run_onnx,
     "onnx-ort": lambda s: run_onnx(s, ort_body=True),
     "onnx-ort-general": lambda s: run_onnx(s, ort_body=True, small=False),
+    "onnx-ort-native": lambda s: run_onnx(s, ort_body=True, native=True),
 }
 HEADS = [(4, 4), (4, 2), (4, 1)]
 SEEDS = [0, 1, 2]
@@ -390,6 +396,28 @@ def test_float16(impl, hq, hkv, seed, kinds):
     # Poison in float16 stays finite (|x| <= 2e4 < 65504).
     assert torch.isfinite(step.k_cache).all() and torch.isfinite(step.v_cache).all()
     check(step, IMPLS[impl], atol=2e-3, rtol=2e-3)
+
+
+def test_native_op_refuses_a_slot_outside_the_pool():
+    """The native decode op reads keys by the slots the host gives: a visible key's slot outside
+    the pool fails the run with a message naming it, instead of reading out of bounds."""
+    ort = pytest.importorskip("onnxruntime")
+    from apar_rt.backends.ort_attention import rewrite
+    from apar_rt.export import op as aop
+
+    rng = random.Random(7)
+    step = build_step(7, [make_seq(rng, "decode", 9), make_seq(rng, "decode", 5)], hq=4, hkv=2, block_size=4)
+    model = aop.attention_model(aop.AttentionAttrs(4, 2, step.q.shape[2], 4, step.scale))
+    rewrite(model, native=True)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(library_or_skip()))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds = ort_feeds({name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}, 4)
+    torch.testing.assert_close(torch.from_numpy(sess.run(None, feeds)[0]).double(), oracle(step), atol=1e-5, rtol=1e-5)
+    slots = feeds["apar_decode_slots"].copy()
+    slots[1, 2] = 10 ** 6
+    with pytest.raises(Exception, match="slot 1000000 of token 1 is outside the pool's"):
+        sess.run(None, dict(feeds, apar_decode_slots=slots))
 
 
 @pytest.mark.parametrize("hq,hkv", HEADS)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from apar_rt.backends import ort_native
 from apar_rt.backends.base import Backend, BackendUnavailable, load_engine_folder
 from apar_rt.backends.huge_pages import BackgroundCollapse
 from apar_rt.backends.ort_attention import DECODE_INPUTS, decode_feeds
@@ -79,11 +80,11 @@ def _device(requested: str | None) -> tuple[str, int]:
     return kind, int(index or 0)
 
 
-def _session_model(path: Path, drop: set[str], ort_body: bool) -> bytes:
+def _session_model(path: Path, drop: set[str], ort_body: bool, native: bool = False) -> bytes:
     """The model at `path` as the session runs it, serialized: without outputs `drop` (and the
     nodes only they needed), and with `ort_body` the op's nodes rewritten for ONNX Runtime's
-    CPU (`apar_rt.backends.ort_attention.rewrite`) and the rotary embeddings fused
-    (`apar_rt.backends.ort_rotary.fuse_rotary`).
+    CPU (`apar_rt.backends.ort_attention.rewrite`, its decode body on the native op with
+    `native`) and the rotary embeddings fused (`apar_rt.backends.ort_rotary.fuse_rotary`).
 
     External weights stay where they are (not loaded): the session reads them from the folder.
     """
@@ -98,7 +99,7 @@ def _session_model(path: Path, drop: set[str], ort_body: bool) -> bytes:
     if ort_body:   # in this order: all read the main graph, which the rewrite turns into one If
         _drop_noop_output_casts(model.graph)
         fuse_rotary(model)
-        rewrite(model)
+        rewrite(model, native)
     return model.SerializeToString()
 
 
@@ -203,13 +204,16 @@ class OnnxRuntimeBackend(Backend):
         huge_pages: on the CPU, once the pool is allocated, back the session's weights and the pool
             with transparent huge pages where Linux allows it (`huge_pages.collapse_new`): a
             memory-bound decode step then misses the TLB far less.
+        native_ops: on the CPU, run a float32 engine's decode steps on the native op library
+            (`ort_native`: each layer's attention reads the KV pool in place) when it is built;
+            False: the standard-op body everywhere. `self.native_ops` says which runs.
     """
 
     name = "onnxruntime"
 
     def __init__(self, engine_dir: str, *, dtype: str | None = "auto", device: str | None = None,
                  threads: int | None = None, check_hashes: bool = True,
-                 medusa_dir: str | None = None, huge_pages: bool = True) -> None:
+                 medusa_dir: str | None = None, huge_pages: bool = True, native_ops: bool = True) -> None:
         self.engine_dir = Path(engine_dir)
         self.manifest, self.num_medusa_heads = load_engine_folder(engine_dir, self.name, check_hashes=check_hashes,
                                                                   medusa_dir=medusa_dir)
@@ -255,8 +259,12 @@ class OnnxRuntimeBackend(Backend):
         ort_body = self._dev_type == "cpu"
         # that graph takes the pools head-major (ort_attention.POOL_LAYOUT), [Hkv, slots, D]
         self._head_major = ort_body
+        lib = ort_native.library() if native_ops and ort_body and m.dtype == "float32" else None
+        self.native_ops = lib
+        if lib is not None:
+            so.register_custom_ops_library(str(lib))
         if drop or ort_body:
-            model = _session_model(model_path, drop, ort_body)
+            model = _session_model(model_path, drop, ort_body, native=lib is not None)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(model_path.parent))
         try:

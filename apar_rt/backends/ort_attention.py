@@ -38,6 +38,7 @@ import functools
 
 import numpy as np
 
+from apar_rt.backends import ort_native
 from apar_rt.export import attention_body as ab
 from apar_rt.export.op import OP_DOMAIN, OP_INPUTS, OP_TYPE, AttentionAttrs
 
@@ -72,9 +73,12 @@ def _attrs(node) -> AttentionAttrs:
                           int(a["block_size"]), float(a["scale"]))
 
 
-def rewrite(model) -> int:
+def rewrite(model, native: bool = False) -> int:
     """Replace every `apar.TreePagedAttention` node of `model` (a ModelProto, changed in place);
-    returns how many. The nodes must share their attributes and step-wide inputs (one model)."""
+    returns how many. The nodes must share their attributes and step-wide inputs (one model).
+
+    native: a float32 model's decode body runs `ort_native`'s PagedDecodeAttention node (the
+    session must load that library) instead of `attend_decode`'s standard ops."""
     from onnx import TensorProto, helper
 
     g = model.graph
@@ -145,7 +149,12 @@ def rewrite(model) -> int:
         q, k, v, k_cache, v_cache = n.input[:5]
         # a decode step: about 20 nodes (attend_decode)
         db = ab.Nodes(attrs, f"apar/l{i}/decode/", inputs)
-        dec_out = ab.attend_decode(db, dec_slots, dec_bias, dec_split, q, k, v, k_cache, v_cache)
+        if native and dtype == TensorProto.FLOAT:   # one node that reads the pools in place
+            dec_out = db.name("native_attention")
+            db.nodes.append(helper.make_node(ort_native.OP_TYPE, [q, k, v, k_cache, v_cache, dec_slots, dec_bias],
+                                             [dec_out], domain=ort_native.OP_DOMAIN, scale=float(attrs.scale)))
+        else:
+            dec_out = ab.attend_decode(db, dec_slots, dec_bias, dec_split, q, k, v, k_cache, v_cache)
         # a small step (draft trees, a fork's two tokens): about 30 nodes (attend_small)
         sb = ab.Nodes(attrs, f"apar/l{i}/small/", inputs)
         small_out = ab.attend_small(sb, small_ix, q, k, v, k_cache, v_cache)
@@ -197,8 +206,9 @@ def rewrite(model) -> int:
     keep = [f for f in model.functions if (f.domain, f.name) != (OP_DOMAIN, OP_TYPE)]
     del model.functions[:]
     model.functions.extend(keep)
-    if not any(o.domain == ab.ORT_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(ab.ORT_DOMAIN, 1))
+    for domain in (ab.ORT_DOMAIN,) + ((ort_native.OP_DOMAIN,) if native else ()):
+        if not any(o.domain == domain for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(domain, 1))
     return len(nodes)
 
 
@@ -206,7 +216,8 @@ def step_bodies(g) -> list:
     """The bodies of a rewritten graph `g` (a GraphProto), each the whole model for one kind of
     step: [decode, small, general], the branches of the step's Ifs."""
     if len(g.node) == 1 and g.node[0].op_type == "If":
-        return [body for a in g.node[0].attribute for body in step_bodies(a.g)]
+        branches = {a.name: a.g for a in g.node[0].attribute}   # stored in name order: else first
+        return step_bodies(branches["then_branch"]) + step_bodies(branches["else_branch"])
     return [g]
 
 

@@ -1,0 +1,146 @@
+"""The onnxruntime CPU backend's native op library: `apar.ort::PagedDecodeAttention`.
+
+`plugins/onnxruntime/paged_decode_attention.cpp` computes a decode step's attention reading every
+key and value where it lies in the KV pool; the standard-op body (`attention_body.attend_decode`)
+gathers each sequence's whole context out of the pool first, in every layer and step. The
+backend's graph rewrite puts the node in its decode body when the library is loaded
+(`ort_attention.rewrite(model, native=True)`); the small and general bodies are unchanged.
+
+The library is compiled here, against ONNX Runtime's public C/C++ API headers, which are fetched
+at build time and never committed: Debian's `libonnxruntime-dev` package (a pinned version and
+sha256, from deb.debian.org), of which only `usr/include/onnxruntime/` is unpacked. Nothing is
+linked: the runtime that loads the library hands it the API table (`RegisterCustomOps`), and an
+older header's API version is served by every newer runtime. `python -m apar_rt.backends.ort_native`
+builds it (the README's setup commands run it); without it the backend runs the standard-op body.
+
+`APAR_RT_ORT_OPS` overrides where the library is looked for: a path, or `off`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+OP_DOMAIN = "apar.ort"
+OP_TYPE = "PagedDecodeAttention"
+ENV_VAR = "APAR_RT_ORT_OPS"
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = ROOT / "plugins" / "onnxruntime" / "paged_decode_attention.cpp"
+BUILT = ROOT / "plugins" / "build" / "libapar_ort_ops.so"
+HEADERS_URL = ("https://deb.debian.org/debian/pool/main/o/onnxruntime/"
+               "libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb")
+HEADERS_SHA256 = "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08"
+HEADERS_DIR = "usr/include/onnxruntime/"
+
+
+def library() -> Path | None:
+    """The library to load: $APAR_RT_ORT_OPS (a path; `off`: none), else the built one if present."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        if env.lower() == "off":
+            return None
+        path = Path(env)
+        if not path.is_file():
+            raise FileNotFoundError(f"{ENV_VAR}={env} is not a file (a path to libapar_ort_ops.so, or 'off')")
+        return path.resolve()
+    return BUILT if BUILT.is_file() else None
+
+
+def _deb_member(deb: bytes, prefix: str) -> tuple[str, bytes]:
+    """The (name, bytes) of the first member of the ar archive `deb` whose name starts with `prefix`."""
+    if not deb.startswith(b"!<arch>\n"):
+        raise ValueError("not a Debian package (no ar header)")
+    at = 8
+    while at + 60 <= len(deb):
+        header = deb[at:at + 60]
+        name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58].decode().strip())
+        if name.startswith(prefix):
+            return name, deb[at + 60:at + 60 + size]
+        at += 60 + size + (size & 1)
+    raise ValueError(f"the package has no {prefix}* member")
+
+
+def fetch_headers(dest: Path, url: str = HEADERS_URL, sha256: str = HEADERS_SHA256) -> Path:
+    """Download the pinned headers package, check its sha256, and unpack its headers into `dest`;
+    returns the include folder."""
+    import hashlib
+    import io
+    import tarfile
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as r:
+        deb = r.read()
+    got = hashlib.sha256(deb).hexdigest()
+    if got != sha256:
+        raise ValueError(f"{url}: sha256 {got}, expected {sha256}")
+    name, data = _deb_member(deb, "data.tar")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = [m for m in tar.getmembers()
+                   if m.isfile() and m.name.lstrip("./").startswith(HEADERS_DIR) and m.name.endswith(".h")]
+        for m in members:
+            rel = m.name.lstrip("./")[len(HEADERS_DIR):]
+            if rel.startswith("/") or ".." in Path(rel).parts:
+                raise ValueError(f"unsafe path {m.name!r} in {name}")
+            out = dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(tar.extractfile(m).read())
+    if not (dest / "onnxruntime_cxx_api.h").is_file():
+        raise ValueError(f"{url} holds no onnxruntime_cxx_api.h")
+    return dest
+
+
+def build(out: Path = BUILT, include: Path | None = None, compiler: str | None = None, log=print) -> Path:
+    """Compile the library into `out` (headers fetched unless `include` names a folder holding
+    onnxruntime_cxx_api.h). `-march=native`: built on the machine that runs it."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    cxx = compiler or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler (g++) found; install one, or run without the native op")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="apar-ort-headers-") as tmp:
+        if include is None:
+            log(f"fetching ONNX Runtime's API headers from {HEADERS_URL}")
+            include = fetch_headers(Path(tmp))
+        partial = out.with_name(out.name + ".partial")
+        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
+               f"-I{include}", str(SOURCE), "-o", str(partial)]
+        log(" ".join(cmd))
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-4000:]}")
+        partial.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m apar_rt.backends.ort_native",
+                                 description="Build the onnxruntime CPU backend's native op library "
+                                             f"({OP_DOMAIN}::{OP_TYPE}) into {BUILT.relative_to(ROOT)}.")
+    ap.add_argument("--out", type=Path, default=BUILT, help="library path (default: %(default)s)")
+    ap.add_argument("--include", type=Path, help="a folder holding ONNX Runtime's onnxruntime_cxx_api.h "
+                                                  "(default: fetch the pinned headers package)")
+    ap.add_argument("--if-stale", action="store_true",
+                    help="build only when the library is absent or older than its source")
+    ap.add_argument("--optional", action="store_true",
+                    help="on failure, say why and exit 0 (the backend then runs its standard-op body)")
+    args = ap.parse_args(argv)
+    if args.if_stale and args.out.is_file() and args.out.stat().st_mtime >= SOURCE.stat().st_mtime:
+        print(f"{args.out} is up to date")
+        return 0
+    try:
+        print(f"built {build(args.out, args.include)}")
+    except Exception as e:
+        print(f"the native op library was not built: {e}", file=sys.stderr)
+        return 0 if args.optional else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
