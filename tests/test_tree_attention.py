@@ -207,15 +207,15 @@ def run_op(step: Step) -> torch.Tensor:
 _SESSIONS: dict = {}
 
 
-def ort_feeds(feeds: dict, block_size: int, small: bool = True) -> dict:
+def ort_feeds(feeds: dict, block_size: int, small: bool = True, native: bool = False) -> dict:
     """The op's feeds as the onnxruntime CPU rewrite takes them: head-major pools, and the decode
     or small-step index the backend computes on the host (`ort_attention.decode_feeds`; without
-    `small`, a small step takes the general branch)."""
+    `small`, a small step takes the general branch; with `native`, the native op's steps)."""
     from apar_rt.backends.ort_attention import decode_feeds, to_head_major
 
     feeds = dict(feeds, k_cache=to_head_major(feeds["k_cache"]), v_cache=to_head_major(feeds["v_cache"]))
     feeds.update(decode_feeds(feeds["block_tables"], feeds["context_lens"], feeds["query_start"], feeds["mask"],
-                              block_size, small=small))
+                              block_size, small=small, native=native))
     return feeds
 
 
@@ -229,6 +229,7 @@ def run_onnx(step: Step, ort_body: bool = False, small: bool = True, native: boo
 
     (_, hq, d), hkv, bs = step.q.shape, step.k.shape[1], step.k_cache.shape[1]
     dtype = {torch.float32: "float32", torch.float16: "float16"}[step.q.dtype]
+    native = native and dtype == "float32"   # the rewrite keeps standard ops for other dtypes
     key = (hq, hkv, d, bs, dtype, step.scale, ort_body, native)
     if key not in _SESSIONS:
         model = aop.attention_model(aop.AttentionAttrs(hq, hkv, d, bs, step.scale), dtype)
@@ -242,7 +243,7 @@ def run_onnx(step: Step, ort_body: bool = False, small: bool = True, native: boo
         _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     feeds = {name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}
     if ort_body:
-        feeds = ort_feeds(feeds, bs, small)
+        feeds = ort_feeds(feeds, bs, small, native)
     return torch.from_numpy(_SESSIONS[key].run(None, feeds)[0])
 
 
@@ -398,26 +399,29 @@ def test_float16(impl, hq, hkv, seed, kinds):
     check(step, IMPLS[impl], atol=2e-3, rtol=2e-3)
 
 
-def test_native_op_refuses_a_slot_outside_the_pool():
-    """The native decode op reads keys by the slots the host gives: a visible key's slot outside
-    the pool fails the run with a message naming it, instead of reading out of bounds."""
+def test_native_op_refuses_a_block_outside_the_pool():
+    """The native op reads keys through the block tables it is given: a block id outside the pool
+    in a visible part of a table fails the run with a message naming it, instead of reading out
+    of bounds."""
     ort = pytest.importorskip("onnxruntime")
     from apar_rt.backends.ort_attention import rewrite
     from apar_rt.export import op as aop
 
     rng = random.Random(7)
-    step = build_step(7, [make_seq(rng, "decode", 9), make_seq(rng, "decode", 5)], hq=4, hkv=2, block_size=4)
+    step = build_step(7, [make_seq(rng, "decode", 9), make_seq(rng, "tree"), make_seq(rng, "decode", 5)],
+                      hq=4, hkv=2, block_size=4)
     model = aop.attention_model(aop.AttentionAttrs(4, 2, step.q.shape[2], 4, step.scale))
     rewrite(model, native=True)
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(library_or_skip()))
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    feeds = ort_feeds({name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}, 4)
+    feeds = ort_feeds({name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}, 4, native=True)
+    assert bool(feeds["apar_decode"][0]), "decodes and a draft tree: the native op's step"
     torch.testing.assert_close(torch.from_numpy(sess.run(None, feeds)[0]).double(), oracle(step), atol=1e-5, rtol=1e-5)
-    slots = feeds["apar_decode_slots"].copy()
-    slots[1, 2] = 10 ** 6
-    with pytest.raises(Exception, match="slot 1000000 of token 1 is outside the pool's"):
-        sess.run(None, dict(feeds, apar_decode_slots=slots))
+    tables = feeds["block_tables"].copy()
+    tables[2, 1] = 10 ** 6
+    with pytest.raises(Exception, match="block 1000000 in the table of sequence 2 is outside the pool's"):
+        sess.run(None, dict(feeds, block_tables=tables))
 
 
 @pytest.mark.parametrize("hq,hkv", HEADS)

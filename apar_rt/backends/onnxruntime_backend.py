@@ -204,9 +204,9 @@ class OnnxRuntimeBackend(Backend):
         huge_pages: on the CPU, once the pool is allocated, back the session's weights and the pool
             with transparent huge pages where Linux allows it (`huge_pages.collapse_new`): a
             memory-bound decode step then misses the TLB far less.
-        native_ops: on the CPU, run a float32 engine's decode steps on the native op library
-            (`ort_native`: each layer's attention reads the KV pool in place) when it is built;
-            False: the standard-op body everywhere. `self.native_ops` says which runs.
+        native_ops: on the CPU, run a float32 engine's decode and small steps on the native op
+            library (`ort_native`: each layer's attention reads the KV pool in place) when it is
+            built; False: the standard-op bodies everywhere. `self.native_ops` is the library used.
     """
 
     name = "onnxruntime"
@@ -458,7 +458,7 @@ class OnnxRuntimeBackend(Backend):
         if self._head_major:
             a = feeds.arrays
             a.update(decode_feeds(a["block_tables"], a["context_lens"], a["query_start"], a["mask"],
-                                  self.block_size))
+                                  self.block_size, native=self.native_ops is not None))
         return feeds
 
     def _run(self) -> None:

@@ -14,7 +14,10 @@ laid out for ONNX Runtime:
   - a decode step (at most one new token per sequence: the common step, APAR's too, since a
     fork's child starts with its [Child] alone) takes its attention index from the host
     (`decode_feeds`: pool slots, score bias, split), and each layer runs
-    `attention_body.attend_decode`, about 20 nodes with no row gathers and constant shapes;
+    `attention_body.attend_decode`, about 20 nodes with no row gathers and constant shapes; or,
+    with `native` (float32), one `ort_native` TreePagedAttention node on the step's own inputs,
+    which reads each key and value where it lies in the pool instead of gathering the context
+    first, and then takes the small steps too;
   - a small step (every sequence has at most SMALL_MAX_QUERY new tokens: Medusa draft trees, a
     fork's two tokens, short chunks; and padding each to the longest costs at most
     SMALL_MAX_PADDING times its tokens) also takes its index from the host, and each layer runs
@@ -55,6 +58,7 @@ for _a in _UNUSED.values():
     _a.flags.writeable = False
 _TRUE = np.ones(1, np.bool_)
 _TRUE.flags.writeable = False
+_NATIVE = dict(_UNUSED, apar_decode=_TRUE)   # a step for the native op's body: the flag alone
 STEP_INPUTS = OP_INPUTS[5:]   # block_tables, context_lens, query_start, mask: shared by every layer
 POOL_LAYOUT = "[num_kv_heads, num_blocks * block_size, head_size]"   # the pools the rewritten graph takes
 
@@ -77,8 +81,10 @@ def rewrite(model, native: bool = False) -> int:
     """Replace every `apar.TreePagedAttention` node of `model` (a ModelProto, changed in place);
     returns how many. The nodes must share their attributes and step-wide inputs (one model).
 
-    native: a float32 model's decode body runs `ort_native`'s PagedDecodeAttention node (the
-    session must load that library) instead of `attend_decode`'s standard ops."""
+    native: a float32 model's decode body runs `ort_native`'s TreePagedAttention node on the op's
+    own step inputs (the session must load that library) instead of `attend_decode`'s standard
+    ops, and takes every step that `decode_feeds(..., native=True)` sends it: each sequence at
+    most SMALL_MAX_QUERY new tokens."""
     from onnx import TensorProto, helper
 
     g = model.graph
@@ -151,8 +157,9 @@ def rewrite(model, native: bool = False) -> int:
         db = ab.Nodes(attrs, f"apar/l{i}/decode/", inputs)
         if native and dtype == TensorProto.FLOAT:   # one node that reads the pools in place
             dec_out = db.name("native_attention")
-            db.nodes.append(helper.make_node(ort_native.OP_TYPE, [q, k, v, k_cache, v_cache, dec_slots, dec_bias],
-                                             [dec_out], domain=ort_native.OP_DOMAIN, scale=float(attrs.scale)))
+            db.nodes.append(helper.make_node(ort_native.OP_TYPE, [q, k, v, k_cache, v_cache] + list(step_names),
+                                             [dec_out], domain=ort_native.OP_DOMAIN, scale=float(attrs.scale),
+                                             block_size=int(attrs.block_size)))
         else:
             dec_out = ab.attend_decode(db, dec_slots, dec_bias, dec_split, q, k, v, k_cache, v_cache)
         # a small step (draft trees, a fork's two tokens): about 30 nodes (attend_small)
@@ -306,7 +313,8 @@ def _context_slots(tables, ctx, block_size: int):
     return (tables[:, :nblk, None] * np.int32(block_size) + _arange(block_size)).reshape(len(ctx), L), L
 
 
-def decode_feeds(block_tables, context_lens, query_start, mask, block_size: int, small: bool = True) -> dict:
+def decode_feeds(block_tables, context_lens, query_start, mask, block_size: int, small: bool = True,
+                 native: bool = False) -> dict:
     """The rewritten graph's DECODE_INPUTS for one step (numpy; its other inputs as `step_io`
     packs them, padding sequences included). They pick the step's branch and carry its index:
 
@@ -321,8 +329,13 @@ def decode_feeds(block_tables, context_lens, query_start, mask, block_size: int,
     - a small step (`small_feeds`; with `small`) has apar_small True, and the same three inputs
       in the small layout, with its rows.
     - on any other step both flags are False and the rest are placeholders the graph does not read.
+    - with `native` (a graph rewritten with native=True), a step whose sequences have at most
+      SMALL_MAX_QUERY new tokens each has apar_decode True and placeholders for the rest: the
+      native op reads the step's own inputs.
     The arguments are numpy arrays (block_tables and context_lens int32, as `step_io` packs them).
     """
+    if native:
+        return _NATIVE if int((query_start[1:] - query_start[:-1]).max(initial=0)) <= SMALL_MAX_QUERY else _UNUSED
     ctx, tables = context_lens, block_tables
     if mask.shape[1] > 1 or len(mask) != len(ctx):   # not every sequence has exactly one new token
         q_len = np.diff(query_start)

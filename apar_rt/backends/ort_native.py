@@ -1,17 +1,19 @@
-"""The onnxruntime CPU backend's native op library: `apar.ort::PagedDecodeAttention`.
+"""The onnxruntime CPU backend's native op library: `apar.ort::TreePagedAttention`.
 
-`plugins/onnxruntime/paged_decode_attention.cpp` computes a decode step's attention reading every
-key and value where it lies in the KV pool; the standard-op body (`attention_body.attend_decode`)
-gathers each sequence's whole context out of the pool first, in every layer and step. The
-backend's graph rewrite puts the node in its decode body when the library is loaded
-(`ort_attention.rewrite(model, native=True)`); the small and general bodies are unchanged.
+`plugins/onnxruntime/tree_paged_attention.cpp` computes the op contract's function over the CPU
+graph's head-major KV pools, reading every key and value where it lies in the pool; the
+standard-op bodies (`attention_body.attend_decode`, `attend_small`) gather each sequence's whole
+context out of the pool first, in every layer and step. The backend's graph rewrite runs the node
+for every step whose sequences have at most SMALL_MAX_QUERY new tokens (decodes, forks, draft
+trees, short chunks) when the library is loaded (`ort_attention.rewrite(model, native=True)`);
+longer prefill chunks keep the general body, whose matmuls suit them better.
 
 The library is compiled here, against ONNX Runtime's public C/C++ API headers, which are fetched
 at build time and never committed: Debian's `libonnxruntime-dev` package (a pinned version and
 sha256, from deb.debian.org), of which only `usr/include/onnxruntime/` is unpacked. Nothing is
 linked: the runtime that loads the library hands it the API table (`RegisterCustomOps`), and an
 older header's API version is served by every newer runtime. `python -m apar_rt.backends.ort_native`
-builds it (the README's setup commands run it); without it the backend runs the standard-op body.
+builds it (the README's setup commands run it); without it the backend runs the standard-op bodies.
 
 `APAR_RT_ORT_OPS` overrides where the library is looked for: a path, or `off`.
 """
@@ -23,10 +25,10 @@ import sys
 from pathlib import Path
 
 OP_DOMAIN = "apar.ort"
-OP_TYPE = "PagedDecodeAttention"
+OP_TYPE = "TreePagedAttention"
 ENV_VAR = "APAR_RT_ORT_OPS"
 ROOT = Path(__file__).resolve().parents[2]
-SOURCE = ROOT / "plugins" / "onnxruntime" / "paged_decode_attention.cpp"
+SOURCE = ROOT / "plugins" / "onnxruntime" / "tree_paged_attention.cpp"
 BUILT = ROOT / "plugins" / "build" / "libapar_ort_ops.so"
 HEADERS_URL = ("https://deb.debian.org/debian/pool/main/o/onnxruntime/"
                "libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb")
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--if-stale", action="store_true",
                     help="build only when the library is absent or older than its source")
     ap.add_argument("--optional", action="store_true",
-                    help="on failure, say why and exit 0 (the backend then runs its standard-op body)")
+                    help="on failure, say why and exit 0 (the backend then runs its standard-op bodies)")
     args = ap.parse_args(argv)
     if args.if_stale and args.out.is_file() and args.out.stat().st_mtime >= SOURCE.stat().st_mtime:
         print(f"{args.out} is up to date")

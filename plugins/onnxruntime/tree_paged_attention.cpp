@@ -1,0 +1,271 @@
+// apar-rt: TreePagedAttention as an ONNX Runtime CPU custom op (apar.ort::TreePagedAttention).
+//
+// The same function as the op contract (apar_rt/ops/tree_attention.py,
+// tree_paged_attention_reference) over the head-major KV pools of the onnxruntime backend's CPU
+// graph (ort_attention.POOL_LAYOUT). The rewrite (apar_rt/backends/ort_attention.py) runs it for
+// steps whose sequences have few new tokens (decodes, forks, draft trees, short chunks) when the
+// library is loaded; apar_rt/backends/ort_native.py builds it against ONNX Runtime's public
+// headers, fetched at build time and never committed. Every key and value is read where it lies
+// in the pool: nothing is gathered.
+//
+// Inputs (T new tokens of B sequences; float32, int32 indices):
+//   0 q [T, Hq, D]   1 k, 2 v [T, Hkv, D]     the step's queries and new keys and values
+//   3 k_pool, 4 v_pool [Hkv, S, D]           the pools (slot = block * block_size + offset)
+//   5 block_tables [B, M]   6 context_lens [B]   7 query_start [B + 1]   8 mask [T, Qm] bool
+// Attributes: scale (float), block_size (int). Output: out [T, Hq, D].
+// Token t of sequence b (query_start[b] <= t < query_start[b + 1]) sees the b's cached context
+// (positions 0 .. context_lens[b] - 1, through its block table) and its new token i where
+// mask[t, i]; query head h reads KV head h / (Hq / Hkv). A block id or table outside the pool, or
+// a sequence with more new tokens than the mask has columns, fails the run with a message.
+
+// The API table comes from the runtime that loads the library (RegisterCustomOps): nothing is linked.
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr const char* kDomain = "apar.ort";
+constexpr const char* kOpName = "TreePagedAttention";
+
+struct Problem {
+  const float* q;
+  const float* k;
+  const float* v;
+  const float* k_pool;
+  const float* v_pool;
+  const int32_t* tables;
+  const int32_t* ctx;
+  const int32_t* qs;
+  const bool* mask;
+  const int32_t* seq_of;   // [T] the sequence of each token
+  float* out;
+  int64_t T, Hq, Hkv, G, D, S, M, Qm, bs;
+  float scale;
+  std::atomic<int64_t> bad_block{-1};
+  std::atomic<int64_t> bad_seq{-1};
+};
+
+// Eight partial sums in a fixed order: the compiler vectorises them without reassociating.
+inline float Dot(const float* a, const float* b, int64_t n) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * b[i + j];
+  }
+  float r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+
+// One (token, KV head): its G query heads' scores over the keys it sees, softmax, weighted values.
+void AttendOne(Problem* p, int64_t item) {
+  const int64_t t = item / p->Hkv, h = item % p->Hkv;
+  const int64_t G = p->G, D = p->D, bs = p->bs;
+  const int64_t b = p->seq_of[t], first = p->qs[b], n_new = p->qs[b + 1] - first, ctx = p->ctx[b];
+  thread_local std::vector<float> scores;
+  thread_local std::vector<const float*> values;
+  thread_local std::vector<float> acc;
+  const int64_t K = ctx + n_new;
+  scores.resize(static_cast<size_t>(G * K));
+  values.clear();
+  acc.assign(static_cast<size_t>(G * D), 0.0f);
+  const float* q = p->q + (t * p->Hq + h * G) * D;
+  const float* k_pool = p->k_pool + h * p->S * D;
+  const float* v_pool = p->v_pool + h * p->S * D;
+  const int32_t* table = p->tables + b * p->M;
+  const int64_t blocks = p->S / bs;
+  int64_t n = 0;
+  for (int64_t pos = 0; pos < ctx; ++pos) {
+    const int64_t block = table[pos / bs];
+    if (block < 0 || block >= blocks) {
+      p->bad_block.store(block);
+      p->bad_seq.store(b);
+      return;
+    }
+    const int64_t row = (block * bs + pos % bs) * D;
+    const float* key = k_pool + row;
+    for (int64_t g = 0; g < G; ++g) scores[g * K + n] = p->scale * Dot(q + g * D, key, D);
+    values.push_back(v_pool + row);
+    ++n;
+  }
+  const bool* sees = p->mask + t * p->Qm;
+  for (int64_t i = 0; i < n_new; ++i) {
+    if (!sees[i]) continue;
+    const int64_t row = ((first + i) * p->Hkv + h) * D;
+    for (int64_t g = 0; g < G; ++g) scores[g * K + n] = p->scale * Dot(q + g * D, p->k + row, D);
+    values.push_back(p->v + row);
+    ++n;
+  }
+  float* out = p->out + (t * p->Hq + h * G) * D;
+  if (n == 0) {   // sees nothing (the contract has every token see at least itself): zeros
+    std::fill(out, out + G * D, 0.0f);
+    return;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores.data() + g * K;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
+    float total = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      s[i] = std::exp(s[i] - m);
+      total += s[i];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float* value = values[i];
+    for (int64_t g = 0; g < G; ++g) {
+      const float w = scores[g * K + i];
+      float* a = acc.data() + g * D;
+      for (int64_t d = 0; d < D; ++d) a[d] += w * value[d];
+    }
+  }
+  std::copy(acc.begin(), acc.end(), out);
+}
+
+void AttendItem(void* data, size_t item) { AttendOne(static_cast<Problem*>(data), static_cast<int64_t>(item)); }
+
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+[[noreturn]] void Fail(const std::string& why) {
+  throw std::invalid_argument(std::string(kDomain) + "::" + kOpName + ": " + why);
+}
+
+struct TreePagedAttentionKernel {
+  float scale;
+  int64_t block_size;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Compute(context);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return Ort::Status(e.what(), ORT_INVALID_ARGUMENT).release();
+    }
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const char* names[] = {"q", "k", "v", "k_pool", "v_pool", "block_tables", "context_lens", "query_start", "mask"};
+    const size_t ranks[] = {3, 3, 3, 3, 3, 2, 1, 1, 2};
+    std::vector<std::vector<int64_t>> shapes;
+    for (size_t i = 0; i < 9; ++i) {
+      shapes.push_back(ctx.GetInput(i).GetTensorTypeAndShapeInfo().GetShape());
+      if (shapes[i].size() != ranks[i]) Fail(std::string(names[i]) + " must have rank " + std::to_string(ranks[i]) +
+                                             ", got shape " + ShapeText(shapes[i]));
+    }
+    const auto &q = shapes[0], &k = shapes[1], &v = shapes[2], &kp = shapes[3], &vp = shapes[4];
+    const int64_t T = q[0], Hq = q[1], D = q[2], Hkv = kp[0], S = kp[1];
+    const int64_t B = shapes[5][0], M = shapes[5][1], Qm = shapes[8][1];
+    if (Hkv <= 0 || Hq % Hkv != 0) Fail("query heads " + std::to_string(Hq) + " are not a multiple of KV heads " +
+                                        std::to_string(Hkv));
+    if (k != std::vector<int64_t>{T, Hkv, D} || v != k) Fail("k and v must be [T, Hkv, D] = " +
+                                                           ShapeText({T, Hkv, D}) + ", got " + ShapeText(k) +
+                                                           " and " + ShapeText(v));
+    if (kp[2] != D || vp != kp || S % block_size) Fail("the pools must be [Hkv, S, D] alike, S a multiple of " +
+                                                     std::to_string(block_size) + ", got " + ShapeText(kp) +
+                                                     " and " + ShapeText(vp));
+    if (shapes[6][0] != B || shapes[7][0] != B + 1 || shapes[8][0] != T)
+      Fail("context_lens must be [B], query_start [B + 1] and mask [T, max_q] for block_tables " +
+           ShapeText(shapes[5]) + " and q " + ShapeText(q) + ", got " + ShapeText(shapes[6]) + ", " +
+           ShapeText(shapes[7]) + " and " + ShapeText(shapes[8]));
+    const int32_t* ctx_lens = ctx.GetInput(6).GetTensorData<int32_t>();
+    const int32_t* qs = ctx.GetInput(7).GetTensorData<int32_t>();
+    if (qs[0] != 0 || qs[B] != T) Fail("query_start must run from 0 to T = " + std::to_string(T));
+    std::vector<int32_t> seq_of(static_cast<size_t>(T));
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = qs[b + 1] - qs[b];
+      if (n < 0) Fail("query_start decreases at sequence " + std::to_string(b));
+      if (n > Qm) Fail("sequence " + std::to_string(b) + " has " + std::to_string(n) +
+                       " new tokens but the mask has " + std::to_string(Qm) + " columns");
+      if (ctx_lens[b] < 0 || ctx_lens[b] > M * block_size)
+        Fail("context length " + std::to_string(ctx_lens[b]) + " of sequence " + std::to_string(b) +
+             " is outside its table's " + std::to_string(M * block_size) + " positions");
+      for (int64_t t = qs[b]; t < qs[b + 1]; ++t) seq_of[t] = static_cast<int32_t>(b);
+    }
+    auto out = ctx.GetOutput(0, q);
+    Problem p;
+    p.q = ctx.GetInput(0).GetTensorData<float>();
+    p.k = ctx.GetInput(1).GetTensorData<float>();
+    p.v = ctx.GetInput(2).GetTensorData<float>();
+    p.k_pool = ctx.GetInput(3).GetTensorData<float>();
+    p.v_pool = ctx.GetInput(4).GetTensorData<float>();
+    p.tables = ctx.GetInput(5).GetTensorData<int32_t>();
+    p.ctx = ctx_lens;
+    p.qs = qs;
+    p.mask = ctx.GetInput(8).GetTensorData<bool>();
+    p.seq_of = seq_of.data();
+    p.out = out.GetTensorMutableData<float>();
+    p.T = T, p.Hq = Hq, p.Hkv = Hkv, p.G = Hq / Hkv, p.D = D, p.S = S, p.M = M, p.Qm = Qm, p.bs = block_size;
+    p.scale = scale;
+    const int64_t items = T * Hkv;
+    if (items == 0) return;
+    if (items == 1) {
+      AttendOne(&p, 0);
+    } else {
+      ctx.ParallelFor(AttendItem, static_cast<size_t>(items), 0, &p);
+    }
+    if (p.bad_seq.load() >= 0) Fail("block " + std::to_string(p.bad_block.load()) + " in the table of sequence " +
+                                    std::to_string(p.bad_seq.load()) + " is outside the pool's " +
+                                    std::to_string(S / block_size) + " blocks");
+  }
+};
+
+struct TreePagedAttentionOp : Ort::CustomOpBase<TreePagedAttentionOp, TreePagedAttentionKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      Ort::ConstKernelInfo ki(info);
+      const int64_t block_size = ki.GetAttribute<int64_t>("block_size");
+      if (block_size < 1) Fail("block_size must be >= 1, got " + std::to_string(block_size));
+      *kernel = new TreePagedAttentionKernel{ki.GetAttribute<float>("scale"), block_size};
+      return nullptr;
+    } catch (const std::exception& e) {
+      return Ort::Status(e.what(), ORT_INVALID_ARGUMENT).release();
+    }
+  }
+  const char* GetName() const { return kOpName; }
+  size_t GetInputTypeCount() const { return 9; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    if (index == 8) return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
+    return index >= 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t /*index*/) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+// Domains handed to sessions must outlive them: kept for the life of the process.
+std::mutex domains_lock;
+std::vector<std::unique_ptr<Ort::CustomOpDomain>> domains;
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  static const TreePagedAttentionOp op;
+  try {
+    Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+    auto domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
+    domain->Add(&op);
+    Ort::UnownedSessionOptions(options).Add(*domain);
+    std::lock_guard<std::mutex> lock(domains_lock);
+    domains.push_back(std::move(domain));
+    return nullptr;
+  } catch (const std::exception& e) {
+    return Ort::Status(e.what(), ORT_FAIL).release();
+  }
+}
