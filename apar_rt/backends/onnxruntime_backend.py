@@ -283,7 +283,7 @@ class OnnxRuntimeBackend(Backend):
         self._bufs: dict = {}             # backend-owned input/output buffers, by name (see _buffer)
         self._bound: dict = {}            # name -> (buffer generation, shape) bound now (see _bind)
         self._gens: dict = {}             # buffer name -> generation of its current allocation
-        self._staged: dict = {}           # input name -> (shape, its bound view) as last staged
+        self._staged: dict = {}           # input name -> (shape, its bound view, the array) as last staged
         self._next_gen = 0
         self._outputs_key = None          # what _bind_outputs bound last
         self._ran = False                 # a forward ran: its new K/V are in self._new_kv (commit_kv)
@@ -375,16 +375,19 @@ class OnnxRuntimeBackend(Backend):
     def _stage_inputs(self, feeds: step_io.StepFeeds) -> None:
         """Copy the step inputs into backend-owned buffers on the device and bind them. An input of
         the shape it had last step goes into the same view, which is bound already (its buffer
-        only changes when a larger shape regrows it)."""
+        only changes when a larger shape regrows it). A read-only array staged last step as it is
+        now (`ort_attention`'s constant placeholders) is not copied again."""
         staged = self._staged
         for name, arr in feeds.arrays.items():
             last = staged.get(name)
             if last is not None and last[0] == arr.shape:
+                if last[2] is arr and not arr.flags.writeable:
+                    continue
                 buf = last[1]
             else:
                 buf = self._buffer(name, arr.shape, arr.dtype.type)
                 self._bind(name, buf, arr.shape, input=True)
-                staged[name] = (arr.shape, buf)
+            staged[name] = (arr.shape, buf, arr)
             if self._dev_type == "cpu":
                 np.copyto(buf, arr)
             else:
