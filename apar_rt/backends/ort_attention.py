@@ -97,6 +97,7 @@ def rewrite(model, native: bool = False) -> int:
         raise ValueError(f"{OP_TYPE} nodes with different attributes or step inputs: {attrs}, {step_names}")
     attrs, step_names = attrs.pop(), step_names.pop()
     dtype = _elem_type(g, nodes[0].input[3])
+    native = native and dtype == TensorProto.FLOAT   # the native op is float32
     G = attrs.num_heads // attrs.num_kv_heads
     inputs = dict(zip(STEP_INPUTS, step_names))
 
@@ -147,7 +148,7 @@ def rewrite(model, native: bool = False) -> int:
     short_slots, short_bias, long_slots, long_bias = short_outs[6], short_outs[7], long_outs[6], long_outs[7]
     rows = long_outs[8]
     sm = ab.Nodes(attrs, "apar/small/", inputs)        # the small branch's shapes, once per step
-    small_ix = ab.small_index(sm, small_rows, small_out_rows, dec_slots, dec_bias, dec_split)
+    small_ix = None if native else ab.small_index(sm, small_rows, small_out_rows, dec_slots, dec_bias, dec_split)
 
     # ---- layer math ----
     decode_layer, small_layer, general_layer = {}, {}, {}
@@ -155,16 +156,16 @@ def rewrite(model, native: bool = False) -> int:
         q, k, v, k_cache, v_cache = n.input[:5]
         # a decode step: about 20 nodes (attend_decode)
         db = ab.Nodes(attrs, f"apar/l{i}/decode/", inputs)
-        if native and dtype == TensorProto.FLOAT:   # one node that reads the pools in place
+        if native:   # one node that reads the pools in place
             dec_out = db.name("native_attention")
             db.nodes.append(helper.make_node(ort_native.OP_TYPE, [q, k, v, k_cache, v_cache] + list(step_names),
                                              [dec_out], domain=ort_native.OP_DOMAIN, scale=float(attrs.scale),
                                              block_size=int(attrs.block_size)))
         else:
             dec_out = ab.attend_decode(db, dec_slots, dec_bias, dec_split, q, k, v, k_cache, v_cache)
-        # a small step (draft trees, a fork's two tokens): about 30 nodes (attend_small)
+        # a small step (draft trees, a fork's two tokens): about 30 nodes (attend_small); native: none
         sb = ab.Nodes(attrs, f"apar/l{i}/small/", inputs)
-        small_out = ab.attend_small(sb, small_ix, q, k, v, k_cache, v_cache)
+        small_out = None if native else ab.attend_small(sb, small_ix, q, k, v, k_cache, v_cache)
         # any other step: the short group, and the long group when the step has one
         gb = ab.Nodes(attrs, f"apar/l{i}/general/", inputs)
         q2 = gb.reshape(q, [gb.dim(q, 0), gb.op("Mul", [gb.Hq, gb.D])])             # [T, Hq * D]
@@ -178,6 +179,8 @@ def rewrite(model, native: bool = False) -> int:
         long_if, = if_node(gb.nodes, any_long, lb, [long_out], nb, [none_out], f"l{i}/long_attention", [F32])
         gen_out = gb.op("Gather", [gb.op("Concat", [short_out, long_if], axis=0), rows], axis=0)
         for b, out, into in ((db, dec_out, decode_layer), (sb, small_out, small_layer), (gb, gen_out, general_layer)):
+            if out is None:
+                continue
             b.nodes.append(helper.make_node("Identity", [out], [n.output[0]]) if dtype == TensorProto.FLOAT
                            else helper.make_node("Cast", [out], [n.output[0]], to=dtype))
             into[id(n)] = b.nodes
@@ -191,21 +194,23 @@ def rewrite(model, native: bool = False) -> int:
             small_nodes += shapes
             index = shapes = []
             decode_nodes += decode_layer[id(n)]
-            small_nodes += small_layer[id(n)]
+            small_nodes += small_layer.get(id(n), [])
             general_nodes += general_layer[id(n)]
         else:
             decode_nodes.append(n)
             small_nodes.append(n)
             general_nodes.append(n)
     outs = [(o.name, o.type.tensor_type.elem_type) for o in g.output]
-    not_decode = [("apar/notDecode/" + name, t) for name, t in outs]
-    other = helper.make_node("If", [small], [name for name, _ in not_decode], name="apar/notDecode",
-                             then_branch=_body(small_nodes, outs, "apar/smallStep/"),
-                             else_branch=_body(general_nodes, outs, "apar/anyStep/"))
+    if native:   # the native body also takes the small steps: one If, on apar_decode
+        other_body = _body(general_nodes, outs, "apar/anyStep/")
+    else:
+        not_decode = [("apar/notDecode/" + name, t) for name, t in outs]
+        other = helper.make_node("If", [small], [name for name, _ in not_decode], name="apar/notDecode",
+                                 then_branch=_body(small_nodes, outs, "apar/smallStep/"),
+                                 else_branch=_body(general_nodes, outs, "apar/anyStep/"))
+        other_body = _branch([other], [name for name, _ in not_decode], [t for _, t in not_decode], "apar_notDecode")
     step = helper.make_node("If", [decode], [name for name, _ in outs], name="apar/step",
-                            then_branch=_body(decode_nodes, outs, "apar/decodeStep/"),
-                            else_branch=_branch([other], [name for name, _ in not_decode],
-                                                [t for _, t in not_decode], "apar_notDecode"))
+                            then_branch=_body(decode_nodes, outs, "apar/decodeStep/"), else_branch=other_body)
     del g.node[:]
     g.node.append(step)
     _declare_head_major_pools(g, {name for n in nodes for name in n.input[3:5]}, attrs)
@@ -221,7 +226,8 @@ def rewrite(model, native: bool = False) -> int:
 
 def step_bodies(g) -> list:
     """The bodies of a rewritten graph `g` (a GraphProto), each the whole model for one kind of
-    step: [decode, small, general], the branches of the step's Ifs."""
+    step: [decode, small, general], the branches of the step's Ifs ([native, general] for a graph
+    rewritten with native=True)."""
     if len(g.node) == 1 and g.node[0].op_type == "If":
         branches = {a.name: a.g for a in g.node[0].attribute}   # stored in name order: else first
         return step_bodies(branches["then_branch"]) + step_bodies(branches["else_branch"])
