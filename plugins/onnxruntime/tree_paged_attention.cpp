@@ -68,42 +68,44 @@ inline float Dot(const float* a, const float* b, int64_t n) {
 }
 
 // One (token, KV head): its G query heads' scores over the keys it sees, softmax, weighted values.
+// The context is walked block by block (no division per position), twice: keys, then values.
 void AttendOne(Problem* p, int64_t item) {
   const int64_t t = item / p->Hkv, h = item % p->Hkv;
   const int64_t G = p->G, D = p->D, bs = p->bs;
   const int64_t b = p->seq_of[t], first = p->qs[b], n_new = p->qs[b + 1] - first, ctx = p->ctx[b];
-  thread_local std::vector<float> scores;
-  thread_local std::vector<const float*> values;
-  thread_local std::vector<float> acc;
   const int64_t K = ctx + n_new;
+  thread_local std::vector<float> scores;
+  thread_local std::vector<const float*> new_values;
+  thread_local std::vector<float> acc;
   scores.resize(static_cast<size_t>(G * K));
-  values.clear();
+  new_values.clear();
   acc.assign(static_cast<size_t>(G * D), 0.0f);
   const float* q = p->q + (t * p->Hq + h * G) * D;
   const float* k_pool = p->k_pool + h * p->S * D;
   const float* v_pool = p->v_pool + h * p->S * D;
   const int32_t* table = p->tables + b * p->M;
-  const int64_t blocks = p->S / bs;
-  int64_t n = 0;
-  for (int64_t pos = 0; pos < ctx; ++pos) {
-    const int64_t block = table[pos / bs];
-    if (block < 0 || block >= blocks) {
-      p->bad_block.store(block);
+  const int64_t num_blocks = p->S / bs, ctx_blocks = (ctx + bs - 1) / bs;
+  for (int64_t i = 0; i < ctx_blocks; ++i) {
+    if (table[i] < 0 || table[i] >= num_blocks) {
+      p->bad_block.store(table[i]);
       p->bad_seq.store(b);
       return;
     }
-    const int64_t row = (block * bs + pos % bs) * D;
-    const float* key = k_pool + row;
-    for (int64_t g = 0; g < G; ++g) scores[g * K + n] = p->scale * Dot(q + g * D, key, D);
-    values.push_back(v_pool + row);
-    ++n;
+  }
+  float* s = scores.data();
+  int64_t n = 0;
+  for (int64_t i = 0, pos = 0; pos < ctx; ++i) {
+    const float* key = k_pool + table[i] * bs * D;
+    for (const int64_t end = std::min(ctx, pos + bs); pos < end; ++pos, ++n, key += D) {
+      for (int64_t g = 0; g < G; ++g) s[g * K + n] = p->scale * Dot(q + g * D, key, D);
+    }
   }
   const bool* sees = p->mask + t * p->Qm;
   for (int64_t i = 0; i < n_new; ++i) {
     if (!sees[i]) continue;
     const int64_t row = ((first + i) * p->Hkv + h) * D;
-    for (int64_t g = 0; g < G; ++g) scores[g * K + n] = p->scale * Dot(q + g * D, p->k + row, D);
-    values.push_back(p->v + row);
+    for (int64_t g = 0; g < G; ++g) s[g * K + n] = p->scale * Dot(q + g * D, p->k + row, D);
+    new_values.push_back(p->v + row);
     ++n;
   }
   float* out = p->out + (t * p->Hq + h * G) * D;
@@ -112,25 +114,30 @@ void AttendOne(Problem* p, int64_t item) {
     return;
   }
   for (int64_t g = 0; g < G; ++g) {
-    float* s = scores.data() + g * K;
+    float* sg = s + g * K;
     float m = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, sg[i]);
     float total = 0.0f;
     for (int64_t i = 0; i < n; ++i) {
-      s[i] = std::exp(s[i] - m);
-      total += s[i];
+      sg[i] = std::exp(sg[i] - m);
+      total += sg[i];
     }
     const float inv = 1.0f / total;
-    for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+    for (int64_t i = 0; i < n; ++i) sg[i] *= inv;
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const float* value = values[i];
+  auto add_value = [&](const float* value, int64_t j) {
     for (int64_t g = 0; g < G; ++g) {
-      const float w = scores[g * K + i];
+      const float w = s[g * K + j];
       float* a = acc.data() + g * D;
       for (int64_t d = 0; d < D; ++d) a[d] += w * value[d];
     }
+  };
+  int64_t j = 0;
+  for (int64_t i = 0, pos = 0; pos < ctx; ++i) {
+    const float* value = v_pool + table[i] * bs * D;
+    for (const int64_t end = std::min(ctx, pos + bs); pos < end; ++pos, ++j, value += D) add_value(value, j);
   }
+  for (const float* value : new_values) add_value(value, j++);
   std::copy(acc.begin(), acc.end(), out);
 }
 
