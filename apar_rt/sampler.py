@@ -364,7 +364,8 @@ def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
         for r in sorted({r for r, t in zip(batch.ban_rows, batch.ban_tokens) if first[r] == t}):
             one = _sample(x[r:r + 1], batch.select([r])[0])
             tokens[r], ok[r] = one.tokens[0], one.ok[0]
-    tokens[~ok] = -1
+    if not ok.all():
+        tokens[~ok] = -1
     return Sampled(tokens.astype(np.int64, copy=False), ok, np.zeros(0, np.float32), np.full(R, np.nan))
 
 

@@ -475,6 +475,9 @@ class OnnxRuntimeBackend(Backend):
         """pool[slot] = new K/V[idx] for every layer at once (idx None: the first len(slots) rows)."""
         new = self._new_kv
         if self._dev_type == "cpu":
+            if idx is None and len(slots) == 1:   # one token (a batch-1 decode): basic indexing
+                self._kv_slots[:, :, int(slots[0])] = new[:, :, 0]
+                return
             rows = new[:, :, :len(slots)] if idx is None else new[:, :, idx]
             self._kv_slots[:, :, slots] = rows
         else:

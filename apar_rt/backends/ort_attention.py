@@ -340,8 +340,10 @@ def decode_feeds(block_tables, context_lens, query_start, mask, block_size: int,
       native op reads the step's own inputs.
     The arguments are numpy arrays (block_tables and context_lens int32, as `step_io` packs them).
     """
-    if native:
-        return _NATIVE if int((query_start[1:] - query_start[:-1]).max(initial=0)) <= SMALL_MAX_QUERY else _UNUSED
+    if native:   # the mask has a column per new token of the longest query: its width bounds them all
+        if mask.shape[1] <= SMALL_MAX_QUERY or int(np.diff(query_start).max(initial=0)) <= SMALL_MAX_QUERY:
+            return _NATIVE
+        return _UNUSED
     ctx, tables = context_lens, block_tables
     if mask.shape[1] > 1 or len(mask) != len(ctx):   # not every sequence has exactly one new token
         q_len = np.diff(query_start)
