@@ -419,3 +419,25 @@ def test_decode_steps_run_on_the_native_op(gqa_engine, tiny_gqa):
     assert runs[True][2] > 0, "the run was meant to fork"
     for a, b in zip(runs[True][1], runs[False][1], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
+def test_a_broken_native_library_is_a_clear_error(gqa_engine, tmp_path, monkeypatch):
+    """A library that is not one (a truncated or tampered file) named by APAR_RT_ORT_OPS refuses
+    the engine with a message naming it and the way out; `off` runs the standard-op bodies; a
+    runtime older than the library's API is not offered it."""
+    from apar_rt.backends import ort_native
+    from apar_rt.backends.base import BackendUnavailable
+
+    _, engine = gqa_engine
+    bad = tmp_path / "libapar_ort_ops.so"
+    bad.write_bytes(b"\x7fELF" + b"\0" * 60)
+    monkeypatch.setenv(ort_native.ENV_VAR, str(bad))
+    with pytest.raises(BackendUnavailable, match=r"cannot load the native op library .*libapar_ort_ops.so.*=off"):
+        OnnxRuntimeBackend(str(engine))
+    monkeypatch.setenv(ort_native.ENV_VAR, "off")
+    assert OnnxRuntimeBackend(str(engine)).native_ops is None
+    monkeypatch.setenv(ort_native.ENV_VAR, str(tmp_path / "absent.so"))
+    with pytest.raises(FileNotFoundError, match="absent.so is not a file"):
+        ort_native.library()
+    monkeypatch.delenv(ort_native.ENV_VAR)
+    assert ort_native.library("1.20.1") is None

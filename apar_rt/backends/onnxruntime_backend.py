@@ -262,7 +262,12 @@ class OnnxRuntimeBackend(Backend):
         lib = ort_native.library() if native_ops and ort_body and m.dtype == "float32" else None
         self.native_ops = lib
         if lib is not None:
-            so.register_custom_ops_library(str(lib))
+            try:
+                so.register_custom_ops_library(str(lib))
+            except Exception as e:   # onnxruntime raises its own exception types
+                raise BackendUnavailable(
+                    f"cannot load the native op library {lib}: {e}; rebuild it (python -m apar_rt.backends."
+                    f"ort_native) or run without it ({ort_native.ENV_VAR}=off)") from None
         if drop or ort_body:
             model = _session_model(model_path, drop, ort_body, native=lib is not None)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",

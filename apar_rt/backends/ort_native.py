@@ -34,10 +34,19 @@ HEADERS_URL = ("https://deb.debian.org/debian/pool/main/o/onnxruntime/"
                "libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb")
 HEADERS_SHA256 = "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08"
 HEADERS_DIR = "usr/include/onnxruntime/"
+MIN_ONNXRUNTIME = (1, 21)   # the headers' API version: an older runtime cannot serve the library
 
 
-def library() -> Path | None:
-    """The library to load: $APAR_RT_ORT_OPS (a path; `off`: none), else the built one if present."""
+def library(onnxruntime_version: str | None = None) -> Path | None:
+    """The library to load: $APAR_RT_ORT_OPS (a path; `off`: none), else the built one if present;
+    None under an onnxruntime older than MIN_ONNXRUNTIME (`onnxruntime_version`, default: the
+    installed one)."""
+    if onnxruntime_version is None:
+        import onnxruntime
+
+        onnxruntime_version = onnxruntime.__version__
+    if tuple(int(x) for x in onnxruntime_version.split(".")[:2]) < MIN_ONNXRUNTIME:
+        return None
     env = os.environ.get(ENV_VAR)
     if env:
         if env.lower() == "off":

@@ -264,8 +264,10 @@ std::vector<std::unique_ptr<Ort::CustomOpDomain>> domains;
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static const TreePagedAttentionOp op;
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) return nullptr;   // a runtime older than the headers: nothing registered (ort_native checks)
   try {
-    Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+    Ort::InitApi(api);
     auto domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
     domain->Add(&op);
     Ort::UnownedSessionOptions(options).Add(*domain);
