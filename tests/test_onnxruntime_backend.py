@@ -372,7 +372,8 @@ def test_rotary_embeddings_are_fused_for_the_cpu(request, which):
 
 def test_decode_steps_run_on_the_native_op(gqa_engine, tiny_gqa):
     """With the native op library built, a float32 engine's decode body holds one native
-    TreePagedAttention node per layer and no Gather of the pools, and takes every step of at most
+    TreePagedAttentionRope node per layer (attention and rotary) and no Gather of the pools, and
+    takes every step of at most
     SMALL_MAX_QUERY tokens per sequence (here all: short prompts); an APAR run with forks gives
     the standard-op body's greedy trees, and each step's logits within 1e-4 of its."""
     import onnx
@@ -392,7 +393,9 @@ def test_decode_steps_run_on_the_native_op(gqa_engine, tiny_gqa):
     assert len(bodies) == 2, "the native body and the general one (no small-step body)"
     decode = bodies[0]
     ops = [(n.domain, n.op_type) for n in decode.node]
-    assert ops.count((ort_native.OP_DOMAIN, ort_native.OP_TYPE)) == be.num_layers
+    # each layer's attention and its q and k rotary are one node (the rotated keys are its 2nd output)
+    assert ops.count((ort_native.OP_DOMAIN, ort_native.ROPE_OP_TYPE)) == be.num_layers
+    assert not [op for op in ops if op[1] in ("RotaryEmbedding", ort_native.OP_TYPE)]
     assert not [n for n in decode.node if n.op_type == "Gather" and n.input[0].startswith(("k_cache", "v_cache"))]
 
     fork = tiny_gqa[2].convert_tokens_to_ids("[SplitMask]")

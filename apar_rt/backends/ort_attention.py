@@ -152,15 +152,28 @@ def rewrite(model, native: bool = False) -> int:
 
     # ---- layer math ----
     decode_layer, small_layer, general_layer = {}, {}, {}
+    producer = {o: n for n in g.node for o in n.output}
+    uses: dict[str, int] = {}
+    for x in g.node:
+        for name in x.input:
+            uses[name] = uses.get(name, 0) + 1
+    not_in_decode: set[int] = set()    # nodes a native decode body does without (the rotary the op does)
     for i, n in enumerate(nodes):
         q, k, v, k_cache, v_cache = n.input[:5]
         # a decode step: about 20 nodes (attend_decode)
         db = ab.Nodes(attrs, f"apar/l{i}/decode/", inputs)
-        if native:   # one node that reads the pools in place
+        if native:   # one node that reads the pools in place (and applies q's and k's rotary)
             dec_out = db.name("native_attention")
-            db.nodes.append(helper.make_node(ort_native.OP_TYPE, [q, k, v, k_cache, v_cache] + list(step_names),
-                                             [dec_out], domain=ort_native.OP_DOMAIN, scale=float(attrs.scale),
-                                             block_size=int(attrs.block_size)))
+            rq, rk = _fused_rotary(producer, uses, q), _fused_rotary(producer, uses, k)
+            common = dict(domain=ort_native.OP_DOMAIN, scale=float(attrs.scale), block_size=int(attrs.block_size))
+            if rq and rk and rq[1:3] == rk[1:3]:   # the op rotates: the projections in, the rotated keys out as k
+                db.nodes.append(helper.make_node(
+                    ort_native.ROPE_OP_TYPE, [rq[0], rk[0], v, k_cache, v_cache, *step_names, rq[1], rq[2]],
+                    [dec_out, k], num_heads=attrs.num_heads, num_kv_heads=attrs.num_kv_heads, **common))
+                not_in_decode.update(id(x) for x in rq[3] + rk[3])
+            else:
+                db.nodes.append(helper.make_node(ort_native.OP_TYPE, [q, k, v, k_cache, v_cache, *step_names],
+                                                 [dec_out], **common))
         else:
             dec_out = ab.attend_decode(db, dec_slots, dec_bias, dec_split, q, k, v, k_cache, v_cache)
         # a small step (draft trees, a fork's two tokens): about 30 nodes (attend_small); native: none
@@ -197,7 +210,8 @@ def rewrite(model, native: bool = False) -> int:
             small_nodes += small_layer.get(id(n), [])
             general_nodes += general_layer[id(n)]
         else:
-            decode_nodes.append(n)
+            if id(n) not in not_in_decode:
+                decode_nodes.append(n)
             small_nodes.append(n)
             general_nodes.append(n)
     outs = [(o.name, o.type.tensor_type.elem_type) for o in g.output]
@@ -222,6 +236,24 @@ def rewrite(model, native: bool = False) -> int:
         if not any(o.domain == domain for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(domain, 1))
     return len(nodes)
+
+
+def _fused_rotary(producer: dict, uses: dict, name: str):
+    """(projection, cos, sin, its three nodes) when `name` is `ort_rotary.fuse_rotary`'s output,
+    Reshape(RotaryEmbedding(Unsqueeze(projection), position ids 0..T-1, cos, sin)), and nothing
+    but the attention node reads any of the three outputs; else None."""
+    from apar_rt.backends import ort_rotary
+
+    reshape = producer.get(name)
+    rot = producer.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+    if rot is None or (rot.domain, rot.op_type) != ("com.microsoft", "RotaryEmbedding") \
+            or rot.input[1] != ort_rotary.PREFIX + "positions" \
+            or any(a.name == "interleaved" and a.i for a in rot.attribute):
+        return None
+    unsq = producer.get(rot.input[0])
+    if unsq is None or unsq.op_type != "Unsqueeze" or any(uses.get(x.output[0]) != 1 for x in (reshape, rot, unsq)):
+        return None
+    return unsq.input[0], rot.input[2], rot.input[3], [reshape, rot, unsq]
 
 
 def step_bodies(g) -> list:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 OP_DOMAIN = "apar.ort"
 OP_TYPE = "TreePagedAttention"
+ROPE_OP_TYPE = "TreePagedAttentionRope"   # the same with the layer's rotary embedding inside
 ENV_VAR = "APAR_RT_ORT_OPS"
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "plugins" / "onnxruntime" / "tree_paged_attention.cpp"

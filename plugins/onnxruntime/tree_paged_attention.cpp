@@ -13,6 +13,13 @@
 //   3 k_pool, 4 v_pool [Hkv, S, D]           the pools (slot = block * block_size + offset)
 //   5 block_tables [B, M]   6 context_lens [B]   7 query_start [B + 1]   8 mask [T, Qm] bool
 // Attributes: scale (float), block_size (int). Output: out [T, Hq, D].
+//
+// apar.ort::TreePagedAttentionRope is the same with the layer's rotary embedding inside (what
+// onnxruntime's RotaryEmbedding does with per-step tables: non-interleaved, token t rotated by
+// row t of cos and sin): inputs 0 q [T, Hq * D] and 1 k [T, Hkv * D] as the projections give them,
+// then v .. mask as above, then 9 cos and 10 sin [T, D / 2]; outputs out and 1 the rotated keys
+// [T, Hkv, D] (the step's new K, which the host writes to the pool). Attributes also num_heads,
+// num_kv_heads.
 // Token t of sequence b (query_start[b] <= t < query_start[b + 1]) sees the b's cached context
 // (positions 0 .. context_lens[b] - 1, through its block table) and its new token i where
 // mask[t, i]; query head h reads KV head h / (Hq / Hkv). A block id or table outside the pool, or
@@ -36,6 +43,7 @@ namespace {
 
 constexpr const char* kDomain = "apar.ort";
 constexpr const char* kOpName = "TreePagedAttention";
+constexpr const char* kRopeOpName = "TreePagedAttentionRope";
 
 struct Problem {
   const float* q;
@@ -153,9 +161,30 @@ std::string ShapeText(const std::vector<int64_t>& shape) {
   throw std::invalid_argument(std::string(kDomain) + "::" + kOpName + ": " + why);
 }
 
+// Rotates x [T, H, D] in place: (a, b) halves -> (a cos - b sin, b cos + a sin), row t of cos / sin.
+void Rotate(float* x, int64_t T, int64_t H, int64_t D, const float* cos, const float* sin) {
+  const int64_t half = D / 2;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* c = cos + t * half;
+    const float* s = sin + t * half;
+    for (int64_t h = 0; h < H; ++h) {
+      float* a = x + (t * H + h) * D;
+      float* b = a + half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a0 = a[i], b0 = b[i];
+        a[i] = a0 * c[i] - b0 * s[i];
+        b[i] = b0 * c[i] + a0 * s[i];
+      }
+    }
+  }
+}
+
 struct TreePagedAttentionKernel {
   float scale;
   int64_t block_size;
+  bool rope;           // TreePagedAttentionRope: q and k unrotated, cos and sin inputs, rotated k output
+  int64_t num_heads;   // rope only: the projections' head counts
+  int64_t num_kv_heads;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
@@ -168,23 +197,38 @@ struct TreePagedAttentionKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const char* names[] = {"q", "k", "v", "k_pool", "v_pool", "block_tables", "context_lens", "query_start", "mask"};
-    const size_t ranks[] = {3, 3, 3, 3, 3, 2, 1, 1, 2};
+    const char* names[] = {"q", "k", "v", "k_pool", "v_pool", "block_tables", "context_lens", "query_start", "mask",
+                           "cos", "sin"};
+    const size_t ranks[] = {3, 3, 3, 3, 3, 2, 1, 1, 2, 2, 2};
+    const size_t count = rope ? 11 : 9;
     std::vector<std::vector<int64_t>> shapes;
-    for (size_t i = 0; i < 9; ++i) {
+    for (size_t i = 0; i < count; ++i) {
       shapes.push_back(ctx.GetInput(i).GetTensorTypeAndShapeInfo().GetShape());
-      if (shapes[i].size() != ranks[i]) Fail(std::string(names[i]) + " must have rank " + std::to_string(ranks[i]) +
-                                             ", got shape " + ShapeText(shapes[i]));
+      const size_t rank = rope && i < 2 ? 2 : ranks[i];
+      if (shapes[i].size() != rank) Fail(std::string(names[i]) + " must have rank " + std::to_string(rank) +
+                                         ", got shape " + ShapeText(shapes[i]));
     }
-    const auto &q = shapes[0], &k = shapes[1], &v = shapes[2], &kp = shapes[3], &vp = shapes[4];
-    const int64_t T = q[0], Hq = q[1], D = q[2], Hkv = kp[0], S = kp[1];
+    const auto &v = shapes[2], &kp = shapes[3], &vp = shapes[4];
+    const int64_t Hkv = kp[0], S = kp[1], D = kp[2];
+    std::vector<int64_t> q = shapes[0], k = shapes[1];
+    if (rope) {   // [T, H * D] projections
+      if (q[1] != num_heads * D || k[1] != num_kv_heads * D || num_kv_heads != Hkv || D % 2)
+        Fail("q and k must be [T, num_heads * D] and [T, num_kv_heads * D] for the pools' D = " + std::to_string(D) +
+             ", got " + ShapeText(q) + " and " + ShapeText(k));
+      if (shapes[9] != std::vector<int64_t>{q[0], D / 2} || shapes[10] != shapes[9])
+        Fail("cos and sin must be [T, D / 2] = " + ShapeText({q[0], D / 2}) + ", got " + ShapeText(shapes[9]) +
+             " and " + ShapeText(shapes[10]));
+      q = {q[0], num_heads, D};
+      k = {k[0], num_kv_heads, D};
+    }
+    const int64_t T = q[0], Hq = q[1];
     const int64_t B = shapes[5][0], M = shapes[5][1], Qm = shapes[8][1];
     if (Hkv <= 0 || Hq % Hkv != 0) Fail("query heads " + std::to_string(Hq) + " are not a multiple of KV heads " +
                                         std::to_string(Hkv));
-    if (k != std::vector<int64_t>{T, Hkv, D} || v != k) Fail("k and v must be [T, Hkv, D] = " +
-                                                           ShapeText({T, Hkv, D}) + ", got " + ShapeText(k) +
-                                                           " and " + ShapeText(v));
-    if (kp[2] != D || vp != kp || S % block_size) Fail("the pools must be [Hkv, S, D] alike, S a multiple of " +
+    if (q[2] != D || k != std::vector<int64_t>{T, Hkv, D} || v != k)
+      Fail("q, k and v must be [T, Hq, D], [T, Hkv, D] and [T, Hkv, D] for the pools' D = " + std::to_string(D) +
+           ", got " + ShapeText(q) + ", " + ShapeText(k) + " and " + ShapeText(v));
+    if (vp != kp || S % block_size) Fail("the pools must be [Hkv, S, D] alike, S a multiple of " +
                                                      std::to_string(block_size) + ", got " + ShapeText(kp) +
                                                      " and " + ShapeText(vp));
     if (shapes[6][0] != B || shapes[7][0] != B + 1 || shapes[8][0] != T)
@@ -209,6 +253,18 @@ struct TreePagedAttentionKernel {
     Problem p;
     p.q = ctx.GetInput(0).GetTensorData<float>();
     p.k = ctx.GetInput(1).GetTensorData<float>();
+    thread_local std::vector<float> q_rotated;
+    if (rope) {   // the rotated queries in a scratch buffer, the rotated keys straight into output 1
+      const float* cos = ctx.GetInput(9).GetTensorData<float>();
+      const float* sin = ctx.GetInput(10).GetTensorData<float>();
+      q_rotated.assign(p.q, p.q + T * Hq * D);
+      Rotate(q_rotated.data(), T, Hq, D, cos, sin);
+      p.q = q_rotated.data();
+      float* k_rotated = ctx.GetOutput(1, k).GetTensorMutableData<float>();
+      std::copy(p.k, p.k + T * Hkv * D, k_rotated);
+      Rotate(k_rotated, T, Hkv, D, cos, sin);
+      p.k = k_rotated;
+    }
     p.v = ctx.GetInput(2).GetTensorData<float>();
     p.k_pool = ctx.GetInput(3).GetTensorData<float>();
     p.v_pool = ctx.GetInput(4).GetTensorData<float>();
@@ -233,25 +289,30 @@ struct TreePagedAttentionKernel {
   }
 };
 
-struct TreePagedAttentionOp : Ort::CustomOpBase<TreePagedAttentionOp, TreePagedAttentionKernel, true> {
+template <bool Rope>
+struct TreePagedAttentionOp : Ort::CustomOpBase<TreePagedAttentionOp<Rope>, TreePagedAttentionKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
     try {
       Ort::ConstKernelInfo ki(info);
       const int64_t block_size = ki.GetAttribute<int64_t>("block_size");
       if (block_size < 1) Fail("block_size must be >= 1, got " + std::to_string(block_size));
-      *kernel = new TreePagedAttentionKernel{ki.GetAttribute<float>("scale"), block_size};
+      const int64_t heads = Rope ? ki.GetAttribute<int64_t>("num_heads") : 0;
+      const int64_t kv_heads = Rope ? ki.GetAttribute<int64_t>("num_kv_heads") : 0;
+      if (Rope && (kv_heads < 1 || heads % kv_heads))
+        Fail("num_heads " + std::to_string(heads) + " is not a multiple of num_kv_heads " + std::to_string(kv_heads));
+      *kernel = new TreePagedAttentionKernel{ki.GetAttribute<float>("scale"), block_size, Rope, heads, kv_heads};
       return nullptr;
     } catch (const std::exception& e) {
       return Ort::Status(e.what(), ORT_INVALID_ARGUMENT).release();
     }
   }
-  const char* GetName() const { return kOpName; }
-  size_t GetInputTypeCount() const { return 9; }
+  const char* GetName() const { return Rope ? kRopeOpName : kOpName; }
+  size_t GetInputTypeCount() const { return Rope ? 11 : 9; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
     if (index == 8) return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
-    return index >= 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return index >= 5 && index < 8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
-  size_t GetOutputTypeCount() const { return 1; }
+  size_t GetOutputTypeCount() const { return Rope ? 2 : 1; }
   ONNXTensorElementDataType GetOutputType(size_t /*index*/) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
@@ -263,13 +324,15 @@ std::vector<std::unique_ptr<Ort::CustomOpDomain>> domains;
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  static const TreePagedAttentionOp op;
+  static const TreePagedAttentionOp<false> op;
+  static const TreePagedAttentionOp<true> rope_op;
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (api == nullptr) return nullptr;   // a runtime older than the headers: nothing registered (ort_native checks)
   try {
     Ort::InitApi(api);
     auto domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
     domain->Add(&op);
+    domain->Add(&rope_op);
     Ort::UnownedSessionOptions(options).Add(*domain);
     std::lock_guard<std::mutex> lock(domains_lock);
     domains.push_back(std::move(domain));
