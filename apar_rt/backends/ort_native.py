@@ -6,7 +6,9 @@ standard-op bodies (`attention_body.attend_decode`, `attend_small`) gather each 
 context out of the pool first, in every layer and step. The backend's graph rewrite runs the node
 for every step whose sequences have at most SMALL_MAX_QUERY new tokens (decodes, forks, draft
 trees, short chunks) when the library is loaded (`ort_attention.rewrite(model, native=True)`);
-longer prefill chunks keep the general body, whose matmuls suit them better.
+longer prefill chunks keep the general body, whose matmuls suit them better. Where the layer's q
+and k come through `ort_rotary`'s fused RotaryEmbedding, the node is `TreePagedAttentionRope`,
+which rotates them itself and outputs the rotated keys (the step's new K): one node per layer.
 
 The library is compiled here, against ONNX Runtime's public C/C++ API headers, which are fetched
 at build time and never committed: Debian's `libonnxruntime-dev` package (a pinned version and
