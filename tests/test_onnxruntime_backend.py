@@ -370,6 +370,66 @@ def test_rotary_embeddings_are_fused_for_the_cpu(request, which):
     assert not any(n.op_type == "RotaryEmbedding" for n in on_disk.node)
 
 
+@pytest.mark.parametrize("which", ["gqa_engine", "mha_engine"])
+def test_residual_adds_and_rms_norms_are_fused_for_the_cpu(request, which):
+    """Every residual add and the RMSNorm after it become one SkipSimplifiedLayerNormalization in
+    the graph the CPU session runs (2 per layer: after attention, and before the next layer or the
+    final norm), its sum read by the next add; no Pow is left but the first layer's input norm's
+    (no add before it). The step-by-step test above checks the logits against torch."""
+    import onnx
+
+    from apar_rt.backends.onnxruntime_backend import _session_model
+    from apar_rt.backends.ort_attention import step_bodies
+    from apar_rt.config import ModelConfig
+
+    model, engine = request.getfixturevalue(which)
+    layers = ModelConfig.from_dir(model).num_hidden_layers
+    for graph in step_bodies(onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)).graph):
+        fused = [n for n in graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+        assert len(fused) == 2 * layers
+        assert [n.op_type for n in graph.node].count("Pow") == 1
+        readers = {i for n in graph.node for i in n.input}
+        assert all(n.output[3] in readers for n in fused[:-1]), "each sum feeds the next residual add"
+
+
+def test_a_norm_whose_parts_are_read_elsewhere_is_left_alone():
+    """The fusion takes a chain only when nothing else reads its intermediates."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from apar_rt.backends.ort_norms import fuse_skip_rms_norm
+
+    def c(name, v):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(v, np.float32), name))
+
+    nodes = [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Cast", ["s"], ["c"], to=TensorProto.FLOAT),
+             c("two", 2.0), helper.make_node("Pow", ["c", "two"], ["p"]),
+             helper.make_node("Constant", [], ["axes"], value=numpy_helper.from_array(np.array([-1], np.int64), "axes")),
+             helper.make_node("ReduceMean", ["p", "axes"], ["r"], keepdims=1), c("eps", 1e-5),
+             helper.make_node("Add", ["r", "eps"], ["e"]), helper.make_node("Sqrt", ["e"], ["q"]), c("one", 1.0),
+             helper.make_node("Div", ["one", "q"], ["d"]), helper.make_node("Mul", ["c", "d"], ["m"]),
+             helper.make_node("Cast", ["m"], ["m2"], to=TensorProto.FLOAT), helper.make_node("Mul", ["w", "m2"], ["out"])]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in ("a", "b")]
+    w = numpy_helper.from_array(np.ones(4, np.float32), "w")
+
+    def model(extra_output=None):
+        outs = ["out"] + ([extra_output] if extra_output else [])
+        g = helper.make_graph(list(nodes), "g", io, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
+                              [w])
+        if extra_output:   # another node reads an intermediate
+            g.node.append(helper.make_node("Neg", [extra_output], [extra_output + "_neg"]))
+        return helper.make_model(g)
+
+    assert fuse_skip_rms_norm(model()) == 1
+    for inner in ("p", "d", "m"):
+        assert fuse_skip_rms_norm(model(inner)) == 0
+    fused = model()
+    fuse_skip_rms_norm(fused)
+    assert [(n.op_type, list(n.input), list(n.output)) for n in fused.graph.node if n.op_type != "Constant"] == [
+        ("SkipSimplifiedLayerNormalization", ["a", "b", "w"], ["out", "", "", "c"])]
+
+
 def test_decode_steps_run_on_the_native_op(gqa_engine, tiny_gqa):
     """With the native op library built, a float32 engine's decode body holds one native
     TreePagedAttentionRope node per layer (attention and rotary) and no Gather of the pools, and

@@ -84,13 +84,15 @@ def _session_model(path: Path, drop: set[str], ort_body: bool, native: bool = Fa
     """The model at `path` as the session runs it, serialized: without outputs `drop` (and the
     nodes only they needed), and with `ort_body` the op's nodes rewritten for ONNX Runtime's
     CPU (`apar_rt.backends.ort_attention.rewrite`, its decode body on the native op with
-    `native`) and the rotary embeddings fused (`apar_rt.backends.ort_rotary.fuse_rotary`).
+    `native`), the rotary embeddings fused (`apar_rt.backends.ort_rotary.fuse_rotary`) and each
+    residual add fused with the RMSNorm after it (`apar_rt.backends.ort_norms.fuse_skip_rms_norm`).
 
     External weights stay where they are (not loaded): the session reads them from the folder.
     """
     import onnx
 
     from apar_rt.backends.ort_attention import rewrite
+    from apar_rt.backends.ort_norms import fuse_skip_rms_norm
     from apar_rt.backends.ort_rotary import fuse_rotary
 
     model = onnx.load(str(path), load_external_data=False)
@@ -99,6 +101,7 @@ def _session_model(path: Path, drop: set[str], ort_body: bool, native: bool = Fa
     if ort_body:   # in this order: all read the main graph, which the rewrite turns into one If
         _drop_noop_output_casts(model.graph)
         fuse_rotary(model)
+        fuse_skip_rms_norm(model)
         rewrite(model, native)
     return model.SerializeToString()
 
