@@ -215,6 +215,8 @@ def rewrite(model, native: bool = False) -> int:
             small_nodes.append(n)
             general_nodes.append(n)
     outs = [(o.name, o.type.tensor_type.elem_type) for o in g.output]
+    if native:   # the rotary's position ids, say, which only the RotaryEmbedding nodes read
+        decode_nodes = _live(decode_nodes, {name for name, _ in outs})
     if native:   # the native body also takes the small steps: one If, on apar_decode
         other_body = _body(general_nodes, outs, "apar/anyStep/")
     else:
@@ -236,6 +238,26 @@ def rewrite(model, native: bool = False) -> int:
         if not any(o.domain == domain for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(domain, 1))
     return len(nodes)
+
+
+def _live(nodes: list, outputs: set[str]) -> list:
+    """`nodes` (in order) without those whose outputs nothing reads: no later node and no graph
+    output in `outputs`, repeatedly. Subgraphs' reads count."""
+    def reads(n):
+        names = set(n.input)
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                names |= {i for x in sub.node for i in reads(x)}
+        return names
+
+    while True:
+        read = set(outputs)
+        for n in nodes:
+            read |= reads(n)
+        kept = [n for n in nodes if any(o in read for o in n.output if o)]
+        if len(kept) == len(nodes):
+            return nodes
+        nodes = kept
 
 
 def _fused_rotary(producer: dict, uses: dict, name: str):
