@@ -456,6 +456,9 @@ def test_decode_steps_run_on_the_native_op(gqa_engine, tiny_gqa):
     # each layer's attention and its q and k rotary are one node (the rotated keys are its 2nd output)
     assert ops.count((ort_native.OP_DOMAIN, ort_native.ROPE_OP_TYPE)) == be.num_layers
     assert not [op for op in ops if op[1] in ("RotaryEmbedding", ort_native.OP_TYPE, "Range")], "nor their position ids"
+    natives = [n for n in decode.node if n.op_type == ort_native.ROPE_OP_TYPE]
+    readers = {i: n.op_type for n in decode.node for i in n.input}
+    assert all(readers[n.output[0]] == "MatMul" for n in natives), "the output projection reads the op's [T, Hq * D]"
     assert not [n for n in decode.node if n.op_type == "Gather" and n.input[0].startswith(("k_cache", "v_cache"))]
 
     fork = tiny_gqa[2].convert_tokens_to_ids("[SplitMask]")

@@ -42,6 +42,7 @@ import functools
 import numpy as np
 
 from apar_rt.backends import ort_native
+from apar_rt.backends.ort_rotary import _constants
 from apar_rt.export import attention_body as ab
 from apar_rt.export.op import OP_DOMAIN, OP_INPUTS, OP_TYPE, AttentionAttrs
 
@@ -153,6 +154,7 @@ def rewrite(model, native: bool = False) -> int:
     # ---- layer math ----
     decode_layer, small_layer, general_layer = {}, {}, {}
     producer = {o: n for n in g.node for o in n.output}
+    consts = _constants(g)
     uses: dict[str, int] = {}
     for x in g.node:
         for name in x.input:
@@ -162,10 +164,16 @@ def rewrite(model, native: bool = False) -> int:
         q, k, v, k_cache, v_cache = n.input[:5]
         # a decode step: about 20 nodes (attend_decode)
         db = ab.Nodes(attrs, f"apar/l{i}/decode/", inputs)
+        flat_out = None   # a native node's output as the output projection reads it, [T, Hq * D]
         if native:   # one node that reads the pools in place (and applies q's and k's rotary)
             dec_out = db.name("native_attention")
             rq, rk = _fused_rotary(producer, uses, q), _fused_rotary(producer, uses, k)
             common = dict(domain=ort_native.OP_DOMAIN, scale=float(attrs.scale), block_size=int(attrs.block_size))
+            flat_out = _flattening_reshape(g.node, uses, consts, n.output[0], attrs.num_heads * attrs.head_size)
+            if flat_out is not None:   # the op writes the Reshape's output itself
+                dec_out = flat_out.output[0]
+                common["flat"] = 1
+                not_in_decode.add(id(flat_out))
             if rq and rk and rq[1:3] == rk[1:3]:   # the op rotates: the projections in, the rotated keys out as k
                 db.nodes.append(helper.make_node(
                     ort_native.ROPE_OP_TYPE, [rq[0], rk[0], v, k_cache, v_cache, *step_names, rq[1], rq[2]],
@@ -193,6 +201,9 @@ def rewrite(model, native: bool = False) -> int:
         gen_out = gb.op("Gather", [gb.op("Concat", [short_out, long_if], axis=0), rows], axis=0)
         for b, out, into in ((db, dec_out, decode_layer), (sb, small_out, small_layer), (gb, gen_out, general_layer)):
             if out is None:
+                continue
+            if b is db and flat_out is not None:
+                into[id(n)] = b.nodes
                 continue
             b.nodes.append(helper.make_node("Identity", [out], [n.output[0]]) if dtype == TensorProto.FLOAT
                            else helper.make_node("Cast", [out], [n.output[0]], to=dtype))
@@ -258,6 +269,15 @@ def _live(nodes: list, outputs: set[str]) -> list:
         if len(kept) == len(nodes):
             return nodes
         nodes = kept
+
+
+def _flattening_reshape(nodes, uses: dict, consts: dict, name: str, width: int):
+    """The one node reading `name` when it is a Reshape to the constant shape [-1, width], else None."""
+    if uses.get(name) != 1:
+        return None
+    reader = next(n for n in nodes if name in n.input)
+    shape = consts.get(reader.input[1]) if reader.op_type == "Reshape" and reader.input[0] == name else None
+    return reader if shape is not None and shape.tolist() == [-1, width] else None
 
 
 def _fused_rotary(producer: dict, uses: dict, name: str):

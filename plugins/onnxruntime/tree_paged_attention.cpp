@@ -12,7 +12,8 @@
 //   0 q [T, Hq, D]   1 k, 2 v [T, Hkv, D]     the step's queries and new keys and values
 //   3 k_pool, 4 v_pool [Hkv, S, D]           the pools (slot = block * block_size + offset)
 //   5 block_tables [B, M]   6 context_lens [B]   7 query_start [B + 1]   8 mask [T, Qm] bool
-// Attributes: scale (float), block_size (int). Output: out [T, Hq, D].
+// Attributes: scale (float), block_size (int), flat (int, default 0). Output: out [T, Hq, D], or
+// [T, Hq * D] with flat = 1 (as the output projection reads it).
 //
 // apar.ort::TreePagedAttentionRope is the same with the layer's rotary embedding inside (what
 // onnxruntime's RotaryEmbedding does with per-step tables: non-interleaved, token t rotated by
@@ -185,6 +186,7 @@ struct TreePagedAttentionKernel {
   bool rope;           // TreePagedAttentionRope: q and k unrotated, cos and sin inputs, rotated k output
   int64_t num_heads;   // rope only: the projections' head counts
   int64_t num_kv_heads;
+  bool flat;           // output 0 as [T, Hq * D]
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
@@ -249,7 +251,7 @@ struct TreePagedAttentionKernel {
              " is outside its table's " + std::to_string(M * block_size) + " positions");
       for (int64_t t = qs[b]; t < qs[b + 1]; ++t) seq_of[t] = static_cast<int32_t>(b);
     }
-    auto out = ctx.GetOutput(0, q);
+    auto out = flat ? ctx.GetOutput(0, std::vector<int64_t>{T, Hq * D}) : ctx.GetOutput(0, q);
     Problem p;
     p.q = ctx.GetInput(0).GetTensorData<float>();
     p.k = ctx.GetInput(1).GetTensorData<float>();
@@ -300,7 +302,13 @@ struct TreePagedAttentionOp : Ort::CustomOpBase<TreePagedAttentionOp<Rope>, Tree
       const int64_t kv_heads = Rope ? ki.GetAttribute<int64_t>("num_kv_heads") : 0;
       if (Rope && (kv_heads < 1 || heads % kv_heads))
         Fail("num_heads " + std::to_string(heads) + " is not a multiple of num_kv_heads " + std::to_string(kv_heads));
-      *kernel = new TreePagedAttentionKernel{ki.GetAttribute<float>("scale"), block_size, Rope, heads, kv_heads};
+      int64_t flat = 0;
+      try {
+        flat = ki.GetAttribute<int64_t>("flat");
+      } catch (const Ort::Exception&) {   // absent: the default
+      }
+      *kernel = new TreePagedAttentionKernel{ki.GetAttribute<float>("scale"), block_size, Rope, heads, kv_heads,
+                                             flat != 0};
       return nullptr;
     } catch (const std::exception& e) {
       return Ort::Status(e.what(), ORT_INVALID_ARGUMENT).release();
