@@ -366,6 +366,7 @@ def test_rotary_embeddings_are_fused_for_the_cpu(request, which):
         swaps = [n for n in graph.node if n.op_type == "Gather" and n.input[1] in consts
                  and consts[n.input[1]].ndim == 1 and consts[n.input[1]][0] > 0]   # rotate-half index gathers
         assert not swaps and "Sin" in ops       # the step's tables are still computed in the graph
+        assert "Neg" not in ops                 # ... but taken as c and s, before the exporter doubles them
     on_disk = onnx.load(str(engine / "model.onnx"), load_external_data=False).graph
     assert not any(n.op_type == "RotaryEmbedding" for n in on_disk.node)
 

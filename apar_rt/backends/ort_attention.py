@@ -226,8 +226,10 @@ def rewrite(model, native: bool = False) -> int:
             small_nodes.append(n)
             general_nodes.append(n)
     outs = [(o.name, o.type.tensor_type.elem_type) for o in g.output]
-    if native:   # the rotary's position ids, say, which only the RotaryEmbedding nodes read
-        decode_nodes = _live(decode_nodes, {name for name, _ in outs})
+    # nodes left unread (the tables the rotary fusion took halves of; a native body's rotary
+    # position ids) are dropped: onnxruntime would run them
+    graph_outs = {name for name, _ in outs}
+    decode_nodes, small_nodes, general_nodes = (_live(x, graph_outs) for x in (decode_nodes, small_nodes, general_nodes))
     if native:   # the native body also takes the small steps: one If, on apar_decode
         other_body = _body(general_nodes, outs, "apar/anyStep/")
     else:

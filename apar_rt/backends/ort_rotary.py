@@ -7,7 +7,8 @@ The exported graph applies RoPE as `apar_rt.model.llama.apply_rope` writes it:
 with cos = [c, c] and signed_sin = [-s, s] ([T, 1, D], built once per step by `rope_tables`).
 `fuse_rotary(model)` replaces each such pattern with `com.microsoft.RotaryEmbedding` on P itself
 ([1, T, H*D], non-interleaved), fed with the step's own tables: cos_cache = c and sin_cache = s
-([T, D/2], sliced out of cos and signed_sin once per step) and position ids 0..T-1, so every
+([T, D/2], taken before the exporter doubles them where it is seen doing so, else sliced out of
+cos and signed_sin once per step) and position ids 0..T-1, so every
 rope variant the exporter computes (scaled, llama3, ...) is kept as it is. Four nodes per q/k
 (and their intermediates) become one.
 
@@ -63,6 +64,36 @@ def _match(add, producer: dict, consts: dict):
     return None
 
 
+def _halves(producer: dict, consts: dict, cos: str, signed_sin: str) -> tuple[str | None, str | None, int | None]:
+    """(c, s, dtype) when the step's tables are [Cast(dtype)] Unsqueeze(Concat([c, c]), [1]) and
+    [Cast(dtype)] Unsqueeze(Concat([Neg(s), s]), [1]) (Concat on the last axis; dtype None
+    without the Cast), as the exporter writes them; else (None, None, None): they are then sliced
+    out of the tables."""
+    from onnx import helper
+
+    def doubled(name):
+        node, to = producer.get(name), None
+        if node is not None and node.op_type == "Cast":
+            to = helper.get_attribute_value(node.attribute[0])
+            node = producer.get(node.input[0])
+        if node is None or node.op_type != "Unsqueeze" or len(node.input) < 2:
+            return None
+        axes = consts.get(node.input[1])
+        cat = producer.get(node.input[0])
+        if axes is None or axes.tolist() != [1] or cat is None or cat.op_type != "Concat" or len(cat.input) != 2:
+            return None
+        if next((a.i for a in cat.attribute if a.name == "axis"), None) not in (-1, 1):
+            return None
+        return cat.input, to
+    cc, ss = doubled(cos), doubled(signed_sin)
+    if cc is None or ss is None or cc[1] != ss[1] or cc[0][0] != cc[0][1]:
+        return None, None, None
+    neg = producer.get(ss[0][0])
+    if neg is None or neg.op_type != "Neg" or neg.input[0] != ss[0][1]:
+        return None, None, None
+    return cc[0][0], ss[0][1], cc[1]
+
+
 def fuse_rotary(model) -> int:
     """Replace every rotary pattern of `model`'s main graph (a ModelProto, changed in place) with
     RotaryEmbedding; returns how many (q and k of each layer: 2 per layer)."""
@@ -91,12 +122,19 @@ def fuse_rotary(model) -> int:
 
     p = PREFIX
     step = [const("shape", [-1, D]), const("zero", [0]), const("half", [D // 2]), const("end", [D]),
-            const("axis1", [1]), const("axis0", [0]), const("zero_s", 0), const("one_s", 1),
-            helper.make_node("Reshape", [cos, p + "shape"], [p + "cos2"]),
-            helper.make_node("Slice", [p + "cos2", p + "zero", p + "half", p + "axis1"], [p + "cos"]),
-            helper.make_node("Reshape", [signed_sin, p + "shape"], [p + "sin2"]),
-            helper.make_node("Slice", [p + "sin2", p + "half", p + "end", p + "axis1"], [p + "sin"]),
-            helper.make_node("Shape", [p + "cos"], [p + "T1"], start=0, end=1),
+            const("axis1", [1]), const("axis0", [0]), const("zero_s", 0), const("one_s", 1)]
+    c, s, to = _halves(producer, consts, cos, signed_sin)
+    if c is not None:   # the exporter doubled c and s itself: take them before it did
+        step += [helper.make_node("Identity", [c], [p + "cos"]) if to is None
+                 else helper.make_node("Cast", [c], [p + "cos"], to=to),
+                 helper.make_node("Identity", [s], [p + "sin"]) if to is None
+                 else helper.make_node("Cast", [s], [p + "sin"], to=to)]
+    else:
+        step += [helper.make_node("Reshape", [cos, p + "shape"], [p + "cos2"]),
+                 helper.make_node("Slice", [p + "cos2", p + "zero", p + "half", p + "axis1"], [p + "cos"]),
+                 helper.make_node("Reshape", [signed_sin, p + "shape"], [p + "sin2"]),
+                 helper.make_node("Slice", [p + "sin2", p + "half", p + "end", p + "axis1"], [p + "sin"])]
+    step += [helper.make_node("Shape", [p + "cos"], [p + "T1"], start=0, end=1),
             helper.make_node("Squeeze", [p + "T1", p + "axis0"], [p + "T"]),
             helper.make_node("Range", [p + "zero_s", p + "T", p + "one_s"], [p + "range"]),
             helper.make_node("Unsqueeze", [p + "range", p + "axis0"], [p + "positions"])]
