@@ -349,9 +349,9 @@ def test_rotary_embeddings_are_fused_for_the_cpu(request, which):
     (the step-by-step test above checks that graph's logits against torch)."""
     import onnx
 
+    from apar_rt.backends.onnx_graph import constants
     from apar_rt.backends.onnxruntime_backend import _session_model
     from apar_rt.backends.ort_attention import step_bodies
-    from apar_rt.backends.ort_rotary import _constants
     from apar_rt.config import ModelConfig
 
     model, engine = request.getfixturevalue(which)
@@ -362,7 +362,7 @@ def test_rotary_embeddings_are_fused_for_the_cpu(request, which):
     for graph in bodies:
         ops = [n.op_type for n in graph.node]
         assert ops.count("RotaryEmbedding") == 2 * layers
-        consts = _constants(graph)
+        consts = constants(graph)
         swaps = [n for n in graph.node if n.op_type == "Gather" and n.input[1] in consts
                  and consts[n.input[1]].ndim == 1 and consts[n.input[1]][0] > 0]   # rotate-half index gathers
         assert not swaps and "Sin" in ops       # the step's tables are still computed in the graph

@@ -25,6 +25,7 @@ import onnxruntime as ort
 from apar_rt.backends import ort_native
 from apar_rt.backends.base import Backend, BackendUnavailable, load_engine_folder
 from apar_rt.backends.huge_pages import BackgroundCollapse
+from apar_rt.backends.onnx_graph import cast_to, live, producers_and_uses
 from apar_rt.backends.ort_attention import DECODE_INPUTS, decode_feeds
 from apar_rt.build.manifest import ONNX_NAME
 from apar_rt.core import StepInput
@@ -114,17 +115,13 @@ def _drop_noop_output_casts(g) -> int:
     outputs = {o.name for o in g.output}
     dropped = 0
     while True:
-        producer = {o: n for n in g.node for o in n.output}
-        uses: dict[str, int] = {}
-        for n in g.node:
-            for i in [*n.input, *_subgraph_reads(n)]:   # a value an If branch reads counts as a use
-                uses[i] = uses.get(i, 0) + 1
+        producer, uses = producers_and_uses(g.node)   # a value an If branch reads counts as a use
         types = _known_types(g)
         for cast in g.node:
             if cast.op_type != "Cast" or cast.output[0] not in outputs:
                 continue
             src, x = producer.get(cast.input[0]), cast.input[0]
-            to = _cast_to(cast)
+            to = cast_to(cast)
             if src is not None and types.get(x) == to and uses[x] == 1 and x not in outputs:
                 src.output[list(src.output).index(x)] = cast.output[0]
                 g.node.remove(cast)
@@ -132,13 +129,6 @@ def _drop_noop_output_casts(g) -> int:
                 break
         else:
             return dropped
-
-
-def _cast_to(cast) -> int:
-    """The element type a Cast node casts to."""
-    from onnx import helper
-
-    return helper.get_attribute_value(next(a for a in cast.attribute if a.name == "to"))
 
 
 # ops whose output has their first input's element type
@@ -152,7 +142,7 @@ def _known_types(g) -> dict[str, int]:
     types = {t.name: t.data_type for t in g.initializer}
     for n in g.node:   # nodes are in topological order
         if n.op_type == "Cast":
-            types[n.output[0]] = _cast_to(n)
+            types[n.output[0]] = cast_to(n)
         elif n.op_type in ("MatMul", "Gemm"):
             known = {types[i] for i in n.input[:2] if i in types}
             if len(known) == 1:
@@ -167,29 +157,12 @@ def _drop_outputs(g, drop: set[str]) -> None:
     keep = [o for o in g.output if o.name not in drop]
     del g.output[:]
     g.output.extend(keep)
-    needed = {o.name for o in keep}
-    nodes = []
-    for node in reversed(g.node):
-        if needed.intersection(node.output):
-            nodes.append(node)
-            needed.update(node.input)
-            needed.update(_subgraph_reads(node))
+    nodes, needed = live(g.node, {o.name for o in keep})
     del g.node[:]
-    g.node.extend(reversed(nodes))
+    g.node.extend(nodes)
     inits = [t for t in g.initializer if t.name in needed]
     del g.initializer[:]
     g.initializer.extend(inits)
-
-
-def _subgraph_reads(node) -> set[str]:
-    """Every name the subgraphs of `node` (If branches, at any depth) read: outer names among them."""
-    reads: set[str] = set()
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            for n in sub.node:
-                reads.update(n.input)
-                reads |= _subgraph_reads(n)
-    return reads
 
 
 class OnnxRuntimeBackend(Backend):

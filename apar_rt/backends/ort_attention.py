@@ -42,7 +42,7 @@ import functools
 import numpy as np
 
 from apar_rt.backends import ort_native
-from apar_rt.backends.ort_rotary import _constants
+from apar_rt.backends.onnx_graph import constants, live, producers_and_uses
 from apar_rt.export import attention_body as ab
 from apar_rt.export.op import OP_DOMAIN, OP_INPUTS, OP_TYPE, AttentionAttrs
 
@@ -153,12 +153,8 @@ def rewrite(model, native: bool = False) -> int:
 
     # ---- layer math ----
     decode_layer, small_layer, general_layer = {}, {}, {}
-    producer = {o: n for n in g.node for o in n.output}
-    consts = _constants(g)
-    uses: dict[str, int] = {}
-    for x in g.node:
-        for name in x.input:
-            uses[name] = uses.get(name, 0) + 1
+    producer, uses = producers_and_uses(g.node)
+    consts = constants(g)
     not_in_decode: set[int] = set()    # nodes a native decode body does without (the rotary the op does)
     for i, n in enumerate(nodes):
         q, k, v, k_cache, v_cache = n.input[:5]
@@ -229,7 +225,7 @@ def rewrite(model, native: bool = False) -> int:
     # nodes left unread (the tables the rotary fusion took halves of; a native body's rotary
     # position ids) are dropped: onnxruntime would run them
     graph_outs = {name for name, _ in outs}
-    decode_nodes, small_nodes, general_nodes = (_live(x, graph_outs) for x in (decode_nodes, small_nodes, general_nodes))
+    decode_nodes, small_nodes, general_nodes = (live(x, graph_outs)[0] for x in (decode_nodes, small_nodes, general_nodes))
     if native:   # the native body also takes the small steps: one If, on apar_decode
         other_body = _body(general_nodes, outs, "apar/anyStep/")
     else:
@@ -251,26 +247,6 @@ def rewrite(model, native: bool = False) -> int:
         if not any(o.domain == domain for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(domain, 1))
     return len(nodes)
-
-
-def _live(nodes: list, outputs: set[str]) -> list:
-    """`nodes` (in order) without those whose outputs nothing reads: no later node and no graph
-    output in `outputs`, repeatedly. Subgraphs' reads count."""
-    def reads(n):
-        names = set(n.input)
-        for a in n.attribute:
-            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                names |= {i for x in sub.node for i in reads(x)}
-        return names
-
-    while True:
-        read = set(outputs)
-        for n in nodes:
-            read |= reads(n)
-        kept = [n for n in nodes if any(o in read for o in n.output if o)]
-        if len(kept) == len(nodes):
-            return nodes
-        nodes = kept
 
 
 def _flattening_reshape(nodes, uses: dict, consts: dict, name: str, width: int):

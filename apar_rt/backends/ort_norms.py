@@ -15,7 +15,7 @@ chain alone, is matched; the engine file on disk is unchanged (this runs on load
 
 from __future__ import annotations
 
-from apar_rt.backends.ort_rotary import _constants
+from apar_rt.backends.onnx_graph import cast_to, constants, producers_and_uses
 
 
 def _scalar(consts: dict, name: str) -> float | None:
@@ -32,7 +32,7 @@ def _match(mul_g, producer: dict, consts: dict, uses: dict, initializers: set):
         return n if n is not None and n.op_type == op and uses.get(name) == 1 else None
 
     def cast_to_float(n):
-        return n is not None and n.op_type == "Cast" and helper.get_attribute_value(n.attribute[0]) == TensorProto.FLOAT
+        return n is not None and n.op_type == "Cast" and cast_to(n) == TensorProto.FLOAT
 
     if mul_g.op_type != "Mul":
         return None
@@ -82,12 +82,8 @@ def fuse_skip_rms_norm(model) -> int:
     from onnx import helper
 
     g = model.graph
-    consts = _constants(g)
-    producer = {o: n for n in g.node for o in n.output}
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
+    consts = constants(g)
+    producer, uses = producers_and_uses(g.node)
     initializers = {t.name for t in g.initializer}
     matches = [(mul_g, m) for mul_g in g.node if (m := _match(mul_g, producer, consts, uses, initializers))]
     replace, dead = {}, set()

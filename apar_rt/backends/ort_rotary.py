@@ -18,21 +18,9 @@ left as it is. The engine file on disk is unchanged: this runs on load, on the C
 
 from __future__ import annotations
 
+from apar_rt.backends.onnx_graph import cast_to, constants, producers_and_uses
+
 PREFIX = "apar/rope/"
-
-
-def _constants(graph) -> dict:
-    """Small constant tensors by name (Constant nodes and inline initializers)."""
-    from onnx import TensorProto, numpy_helper
-
-    out = {}
-    for n in graph.node:
-        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
-            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    for t in graph.initializer:
-        if t.data_location != TensorProto.EXTERNAL and t.name not in out and len(t.dims) <= 1:
-            out[t.name] = numpy_helper.to_array(t)
-    return out
 
 
 def _match(add, producer: dict, consts: dict):
@@ -69,12 +57,10 @@ def _halves(producer: dict, consts: dict, cos: str, signed_sin: str) -> tuple[st
     [Cast(dtype)] Unsqueeze(Concat([Neg(s), s]), [1]) (Concat on the last axis; dtype None
     without the Cast), as the exporter writes them; else (None, None, None): they are then sliced
     out of the tables."""
-    from onnx import helper
-
     def doubled(name):
         node, to = producer.get(name), None
         if node is not None and node.op_type == "Cast":
-            to = helper.get_attribute_value(node.attribute[0])
+            to = cast_to(node)
             node = producer.get(node.input[0])
         if node is None or node.op_type != "Unsqueeze" or len(node.input) < 2:
             return None
@@ -100,12 +86,8 @@ def fuse_rotary(model) -> int:
     from onnx import helper
 
     g = model.graph
-    consts = _constants(g)
-    producer = {o: n for n in g.node for o in n.output}
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
+    consts = constants(g)
+    producer, uses = producers_and_uses(g.node)
     matches = [(add, *m) for add in g.node if (m := _match(add, producer, consts)) is not None]
     tables = {(m[3], m[4], m[6]) for m in matches}
     if not matches or len(tables) != 1:   # one rope per model: the step's tables are shared
