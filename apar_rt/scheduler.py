@@ -645,7 +645,7 @@ class Scheduler:
         parent computes it next step, and the child waits for that and then shares the parent's
         blocks (`_fork_from_donors`), so its first step feeds [Child] alone, a decode, rather than
         [Fork] and [Child]. (Should the parent end first, the child shares what it has.)"""
-        n = parent.prefix_len + len(parent.token_ids)
+        n = parent.context_len
         ready = parent.table.num_tokens >= n
         child = Branch(id=len(req.branches), parent=parent.id, fork_index=len(parent.token_ids) - 1,
                        depth=parent.depth + 1, prefix=parent.prefix + parent.token_ids,

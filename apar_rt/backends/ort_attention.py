@@ -225,10 +225,11 @@ def rewrite(model, native: bool = False) -> int:
     # nodes left unread (the tables the rotary fusion took halves of; a native body's rotary
     # position ids) are dropped: onnxruntime would run them
     graph_outs = {name for name, _ in outs}
-    decode_nodes, small_nodes, general_nodes = (live(x, graph_outs)[0] for x in (decode_nodes, small_nodes, general_nodes))
+    decode_nodes, general_nodes = live(decode_nodes, graph_outs)[0], live(general_nodes, graph_outs)[0]
     if native:   # the native body also takes the small steps: one If, on apar_decode
         other_body = _body(general_nodes, outs, "apar/anyStep/")
     else:
+        small_nodes = live(small_nodes, graph_outs)[0]
         not_decode = [("apar/notDecode/" + name, t) for name, t in outs]
         other = helper.make_node("If", [small], [name for name, _ in not_decode], name="apar/notDecode",
                                  then_branch=_body(small_nodes, outs, "apar/smallStep/"),

@@ -230,9 +230,9 @@ struct TreePagedAttentionKernel {
     if (q[2] != D || k != std::vector<int64_t>{T, Hkv, D} || v != k)
       Fail("q, k and v must be [T, Hq, D], [T, Hkv, D] and [T, Hkv, D] for the pools' D = " + std::to_string(D) +
            ", got " + ShapeText(q) + ", " + ShapeText(k) + " and " + ShapeText(v));
-    if (vp != kp || S % block_size) Fail("the pools must be [Hkv, S, D] alike, S a multiple of " +
-                                                     std::to_string(block_size) + ", got " + ShapeText(kp) +
-                                                     " and " + ShapeText(vp));
+    if (vp != kp || S % block_size)
+      Fail("the pools must be [Hkv, S, D] alike, S a multiple of " + std::to_string(block_size) + ", got " +
+           ShapeText(kp) + " and " + ShapeText(vp));
     if (shapes[6][0] != B || shapes[7][0] != B + 1 || shapes[8][0] != T)
       Fail("context_lens must be [B], query_start [B + 1] and mask [T, max_q] for block_tables " +
            ShapeText(shapes[5]) + " and q " + ShapeText(q) + ", got " + ShapeText(shapes[6]) + ", " +
