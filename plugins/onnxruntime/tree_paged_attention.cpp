@@ -64,36 +64,168 @@ struct Problem {
   std::atomic<int64_t> bad_seq{-1};
 };
 
-// Eight partial sums in a fixed order: the compiler vectorises them without reassociating.
-inline float Dot(const float* a, const float* b, int64_t n) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * b[i + j];
+// Eight-float vectors (GCC/Clang vector extensions): AVX2 registers where the build targets
+// x86-64-v3, pairs of SSE or NEON registers elsewhere. VecU reads and writes unaligned memory.
+typedef float Vec __attribute__((vector_size(32)));
+typedef float VecU __attribute__((vector_size(32), aligned(4)));
+typedef int32_t IVec __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
+
+inline Vec Load(const float* x) { return *reinterpret_cast<const VecU*>(x); }
+inline void Store(float* x, Vec v) { *reinterpret_cast<VecU*>(x) = v; }
+inline Vec Splat(float x) { return Vec{} + x; }
+
+// exp(x) for x <= 0 (scores minus their maximum): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2],
+// p Cephes' degree-7 expf polynomial (about 1 ulp); 0 below -87, where expf underflows anyway.
+inline Vec ExpNonPositive(Vec x) {
+  const IVec keep = x >= -87.0f;
+  x = keep ? x : Splat(-87.0f);   // no infinities into the integer conversion
+  const Vec y = x * 1.44269504088896341f;
+  const IVec n = __builtin_convertvector(y - 0.5f, IVec);   // truncation: ceil(y - 0.5) for y <= 0
+  const Vec fn = __builtin_convertvector(n, Vec);
+  const Vec r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;
+  Vec poly = Splat(1.9875691500e-4f);
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * (r * r) + r + 1.0f;
+  const IVec bits = (n + 127) << 23;
+  Vec two_n;
+  __builtin_memcpy(&two_n, &bits, sizeof two_n);
+  Vec result = poly * two_n;
+  IVec result_bits;
+  __builtin_memcpy(&result_bits, &result, sizeof result);
+  result_bits &= keep;
+  __builtin_memcpy(&result, &result_bits, sizeof result);
+  return result;
+}
+
+// The sum of a vector's lanes, in a fixed order: lanes l + 4, then l + 2, then l + 1.
+inline float Sum(Vec a) {
+  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+// The same folds for eight vectors at once, one level per function: Fold4 adds lane l + 4 to l
+// (x's four sums, then y's), Fold2 lane l + 2 and Fold1 lane l + 1 within each group of four
+// from its inputs. Fold1(Fold2(Fold4(a, b), Fold4(c, d)), ...) is [Sum(a), Sum(b), ...].
+inline Vec Fold4(Vec x, Vec y) {
+  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+inline Vec Fold2(Vec x, Vec y) {
+  return __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13) +
+         __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15);
+}
+inline Vec Fold1(Vec x, Vec y) {
+  return __builtin_shufflevector(x, y, 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(x, y, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+// Scores of HP query heads (rows of q, D apart) against keys[0 .. n4), n4 a multiple of 4, into
+// rows of s (K apart), times scale. Each key is loaded once for the HP heads; a score is the
+// Sum of its lane-wise products plus the D % 8 tail in order, whichever keys share its group.
+template <int HP>
+void Scores(const float* q, const float* const* keys, int64_t n4, int64_t D, float scale, float* s, int64_t K) {
+  static_assert(HP == 1 || HP == 2, "one or two heads per pass");
+  const int64_t body = D / kLanes * kLanes;
+  for (int64_t j = 0; j < n4; j += 4) {
+    const float* k0 = keys[j];
+    const float* k1 = keys[j + 1];
+    const float* k2 = keys[j + 2];
+    const float* k3 = keys[j + 3];
+    Vec a[HP][4] = {};
+    for (int64_t d = 0; d < body; d += kLanes) {
+      const Vec x0 = Load(k0 + d), x1 = Load(k1 + d), x2 = Load(k2 + d), x3 = Load(k3 + d);
+      for (int h = 0; h < HP; ++h) {
+        const Vec x = Load(q + h * D + d);
+        a[h][0] += x * x0;
+        a[h][1] += x * x1;
+        a[h][2] += x * x2;
+        a[h][3] += x * x3;
+      }
+    }
+    float sums[8];
+    if constexpr (HP == 2) {
+      Store(sums, Fold1(Fold2(Fold4(a[0][0], a[0][1]), Fold4(a[0][2], a[0][3])),
+                        Fold2(Fold4(a[1][0], a[1][1]), Fold4(a[1][2], a[1][3]))));
+    } else {
+      const Vec f = Fold2(Fold4(a[0][0], a[0][1]), Fold4(a[0][2], a[0][3]));
+      Store(sums, Fold1(f, f));
+    }
+    for (int h = 0; h < HP; ++h) {
+      for (int i = 0; i < 4; ++i) {
+        float r = sums[h * 4 + i];
+        for (int64_t d = body; d < D; ++d) r += q[h * D + d] * keys[j + i][d];
+        s[h * K + j + i] = scale * r;
+      }
+    }
   }
-  float r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; i < n; ++i) r += a[i] * b[i];
-  return r;
+}
+
+// The weights w (HP rows, K apart) times values[0 .. n) into HP rows of o (D apart), each row
+// times its inv: output lanes in register chunks of 8 / HP vectors, each value read once per chunk.
+template <int HP>
+void WeightedValues(const float* w, int64_t K, const float* const* values, int64_t n, int64_t D, const float* inv,
+                    float* o) {
+  constexpr int C = 8 / HP;
+  int64_t d0 = 0;
+  for (; d0 + C * kLanes <= D; d0 += C * kLanes) {
+    Vec acc[HP][C] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      const float* v = values[i] + d0;
+      Vec x[C];
+      for (int c = 0; c < C; ++c) x[c] = Load(v + c * kLanes);
+      for (int h = 0; h < HP; ++h) {
+        const Vec ws = Splat(w[h * K + i]);
+        for (int c = 0; c < C; ++c) acc[h][c] += ws * x[c];
+      }
+    }
+    for (int h = 0; h < HP; ++h) {
+      for (int c = 0; c < C; ++c) Store(o + h * D + d0 + c * kLanes, acc[h][c] * inv[h]);
+    }
+  }
+  for (; d0 + kLanes <= D; d0 += kLanes) {
+    for (int h = 0; h < HP; ++h) {
+      Vec acc{};
+      for (int64_t i = 0; i < n; ++i) acc += Splat(w[h * K + i]) * Load(values[i] + d0);
+      Store(o + h * D + d0, acc * inv[h]);
+    }
+  }
+  for (; d0 < D; ++d0) {
+    for (int h = 0; h < HP; ++h) {
+      float acc = 0.0f;
+      for (int64_t i = 0; i < n; ++i) acc += w[h * K + i] * values[i][d0];
+      o[h * D + d0] = acc * inv[h];
+    }
+  }
+}
+
+// Softmax numerators in place over a row of n scores padded to K (a multiple of 8); returns
+// 1 / their sum.
+inline float Exponentiate(float* s, int64_t n, int64_t K) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
+  for (int64_t i = n; i < K; ++i) s[i] = -std::numeric_limits<float>::infinity();   // exp gives 0
+  Vec total{};
+  for (int64_t i = 0; i < K; i += kLanes) {
+    const Vec e = ExpNonPositive(Load(s + i) - m);
+    Store(s + i, e);
+    total += e;
+  }
+  return 1.0f / Sum(total);
 }
 
 // One (token, KV head): its G query heads' scores over the keys it sees, softmax, weighted values.
-// The context is walked block by block (no division per position), twice: keys, then values.
+// The keys it sees are listed first (context through the block table, then the visible new
+// tokens); the heads go two at a time where they can, so a key or value is read once per pair.
 void AttendOne(Problem* p, int64_t item) {
   const int64_t t = item / p->Hkv, h = item % p->Hkv;
   const int64_t G = p->G, D = p->D, bs = p->bs;
   const int64_t b = p->seq_of[t], first = p->qs[b], n_new = p->qs[b + 1] - first, ctx = p->ctx[b];
-  const int64_t K = ctx + n_new;
-  thread_local std::vector<float> scores;
-  thread_local std::vector<const float*> new_values;
-  thread_local std::vector<float> acc;
-  scores.resize(static_cast<size_t>(G * K));
-  new_values.clear();
-  acc.assign(static_cast<size_t>(G * D), 0.0f);
-  const float* q = p->q + (t * p->Hq + h * G) * D;
-  const float* k_pool = p->k_pool + h * p->S * D;
-  const float* v_pool = p->v_pool + h * p->S * D;
-  const int32_t* table = p->tables + b * p->M;
   const int64_t num_blocks = p->S / bs, ctx_blocks = (ctx + bs - 1) / bs;
+  const int32_t* table = p->tables + b * p->M;
   for (int64_t i = 0; i < ctx_blocks; ++i) {
     if (table[i] < 0 || table[i] >= num_blocks) {
       p->bad_block.store(table[i]);
@@ -101,53 +233,56 @@ void AttendOne(Problem* p, int64_t item) {
       return;
     }
   }
-  float* s = scores.data();
+  thread_local std::vector<const float*> keys, values;
+  thread_local std::vector<float> scores;
+  const size_t most = static_cast<size_t>(ctx + n_new + 3);   // room to pad the last group of 4
+  if (keys.size() < most) {
+    keys.resize(most);
+    values.resize(most);
+  }
+  const float** kp = keys.data();
+  const float** vp = values.data();
+  const float* k_pool = p->k_pool + h * p->S * D;
+  const float* v_pool = p->v_pool + h * p->S * D;
   int64_t n = 0;
   for (int64_t i = 0, pos = 0; pos < ctx; ++i) {
-    const float* key = k_pool + table[i] * bs * D;
-    for (const int64_t end = std::min(ctx, pos + bs); pos < end; ++pos, ++n, key += D) {
-      for (int64_t g = 0; g < G; ++g) s[g * K + n] = p->scale * Dot(q + g * D, key, D);
+    const int64_t offset = table[i] * bs * D, stop = std::min(ctx - pos, bs);
+    for (int64_t o = 0; o < stop; ++o, ++n) {
+      kp[n] = k_pool + offset + o * D;
+      vp[n] = v_pool + offset + o * D;
     }
+    pos += stop;
   }
   const bool* sees = p->mask + t * p->Qm;
   for (int64_t i = 0; i < n_new; ++i) {
     if (!sees[i]) continue;
     const int64_t row = ((first + i) * p->Hkv + h) * D;
-    for (int64_t g = 0; g < G; ++g) s[g * K + n] = p->scale * Dot(q + g * D, p->k + row, D);
-    new_values.push_back(p->v + row);
-    ++n;
+    kp[n] = p->k + row;
+    vp[n++] = p->v + row;
   }
   float* out = p->out + (t * p->Hq + h * G) * D;
   if (n == 0) {   // sees nothing (the contract has every token see at least itself): zeros
     std::fill(out, out + G * D, 0.0f);
     return;
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = s + g * K;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) m = std::max(m, sg[i]);
-    float total = 0.0f;
-    for (int64_t i = 0; i < n; ++i) {
-      sg[i] = std::exp(sg[i] - m);
-      total += sg[i];
+  const int64_t n4 = (n + 3) / 4 * 4, K = (n + kLanes - 1) / kLanes * kLanes;
+  for (int64_t i = n; i < n4; ++i) kp[i] = kp[n - 1];
+  scores.resize(static_cast<size_t>(G * K));
+  const float* q = p->q + (t * p->Hq + h * G) * D;
+  for (int64_t g = 0; g < G;) {
+    float* s = scores.data() + g * K;
+    if (G - g >= 2) {
+      Scores<2>(q + g * D, kp, n4, D, p->scale, s, K);
+      const float inv[2] = {Exponentiate(s, n, K), Exponentiate(s + K, n, K)};
+      WeightedValues<2>(s, K, vp, n, D, inv, out + g * D);
+      g += 2;
+    } else {
+      Scores<1>(q + g * D, kp, n4, D, p->scale, s, K);
+      const float inv[1] = {Exponentiate(s, n, K)};
+      WeightedValues<1>(s, K, vp, n, D, inv, out + g * D);
+      g += 1;
     }
-    const float inv = 1.0f / total;
-    for (int64_t i = 0; i < n; ++i) sg[i] *= inv;
   }
-  auto add_value = [&](const float* value, int64_t j) {
-    for (int64_t g = 0; g < G; ++g) {
-      const float w = s[g * K + j];
-      float* a = acc.data() + g * D;
-      for (int64_t d = 0; d < D; ++d) a[d] += w * value[d];
-    }
-  };
-  int64_t j = 0;
-  for (int64_t i = 0, pos = 0; pos < ctx; ++i) {
-    const float* value = v_pool + table[i] * bs * D;
-    for (const int64_t end = std::min(ctx, pos + bs); pos < end; ++pos, ++j, value += D) add_value(value, j);
-  }
-  for (const float* value : new_values) add_value(value, j++);
-  std::copy(acc.begin(), acc.end(), out);
 }
 
 void AttendItem(void* data, size_t item) { AttendOne(static_cast<Problem*>(data), static_cast<int64_t>(item)); }
