@@ -56,8 +56,7 @@ class SamplingBatch:
     top_p: list[float] = field(default_factory=list)
     uniform: list[float] = field(default_factory=list)
     bias: list[tuple[int, int, float]] = field(default_factory=list)   # (row, token, value)
-    ban_rows: list[int] = field(default_factory=list)                  # bans: (ban_rows[i], ban_tokens[i])
-    ban_tokens: list[int] = field(default_factory=list)
+    bans: list[tuple[int, Sequence[int]]] = field(default_factory=list)  # (row, the token ids it may not sample)
     probes: list[tuple[int, int]] = field(default_factory=list)        # (row, token): kept probability wanted
 
     def __len__(self) -> int:
@@ -82,13 +81,15 @@ class SamplingBatch:
         self.top_p.append(params.top_p)
         self.uniform.append(u)
         if banned:
-            self.ban_tokens.extend(banned)
-            self.ban_rows.extend([r] * len(banned))
+            self.bans.append((r, banned))   # rows share the scheduler's memoised tuples: nothing copied
         return r
 
     def ban_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The bans as (rows, tokens) int64 arrays."""
-        return np.asarray(self.ban_rows, np.int64), np.asarray(self.ban_tokens, np.int64)
+        """The bans as (rows, tokens) int64 arrays, one entry per (row, banned token)."""
+        if not self.bans:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rows = np.repeat(np.asarray([r for r, _ in self.bans], np.int64), [len(t) for _, t in self.bans])
+        return rows, np.fromiter((t for _, ts in self.bans for t in ts), np.int64, len(rows))
 
     def extend(self, other: SamplingBatch) -> int:
         """Append `other`'s rows (and probes), renumbered; returns the index of its first row."""
@@ -98,8 +99,7 @@ class SamplingBatch:
         self.top_p += other.top_p
         self.uniform += other.uniform
         self.bias += [(i + r, t, v) for i, t, v in other.bias]
-        self.ban_rows += [i + r for i in other.ban_rows]
-        self.ban_tokens += other.ban_tokens
+        self.bans += [(i + r, t) for i, t in other.bans]
         self.probes += [(i + r, t) for i, t in other.probes]
         return r
 
@@ -110,8 +110,7 @@ class SamplingBatch:
         sub = SamplingBatch([self.temperature[r] for r in rows], [self.top_k[r] for r in rows],
                             [self.top_p[r] for r in rows], [self.uniform[r] for r in rows],
                             [(new[r], t, v) for r, t, v in self.bias if r in new],
-                            [new[r] for r in self.ban_rows if r in new],
-                            [t for r, t in zip(self.ban_rows, self.ban_tokens) if r in new])
+                            [(new[r], t) for r, t in self.bans if r in new])
         kept = [j for j, (r, _) in enumerate(self.probes) if r in new]
         sub.probes = [(new[self.probes[j][0]], self.probes[j][1]) for j in kept]
         return sub, kept
@@ -138,7 +137,7 @@ def process(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> 
         rows, toks = b[:, 0].astype(np.int64), b[:, 1].astype(np.int64)
         keep = (toks >= 0) & (toks < V)
         np.add.at(x, (rows[keep], toks[keep]), b[keep, 2].astype(np.float32))
-    if batch.ban_rows:
+    if batch.bans:
         rows, toks = batch.ban_arrays()
         keep = (toks >= 0) & (toks < V)
         x[rows[keep], toks[keep]] = -np.inf
@@ -359,9 +358,9 @@ def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
     R = x.shape[0]
     tokens = x.argmax(axis=1)
     ok = np.isfinite(x[np.arange(R), tokens])
-    if batch.ban_rows:
+    if batch.bans:
         first = tokens.tolist()
-        for r in sorted({r for r, t in zip(batch.ban_rows, batch.ban_tokens) if first[r] == t}):
+        for r in sorted({r for r, banned in batch.bans if first[r] in banned}):
             one = _sample(x[r:r + 1], batch.select([r])[0])
             tokens[r], ok[r] = one.tokens[0], one.ok[0]
     if not ok.all():

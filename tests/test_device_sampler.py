@@ -157,7 +157,7 @@ def test_typical_acceptance_on_the_device_path_stays_in_top_k_top_p(tree_name):
         node_tokens = [1, *draft]
         odd = [i for i in range(tree.size) if node_tokens[i] % 2]   # nodes after an odd token ban 7
         x = process(logits, SamplingBatch([1.0] * tree.size, [0] * tree.size, [1.0] * tree.size,
-                                          [0.0] * tree.size, [], odd, [7] * len(odd)))
+                                          [0.0] * tree.size, [], [(r, (7,)) for r in odd]))
         for tok, parent in zip(tokens, nodes):
             assert tok in kept_set(x[parent], params)
         accepted += len(nodes) - 1
