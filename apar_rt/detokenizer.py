@@ -228,7 +228,7 @@ class SegmentText:
 
 
 class ByteSegmentText(SegmentText):
-    """A SegmentText for a byte-level BPE tokenizer with a byte table (`model/byte_table.py`).
+    """A SegmentText for a byte-level BPE tokenizer with a byte table (`model/byte_table.ByteTable`).
 
     Such a decoder reads the joined bytes as UTF-8, so the text of a segment is its tokens' bytes
     decoded once each, by an incremental UTF-8 decoder that holds back an incomplete last
@@ -240,11 +240,12 @@ class ByteSegmentText(SegmentText):
     The text never changes once returned (`version` stays 0). Same invariant and interface as
     SegmentText."""
 
-    __slots__ = ("_bytes", "_utf8", "_lead")
+    __slots__ = ("_bytes", "_ascii", "_utf8", "_lead")
 
-    def __init__(self, token_bytes: list[bytes], tokens: list[int], start: int, window: list[int]) -> None:
+    def __init__(self, table, tokens: list[int], start: int, window: list[int]) -> None:
         super().__init__(None, tokens, start, [])
-        self._bytes = token_bytes
+        token_bytes = self._bytes = table.token_bytes
+        self._ascii = table.ascii_text
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._utf8.decode(b"".join([token_bytes[t] for t in window]))
         held = self._utf8.getstate()[0]
@@ -259,17 +260,18 @@ class ByteSegmentText(SegmentText):
             return
         table = self._bytes
         if end == self.end + 1:
-            data = table[self._tokens[self.end]]
-            if not self.pending and self._lead is None and data.isascii():
+            tok = self._tokens[self.end]
+            text = self._ascii[tok]
+            if text is not None and not self.pending and self._lead is None:
                 # one token of ASCII after whole text (the common step): the UTF-8 decoder holds
                 # nothing before it and would hold nothing after it
                 self.decoded_tokens += 1
                 self.end = end
-                if data:
-                    text = data.decode("ascii")
+                if text:
                     self._parts.append(text)
                     self.committed_len += len(text)
                 return
+            data = table[tok]
         else:
             data = b"".join([table[t] for t in self._tokens[self.end:end]])
         self.decoded_tokens += end - self.end
@@ -312,7 +314,7 @@ def open_segment(b: Branch, start: int, decode: Decoder, skip_ids: frozenset[int
     byte table (`model.byte_table.ByteTable`), else a SegmentText decoding with `decode`."""
     window = branch_window(b, start, skip_ids)
     if byte_table is not None:
-        return ByteSegmentText(byte_table.token_bytes, b.token_ids, start, window)
+        return ByteSegmentText(byte_table, b.token_ids, start, window)
     return SegmentText(decode, b.token_ids, start, window, incremental)
 
 

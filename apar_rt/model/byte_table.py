@@ -52,12 +52,15 @@ def _token_bytes(token: str, byte_of: dict[str, int]) -> bytes:
 
 
 class ByteTable:
-    """Each token id's bytes (`token_bytes[i]`; b"" for ids the decode skips), and `decode`."""
+    """Each token id's bytes (`token_bytes[i]`; b"" for ids the decode skips), the text of those
+    that are ASCII (`ascii_text[i]`, else None: their text depends on the bytes around them), and
+    `decode`."""
 
-    __slots__ = ("token_bytes", "_slow")
+    __slots__ = ("token_bytes", "ascii_text", "_slow")
 
     def __init__(self, token_bytes: list[bytes], slow: Decoder) -> None:
         self.token_bytes = token_bytes
+        self.ascii_text: list[str | None] = [t.decode("ascii") if t.isascii() else None for t in token_bytes]
         self._slow = slow
 
     def decode(self, ids: Sequence[int]) -> str:
