@@ -344,6 +344,17 @@ def test_head_sizes_and_odd_groups(impl, hq, hkv, head_dim):
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_scores_hundreds_apart(impl):
+    """Queries 40x their usual size: most weights underflow to zero (the CPU kernels' exp returns
+    0 below -87) and the softmax is nearly one-hot."""
+    rng = random.Random(600)
+    seqs = [make_seq(rng, "decode", c) for c in (5, 21)] + [make_seq(rng, "tree", 9)]
+    step = build_step(600, seqs, hq=4, hkv=2, block_size=4, head_dim=64)
+    step.q.mul_(40.0)
+    check(step, IMPLS[impl], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("hq,hkv", HEADS)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_draft_trees_of_one_shape(impl, hq, hkv, seed):
