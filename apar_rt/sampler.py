@@ -66,8 +66,10 @@ class SamplingBatch:
             uniform: float | None = None) -> int:
         """Add a row; its uniform is `uniform` when given, else drawn from `generator` when the row
         samples. Returns its index. `params` is already validated (SamplingParams checks its
-        fields) and `banned` holds token ids; what is still converted (the uniform, the bias) is
-        converted first, so a bad value raises here and leaves the batch unchanged."""
+        fields) and `banned` holds token ids, kept as it is (not copied: it must not change
+        afterwards, as the scheduler's memoised tuples do not); what is still converted (the
+        uniform, the bias) is converted first, so a bad value raises here and leaves the batch
+        unchanged."""
         r = len(self.temperature)
         t = params.temperature
         if uniform is not None:
