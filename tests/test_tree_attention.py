@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from apar_rt.medusa.tree import ancestor_mask
-from apar_rt.testing.native import library_or_skip
+from apar_rt.testing.native import baseline_library_or_skip, library_or_skip
 from apar_rt.ops.tree_attention import tree_paged_attention_reference  # registers torch.ops.apar.*
 
 POISON = 1.0e4  # magnitude of the garbage in unused pool slots
@@ -219,18 +219,19 @@ def ort_feeds(feeds: dict, block_size: int, small: bool = True, native: bool = F
     return feeds
 
 
-def run_onnx(step: Step, ort_body: bool = False, small: bool = True, native: bool = False) -> torch.Tensor:
+def run_onnx(step: Step, ort_body: bool = False, small: bool = True, native: bool = False,
+             library=library_or_skip) -> torch.Tensor:
     """The ONNX local function (apar_rt.export.op), inlined and run by onnxruntime; with
     `ort_body`, the graph the onnxruntime CPU backend runs instead (`ort_attention.rewrite`),
     where `small` lets small steps take their own branch (else the general one) and `native`
-    runs decode steps on the native op library (float32)."""
+    runs decode steps on the native op library (float32) that `library()` gives."""
     ort = pytest.importorskip("onnxruntime")
     from apar_rt.export import op as aop
 
     (_, hq, d), hkv, bs = step.q.shape, step.k.shape[1], step.k_cache.shape[1]
     dtype = {torch.float32: "float32", torch.float16: "float16"}[step.q.dtype]
     native = native and dtype == "float32"   # the rewrite keeps standard ops for other dtypes
-    key = (hq, hkv, d, bs, dtype, step.scale, ort_body, native)
+    key = (hq, hkv, d, bs, dtype, step.scale, ort_body, native and library)
     if key not in _SESSIONS:
         model = aop.attention_model(aop.AttentionAttrs(hq, hkv, d, bs, step.scale), dtype)
         so = ort.SessionOptions()
@@ -238,7 +239,7 @@ def run_onnx(step: Step, ort_body: bool = False, small: bool = True, native: boo
             from apar_rt.backends.ort_attention import rewrite
 
             if native:
-                so.register_custom_ops_library(str(library_or_skip()))
+                so.register_custom_ops_library(str(library()))
             rewrite(model, native)
         _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     feeds = {name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}
@@ -254,6 +255,8 @@ IMPLS = {
     "onnx-ort": lambda s: run_onnx(s, ort_body=True),
     "onnx-ort-general": lambda s: run_onnx(s, ort_body=True, small=False),
     "onnx-ort-native": lambda s: run_onnx(s, ort_body=True, native=True),
+    # the same kernel built for the x86-64 baseline: four-lane vectors (as on aarch64), not eight
+    "onnx-ort-native-4lane": lambda s: run_onnx(s, ort_body=True, native=True, library=baseline_library_or_skip),
 }
 HEADS = [(4, 4), (4, 2), (4, 1)]
 SEEDS = [0, 1, 2]

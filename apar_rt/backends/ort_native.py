@@ -12,7 +12,8 @@ which rotates them itself and outputs the rotated keys (the step's new K): one n
 
 The library is compiled here, against ONNX Runtime's public C/C++ API headers, which are fetched
 at build time and never committed: Debian's `libonnxruntime-dev` package (a pinned version and
-sha256, from deb.debian.org), of which only `usr/include/onnxruntime/` is unpacked. Nothing is
+sha256, from deb.debian.org), of which only `usr/include/onnxruntime/` is unpacked (into
+HEADERS_CACHE, git-ignored, so that a rebuild needs no network). Nothing is
 linked: the runtime that loads the library hands it the API table (`RegisterCustomOps`), and an
 older header's API version is served by every newer runtime. `python -m apar_rt.backends.ort_native`
 builds it (the README's setup commands run it); without it the backend runs the standard-op bodies.
@@ -21,7 +22,8 @@ builds it (the README's setup commands run it); without it the backend runs the 
 
 The built library is portable across the machines it may be copied to (an image built on one
 host, run on another): on x86-64 it targets x86-64-v3 (AVX2 and FMA: the kernel's speed, within
-2% of -march=native here) when the building CPU has it, else the baseline. A sidecar file
+2% of -march=native here) when the building CPU has it, else the baseline (the kernel then works
+in four-lane vectors instead of eight, as on aarch64). A sidecar file
 (`<library>.json`) records that target and the source's sha256; the built library is offered
 only on a CPU that has the target's features and while the source is unchanged, so a copied
 library never meets an illegal instruction and a stale one is rebuilt (`--if-stale`).
@@ -40,6 +42,7 @@ ENV_VAR = "APAR_RT_ORT_OPS"
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "plugins" / "onnxruntime" / "tree_paged_attention.cpp"
 BUILT = ROOT / "plugins" / "build" / "libapar_ort_ops.so"
+HEADERS_CACHE = ROOT / "plugins" / "build" / "onnxruntime-headers"   # the fetched headers, kept for rebuilds
 HEADERS_URL = ("https://deb.debian.org/debian/pool/main/o/onnxruntime/"
                "libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb")
 HEADERS_SHA256 = "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08"
@@ -178,34 +181,52 @@ def unpack_headers(deb: bytes, dest: Path) -> Path:
     return dest
 
 
-def build(out: Path = BUILT, include: Path | None = None, compiler: str | None = None, log=print) -> Path:
-    """Compile the library into `out` (headers fetched unless `include` names a folder holding
-    onnxruntime_cxx_api.h), for `cpu_target()`, and write its build record beside it."""
+def cached_headers(fetch: bool = True, log=print) -> Path | None:
+    """HEADERS_CACHE, the pinned headers unpacked once (fetched now if absent and `fetch`), or
+    None when absent and not fetched."""
+    import shutil
+    import tempfile
+
+    if (HEADERS_CACHE / "onnxruntime_cxx_api.h").is_file():
+        return HEADERS_CACHE
+    if not fetch:
+        return None
+    log(f"fetching ONNX Runtime's API headers from {HEADERS_URL}")
+    HEADERS_CACHE.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="apar-ort-headers-", dir=HEADERS_CACHE.parent) as tmp:
+        fetch_headers(Path(tmp) / "include")
+        shutil.rmtree(HEADERS_CACHE, ignore_errors=True)
+        (Path(tmp) / "include").replace(HEADERS_CACHE)   # whole or not at all
+    return HEADERS_CACHE
+
+
+def build(out: Path = BUILT, include: Path | None = None, compiler: str | None = None, log=print,
+          march: str | None = None) -> Path:
+    """Compile the library into `out` (with `cached_headers()` unless `include` names a folder
+    holding onnxruntime_cxx_api.h), for `march` (default `cpu_target()`; "" for the compiler's
+    baseline), and write its build record beside it."""
     import json
     import shutil
     import subprocess
-    import tempfile
 
     cxx = compiler or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise RuntimeError("no C++ compiler (g++) found; install one, or run without the native op")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="apar-ort-headers-") as tmp:
-        if include is None:
-            log(f"fetching ONNX Runtime's API headers from {HEADERS_URL}")
-            include = fetch_headers(Path(tmp))
-        partial = out.with_name(out.name + ".partial")
-        march = cpu_target()
-        # -ffp-contract=fast: the kernel's `a += x * y` on vectors becomes one FMA
-        cmd = [cxx, "-O3", "-ffp-contract=fast", *([f"-march={march}"] if march else []), "-std=c++17",
-               "-shared", "-fPIC", "-fvisibility=hidden", f"-I{include}", str(SOURCE), "-o", str(partial)]
-        log(" ".join(cmd))
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-4000:]}")
-        partial.replace(out)
-        out.with_name(out.name + ".json").write_text(json.dumps({"march": march, "source_sha256": _source_sha256()}))
+    if include is None:
+        include = cached_headers(log=log)
+    partial = out.with_name(out.name + ".partial")
+    march = cpu_target() if march is None else march
+    # -ffp-contract=fast: the kernel's `a += x * y` on vectors becomes one FMA
+    cmd = [cxx, "-O3", "-ffp-contract=fast", *([f"-march={march}"] if march else []), "-std=c++17",
+           "-shared", "-fPIC", "-fvisibility=hidden", f"-I{include}", str(SOURCE), "-o", str(partial)]
+    log(" ".join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-4000:]}")
+    partial.replace(out)
+    out.with_name(out.name + ".json").write_text(json.dumps({"march": march, "source_sha256": _source_sha256()}))
     return out
 
 
@@ -217,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                                              f"({OP_DOMAIN}::{OP_TYPE}) into {BUILT.relative_to(ROOT)}.")
     ap.add_argument("--out", type=Path, default=BUILT, help="library path (default: %(default)s)")
     ap.add_argument("--include", type=Path, help="a folder holding ONNX Runtime's onnxruntime_cxx_api.h "
-                                                  "(default: fetch the pinned headers package)")
+                                                  "(default: the pinned headers package, fetched once into "
+                                                  f"{HEADERS_CACHE.relative_to(ROOT)})")
     ap.add_argument("--if-stale", action="store_true",
                     help="build only when the library cannot be used as it is (absent, built from another "
                          "source or for another CPU)")

@@ -64,12 +64,28 @@ struct Problem {
   std::atomic<int64_t> bad_seq{-1};
 };
 
-// Eight-float vectors (GCC/Clang vector extensions): AVX2 registers where the build targets
-// x86-64-v3, pairs of SSE or NEON registers elsewhere. VecU reads and writes unaligned memory.
-typedef float Vec __attribute__((vector_size(32)));
-typedef float VecU __attribute__((vector_size(32), aligned(4)));
-typedef int32_t IVec __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
+// Vectors of one register (GCC/Clang vector extensions): eight floats where the build has AVX
+// (x86-64-v3 here), four elsewhere (SSE2, NEON), since a vector wider than the registers is kept
+// in memory between operations. VecU reads and writes unaligned memory. Sixteen vectors fit in
+// the register file either way; the register chunks below are sized by that.
+#if defined(__AVX__)
+#define APAR_LANES 8
+#else
+#define APAR_LANES 4
+#endif
+constexpr int64_t kLanes = APAR_LANES;
+constexpr int kVecRegisters = 16;
+typedef float Vec __attribute__((vector_size(4 * APAR_LANES)));
+typedef float VecU __attribute__((vector_size(4 * APAR_LANES), aligned(4)));
+typedef int32_t IVec __attribute__((vector_size(4 * APAR_LANES)));
+
+// Lanes of two vectors picked by index (a's, then b's): GCC's __builtin_shuffle (GCC 4.7+;
+// __builtin_shufflevector only came with GCC 12), Clang's __builtin_shufflevector.
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, IVec{__VA_ARGS__})
+#endif
 
 inline Vec Load(const float* x) { return *reinterpret_cast<const VecU*>(x); }
 inline void Store(float* x, Vec v) { *reinterpret_cast<VecU*>(x) = v; }
@@ -102,30 +118,35 @@ inline Vec ExpNonPositive(Vec x) {
   return result;
 }
 
-// The sum of a vector's lanes, in a fixed order: lanes l + 4, then l + 2, then l + 1.
+// The sum of a vector's lanes in a fixed order: lane l + kLanes / 2 onto l, and so on, halving.
 inline float Sum(Vec a) {
+#if APAR_LANES == 8
   return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+#else
+  return (a[0] + a[2]) + (a[1] + a[3]);
+#endif
 }
 
-// The same folds for eight vectors at once, one level per function: Fold4 adds lane l + 4 to l
-// (x's four sums, then y's), Fold2 lane l + 2 and Fold1 lane l + 1 within each group of four
-// from its inputs. Fold1(Fold2(Fold4(a, b), Fold4(c, d)), ...) is [Sum(a), Sum(b), ...].
-inline Vec Fold4(Vec x, Vec y) {
-  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11) +
-         __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15);
-}
-inline Vec Fold2(Vec x, Vec y) {
-  return __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13) +
-         __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15);
-}
-inline Vec Fold1(Vec x, Vec y) {
-  return __builtin_shufflevector(x, y, 0, 2, 4, 6, 8, 10, 12, 14) +
-         __builtin_shufflevector(x, y, 1, 3, 5, 7, 9, 11, 13, 15);
+// [Sum(a0), Sum(a1), Sum(a2), Sum(a3)] into out, the same folds four vectors at a time: each
+// level adds the upper half of every input's lanes onto the lower, two inputs per result.
+inline void Sums4(Vec a0, Vec a1, Vec a2, Vec a3, float* out) {
+#if APAR_LANES == 8
+  const Vec x = SHUFFLE(a0, a1, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(a0, a1, 4, 5, 6, 7, 12, 13, 14, 15);
+  const Vec y = SHUFFLE(a2, a3, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(a2, a3, 4, 5, 6, 7, 12, 13, 14, 15);
+  // x = [a0 l+4 folded, a1 l+4 folded], y likewise for a2, a3
+  const Vec z = SHUFFLE(x, y, 0, 1, 4, 5, 8, 9, 12, 13) + SHUFFLE(x, y, 2, 3, 6, 7, 10, 11, 14, 15);
+  const Vec w = SHUFFLE(z, z, 0, 2, 4, 6, 0, 2, 4, 6) + SHUFFLE(z, z, 1, 3, 5, 7, 1, 3, 5, 7);
+  for (int i = 0; i < 4; ++i) out[i] = w[i];
+#else
+  const Vec x = SHUFFLE(a0, a1, 0, 1, 4, 5) + SHUFFLE(a0, a1, 2, 3, 6, 7);
+  const Vec y = SHUFFLE(a2, a3, 0, 1, 4, 5) + SHUFFLE(a2, a3, 2, 3, 6, 7);
+  Store(out, SHUFFLE(x, y, 0, 2, 4, 6) + SHUFFLE(x, y, 1, 3, 5, 7));
+#endif
 }
 
 // Scores of HP query heads (rows of q, D apart) against keys[0 .. n4), n4 a multiple of 4, into
 // rows of s (K apart), times scale. Each key is loaded once for the HP heads; a score is the
-// Sum of its lane-wise products plus the D % 8 tail in order, whichever keys share its group.
+// Sum of its lane-wise products plus the D % kLanes tail in order, whichever keys share its group.
 template <int HP>
 void Scores(const float* q, const float* const* keys, int64_t n4, int64_t D, float scale, float* s, int64_t K) {
   static_assert(HP == 1 || HP == 2, "one or two heads per pass");
@@ -146,17 +167,11 @@ void Scores(const float* q, const float* const* keys, int64_t n4, int64_t D, flo
         a[h][3] += x * x3;
       }
     }
-    float sums[8];
-    if constexpr (HP == 2) {
-      Store(sums, Fold1(Fold2(Fold4(a[0][0], a[0][1]), Fold4(a[0][2], a[0][3])),
-                        Fold2(Fold4(a[1][0], a[1][1]), Fold4(a[1][2], a[1][3]))));
-    } else {
-      const Vec f = Fold2(Fold4(a[0][0], a[0][1]), Fold4(a[0][2], a[0][3]));
-      Store(sums, Fold1(f, f));
-    }
+    float sums[HP][4];
+    for (int h = 0; h < HP; ++h) Sums4(a[h][0], a[h][1], a[h][2], a[h][3], sums[h]);
     for (int h = 0; h < HP; ++h) {
       for (int i = 0; i < 4; ++i) {
-        float r = sums[h * 4 + i];
+        float r = sums[h][i];
         for (int64_t d = body; d < D; ++d) r += q[h * D + d] * keys[j + i][d];
         s[h * K + j + i] = scale * r;
       }
@@ -165,11 +180,12 @@ void Scores(const float* q, const float* const* keys, int64_t n4, int64_t D, flo
 }
 
 // The weights w (HP rows, K apart) times values[0 .. n) into HP rows of o (D apart), each row
-// times its inv: output lanes in register chunks of 8 / HP vectors, each value read once per chunk.
+// times its inv: output lanes in register chunks (half the register file holds the HP heads'
+// accumulators), each value read once per chunk.
 template <int HP>
 void WeightedValues(const float* w, int64_t K, const float* const* values, int64_t n, int64_t D, const float* inv,
                     float* o) {
-  constexpr int C = 8 / HP;
+  constexpr int C = kVecRegisters / 2 / HP;
   int64_t d0 = 0;
   for (; d0 + C * kLanes <= D; d0 += C * kLanes) {
     Vec acc[HP][C] = {};
