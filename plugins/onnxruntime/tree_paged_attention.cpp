@@ -218,7 +218,7 @@ void WeightedValues(const float* w, int64_t K, const float* const* values, int64
   }
 }
 
-// Softmax numerators in place over a row of n scores padded to K (a multiple of 8); returns
+// Softmax numerators in place over a row of n scores padded to K (a multiple of kLanes); returns
 // 1 / their sum.
 inline float Exponentiate(float* s, int64_t n, int64_t K) {
   float m = -std::numeric_limits<float>::infinity();
