@@ -195,8 +195,12 @@ def cached_headers(fetch: bool = True, log=print) -> Path | None:
     HEADERS_CACHE.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="apar-ort-headers-", dir=HEADERS_CACHE.parent) as tmp:
         fetch_headers(Path(tmp) / "include")
-        shutil.rmtree(HEADERS_CACHE, ignore_errors=True)
-        (Path(tmp) / "include").replace(HEADERS_CACHE)   # whole or not at all
+        shutil.rmtree(HEADERS_CACHE, ignore_errors=True)   # a partial one, or none
+        try:
+            (Path(tmp) / "include").replace(HEADERS_CACHE)   # whole or not at all
+        except OSError:
+            if not (HEADERS_CACHE / "onnxruntime_cxx_api.h").is_file():   # else another build put it there
+                raise
     return HEADERS_CACHE
 
 

@@ -30,6 +30,8 @@ def baseline_library_or_skip() -> Path:
     as on aarch64), compiled once per test run from the cached headers; a skip where the library
     the setup built is that one already (this CPU lacks x86-64-v3, or it is not x86-64), or where
     no headers are cached (a failure with $APAR_RT_ORT_OPS_REQUIRED=1)."""
+    import atexit
+    import shutil
     import tempfile
 
     import pytest
@@ -45,6 +47,8 @@ def baseline_library_or_skip() -> Path:
             if os.environ.get(REQUIRED_VAR) == "1":
                 pytest.fail(f"no cached ONNX Runtime headers ({ort_native.HEADERS_CACHE}) to build the baseline variant")
             pytest.skip(f"no cached ONNX Runtime headers ({ort_native.HEADERS_CACHE})")
-        out = Path(tempfile.mkdtemp(prefix="apar-ort-baseline-")) / "libapar_ort_ops_baseline.so"
-        _BASELINE["lib"] = ort_native.build(out, include, log=lambda m: None, march="")
+        folder = tempfile.mkdtemp(prefix="apar-ort-baseline-")
+        atexit.register(shutil.rmtree, folder, True)
+        _BASELINE["lib"] = ort_native.build(Path(folder) / "libapar_ort_ops_baseline.so", include,
+                                            log=lambda m: None, march="")
     return _BASELINE["lib"]
