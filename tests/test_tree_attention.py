@@ -335,11 +335,11 @@ def test_mixed_prefill_decode_tree(impl, hq, hkv, block_size, seed):
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("hq,hkv", [(3, 1), (6, 2), (2, 2)])
-@pytest.mark.parametrize("head_dim", [12, 40, 64, 72])
+@pytest.mark.parametrize("head_dim", [10, 12, 40, 64, 72])
 def test_head_sizes_and_odd_groups(impl, hq, hkv, head_dim):
     """Head sizes that fill the CPU kernels' register chunks (64), leave a chunk and a vector (40,
-    72) or a scalar tail (12); query groups of 3 (a pair of heads, then one alone); key counts on
-    either side of a multiple of 4 and 8."""
+    72) or a scalar tail (10 for both vector widths, 12 for eight lanes); query groups of 3 (a
+    pair of heads, then one alone); key counts on either side of a multiple of 4 and 8."""
     rng = random.Random(500 + head_dim + hq)
     seqs = [make_seq(rng, "decode", c) for c in (0, 3, 8, 13, 37)] + [make_seq(rng, "tree", 6),
                                                                     make_seq(rng, "prefill", 9)]
