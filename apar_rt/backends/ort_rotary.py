@@ -106,11 +106,9 @@ def fuse_rotary(model) -> int:
     step = [const("shape", [-1, D]), const("zero", [0]), const("half", [D // 2]), const("end", [D]),
             const("axis1", [1]), const("axis0", [0]), const("zero_s", 0), const("one_s", 1)]
     c, s, to = _halves(producer, consts, cos, signed_sin)
-    if c is not None:   # the exporter doubled c and s itself: take them before it did
-        step += [helper.make_node("Identity", [c], [p + "cos"]) if to is None
-                 else helper.make_node("Cast", [c], [p + "cos"], to=to),
-                 helper.make_node("Identity", [s], [p + "sin"]) if to is None
-                 else helper.make_node("Cast", [s], [p + "sin"], to=to)]
+    if c is not None:   # the exporter doubled c and s itself: take them before it did (and its Cast)
+        step += [helper.make_node("Identity", [x], [out]) if to is None else helper.make_node("Cast", [x], [out], to=to)
+                 for x, out in ((c, p + "cos"), (s, p + "sin"))]
     else:
         step += [helper.make_node("Reshape", [cos, p + "shape"], [p + "cos2"]),
                  helper.make_node("Slice", [p + "cos2", p + "zero", p + "half", p + "axis1"], [p + "cos"]),

@@ -9,16 +9,23 @@ from pathlib import Path
 REQUIRED_VAR = "APAR_RT_ORT_OPS_REQUIRED"
 
 
-def library_or_skip() -> Path:
+def _absent(required: str, skip: str) -> None:
+    """A failure saying `required` where the setup built the library ($APAR_RT_ORT_OPS_REQUIRED=1),
+    else a skip saying `skip`."""
     import pytest
 
+    if os.environ.get(REQUIRED_VAR) == "1":
+        pytest.fail(required)
+    pytest.skip(skip)
+
+
+def library_or_skip() -> Path:
     from apar_rt.backends import ort_native
 
     lib = ort_native.library()
     if lib is None:
-        if os.environ.get(REQUIRED_VAR) == "1":
-            pytest.fail(f"the native op library is required here ({REQUIRED_VAR}=1) but absent: {ort_native.BUILT}")
-        pytest.skip(f"native op library not built ({ort_native.BUILT}; python -m apar_rt.backends.ort_native)")
+        _absent(f"the native op library is required here ({REQUIRED_VAR}=1) but absent: {ort_native.BUILT}",
+                f"native op library not built ({ort_native.BUILT}; python -m apar_rt.backends.ort_native)")
     return lib
 
 
@@ -44,9 +51,8 @@ def baseline_library_or_skip() -> Path:
             pytest.skip("the built library is this CPU's baseline build already")
         include = ort_native.cached_headers(fetch=False)
         if include is None:
-            if os.environ.get(REQUIRED_VAR) == "1":
-                pytest.fail(f"no cached ONNX Runtime headers ({ort_native.HEADERS_CACHE}) to build the baseline variant")
-            pytest.skip(f"no cached ONNX Runtime headers ({ort_native.HEADERS_CACHE})")
+            _absent(f"no cached ONNX Runtime headers ({ort_native.HEADERS_CACHE}) to build the baseline variant",
+                    f"no cached ONNX Runtime headers ({ort_native.HEADERS_CACHE})")
         folder = tempfile.mkdtemp(prefix="apar-ort-baseline-")
         atexit.register(shutil.rmtree, folder, True)
         _BASELINE["lib"] = ort_native.build(Path(folder) / "libapar_ort_ops_baseline.so", include,
