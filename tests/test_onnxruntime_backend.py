@@ -92,9 +92,13 @@ def test_cut_trees_match_torch_with_small_buckets(gqa_engine, tiny_gqa):
 class Twin(TorchBackend):
     """The torch backend, also running every step through the onnxruntime backend."""
 
-    def __init__(self, model_dir, engine_dir):
+    def __init__(self, model_dir, engine_dir, bind: str = "direct"):
         super().__init__(str(model_dir), dtype="float32", device="cpu")
         self.other = OnnxRuntimeBackend(str(engine_dir))
+        # binds by onnxruntime's pybind object (as installed here), or by its public wrapper
+        assert self.other._io._raw is not None, "the installed onnxruntime should take the direct binds"
+        if bind == "public":
+            self.other._io._raw = None
         self.diffs: list[tuple[str, float]] = []
 
     def allocate_kv(self, num_blocks, block_size):
@@ -114,8 +118,10 @@ class Twin(TorchBackend):
         self.diffs.append((kind, float(np.abs(got - want.numpy()).max()) if want.numel() else 0.0))
 
 
-def test_logits_and_pools_agree_step_by_step(gqa_engine, tiny_gqa):
-    """Every step of an APAR run (prefill, decode, mixed, copy-on-write) within 1e-4 in fp32."""
+@pytest.mark.parametrize("bind", ["direct", "public"])
+def test_logits_and_pools_agree_step_by_step(gqa_engine, tiny_gqa, bind):
+    """Every step of an APAR run (prefill, decode, mixed, copy-on-write) within 1e-4 in fp32, with
+    either way of binding the step's buffers (`IOBindingCalls`)."""
     from apar_rt.config import EngineConfig, ModelConfig
     from apar_rt.engine import Engine
     from apar_rt.model.tokenizer import load_tokenizer
@@ -123,7 +129,7 @@ def test_logits_and_pools_agree_step_by_step(gqa_engine, tiny_gqa):
     model, engine = gqa_engine
     _, _, tok = tiny_gqa
     fork = tok.convert_tokens_to_ids("[SplitMask]")
-    twin = Twin(model, engine)
+    twin = Twin(model, engine, bind)
     eng = Engine(twin, load_tokenizer(model), ModelConfig.from_dir(model),
                  EngineConfig(num_blocks=40, block_size=4, max_num_tokens=12, max_num_seqs=8))
     params = SamplingParams(max_tokens=24, logit_bias={fork: 3.0})
