@@ -154,6 +154,7 @@ class Scheduler:
         contenders = len(self.running) + len(self.waiting)
         share = max_seqs if contenders <= 1 else max(1, max_seqs // contenders)
 
+        capped = False     # a request had more branches to run than its share: seats may go round again
         tree_on = self.tree is not None
         append_in_place = self.kv.append_in_place
         i = 0
@@ -162,7 +163,10 @@ class Scheduler:
             got_any = blocked = False
             seats = 0
             for b in self._schedulable(req):
-                if budget == 0 or len(seqs) >= max_seqs or seats >= share:
+                if budget == 0 or len(seqs) >= max_seqs:
+                    break
+                if seats >= share:
+                    capped = True
                     break
                 if tree_on:
                     n, n_slots, tree = self._plan(b, budget)
@@ -213,7 +217,9 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            for b in self._schedulable(req)[:share]:
+            ready = self._schedulable(req)
+            capped = capped or len(ready) > share
+            for b in ready[:share]:
                 if budget == 0 or len(seqs) >= max_seqs:
                     break
                 n = min(b.num_uncomputed, budget)
@@ -225,7 +231,7 @@ class Scheduler:
                 seqs.append(ScheduledSeq(req, b, n, res.slots, b.table.num_tokens == b.context_len))
                 budget -= n
 
-        if contenders > 1 and budget > 0 and len(seqs) < max_seqs:
+        if capped and budget > 0 and len(seqs) < max_seqs:
             self._fill_seats(seqs, copies, budget)
 
         if seqs:
@@ -234,7 +240,9 @@ class Scheduler:
 
     def _fill_seats(self, seqs: list[ScheduledSeq], copies: list[tuple[int, int]], budget: int) -> None:
         """Second round: seats the fair shares left free go to the running requests' other
-        branches, in admission order, without preempting anyone."""
+        branches, in admission order, without preempting anyone. Only branches the first round
+        left out for their request's share can be taken here (a branch it left out for want of
+        blocks finds none now), so it runs only when a share capped a request."""
         taken = {id(s.branch) for s in seqs}
         for req in self.running:
             for b in self._schedulable(req):

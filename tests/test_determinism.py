@@ -151,6 +151,33 @@ def test_a_second_request_is_scheduled_while_a_wide_tree_runs(tiny_gqa):
         eng.step()
 
 
+def test_seats_a_share_leaves_free_go_round_again(tiny_gqa):
+    """max_num_seqs 6, a tree with at least 5 branches ready and a newcomer: each first gets a share
+    of 3 seats; the seats the newcomer leaves (it has one branch) go to the tree in a second round."""
+    from apar_rt.engine import Engine
+
+    path, _, tok = tiny_gqa
+    eng = Engine.from_pretrained(path, dtype="float32", device="cpu", max_num_seqs=6, num_blocks=256,
+                                 block_size=4)
+    wide = eng.add_request(PROMPTS[1], SamplingParams(max_tokens=200, logit_bias={fork_id(tok): 6.0}), raw=True)
+    tree = eng._requests[wide]
+    sched = eng.scheduler
+    for _ in range(80):
+        eng.step()
+        if len(sched._schedulable(tree)) >= 5:
+            break
+    ready = len(sched._schedulable(tree))
+    assert ready >= 5, "the bias was meant to grow a wide tree"
+    other = eng._requests[eng.add_request(PROMPTS[0], SamplingParams(max_tokens=8), raw=True)]
+    steps = []
+    schedule = sched.schedule
+    sched.schedule = lambda: steps.append(schedule()) or steps[-1]
+    eng.step()
+    seats = [s.request for s in steps[0].seqs]
+    assert seats.count(other) == 1
+    assert seats.count(tree) == min(ready, 5)     # 3 as its share, then the 2 the newcomer left
+
+
 def test_a_full_waiting_queue_refuses_newcomers_and_loses_nothing_admitted(tiny_gqa):
     from apar_rt.engine import Engine
     from apar_rt.scheduler import EngineOverloaded
