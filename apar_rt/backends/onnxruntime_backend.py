@@ -335,7 +335,7 @@ class OnnxRuntimeBackend(Backend):
             self._bind(step_io.k_cache_name(i), _address(k), self.dtype, tuple(k.shape), input=True, base="kv_pool")
             self._bind(step_io.v_cache_name(i), _address(v), self.dtype, tuple(v.shape), input=True, base="kv_pool")
         if self.huge_pages is not None:
-            self.huge_pages.start([(self._kv.ctypes.data, self._kv.nbytes)])
+            self.huge_pages.start([(_address(self._kv), self._kv.nbytes)])
 
     def kv_bytes_per_block(self) -> int:
         return (2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
@@ -425,10 +425,12 @@ class OnnxRuntimeBackend(Backend):
         flat = kv.reshape(-1)[:2 * L * (T + 1) * H * D]
         self._new_kv = flat.reshape(2, L, T + 1, H, D)
         kv_shape = (T, H, D)
-        start, stride = self._addrs["new_kv"], (T + 1) * H * D * np.dtype(self.dtype).itemsize   # bytes per layer
+        start = self._addrs["new_kv"]                  # the view's first element is the buffer's
+        kv_step, layer_step = self._new_kv.strides[:2]  # bytes from K to V, and from layer to layer
         for i in range(L):
-            self._bind(step_io.new_k_name(i), start + i * stride, self.dtype, kv_shape, input=False, base="new_kv")
-            self._bind(step_io.new_v_name(i), start + (L + i) * stride, self.dtype, kv_shape, input=False, base="new_kv")
+            k_at = start + i * layer_step
+            self._bind(step_io.new_k_name(i), k_at, self.dtype, kv_shape, input=False, base="new_kv")
+            self._bind(step_io.new_v_name(i), k_at + kv_step, self.dtype, kv_shape, input=False, base="new_kv")
         self._num_tokens = T
         self._outputs_key = key
 
