@@ -451,6 +451,40 @@ def test_native_op_refuses_a_block_outside_the_pool():
         sess.run(None, dict(feeds, block_tables=tables))
 
 
+@pytest.mark.parametrize("impl", ["onnx-ort-native", "onnx-ort-native-4lane"])
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2)])
+def test_native_rows_do_not_depend_on_where_the_chunk_starts(impl, hq, hkv):
+    """With one query head per KV head the native op takes a chunk's tokens two at a time (a
+    key read once for both). Each token's row must still be, bit for bit, what it is when the
+    chunk starts one token later and the pairs shift: where a request's prefill chunks start
+    depends on the other requests of the step, and greedy output must not."""
+    ctx, n, bs, D = 5, 9, 4, 16
+    gen = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(ctx + n, hkv, D, generator=gen), torch.randn(ctx + n, hkv, D, generator=gen)
+    queries = torch.randn(n, hq, D, generator=gen)
+    num_blocks = 2 + -(-(ctx + n) // bs)
+    table = list(range(1, num_blocks))
+    random.Random(3).shuffle(table)
+
+    def rows_from(s: int) -> torch.Tensor:
+        """The chunk's tokens s.. as one step, with the tokens before them in the pool."""
+        k_cache = torch.full((num_blocks, bs, hkv, D), POISON)
+        v_cache = torch.full((num_blocks, bs, hkv, D), -POISON)
+        for p in range(ctx + s):
+            k_cache[table[p // bs], p % bs], v_cache[table[p // bs], p % bs] = keys[p], values[p]
+        m = n - s
+        mask = torch.zeros(m, n + 2, dtype=torch.bool)
+        mask[:, :m] = torch.tensor(causal(m))
+        step = Step(q=queries[s:].contiguous(), k=keys[ctx + s:].contiguous(), v=values[ctx + s:].contiguous(),
+                    k_cache=k_cache, v_cache=v_cache, block_tables=torch.tensor([table], dtype=torch.int32),
+                    context_lens=torch.tensor([ctx + s], dtype=torch.int32),
+                    query_start=torch.tensor([0, m], dtype=torch.int32), mask=mask, scale=D ** -0.5)
+        return check(step, IMPLS[impl])
+
+    whole = rows_from(0)
+    for s in (1, 2, 3):
+        assert torch.equal(rows_from(s), whole[s:]), f"the chunk from token {s} changed its rows"
+
 @pytest.mark.parametrize("hq,hkv", HEADS)
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("poison", ["large", "nonfinite"])

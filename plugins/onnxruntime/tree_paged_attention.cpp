@@ -57,6 +57,7 @@ struct Problem {
   const int32_t* qs;
   const bool* mask;
   const int32_t* seq_of;   // [T] the sequence of each token
+  const int32_t* first;    // [U + 1] the first token of each group of rows (see Groups); T, last
   float* out;
   int64_t T, Hq, Hkv, G, D, S, M, Qm, bs;
   float scale;
@@ -144,11 +145,13 @@ inline void Sums4(Vec a0, Vec a1, Vec a2, Vec a3, float* out) {
 #endif
 }
 
-// Scores of HP query heads (rows of q, D apart) against keys[0 .. n4), n4 a multiple of 4, into
-// rows of s (K apart), times scale. Each key is loaded once for the HP heads; a score is the
-// Sum of its lane-wise products plus the D % kLanes tail in order, whichever keys share its group.
+// Scores of HP query rows (rows of q, qs apart: heads of one token, or one head of two tokens)
+// against keys[0 .. n4), n4 a multiple of 4, into rows of s (K apart), times scale. Each key is
+// loaded once for the HP rows; a score is the Sum of its lane-wise products plus the D % kLanes
+// tail in order, whichever keys and rows share its pass.
 template <int HP>
-void Scores(const float* q, const float* const* keys, int64_t n4, int64_t D, float scale, float* s, int64_t K) {
+void Scores(const float* q, int64_t qs, const float* const* keys, int64_t n4, int64_t D, float scale, float* s,
+            int64_t K) {
   static_assert(HP == 1 || HP == 2, "one or two heads per pass");
   const int64_t body = D / kLanes * kLanes;
   for (int64_t j = 0; j < n4; j += 4) {
@@ -160,7 +163,7 @@ void Scores(const float* q, const float* const* keys, int64_t n4, int64_t D, flo
     for (int64_t d = 0; d < body; d += kLanes) {
       const Vec x0 = Load(k0 + d), x1 = Load(k1 + d), x2 = Load(k2 + d), x3 = Load(k3 + d);
       for (int h = 0; h < HP; ++h) {
-        const Vec x = Load(q + h * D + d);
+        const Vec x = Load(q + h * qs + d);
         a[h][0] += x * x0;
         a[h][1] += x * x1;
         a[h][2] += x * x2;
@@ -172,19 +175,19 @@ void Scores(const float* q, const float* const* keys, int64_t n4, int64_t D, flo
     for (int h = 0; h < HP; ++h) {
       for (int i = 0; i < 4; ++i) {
         float r = sums[h][i];
-        for (int64_t d = body; d < D; ++d) r += q[h * D + d] * keys[j + i][d];
+        for (int64_t d = body; d < D; ++d) r += q[h * qs + d] * keys[j + i][d];
         s[h * K + j + i] = scale * r;
       }
     }
   }
 }
 
-// The weights w (HP rows, K apart) times values[0 .. n) into HP rows of o (D apart), each row
-// times its inv: output lanes in register chunks (half the register file holds the HP heads'
+// The weights w (HP rows, K apart) times values[0 .. n) into HP rows of o (os apart), each row
+// times its inv: output lanes in register chunks (half the register file holds the HP rows'
 // accumulators), each value read once per chunk.
 template <int HP>
 void WeightedValues(const float* w, int64_t K, const float* const* values, int64_t n, int64_t D, const float* inv,
-                    float* o) {
+                    float* o, int64_t os) {
   constexpr int C = kVecRegisters / 2 / HP;
   int64_t d0 = 0;
   for (; d0 + C * kLanes <= D; d0 += C * kLanes) {
@@ -199,21 +202,21 @@ void WeightedValues(const float* w, int64_t K, const float* const* values, int64
       }
     }
     for (int h = 0; h < HP; ++h) {
-      for (int c = 0; c < C; ++c) Store(o + h * D + d0 + c * kLanes, acc[h][c] * inv[h]);
+      for (int c = 0; c < C; ++c) Store(o + h * os + d0 + c * kLanes, acc[h][c] * inv[h]);
     }
   }
   for (; d0 + kLanes <= D; d0 += kLanes) {
     for (int h = 0; h < HP; ++h) {
       Vec acc{};
       for (int64_t i = 0; i < n; ++i) acc += Splat(w[h * K + i]) * Load(values[i] + d0);
-      Store(o + h * D + d0, acc * inv[h]);
+      Store(o + h * os + d0, acc * inv[h]);
     }
   }
   for (; d0 < D; ++d0) {
     for (int h = 0; h < HP; ++h) {
       float acc = 0.0f;
       for (int64_t i = 0; i < n; ++i) acc += w[h * K + i] * values[i][d0];
-      o[h * D + d0] = acc * inv[h];
+      o[h * os + d0] = acc * inv[h];
     }
   }
 }
@@ -233,11 +236,16 @@ inline float Exponentiate(float* s, int64_t n, int64_t K) {
   return 1.0f / Sum(total);
 }
 
-// One (token, KV head): its G query heads' scores over the keys it sees, softmax, weighted values.
-// The keys it sees are listed first (context through the block table, then the visible new
-// tokens); the heads go two at a time where they can, so a key or value is read once per pair.
+// One (group, KV head): the group's query rows' scores over the keys they see, softmax, weighted
+// values. A group is one token (its G query heads), or with G = 1 two tokens of one sequence
+// (`Groups`), the second seeing every key the first sees and, after the last of those, its own.
+// The keys seen are listed first (context through the block table, then the visible new tokens);
+// rows go two at a time where they can (two heads of the token, or the two tokens), so a key or
+// value is read once per pair. A pair's first row gets the keys only the second sees at the end
+// of its list with weight exp(-inf) = 0: its sums, lane by lane, are those it has alone.
 void AttendOne(Problem* p, int64_t item) {
-  const int64_t t = item / p->Hkv, h = item % p->Hkv;
+  const int64_t u = item / p->Hkv, h = item % p->Hkv;
+  const int64_t t = p->first ? p->first[u] : u, rows = p->first ? p->first[u + 1] - t : 1;
   const int64_t G = p->G, D = p->D, bs = p->bs;
   const int64_t b = p->seq_of[t], first = p->qs[b], n_new = p->qs[b + 1] - first, ctx = p->ctx[b];
   const int64_t num_blocks = p->S / bs, ctx_blocks = (ctx + bs - 1) / bs;
@@ -270,35 +278,81 @@ void AttendOne(Problem* p, int64_t item) {
     pos += stop;
   }
   const bool* sees = p->mask + t * p->Qm;
+  const bool* sees2 = rows == 2 ? sees + p->Qm : sees;   // the pair's second row (a superset of the first's)
+  int64_t n_first = n;   // the keys the first row sees: the first n_first of the list
   for (int64_t i = 0; i < n_new; ++i) {
-    if (!sees[i]) continue;
+    if (!sees2[i]) continue;
     const int64_t row = ((first + i) * p->Hkv + h) * D;
     kp[n] = p->k + row;
     vp[n++] = p->v + row;
+    if (sees[i]) n_first = n;
   }
-  float* out = p->out + (t * p->Hq + h * G) * D;
+  const int64_t Hq = p->Hq;
+  float* out = p->out + (t * Hq + h * G) * D;
   if (n == 0) {   // sees nothing (the contract has every token see at least itself): zeros
-    std::fill(out, out + G * D, 0.0f);
+    for (int64_t r = 0; r < rows; ++r) std::fill(out + r * Hq * D, out + r * Hq * D + G * D, 0.0f);
     return;
   }
   const int64_t n4 = (n + 3) / 4 * 4, K = (n + kLanes - 1) / kLanes * kLanes;
   for (int64_t i = n; i < n4; ++i) kp[i] = kp[n - 1];
-  scores.resize(static_cast<size_t>(G * K));
-  const float* q = p->q + (t * p->Hq + h * G) * D;
+  scores.resize(static_cast<size_t>(std::max<int64_t>(G, rows) * K));
+  const float* q = p->q + (t * Hq + h * G) * D;
+  if (rows == 2) {   // G = 1: one head of two tokens
+    float* s = scores.data();
+    Scores<2>(q, Hq * D, kp, n4, D, p->scale, s, K);
+    float inv[2] = {0.0f, Exponentiate(s + K, n, K)};
+    if (n_first > 0) {
+      inv[0] = Exponentiate(s, n_first, K);   // the keys past n_first get weight 0
+    } else {
+      std::fill(s, s + K, 0.0f);   // sees nothing: zeros
+    }
+    WeightedValues<2>(s, K, vp, n, D, inv, out, Hq * D);
+    return;
+  }
   for (int64_t g = 0; g < G;) {
     float* s = scores.data() + g * K;
     if (G - g >= 2) {
-      Scores<2>(q + g * D, kp, n4, D, p->scale, s, K);
+      Scores<2>(q + g * D, D, kp, n4, D, p->scale, s, K);
       const float inv[2] = {Exponentiate(s, n, K), Exponentiate(s + K, n, K)};
-      WeightedValues<2>(s, K, vp, n, D, inv, out + g * D);
+      WeightedValues<2>(s, K, vp, n, D, inv, out + g * D, D);
       g += 2;
     } else {
-      Scores<1>(q + g * D, kp, n4, D, p->scale, s, K);
+      Scores<1>(q + g * D, D, kp, n4, D, p->scale, s, K);
       const float inv[1] = {Exponentiate(s, n, K)};
-      WeightedValues<1>(s, K, vp, n, D, inv, out + g * D);
+      WeightedValues<1>(s, K, vp, n, D, inv, out + g * D, D);
       g += 1;
     }
   }
+}
+
+// With G = 1, the tokens in groups (`first`, ending with T): two consecutive tokens of one
+// sequence where the second sees every new token the first sees and the first sees none after
+// its last that the second sees too (a chunk's causal rows; not siblings of a draft tree), else
+// one. Empty (ungrouped) for G > 1, whose heads already pair.
+void Groups(const Problem& p, std::vector<int32_t>* first) {
+  first->clear();
+  for (int64_t t = 0; t < p.T;) {
+    first->push_back(static_cast<int32_t>(t));
+    const int64_t b = p.seq_of[t];
+    int64_t take = 1;
+    if (t + 1 < p.T && p.seq_of[t + 1] == b) {
+      const int64_t n_new = p.qs[b + 1] - p.qs[b];
+      const bool* a = p.mask + t * p.Qm;
+      const bool* c = a + p.Qm;
+      int64_t last_a = -1;
+      bool nested = true;
+      for (int64_t i = 0; i < n_new && nested; ++i) {
+        if (a[i]) {
+          nested = c[i];
+          last_a = i;
+        }
+      }
+      for (int64_t i = 0; i < last_a && nested; ++i) nested = !c[i] || a[i];   // no key only the second sees before the first's last
+      if (nested) take = 2;
+    }
+    t += take;
+  }
+  first->push_back(static_cast<int32_t>(p.T));
 }
 
 void AttendItem(void* data, size_t item) { AttendOne(static_cast<Problem*>(data), static_cast<int64_t>(item)); }
@@ -429,7 +483,13 @@ struct TreePagedAttentionKernel {
     p.out = out.GetTensorMutableData<float>();
     p.T = T, p.Hq = Hq, p.Hkv = Hkv, p.G = Hq / Hkv, p.D = D, p.S = S, p.M = M, p.Qm = Qm, p.bs = block_size;
     p.scale = scale;
-    const int64_t items = T * Hkv;
+    thread_local std::vector<int32_t> groups;
+    p.first = nullptr;
+    if (p.G == 1 && T > 1) {
+      Groups(p, &groups);
+      if (static_cast<int64_t>(groups.size()) - 1 < T) p.first = groups.data();
+    }
+    const int64_t items = (p.first ? static_cast<int64_t>(groups.size()) - 1 : T) * Hkv;
     if (items == 0) return;
     if (items == 1) {
       AttendOne(&p, 0);
