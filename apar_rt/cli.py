@@ -63,6 +63,11 @@ def engine_options(f):
                      show_default=True,
                      help="Most new tokens in one packed step (prefill chunks + decodes); vLLM's "
                           "--max-num-batched-tokens."),
+        click.option("--long-prefill-token-threshold", type=click.IntRange(min=0), default=None,
+                     help="Most prompt tokens of one request in one step: a longer prompt prefills in chunks "
+                          "of this size (vLLM's flag; 0: no cap but --max-num-tokens). Default: the backend's "
+                          "choice: 256 for onnxruntime on the CPU, whose long chunks cost their square; no cap "
+                          "elsewhere."),
         click.option("--max-model-len", type=int, default=None,
                      help="Length cap per request (default: the model's max_position_embeddings)."),
         click.option("--max-depth", type=int, default=2, show_default=True,
@@ -95,7 +100,8 @@ def engine_options(f):
 
 def _engine_kwargs(kw: dict) -> dict:
     out = {k: kw[k] for k in ("num_blocks", "block_size", "max_num_seqs", "max_num_tokens", "max_model_len",
-                              "max_depth", "mode", "acceptance", "ban_fork_when_full", "text_join", "max_waiting")}
+                              "max_depth", "mode", "acceptance", "ban_fork_when_full", "text_join", "max_waiting",
+                              "long_prefill_token_threshold")}
     medusa = kw.get("medusa_heads") or kw.get("medusa") or bool(kw.get("medusa_tree"))
     if medusa:
         out["medusa"] = medusa

@@ -109,6 +109,9 @@ class EngineConfig:
     block_size: int = 16           # tokens per KV block
     max_num_seqs: int = 64         # most sequences (APAR branches count one each) in a step
     max_num_tokens: int = 2048     # most new tokens in a packed step (prefill chunks + decodes)
+    # most prompt tokens of one sequence in a step (vLLM's long_prefill_token_threshold); 0: no cap
+    # but max_num_tokens; None: the backend's `preferred_prefill_chunk` (the engine resolves it)
+    long_prefill_token_threshold: int | None = None
     watermark: float = 0.01        # fraction of blocks kept free when admitting new requests
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     mode: str = "apar"             # "apar" forks on [Fork]; "ar" bans both control tokens
@@ -133,6 +136,9 @@ class EngineConfig:
             raise ValueError(f"acceptance must be 'greedy' or 'typical', got {self.acceptance!r}")
         if self.text_join not in ("inplace", "reference"):
             raise ValueError(f"text_join must be 'inplace' or 'reference', got {self.text_join!r}")
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0 (0: no cap), "
+                             f"got {self.long_prefill_token_threshold}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0 (0: no limit), got {self.max_waiting}")
         if self.max_depth < 0:

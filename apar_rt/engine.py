@@ -68,7 +68,9 @@ class Engine:
         self.control = control if control is not None else control_tokens(tokenizer)
         max_len = min(config.max_model_len or model_config.max_position_embeddings,
                       model_config.max_position_embeddings)
-        self.config = replace(config, max_model_len=max_len)
+        chunk = config.long_prefill_token_threshold
+        self.config = replace(config, max_model_len=max_len,
+                              long_prefill_token_threshold=backend.preferred_prefill_chunk if chunk is None else chunk)
         eos = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)

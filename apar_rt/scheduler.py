@@ -79,6 +79,8 @@ class Scheduler:
                 stop-string text is then read from it (`detokenizer.open_segment`).
         """
         self.config = config
+        # most new tokens of one sequence in a step: a long prompt prefills in chunks of this
+        self.chunk_cap = config.long_prefill_token_threshold or config.max_num_tokens
         self.control = control
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -171,7 +173,7 @@ class Scheduler:
                 if tree_on:
                     n, n_slots, tree = self._plan(b, budget)
                 else:   # _plan without a Medusa tree
-                    n = n_slots = min(b.prefix_len + len(b.token_ids) - b.table.num_tokens, budget)
+                    n = n_slots = min(b.prefix_len + len(b.token_ids) - b.table.num_tokens, budget, self.chunk_cap)
                     tree = False
                 table = b.table
                 slot = append_in_place(table) if n_slots == 1 else -1
@@ -222,7 +224,7 @@ class Scheduler:
             for b in ready[:share]:
                 if budget == 0 or len(seqs) >= max_seqs:
                     break
-                n = min(b.num_uncomputed, budget)
+                n = min(b.num_uncomputed, budget, self.chunk_cap)
                 res = self.kv.append(b.table, n)
                 if res is None:
                     break
@@ -273,7 +275,7 @@ class Scheduler:
                 and b.context_len + tree.depth < self.max_model_len):
             return tree.size, 1 + tree.depth, True
         b.draft = None
-        n = min(b.num_uncomputed, budget)
+        n = min(b.num_uncomputed, budget, self.chunk_cap)
         return n, n, False
 
     def _reserve(self, req: Request, b: Branch, n: int, out: SchedulerOutput):

@@ -19,9 +19,11 @@ class SpyBackend(TorchBackend):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.steps = []
+        self.longest = []     # each step's most new tokens of one sequence
 
     def execute(self, step):
         self.steps.append((step.num_tokens, step.block_tables.shape[0]))
+        self.longest.append(int(np.diff(step.query_start).max()))
         super().execute(step)
 
 
@@ -50,6 +52,26 @@ def test_budgets_are_respected_and_chunking_changes_nothing(tiny_gqa):
     assert got == want
     assert all(t <= 3 and b <= 2 for t, b in spy.steps)
     assert any(t == 3 and b == 1 for t, b in spy.steps)   # a prefill chunk alone
+
+
+@pytest.mark.parametrize("mode,threshold", [("ar", 3), ("apar", 1)])
+def test_long_prompts_prefill_in_chunks_of_the_threshold(tiny_gqa, mode, threshold):
+    """long_prefill_token_threshold (vLLM's rule): no sequence gets more new tokens than that in a
+    step, several prompts' chunks still share a step, and every branch's tokens are those of a run
+    with each prompt in one chunk. At 1, an APAR child's [Fork] [Child] go in two steps too."""
+    path, _, tok = tiny_gqa
+    bias = {tok.convert_tokens_to_ids("[SplitMask]"): 4.0} if mode == "apar" else {}
+    params = SamplingParams(max_tokens=24, logit_bias=bias)
+    ref, ref_spy = make_llm(path, mode=mode, long_prefill_token_threshold=0)
+    want = [o.branches for o in ref.generate(PROMPTS, params)]
+    assert max(ref_spy.longest) > 3, "without the threshold a prompt goes in one chunk"
+    llm, spy = make_llm(path, mode=mode, long_prefill_token_threshold=threshold)
+    got = [o.branches for o in llm.generate(PROMPTS, params)]
+    assert got == want
+    assert max(spy.longest) == threshold
+    assert any(b >= 2 and t >= 2 * threshold for t, b in spy.steps), "chunks of several prompts in one step"
+    if mode == "apar":
+        assert sum(len(o) > 1 for o in got) >= 3, "the bias was meant to make forks happen"
 
 
 def test_prefill_and_decode_share_a_step(tiny_gqa):

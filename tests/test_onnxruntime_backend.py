@@ -218,6 +218,28 @@ def test_engine_settings_conflicts(gqa_engine):
     assert llm.engine.config.max_num_tokens == 2048
 
 
+def test_long_prompts_prefill_in_chunks_of_256_by_default(gqa_engine):
+    """On the CPU the engine prefills a long prompt in chunks of PREFILL_CHUNK tokens unless told
+    otherwise (its general body costs a chunk's square), with the tokens of the prompt in one chunk."""
+    from apar_rt.backends.onnxruntime_backend import PREFILL_CHUNK
+
+    model, engine = gqa_engine
+    prompt = list(range(5, 5 + PREFILL_CHUNK + 40))
+    params = SamplingParams(max_tokens=6)
+    steps = {}
+    outs = {}
+    for threshold in (None, 0):
+        llm = LLM(str(engine), backend="onnxruntime", mode="ar", long_prefill_token_threshold=threshold)
+        forward, seen = llm.engine.backend.forward, []
+        llm.engine.backend.forward = lambda s, f=forward, seen=seen: (seen.append(int(np.diff(s.query_start).max())),
+                                                                     f(s))[1]
+        outs[threshold] = tokens(llm.generate(prompt_token_ids=[prompt], params=params))
+        steps[threshold] = seen
+    assert llm.engine.config.long_prefill_token_threshold == 0
+    assert steps[None][:2] == [PREFILL_CHUNK, 40] and steps[0][0] == PREFILL_CHUNK + 40
+    assert outs[None] == outs[0]
+
+
 @pytest.fixture(scope="module")
 def medusa_engine(tmp_path_factory):
     """A tiny model with (untrained, perturbed) Medusa heads, and its engine folder."""

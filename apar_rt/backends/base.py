@@ -39,6 +39,9 @@ class Backend(ABC):
     """
 
     name: str = "?"
+    # The longest prompt chunk of one sequence this backend runs best in one step (0: any that
+    # fits the step); the engine's default for EngineConfig.long_prefill_token_threshold.
+    preferred_prefill_chunk: int = 0
 
     @abstractmethod
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:

@@ -72,12 +72,14 @@ NEUTRAL_INPUTS: dict[str, tuple] = {"return_log_probs": (False,), "return_contex
 PARAMETERS: dict[str, tuple[type, Any]] = {
     "engine_dir": (str, ""), "backend": (str, ""), "mode": (str, "apar"), "dtype": (str, "auto"),
     "device": (str, ""), "num_blocks": (int, None), "block_size": (int, None), "max_num_seqs": (int, None),
-    "max_num_tokens": (int, None), "max_model_len": (int, None), "max_depth": (int, None),
+    "max_num_tokens": (int, None), "long_prefill_token_threshold": (int, None), "max_model_len": (int, None),
+    "max_depth": (int, None),
     "medusa": (str, ""), "medusa_tree": (str, None), "acceptance": (str, None), "text_join": (str, None),
     "default_max_tokens": (int, 256), "raw": (bool, False), "torch_threads": (int, 0),
 }
-_ENGINE_KWARGS = ("mode", "num_blocks", "block_size", "max_num_seqs", "max_num_tokens", "max_model_len",
-                  "max_depth", "medusa_tree", "acceptance", "text_join")
+_ENGINE_KWARGS = ("mode", "num_blocks", "block_size", "max_num_seqs", "max_num_tokens",
+                  "long_prefill_token_threshold", "max_model_len", "max_depth", "medusa_tree", "acceptance",
+                  "text_join")
 
 
 def model_parameters(model_config: dict) -> dict[str, Any]:
