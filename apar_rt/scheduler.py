@@ -1,9 +1,9 @@
 """Iteration-level (in-flight) scheduling of APAR requests over a paged KV cache.
 
-Pure Python plus numpy. Each step packs, under `max_num_tokens` and `max_num_seqs`:
-running branches first (decode tokens and unfinished prefill chunks), in admission order,
-then waiting requests admitted first-come-first-served while KV blocks above the
-watermark remain.
+Pure Python plus numpy. Each step packs, under `max_num_tokens` and `max_num_seqs` (and at most
+`long_prefill_token_threshold` new tokens of one sequence, when set): running branches first
+(decode tokens and unfinished prefill chunks), in admission order, then waiting requests
+admitted first-come-first-served while KV blocks above the watermark remain.
 
 When blocks run out, the most recently admitted request is preempted as a whole: all its
 live branches drop their blocks and go back to the front of the queue, to be recomputed

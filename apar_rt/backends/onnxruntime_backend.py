@@ -77,7 +77,7 @@ def _device(requested: str | None) -> tuple[str, int]:
 # Long prompts prefill in chunks of this many tokens per step on the CPU (the engine's default
 # long_prefill_token_threshold): the rewritten graph's general body scores every row of a chunk
 # against all of the chunk's tokens (`attention_body.long_group`), so one chunk of P tokens costs
-# P x P scores where P x P / 2 are needed. A 980-token prompt took 16-21% less time in chunks of
+# P x P scores where P x P / 2 are needed. A 980-token prompt took 13-21% less time in chunks of
 # 256 than in one (demo model, hidden-512 8-layer MHA and GQA models; 128 no better, 512 half as good).
 PREFILL_CHUNK = 256
 
