@@ -1,14 +1,15 @@
-"""Tests for apar_rt.kv.block_pool: exact block ids and free order, then a stateful property test.
+"""Tests for apar_rt.kv.block_pool: exact block ids and free runs, then a stateful property test.
 
 The unit tests spell out the expected block ids by hand (vLLM style). The state machine
 drives random create / append / fork / free / abort sequences against an independent
-shadow model (its own FIFO free queue, its own tables, and a simulated KV store), so every
-block id the manager hands out is predicted, not merely checked for consistency.
+shadow model (its own set of free blocks, placed by a plain scan for runs, its own tables,
+and a simulated KV store), so every block id the manager hands out is predicted, not merely
+checked for consistency.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 
 import hypothesis.strategies as st
 import pytest
@@ -25,8 +26,8 @@ from apar_rt.kv.block_pool import NULL_BLOCK, BlockPool, BlockTable, KVCacheMana
 
 
 def free_list(pool: BlockPool) -> list[int]:
-    """The pool's free queue in allocation order (white-box, for exact-order assertions)."""
-    return list(pool._free)
+    """The pool's free blocks, in id order."""
+    return [b for first, last in pool.free_runs() for b in range(first, last + 1)]
 
 
 # --- BlockPool ----------------------------------------------------------------------
@@ -50,17 +51,36 @@ def test_fresh_pool_never_hands_out_null_block():
     assert pool.allocate(1) is None
 
 
-def test_allocate_takes_oldest_freed_first():
-    pool = BlockPool(6, 2)
-    assert pool.allocate(3) == [1, 2, 3]
-    assert pool.decref([2]) == [2]
-    assert pool.decref([1]) == [1]
-    # Never-used blocks 4, 5 were queued first; then 2, then 1.
-    assert free_list(pool) == [4, 5, 2, 1]
-    assert pool.allocate(3) == [4, 5, 2]
-    assert pool.allocate(1) == [1]
-    assert pool.decref([3, 1]) == [3, 1]
-    assert pool.allocate(2) == [3, 1]
+def test_allocate_extends_after_then_takes_the_middle_of_the_largest_run():
+    """A table's next blocks follow its last one while they are free; otherwise they come from
+    the largest free run (the lowest of equal ones), from its middle unless it starts at block 1,
+    so that whichever table ends before the run can still grow into it."""
+    pool = BlockPool(21, 2)
+    assert pool.allocate(3) == [1, 2, 3]                  # the run 1..20 starts at block 1
+    assert pool.allocate(2) == [11, 12]                   # run 4..20: its middle
+    assert pool.allocate(2, after=3) == [4, 5]            # right after the caller's block 3
+    assert pool.allocate(2, after=12) == [13, 14]
+    assert pool.free_runs() == [(6, 10), (15, 20)]
+    assert pool.allocate(3, after=5) == [6, 7, 8]
+    assert pool.allocate(4, after=8) == [9, 10, 17, 18]   # two after 8, the rest from 15..20's middle
+    assert pool.free_runs() == [(15, 16), (19, 20)]
+    assert pool.allocate(3) == [15, 16, 19]               # equal runs: the lower first, whole; then the other
+    assert pool.allocate(1) == [20]
+    assert pool.allocate(1) is None
+
+
+def test_freed_blocks_merge_into_runs():
+    pool = BlockPool(10, 2)
+    assert pool.allocate(9) == list(range(1, 10))
+    assert pool.decref([4, 6]) == [4, 6]
+    assert pool.free_runs() == [(4, 4), (6, 6)]
+    assert pool.decref([5]) == [5]
+    assert pool.free_runs() == [(4, 6)]
+    assert pool.decref([9, 1]) == [9, 1]
+    assert pool.free_runs() == [(1, 1), (4, 6), (9, 9)]
+    assert pool.allocate(2) == [4, 5]                     # the largest run, 4..6: its middle is its start
+    assert pool.allocate(1, after=8) == [9]
+    assert pool.num_free == 2 and free_list(pool) == [1, 6]
 
 
 def test_allocate_none_takes_nothing():
@@ -87,7 +107,7 @@ def test_double_free_and_null_free_raise():
         pool.incref([NULL_BLOCK])
     with pytest.raises(RuntimeError):
         pool.incref([b])  # free again
-    assert free_list(pool) == [2, 3, 1]
+    assert free_list(pool) == [1, 2, 3]
 
 
 def test_shared_block_freed_on_last_reference():
@@ -100,7 +120,7 @@ def test_shared_block_freed_on_last_reference():
     assert pool.decref([1]) == []
     assert pool.num_free == 1
     assert pool.decref([1]) == [1]
-    assert free_list(pool) == [2, 1]
+    assert free_list(pool) == [1, 2] and pool.free_runs() == [(1, 2)]
 
 
 def test_peak_used():
@@ -160,15 +180,15 @@ def test_append_in_place_only_into_an_own_partly_filled_last_block():
     assert list(t.ids) == t.block_ids == [1, 2, 3]
 
 
-def test_append_slots_follow_shuffled_blocks():
-    pool = BlockPool(6, 2)
+def test_append_slots_follow_scattered_blocks():
+    pool = BlockPool(12, 2)
     kv = KVCacheManager(pool)
-    pool.decref(pool.allocate(5)[::-1])  # free queue is now 5, 4, 3, 2, 1
-    assert free_list(pool) == [5, 4, 3, 2, 1]
+    held = pool.allocate(11)
+    pool.decref([held[i] for i in (1, 4, 5, 8)])   # free: 2, 5..6, 9
     t = BlockTable()
-    r = kv.append(t, 5)
-    assert t.block_ids == [5, 4, 3]
-    assert r.slots == [10, 11, 8, 9, 6]
+    r = kv.append(t, 7)
+    assert t.block_ids == [5, 6, 2, 9]             # the largest run, then the lower of the single blocks
+    assert r.slots == [10, 11, 12, 13, 4, 5, 18]
 
 
 def test_append_that_does_not_fit_leaves_no_trace():
@@ -253,13 +273,13 @@ def test_copy_on_write_only_once_per_fork():
     c1 = kv.fork(p)
     c2 = kv.fork(p)
     assert pool.ref_count(1) == 3
-    assert kv.append(c1, 1).copies == [(1, 2)]
-    assert kv.append(c2, 1).copies == [(1, 3)]
+    assert kv.append(c1, 1).copies == [(1, 2)]   # the copy goes right after the block it copies
+    assert kv.append(c2, 1).copies == [(1, 6)]   # block 2 is taken: the middle of 3..9
     # p is the last holder: no copy.
     assert pool.ref_count(1) == 1
     assert kv.append(p, 1).copies == []
-    assert kv.append(c1, 1).copies == []  # c1's block 2 is full now -> new block 4
-    assert c1.block_ids == [2, 4]
+    assert kv.append(c1, 1).copies == []  # c1's block 2 is full now -> new block 3, right after it
+    assert c1.block_ids == [2, 3]
 
 
 def test_append_into_shared_full_last_block_copies_nothing():
@@ -274,8 +294,8 @@ def test_append_into_shared_full_last_block_copies_nothing():
     assert r.new_blocks == 1
     assert c.block_ids == [1, 2, 3] and r.slots == [12]
     assert pool.ref_count(1) == 2 and pool.ref_count(2) == 2
-    r = kv.append(p, 1)
-    assert r.copies == [] and p.block_ids == [1, 2, 4] and r.slots == [16]
+    r = kv.append(p, 1)   # block 3, after p's block 2, is the child's: the middle of 4..7
+    assert r.copies == [] and p.block_ids == [1, 2, 5] and r.slots == [20]
 
 
 def test_append_of_zero_into_shared_partial_block_copies_nothing():
@@ -314,7 +334,7 @@ def test_free_order_and_shared_blocks():
     kv.append(c, 3)  # [1, 2, 3, 4]
     assert kv.free(p) == []
     assert kv.free(c) == [1, 2, 3, 4]
-    assert free_list(pool) == [5, 6, 7, 1, 2, 3, 4]
+    assert pool.free_runs() == [(1, 7)]
     assert kv.free(c) == []  # emptied table: freeing again is a no-op
     assert all(pool.ref_count(b) == 0 for b in range(8))
     assert pool.peak_used == 4
@@ -344,7 +364,8 @@ class BlockPoolMachine(RuleBasedStateMachine):
         self.bs = block_size
         self.live: dict[int, BlockTable] = {}       # table name -> the real table
         self.group: dict[int, int] = {}             # table name -> request id
-        self.shadow_free: deque[int] = deque(range(1, num_blocks))
+        self.shadow_free: set[int] = set(range(1, num_blocks))
+        self.num_blocks = num_blocks
         self.shadow_tables: dict[int, list[int]] = {}
         self.tokens: dict[int, list[int]] = {}      # logical contents per table
         self.store: dict[int, int] = {}             # slot -> value (simulated pool)
@@ -363,8 +384,35 @@ class BlockPoolMachine(RuleBasedStateMachine):
             refs.update(ids)
         return refs
 
-    def shadow_take(self, n: int) -> list[int]:
-        ids = [self.shadow_free.popleft() for _ in range(n)]
+    def shadow_runs(self) -> list[tuple[int, int]]:
+        """Maximal runs of free ids, by a scan of every block."""
+        runs, first = [], None
+        for b in range(1, self.num_blocks + 1):
+            if b < self.num_blocks and b in self.shadow_free:
+                first = b if first is None else first
+            elif first is not None:
+                runs.append((first, b - 1))
+                first = None
+        return runs
+
+    def shadow_take(self, n: int, after: int | None) -> list[int]:
+        """The placement rule: the blocks right after `after` while free, then the largest run
+        (the lowest of equal ones), from its start if it starts at block 1, else its middle."""
+        ids = []
+        b = None if after is None else after + 1
+        while n and b is not None and len(ids) < n and b in self.shadow_free:
+            ids.append(b)
+            b += 1
+        while len(ids) < n:
+            self.shadow_free -= set(ids)
+            first, last = max(self.shadow_runs(), key=lambda r: (r[1] - r[0], -r[0]))
+            need = n - len(ids)
+            if last - first + 1 <= need:
+                ids += range(first, last + 1)
+            else:
+                start = first if first == 1 else first + (last - first + 1 - need) // 2
+                ids += range(start, start + need)
+        self.shadow_free -= set(ids)
         used = len(set(self.shadow_refs())) + n
         self.shadow_peak = max(self.shadow_peak, used)
         return ids
@@ -388,7 +436,7 @@ class BlockPoolMachine(RuleBasedStateMachine):
         assert r is not None
         assert r.new_blocks == need
 
-        fresh = self.shadow_take(need)
+        fresh = self.shadow_take(need, ids[-1] if ids else None)
         if cow:
             src, dst = ids[-1], fresh.pop(0)
             assert r.copies == [(src, dst)]
@@ -427,7 +475,7 @@ class BlockPoolMachine(RuleBasedStateMachine):
         freed = self.kv.free(table)
         assert freed == expected
         assert table.block_ids == [] and table.num_tokens == 0
-        self.shadow_free.extend(expected)
+        self.shadow_free.update(expected)
 
     # -- rules --------------------------------------------------------------------------
 
@@ -495,8 +543,11 @@ class BlockPoolMachine(RuleBasedStateMachine):
         free = free_list(pool)
         held = set(refs)
 
-        assert free == list(self.shadow_free)
-        assert len(free) == len(set(free)), "free queue has duplicates"
+        assert free == sorted(self.shadow_free)
+        assert len(free) == len(set(free)), "a block in two free runs"
+        runs = pool.free_runs()
+        assert all(a <= b for a, b in runs) and all(b + 1 < c for (_, b), (c, _) in zip(runs, runs[1:])), \
+            "free runs overlap, touch or are empty"
         assert pool.num_free + len(held) == pool.capacity, "leak"
         assert not held & set(free), "block both free and held"
         assert NULL_BLOCK not in held and NULL_BLOCK not in free

@@ -5,7 +5,8 @@ backend; this module only decides which block ids and slots each token uses.
 
 Invariants (checked by tests/test_block_pool.py):
 - Block 0 is the null block. It pads block tables and is never handed out or freed.
-- A block is free exactly when its ref count is 0, and it is then in the free queue once.
+- A block is free exactly when its ref count is 0, and it then lies in exactly one free run
+  (a maximal range of consecutive free ids).
 - Every table's blocks have ref count >= 1; a block's ref count equals the number of
   tables holding it.
 - "Doesn't fit" is a return value (None), never an exception, and leaves no trace.
@@ -14,17 +15,26 @@ Invariants (checked by tests/test_block_pool.py):
 
 from __future__ import annotations
 
+import heapq
 from array import array
-from collections import deque
 from dataclasses import dataclass, field
 
 NULL_BLOCK = 0
 
 
 class BlockPool:
-    """Fixed-size blocks with ref counts. Allocation takes the oldest freed block first."""
+    """Fixed-size blocks with ref counts; the free ones are kept as runs of consecutive ids.
 
-    __slots__ = ("num_blocks", "block_size", "_ref", "_free", "peak_used")
+    Placement keeps each table's blocks consecutive as it grows, because the CPU attention reads
+    a table's keys and values block by block, and blocks scattered over the pool made whole decode
+    steps at 1,000-token contexts about 1.5x slower (hidden-512 model, 8 sequences, one core).
+    `allocate(n, after=b)` first takes the free blocks right after b (the caller's last block);
+    the rest come from the largest free run (the lowest of equal ones): from its start when it
+    begins at block 1, else from its middle, so that the table whose blocks end before the run
+    keeps room to grow into it. Which ids a table gets never changes what is computed.
+    """
+
+    __slots__ = ("num_blocks", "block_size", "_ref", "_run_end", "_run_start", "_runs", "_num_free", "peak_used")
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 2:
@@ -32,9 +42,13 @@ class BlockPool:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.num_blocks = num_blocks          # including the null block
-        self.block_size = block_size          # tokens per block
+        self.block_size = block_size          # tokens per KV block
         self._ref = [0] * num_blocks          # ref count per block id
-        self._free = deque(range(1, num_blocks))  # free block ids, allocation order
+        self._run_end: dict[int, int] = {}    # free run: first block -> last block
+        self._run_start: dict[int, int] = {}  # free run: last block -> first block
+        self._runs: list[tuple[int, int]] = []  # heap of (-length, first block); stale entries skipped
+        self._num_free = num_blocks - 1
+        self._add_run(1, num_blocks - 1)
         self.peak_used = 0                    # most blocks in use at once
 
     @property
@@ -44,24 +58,77 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     @property
     def num_used(self) -> int:
-        return self.capacity - len(self._free)
+        return self.capacity - self._num_free
 
     def ref_count(self, block_id: int) -> int:
         return self._ref[block_id]
 
-    def allocate(self, n: int) -> list[int] | None:
-        """Take n free blocks with ref count 1, or None (and nothing taken) if fewer are free."""
-        if n > len(self._free):
+    def free_runs(self) -> list[tuple[int, int]]:
+        """The free runs as (first, last) block ids, in id order."""
+        return sorted(self._run_end.items())
+
+    def allocate(self, n: int, after: int | None = None) -> list[int] | None:
+        """Take n free blocks with ref count 1, or None (and nothing taken) if fewer are free.
+        after: the caller's last block; the blocks right after it are taken first while free."""
+        if n > self._num_free:
             return None
-        ids = [self._free.popleft() for _ in range(n)]
+        ids: list[int] = []
+        if n and after is not None:
+            first = after + 1
+            last = self._run_end.get(first)
+            if last is not None:
+                k = min(n, last - first + 1)
+                self._take(first, last, first, k)
+                ids.extend(range(first, first + k))
+        while len(ids) < n:
+            first, last = self._largest_run()
+            need, length = n - len(ids), last - first + 1
+            if length <= need:
+                start, k = first, length
+            else:
+                start, k = (first if first == 1 else first + (length - need) // 2), need
+            self._take(first, last, start, k)
+            ids.extend(range(start, start + k))
+        ref = self._ref
         for b in ids:
-            self._ref[b] = 1
+            ref[b] = 1
+        self._num_free -= n
         self.peak_used = max(self.peak_used, self.num_used)
         return ids
+
+    def _add_run(self, first: int, last: int) -> None:
+        self._run_end[first] = last
+        self._run_start[last] = first
+        heapq.heappush(self._runs, (first - last - 1, first))
+        if len(self._runs) > 4 * len(self._run_end) + 64:   # mostly stale entries: rebuild
+            self._runs = [(f - e - 1, f) for f, e in self._run_end.items()]
+            heapq.heapify(self._runs)
+
+    def _take(self, first: int, last: int, start: int, k: int) -> None:
+        """Take blocks start .. start + k - 1 out of the free run first .. last."""
+        del self._run_end[first]
+        del self._run_start[last]
+        if start > first:
+            self._add_run(first, start - 1)
+        if start + k <= last:
+            self._add_run(start + k, last)
+
+    def _largest_run(self) -> tuple[int, int]:
+        """The longest free run (the lowest of equal ones); the caller knows one exists."""
+        runs = self._runs
+        while True:
+            neg, first = runs[0]
+            last = self._run_end.get(first)
+            if last is None:
+                heapq.heappop(runs)
+            elif first - last - 1 != neg:   # the run changed since: its length as it is now
+                heapq.heapreplace(runs, (first - last - 1, first))
+            else:
+                return first, last
 
     def incref(self, block_ids: list[int]) -> None:
         for b in block_ids:
@@ -77,9 +144,23 @@ class BlockPool:
                 raise RuntimeError(f"double free of block {b}")
             self._ref[b] -= 1
             if self._ref[b] == 0:
-                self._free.append(b)
+                self._release(b)
                 freed.append(b)
         return freed
+
+    def _release(self, b: int) -> None:
+        """Block b is free again: one run with the free runs on either side of it."""
+        first = last = b
+        before = self._run_start.pop(b - 1, None)   # a run that ends right before b
+        if before is not None:
+            del self._run_end[before]
+            first = before
+        after = self._run_end.pop(b + 1, None)      # a run that starts right after b
+        if after is not None:
+            del self._run_start[after]
+            last = after
+        self._add_run(first, last)
+        self._num_free += 1
 
 
 @dataclass(slots=True)
@@ -149,7 +230,7 @@ class KVCacheManager:
                 return SlotReservation([slot], [], 0)
         bs = self.block_size
         need = self.blocks_needed(table, num_new)
-        fresh = self.pool.allocate(need)
+        fresh = self.pool.allocate(need, after=table.block_ids[-1] if table.block_ids else None)
         if fresh is None:
             return None
         copies: list[tuple[int, int]] = []
