@@ -69,6 +69,24 @@ def test_allocate_extends_after_then_takes_the_middle_of_the_largest_run():
     assert pool.allocate(1) is None
 
 
+def test_tables_growing_together_stay_consecutive():
+    """Eight tables prefilled one after another, then decoding in turn (a block each every 4
+    tokens): each keeps its blocks consecutive, where handing out blocks in order would have
+    interleaved the eight block by block."""
+    pool = BlockPool(200, 4)
+    kv = KVCacheManager(pool)
+    tables = [BlockTable() for _ in range(8)]
+    for t in tables:
+        kv.append(t, 10)
+    for _ in range(40):
+        for t in tables:
+            kv.append(t, 1)
+    for t in tables:
+        assert len(t.block_ids) == 13
+        assert t.block_ids == list(range(t.block_ids[0], t.block_ids[0] + 13)), t.block_ids
+    assert pool.num_used == 8 * 13
+
+
 def test_freed_blocks_merge_into_runs():
     pool = BlockPool(10, 2)
     assert pool.allocate(9) == list(range(1, 10))

@@ -27,7 +27,7 @@ class BlockPool:
 
     Placement keeps each table's blocks consecutive as it grows, because the CPU attention reads
     a table's keys and values block by block, and blocks scattered over the pool made whole decode
-    steps at 1,000-token contexts about 1.5x slower (hidden-512 model, 8 sequences, one core).
+    steps at 1,000-token contexts 1.3-1.5x slower (hidden-512 model, 8 sequences, one core).
     `allocate(n, after=b)` first takes the free blocks right after b (the caller's last block);
     the rest come from the largest free run (the lowest of equal ones): from its start when it
     begins at block 1, else from its middle, so that the table whose blocks end before the run
