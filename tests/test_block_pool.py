@@ -10,6 +10,7 @@ checked for consistency.
 from __future__ import annotations
 
 from collections import Counter
+from itertools import pairwise
 
 import hypothesis.strategies as st
 import pytest
@@ -564,7 +565,7 @@ class BlockPoolMachine(RuleBasedStateMachine):
         assert free == sorted(self.shadow_free)
         assert len(free) == len(set(free)), "a block in two free runs"
         runs = pool.free_runs()
-        assert all(a <= b for a, b in runs) and all(b + 1 < c for (_, b), (c, _) in zip(runs, runs[1:])), \
+        assert all(a <= b for a, b in runs) and all(b + 1 < c for (_, b), (c, _) in pairwise(runs)), \
             "free runs overlap, touch or are empty"
         assert pool.num_free + len(held) == pool.capacity, "leak"
         assert not held & set(free), "block both free and held"
