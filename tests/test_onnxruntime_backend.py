@@ -226,16 +226,20 @@ def test_long_prompts_prefill_in_chunks_of_256_by_default(gqa_engine):
     model, engine = gqa_engine
     prompt = list(range(5, 5 + PREFILL_CHUNK + 40))
     params = SamplingParams(max_tokens=6)
-    steps = {}
-    outs = {}
+    resolved, steps, outs = {}, {}, {}
     for threshold in (None, 0):
         llm = LLM(str(engine), backend="onnxruntime", mode="ar", long_prefill_token_threshold=threshold)
-        forward, seen = llm.engine.backend.forward, []
-        llm.engine.backend.forward = lambda s, f=forward, seen=seen: (seen.append(int(np.diff(s.query_start).max())),
-                                                                     f(s))[1]
+        backend, longest = llm.engine.backend, []
+        forward = backend.forward
+
+        def recording_forward(step, forward=forward, longest=longest):
+            longest.append(int(np.diff(step.query_start).max()))   # most new tokens of one sequence
+            return forward(step)
+
+        backend.forward = recording_forward
         outs[threshold] = tokens(llm.generate(prompt_token_ids=[prompt], params=params))
-        steps[threshold] = seen
-    assert llm.engine.config.long_prefill_token_threshold == 0
+        resolved[threshold], steps[threshold] = llm.engine.config.long_prefill_token_threshold, longest
+    assert resolved == {None: PREFILL_CHUNK, 0: 0}
     assert steps[None][:2] == [PREFILL_CHUNK, 40] and steps[0][0] == PREFILL_CHUNK + 40
     assert outs[None] == outs[0]
 

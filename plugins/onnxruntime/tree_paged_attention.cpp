@@ -152,7 +152,7 @@ inline void Sums4(Vec a0, Vec a1, Vec a2, Vec a3, float* out) {
 template <int HP>
 void Scores(const float* q, int64_t qs, const float* const* keys, int64_t n4, int64_t D, float scale, float* s,
             int64_t K) {
-  static_assert(HP == 1 || HP == 2, "one or two heads per pass");
+  static_assert(HP == 1 || HP == 2, "one or two rows per pass");
   const int64_t body = D / kLanes * kLanes;
   for (int64_t j = 0; j < n4; j += 4) {
     const float* k0 = keys[j];
