@@ -407,6 +407,44 @@ def bench_overhead_cmd(model, seqs, contexts, steps, repeats, vocab, stops, as_j
     click.echo(to_json(rows) if as_json else "\n" + format_rows(rows) + "\n\n" + ratios(rows))
 
 
+@bench.command("widen")
+@click.option("--model", type=click.Path(exists=True, file_okay=False), required=True,
+              help="HF Llama folder to widen (e.g. samples/models/apar-tiny).")
+@click.option("--output", type=click.Path(), required=True, help="New folder for the widened checkpoint.")
+@click.option("--hidden-size", type=click.IntRange(min=1), required=True,
+              help="Hidden size of the widened model: a multiple of the model's.")
+@click.option("--num-layers", type=click.IntRange(min=1), default=None,
+              help="Layers of the widened model; those past the model's are identities (default: the model's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights that never reach the output.")
+def bench_widen_cmd(model, output, hidden_size, num_layers, seed):
+    """A larger checkpoint that computes exactly what MODEL does, for benchmarks at a realistic size.
+
+    \b
+    Heads, KV heads and the MLP grow with the hidden size (head_dim is kept); the model's weights
+    sit in each matrix's leading block, the new weights that feed the residual stream are zero and
+    the others random, RMSNorm weights and eps are rescaled, and the extra layers are identities.
+    The logits (so the greedy trees and texts) are MODEL's; each token costs what a dense model of
+    the new size costs. Medusa heads are not carried over.
+
+    \b
+    Example (the demo as a hidden-512, 8-layer model):
+      apar-rt bench widen --model samples/models/apar-tiny --output /tmp/apar-512 --hidden-size 512 --num-layers 8
+    """
+    from apar_rt.bench.widen import widen_checkpoint
+    from apar_rt.config import ModelLoadError
+
+    try:
+        s = widen_checkpoint(model, output, hidden_size, num_layers, seed)
+    except ValueError as e:   # ModelLoadError is one
+        flag = next((f for f in ("--hidden-size", "--num-layers", "--output") if str(e).startswith(f)), None)
+        if flag and not isinstance(e, ModelLoadError):
+            raise click.BadParameter(str(e), param_hint=flag) from None
+        raise click.ClickException(str(e)) from None
+    left = f"; not carried over: {', '.join(s['left_out'])}" if s["left_out"] else ""
+    click.echo(f"wrote {output}: hidden size {s['hidden_size']} ({s['factor']}x), {s['num_layers']} layers, "
+               f"{s['parameters'] / 1e6:.1f}M parameters{left}")
+
+
 @bench.command("sampler")
 @click.option("--rows", type=click.IntRange(min=1), default=256, show_default=True,
               help="Rows (sequences) sampled per pass.")
