@@ -424,7 +424,7 @@ def bench_widen_cmd(model, output, hidden_size, num_layers, seed):
     sit in each matrix's leading block, the new weights that feed the residual stream are zero and
     the others random, RMSNorm weights and eps are rescaled, and the extra layers are identities.
     The logits (so the greedy trees and texts) are MODEL's; each token costs what a dense model of
-    the new size costs. Medusa heads are not carried over.
+    the new size costs. MODEL's Medusa heads are widened alike (their drafts are the same).
 
     \b
     Example (the demo as a hidden-512, 8-layer model):

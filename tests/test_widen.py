@@ -82,3 +82,31 @@ def test_bad_sizes_and_outputs_are_refused_naming_the_flag(tiny_gqa, tmp_path):
     assert r.exit_code == 0, r.output
     assert f"hidden size {2 * h} (2x), {layers} layers" in r.output
     assert _config(tmp_path / "d")["hidden_size"] == 2 * h
+
+
+def test_medusa_heads_are_widened_with_the_same_logits(tiny_gqa, tmp_path):
+    import shutil
+
+    from apar_rt.medusa.heads import MedusaHeads, load_heads
+
+    path, hf, tok = tiny_gqa
+    src = tmp_path / "src"
+    shutil.copytree(path, src)
+    heads = MedusaHeads.init_from_lm_head(hf.lm_head.weight.detach(), num_heads=3, num_layers=2)
+    with torch.no_grad():   # ResBlocks away from the identity they start at
+        for p in heads.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    heads.save(src / "medusa")
+    h = _config(src)["hidden_size"]
+    summary = widen_checkpoint(src, tmp_path / "wide", 4 * h, _config(src)["num_hidden_layers"] + 1)
+    assert "medusa" in summary["copied"]
+
+    a, b = _model(src), _model(tmp_path / "wide")
+    ha = load_heads(src / "medusa", hidden=h, vocab=hf.config.vocab_size)
+    hb = load_heads(tmp_path / "wide" / "medusa", hidden=4 * h, vocab=hf.config.vocab_size)
+    ids = torch.randint(3, len(tok), (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        xa = a(ids, output_hidden_states=True).hidden_states[-1]   # the final norm's output
+        xb = b(ids, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(hb(xb[0]), ha(xa[0]), rtol=1e-5, atol=1e-5)
+    assert not xb[..., h:].any()   # the new dimensions of the stream stay 0

@@ -22,9 +22,12 @@ With f = new hidden size / old (an integer):
   dimensions is unchanged (bit for bit when f is a power of 4: every factor is a power of 2);
 - layers beyond the source's are identities: random q, k, v, gate and up, zero o_proj and down_proj.
 
-Medusa heads are not carried over (their input width changed). The source must be a Llama without
-biases; its weights are read with `apar_rt.model.weights` (safetensors, or weights_only torch.load)
-and written as one model.safetensors.
+Medusa heads (`medusa/`, `apar_rt.medusa.heads`) are widened the same way: each ResBlock's
+new rows (weight and bias) are zero, so x + SiLU(Wx + b) keeps the new dimensions at 0, its new
+columns random; each projection gets random new columns. Their logits are the source heads'.
+
+The source must be a Llama without biases; its weights are read with `apar_rt.model.weights`
+(safetensors, or weights_only torch.load) and written as one model.safetensors.
 """
 
 from __future__ import annotations
@@ -116,13 +119,55 @@ def widen_state_dict(state: dict, cfg: ModelConfig, hidden_size: int, num_layers
     return out
 
 
+def widen_medusa_state_dict(state: dict, hidden: int, hidden_size: int, seed: int = 0, std: float = 0.02) -> dict:
+    """Medusa heads' tensors (`{head}.{layer}.linear.weight|bias`, `{head}.{num_layers}.weight`)
+    widened from `hidden` to `hidden_size` (see the module)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, w in state.items():
+        if name.endswith("linear.bias"):
+            out[name] = torch.cat([w, torch.zeros(hidden_size - hidden, dtype=w.dtype)])
+            continue
+        if not name.endswith(".weight") or w.dim() != 2 or w.shape[1] != hidden:
+            raise ValueError(f"cannot widen the Medusa tensor {name!r} of shape {tuple(w.shape)}")
+        rows = hidden_size if name.endswith("linear.weight") else w.shape[0]
+        big = (torch.randn(rows, hidden_size, generator=gen) * std).to(w.dtype)
+        big[w.shape[0]:] = 0   # a ResBlock's new rows: nothing reaches the new dimensions
+        big[:w.shape[0], :hidden] = w
+        out[name] = big
+    return out
+
+
+def _widen_medusa(src: Path, dst: Path, hidden: int, hidden_size: int, seed: int) -> None:
+    """src/medusa -> dst/medusa, widened (safetensors)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from apar_rt.medusa.heads import WEIGHTS_PT, WEIGHTS_SAFE
+
+    if (src / WEIGHTS_SAFE).is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(src / WEIGHTS_SAFE))
+    else:
+        state = torch.load(str(src / WEIGHTS_PT), map_location="cpu", weights_only=True)
+    dst.mkdir()
+    shutil.copy2(src / "config.json", dst / "config.json")
+    save_file({k: v.contiguous() for k, v in widen_medusa_state_dict(state, hidden, hidden_size, seed).items()},
+              str(dst / WEIGHTS_SAFE))
+
+
 def widen_checkpoint(model: str | Path, output: str | Path, hidden_size: int, num_layers: int | None = None,
                      seed: int = 0) -> dict:
     """Write the widened checkpoint of the HF folder `model` into `output` (new, or an empty folder):
-    config.json, model.safetensors and the source's CARRIED_FILES (tokenizer, generation config);
-    returns a summary (sizes, parameters, what was left out: a model card, Medusa heads...)."""
+    config.json, model.safetensors, the source's CARRIED_FILES (tokenizer, generation config) and its
+    Medusa heads, widened; returns a summary (sizes, parameters, what was carried over and what was
+    left out: a model card, say)."""
     from safetensors.torch import save_file
 
+    from apar_rt.medusa.folder import HEADS_DIRNAME, find_heads_dir
     from apar_rt.model.weights import load_state_dict
 
     src, dst = Path(model), Path(output)
@@ -141,13 +186,18 @@ def widen_checkpoint(model: str | Path, output: str | Path, hidden_size: int, nu
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"))
     (dst / "config.json").write_text(json.dumps(new_hf, indent=2) + "\n")
     copied, left_out = [], []
+    heads = find_heads_dir(src)
+    if heads is not None:
+        _widen_medusa(heads, dst / HEADS_DIRNAME, cfg.hidden_size, hidden_size, seed)
+        copied.append(HEADS_DIRNAME)
     for p in sorted(src.iterdir()):
-        if p.name == "config.json" or p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"):
+        if p.name == "config.json" or (heads is not None and p.name == HEADS_DIRNAME) or p.suffix in (".safetensors", ".bin") \
+                or p.name.endswith(".index.json"):
             continue
         if p.is_file() and p.name in CARRIED_FILES:
             shutil.copy2(p, dst / p.name)
             copied.append(p.name)
         else:
-            left_out.append(p.name)   # e.g. medusa/ (heads of the old width), a model card
+            left_out.append(p.name)   # a model card, evaluation results
     return {"hidden_size": hidden_size, "num_layers": num_layers, "factor": hidden_size // cfg.hidden_size,
             "parameters": sum(t.numel() for t in tensors.values()), "copied": copied, "left_out": left_out}
