@@ -314,12 +314,16 @@ def bench() -> None:
               help="max_num_seqs of apar-rt's APAR runs on --prompts (every branch takes a seat; default: "
                    "the engine's --max-batch-size, as a server runs it). With no more seats than --batch-sizes, "
                    "each request's fair share is one seat and none can fork.")
+@click.option("--apar-medusa-tree", default=None, metavar="NAME|FILE",
+              help="apar-rt's APAR runs on --prompts also verify this Medusa draft tree (a preset: chain_3, "
+                   "tiny_9, mc_sim_7b_63, or a JSON file) with the engine's heads (an engine built here takes "
+                   "MODEL/medusa). Greedy answers are the same; the steps are fewer and larger.")
 @click.option("--input-len", type=click.IntRange(min=1), default=None,
               help="With --peer onnxruntime-genai: prompt tokens per request of the AR rows (the built-in "
                    "prompts repeated and cut; default: the built-in prompts, about 40 tokens).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, engine_dir, peer, peer_dir,
-                       prompts_file, apar_max_tokens, apar_max_num_seqs, input_len, as_json):
+                       prompts_file, apar_max_tokens, apar_max_num_seqs, apar_medusa_tree, input_len, as_json):
     """tokens/s of apar-rt generate against a peer engine (transformers or onnxruntime-genai), side by side.
 
     \b
@@ -330,7 +334,8 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
     """
     sizes = _positive_ints(batch_sizes, "--batch-sizes")
     if peer == "onnxruntime-genai":
-        from apar_rt.bench.peer import PeerUnavailable, apar_seats, bench_peer, format_rows as peer_rows
+        from apar_rt.bench.peer import (PeerUnavailable, apar_seats, bench_peer, check_apar_medusa,
+                                        format_rows as peer_rows)
 
         if mode != "ar":
             raise click.BadParameter("with --peer onnxruntime-genai the tokens/s rows are AR (the peer has no "
@@ -346,11 +351,20 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
             apar_seats(engine_dir, apar_max_num_seqs, sizes)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--apar-max-num-seqs") from None
+        if apar_medusa_tree is not None:
+            if not prompts_file:
+                raise click.BadParameter("--apar-medusa-tree applies to the APAR runs, which need --prompts",
+                                         param_hint="--apar-medusa-tree")
+            try:
+                check_apar_medusa(apar_medusa_tree, engine_dir, model)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--apar-medusa-tree") from None
         try:
             rows = bench_peer(model, engine=engine_dir, peer_dir=peer_dir, batch_sizes=sizes,
                               max_tokens=max_tokens, repeats=repeats, threads=threads, prompts_file=prompts_file,
                               apar_max_tokens=apar_max_tokens, input_len=input_len,
-                              apar_max_num_seqs=apar_max_num_seqs, log=lambda m: click.echo(m, err=True))
+                              apar_max_num_seqs=apar_max_num_seqs, apar_medusa_tree=apar_medusa_tree,
+                              log=lambda m: click.echo(m, err=True))
         except PeerUnavailable as e:
             raise click.ClickException(str(e)) from None
         click.echo(json.dumps(rows, indent=1) if as_json else peer_rows(rows))
@@ -362,6 +376,8 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
     if apar_max_num_seqs is not None:
         raise click.BadParameter("--apar-max-num-seqs needs --peer onnxruntime-genai",
                                  param_hint="--apar-max-num-seqs")
+    if apar_medusa_tree is not None:
+        raise click.BadParameter("--apar-medusa-tree needs --peer onnxruntime-genai", param_hint="--apar-medusa-tree")
     from apar_rt.bench.generate import bench_generate, format_rows
 
     rows = bench_generate(model, sizes, max_tokens, repeats, mode=mode, threads=threads, engine=engine_dir)

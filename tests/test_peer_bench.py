@@ -95,3 +95,43 @@ def test_apar_runs_get_the_engines_seats_unless_told(both, tiny_gqa):
                                     "onnxruntime-genai", "--apar-max-num-seqs", "5"])
     assert res.exit_code == 2 and "--apar-max-num-seqs" in res.output and "--max-batch-size 4" in res.output, \
         res.output
+
+
+def test_apar_medusa_tree_is_checked_before_anything_runs(both, tiny_gqa, tmp_path):
+    """--apar-medusa-tree: refused up front without heads, with an unknown or too deep tree, or
+    without --prompts; with heads, the APAR runs' engine verifies that tree."""
+    import shutil
+
+    from apar_rt.build.builder import BuildOptions, build
+    from apar_rt.cli import main
+    from apar_rt.medusa.heads import MedusaHeads
+
+    llm, _ = both
+    path, hf, _ = tiny_gqa
+    no_heads = str(llm.engine.backend.engine_dir)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "one two three"}\n')
+    base = ["bench", "generate", "--model", str(path), "--peer", "onnxruntime-genai", "--prompts", str(prompts)]
+    for extra, says in ((["--engine", no_heads, "--apar-medusa-tree", "chain_3"], "built without Medusa heads"),
+                        (["--apar-medusa-tree", "chain_3"], "has no medusa/ folder"),
+                        (["--engine", no_heads, "--apar-medusa-tree", "no_such_tree"], "neither a tree preset")):
+        res = CliRunner().invoke(main, base + extra)
+        assert res.exit_code == 2 and "--apar-medusa-tree" in res.output and says in res.output, res.output
+    res = CliRunner().invoke(main, base[:-2] + ["--engine", no_heads, "--apar-medusa-tree", "chain_3"])
+    assert res.exit_code == 2 and "need --prompts" in res.output, res.output
+
+    model = tmp_path / "model"
+    shutil.copytree(path, model)
+    MedusaHeads.init_from_lm_head(hf.lm_head.weight.detach(), num_heads=3).save(model / "medusa")
+    engine = str(build(BuildOptions(model=str(model), output=str(tmp_path / "engine"), block_size=4,
+                                    max_batch_size=4), progress=False, log=lambda m: None).output)
+    peer_mod.check_apar_medusa("chain_3", engine, str(model))
+    peer_mod.check_apar_medusa("chain_3", None, str(model))
+    with pytest.raises(ValueError, match="at most as deep as the number of heads"):
+        peer_mod.check_apar_medusa("mc_sim_7b_63", engine, str(model))
+    ours = peer_mod._ours(engine, "apar", 1, 4, "chain_3")
+    assert ours.engine.verifier is not None and ours.engine.verifier.tree.name == "chain_3"
+    row = {"batch": 1, "input_len": 5.0, "apar_rt_ar_tok_s": 1.0, "peer_ar_tok_s": 2.0, "ar_ratio": 0.5,
+           "apar_rt_decode_ms": 1.0, "peer_decode_ms": 2.0, "decode_ratio": 2.0, "apar_rt_apar_req_s": 3.0,
+           "peer_ar_req_s": 2.0, "req_ratio": 1.5, "apar_max_num_seqs": 4, "apar_medusa_tree": "chain_3"}
+    assert peer_mod.format_rows([row]).splitlines()[1].split()[-2:] == ["4", "chain_3"]

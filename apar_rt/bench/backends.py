@@ -37,14 +37,16 @@ def _timed(backend):
 
 
 def _ort_llm(engine: str, threads: int | None, kw: dict):
-    """LLM over the onnxruntime backend with `threads` intra-op threads (LLM() takes no backend options)."""
+    """LLM over the onnxruntime backend with `threads` intra-op threads (LLM() takes no backend options);
+    with a `medusa_tree` in `kw`, the engine's Medusa heads verify that draft tree."""
     from apar_rt.engine import Engine
     from apar_rt.llm import LLM
 
     llm = LLM.__new__(LLM)
     llm.raw = False
     llm.engine = Engine.from_pretrained(engine, backend="onnxruntime", device="cpu",
-                                        backend_options={"threads": threads}, **kw)
+                                        backend_options={"threads": threads},
+                                        medusa=kw.get("medusa_tree") is not None, **kw)
     return llm
 
 

@@ -116,10 +116,13 @@ class Peer:
         return out
 
 
-def _ours(engine: str, mode: str, threads: int | None, max_num_seqs: int):
+def _ours(engine: str, mode: str, threads: int | None, max_num_seqs: int, medusa_tree: str | None = None):
     from apar_rt.bench.backends import _ort_llm
 
-    return _ort_llm(engine, threads, {"mode": mode, "max_num_seqs": max_num_seqs})
+    kw = {"mode": mode, "max_num_seqs": max_num_seqs}
+    if medusa_tree is not None:
+        kw["medusa_tree"] = medusa_tree
+    return _ort_llm(engine, threads, kw)
 
 
 def _settle(llm) -> int:
@@ -173,7 +176,8 @@ def _interleave(run_a, run_b, repeats: int) -> tuple[list[float], list[float], i
 def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = None, batch_sizes=(1, 8),
                max_tokens: int = 64, repeats: int = 5, threads: int | None = None,
                prompts_file: str | None = None, apar_max_tokens: int = 256, input_len: int | None = None,
-               apar_max_num_seqs: int | None = None, log=print) -> list[dict]:
+               apar_max_num_seqs: int | None = None, apar_medusa_tree: str | None = None,
+               log=print) -> list[dict]:
     """Rows of AR tokens/s (and, with `prompts_file`, APAR requests/s) against onnxruntime-genai.
 
     input_len: prompt tokens per request of the AR rows (the built-in prompts' tokens repeated and
@@ -182,6 +186,8 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
     apar_max_num_seqs: the APAR runs' max_num_seqs (all branches of all requests in a step; at
     most the engine's --max-batch-size, which is the default). An engine built here gets
     `APAR_SEATS_PER_REQUEST` times the largest batch.
+    apar_medusa_tree: the APAR runs also verify this Medusa draft tree (`check_apar_medusa`); an
+    engine built here then takes MODEL's heads.
 
     Raises:
         PeerUnavailable: onnxruntime-genai is missing (the message says how to install it) or its
@@ -200,7 +206,8 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
             engine = str(Path(tmp.name) / "apar-rt")
             log(f"building the apar-rt onnxruntime engine into {engine}")
             build(BuildOptions(model=str(model), output=engine, backend="onnxruntime", dtype="float32",
-                               max_batch_size=apar_seats(None, None, batch_sizes), medusa=False),
+                               max_batch_size=apar_seats(None, None, batch_sizes),
+                               medusa=apar_medusa_tree is not None),
                   progress=False, log=lambda m: None)
         seats = apar_seats(engine, apar_max_num_seqs)
         peer_path = build_peer_model(model, Path(peer_dir) if peer_dir else Path(tmp.name) / "peer", threads, log)
@@ -232,12 +239,38 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
                    "apar_rt_huge_pages_mib": huge}
             if prompts_file:
                 row.update(_requests_per_s(engine, peer, load_prompts(prompts_file), bs, apar_max_tokens,
-                                           repeats, threads, seats))
+                                           repeats, threads, seats, apar_medusa_tree))
             rows.append(row)
             log(format_rows([row], header=not rows[:-1]))
         return rows
     finally:
         tmp.cleanup()
+
+
+def check_apar_medusa(tree: str, engine: str | None, model: str) -> None:
+    """Refuse, before anything runs, a Medusa tree the APAR runs cannot verify: not a preset or
+    tree file, deeper than the heads, or no heads (in `engine`'s graph, else in MODEL/medusa,
+    which an engine built by `bench_peer` takes).
+
+    Raises:
+        ValueError: saying which.
+    """
+    from apar_rt.medusa.folder import find_heads_dir
+    from apar_rt.medusa.tree import load_tree
+
+    t = load_tree(tree)
+    if engine:
+        from apar_rt.build.manifest import read_manifest
+
+        heads = read_manifest(engine).medusa.get("num_heads", 0)
+        where = f"the engine {engine!r} was built without Medusa heads (rebuild it from a model with medusa/)"
+    else:
+        d = find_heads_dir(model)
+        heads = json.loads((d / "config.json").read_text()).get("medusa_num_heads", 0) if d else 0
+        where = f"{model!r} has no medusa/ folder of Medusa heads"
+    if not heads:
+        raise ValueError(where)
+    t.check_heads(heads)
 
 
 def apar_seats(engine: str | None, wanted: int | None, batch_sizes=(1,)) -> int:
@@ -257,7 +290,7 @@ def apar_seats(engine: str | None, wanted: int | None, batch_sizes=(1,)) -> int:
 
 
 def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens: int, repeats: int,
-                    threads: int | None, seats: int) -> dict:
+                    threads: int | None, seats: int, medusa_tree: str | None = None) -> dict:
     """apar-rt APAR against the peer's AR on a prompt set, `bs` requests at a time.
 
     The peer cannot ban the control tokens, so its greedy AR on an APAR-trained model stops
@@ -266,7 +299,7 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
     longest answer, as static batching does): the same answers' worth of tokens. Its to-EOS
     figure is reported too.
 
-    seats: apar-rt's max_num_seqs in APAR mode.
+    seats: apar-rt's max_num_seqs in APAR mode. medusa_tree: its APAR runs verify this draft tree.
     """
     from apar_rt import SamplingParams
 
@@ -275,7 +308,7 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
     ids = [ar.engine.encode(r["prompt"]) for r in prompts]
     params = SamplingParams(max_tokens=max_tokens)
     ar_lens = [o.stats["generated_tokens"] for o in ar.generate(prompt_token_ids=ids, params=params)]
-    llm = _ours(engine, "apar", threads, seats)
+    llm = _ours(engine, "apar", threads, seats, medusa_tree)
     _settle(llm)
     waves = [range(i, min(i + bs, len(ids))) for i in range(0, len(ids), bs)]
 
@@ -300,6 +333,7 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
     peer_eos()
     ma, mb = statistics.median(ta), statistics.median(tb)
     return {"prompts": len(ids), "apar_max_tokens": max_tokens, "apar_max_num_seqs": seats,
+            "apar_medusa_tree": medusa_tree,
             "apar_rt_apar_req_s": na / ma,
             "peer_ar_req_s": nb / mb, "req_ratio": (na / ma) / (nb / mb),
             "mean_ar_answer_tokens": statistics.mean(ar_lens), "peer_ar_to_eos_req_s": len(ids) / te[0]}
@@ -308,7 +342,7 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
 def format_rows(rows: list[dict], header: bool = True) -> str:
     head = (f"{'batch':>5} {'prompt':>6} {'apar-rt AR tok/s':>16} {PEER + ' AR tok/s':>26} {'ratio':>6}"
             f" {'apar-rt ms/step':>15} {PEER + ' ms/step':>25} {'ratio':>6}"
-            f" {'apar-rt APAR req/s':>18} {PEER + ' AR req/s':>26} {'ratio':>6} {'seats':>5}")
+            f" {'apar-rt APAR req/s':>18} {PEER + ' AR req/s':>26} {'ratio':>6} {'seats':>5} {'medusa':>8}")
     lines = [head] if header else []
     for r in rows:
         if r.get("decode_ratio") is not None:
@@ -316,7 +350,7 @@ def format_rows(rows: list[dict], header: bool = True) -> str:
         else:   # --max-tokens 1: no decode step
             dec = f" {'-':>15} {'-':>25} {'-':>6}"
         req = (f" {r['apar_rt_apar_req_s']:>18.2f} {r['peer_ar_req_s']:>26.2f} {r['req_ratio']:>6.2f}"
-               f" {r['apar_max_num_seqs']:>5}"
+               f" {r['apar_max_num_seqs']:>5} {r.get('apar_medusa_tree') or '-':>8}"
                if "req_ratio" in r else "")
         lines.append(f"{r['batch']:>5} {r['input_len']:>6.0f} {r['apar_rt_ar_tok_s']:>16.1f} {r['peer_ar_tok_s']:>26.1f} "
                      f"{r['ar_ratio']:>6.2f}{dec}{req}")
