@@ -141,22 +141,15 @@ def widen_medusa_state_dict(state: dict, hidden: int, hidden_size: int, seed: in
 
 
 def _widen_medusa(src: Path, dst: Path, hidden: int, hidden_size: int, seed: int) -> None:
-    """src/medusa -> dst/medusa, widened (safetensors)."""
-    import torch
+    """The Medusa folder src, widened into dst (its config, and the weights as safetensors)."""
     from safetensors.torch import save_file
 
-    from apar_rt.medusa.heads import WEIGHTS_PT, WEIGHTS_SAFE
+    from apar_rt.medusa.heads import WEIGHTS_SAFE, read_heads_state
 
-    if (src / WEIGHTS_SAFE).is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(src / WEIGHTS_SAFE))
-    else:
-        state = torch.load(str(src / WEIGHTS_PT), map_location="cpu", weights_only=True)
+    state = widen_medusa_state_dict(read_heads_state(src), hidden, hidden_size, seed)
     dst.mkdir()
     shutil.copy2(src / "config.json", dst / "config.json")
-    save_file({k: v.contiguous() for k, v in widen_medusa_state_dict(state, hidden, hidden_size, seed).items()},
-              str(dst / WEIGHTS_SAFE))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(dst / WEIGHTS_SAFE))
 
 
 def widen_checkpoint(model: str | Path, output: str | Path, hidden_size: int, num_layers: int | None = None,
@@ -190,10 +183,10 @@ def widen_checkpoint(model: str | Path, output: str | Path, hidden_size: int, nu
     if heads is not None:
         _widen_medusa(heads, dst / HEADS_DIRNAME, cfg.hidden_size, hidden_size, seed)
         copied.append(HEADS_DIRNAME)
+    written = {"config.json"} | ({HEADS_DIRNAME} if heads is not None else set())
     for p in sorted(src.iterdir()):
-        if p.name == "config.json" or (heads is not None and p.name == HEADS_DIRNAME) or p.suffix in (".safetensors", ".bin") \
-                or p.name.endswith(".index.json"):
-            continue
+        if p.name in written or p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"):
+            continue   # written above, or weights
         if p.is_file() and p.name in CARRIED_FILES:
             shutil.copy2(p, dst / p.name)
             copied.append(p.name)

@@ -68,6 +68,23 @@ class MedusaHeads(nn.Module):
         save_file(state, str(path / WEIGHTS_SAFE))
 
 
+def read_heads_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The heads' tensors in a Medusa folder, by their names without a `medusa_head.` prefix
+    (safetensors, else the .pt read with weights_only=True); ModelLoadError if there are none."""
+    path = Path(path)
+    if (path / WEIGHTS_SAFE).is_file():
+        from safetensors.torch import load_file
+        state = load_file(str(path / WEIGHTS_SAFE))
+    elif (path / WEIGHTS_PT).is_file():
+        try:
+            state = torch.load(str(path / WEIGHTS_PT), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read {path / WEIGHTS_PT} with weights_only=True: {e}") from None
+    else:
+        raise ModelLoadError(f"{str(path)!r} holds no Medusa weights ({WEIGHTS_SAFE} or {WEIGHTS_PT})")
+    return {k.removeprefix("medusa_head."): v for k, v in state.items()}   # newer Medusa saves
+
+
 def load_heads(path: str | Path, *, hidden: int, vocab: int, dtype=torch.float32, device="cpu") -> MedusaHeads:
     """Load heads from a Medusa folder; ModelLoadError says what does not match the model."""
     path = Path(path)
@@ -79,17 +96,7 @@ def load_heads(path: str | Path, *, hidden: int, vocab: int, dtype=torch.float32
         num_heads, num_layers = int(cfg["medusa_num_heads"]), int(cfg.get("medusa_num_layers", 1))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{cfg_file} does not describe Medusa heads (medusa_num_heads): {e}") from None
-    if (path / WEIGHTS_SAFE).is_file():
-        from safetensors.torch import load_file
-        state = load_file(str(path / WEIGHTS_SAFE))
-    elif (path / WEIGHTS_PT).is_file():
-        try:
-            state = torch.load(str(path / WEIGHTS_PT), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ModelLoadError(f"cannot read {path / WEIGHTS_PT} with weights_only=True: {e}") from None
-    else:
-        raise ModelLoadError(f"{str(path)!r} holds no Medusa weights ({WEIGHTS_SAFE} or {WEIGHTS_PT})")
-    state = {k.removeprefix("medusa_head."): v for k, v in state.items()}   # newer Medusa saves
+    state = read_heads_state(path)
     proj = state.get(f"0.{num_layers}.weight")
     if proj is None:
         raise ModelLoadError(f"Medusa weights in {str(path)!r} lack the projection '0.{num_layers}.weight'")
