@@ -450,7 +450,7 @@ def bench_widen_cmd(model, output, hidden_size, num_layers, seed):
     from apar_rt.config import ModelLoadError
 
     try:
-        s = widen_checkpoint(model, output, hidden_size, num_layers, seed)
+        s = widen_checkpoint(model, output, hidden_size, num_layers, seed, progress=True)
     except ValueError as e:   # ModelLoadError is one
         flag = next((f for f in ("--hidden-size", "--num-layers", "--output") if str(e).startswith(f)), None)
         if flag and not isinstance(e, ModelLoadError):

@@ -65,9 +65,11 @@ def widened_config(hf: dict, hidden_size: int, num_layers: int) -> dict:
 
 
 def widen_state_dict(state: dict, cfg: ModelConfig, hidden_size: int, num_layers: int, seed: int = 0,
-                     std: float = 0.02) -> dict:
-    """The widened tensors (HF names) of the checkpoint `state` of model `cfg` (see the module)."""
+                     std: float = 0.02, progress: bool = False) -> dict:
+    """The widened tensors (HF names) of the checkpoint `state` of model `cfg` (see the module);
+    `progress`: a bar over the source's tensors and the new layers."""
     import torch
+    from tqdm import tqdm
 
     H, D = cfg.hidden_size, cfg.head_dim
     f = hidden_size // H
@@ -88,34 +90,38 @@ def widen_state_dict(state: dict, cfg: ModelConfig, hidden_size: int, num_layers
         return torch.cat([w / math.sqrt(f), torch.ones(H2 - H, dtype=w.dtype)])
 
     out = {}
-    for name, w in state.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        if name.endswith("embed_tokens.weight"):
-            out[name] = block(w, w.shape[0], H2, "zeros")   # the new dimensions of the stream start at 0
-        elif name == "lm_head.weight":
-            out[name] = block(w, w.shape[0], H2, "random")  # new columns meet zeros
-        elif name.endswith("norm.weight"):
-            out[name] = norm(w)
-        elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
-                            "up_proj.weight")):
-            out[name] = block(w, w.shape[0] * f, H2, "random")
-        elif name.endswith("o_proj.weight"):
-            out[name] = block(w, H2, q_rows, "zeros")
-        elif name.endswith("down_proj.weight"):
-            out[name] = block(w, H2, I2, "zeros")
-        else:
-            raise ValueError(f"cannot widen the tensor {name!r}: not a Llama weight")
-    dtype = next(iter(state.values())).dtype
-    for layer in range(cfg.num_hidden_layers, num_layers):   # identities: nothing reaches the stream
-        p = f"model.layers.{layer}."
-        for name, rows in (("self_attn.q_proj", q_rows), ("self_attn.k_proj", kv_rows), ("self_attn.v_proj", kv_rows),
-                           ("mlp.gate_proj", I2), ("mlp.up_proj", I2)):
-            out[p + name + ".weight"] = (torch.randn(rows, H2, generator=gen) * std).to(dtype)
-        out[p + "self_attn.o_proj.weight"] = torch.zeros(H2, q_rows, dtype=dtype)
-        out[p + "mlp.down_proj.weight"] = torch.zeros(H2, I2, dtype=dtype)
-        out[p + "input_layernorm.weight"] = torch.ones(H2, dtype=dtype)
-        out[p + "post_attention_layernorm.weight"] = torch.ones(H2, dtype=dtype)
+    with tqdm(total=len(state) + num_layers - cfg.num_hidden_layers, desc="widen", unit="tensor",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for name, w in state.items():
+            bar.update()
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name.endswith("embed_tokens.weight"):
+                out[name] = block(w, w.shape[0], H2, "zeros")   # the new dimensions of the stream start at 0
+            elif name == "lm_head.weight":
+                out[name] = block(w, w.shape[0], H2, "random")  # new columns meet zeros
+            elif name.endswith("norm.weight"):
+                out[name] = norm(w)
+            elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
+                                "up_proj.weight")):
+                out[name] = block(w, w.shape[0] * f, H2, "random")
+            elif name.endswith("o_proj.weight"):
+                out[name] = block(w, H2, q_rows, "zeros")
+            elif name.endswith("down_proj.weight"):
+                out[name] = block(w, H2, I2, "zeros")
+            else:
+                raise ValueError(f"cannot widen the tensor {name!r}: not a Llama weight")
+        dtype = next(iter(state.values())).dtype
+        for layer in range(cfg.num_hidden_layers, num_layers):   # identities: nothing reaches the stream
+            bar.update()
+            p = f"model.layers.{layer}."
+            for name, rows in (("self_attn.q_proj", q_rows), ("self_attn.k_proj", kv_rows),
+                               ("self_attn.v_proj", kv_rows), ("mlp.gate_proj", I2), ("mlp.up_proj", I2)):
+                out[p + name + ".weight"] = (torch.randn(rows, H2, generator=gen) * std).to(dtype)
+            out[p + "self_attn.o_proj.weight"] = torch.zeros(H2, q_rows, dtype=dtype)
+            out[p + "mlp.down_proj.weight"] = torch.zeros(H2, I2, dtype=dtype)
+            out[p + "input_layernorm.weight"] = torch.ones(H2, dtype=dtype)
+            out[p + "post_attention_layernorm.weight"] = torch.ones(H2, dtype=dtype)
     return out
 
 
@@ -153,7 +159,7 @@ def _widen_medusa(src: Path, dst: Path, hidden: int, hidden_size: int, seed: int
 
 
 def widen_checkpoint(model: str | Path, output: str | Path, hidden_size: int, num_layers: int | None = None,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, progress: bool = False) -> dict:
     """Write the widened checkpoint of the HF folder `model` into `output` (new, or an empty folder):
     config.json, model.safetensors, the source's CARRIED_FILES (tokenizer, generation config) and its
     Medusa heads, widened; returns a summary (sizes, parameters, what was carried over and what was
@@ -174,7 +180,7 @@ def widen_checkpoint(model: str | Path, output: str | Path, hidden_size: int, nu
     if not state:
         raise ModelLoadError(f"{str(src)!r} holds no tensors")
     tensors = widen_state_dict(state, cfg, hidden_size, num_layers, seed,
-                               std=float(hf.get("initializer_range", 0.02)))
+                               std=float(hf.get("initializer_range", 0.02)), progress=progress)
     dst.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"))
     (dst / "config.json").write_text(json.dumps(new_hf, indent=2) + "\n")
