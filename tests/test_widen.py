@@ -110,3 +110,24 @@ def test_medusa_heads_are_widened_with_the_same_logits(tiny_gqa, tmp_path):
         xb = b(ids, output_hidden_states=True).hidden_states[-1]
         torch.testing.assert_close(hb(xb[0]), ha(xa[0]), rtol=1e-5, atol=1e-5)
     assert not xb[..., h:].any()   # the new dimensions of the stream stay 0
+
+
+def test_widened_demo_forks_the_same_trees_in_apar_rt(tmp_path):
+    """The shipped demo widened 2x with one more layer: apar-rt's APAR answers to held-out prompts
+    (greedy, forks included) are the demo's, text for text and branch for branch."""
+    from pathlib import Path
+
+    from apar_rt import LLM, SamplingParams
+
+    root = Path(__file__).resolve().parent.parent
+    demo = root / "samples/models/apar-tiny"
+    prompts = [json.loads(line)["prompt"] for line in (root / "samples/prompts/heldout.jsonl").read_text().splitlines()
+               if json.loads(line)["structured"]][:4]
+    widen_checkpoint(demo, tmp_path / "wide", 2 * _config(demo)["hidden_size"], _config(demo)["num_hidden_layers"] + 1)
+    params = SamplingParams(max_tokens=160)
+    answers = []
+    for path in (demo, tmp_path / "wide"):
+        outs = LLM(str(path), dtype="float32", device="cpu").generate(prompts, params)
+        answers.append([(o.text, [b["token_ids"] for b in o.branches]) for o in outs])
+    assert answers[0] == answers[1]
+    assert sum(len(branches) - 1 for _, branches in answers[0]) >= 4, "the prompts were meant to fork"
