@@ -437,8 +437,9 @@ def bench_widen_cmd(model, output, hidden_size, num_layers, seed):
 
     \b
     Heads, KV heads and the MLP grow with the hidden size (head_dim is kept); the model's weights
-    sit in each matrix's leading block, the new weights that feed the residual stream are zero and
-    the others random, RMSNorm weights and eps are rescaled, and the extra layers are identities.
+    sit in each matrix's leading block, the new weights that would write into the residual stream
+    are zero and the others random, RMSNorm weights and eps are rescaled, and the extra layers are
+    identities.
     The logits (so the greedy trees and texts) are MODEL's; each token costs what a dense model of
     the new size costs. MODEL's Medusa heads are widened alike (their drafts are the same).
 
