@@ -448,13 +448,12 @@ def bench_widen_cmd(model, output, hidden_size, num_layers, seed):
       apar-rt bench widen --model samples/models/apar-tiny --output /tmp/apar-512 --hidden-size 512 --num-layers 8
     """
     from apar_rt.bench.widen import widen_checkpoint
-    from apar_rt.config import ModelLoadError
 
     try:
         s = widen_checkpoint(model, output, hidden_size, num_layers, seed, progress=True)
-    except ValueError as e:   # ModelLoadError is one
+    except ValueError as e:   # a bad size or output names its flag first; ModelLoadError is one too
         flag = next((f for f in ("--hidden-size", "--num-layers", "--output") if str(e).startswith(f)), None)
-        if flag and not isinstance(e, ModelLoadError):
+        if flag:
             raise click.BadParameter(str(e), param_hint=flag) from None
         raise click.ClickException(str(e)) from None
     left = f"; not carried over: {', '.join(s['left_out'])}" if s["left_out"] else ""

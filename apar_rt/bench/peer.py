@@ -255,7 +255,6 @@ def check_apar_medusa(tree: str, engine: str | None, model: str) -> None:
     Raises:
         ValueError: saying which.
     """
-    from apar_rt.medusa.folder import find_heads_dir
     from apar_rt.medusa.tree import load_tree
 
     t = load_tree(tree)
@@ -265,8 +264,9 @@ def check_apar_medusa(tree: str, engine: str | None, model: str) -> None:
         heads = read_manifest(engine).medusa.get("num_heads", 0)
         where = f"the engine {engine!r} was built without Medusa heads (rebuild it from a model with medusa/)"
     else:
-        d = find_heads_dir(model)
-        heads = json.loads((d / "config.json").read_text()).get("medusa_num_heads", 0) if d else 0
+        from apar_rt.memory_plan import medusa_shape
+
+        heads = medusa_shape(model)[0]
         where = f"{model!r} has no medusa/ folder of Medusa heads"
     if not heads:
         raise ValueError(where)
