@@ -299,7 +299,7 @@ class Engine:
         if not req.finished:
             self.scheduler.fail(req, msg, None)
         return RequestOutput(request_id=req.request_id, prompt=req.prompt,
-                             prompt_token_ids=req.prompt_token_ids, deltas=[], finished=True,
+                             prompt_ids=req.prompt_token_ids, deltas=[], finished=True,
                              finish_reason=FinishReason.ERROR, error=req.error or msg)
 
     def _after_medusa_step(self, out, picks) -> None:
@@ -372,7 +372,7 @@ class Engine:
             try:
                 order.append(self.add_request(prompt, params, **kw))
             except ValueError as e:
-                order.append(RequestOutput(request_id="", prompt=prompt or "", prompt_token_ids=[], deltas=[],
+                order.append(RequestOutput(request_id="", prompt=prompt or "", prompt_ids=[], deltas=[],
                                            finished=True, finish_reason=FinishReason.ERROR, error=str(e)))
         while self.has_unfinished():
             for o in self.step():

@@ -658,7 +658,7 @@ class Scheduler:
         n = parent.context_len
         ready = parent.table.num_tokens >= n
         child = Branch(id=len(req.branches), parent=parent.id, fork_index=len(parent.token_ids) - 1,
-                       depth=parent.depth + 1, prefix=parent.prefix + parent.token_ids,
+                       depth=parent.depth + 1, prefix=parent.child_prefix(len(parent.token_ids)),
                        token_ids=[self.control.child], table=self.kv.fork(parent.table, n if ready else 0))
         if not ready:
             req.prefix_donors[child.id] = (parent.id, n)

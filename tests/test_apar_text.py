@@ -20,7 +20,7 @@ def tree(finished=True):
     root = Branch(0, None, None, 0, prompt, [10, 11, FORK, 14, FORK, 17, 18, EOS])
     c1 = Branch(1, 0, 2, 1, prompt + root.token_ids[:3], [CHILD, 12, FORK, 13, EOS])
     c2 = Branch(2, 0, 4, 1, prompt + root.token_ids[:5], [CHILD, 15, EOS])
-    c3 = Branch(3, 1, 2, 2, c1.prefix + c1.token_ids[:3], [CHILD, 16, EOS])
+    c3 = Branch(3, 1, 2, 2, c1.child_prefix(3), [CHILD, 16, EOS])
     bs = [root, c1, c2, c3]
     if finished:
         for b in bs:

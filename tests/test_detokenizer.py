@@ -269,7 +269,7 @@ def grow_tree(rng, req, ctrl, eos, split, ordinary, max_depth=2, wild_stops=True
                 b.token_ids.append(tok)
                 d.new_token_ids.append(tok)
                 if tok == ctrl.fork:
-                    c = Branch(len(branches), b.id, len(b.token_ids) - 1, b.depth + 1, b.prefix + b.token_ids,
+                    c = Branch(len(branches), b.id, len(b.token_ids) - 1, b.depth + 1, b.child_prefix(len(b.token_ids)),
                                [ctrl.child])
                     branches.append(c)
                     b.children.append(c.id)
