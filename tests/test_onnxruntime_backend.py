@@ -294,7 +294,7 @@ def test_cpu_logits_are_written_by_the_heads_without_a_copy(medusa_engine):
     on_disk = onnx.load(str(engine / "model.onnx"), load_external_data=False).graph
     made_by = {o: n.op_type for n in on_disk.node for o in n.output}
     assert made_by["logits"] == made_by[step_io.MEDUSA_LOGITS] == "Cast"
-    found = step_bodies(onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)).graph)
+    found = step_bodies(onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)[0]).graph)
     assert len(found) == 3   # decode, small, general
     for body in found:
         made_by = {o: n.op_type for n in body.node for o in n.output}
@@ -330,6 +330,36 @@ def test_medusa_heads_are_cut_when_not_asked_for(medusa_engine):
     assert with_heads.medusa_logits().shape == (1, 4, with_heads.vocab_size)
     with pytest.raises(NotImplementedError, match="no Medusa heads"):
         without.medusa_logits()
+
+
+def test_medusa_heads_run_apart_on_the_rows_asked_for(medusa_engine):
+    """On the CPU the heads leave the step graph (it outputs their input, the hidden states at the
+    logits rows) for a session of their own, which medusa_topk runs on the rows it is asked for:
+    the same logits as torch's heads at those rows, in rows of a prefill, of two steps of
+    different sizes, and the step's own logits unchanged."""
+    model, engine = medusa_engine
+    be = OnnxRuntimeBackend(str(engine), medusa_dir=str(engine))
+    ref = TorchBackend(str(model), dtype="float32", device="cpu", medusa_dir=str(model / "medusa"))
+    outs = [o.name for o in be.session.get_outputs()]
+    assert step_io.MEDUSA_LOGITS not in outs and be._heads_input in outs
+    assert [o.name for o in be._heads.get_outputs()] == [step_io.MEDUSA_LOGITS]
+    for x in (ref, be):
+        x.allocate_kv(8, 4)
+    asked = []
+    run = be._run_heads
+    be._run_heads = lambda hidden: asked.append(len(hidden)) or run(hidden)
+    for n, rows in ((5, [4, 1]), (3, [2])):
+        mask = np.tril(np.ones((n, n), bool))
+        step = StepInput(input_ids=np.array([3, 9, 4, 7, 1][:n], np.int32), positions=np.arange(n, dtype=np.int32),
+                         block_tables=np.array([[1, 2]], np.int32), context_lens=np.array([0], np.int32),
+                         query_start=np.array([0, n], np.int32), mask=mask,
+                         slot_mapping=np.full(n, -1, np.int32), logits_indices=np.arange(n, dtype=np.int32))
+        np.testing.assert_allclose(be.forward(step), ref.forward(step).numpy(), atol=1e-4)
+        want = ref.medusa_logits()[rows].numpy()
+        np.testing.assert_allclose(be.medusa_logits_at(rows), want, atol=1e-4)
+        np.testing.assert_allclose(be.medusa_logits()[rows], want, atol=1e-4)
+        np.testing.assert_array_equal(be.medusa_topk(rows, 3), ref.medusa_topk(rows, 3))
+    assert asked == [2, 5, 2, 1, 3, 1]   # each call ran the heads on its own rows only
 
 
 def test_bound_inputs_outlive_the_callers_arrays(gqa_engine):
@@ -388,7 +418,7 @@ def test_rotary_embeddings_are_fused_for_the_cpu(request, which):
 
     model, engine = request.getfixturevalue(which)
     layers = ModelConfig.from_dir(model).num_hidden_layers
-    main = onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)).graph
+    main = onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)[0]).graph
     bodies = step_bodies(main)   # a decode step's body, a small step's and any other step's
     assert len(bodies) == 3
     for graph in bodies:
@@ -417,7 +447,7 @@ def test_residual_adds_and_rms_norms_are_fused_for_the_cpu(request, which):
 
     model, engine = request.getfixturevalue(which)
     layers = ModelConfig.from_dir(model).num_hidden_layers
-    for graph in step_bodies(onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)).graph):
+    for graph in step_bodies(onnx.ModelProto.FromString(_session_model(engine / "model.onnx", set(), True)[0]).graph):
         fused = [n for n in graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
         assert len(fused) == 2 * layers
         assert [n.op_type for n in graph.node].count("Pow") == 1
@@ -482,7 +512,7 @@ def test_decode_steps_run_on_the_native_op(gqa_engine, tiny_gqa):
     be = OnnxRuntimeBackend(str(engine))
     assert be.native_ops == lib
     assert OnnxRuntimeBackend(str(engine), native_ops=False).native_ops is None
-    bodies = step_bodies(onnx.load_from_string(_session_model(engine / "model.onnx", set(), True, native=True)).graph)
+    bodies = step_bodies(onnx.load_from_string(_session_model(engine / "model.onnx", set(), True, native=True)[0]).graph)
     assert len(bodies) == 2, "the native body and the general one (no small-step body)"
     decode = bodies[0]
     ops = [(n.domain, n.op_type) for n in decode.node]

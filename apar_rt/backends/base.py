@@ -78,9 +78,14 @@ class Backend(ABC):
     def medusa_topk(self, rows, k: int) -> np.ndarray:
         """[R, heads, k] int64: for each logits row in `rows` of the last step, each Medusa head's
         k best token ids (`apar_rt.sampler.ranked_top_k`: largest first, ties to the lower id)."""
-        m = np.asarray(self.medusa_logits())[np.asarray(rows, np.int64)]
+        m = np.asarray(self.medusa_logits_at(rows))
         R, H, V = m.shape
         return ranked_top_k(m.reshape(R * H, V), k).reshape(R, H, -1)
+
+    def medusa_logits_at(self, rows):
+        """The heads' logits [R, heads, vocab] at the last step's logits rows `rows` (a backend
+        that runs the heads apart from the step computes these rows only)."""
+        return np.asarray(self.medusa_logits())[np.asarray(rows, np.int64)]
 
     # ---- Medusa (optional) -----------------------------------------------------------------
 

@@ -27,11 +27,14 @@ from apar_rt.backends.base import Backend, BackendUnavailable, load_engine_folde
 from apar_rt.backends.huge_pages import BackgroundCollapse
 from apar_rt.backends.onnx_graph import cast_to, live, producers_and_uses
 from apar_rt.backends.ort_attention import DECODE_INPUTS, decode_feeds
+from apar_rt.backends.ort_medusa import HeadsSplit
+from apar_rt.backends.ort_medusa import split_heads as split_medusa_heads
 from apar_rt.build.manifest import ONNX_NAME
 from apar_rt.core import StepInput
 from apar_rt.export import step_io
 
 _NUMPY = {"float32": np.float32, "float16": np.float16}
+_NUMPY_OF_ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}   # a session's value types
 
 
 def _torch_dtype(np_dtype):
@@ -82,9 +85,12 @@ def _device(requested: str | None) -> tuple[str, int]:
 PREFILL_CHUNK = 256
 
 
-def _session_model(path: Path, drop: set[str], ort_body: bool, native: bool = False) -> bytes:
+def _session_model(path: Path, drop: set[str], ort_body: bool, native: bool = False,
+                   split_heads: bool = False) -> tuple[bytes, HeadsSplit | None]:
     """The model at `path` as the session runs it, serialized: without outputs `drop` (and the
-    nodes only they needed), and with `ort_body` the op's nodes rewritten for ONNX Runtime's
+    nodes only they needed); with `split_heads`, the Medusa heads cut out into a model of their own
+    (`ort_medusa.split_heads`, returned beside it; None when there are none to cut); and with
+    `ort_body` the op's nodes rewritten for ONNX Runtime's
     CPU (`apar_rt.backends.ort_attention.rewrite`, its decode body on the native op with
     `native`), the rotary embeddings fused (`apar_rt.backends.ort_rotary.fuse_rotary`) and each
     residual add fused with the RMSNorm after it (`apar_rt.backends.ort_norms.fuse_skip_rms_norm`).
@@ -100,12 +106,15 @@ def _session_model(path: Path, drop: set[str], ort_body: bool, native: bool = Fa
     model = onnx.load(str(path), load_external_data=False)
     if drop:
         _drop_outputs(model.graph, drop)
+    split = split_medusa_heads(model, step_io.MEDUSA_LOGITS) if split_heads else None
     if ort_body:   # in this order: all read the main graph, which the rewrite turns into one If
         _drop_noop_output_casts(model.graph)
+        if split is not None:
+            _drop_noop_output_casts(split.heads.graph)
         fuse_rotary(model)
         fuse_skip_rms_norm(model)
         rewrite(model, native)
-    return model.SerializeToString()
+    return model.SerializeToString(), split
 
 
 def _drop_noop_output_casts(g) -> int:
@@ -151,6 +160,21 @@ def _known_types(g) -> dict[str, int]:
         elif n.op_type in _SAME_TYPE and n.input and n.input[0] in types:
             types[n.output[0]] = types[n.input[0]]
     return types
+
+
+def _session_options(threads: int | None, external_folder: Path | None = None):
+    """Options of the backend's sessions (the step's, the Medusa heads'): full graph
+    optimisation, `threads` intra-op threads (None: onnxruntime's default), and where external
+    weights lie when the model is handed over serialized."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    if external_folder is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))
+    return so
 
 
 def _drop_outputs(g, drop: set[str]) -> None:
@@ -213,7 +237,9 @@ class OnnxRuntimeBackend(Backend):
         check_hashes: verify the sha256 of every engine file on load.
         medusa_dir: given by the engine when Medusa is asked for; the heads are inside the graph, so
             this only checks that the engine was built with them. Without it, the heads are cut
-            from the graph on load, so that they cost nothing.
+            from the graph on load, so that they cost nothing. With it, on the CPU, they are cut
+            out into a session of their own (`ort_medusa`), which `medusa_topk` runs on the rows
+            it is asked for only (a drafting thread's last accepted node), not on every row.
         huge_pages: on the CPU, once the pool is allocated, back the session's weights and the pool
             with transparent huge pages where Linux allows it (`huge_pages.collapse_new`): a
             memory-bound decode step then misses the TLB far less.
@@ -247,12 +273,7 @@ class OnnxRuntimeBackend(Backend):
         self.vocab_size = int(cfg["vocab_size"])
         self.buckets = sorted(m.batch_buckets)
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
+        so = _session_options(threads)
         if self._dev_type == "cuda":
             providers = [("CUDAExecutionProvider", {"device_id": self._dev_id}),
                          "CPUExecutionProvider"]
@@ -282,15 +303,25 @@ class OnnxRuntimeBackend(Backend):
                 raise BackendUnavailable(
                     f"cannot load the native op library {lib}: {e}; rebuild it (python -m apar_rt.backends."
                     f"ort_native) or run without it ({ort_native.ENV_VAR}=off)") from None
-        if drop or ort_body:
-            model = _session_model(model_path, drop, ort_body, native=lib is not None)
+        split_heads = bool(self.num_medusa_heads) and self._dev_type == "cpu"
+        heads = None
+        if drop or ort_body or split_heads:
+            model, heads = _session_model(model_path, drop, ort_body, native=lib is not None, split_heads=split_heads)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(model_path.parent))
         try:
             self.session = ort.InferenceSession(model, so, providers=providers)
+            # the Medusa heads' own session (CPU): hidden states of the rows that draft -> their logits
+            self._heads = None if heads is None else ort.InferenceSession(
+                heads.heads.SerializeToString(), _session_options(threads, model_path.parent), providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendUnavailable(f"onnxruntime cannot load {self.engine_dir / ONNX_NAME}: {e}") from None
+        self._heads_input = None if heads is None else heads.hidden   # the step's output the heads read
         want = step_io.input_names(self.num_layers) + (list(DECODE_INPUTS) if ort_body else [])
+        if self._heads is not None:
+            self._hidden_size = int(cfg["hidden_size"])
+            self._hidden_dtype = _NUMPY_OF_ORT[self.session.get_outputs()[
+                [o.name for o in self.session.get_outputs()].index(self._heads_input)].type]
         got = [i.name for i in self.session.get_inputs()]
         if got != want:
             raise BackendUnavailable(f"{self.engine_dir / ONNX_NAME} has inputs {got}, expected {want}")
@@ -307,7 +338,8 @@ class OnnxRuntimeBackend(Backend):
         self._next_gen = 0
         self._outputs_key = None          # what _bind_outputs bound last
         self._ran = False                 # a forward ran: its new K/V are in self._new_kv (commit_kv)
-        self._medusa = None               # the last forward's Medusa logits
+        self._medusa = None               # the last forward's Medusa logits (heads in the step graph)
+        self._hidden = None               # the last forward's hidden states at its logits rows (heads apart)
 
     # ---- the pool ------------------------------------------------------------------------
 
@@ -418,13 +450,20 @@ class OnnxRuntimeBackend(Backend):
         T, N, V, L = num_tokens, num_logits, self.vocab_size, self.num_layers
         logits = self._buffer("logits", (N, V), np.float32)
         medusa = (self._buffer(step_io.MEDUSA_LOGITS, (N, self.num_medusa_heads, V), np.float32)
-                  if self.num_medusa_heads else None)
+                  if self.num_medusa_heads and self._heads is None else None)
+        hidden = (self._buffer(self._heads_input, (N, self._hidden_size), self._hidden_dtype)
+                  if self._heads is not None else None)
         # rows = tokens, so that the buffer grows along its first axis; [T, 2, L, Hkv, D]
         kv = self._buffer("new_kv", (T + 1, 2, L, self.num_kv_heads, self.head_dim), self.dtype)
-        key = (T, N, self._gens["logits"], self._gens.get(step_io.MEDUSA_LOGITS), self._gens["new_kv"])
+        key = (T, N, self._gens["logits"], self._gens.get(step_io.MEDUSA_LOGITS), self._gens.get(self._heads_input),
+               self._gens["new_kv"])
         if key == self._outputs_key:      # same shapes and buffers as the last step: all bound
             return
         self._logits, self._medusa = logits, medusa
+        self._hidden = None if hidden is None else hidden[:N]
+        if hidden is not None:
+            self._bind(self._heads_input, self._addrs[self._heads_input], self._hidden_dtype,
+                       (N, self._hidden_size), input=False)
         self._bind("logits", self._addrs["logits"], np.float32, (N, V), input=False)
         if medusa is not None:
             self._bind(step_io.MEDUSA_LOGITS, self._addrs[step_io.MEDUSA_LOGITS], np.float32, tuple(medusa.shape),
@@ -511,9 +550,20 @@ class OnnxRuntimeBackend(Backend):
             self._kv_slots[:, :, slots_t] = rows
 
     def medusa_logits(self):
+        if self._hidden is not None:
+            return self._run_heads(self._hidden)
         if self._medusa is None:
             return super().medusa_logits()
         return self._medusa if self._dev_type == "cpu" else self._medusa.cpu()
+
+    def medusa_logits_at(self, rows):
+        if self._hidden is None:
+            return super().medusa_logits_at(rows)
+        return self._run_heads(self._hidden[np.asarray(rows, np.int64)])   # only the rows asked for
+
+    def _run_heads(self, hidden: np.ndarray) -> np.ndarray:
+        """The heads' logits [R, heads, vocab] for hidden states [R, hidden] (their own session)."""
+        return self._heads.run([step_io.MEDUSA_LOGITS], {self._heads_input: np.ascontiguousarray(hidden)})[0]
 
     def commit_kv(self, token_indices, slots) -> None:
         """Write the last step's K/V of tokens `token_indices` to `slots` (draft trees)."""

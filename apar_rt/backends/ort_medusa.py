@@ -1,0 +1,105 @@
+"""The Medusa heads apart from the step graph, run only on the rows that draft.
+
+An engine built with heads computes `medusa_logits` in its step graph, for every logits row of
+every step: each node of a draft tree and the rows of requests that do not draft at all (sampled
+requests under greedy acceptance). Drafting reads them at one row per drafting thread, the last
+accepted node, as vLLM's Medusa proposer reads the target model's hidden states after
+verification. `split_heads(model)` cuts the heads out when the backend loads the engine: the
+step graph outputs the hidden states the heads read (the final hidden states at the logits rows)
+in place of `medusa_logits`, and the heads become a graph of their own (hidden -> medusa_logits),
+which the backend runs on the rows `medusa_topk` asks for. Same nodes, same weights (the heads'
+initializers move over as they are, external-data references included); the engine file is
+unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from apar_rt.backends.onnx_graph import live, producers_and_uses, subgraph_reads
+
+
+@dataclass
+class HeadsSplit:
+    """What `split_heads` made: the step graph's new output and the heads' own model."""
+
+    hidden: str        # the step graph's output that replaces medusa_logits: the heads' input [N, hidden]
+    heads: object      # onnx.ModelProto: hidden -> the medusa output
+
+
+def split_heads(model, output: str) -> HeadsSplit | None:
+    """Cut the nodes that only `output` needs out of `model` (a ModelProto, changed in place) into
+    a model of their own, when they read exactly one value the rest of the graph makes (besides
+    initializers and constants); else None, and `model` is unchanged."""
+    from onnx import helper
+
+    g = model.graph
+    if output not in [o.name for o in g.output]:
+        return None
+    others = {o.name for o in g.output if o.name != output}
+    shared_nodes, _ = live(list(g.node), others)
+    shared = {id(n) for n in shared_nodes}
+    heads_nodes = [n for n in live(list(g.node), {output})[0] if id(n) not in shared]
+    made_inside = {o for n in heads_nodes for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    producer, _ = producers_and_uses(g.node)
+    reads = [i for n in heads_nodes for i in [*n.input, *sorted(subgraph_reads(n))] if i and i not in made_inside]
+    boundary, constants = [], []
+    for name in dict.fromkeys(reads):   # in order, once each
+        if name in inits:
+            continue
+        src = producer.get(name)
+        if src is not None and src.op_type == "Constant":
+            constants.append(src)
+        else:
+            boundary.append(name)
+    if len(boundary) != 1 or boundary[0] in [i.name for i in g.input]:
+        return None
+    hidden = boundary[0]
+    used = {i for n in heads_nodes for i in [*n.input, *subgraph_reads(n)]}
+    out_info = next(o for o in g.output if o.name == output)
+    heads_graph = helper.make_graph(
+        [*constants, *heads_nodes], "medusa_heads",
+        [helper.make_tensor_value_info(hidden, _elem_type(g, hidden, producer, inits), None)],
+        [out_info], [t for name, t in inits.items() if name in used])
+    heads = helper.make_model(heads_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    # the step graph: `hidden` out instead of the heads' output, and nothing only the heads needed
+    g.output.append(helper.make_tensor_value_info(hidden, heads_graph.input[0].type.tensor_type.elem_type, None))
+    keep = [o for o in g.output if o.name != output]
+    del g.output[:]
+    g.output.extend(keep)
+    nodes, needed = live(list(g.node), {o.name for o in keep})
+    del g.node[:]
+    g.node.extend(nodes)
+    kept = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return HeadsSplit(hidden, heads)
+
+
+def _elem_type(g, name: str, producer: dict, inits: dict) -> int:
+    """The element type of value `name`: from the graph's value_info, else the output's type of
+    the first node on the way back that fixes it (a Cast, or a node whose inputs are typed)."""
+    for vi in [*g.value_info, *g.input, *g.output]:
+        if vi.name == name and vi.type.tensor_type.elem_type:
+            return vi.type.tensor_type.elem_type
+    from apar_rt.backends.onnx_graph import cast_to
+
+    seen = set()
+    while name not in seen:
+        seen.add(name)
+        if name in inits:
+            return inits[name].data_type
+        node = producer.get(name)
+        if node is None:
+            break
+        if node.op_type == "Cast":
+            return cast_to(node)
+        for vi in [*g.value_info, *g.input]:
+            if vi.name in node.input and vi.type.tensor_type.elem_type:
+                return vi.type.tensor_type.elem_type
+        typed = [i for i in node.input if i in inits]
+        if typed:
+            return inits[typed[0]].data_type
+        name = node.input[0] if node.input else name
+    raise ValueError(f"cannot tell the element type of {name!r}")
