@@ -2,8 +2,8 @@
 (`onnxruntime_backend._session_model`, `ort_rotary`, `ort_norms`, `ort_attention`).
 
 One definition each of: the small constants a pattern matcher compares against, a Cast's target
-type, who makes and how often each value is read (If branches' reads of outer values count), and
-which nodes are still needed for a set of outputs.
+type, who makes and how often each value is read (If branches' reads of outer values count),
+which nodes are still needed for a set of outputs, and dropping outputs with what only they need.
 """
 
 from __future__ import annotations
@@ -64,3 +64,16 @@ def live(nodes, needed: set[str]) -> tuple[list, set[str]]:
             needed |= subgraph_reads(node)
     kept.reverse()
     return kept, needed
+
+
+def drop_outputs(g, drop: set[str]) -> None:
+    """Remove outputs `drop` from graph `g`, and the nodes and initializers only they needed."""
+    keep = [o for o in g.output if o.name not in drop]
+    del g.output[:]
+    g.output.extend(keep)
+    nodes, needed = live(g.node, {o.name for o in keep})
+    del g.node[:]
+    g.node.extend(nodes)
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)

@@ -25,7 +25,7 @@ import onnxruntime as ort
 from apar_rt.backends import ort_native
 from apar_rt.backends.base import Backend, BackendUnavailable, load_engine_folder
 from apar_rt.backends.huge_pages import BackgroundCollapse
-from apar_rt.backends.onnx_graph import cast_to, live, producers_and_uses
+from apar_rt.backends.onnx_graph import cast_to, drop_outputs, producers_and_uses
 from apar_rt.backends.ort_attention import DECODE_INPUTS, decode_feeds
 from apar_rt.backends.ort_medusa import HeadsSplit
 from apar_rt.backends.ort_medusa import split_heads as split_medusa_heads
@@ -105,8 +105,11 @@ def _session_model(path: Path, drop: set[str], ort_body: bool, native: bool = Fa
 
     model = onnx.load(str(path), load_external_data=False)
     if drop:
-        _drop_outputs(model.graph, drop)
-    split = split_medusa_heads(model, step_io.MEDUSA_LOGITS) if split_heads else None
+        drop_outputs(model.graph, drop)
+    split = None
+    if split_heads:   # the heads read hidden states of the model's dtype, which the KV pools have
+        dtype = next(i.type.tensor_type.elem_type for i in model.graph.input if i.name == step_io.k_cache_name(0))
+        split = split_medusa_heads(model, step_io.MEDUSA_LOGITS, dtype)
     if ort_body:   # in this order: all read the main graph, which the rewrite turns into one If
         _drop_noop_output_casts(model.graph)
         if split is not None:
@@ -175,19 +178,6 @@ def _session_options(threads: int | None, external_folder: Path | None = None):
     if external_folder is not None:
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))
     return so
-
-
-def _drop_outputs(g, drop: set[str]) -> None:
-    """Remove outputs `drop` from graph `g`, and the nodes and initializers only they needed."""
-    keep = [o for o in g.output if o.name not in drop]
-    del g.output[:]
-    g.output.extend(keep)
-    nodes, needed = live(g.node, {o.name for o in keep})
-    del g.node[:]
-    g.node.extend(nodes)
-    inits = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(inits)
 
 
 def _address(buf) -> int:
@@ -445,8 +435,9 @@ class OnnxRuntimeBackend(Backend):
                 buf.copy_(torch.from_numpy(arr), non_blocking=False)
 
     def _bind_outputs(self, num_tokens: int, num_logits: int) -> None:
-        """Bind the outputs to persistent buffers: logits (and Medusa logits), and the new K/V of
-        all layers in one [2, layers, T, Hkv, D] block (so that one indexed write stores them)."""
+        """Bind the outputs to persistent buffers: logits (and the Medusa logits, or with the heads
+        apart the hidden states they read), and the new K/V of all layers in one
+        [2, layers, T, Hkv, D] block (so that one indexed write stores them)."""
         T, N, V, L = num_tokens, num_logits, self.vocab_size, self.num_layers
         logits = self._buffer("logits", (N, V), np.float32)
         medusa = (self._buffer(step_io.MEDUSA_LOGITS, (N, self.num_medusa_heads, V), np.float32)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from apar_rt.backends.onnx_graph import live, producers_and_uses, subgraph_reads
+from apar_rt.backends.onnx_graph import drop_outputs, live, producers_and_uses, subgraph_reads
 
 
 @dataclass
@@ -27,10 +27,11 @@ class HeadsSplit:
     heads: object      # onnx.ModelProto: hidden -> the medusa output
 
 
-def split_heads(model, output: str) -> HeadsSplit | None:
+def split_heads(model, output: str, hidden_type: int) -> HeadsSplit | None:
     """Cut the nodes that only `output` needs out of `model` (a ModelProto, changed in place) into
     a model of their own, when they read exactly one value the rest of the graph makes (besides
-    initializers and constants); else None, and `model` is unchanged."""
+    initializers and constants), of element type `hidden_type` (the model's dtype: onnx's
+    TensorProto enum); else None, and `model` is unchanged."""
     from onnx import helper
 
     g = model.graph
@@ -60,46 +61,10 @@ def split_heads(model, output: str) -> HeadsSplit | None:
     out_info = next(o for o in g.output if o.name == output)
     heads_graph = helper.make_graph(
         [*constants, *heads_nodes], "medusa_heads",
-        [helper.make_tensor_value_info(hidden, _elem_type(g, hidden, producer, inits), None)],
+        [helper.make_tensor_value_info(hidden, hidden_type, None)],
         [out_info], [t for name, t in inits.items() if name in used])
     heads = helper.make_model(heads_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     # the step graph: `hidden` out instead of the heads' output, and nothing only the heads needed
-    g.output.append(helper.make_tensor_value_info(hidden, heads_graph.input[0].type.tensor_type.elem_type, None))
-    keep = [o for o in g.output if o.name != output]
-    del g.output[:]
-    g.output.extend(keep)
-    nodes, needed = live(list(g.node), {o.name for o in keep})
-    del g.node[:]
-    g.node.extend(nodes)
-    kept = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    g.output.append(helper.make_tensor_value_info(hidden, hidden_type, None))
+    drop_outputs(g, {output})
     return HeadsSplit(hidden, heads)
-
-
-def _elem_type(g, name: str, producer: dict, inits: dict) -> int:
-    """The element type of value `name`: from the graph's value_info, else the output's type of
-    the first node on the way back that fixes it (a Cast, or a node whose inputs are typed)."""
-    for vi in [*g.value_info, *g.input, *g.output]:
-        if vi.name == name and vi.type.tensor_type.elem_type:
-            return vi.type.tensor_type.elem_type
-    from apar_rt.backends.onnx_graph import cast_to
-
-    seen = set()
-    while name not in seen:
-        seen.add(name)
-        if name in inits:
-            return inits[name].data_type
-        node = producer.get(name)
-        if node is None:
-            break
-        if node.op_type == "Cast":
-            return cast_to(node)
-        for vi in [*g.value_info, *g.input]:
-            if vi.name in node.input and vi.type.tensor_type.elem_type:
-                return vi.type.tensor_type.elem_type
-        typed = [i for i in node.input if i in inits]
-        if typed:
-            return inits[typed[0]].data_type
-        name = node.input[0] if node.input else name
-    raise ValueError(f"cannot tell the element type of {name!r}")
