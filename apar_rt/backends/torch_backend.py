@@ -61,7 +61,9 @@ class TorchBackend(Backend):
         self.use_cuda_graphs = cuda_graphs and self.cuda
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
-        self._last: tuple | None = None   # (new_k, new_v, medusa logits) of the last step (K/V: eager only)
+        # (new_k, new_v, the heads' input) of the last step (K/V: eager only). The Medusa heads run on the
+        # rows drafting asks for (`medusa_logits_at`), not on every row of every step.
+        self._last: tuple | None = None
         self._logits = None               # the last step's logits, on the device
         self._host = self._host_medusa = None   # their host copies, made on demand
         self._buffers = self._graphs = None
@@ -101,28 +103,28 @@ class TorchBackend(Backend):
             x["context_lens"], x["query_start"], x["mask"], x["slot_mapping"])
         h = h[x["logits_indices"].long()]
         logits = self.model.lm_head(h).float()
-        medusa = self.heads(h).float() if self.heads is not None else None
-        return logits, medusa, new_k, new_v
+        return logits, (h if self.heads is not None else None), new_k, new_v
 
     def _run_graphed(self, x):
-        logits, medusa, _, _ = self._run(x)
-        return logits, medusa
+        logits, hidden, _, _ = self._run(x)
+        return logits, hidden
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> None:
-        """Run one step; its logits and Medusa logits stay on the device (on CUDA, a decode step's
-        stay in its graph's output buffers) for `sample`, `medusa_topk` and `step_logits`."""
+        """Run one step; its logits (and with Medusa heads, the hidden states they read) stay on
+        the device (on CUDA, a decode step's stay in its graph's output buffers) for `sample`,
+        `medusa_topk` and `step_logits`."""
         self._copy_blocks(step.block_copies)
         self._host = self._host_medusa = None
         if not self.cuda:
-            self._logits, medusa, new_k, new_v = self._forward_cpu(step)
+            self._logits, hidden, new_k, new_v = self._forward_cpu(step)
         else:
             out = self._graphs.run(step) if self._graphs is not None and _decode_only(step) else None
             if out is not None:
-                (self._logits, medusa), new_k, new_v = out, None, None   # graphs serve plain decode: no commit_kv
+                (self._logits, hidden), new_k, new_v = out, None, None   # graphs serve plain decode: no commit_kv
             else:
-                self._logits, medusa, new_k, new_v = self._run(self._buffers.upload(step))
-        self._last = (new_k, new_v, medusa)
+                self._logits, hidden, new_k, new_v = self._run(self._buffers.upload(step))
+        self._last = (new_k, new_v, hidden)
 
     def forward(self, step: StepInput) -> torch.Tensor:
         self.execute(step)
@@ -140,12 +142,24 @@ class TorchBackend(Backend):
         return self._sampler.sample(self._logits, rows, batch)
 
     def medusa_topk(self, rows, k: int) -> np.ndarray:
-        m = self._last[2] if self._last is not None else None
-        if m is None:
+        if self._hidden() is None:
             return super().medusa_topk(rows, k)
-        R = len(rows)
-        sel = m.index_select(0, torch.as_tensor(np.asarray(rows, np.int64)).to(m.device))
-        return self._sampler.ranked_top_k(sel.reshape(R * m.shape[1], m.shape[2]), k).reshape(R, m.shape[1], -1)
+        m = self.medusa_logits_at(rows)
+        R, H, V = m.shape
+        return self._sampler.ranked_top_k(m.reshape(R * H, V), k).reshape(R, H, -1)
+
+    def _hidden(self):
+        """The last step's hidden states at its logits rows, when it has Medusa heads to feed."""
+        return self._last[2] if self._last is not None else None
+
+    @torch.inference_mode()
+    def medusa_logits_at(self, rows) -> torch.Tensor:
+        """The heads' logits [R, heads, vocab] at logits rows `rows` of the last step, on the device:
+        the heads run on those rows only."""
+        h = self._hidden()
+        if h is None:
+            return super().medusa_logits_at(rows)
+        return self.heads(h.index_select(0, torch.as_tensor(np.asarray(rows, np.int64)).to(h.device))).float()
 
     def _to_host(self, t: torch.Tensor, attr: str) -> torch.Tensor:
         """One non-blocking copy into a pinned buffer (kept in `attr`), then wait. The returned
@@ -176,22 +190,23 @@ class TorchBackend(Backend):
             t(step.context_lens), t(step.query_start), t(step.mask))
         h = h[rows]
         logits = self.model.lm_head(h).float()
-        medusa = self.heads(h).float() if self.heads is not None else None
         slots = t(step.slot_mapping).long()
         keep = slots >= 0
         self._write_cpu(new_k, new_v, keep.nonzero().squeeze(1), slots[keep])
-        return logits, medusa, new_k, new_v
+        return logits, (h if self.heads is not None else None), new_k, new_v
 
     def _write_cpu(self, new_k, new_v, idx: torch.Tensor, slots: torch.Tensor) -> None:
         for kc, vc, k, v in zip(self.k_caches, self.v_caches, new_k, new_v):
             kc.view(-1, *kc.shape[2:])[slots] = k[idx]
             vc.view(-1, *vc.shape[2:])[slots] = v[idx]
 
+    @torch.inference_mode()
     def medusa_logits(self) -> torch.Tensor:
-        if self._last is None or self._last[2] is None:
+        h = self._hidden()
+        if h is None:
             return super().medusa_logits()
         if self._host_medusa is None:
-            m = self._last[2]
+            m = self.heads(h).float()
             self._host_medusa = m if not self.cuda else self._to_host(m, "_host_medusa_buf").clone()
         return self._host_medusa
 
