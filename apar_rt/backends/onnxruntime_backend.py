@@ -310,8 +310,7 @@ class OnnxRuntimeBackend(Backend):
         want = step_io.input_names(self.num_layers) + (list(DECODE_INPUTS) if ort_body else [])
         if self._heads is not None:
             self._hidden_size = int(cfg["hidden_size"])
-            self._hidden_dtype = _NUMPY_OF_ORT[self.session.get_outputs()[
-                [o.name for o in self.session.get_outputs()].index(self._heads_input)].type]
+            self._hidden_dtype = _NUMPY_OF_ORT[{o.name: o.type for o in self.session.get_outputs()}[self._heads_input]]
         got = [i.name for i in self.session.get_inputs()]
         if got != want:
             raise BackendUnavailable(f"{self.engine_dir / ONNX_NAME} has inputs {got}, expected {want}")
