@@ -307,6 +307,12 @@ class OnnxRuntimeBackend(Backend):
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendUnavailable(f"onnxruntime cannot load {self.engine_dir / ONNX_NAME}: {e}") from None
         self._heads_input = None if heads is None else heads.hidden   # the step's output the heads read
+        if split_heads and heads is None:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "%s: the Medusa heads read more than the final hidden states; they stay in the step graph "
+                "and run on every logits row", model_path)
         want = step_io.input_names(self.num_layers) + (list(DECODE_INPUTS) if ort_body else [])
         if self._heads is not None:
             self._hidden_size = int(cfg["hidden_size"])
