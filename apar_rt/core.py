@@ -129,9 +129,9 @@ class Branch:
 
     The branch's context is `prefix + token_ids`, where `prefix` is the prompt followed by
     each ancestor's tokens up to and including the [Fork] that leads here (root first).
-    `prefix` is an int32 `array` (4 bytes a token, no int objects: at 256 sequences of 4,096
-    tokens, lists of ints held ~37 MB more and slowed each step by the cache misses they caused),
-    never changed once made; the root's is the request's `prompt_token_ids` itself.
+    `prefix` is an int32 `array` (4 bytes a token, no int objects: 256 requests of 4,096-token
+    prompts held 36 MiB more as lists of ints), never changed once made; the root's is the
+    request's `prompt_token_ids` itself.
     """
 
     id: int                              # index in Request.branches; 0 is the root

@@ -34,7 +34,6 @@ from apar_rt.core import StepInput
 from apar_rt.export import step_io
 
 _NUMPY = {"float32": np.float32, "float16": np.float16}
-_NUMPY_OF_ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}   # a session's value types
 
 
 def _torch_dtype(np_dtype):
@@ -314,9 +313,7 @@ class OnnxRuntimeBackend(Backend):
                 "%s: the Medusa heads read more than the final hidden states; they stay in the step graph "
                 "and run on every logits row", model_path)
         want = step_io.input_names(self.num_layers) + (list(DECODE_INPUTS) if ort_body else [])
-        if self._heads is not None:
-            self._hidden_size = int(cfg["hidden_size"])
-            self._hidden_dtype = _NUMPY_OF_ORT[{o.name: o.type for o in self.session.get_outputs()}[self._heads_input]]
+        self._hidden_size = int(cfg["hidden_size"])   # of the heads' input, which has the pools' dtype
         got = [i.name for i in self.session.get_inputs()]
         if got != want:
             raise BackendUnavailable(f"{self.engine_dir / ONNX_NAME} has inputs {got}, expected {want}")
@@ -447,7 +444,7 @@ class OnnxRuntimeBackend(Backend):
         logits = self._buffer("logits", (N, V), np.float32)
         medusa = (self._buffer(step_io.MEDUSA_LOGITS, (N, self.num_medusa_heads, V), np.float32)
                   if self.num_medusa_heads and self._heads is None else None)
-        hidden = (self._buffer(self._heads_input, (N, self._hidden_size), self._hidden_dtype)
+        hidden = (self._buffer(self._heads_input, (N, self._hidden_size), self.dtype)
                   if self._heads is not None else None)
         # rows = tokens, so that the buffer grows along its first axis; [T, 2, L, Hkv, D]
         kv = self._buffer("new_kv", (T + 1, 2, L, self.num_kv_heads, self.head_dim), self.dtype)
@@ -458,7 +455,7 @@ class OnnxRuntimeBackend(Backend):
         self._logits, self._medusa = logits, medusa
         self._hidden = None if hidden is None else hidden[:N]
         if hidden is not None:
-            self._bind(self._heads_input, self._addrs[self._heads_input], self._hidden_dtype,
+            self._bind(self._heads_input, self._addrs[self._heads_input], self.dtype,
                        (N, self._hidden_size), input=False)
         self._bind("logits", self._addrs["logits"], np.float32, (N, V), input=False)
         if medusa is not None:

@@ -44,9 +44,11 @@ def split_heads(model, output: str, hidden_type: int) -> HeadsSplit | None:
     made_inside = {o for n in heads_nodes for o in n.output}
     inits = {t.name: t for t in g.initializer}
     producer, _ = producers_and_uses(g.node)
-    reads = [i for n in heads_nodes for i in [*n.input, *sorted(subgraph_reads(n))] if i and i not in made_inside]
+    # what they read from outside, in order, once each
+    reads = dict.fromkeys(i for n in heads_nodes for i in [*n.input, *sorted(subgraph_reads(n))]
+                          if i and i not in made_inside)
     boundary, constants = [], []
-    for name in dict.fromkeys(reads):   # in order, once each
+    for name in reads:
         if name in inits:
             continue
         src = producer.get(name)
@@ -57,12 +59,11 @@ def split_heads(model, output: str, hidden_type: int) -> HeadsSplit | None:
     if len(boundary) != 1 or boundary[0] in [i.name for i in g.input]:
         return None
     hidden = boundary[0]
-    used = {i for n in heads_nodes for i in [*n.input, *subgraph_reads(n)]}
     out_info = next(o for o in g.output if o.name == output)
     heads_graph = helper.make_graph(
         [*constants, *heads_nodes], "medusa_heads",
         [helper.make_tensor_value_info(hidden, hidden_type, None)],
-        [out_info], [t for name, t in inits.items() if name in used])
+        [out_info], [t for name, t in inits.items() if name in reads])
     heads = helper.make_model(heads_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     # the step graph: `hidden` out instead of the heads' output, and nothing only the heads needed
     g.output.append(helper.make_tensor_value_info(hidden, hidden_type, None))
