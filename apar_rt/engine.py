@@ -182,17 +182,25 @@ class Engine:
         fails that request alone (finish_reason 'error', with a message saying why); the step goes
         on for the others. A failure of the shared forward pass still raises."""
         out = self.scheduler.schedule()
-        results: list[Sequence[int]] = []            # per sampling sequence, in out.seqs order
+        # per sampling sequence, in out.seqs order: a plain sequence's new token (an int), a draft
+        # tree's accepted run (a list), or () for none (its request finished or failed)
+        results: list[int | Sequence[int]] = []
         picks: list[tuple[ScheduledSeq, int, list[int]]] = []   # with Medusa: (seq, first logits row, nodes)
         if out.step is not None:
             self.backend.execute(out.step)
             batch = SamplingBatch()
             rows: list[int] = []                      # the logits row of each batch row
-            # (results index, first batch row, batch rows, tree, request) per sequence that samples
-            jobs: list[tuple[int, int, int, TreeRows | None, Request]] = []
+            # a plain sequence's batch row is its results index while `dense` holds (no tree and no
+            # skipped sequence before it); the others are found through `plain` and `trees`
+            plain: list[tuple[int, int, Request]] = []   # (results index, batch row, request), if not dense
+            plain_reqs: list[Request] = []               # the request of each batch row, while dense
+            # (results index, first batch row, batch rows, tree, request) per draft tree
+            trees: list[tuple[int, int, int, TreeRows, Request]] = []
+            dense = True
             row = 0
             banned = self.scheduler.banned
             medusa = self.verifier is not None
+            add = batch.add
             for s in out.seqs:
                 if not s.samples:
                     continue
@@ -206,20 +214,30 @@ class Engine:
                                 batch, b.token_ids[-1], b.draft, req.params,
                                 lambda last, req=req, b=b: banned(req, b, last, out), req.generator)
                             rows.extend(range(first, first + s.num_new))
-                            jobs.append((len(results), start, len(batch) - start, tree, req))
+                            trees.append((len(results), start, len(batch) - start, tree, req))
+                            dense = False
                         else:
                             last = b.token_ids[-1] if b.token_ids else b.prefix[-1]
-                            start = batch.add(req.params, banned(req, b, last, out), req.generator)
+                            start = add(req.params, banned(req, b, last, out), req.generator)
                             rows.append(first)
-                            jobs.append((len(results), start, 1, None, req))
+                            if dense:
+                                plain_reqs.append(req)
+                            else:
+                                plain.append((len(results), start, req))
                     except Exception as e:
                         self._fail(req, "sampling", e, out)
+                        dense = False
+                else:
+                    dense = False
+                if not dense and plain_reqs:   # from here on, rows are found through `plain`
+                    plain += [(i, i, r) for i, r in enumerate(plain_reqs)]
+                    plain_reqs = []
                 row += s.num_new if s.tree else 1
                 results.append(())
                 if medusa:
                     picks.append((s, first, [] if s.tree else [0]))
-            if jobs:
-                self._sample(rows, batch, jobs, results, picks, out)
+            if len(batch):
+                results = self._sample(rows, batch, plain_reqs, plain, trees, results, picks, out)
             self.num_steps += 1
         updates = self.scheduler.update(out, results,
                                         on_error=lambda req, e: self._error_message(req, "updating", e))
@@ -235,30 +253,45 @@ class Engine:
                 outputs.append(self._failed_output(u.request, e))
         return outputs
 
-    def _sample(self, rows, batch: SamplingBatch, jobs, results, picks, out) -> None:
+    def _sample(self, rows, batch: SamplingBatch, plain_reqs, plain, trees, results, picks, out) -> list:
         """Sample every row of the step (plain rows and draft-tree nodes) in one pass on the
         backend's device (`backend.sample`), then accept each tree; a row without a valid
-        distribution fails its own request only."""
+        distribution fails its own request only. Returns `results` filled in (the sampled tokens
+        themselves when every row is a plain sequence's, in order)."""
         rows_a = np.asarray(rows, np.int64)
         try:
             sampled = self.backend.sample(rows_a, batch)
         except Exception as e:   # not expected: find the request whose rows raise, one request at a time
             log.error("batched sampling failed; sampling request by request", exc_info=e)
+            jobs = ([(i, i, 1, None, r) for i, r in enumerate(plain_reqs)]
+                    + [(i, start, 1, None, r) for i, start, r in plain] + trees)
             sampled = self._sample_each(rows_a, batch, jobs, out)
-        tokens, ok = sampled.tokens.tolist(), sampled.ok.tolist()
-        for i, start, n, tree, req in jobs:
+        tokens = sampled.tokens.tolist()
+        all_ok = bool(sampled.ok.all())
+        if plain_reqs and all_ok and not plain and not trees:   # every row a plain sequence's, in order
+            return tokens
+        ok = sampled.ok.tolist()
+        for i, req in enumerate(plain_reqs):
+            if all_ok or ok[i]:
+                results[i] = tokens[i]
+            else:
+                self._fail(req, "sampling", SamplingError(error_message(req.params)), out)
+        for i, start, req in plain:
+            if req.status is RequestStatus.FINISHED:
+                continue
+            if all_ok or ok[start]:
+                results[i] = tokens[start]
+            else:
+                self._fail(req, "sampling", SamplingError(error_message(req.params)), out)
+        for i, start, n, tree, req in trees:
             if req.status is RequestStatus.FINISHED:
                 continue
             try:
-                if tree is not None:
-                    results[i], nodes = self.verifier.accept(sampled, tree)
-                    picks[i] = (picks[i][0], picks[i][1], nodes)
-                elif ok[start]:
-                    results[i] = (tokens[start],)
-                else:
-                    raise SamplingError(error_message(req.params))
+                results[i], nodes = self.verifier.accept(sampled, tree)
+                picks[i] = (picks[i][0], picks[i][1], nodes)
             except Exception as e:
                 self._fail(req, "sampling", e, out)
+        return results
 
     def _sample_each(self, rows, batch: SamplingBatch, jobs, out) -> Sampled:
         """The pass again, one request's rows at a time; a request whose rows still raise fails."""

@@ -485,11 +485,11 @@ class Scheduler:
                                                           max_depth=self.config.max_depth, step_full=step_full))
         return got
 
-    def update(self, out: SchedulerOutput, results: Sequence[Sequence[int]],
+    def update(self, out: SchedulerOutput, results: Sequence[int | Sequence[int]],
                on_error: Callable[[Request, Exception], str] | None = None) -> list[StepUpdate]:
         """Append each sampling sequence's new tokens (in `out.seqs` order), fork, and finish.
 
-        A plain sequence brings one token. A draft tree brings its accepted run plus the bonus
+        A plain sequence brings one token (an int in `results`). A draft tree brings its accepted run plus the bonus
         token; the run is cut after the first [Fork] or end token (kept), and to the request's
         remaining max_tokens. For a tree, `s.accepted` is set to the tokens kept and the table is
         cut to the root plus the accepted nodes, whose K/V the engine then writes.
@@ -508,7 +508,7 @@ class Scheduler:
             req, b = s.request, s.branch
             if req.status is FINISHED or b.finish_reason is not None:
                 continue
-            plain = not s.tree and len(tokens) == 1   # a plain sequence's one token
+            plain = type(tokens) is int   # a plain sequence's one token
             upd = per_req.get(id(req))
             if upd is None:   # the request's first sequence this step (a plain one's delta comes first)
                 upd = per_req[id(req)] = StepUpdate(
@@ -516,7 +516,7 @@ class Scheduler:
             try:
                 if plain:
                     s.accepted = 1
-                    self._append(req, b, tokens[0], upd)
+                    self._append(req, b, tokens, upd)
                 else:
                     self._update_seq(s, req, b, list(tokens), upd)
             except Exception as e:
