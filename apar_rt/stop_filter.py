@@ -80,12 +80,15 @@ class StopFilter:
     `decode` renders token ids as the stop-string text does (special tokens skipped); it must
     belong to a tokenizer whose decoder `decoder_is_local`. Memory is bounded by the vocabulary
     (each token's characters, decoded once on first sight) plus MAX_STOP_SETS stop-string tuples'
-    last characters, whatever stop strings the requests bring.
+    last characters and MAX_VERDICT_SETS tuples' verdicts (a byte per token id), whatever stop
+    strings the requests bring. A verdict, once worked out, is read back without decoding or set
+    arithmetic (the check runs after every token of every request that has stop strings).
     """
 
-    __slots__ = ("_decode", "_chars", "_ends")
+    __slots__ = ("_decode", "_chars", "_ends", "_verdicts")
 
     MAX_STOP_SETS = 1024   # distinct stop-string tuples whose last characters are kept (then forgotten)
+    MAX_VERDICT_SETS = 64  # stop-string tuples with a verdict per token (a byte each, up to the largest id seen)
 
     def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
         self._decode = decode
@@ -93,8 +96,19 @@ class StopFilter:
         self._chars: dict[int, tuple[frozenset[str], bool]] = {}
         # stop strings -> (their last characters, whether one is not ASCII); None: check every token
         self._ends: dict[tuple[str, ...], tuple[frozenset[str], bool] | None] = {}
+        # stop strings -> the verdict of each token judged so far (0: not yet, 1: cannot, 2: may complete)
+        self._verdicts: dict[tuple[str, ...], bytearray] = {}
 
     def may_complete(self, token: int, stops: tuple[str, ...]) -> bool:
+        known = self._verdicts.get(stops)
+        if known is not None and token < len(known):
+            v = known[token]
+            if v:
+                return v == 2
+        return self._judge(token, stops)
+
+    def _judge(self, token: int, stops: tuple[str, ...]) -> bool:
+        """`may_complete` worked out from the token's characters, and remembered."""
         ends = self._ends.get(stops, _UNSEEN)
         if ends is _UNSEEN:
             if len(self._ends) >= self.MAX_STOP_SETS:
@@ -108,7 +122,16 @@ class StopFilter:
             text = self._decode([token])
             chars = self._chars[token] = (frozenset(text) - {REPLACEMENT}, REPLACEMENT in text)
         # a token holding part of a character may complete a non-ASCII one begun before it
-        return (chars[1] and ends[1]) or not ends[0].isdisjoint(chars[0])
+        verdict = bool((chars[1] and ends[1]) or not ends[0].isdisjoint(chars[0]))
+        known = self._verdicts.get(stops)
+        if known is None:
+            if len(self._verdicts) >= self.MAX_VERDICT_SETS:
+                self._verdicts.clear()
+            known = self._verdicts[stops] = bytearray()
+        if token >= len(known):
+            known.extend(bytes(token + 1 - len(known)))
+        known[token] = 2 if verdict else 1
+        return verdict
 
 
 def for_tokenizer(tokenizer, decode: Callable[[Sequence[int]], str]) -> StopFilter | None:

@@ -565,6 +565,25 @@ def test_the_stop_filter_checks_every_token_for_stops_ending_in_whitespace_or_a_
     assert f.may_complete(plain, ("x\ufffd",))
 
 
+def test_the_stop_filters_remembered_verdicts_are_the_ones_it_works_out(demo):
+    """`may_complete` reads a verdict back once it has worked it out: across many stop sets (more
+    than it keeps verdicts for, so they are forgotten and worked out again) and tokens asked in
+    any order, every answer equals a fresh filter's first answer."""
+    decode = demo[0]
+    from apar_rt.stop_filter import StopFilter
+
+    f = StopFilter(decode)
+    tokens = list(range(min(300, len(demo[5]) + len(demo[4]))))
+    rng = np.random.default_rng(0)
+    stop_sets = [("User:",), ("café",), ("</s>", "\nUser:"), ("x\ufffd",), ("a", "b")]
+    stop_sets += [(f"s{i}",) for i in range(StopFilter.MAX_VERDICT_SETS + 5)]
+    for _ in range(3):
+        for stops in stop_sets:
+            for t in rng.permutation(tokens)[:40].tolist():
+                assert f.may_complete(t, stops) == StopFilter(decode).may_complete(t, stops), (t, stops)
+    assert len(f._verdicts) <= StopFilter.MAX_VERDICT_SETS
+
+
 def test_stop_checks_decode_work_follows_the_new_tokens(demo):
     """With the stop filter, checks fall on tokens that hold part of a character, after which the
     text often ends incomplete: such a segment still commits up to its last whole character, so
