@@ -185,22 +185,33 @@ def _address(buf) -> int:
 
 
 class IOBindingCalls:
-    """An IOBinding's bind-by-pointer calls, made cheaply: the device is made once, and the calls go
-    to the binding's pybind object where onnxruntime's Python wrapper exposes it (`_iobinding`),
-    skipping the wrapper's per-call device lookup and its bookkeeping for WebGPU graph capture,
-    which a CPU or CUDA session does not use (about 1.6 against 5.5 us a bind on this project's
-    CI machine). Where the wrapper does not expose it, the public calls."""
+    """A session's IOBinding calls (bind by pointer, run), made cheaply: the device is made once,
+    and the calls go to the pybind objects where onnxruntime's Python wrapper exposes them
+    (`_iobinding`, the session's `_sess`), skipping the wrapper's per-call device lookup and its
+    bookkeeping for WebGPU graph capture, which a CPU or CUDA session does not use (about 1.6
+    against 5.5 us a bind on this project's CI machine). Where the wrapper does not expose them,
+    the public calls."""
 
-    def __init__(self, io, device_type: str, device_id: int) -> None:
-        self.io = io                      # the IOBinding, for run_with_iobinding
+    def __init__(self, session, device_type: str, device_id: int) -> None:
+        self.session = session
+        self.io = session.io_binding()
         self._where = (device_type, device_id)
-        self._raw = getattr(io, "_iobinding", None)
+        self._raw = getattr(self.io, "_iobinding", None)
+        self._raw_session = getattr(session, "_sess", None)
+        self._run_options = ort.RunOptions()
         try:
             from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
 
             self._device = OrtDevice.make(device_type, device_id)._get_c_device()
         except (ImportError, AttributeError):
             self._raw = None
+
+    def run(self) -> None:
+        """Run the session on the bound inputs and outputs."""
+        if self._raw is not None and self._raw_session is not None:
+            self._raw_session.run_with_iobinding(self._raw, self._run_options)
+        else:
+            self.session.run_with_iobinding(self.io)
 
     def bind_input(self, name: str, dtype, shape: tuple, ptr: int) -> None:
         if self._raw is not None:
@@ -317,7 +328,7 @@ class OnnxRuntimeBackend(Backend):
         got = [i.name for i in self.session.get_inputs()]
         if got != want:
             raise BackendUnavailable(f"{self.engine_dir / ONNX_NAME} has inputs {got}, expected {want}")
-        self._io = IOBindingCalls(self.session.io_binding(), self._dev_type, self._dev_id)
+        self._io = IOBindingCalls(self.session, self._dev_type, self._dev_id)
         self.block_size = m.block_size
         self.k_caches: list = []          # per layer, the pool as [blocks, block_size, Hkv, D]: numpy views
                                           # (CPU; strided where the pools are head-major) or torch views (CUDA)
@@ -523,7 +534,7 @@ class OnnxRuntimeBackend(Backend):
             import torch
 
             torch.cuda.current_stream(self.device).synchronize()
-        self.session.run_with_iobinding(self._io.io)
+        self._io.run()
 
     def _write(self, idx, slots) -> None:
         """pool[slot] = new K/V[idx] for every layer at once (idx None: the first len(slots) rows)."""
