@@ -103,6 +103,9 @@ class Scheduler:
         self._watermark_blocks = int(config.watermark * self.pool.capacity)
         self._causal = np.ones((1, 1), bool)
         self._banned: dict[tuple, tuple[int, ...]] = {}
+        # the last step, while the next may be packed from it (`_replay_decodes`); None once
+        # anything but one token per sequence changed (a fork, a finish, freed blocks)
+        self._replay: SchedulerOutput | None = None
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -146,6 +149,11 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's sequences and reserve their KV slots."""
+        if self._replay is not None and not self.waiting:
+            out = self._replay_decodes(self._replay)
+            if out is not None:
+                return out
+        self._replay = None
         out = SchedulerOutput(seqs=[], step=None)
         budget = self.config.max_num_tokens
         max_seqs = self.config.max_num_seqs
@@ -238,7 +246,83 @@ class Scheduler:
 
         if seqs:
             out.step = self._pack(seqs, copies)
+            step = out.step
+            if (self.tree is None and not out.preempted and not out.failed
+                    and step.num_tokens == len(seqs) == len(step.logits_indices)):
+                self._replay = out    # one token per sequence, each sampled: the next step may replay it
         return out
+
+    def _replay_decodes(self, last: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after `last` when nothing changed but one new token per sequence: the same
+        sequences, one position further, packed from `last`'s arrays instead of sequence by
+        sequence (the steady state of a decode batch; vLLM keeps a persistent batch for the same
+        reason). It is the step `schedule` would pack, whose choices follow from the running
+        requests' branches, their order, the free blocks and the waiting queue alone: `last`
+        changed none of them but by one token a sequence (it preempted nobody), no request waits,
+        and whatever else would (a fork, a finish, a preemption, freed blocks) dropped `_replay`.
+        Branches `last` left out (max_num_seqs, fair shares, no block) are left out again. Only
+        the KV slots are reserved one sequence at a time; a sequence whose token starts a block (or
+        must copy a shared one) takes it from the pool. None, with nothing reserved, when the
+        pool has too few free blocks for those (`schedule` then preempts) or a sequence is not
+        one token behind (not expected).
+
+        The returned step's `block_tables` is `last`'s array, updated in place (a backend reads a
+        step's inputs before the next is scheduled)."""
+        seqs = last.seqs
+        prev = last.step
+        append_in_place = self.kv.append_in_place
+        slots: list[int] = []
+        input_ids: list[int] = []
+        short: list[int] = []      # sequences whose slot needs a block from the pool
+        for i, s in enumerate(seqs):
+            b = s.branch
+            table = b.table
+            tokens = b.token_ids
+            if table.num_tokens != b.prefix_len + len(tokens) - 1:
+                self._undo_in_place(seqs[:i], slots)
+                return None
+            slot = append_in_place(table)
+            if slot < 0:
+                short.append(i)
+            else:
+                s.slots = [slot]
+            s.accepted = 0
+            slots.append(slot)
+            input_ids.append(tokens[-1])
+        copies: list[tuple[int, int]] = []
+        tables = prev.block_tables
+        if short:
+            if len(short) > self.pool.num_free:
+                self._undo_in_place(seqs, slots)
+                return None
+            width = max(len(seqs[i].branch.table.ids) + 1 for i in short)
+            if width > tables.shape[1]:
+                wider = np.zeros((tables.shape[0], width), np.int32)
+                wider[:, :tables.shape[1]] = tables
+                tables = wider
+            for i in short:
+                s = seqs[i]
+                table = s.branch.table
+                res = self.kv.append(table, 1)     # one block each: there are enough
+                self._took_blocks(s.request, res.new_blocks)
+                copies += res.copies
+                s.slots = res.slots
+                slots[i] = res.slots[0]
+                ids = table.ids
+                tables[i, :len(ids)] = ids
+        out = SchedulerOutput(seqs=seqs, step=StepInput(
+            input_ids=np.asarray(input_ids, np.int32), positions=prev.positions + 1, block_tables=tables,
+            context_lens=prev.context_lens + 1, query_start=prev.query_start, mask=prev.mask,
+            slot_mapping=np.asarray(slots, np.int32), logits_indices=prev.logits_indices, block_copies=copies))
+        self._replay = out
+        return out
+
+    @staticmethod
+    def _undo_in_place(seqs: Sequence[ScheduledSeq], slots: Sequence[int]) -> None:
+        """Give back the in-place slots `_replay_decodes` reserved for `seqs` (slot -1: none)."""
+        for s, slot in zip(seqs, slots):
+            if slot >= 0:
+                s.branch.table.num_tokens -= 1
 
     def _fill_seats(self, seqs: list[ScheduledSeq], copies: list[tuple[int, int]], budget: int) -> None:
         """Second round: seats the fair shares left free go to the running requests' other
@@ -361,6 +445,7 @@ class Scheduler:
         for bid, (did, n) in list(req.prefix_donors.items()):
             donor = req.branches[did]
             if did not in req.prefix_donors and donor.table.num_tokens >= n:
+                self._replay = None
                 req.branches[bid].table = self.kv.fork(donor.table, n)
                 del req.prefix_donors[bid]
 
@@ -386,6 +471,7 @@ class Scheduler:
         out.preempted.append(req)
 
     def _free(self, req: Request, b: Branch) -> None:
+        self._replay = None
         if b.table.block_ids:
             req.kv_blocks -= len(self.kv.free(b.table))
 
@@ -655,6 +741,7 @@ class Scheduler:
         parent computes it next step, and the child waits for that and then shares the parent's
         blocks (`_fork_from_donors`), so its first step feeds [Child] alone, a decode, rather than
         [Fork] and [Child]. (Should the parent end first, the child shares what it has.)"""
+        self._replay = None
         n = parent.context_len
         ready = parent.table.num_tokens >= n
         child = Branch(id=len(req.branches), parent=parent.id, fork_index=len(parent.token_ids) - 1,
