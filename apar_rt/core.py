@@ -302,6 +302,8 @@ class SchedulerOutput:
     step: StepInput | None
     preempted: list[Request] = field(default_factory=list)
     failed: list[Request] = field(default_factory=list)   # finished with an error this step
+    replayable: bool = False     # the next step may replay this one (Scheduler._replay_decodes)
+    replayed: bool = False       # this step replays the last one: the same seqs, one token further
 
     @property
     def empty(self) -> bool:

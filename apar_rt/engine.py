@@ -87,6 +87,7 @@ class Engine:
                                    tree=self.verifier.tree if self.verifier else None)
         backend.allocate_kv(config.num_blocks, config.block_size)
         self._requests: dict[str, Request] = {}
+        self._batch: tuple | None = None      # the last step's sampling rows, for its replay (_keep_batch)
         self._ids = itertools.count()
         self.num_steps = 0
 
@@ -186,8 +187,15 @@ class Engine:
         # tree's accepted run (a list), or () for none (its request finished or failed)
         results: list[int | Sequence[int]] = []
         picks: list[tuple[ScheduledSeq, int, list[int]]] = []   # with Medusa: (seq, first logits row, nodes)
+        reuse = None
         if out.step is not None:
             self.backend.execute(out.step)
+            reuse = self._reused_batch(out)
+        if reuse is not None:   # a replayed step: the last step's rows again
+            batch, rows, plain_reqs = reuse
+            results = self._sample(rows, batch, plain_reqs, [], [], [()] * len(plain_reqs), picks, out)
+            self.num_steps += 1
+        elif out.step is not None:
             batch = SamplingBatch()
             rows: list[int] = []                      # the logits row of each batch row
             # a plain sequence's batch row is its results index while `dense` holds (no tree and no
@@ -236,6 +244,8 @@ class Engine:
                 results.append(())
                 if medusa:
                     picks.append((s, first, [] if s.tree else [0]))
+            if out.replayable and dense and not medusa and len(batch) == len(out.seqs):
+                self._keep_batch(out, batch, rows, plain_reqs)
             if len(batch):
                 results = self._sample(rows, batch, plain_reqs, plain, trees, results, picks, out)
             self.num_steps += 1
@@ -252,6 +262,38 @@ class Engine:
             except Exception as e:
                 outputs.append(self._failed_output(u.request, e))
         return outputs
+
+    def _keep_batch(self, out, batch: SamplingBatch, rows: list[int], plain_reqs: list[Request]) -> None:
+        """Keep a step's sampling rows for the scheduler's replay of it (`_reused_batch`): a step
+        whose every sequence sampled one plain row."""
+        if self._feeds_control(out.step):
+            self._batch = None
+            return
+        draws = [(r, req.generator) for r, req in enumerate(plain_reqs)
+                 if batch.temperature[r] != 0.0 and req.generator is not None]
+        self._batch = (out.seqs, batch, rows, plain_reqs, draws)
+
+    def _reused_batch(self, out) -> tuple | None:
+        """For a step the scheduler replayed (`Scheduler._replay_decodes`: the last step's sequences,
+        one token further), the last step's sampling rows, which are this step's: the same
+        parameters, bias and bans, and for each sampled row a new uniform from its request's
+        generator, drawn in row order as `SamplingBatch.add` draws them. A sequence's bans follow
+        its last token only where that is [Fork] or [Child] (`apar.banned_tokens`), so rows are
+        kept and reused only for steps that feed neither. None for any other step."""
+        kept = self._batch
+        if kept is None or not out.replayed or kept[0] is not out.seqs or self._feeds_control(out.step):
+            self._batch = None
+            return None
+        _, batch, rows, plain_reqs, draws = kept
+        uniform = batch.uniform
+        for r, gen in draws:
+            uniform[r] = float(gen.random())
+        return batch, rows, plain_reqs
+
+    def _feeds_control(self, step) -> bool:
+        """Whether the step feeds [Fork] or [Child] (a decode step's tokens are its sequences' last ones)."""
+        ids = step.input_ids
+        return any(t is not None and bool((ids == t).any()) for t in (self.control.fork, self.control.child))
 
     def _sample(self, rows, batch: SamplingBatch, plain_reqs, plain, trees, results, picks, out) -> list:
         """Sample every row of the step (plain rows and draft-tree nodes) in one pass on the

@@ -250,6 +250,7 @@ class Scheduler:
             if (self.tree is None and not out.preempted and not out.failed
                     and step.num_tokens == len(seqs) == len(step.logits_indices)):
                 self._replay = out    # one token per sequence, each sampled: the next step may replay it
+                out.replayable = True
         return out
 
     def _replay_decodes(self, last: SchedulerOutput) -> SchedulerOutput | None:
@@ -313,7 +314,8 @@ class Scheduler:
         out = SchedulerOutput(seqs=seqs, step=StepInput(
             input_ids=np.asarray(input_ids, np.int32), positions=prev.positions + 1, block_tables=tables,
             context_lens=prev.context_lens + 1, query_start=prev.query_start, mask=prev.mask,
-            slot_mapping=np.asarray(slots, np.int32), logits_indices=prev.logits_indices, block_copies=copies))
+            slot_mapping=np.asarray(slots, np.int32), logits_indices=prev.logits_indices, block_copies=copies),
+            replayable=True, replayed=True)
         self._replay = out
         return out
 

@@ -1,10 +1,11 @@
-"""A replayed decode step (`Scheduler._replay_decodes`) is the step `schedule` would have packed.
+"""A replayed decode step (`Scheduler._replay_decodes`, and the engine's reuse of the last step's
+sampling rows) is the step `schedule` would have packed and sampled.
 
 Two engines run the same requests in lockstep; one may replay the last step, the other always
 schedules sequence by sequence (the oracle). Every step's packed inputs (block ids included) and
-every output must be the same, under forks, stop strings, max_tokens cuts, requests that arrive
-while others decode, a max_num_seqs cap with fair shares, and a pool so small that replayed
-steps run out of blocks and preemption follows.
+every output must be the same, under forks, stop strings, max_tokens cuts, seeded sampling,
+requests that arrive while others decode, a max_num_seqs cap with fair shares, and a pool so
+small that replayed steps run out of blocks and preemption follows.
 """
 
 from __future__ import annotations
@@ -37,9 +38,19 @@ def record_steps(engine: Engine) -> list:
 
 
 def count_replays(engine: Engine) -> dict:
-    counts = {"replayed": 0, "refused": 0, "short": 0}
+    """Counts of replayed steps, refused replays, replays that took blocks, and replayed steps that
+    sampled with the last step's rows (Engine._reused_batch)."""
+    counts = {"replayed": 0, "refused": 0, "short": 0, "rows_reused": 0}
     sched = engine.scheduler
     replay = sched._replay_decodes
+    reused = engine._reused_batch
+
+    def counting_rows(out):
+        got = reused(out)
+        counts["rows_reused"] += got is not None
+        return got
+
+    engine._reused_batch = counting_rows
 
     def counting(last):
         free = sched.pool.num_free
@@ -53,10 +64,17 @@ def count_replays(engine: Engine) -> dict:
     return counts
 
 
-def run_lockstep(path, requests, arrivals=True, **kw):
+def make_engine(path, control=None, **kw) -> Engine:
+    engine = Engine.from_pretrained(path, dtype="float32", device="cpu", **kw)
+    if control is None:
+        return engine
+    return Engine(engine.backend, engine.tokenizer, engine.model_config, engine.config, control=control)
+
+
+def run_lockstep(path, requests, arrivals=True, control=None, **kw):
     """Two engines, the second never replaying, stepped in lockstep on `requests` [(prompt,
     params)]: their recorded steps and outputs, how the first replayed, and the first engine."""
-    engines = [Engine.from_pretrained(path, dtype="float32", device="cpu", **kw) for _ in range(2)]
+    engines = [make_engine(path, control, **kw) for _ in range(2)]
     replaying, oracle = engines
     oracle.scheduler._replay_decodes = lambda last: None
     counts = count_replays(replaying)
@@ -95,10 +113,13 @@ def test_replayed_steps_equal_scheduled_ones(tiny_gqa, load):
     params = [SamplingParams(max_tokens=40, logit_bias={fork: 3.0}),
               SamplingParams(max_tokens=12, mode="ar"),
               SamplingParams(max_tokens=30, stop=("ee", "a p"), logit_bias={fork: 2.0}),
-              SamplingParams(max_tokens=25, ignore_eos=True, mode="ar")]
+              SamplingParams(max_tokens=25, ignore_eos=True, mode="ar"),
+              SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, seed=5, logit_bias={fork: 2.0}),
+              SamplingParams(max_tokens=25, temperature=0.7, top_k=20, seed=11, mode="ar")]
     steps, outputs, counts, engine = run_lockstep(
         path, [(p, params[i % len(params)]) for i, p in enumerate(PROMPTS)], block_size=4, **kw)
     assert counts["replayed"] >= len(steps) // 10 and counts["short"] > 0, counts
+    assert counts["rows_reused"] > 0, counts
     assert any(d[0] > 0 for step in outputs for o in step for d in o[1]), "the bias was meant to fork"
     if load == "tight":
         assert engine.scheduler.num_preemptions > 0
@@ -113,3 +134,24 @@ def test_a_replayed_step_short_of_blocks_is_scheduled_and_preempts(tiny_gqa):
                                                   block_size=4, num_blocks=24, max_num_seqs=3, max_num_tokens=64)
     assert counts["refused"] > 0 and counts["replayed"] > 0 and counts["short"] > 0, counts
     assert engine.scheduler.num_preemptions > 0
+
+
+def test_a_step_that_feeds_fork_samples_with_its_own_bans(tiny_gqa):
+    """A model whose [Fork] has no [Child] to follow it never forks, so a sampled [Fork] changes
+    nothing the scheduler sees: the next step is replayed, but it feeds [Fork], after which
+    [Fork] is banned. The engine must not sample it with the last step's rows (which allowed it)."""
+    from apar_rt.apar import ControlTokens
+
+    path, _, tok = tiny_gqa
+    fork = tok.convert_tokens_to_ids("[SplitMask]")
+    params = SamplingParams(max_tokens=30, ignore_eos=True, logit_bias={fork: 6.0})
+    steps, outputs, counts, engine = run_lockstep(path, [("one two three", params)],
+                                                  arrivals=False, control=ControlTokens(fork=fork, child=None),
+                                                  block_size=4, num_blocks=64, max_num_seqs=4, max_num_tokens=64)
+    tokens: dict[str, list[int]] = {}
+    for step in outputs:
+        for rid, deltas, _, _ in step:
+            tokens.setdefault(rid, []).extend(t for d in deltas for t in d[1])
+    assert sum(t.count(fork) for t in tokens.values()) >= 2, tokens
+    assert counts["replayed"] > 0, counts
+    assert not any(a == b == fork for t in tokens.values() for a, b in zip(t, t[1:])), "[Fork] twice in a row"
