@@ -314,7 +314,8 @@ class Scheduler:
         out = SchedulerOutput(seqs=seqs, step=StepInput(
             input_ids=np.asarray(input_ids, np.int32), positions=prev.positions + 1, block_tables=tables,
             context_lens=prev.context_lens + 1, query_start=prev.query_start, mask=prev.mask,
-            slot_mapping=np.asarray(slots, np.int32), logits_indices=prev.logits_indices, block_copies=copies),
+            slot_mapping=np.asarray(slots, np.int32), logits_indices=prev.logits_indices, block_copies=copies,
+            every_slot=True),
             replayable=True, replayed=True)
         self._replay = out
         return out
@@ -551,7 +552,8 @@ class Scheduler:
                          block_tables=tables, context_lens=np.asarray(ctx, np.int32),
                          query_start=np.asarray(qs, np.int32), mask=mask,
                          slot_mapping=np.asarray(slots, np.int32),
-                         logits_indices=np.asarray(logits_idx, np.int32), block_copies=copies)
+                         logits_indices=np.asarray(logits_idx, np.int32), block_copies=copies,
+                         every_slot=not any(tree for _, _, tree in blocked))
 
     # ---- after the step ------------------------------------------------------------------
 
