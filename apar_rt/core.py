@@ -305,6 +305,7 @@ class SchedulerOutput:
     failed: list[Request] = field(default_factory=list)   # finished with an error this step
     replayable: bool = False     # the next step may replay this one (Scheduler._replay_decodes)
     replayed: bool = False       # this step replays the last one: the same seqs, one token further
+    feeds_control: bool = True   # the step feeds [Fork] or [Child] (False only where known: replayable steps)
 
     @property
     def empty(self) -> bool:

@@ -266,7 +266,7 @@ class Engine:
     def _keep_batch(self, out, batch: SamplingBatch, rows: list[int], plain_reqs: list[Request]) -> None:
         """Keep a step's sampling rows for the scheduler's replay of it (`_reused_batch`): a step
         whose every sequence sampled one plain row."""
-        if self._feeds_control(out.step):
+        if out.feeds_control:
             self._batch = None
             return
         draws = [(r, req.generator) for r, req in enumerate(plain_reqs)
@@ -281,7 +281,7 @@ class Engine:
         its last token only where that is [Fork] or [Child] (`apar.banned_tokens`), so rows are
         kept and reused only for steps that feed neither. None for any other step."""
         kept = self._batch
-        if kept is None or not out.replayed or kept[0] is not out.seqs or self._feeds_control(out.step):
+        if kept is None or not out.replayed or kept[0] is not out.seqs or out.feeds_control:
             self._batch = None
             return None
         _, batch, rows, plain_reqs, draws = kept
@@ -289,11 +289,6 @@ class Engine:
         for r, gen in draws:
             uniform[r] = float(gen.random())
         return batch, rows, plain_reqs
-
-    def _feeds_control(self, step) -> bool:
-        """Whether the step feeds [Fork] or [Child] (a decode step's tokens are its sequences' last ones)."""
-        ids = step.input_ids
-        return any(t is not None and bool((ids == t).any()) for t in (self.control.fork, self.control.child))
 
     def _sample(self, rows, batch: SamplingBatch, plain_reqs, plain, trees, results, picks, out) -> list:
         """Sample every row of the step (plain rows and draft-tree nodes) in one pass on the
@@ -309,10 +304,10 @@ class Engine:
                     + [(i, start, 1, None, r) for i, start, r in plain] + trees)
             sampled = self._sample_each(rows_a, batch, jobs, out)
         tokens = sampled.tokens.tolist()
-        all_ok = bool(sampled.ok.all())
+        ok = sampled.ok.tolist()
+        all_ok = all(ok)
         if plain_reqs and all_ok and not plain and not trees:   # every row a plain sequence's, in order
             return tokens
-        ok = sampled.ok.tolist()
         for i, req in enumerate(plain_reqs):
             if all_ok or ok[i]:
                 results[i] = tokens[i]

@@ -370,14 +370,17 @@ def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
     tokens = x.argmax(axis=1)
     first = tokens.tolist()
     if R == 1:
-        ok = np.array([math.isfinite(x[0, first[0]])])
+        good = math.isfinite(x[0, first[0]])
+        ok = np.array([good])
     else:
         ok = np.isfinite(x.reshape(-1)[tokens + np.arange(0, R * V, V)])
+        good = None   # not known yet
     if batch.bans:
         for r in sorted({r for r, banned in batch.bans if first[r] in banned}):
             one = _sample(x[r:r + 1], batch.select([r])[0])
             tokens[r], ok[r] = one.tokens[0], one.ok[0]
-    if not ok.all():
+            good = None
+    if not (good if good is not None else ok.all()):
         tokens[~ok] = -1
     entropy = _NAN_ENTROPY.get(R)
     if entropy is None:

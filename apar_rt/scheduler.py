@@ -251,6 +251,7 @@ class Scheduler:
                     and step.num_tokens == len(seqs) == len(step.logits_indices)):
                 self._replay = out    # one token per sequence, each sampled: the next step may replay it
                 out.replayable = True
+                out.feeds_control = self._feeds_control(step.input_ids.tolist())
         return out
 
     def _replay_decodes(self, last: SchedulerOutput) -> SchedulerOutput | None:
@@ -316,9 +317,13 @@ class Scheduler:
             context_lens=prev.context_lens + 1, query_start=prev.query_start, mask=prev.mask,
             slot_mapping=np.asarray(slots, np.int32), logits_indices=prev.logits_indices, block_copies=copies,
             every_slot=True),
-            replayable=True, replayed=True)
+            replayable=True, replayed=True, feeds_control=self._feeds_control(input_ids))
         self._replay = out
         return out
+
+    def _feeds_control(self, input_ids: list[int]) -> bool:
+        """Whether a step's tokens hold [Fork] or [Child] (after which a branch's bans differ)."""
+        return any(t is not None and t in input_ids for t in (self.control.fork, self.control.child))
 
     @staticmethod
     def _undo_in_place(seqs: Sequence[ScheduledSeq], slots: Sequence[int]) -> None:
