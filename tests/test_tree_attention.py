@@ -12,6 +12,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,15 +208,19 @@ def run_op(step: Step) -> torch.Tensor:
 _SESSIONS: dict = {}
 
 
-def ort_feeds(feeds: dict, block_size: int, small: bool = True, native: bool = False) -> dict:
+def ort_feeds(feeds: dict, block_size: int, small: bool = True, native: bool = False, slots=None) -> dict:
     """The op's feeds as the onnxruntime CPU rewrite takes them: head-major pools, and the decode
     or small-step index the backend computes on the host (`ort_attention.decode_feeds`; without
-    `small`, a small step takes the general branch; with `native`, the native op's steps)."""
-    from apar_rt.backends.ort_attention import decode_feeds, to_head_major
+    `small`, a small step takes the general branch; with `native`, the native op's steps, and the
+    slots it writes the new K/V to: `slots`, else none (-1))."""
+    from apar_rt.backends.ort_attention import SLOT_INPUT, decode_feeds, to_head_major
 
     feeds = dict(feeds, k_cache=to_head_major(feeds["k_cache"]), v_cache=to_head_major(feeds["v_cache"]))
     feeds.update(decode_feeds(feeds["block_tables"], feeds["context_lens"], feeds["query_start"], feeds["mask"],
                               block_size, small=small, native=native))
+    if native:
+        T = feeds["q"].shape[0]
+        feeds[SLOT_INPUT] = np.full(T, -1, np.int32) if slots is None else np.asarray(slots, np.int32)
     return feeds
 
 
@@ -449,6 +454,42 @@ def test_native_op_refuses_a_block_outside_the_pool():
     tables[2, 1] = 10 ** 6
     with pytest.raises(Exception, match="block 1000000 in the table of sequence 2 is outside the pool's"):
         sess.run(None, dict(feeds, block_tables=tables))
+
+
+def test_native_op_writes_the_new_keys_and_values_at_their_slots():
+    """Given the step's slot_mapping, the native op stores each token's new key and value in the
+    pools (head-major: pool[h, slot] = k[t, h]) after attending, and nothing else: a -1 slot (a
+    draft tree's node) is not written, the output is the oracle's, and every other pool entry
+    keeps its bits. A slot outside the pools fails the run with a message."""
+    ort = pytest.importorskip("onnxruntime")
+    from apar_rt.backends.ort_attention import SLOT_INPUT, rewrite
+    from apar_rt.export import op as aop
+
+    rng = random.Random(9)
+    step = build_step(9, [make_seq(rng, "decode", 9), make_seq(rng, "tree"), make_seq(rng, "decode", 5)],
+                      hq=4, hkv=2, block_size=4)
+    model = aop.attention_model(aop.AttentionAttrs(4, 2, step.q.shape[2], 4, step.scale))
+    rewrite(model, native=True)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(library_or_skip()))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    T, S = step.q.shape[0], step.k_cache.shape[0] * step.k_cache.shape[1]
+    slots = np.array([-1 if t % 3 == 1 else S - 1 - 2 * t for t in range(T)], np.int32)
+    feeds = ort_feeds({name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}, 4, native=True,
+                      slots=slots)
+    # the pools as the backend binds them: contiguous memory the caller owns, which the op writes
+    feeds["k_cache"], feeds["v_cache"] = np.ascontiguousarray(feeds["k_cache"]), np.ascontiguousarray(feeds["v_cache"])
+    want_k, want_v = feeds["k_cache"].copy(), feeds["v_cache"].copy()
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            want_k[:, slot], want_v[:, slot] = feeds["k"][t], feeds["v"][t]
+    assert (slots < 0).any() and (want_k != feeds["k_cache"]).any()
+    out = sess.run(None, feeds)[0]
+    torch.testing.assert_close(torch.from_numpy(out).double(), oracle(step), atol=1e-5, rtol=1e-5)
+    assert np.array_equal(feeds["k_cache"].view(np.uint32), want_k.view(np.uint32))
+    assert np.array_equal(feeds["v_cache"].view(np.uint32), want_v.view(np.uint32))
+    with pytest.raises(Exception, match=f"slot {S} of token 0 is outside the pools' {S} slots"):
+        sess.run(None, dict(feeds, **{SLOT_INPUT: np.full(T, S, np.int32)}))
 
 
 @pytest.mark.parametrize("impl", ["onnx-ort-native", "onnx-ort-native-4lane"])

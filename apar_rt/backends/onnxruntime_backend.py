@@ -26,7 +26,7 @@ from apar_rt.backends import ort_native
 from apar_rt.backends.base import Backend, BackendUnavailable, load_engine_folder
 from apar_rt.backends.huge_pages import BackgroundCollapse
 from apar_rt.backends.onnx_graph import cast_to, drop_outputs, producers_and_uses
-from apar_rt.backends.ort_attention import DECODE_INPUTS, decode_feeds
+from apar_rt.backends.ort_attention import DECODE_INPUTS, SLOT_INPUT, decode_feeds, runs_native
 from apar_rt.backends.ort_medusa import HeadsSplit
 from apar_rt.backends.ort_medusa import split_heads as split_medusa_heads
 from apar_rt.build.manifest import ONNX_NAME
@@ -323,7 +323,8 @@ class OnnxRuntimeBackend(Backend):
             logging.getLogger(__name__).warning(
                 "%s: the Medusa heads read more than the final hidden states; they stay in the step graph "
                 "and run on every logits row", model_path)
-        want = step_io.input_names(self.num_layers) + (list(DECODE_INPUTS) if ort_body else [])
+        want = (step_io.input_names(self.num_layers) + (list(DECODE_INPUTS) if ort_body else [])
+                + ([SLOT_INPUT] if ort_body and lib is not None else []))
         self._hidden_size = int(cfg["hidden_size"])   # of the heads' input, which has the pools' dtype
         got = [i.name for i in self.session.get_inputs()]
         if got != want:
@@ -341,6 +342,7 @@ class OnnxRuntimeBackend(Backend):
         self._next_gen = 0
         self._outputs_key = None          # what _bind_outputs bound last
         self._ran = False                 # a forward ran: its new K/V are in self._new_kv (commit_kv)
+        self._native_step = False         # the last step ran the native op's body, which stored its K/V
         self._medusa = None               # the last forward's Medusa logits (heads in the step graph)
         self._hidden = None               # the last forward's hidden states at its logits rows (heads apart)
 
@@ -510,6 +512,8 @@ class OnnxRuntimeBackend(Backend):
         self._bind_outputs(feeds.num_tokens, feeds.num_logits)
         self._run()
         self._ran = True
+        if self._native_step:   # the native op wrote every layer's new K/V into the pools itself
+            return self._logits if cpu else self._logits.cpu()
         slots = step.slot_mapping
         keep = None if step.every_slot else slots >= 0   # (with all(), about 20 us cold after the run)
         if keep is None or keep.all():
@@ -523,10 +527,16 @@ class OnnxRuntimeBackend(Backend):
         decode index the rewritten graph takes from the host (`ort_attention.decode_feeds`)."""
         bucket = step_io.pick_bucket(int(step.block_tables.shape[0]), self.buckets) if self.buckets else None
         feeds = step_io.step_feeds(step, bucket)
+        self._native_step = False
         if self._head_major:
             a = feeds.arrays
-            a.update(decode_feeds(a["block_tables"], a["context_lens"], a["query_start"], a["mask"],
-                                  self.block_size, native=self.native_ops is not None))
+            native = self.native_ops is not None
+            extra = decode_feeds(a["block_tables"], a["context_lens"], a["query_start"], a["mask"],
+                                 self.block_size, native=native)
+            a.update(extra)
+            if native:
+                a[SLOT_INPUT] = np.ascontiguousarray(step.slot_mapping, np.int32)
+                self._native_step = runs_native(extra)
         return feeds
 
     def _run(self) -> None:

@@ -60,6 +60,9 @@ for _a in _UNUSED.values():
 _TRUE = np.ones(1, np.bool_)
 _TRUE.flags.writeable = False
 _NATIVE = dict(_UNUSED, apar_decode=_TRUE)   # a step for the native op's body: the flag alone
+# With the native op, the step's slot_mapping [T] (int32) is a graph input too: the op writes the
+# new keys and values into the pools itself on the steps it takes (`runs_native`).
+SLOT_INPUT = "apar_slot_mapping"
 STEP_INPUTS = OP_INPUTS[5:]   # block_tables, context_lens, query_start, mask: shared by every layer
 POOL_LAYOUT = "[num_kv_heads, num_blocks * block_size, head_size]"   # the pools the rewritten graph takes
 
@@ -172,11 +175,12 @@ def rewrite(model, native: bool = False) -> int:
                 not_in_decode.add(id(flat_out))
             if rq and rk and rq[1:3] == rk[1:3]:   # the op rotates: the projections in, the rotated keys out as k
                 db.nodes.append(helper.make_node(
-                    ort_native.ROPE_OP_TYPE, [rq[0], rk[0], v, k_cache, v_cache, *step_names, rq[1], rq[2]],
+                    ort_native.ROPE_OP_TYPE, [rq[0], rk[0], v, k_cache, v_cache, *step_names, rq[1], rq[2], SLOT_INPUT],
                     [dec_out, k], num_heads=attrs.num_heads, num_kv_heads=attrs.num_kv_heads, **common))
                 not_in_decode.update(id(x) for x in rq[3] + rk[3])
             else:
-                db.nodes.append(helper.make_node(ort_native.OP_TYPE, [q, k, v, k_cache, v_cache, *step_names],
+                db.nodes.append(helper.make_node(ort_native.OP_TYPE,
+                                                 [q, k, v, k_cache, v_cache, *step_names, SLOT_INPUT],
                                                  [dec_out], **common))
         else:
             dec_out = ab.attend_decode(db, dec_slots, dec_bias, dec_split, q, k, v, k_cache, v_cache)
@@ -241,6 +245,8 @@ def rewrite(model, native: bool = False) -> int:
     g.node.append(step)
     _declare_head_major_pools(g, {name for n in nodes for name in n.input[3:5]}, attrs)
     _declare_decode_inputs(g)
+    if native:
+        g.input.append(helper.make_tensor_value_info(SLOT_INPUT, TensorProto.INT32, ["T"]))
     keep = [f for f in model.functions if (f.domain, f.name) != (OP_DOMAIN, OP_TYPE)]
     del model.functions[:]
     model.functions.extend(keep)
@@ -370,6 +376,11 @@ def _context_slots(tables, ctx, block_size: int):
     nblk = -(-int(ctx.max()) // block_size)
     L = nblk * block_size
     return (tables[:, :nblk, None] * np.int32(block_size) + _arange(block_size)).reshape(len(ctx), L), L
+
+
+def runs_native(feeds: dict) -> bool:
+    """Whether `decode_feeds` sent the step to the native op's body (which writes its K/V itself)."""
+    return feeds is _NATIVE
 
 
 def decode_feeds(block_tables, context_lens, query_start, mask, block_size: int, small: bool = True,

@@ -9,6 +9,9 @@ trees, short chunks) when the library is loaded (`ort_attention.rewrite(model, n
 longer prefill chunks keep the general body, whose matmuls suit them better. Where the layer's q
 and k come through `ort_rotary`'s fused RotaryEmbedding, the node is `TreePagedAttentionRope`,
 which rotates them itself and outputs the rotated keys (the step's new K): one node per layer.
+The rewrite also hands each node the step's slot mapping (`ort_attention.SLOT_INPUT`): the node
+stores its layer's new keys and values in the pools itself, in place (the pools are memory the
+backend binds), so a step the native body takes needs no write of the K/V after the run.
 
 The library is compiled here, against ONNX Runtime's public C/C++ API headers, which are fetched
 at build time and never committed: Debian's `libonnxruntime-dev` package (a pinned version and

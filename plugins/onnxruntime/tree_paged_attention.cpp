@@ -19,8 +19,13 @@
 // onnxruntime's RotaryEmbedding does with per-step tables: non-interleaved, token t rotated by
 // row t of cos and sin): inputs 0 q [T, Hq * D] and 1 k [T, Hkv * D] as the projections give them,
 // then v .. mask as above, then 9 cos and 10 sin [T, D / 2]; outputs out and 1 the rotated keys
-// [T, Hkv, D] (the step's new K, which the host writes to the pool). Attributes also num_heads,
+// [T, Hkv, D] (the step's new K; with slot_mapping the op also stores it). Attributes also num_heads,
 // num_kv_heads.
+// Both take an optional last input, slot_mapping [T] int32 (input 9, or 11 with the rotary): after
+// attending, the op writes token t's new key (rotated) and value into the pools at slot
+// slot_mapping[t] (-1: not written, as a draft tree's nodes), in place, so that the host need not
+// store them after the run; the pools must be memory the caller owns and binds (onnxruntime's
+// IOBinding), which the step's later layers do not read. Without it the pools are only read.
 // Token t of sequence b (query_start[b] <= t < query_start[b + 1]) sees the b's cached context
 // (positions 0 .. context_lens[b] - 1, through its block table) and its new token i where
 // mask[t, i]; query head h reads KV head h / (Hq / Hkv). A block id or table outside the pool, or
@@ -499,6 +504,32 @@ struct TreePagedAttentionKernel {
     if (p.bad_seq.load() >= 0) Fail("block " + std::to_string(p.bad_block.load()) + " in the table of sequence " +
                                     std::to_string(p.bad_seq.load()) + " is outside the pool's " +
                                     std::to_string(S / block_size) + " blocks");
+    const size_t slots_at = rope ? 11 : 9;
+    if (ctx.GetInputCount() > slots_at) {
+      auto slots_value = ctx.GetInput(slots_at);
+      if (slots_value != nullptr) WriteNew(p, slots_value);
+    }
+  }
+
+  // Stores each token's new key and value at its slot (slot_mapping, in place; see the top).
+  static void WriteNew(const Problem& p, const Ort::ConstValue& slots_value) {
+    const auto shape = slots_value.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape != std::vector<int64_t>{p.T}) Fail("slot_mapping must be [T] = " + ShapeText({p.T}) + ", got " +
+                                                 ShapeText(shape));
+    const int32_t* slots = slots_value.GetTensorData<int32_t>();
+    float* k_pool = const_cast<float*>(p.k_pool);
+    float* v_pool = const_cast<float*>(p.v_pool);
+    for (int64_t t = 0; t < p.T; ++t) {
+      const int64_t slot = slots[t];
+      if (slot < 0) continue;
+      if (slot >= p.S) Fail("slot " + std::to_string(slot) + " of token " + std::to_string(t) +
+                            " is outside the pools' " + std::to_string(p.S) + " slots");
+      for (int64_t h = 0; h < p.Hkv; ++h) {
+        const int64_t from = (t * p.Hkv + h) * p.D, to = (h * p.S + slot) * p.D;
+        std::copy(p.k + from, p.k + from + p.D, k_pool + to);
+        std::copy(p.v + from, p.v + from + p.D, v_pool + to);
+      }
+    }
   }
 };
 
@@ -526,10 +557,15 @@ struct TreePagedAttentionOp : Ort::CustomOpBase<TreePagedAttentionOp<Rope>, Tree
     }
   }
   const char* GetName() const { return Rope ? kRopeOpName : kOpName; }
-  size_t GetInputTypeCount() const { return Rope ? 11 : 9; }
+  size_t GetInputTypeCount() const { return Rope ? 12 : 10; }   // the last, slot_mapping, optional
   ONNXTensorElementDataType GetInputType(size_t index) const {
     if (index == 8) return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
+    if (index == GetInputTypeCount() - 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
     return index >= 5 && index < 8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == GetInputTypeCount() - 1 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                                            : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return Rope ? 2 : 1; }
   ONNXTensorElementDataType GetOutputType(size_t /*index*/) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
