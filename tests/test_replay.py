@@ -10,6 +10,8 @@ small that replayed steps run out of blocks and preemption follows.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 
@@ -108,8 +110,8 @@ def test_replayed_steps_equal_scheduled_ones(tiny_gqa, load):
     with a roomy pool, and with one small enough that normal steps preempt."""
     path, _, tok = tiny_gqa
     fork = tok.convert_tokens_to_ids("[SplitMask]")
-    kw = dict(num_blocks=400, max_num_seqs=6, max_num_tokens=64) if load == "roomy" else \
-        dict(num_blocks=22, max_num_seqs=5, max_num_tokens=16)
+    kw = ({"num_blocks": 400, "max_num_seqs": 6, "max_num_tokens": 64} if load == "roomy" else
+          {"num_blocks": 22, "max_num_seqs": 5, "max_num_tokens": 16})
     params = [SamplingParams(max_tokens=40, logit_bias={fork: 3.0}),
               SamplingParams(max_tokens=12, mode="ar"),
               SamplingParams(max_tokens=30, stop=("ee", "a p"), logit_bias={fork: 2.0}),
@@ -130,8 +132,8 @@ def test_a_replayed_step_short_of_blocks_is_scheduled_and_preempts(tiny_gqa):
     all three a block then, so the replay is refused and `schedule` preempts, as without replay."""
     path, _, _ = tiny_gqa
     params = SamplingParams(max_tokens=40, ignore_eos=True, mode="ar")
-    steps, outputs, counts, engine = run_lockstep(path, [("one two three", params)] * 3, arrivals=False,
-                                                  block_size=4, num_blocks=24, max_num_seqs=3, max_num_tokens=64)
+    _, _, counts, engine = run_lockstep(path, [("one two three", params)] * 3, arrivals=False,
+                                        block_size=4, num_blocks=24, max_num_seqs=3, max_num_tokens=64)
     assert counts["refused"] > 0 and counts["replayed"] > 0 and counts["short"] > 0, counts
     assert engine.scheduler.num_preemptions > 0
 
@@ -145,13 +147,13 @@ def test_a_step_that_feeds_fork_samples_with_its_own_bans(tiny_gqa):
     path, _, tok = tiny_gqa
     fork = tok.convert_tokens_to_ids("[SplitMask]")
     params = SamplingParams(max_tokens=30, ignore_eos=True, logit_bias={fork: 6.0})
-    steps, outputs, counts, engine = run_lockstep(path, [("one two three", params)],
-                                                  arrivals=False, control=ControlTokens(fork=fork, child=None),
-                                                  block_size=4, num_blocks=64, max_num_seqs=4, max_num_tokens=64)
+    _, outputs, counts, _ = run_lockstep(path, [("one two three", params)],
+                                         arrivals=False, control=ControlTokens(fork=fork, child=None),
+                                         block_size=4, num_blocks=64, max_num_seqs=4, max_num_tokens=64)
     tokens: dict[str, list[int]] = {}
     for step in outputs:
         for rid, deltas, _, _ in step:
             tokens.setdefault(rid, []).extend(t for d in deltas for t in d[1])
     assert sum(t.count(fork) for t in tokens.values()) >= 2, tokens
     assert counts["replayed"] > 0, counts
-    assert not any(a == b == fork for t in tokens.values() for a, b in zip(t, t[1:])), "[Fork] twice in a row"
+    assert not any(a == b == fork for t in tokens.values() for a, b in pairwise(t)), "[Fork] twice in a row"
