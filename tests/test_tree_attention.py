@@ -431,23 +431,31 @@ def test_float16(impl, hq, hkv, seed, kinds):
     check(step, IMPLS[impl], atol=2e-3, rtol=2e-3)
 
 
-def test_native_op_refuses_a_block_outside_the_pool():
-    """The native op reads keys through the block tables it is given: a block id outside the pool
-    in a visible part of a table fails the run with a message naming it, instead of reading out
-    of bounds."""
+def native_step_session(seed: int, slots_of=None):
+    """Two decodes and a draft tree (hq 4, hkv 2, block size 4) as one step, a session of the
+    rewritten graph on the native op, and its feeds (with `slots_of(step)` as the slot mapping)."""
     ort = pytest.importorskip("onnxruntime")
     from apar_rt.backends.ort_attention import rewrite
     from apar_rt.export import op as aop
 
-    rng = random.Random(7)
-    step = build_step(7, [make_seq(rng, "decode", 9), make_seq(rng, "tree"), make_seq(rng, "decode", 5)],
+    rng = random.Random(seed)
+    step = build_step(seed, [make_seq(rng, "decode", 9), make_seq(rng, "tree"), make_seq(rng, "decode", 5)],
                       hq=4, hkv=2, block_size=4)
     model = aop.attention_model(aop.AttentionAttrs(4, 2, step.q.shape[2], 4, step.scale))
     rewrite(model, native=True)
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(library_or_skip()))
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    feeds = ort_feeds({name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}, 4, native=True)
+    feeds = ort_feeds({name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}, 4, native=True,
+                      slots=None if slots_of is None else slots_of(step))
+    return step, sess, feeds
+
+
+def test_native_op_refuses_a_block_outside_the_pool():
+    """The native op reads keys through the block tables it is given: a block id outside the pool
+    in a visible part of a table fails the run with a message naming it, instead of reading out
+    of bounds."""
+    step, sess, feeds = native_step_session(7)
     assert bool(feeds["apar_decode"][0]), "decodes and a draft tree: the native op's step"
     torch.testing.assert_close(torch.from_numpy(sess.run(None, feeds)[0]).double(), oracle(step), atol=1e-5, rtol=1e-5)
     tables = feeds["block_tables"].copy()
@@ -461,22 +469,15 @@ def test_native_op_writes_the_new_keys_and_values_at_their_slots():
     pools (head-major: pool[h, slot] = k[t, h]) after attending, and nothing else: a -1 slot (a
     draft tree's node) is not written, the output is the oracle's, and every other pool entry
     keeps its bits. A slot outside the pools fails the run with a message."""
-    ort = pytest.importorskip("onnxruntime")
-    from apar_rt.backends.ort_attention import SLOT_INPUT, rewrite
-    from apar_rt.export import op as aop
+    from apar_rt.backends.ort_attention import SLOT_INPUT
 
-    rng = random.Random(9)
-    step = build_step(9, [make_seq(rng, "decode", 9), make_seq(rng, "tree"), make_seq(rng, "decode", 5)],
-                      hq=4, hkv=2, block_size=4)
-    model = aop.attention_model(aop.AttentionAttrs(4, 2, step.q.shape[2], 4, step.scale))
-    rewrite(model, native=True)
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(str(library_or_skip()))
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    def slots_of(step):   # every third token a draft node (-1); the others at slots from the pool's end
+        T, S = step.q.shape[0], step.k_cache.shape[0] * step.k_cache.shape[1]
+        return np.array([-1 if t % 3 == 1 else S - 1 - 2 * t for t in range(T)], np.int32)
+
+    step, sess, feeds = native_step_session(9, slots_of)
+    slots = feeds[SLOT_INPUT]
     T, S = step.q.shape[0], step.k_cache.shape[0] * step.k_cache.shape[1]
-    slots = np.array([-1 if t % 3 == 1 else S - 1 - 2 * t for t in range(T)], np.int32)
-    feeds = ort_feeds({name: x.numpy() for name, x in zip(aop.OP_INPUTS, step.args()[:9])}, 4, native=True,
-                      slots=slots)
     # the pools as the backend binds them: contiguous memory the caller owns, which the op writes
     feeds["k_cache"], feeds["v_cache"] = np.ascontiguousarray(feeds["k_cache"]), np.ascontiguousarray(feeds["v_cache"])
     want_k, want_v = feeds["k_cache"].copy(), feeds["v_cache"].copy()
