@@ -288,7 +288,6 @@ class StepInput:
     slot_mapping: np.ndarray     # [T] int32, where each token's new K/V is written; -1 skips
     logits_indices: np.ndarray   # [N] int32, tokens whose logits are returned
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the step
-    every_slot: bool = False     # True: no slot_mapping entry is -1 (no draft tree), a backend need not look
 
     @property
     def num_tokens(self) -> int:

@@ -315,8 +315,7 @@ class Scheduler:
         out = SchedulerOutput(seqs=seqs, step=StepInput(
             input_ids=np.asarray(input_ids, np.int32), positions=prev.positions + 1, block_tables=tables,
             context_lens=prev.context_lens + 1, query_start=prev.query_start, mask=prev.mask,
-            slot_mapping=np.asarray(slots, np.int32), logits_indices=prev.logits_indices, block_copies=copies,
-            every_slot=True),
+            slot_mapping=np.asarray(slots, np.int32), logits_indices=prev.logits_indices, block_copies=copies),
             replayable=True, replayed=True, feeds_control=self._feeds_control(input_ids))
         self._replay = out
         return out
@@ -557,8 +556,7 @@ class Scheduler:
                          block_tables=tables, context_lens=np.asarray(ctx, np.int32),
                          query_start=np.asarray(qs, np.int32), mask=mask,
                          slot_mapping=np.asarray(slots, np.int32),
-                         logits_indices=np.asarray(logits_idx, np.int32), block_copies=copies,
-                         every_slot=not any(tree for _, _, tree in blocked))
+                         logits_indices=np.asarray(logits_idx, np.int32), block_copies=copies)
 
     # ---- after the step ------------------------------------------------------------------
 
@@ -584,9 +582,9 @@ class Scheduler:
                on_error: Callable[[Request, Exception], str] | None = None) -> list[StepUpdate]:
         """Append each sampling sequence's new tokens (in `out.seqs` order), fork, and finish.
 
-        A plain sequence brings one token (an int in `results`). A draft tree brings its accepted run plus the bonus
-        token; the run is cut after the first [Fork] or end token (kept), and to the request's
-        remaining max_tokens. For a tree, `s.accepted` is set to the tokens kept and the table is
+        A plain sequence brings one token (an int in `results`). A draft tree brings its accepted
+        run plus the bonus token; the run is cut after the first [Fork] or end token (kept), and to
+        the request's remaining max_tokens. For a tree, `s.accepted` is set to the tokens kept and the table is
         cut to the root plus the accepted nodes, whose K/V the engine then writes.
 
         A request whose update raises fails alone, with the message `on_error(req, exc)` gives.

@@ -512,14 +512,13 @@ class OnnxRuntimeBackend(Backend):
         self._bind_outputs(feeds.num_tokens, feeds.num_logits)
         self._run()
         self._ran = True
-        if self._native_step:   # the native op wrote every layer's new K/V into the pools itself
-            return self._logits if cpu else self._logits.cpu()
-        slots = step.slot_mapping
-        keep = None if step.every_slot else slots >= 0   # (with all(), about 20 us cold after the run)
-        if keep is None or keep.all():
-            self._write(None, slots)
-        else:
-            self._write(np.flatnonzero(keep), slots[keep])
+        if not self._native_step:   # (the native op stored every layer's new K/V in the pools itself)
+            slots = step.slot_mapping
+            keep = slots >= 0
+            if keep.all():
+                self._write(None, slots)
+            else:
+                self._write(np.flatnonzero(keep), slots[keep])
         return self._logits if cpu else self._logits.cpu()
 
     def _step_feeds(self, step: StepInput) -> step_io.StepFeeds:
