@@ -468,7 +468,7 @@ def test_native_op_writes_the_new_keys_and_values_at_their_slots():
     """Given the step's slot_mapping, the native op stores each token's new key and value in the
     pools (head-major: pool[h, slot] = k[t, h]) after attending, and nothing else: a -1 slot (a
     draft tree's node) is not written, the output is the oracle's, and every other pool entry
-    keeps its bits. A slot outside the pools fails the run with a message."""
+    keeps its bits. A slot outside the pools fails the run with a message, before anything is stored."""
     from apar_rt.backends.ort_attention import SLOT_INPUT
 
     def slots_of(step):   # every third token a draft node (-1); the others at slots from the pool's end
@@ -489,8 +489,12 @@ def test_native_op_writes_the_new_keys_and_values_at_their_slots():
     torch.testing.assert_close(torch.from_numpy(out).double(), oracle(step), atol=1e-5, rtol=1e-5)
     assert np.array_equal(feeds["k_cache"].view(np.uint32), want_k.view(np.uint32))
     assert np.array_equal(feeds["v_cache"].view(np.uint32), want_v.view(np.uint32))
-    with pytest.raises(Exception, match=f"slot {S} of token 0 is outside the pools' {S} slots"):
-        sess.run(None, dict(feeds, **{SLOT_INPUT: np.full(T, S, np.int32)}))
+    bad = slots.copy()
+    bad[-1] = S   # the last token's slot is outside: the run fails before it stores anything
+    with pytest.raises(Exception, match=f"slot {S} of token {T - 1} is outside the pools' {S} slots"):
+        sess.run(None, dict(feeds, k=feeds["k"] + 1, v=feeds["v"] + 1, **{SLOT_INPUT: bad}))
+    assert np.array_equal(feeds["k_cache"].view(np.uint32), want_k.view(np.uint32))
+    assert np.array_equal(feeds["v_cache"].view(np.uint32), want_v.view(np.uint32))
 
 
 @pytest.mark.parametrize("impl", ["onnx-ort-native", "onnx-ort-native-4lane"])

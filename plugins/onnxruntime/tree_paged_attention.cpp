@@ -461,6 +461,7 @@ struct TreePagedAttentionKernel {
              " is outside its table's " + std::to_string(M * block_size) + " positions");
       for (int64_t t = qs[b]; t < qs[b + 1]; ++t) seq_of[t] = static_cast<int32_t>(b);
     }
+    const int32_t* slots = SlotMapping(ctx, T, S);
     auto out = flat ? ctx.GetOutput(0, std::vector<int64_t>{T, Hq * D}) : ctx.GetOutput(0, q);
     Problem p;
     p.q = ctx.GetInput(0).GetTensorData<float>();
@@ -504,26 +505,32 @@ struct TreePagedAttentionKernel {
     if (p.bad_seq.load() >= 0) Fail("block " + std::to_string(p.bad_block.load()) + " in the table of sequence " +
                                     std::to_string(p.bad_seq.load()) + " is outside the pool's " +
                                     std::to_string(S / block_size) + " blocks");
-    const size_t slots_at = rope ? 11 : 9;
-    if (ctx.GetInputCount() > slots_at) {
-      auto slots_value = ctx.GetInput(slots_at);
-      if (slots_value != nullptr) WriteNew(p, slots_value);
-    }
+    if (slots != nullptr) WriteNew(p, slots);
+  }
+
+  // The optional slot_mapping input, checked before any work (nullptr when it is absent).
+  const int32_t* SlotMapping(Ort::KernelContext& ctx, int64_t T, int64_t S) const {
+    const size_t at = rope ? 11 : 9;
+    if (ctx.GetInputCount() <= at) return nullptr;
+    auto value = ctx.GetInput(at);
+    if (value == nullptr) return nullptr;
+    const auto shape = value.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape != std::vector<int64_t>{T}) Fail("slot_mapping must be [T] = " + ShapeText({T}) + ", got " +
+                                               ShapeText(shape));
+    const int32_t* slots = value.GetTensorData<int32_t>();
+    for (int64_t t = 0; t < T; ++t)
+      if (slots[t] >= S) Fail("slot " + std::to_string(slots[t]) + " of token " + std::to_string(t) +
+                              " is outside the pools' " + std::to_string(S) + " slots");
+    return slots;
   }
 
   // Stores each token's new key and value at its slot (slot_mapping, in place; see the top).
-  static void WriteNew(const Problem& p, const Ort::ConstValue& slots_value) {
-    const auto shape = slots_value.GetTensorTypeAndShapeInfo().GetShape();
-    if (shape != std::vector<int64_t>{p.T}) Fail("slot_mapping must be [T] = " + ShapeText({p.T}) + ", got " +
-                                                 ShapeText(shape));
-    const int32_t* slots = slots_value.GetTensorData<int32_t>();
+  static void WriteNew(const Problem& p, const int32_t* slots) {
     float* k_pool = const_cast<float*>(p.k_pool);
     float* v_pool = const_cast<float*>(p.v_pool);
     for (int64_t t = 0; t < p.T; ++t) {
       const int64_t slot = slots[t];
       if (slot < 0) continue;
-      if (slot >= p.S) Fail("slot " + std::to_string(slot) + " of token " + std::to_string(t) +
-                            " is outside the pools' " + std::to_string(p.S) + " slots");
       for (int64_t h = 0; h < p.Hkv; ++h) {
         const int64_t from = (t * p.Hkv + h) * p.D, to = (h * p.S + slot) * p.D;
         std::copy(p.k + from, p.k + from + p.D, k_pool + to);
