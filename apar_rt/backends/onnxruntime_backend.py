@@ -34,6 +34,9 @@ from apar_rt.core import StepInput
 from apar_rt.export import step_io
 
 _NUMPY = {"float32": np.float32, "float16": np.float16}
+# numpy types of the session's input types (ONNX Runtime's names)
+_INPUT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
+                "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
 
 
 def _torch_dtype(np_dtype):
@@ -272,6 +275,7 @@ class OnnxRuntimeBackend(Backend):
         self.head_dim = int(cfg["head_dim"])
         self.vocab_size = int(cfg["vocab_size"])
         self.buckets = sorted(m.batch_buckets)
+        self._max_batch = self.buckets[-1] if self.buckets else float("inf")
 
         so = _session_options(threads)
         if self._dev_type == "cuda":
@@ -329,6 +333,7 @@ class OnnxRuntimeBackend(Backend):
         got = [i.name for i in self.session.get_inputs()]
         if got != want:
             raise BackendUnavailable(f"{self.engine_dir / ONNX_NAME} has inputs {got}, expected {want}")
+        self._feed_types = {i.name: _INPUT_TYPES.get(i.type) for i in self.session.get_inputs()}
         self._io = IOBindingCalls(self.session, self._dev_type, self._dev_id)
         self.block_size = m.block_size
         self.k_caches: list = []          # per layer, the pool as [blocks, block_size, Hkv, D]: numpy views
@@ -340,7 +345,7 @@ class OnnxRuntimeBackend(Backend):
         self._gens: dict = {}             # buffer name -> generation of its current allocation
         self._staged: dict = {}           # input name -> (shape, its bound view, the array) as last staged
         self._next_gen = 0
-        self._outputs_key = None          # what _bind_outputs bound last
+        self._outputs_key = None          # (tokens, logits rows) that _bind_outputs bound last
         self._ran = False                 # a forward ran: its new K/V are in self._new_kv (commit_kv)
         self._native_step = False         # the last step ran the native op's body, which stored its K/V
         self._medusa = None               # the last forward's Medusa logits (heads in the step graph)
@@ -427,33 +432,39 @@ class OnnxRuntimeBackend(Backend):
         self._bound[name] = key
 
     def _stage_inputs(self, feeds: step_io.StepFeeds) -> None:
-        """Copy the step inputs into backend-owned buffers on the device and bind them. An input of
-        the shape it had last step goes into the same view, which is bound already (its buffer
-        only changes when a larger shape regrows it). A read-only array staged last step as it is
-        now (`ort_attention`'s constant placeholders) is not copied again."""
+        """Copy the step inputs into backend-owned buffers on the device (cast to the graph's
+        types) and bind them. An input of the shape it had last step goes into the same view,
+        which is bound already (its buffer only changes when a larger shape regrows it). A
+        read-only array staged last step as it is now (`ort_attention`'s constant placeholders)
+        is not copied again."""
         staged = self._staged
+        cpu = self._dev_type == "cpu"
         for name, arr in feeds.arrays.items():
             last = staged.get(name)
-            if last is not None and last[0] == arr.shape:
+            shape = arr.shape
+            if last is not None and last[0] == shape:
                 if last[2] is arr and not arr.flags.writeable:
                     continue
                 buf = last[1]
             else:
-                buf = self._buffer(name, arr.shape, arr.dtype.type)
-                self._bind(name, self._addrs[name], arr.dtype.type, arr.shape, input=True)
-            staged[name] = (arr.shape, buf, arr)
-            if self._dev_type == "cpu":
+                dtype = self._feed_types[name]
+                buf = self._buffer(name, shape, dtype)
+                self._bind(name, self._addrs[name], dtype, shape, input=True)
+            staged[name] = (shape, buf, arr)
+            if cpu:
                 np.copyto(buf, arr)
             else:
                 import torch
 
-                buf.copy_(torch.from_numpy(arr), non_blocking=False)
+                buf.copy_(torch.from_numpy(arr), non_blocking=False)   # (casts to the buffer's type)
 
     def _bind_outputs(self, num_tokens: int, num_logits: int) -> None:
         """Bind the outputs to persistent buffers: logits (and the Medusa logits, or with the heads
         apart the hidden states they read), and the new K/V of all layers in one
         [2, layers, T, Hkv, D] block (so that one indexed write stores them)."""
         T, N, V, L = num_tokens, num_logits, self.vocab_size, self.num_layers
+        if self._outputs_key == (T, N):   # as last step: the same buffers (only this method grows them), bound
+            return
         logits = self._buffer("logits", (N, V), np.float32)
         medusa = (self._buffer(step_io.MEDUSA_LOGITS, (N, self.num_medusa_heads, V), np.float32)
                   if self.num_medusa_heads and self._heads is None else None)
@@ -461,10 +472,6 @@ class OnnxRuntimeBackend(Backend):
                   if self._heads is not None else None)
         # rows = tokens, so that the buffer grows along its first axis; [T, 2, L, Hkv, D]
         kv = self._buffer("new_kv", (T + 1, 2, L, self.num_kv_heads, self.head_dim), self.dtype)
-        key = (T, N, self._gens["logits"], self._gens.get(step_io.MEDUSA_LOGITS), self._gens.get(self._heads_input),
-               self._gens["new_kv"])
-        if key == self._outputs_key:      # same shapes and buffers as the last step: all bound
-            return
         self._logits, self._medusa = logits, medusa
         self._hidden = None if hidden is None else hidden[:N]
         if hidden is not None:
@@ -486,7 +493,7 @@ class OnnxRuntimeBackend(Backend):
             self._bind(step_io.new_k_name(i), k_at, self.dtype, kv_shape, input=False, base="new_kv")
             self._bind(step_io.new_v_name(i), k_at + kv_step, self.dtype, kv_shape, input=False, base="new_kv")
         self._num_tokens = T
-        self._outputs_key = key
+        self._outputs_key = (T, N)
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -522,19 +529,25 @@ class OnnxRuntimeBackend(Backend):
         return self._logits if cpu else self._logits.cpu()
 
     def _step_feeds(self, step: StepInput) -> step_io.StepFeeds:
-        """The session's feeds for `step`: `step_io`'s, padded to a batch bucket, and on the CPU the
-        decode index the rewritten graph takes from the host (`ort_attention.decode_feeds`)."""
-        bucket = step_io.pick_bucket(int(step.block_tables.shape[0]), self.buckets) if self.buckets else None
-        feeds = step_io.step_feeds(step, bucket)
+        """The session's feeds for `step`: its own arrays (the graph takes any batch, so a step is
+        not padded to a batch bucket; the largest bucket bounds it), and on the CPU the decode
+        index the rewritten graph takes from the host (`ort_attention.decode_feeds`).
+        `_stage_inputs` copies them, cast to the graph's types."""
+        B = int(step.block_tables.shape[0])
+        if B > self._max_batch:
+            step_io.pick_bucket(B, self.buckets)   # raises: the scheduler's budget is wrong
+        a = {"input_ids": step.input_ids, "positions": step.positions, "block_tables": step.block_tables,
+             "context_lens": step.context_lens, "query_start": step.query_start, "mask": step.mask,
+             "logits_indices": step.logits_indices}
+        feeds = step_io.StepFeeds(a, B, int(step.input_ids.shape[0]), int(step.logits_indices.shape[0]))
         self._native_step = False
         if self._head_major:
-            a = feeds.arrays
             native = self.native_ops is not None
-            extra = decode_feeds(a["block_tables"], a["context_lens"], a["query_start"], a["mask"],
+            extra = decode_feeds(step.block_tables, step.context_lens, step.query_start, step.mask,
                                  self.block_size, native=native)
             a.update(extra)
             if native:
-                a[SLOT_INPUT] = np.ascontiguousarray(step.slot_mapping, np.int32)
+                a[SLOT_INPUT] = step.slot_mapping
                 self._native_step = runs_native(extra)
         return feeds
 
