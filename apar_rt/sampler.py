@@ -356,39 +356,45 @@ def _sample(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> 
 _NO_PROBES = np.zeros(0, np.float32)
 _NO_PROBES.flags.writeable = False
 _NAN_ENTROPY: dict[int, np.ndarray] = {}   # R -> a read-only [R] of NaN (no greedy row is probed)
+_ALL_OK: dict[int, np.ndarray] = {}        # R -> a read-only [R] of True
+
+
+def _shared(cache: dict, R: int, value) -> np.ndarray:
+    """A read-only [R] array of `value`, made once per R (at most 64 kept)."""
+    a = cache.get(R)
+    if a is None:
+        if len(cache) > 64:
+            cache.clear()
+        a = cache[R] = np.full(R, value)
+        a.flags.writeable = False
+    return a
 
 
 def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
     """`sample` for a batch of greedy rows without bias or probes, without copying the logits: a
     row whose first argmax is not banned has the same first argmax and max once its bans are
     applied (bans only lower entries); the rows whose argmax is banned take the general pass.
-    A row is valid when the value at its first argmax is finite (argmax finds a NaN first, then
-    +inf; a row all -inf is all banned). Few numpy calls: after the forward they run cold, a
-    few microseconds each."""
+    A row is valid when its max is finite (a NaN anywhere makes both the max and the value at
+    the first argmax NaN; a row all -inf is all banned). Few numpy calls: after the forward
+    they run cold, a few microseconds each."""
     x = np.asarray(logits, dtype=np.float32)
-    R, V = x.shape
+    R = x.shape[0]
     tokens = x.argmax(axis=1)
     first = tokens.tolist()
     if R == 1:
         good = math.isfinite(x[0, first[0]])
-        ok = np.array([good])
     else:
-        ok = np.isfinite(x.reshape(-1)[tokens + np.arange(0, R * V, V)])
-        good = None   # not known yet
-    if batch.bans:
-        for r in sorted({r for r, banned in batch.bans if first[r] in banned}):
+        good = all(map(math.isfinite, x.max(axis=1).tolist()))
+    redo = sorted({r for r, banned in batch.bans if first[r] in banned}) if batch.bans else ()
+    if good and not redo:
+        ok = _shared(_ALL_OK, R, True)
+    else:
+        ok = np.isfinite(x.max(axis=1))
+        for r in redo:
             one = _sample(x[r:r + 1], batch.select([r])[0])
             tokens[r], ok[r] = one.tokens[0], one.ok[0]
-            good = None
-    if not (good if good is not None else ok.all()):
         tokens[~ok] = -1
-    entropy = _NAN_ENTROPY.get(R)
-    if entropy is None:
-        if len(_NAN_ENTROPY) > 64:
-            _NAN_ENTROPY.clear()
-        entropy = _NAN_ENTROPY[R] = np.full(R, np.nan)
-        entropy.flags.writeable = False
-    return Sampled(tokens.astype(np.int64, copy=False), ok, _NO_PROBES, entropy)
+    return Sampled(tokens.astype(np.int64, copy=False), ok, _NO_PROBES, _shared(_NAN_ENTROPY, R, np.nan))
 
 
 def error_message(params: SamplingParams) -> str:
