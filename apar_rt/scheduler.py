@@ -623,10 +623,11 @@ class Scheduler:
             if upd.deltas:
                 req.decode_steps += 1
             if req.status is not FINISHED:
-                if len(req.branches) > 1:
+                if len(req.branches) > 1 and req.num_generated >= req.budget:
                     # Other branches grew this step: a branch whose next token could only land
                     # past the budget in reading order has nothing more to give. (A request that
-                    # never forked was checked as its one branch grew.)
+                    # never forked was checked as its one branch grew; below the budget in
+                    # tokens generated, no branch is: see `_append`.)
                     for b in req.live_branches():
                         if req.next_position(b) >= req.budget:
                             self._finish_branch(req, b, FinishReason.LENGTH, upd)
@@ -676,6 +677,8 @@ class Scheduler:
         `next_position` only grows as other branches grow, so a branch ended (or a fork skipped)
         because its next token would land at or past the budget loses nothing the output could
         hold, under any schedule. A branch also ends when its own context fills max_model_len.
+        A next position counts tokens that exist, so it is below `req.num_generated`: while that
+        is below the budget, no position is computed.
         """
         p = req.params
         b.token_ids.append(tok)
@@ -695,13 +698,17 @@ class Scheduler:
         if p.stop and self._hit_stop_string(b, p.stop):
             self._finish_branch(req, b, FinishReason.STOP, upd)
             return
+        budget = req.budget
         if (tok == self.control.fork and self.control.child is not None and self.mode(req) == "apar"
-                and b.context_len + 1 < self.max_model_len and req.next_position(b) < req.budget):
+                and b.context_len + 1 < self.max_model_len
+                and (req.num_generated < budget or req.next_position(b) < budget)):
             child = self._fork(req, b, upd)
-            if req.next_position(child) >= req.budget or child.context_len >= self.max_model_len:
+            if ((req.num_generated >= budget and req.next_position(child) >= budget)
+                    or child.context_len >= self.max_model_len):
                 self._finish_branch(req, child, FinishReason.LENGTH, upd)
-        pos = b.subtree_tokens if b.parent is None else req.next_position(b)
-        if pos >= req.budget or b.prefix_len + len(b.token_ids) >= self.max_model_len:
+        if ((req.num_generated >= budget
+             and (b.subtree_tokens if b.parent is None else req.next_position(b)) >= budget)
+                or b.prefix_len + len(b.token_ids) >= self.max_model_len):
             self._finish_branch(req, b, FinishReason.LENGTH, upd)
 
     @staticmethod

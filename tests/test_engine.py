@@ -54,6 +54,31 @@ def test_budgets_are_respected_and_chunking_changes_nothing(tiny_gqa):
     assert any(t == 3 and b == 1 for t, b in spy.steps)   # a prefill chunk alone
 
 
+@pytest.mark.parametrize("mode", ["ar", "apar"])
+def test_no_branch_outlives_the_budget(tiny_gqa, mode):
+    """After every step, each live branch's next token would still land inside the request's
+    budget in reading order (a branch whose next position reaches it ends that step), and an AR
+    request cut by max_tokens has generated exactly that many tokens."""
+    path, _, tok = tiny_gqa
+    bias = {tok.convert_tokens_to_ids("[SplitMask]"): 4.0} if mode == "apar" else {}
+    llm, _ = make_llm(path, mode=mode)
+    eng = llm.engine
+    for max_tokens in (5, 11, 24):
+        params = SamplingParams(max_tokens=max_tokens, logit_bias=bias, ignore_eos=True)
+        reqs = [eng._requests[eng.add_request(p, params)] for p in PROMPTS]
+        forked = False
+        while eng.has_unfinished():
+            eng.step()
+            for req in reqs:
+                forked |= len(req.branches) > 1
+                for b in req.live_branches():
+                    assert req.next_position(b) < req.budget, (max_tokens, b.id)
+        if mode == "ar":
+            assert [r.num_generated for r in reqs] == [max_tokens] * len(reqs)
+        else:
+            assert forked, "the bias was meant to make forks happen"
+
+
 @pytest.mark.parametrize("mode,threshold", [("ar", 3), ("apar", 1)])
 def test_long_prompts_prefill_in_chunks_of_the_threshold(tiny_gqa, mode, threshold):
     """long_prefill_token_threshold (vLLM's rule): no sequence gets more new tokens than that in a
