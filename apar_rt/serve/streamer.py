@@ -80,6 +80,9 @@ class ReadingOrderStreamer:
     _fallback: bool = False      # the walk handed over to apar.settled_text
     # each branch's own text sent: [characters, its segments' versions then, the text in pieces]
     _branch_sent: dict[int, list] = field(default_factory=dict)
+    # the common step's state, kept from the last one: (top frame, its branch, its open segment,
+    # the branch's children then); None after any other step
+    _steady: tuple | None = None
 
     @classmethod
     def for_engine(cls, engine, request: Request) -> "ReadingOrderStreamer":
@@ -98,6 +101,21 @@ class ReadingOrderStreamer:
     def step(self, deltas: Sequence[BranchDelta] = ()) -> str:
         """The new settled text after a step. `deltas`: the branches that got tokens (they are
         detokenized now; others are brought up to date when the walk reaches them)."""
+        steady = self._steady
+        if steady is not None and len(deltas) == 1:
+            # the common step again: the first running branch, alone, grew within its open segment
+            fr, b, seg, children = steady
+            if deltas[0].branch_id == b.id and len(b.children) == children and b.finish_reason is None:
+                seg.advance(len(b.token_ids))
+                if seg.version == fr.version and self._left >= seg.end - seg.start:
+                    length = seg.stable_len() - self.holdback
+                    if length <= fr.emitted:
+                        return ""
+                    delta = seg.slice(fr.emitted, length)
+                    fr.emitted = length
+                    self._sent.append(delta)
+                    return delta
+        self._steady = None
         req = self.request
         branches = req.branches
         text = self.text
@@ -120,6 +138,7 @@ class ReadingOrderStreamer:
                 seg = bt.segments[-1]
                 if (fr.k == len(bt.segments) - 1 and seg.version == fr.version and self._left >= seg.end - seg.start
                         and (seg.start == 0 or self.join != "reference")):
+                    self._steady = (fr, b, seg, len(b.children))
                     length = seg.stable_len() - self.holdback
                     if length <= fr.emitted:
                         return ""
@@ -253,6 +272,7 @@ class ReadingOrderStreamer:
 
     def finish(self, final_text: str) -> str:
         """The rest of the final text. The stream then equals `final_text` unless diverged."""
+        self._steady = None
         sent = self.sent
         if final_text.startswith(sent):
             delta = final_text[len(sent):]
