@@ -32,7 +32,7 @@ def _parse_buckets(ctx, param, value):
               help="Most sequences (APAR branches included) in one step.")
 @click.option("--batch-buckets", callback=_parse_buckets, default=None,
               help="Comma-separated fixed batch sizes, one TensorRT profile each (default: 1,2,4,.. up to "
-                   "--max-batch-size).")
+                   "--max-batch-size; onnxruntime engines run any batch up to the largest).")
 @click.option("--max-num-tokens", "--max_num_tokens", "max_num_tokens", type=int, default=2048, show_default=True,
               help="Most new tokens in one step.")
 @click.option("--max-seq-len", "--max_seq_len", "max_seq_len", type=int, default=None,
