@@ -334,6 +334,10 @@ class OnnxRuntimeBackend(Backend):
         if got != want:
             raise BackendUnavailable(f"{self.engine_dir / ONNX_NAME} has inputs {got}, expected {want}")
         self._feed_types = {i.name: _INPUT_TYPES.get(i.type) for i in self.session.get_inputs()}
+        odd = {i.name: i.type for i in self.session.get_inputs() if self._feed_types[i.name] is None}
+        if odd:
+            raise BackendUnavailable(f"{self.engine_dir / ONNX_NAME} has inputs of types this backend does not "
+                                     f"feed: {odd}")
         self._io = IOBindingCalls(self.session, self._dev_type, self._dev_id)
         self.block_size = m.block_size
         self.k_caches: list = []          # per layer, the pool as [blocks, block_size, Hkv, D]: numpy views

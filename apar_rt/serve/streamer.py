@@ -108,13 +108,7 @@ class ReadingOrderStreamer:
             if deltas[0].branch_id == b.id and len(b.children) == children and b.finish_reason is None:
                 seg.advance(len(b.token_ids))
                 if seg.version == fr.version and self._left >= seg.end - seg.start:
-                    length = seg.stable_len() - self.holdback
-                    if length <= fr.emitted:
-                        return ""
-                    delta = seg.slice(fr.emitted, length)
-                    fr.emitted = length
-                    self._sent.append(delta)
-                    return delta
+                    return self._open_segment_delta(fr, seg)
         self._steady = None
         req = self.request
         branches = req.branches
@@ -139,13 +133,7 @@ class ReadingOrderStreamer:
                 if (fr.k == len(bt.segments) - 1 and seg.version == fr.version and self._left >= seg.end - seg.start
                         and (seg.start == 0 or self.join != "reference")):
                     self._steady = (fr, b, seg, len(b.children))
-                    length = seg.stable_len() - self.holdback
-                    if length <= fr.emitted:
-                        return ""
-                    delta = seg.slice(fr.emitted, length)
-                    fr.emitted = length
-                    self._sent.append(delta)
-                    return delta
+                    return self._open_segment_delta(fr, seg)
         if not self._fallback:
             out: list[str] = []
             if self._walk(out):
@@ -155,6 +143,17 @@ class ReadingOrderStreamer:
                 return delta
             self._fallback = True
         return self._reference_step()
+
+    def _open_segment_delta(self, fr: _Frame, seg) -> str:
+        """The common step's text: the first running branch's open segment `seg` up to its stable
+        end less the holdback, past what frame `fr` emitted."""
+        length = seg.stable_len() - self.holdback
+        if length <= fr.emitted:
+            return ""
+        delta = seg.slice(fr.emitted, length)
+        fr.emitted = length
+        self._sent.append(delta)
+        return delta
 
     def _reference_step(self) -> str:
         req = self.request
