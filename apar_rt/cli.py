@@ -391,10 +391,10 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
 @click.option("--contexts", default="128,1024,4096", show_default=True,
               help="Context tokens per sequence (comma-separated).")
 @click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True,
-              help="Timed decode steps per configuration.")
+              help="Timed decode steps per configuration and round.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Runs of the whole grid, interleaved; each row is the median of its runs' medians "
-                   "(and the mean of their means).")
+              help="Rounds: the contexts of one (seqs, variant) take turns, --steps steps each, this many "
+                   "times; a row is the median (and mean, and least) of all its steps.")
 @click.option("--vocab", type=int, default=None, help="Logits width (default: the model's vocabulary).")
 @click.option("--stop", "stops", multiple=True,
               help="Stop string of the stop-string variants (repeatable; default: '\\nUser:' and '</s>').")
@@ -406,7 +406,9 @@ def bench_overhead_cmd(model, seqs, contexts, steps, repeats, vocab, stops, as_j
     Everything but the model is timed: scheduling, packing, sampling, appending, stop strings
     (stop strings that never match) and the reading-order streamer the servers run. Each
     (seqs, context) runs plain, with stop strings, with streaming, and with both. "ms/step" is
-    the median step; "mean" also counts the rare slow step (a garbage collection, say).
+    the median step; "mean" also counts the rare slow step (a garbage collection, say). The
+    contexts of one (seqs, variant) run side by side (their engines take turns), and each
+    context's ratio to the first is the median of the ratios taken in the same round.
 
     \b
     Stop strings are never completed by the random tokens. The text is checked only after a

@@ -72,72 +72,89 @@ def _engine(model: str, num_seqs: int, context: int, steps: int, vocab: int | No
     return Engine(backend, tok, mc, cfg), backend
 
 
-def measure(model: str, num_seqs: int, context: int, *, stop: bool, stream: bool, steps: int = 30,
-            vocab: int | None = None, seed: int = 0, stops: tuple[str, ...] = DEFAULT_STOPS) -> dict:
-    """Median engine milliseconds per decode step (forward excluded) for one configuration."""
-    from apar_rt.serve.streamer import ReadingOrderStreamer
+class _Load:
+    """One configuration's engine (`num_seqs` requests decoding at `context` tokens, with or
+    without stop strings and streaming), prefilled and ready for `timed_step`; room for `steps`
+    decode steps."""
 
-    eng, backend = _engine(model, num_seqs, context, steps, vocab)
-    rng = np.random.default_rng(seed)
-    special = set(eng.special_ids)
-    ordinary = np.array([t for t in range(min(len(eng.tokenizer), eng.model_config.vocab_size))
-                         if t not in special])
-    params = SamplingParams(max_tokens=eng.config.max_model_len, ignore_eos=True, stop=stops if stop else ())
-    streamers = {}
-    for _ in range(num_seqs):
-        ids = rng.choice(ordinary, context).tolist()
-        rid = eng.add_request(None, params, prompt_token_ids=ids)
-        if stream:
-            streamers[rid] = ReadingOrderStreamer.for_engine(eng, eng._requests[rid])
-    reqs = dict(eng._requests)
-    while any(not r.branches[0].token_ids for r in reqs.values()):   # prefill until all decode
-        eng.step()
-    times = []
-    checks = eng.scheduler.num_stop_checks
-    for _ in range(steps):
+    def __init__(self, model: str, num_seqs: int, context: int, *, stop: bool, stream: bool, steps: int,
+                 vocab: int | None, seed: int, stops: tuple[str, ...]) -> None:
+        from apar_rt.serve.streamer import ReadingOrderStreamer
+
+        self.key = (num_seqs, context, stop, stream)
+        self.eng, self.backend = eng, _ = _engine(model, num_seqs, context, steps, vocab)
+        rng = np.random.default_rng(seed)
+        special = set(eng.special_ids)
+        ordinary = np.array([t for t in range(min(len(eng.tokenizer), eng.model_config.vocab_size))
+                             if t not in special])
+        params = SamplingParams(max_tokens=eng.config.max_model_len, ignore_eos=True, stop=stops if stop else ())
+        self.streamers = {}
+        for _ in range(num_seqs):
+            ids = rng.choice(ordinary, context).tolist()
+            rid = eng.add_request(None, params, prompt_token_ids=ids)
+            if stream:
+                self.streamers[rid] = ReadingOrderStreamer.for_engine(eng, eng._requests[rid])
+        self.reqs = dict(eng._requests)
+        while any(not r.branches[0].token_ids for r in self.reqs.values()):   # prefill until all decode
+            eng.step()
+        self.checks = eng.scheduler.num_stop_checks
+        self.steps = 0
+
+    def timed_step(self) -> float:
+        """Seconds of one decode step, the forward excluded (and the streamers' work included)."""
+        backend, streamers = self.backend, self.streamers
         backend.forward_seconds = 0.0
         t = time.perf_counter()
-        outs = eng.step()
-        if stream:
+        outs = self.eng.step()
+        if streamers:
             for o in outs:
                 streamers[o.request_id].step(o.deltas)
-        times.append(time.perf_counter() - t - backend.forward_seconds)
-    assert all(len(o.deltas) for o in outs) and len(outs) == num_seqs, "every sequence must decode each step"
-    checked = (eng.scheduler.num_stop_checks - checks) / (steps * num_seqs)
-    for rid in list(reqs):
-        eng.abort_request(rid)
-    return {"seqs": num_seqs, "context": context, "stop": stop, "stream": stream,
-            "vocab": eng.model_config.vocab_size, "ms_per_step": 1000 * statistics.median(times),
-            "ms_per_step_mean": 1000 * statistics.fmean(times), "ms_per_step_min": 1000 * min(times),
-            "stop_checks_per_token": checked if stop else None}
+        took = time.perf_counter() - t - backend.forward_seconds
+        assert len(outs) == len(self.reqs) and all(len(o.deltas) for o in outs), \
+            "every sequence must decode each step"
+        self.steps += 1
+        return took
+
+    def close(self) -> float:
+        """Abort the requests; returns the share of tokens whose text was checked for stop strings."""
+        checked = (self.eng.scheduler.num_stop_checks - self.checks) / max(1, self.steps * len(self.reqs))
+        for rid in list(self.reqs):
+            self.eng.abort_request(rid)
+        return checked
 
 
 def bench_overhead(model: str, seqs=(1, 32, 256), contexts=(128, 1024, 4096), steps: int = 30,
                    vocab: int | None = None, stops: tuple[str, ...] = DEFAULT_STOPS, repeats: int = 3,
-                   log=print) -> list[dict]:
+                   seed: int = 0, log=print) -> list[dict]:
     """Every (seqs, context) at each of: plain, stop strings, streaming, both.
 
-    The grid runs `repeats` times over; each row is the median of its runs' medians, the mean of
-    their means (which counts the rare slow step, such as a garbage collection) and the least
-    step seen. The four variants of one (seqs, context) run one after another, contexts
-    are interleaved per seqs, and the repeats interleave the whole grid, so machine noise (a
-    shared machine's speed drifts over minutes) hits the compared figures alike."""
-    runs: dict[tuple, list[dict]] = {}
-    for rep in range(repeats):
-        for n in seqs:
-            for ctx in contexts:
-                for stop, stream in ((False, False), (True, False), (False, True), (True, True)):
-                    r = measure(model, n, ctx, stop=stop, stream=stream, steps=steps, vocab=vocab, stops=stops)
-                    log(f"run {rep + 1}/{repeats}: " + format_rows([r], header=False))
-                    runs.setdefault((n, ctx, stop, stream), []).append(r)
+    The contexts of one (seqs, variant) are measured side by side: their engines are loaded
+    together and take turns, `steps` steps each, `repeats` rounds (the order rotating), so a
+    shared machine's drift over minutes hits them alike. A row gives the median step over all its
+    rounds, the mean step (which counts the rare slow one, such as a garbage collection) and the
+    least; `ratio` is the median over rounds of its round median over the first context's, taken
+    in the same round."""
     rows = []
-    for rs in runs.values():
-        row = dict(rs[0], ms_per_step=statistics.median(r["ms_per_step"] for r in rs),
-                   ms_per_step_mean=statistics.fmean(r["ms_per_step_mean"] for r in rs),
-                   ms_per_step_min=min(r["ms_per_step_min"] for r in rs), repeats=len(rs))
-        if row["stop"]:
-            row["stop_checks_per_token"] = statistics.median(r["stop_checks_per_token"] for r in rs)
-        rows.append(row)
+    for n in seqs:
+        for stop, stream in ((False, False), (True, False), (False, True), (True, True)):
+            loads = [_Load(model, n, ctx, stop=stop, stream=stream, steps=steps * repeats, vocab=vocab, seed=seed,
+                           stops=stops) for ctx in contexts]
+            times: list[list[float]] = [[] for _ in loads]
+            rounds: list[list[float]] = [[] for _ in loads]   # per load, its median step in each round
+            for rep in range(repeats):
+                for i in [(rep + j) % len(loads) for j in range(len(loads))]:
+                    ts = [loads[i].timed_step() for _ in range(steps)]
+                    times[i] += ts
+                    rounds[i].append(statistics.median(ts))
+            for load, ts, rs in zip(loads, times, rounds):
+                checked = load.close()
+                rows.append({"seqs": n, "context": load.key[1], "stop": stop, "stream": stream,
+                             "vocab": load.eng.model_config.vocab_size, "steps": len(ts), "repeats": repeats,
+                             "ms_per_step": 1000 * statistics.median(ts), "ms_per_step_mean": 1000 * statistics.fmean(ts),
+                             "ms_per_step_min": 1000 * min(ts), "stop_checks_per_token": checked if stop else None,
+                             "ratio": statistics.median(r / b for r, b in zip(rs, rounds[0]))})
+                log(format_rows([rows[-1]], header=False))
+            del loads
     return rows
 
 
@@ -152,7 +169,8 @@ def format_rows(rows: list[dict], header: bool = True) -> str:
 
 
 def ratios(rows: list[dict]) -> str:
-    """Each context's figure over the smallest context's, per (seqs, stop, stream)."""
+    """Each context's figure over the smallest context's, per (seqs, stop, stream), taken side by
+    side (`bench_overhead`: the median over rounds of the two round medians' ratio)."""
     base = {}
     out = []
     for r in rows:
@@ -161,7 +179,7 @@ def ratios(rows: list[dict]) -> str:
         b = base[key]
         if b is not r:
             out.append(f"seqs {r['seqs']:>3} stop={r['stop']!s:<5} stream={r['stream']!s:<5} "
-                       f"context {r['context']}/{b['context']}: {r['ms_per_step'] / b['ms_per_step']:.2f}x")
+                       f"context {r['context']}/{b['context']}: {r['ratio']:.2f}x")
     return "\n".join(out)
 
 

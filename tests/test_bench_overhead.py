@@ -1,0 +1,24 @@
+"""`apar-rt bench overhead`: its rows, and contexts measured side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from apar_rt.bench.overhead import bench_overhead, ratios
+
+DEMO = str(Path(__file__).resolve().parents[1] / "samples" / "models" / "apar-tiny")
+
+
+def test_rows_cover_the_grid_with_every_rounds_steps():
+    """One row per (seqs, context, variant), each with every step of its rounds; the first
+    context's ratio to itself is 1 exactly; stop checks are counted only where stop strings are
+    on, over every timed token (a stop string ending in a space is checked after every token)."""
+    rows = bench_overhead(DEMO, seqs=(3,), contexts=(16, 48), steps=4, repeats=2, stops=("x ",), log=lambda m: None)
+    assert [(r["seqs"], r["context"], r["stop"], r["stream"]) for r in rows] == [
+        (3, c, stop, stream) for stop, stream in ((False, False), (True, False), (False, True), (True, True))
+        for c in (16, 48)]
+    assert all(r["steps"] == 8 and r["ms_per_step_min"] <= r["ms_per_step"] for r in rows)
+    assert all(r["ratio"] == 1.0 for r in rows if r["context"] == 16)
+    assert all((r["stop_checks_per_token"] == 1.0) if r["stop"] else r["stop_checks_per_token"] is None
+               for r in rows)
+    assert ratios(rows).count("context 48/16") == 4
