@@ -82,7 +82,8 @@ class _Load:
         from apar_rt.serve.streamer import ReadingOrderStreamer
 
         self.key = (num_seqs, context, stop, stream)
-        self.eng, self.backend = eng, _ = _engine(model, num_seqs, context, steps, vocab)
+        self.eng, self.backend = _engine(model, num_seqs, context, steps, vocab)
+        eng = self.eng
         rng = np.random.default_rng(seed)
         special = set(eng.special_ids)
         ordinary = np.array([t for t in range(min(len(eng.tokenizer), eng.model_config.vocab_size))
