@@ -269,8 +269,7 @@ class Scheduler:
         one token behind (not expected).
 
         The returned step's `block_tables` is `last`'s array, updated in place (a backend reads a
-        step's inputs before the next is scheduled); it and the other arrays passed on as they are
-        (query_start, mask, logits_indices) are read-only while unchanged."""
+        step's inputs before the next is scheduled)."""
         seqs = last.seqs
         prev = last.step
         append_in_place = self.kv.append_in_place
@@ -294,11 +293,6 @@ class Scheduler:
             input_ids.append(tokens[-1])
         copies: list[tuple[int, int]] = []
         tables = prev.block_tables
-        # What the replay passes on unchanged is made read-only: a backend that staged the same
-        # read-only array last step need not copy it again (onnxruntime's `_stage_inputs`).
-        for kept in (prev.query_start, prev.mask, prev.logits_indices):
-            kept.flags.writeable = False
-        tables.flags.writeable = bool(short)   # written below only for sequences that take a block
         if short:
             if len(short) > self.pool.num_free:
                 self._undo_in_place(seqs, slots)
