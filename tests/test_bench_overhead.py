@@ -13,7 +13,8 @@ def test_rows_cover_the_grid_with_every_rounds_steps():
     """One row per (seqs, context, variant), each with every step of its rounds; the first
     context's ratio to itself is 1 exactly; stop checks are counted only where stop strings are
     on, over every timed token (a stop string ending in a space is checked after every token)."""
-    rows = bench_overhead(DEMO, seqs=(3,), contexts=(16, 48), steps=4, repeats=2, stops=("x ",), log=lambda m: None)
+    rows = bench_overhead(DEMO, seqs=(3,), contexts=(16, 48), steps=4, repeats=2, stops=("x ",),
+                          log=lambda m: None)
     assert [(r["seqs"], r["context"], r["stop"], r["stream"]) for r in rows] == [
         (3, c, stop, stream) for stop, stream in ((False, False), (True, False), (False, True), (True, True))
         for c in (16, 48)]

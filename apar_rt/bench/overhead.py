@@ -81,7 +81,7 @@ class _Load:
                  vocab: int | None, seed: int, stops: tuple[str, ...]) -> None:
         from apar_rt.serve.streamer import ReadingOrderStreamer
 
-        self.key = (num_seqs, context, stop, stream)
+        self.context = context
         self.eng, self.backend = _engine(model, num_seqs, context, steps, vocab)
         eng = self.eng
         rng = np.random.default_rng(seed)
@@ -138,8 +138,8 @@ def bench_overhead(model: str, seqs=(1, 32, 256), contexts=(128, 1024, 4096), st
     rows = []
     for n in seqs:
         for stop, stream in ((False, False), (True, False), (False, True), (True, True)):
-            loads = [_Load(model, n, ctx, stop=stop, stream=stream, steps=steps * repeats, vocab=vocab, seed=seed,
-                           stops=stops) for ctx in contexts]
+            loads = [_Load(model, n, ctx, stop=stop, stream=stream, steps=steps * repeats, vocab=vocab,
+                           seed=seed, stops=stops) for ctx in contexts]
             times: list[list[float]] = [[] for _ in loads]
             rounds: list[list[float]] = [[] for _ in loads]   # per load, its median step in each round
             for rep in range(repeats):
@@ -149,10 +149,12 @@ def bench_overhead(model: str, seqs=(1, 32, 256), contexts=(128, 1024, 4096), st
                     rounds[i].append(statistics.median(ts))
             for load, ts, rs in zip(loads, times, rounds):
                 checked = load.close()
-                rows.append({"seqs": n, "context": load.key[1], "stop": stop, "stream": stream,
+                rows.append({"seqs": n, "context": load.context, "stop": stop, "stream": stream,
                              "vocab": load.eng.model_config.vocab_size, "steps": len(ts), "repeats": repeats,
-                             "ms_per_step": 1000 * statistics.median(ts), "ms_per_step_mean": 1000 * statistics.fmean(ts),
-                             "ms_per_step_min": 1000 * min(ts), "stop_checks_per_token": checked if stop else None,
+                             "ms_per_step": 1000 * statistics.median(ts),
+                             "ms_per_step_mean": 1000 * statistics.fmean(ts),
+                             "ms_per_step_min": 1000 * min(ts),
+                             "stop_checks_per_token": checked if stop else None,
                              "ratio": statistics.median(r / b for r, b in zip(rs, rounds[0]))})
                 log(format_rows([rows[-1]], header=False))
             del loads
