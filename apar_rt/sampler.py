@@ -381,15 +381,17 @@ def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
     R = x.shape[0]
     tokens = x.argmax(axis=1)
     first = tokens.tolist()
+    row_max = None
     if R == 1:
         good = math.isfinite(x[0, first[0]])
     else:
-        good = all(map(math.isfinite, x.max(axis=1).tolist()))
+        row_max = x.max(axis=1)
+        good = all(map(math.isfinite, row_max.tolist()))
     redo = sorted({r for r, banned in batch.bans if first[r] in banned}) if batch.bans else ()
     if good and not redo:
         ok = _shared(_ALL_OK, R, True)
     else:
-        ok = np.isfinite(x.max(axis=1))
+        ok = np.isfinite(x.max(axis=1) if row_max is None else row_max)
         for r in redo:
             one = _sample(x[r:r + 1], batch.select([r])[0])
             tokens[r], ok[r] = one.tokens[0], one.ok[0]

@@ -584,8 +584,8 @@ class Scheduler:
 
         A plain sequence brings one token (an int in `results`). A draft tree brings its accepted
         run plus the bonus token; the run is cut after the first [Fork] or end token (kept), and to
-        the request's remaining max_tokens. For a tree, `s.accepted` is set to the tokens kept and the table is
-        cut to the root plus the accepted nodes, whose K/V the engine then writes.
+        the request's remaining max_tokens. For a tree, `s.accepted` is set to the tokens kept and
+        the table is cut to the root plus the accepted nodes, whose K/V the engine then writes.
 
         A request whose update raises fails alone, with the message `on_error(req, exc)` gives.
         """

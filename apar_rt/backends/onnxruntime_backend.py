@@ -496,7 +496,6 @@ class OnnxRuntimeBackend(Backend):
             k_at = start + i * layer_step
             self._bind(step_io.new_k_name(i), k_at, self.dtype, kv_shape, input=False, base="new_kv")
             self._bind(step_io.new_v_name(i), k_at + kv_step, self.dtype, kv_shape, input=False, base="new_kv")
-        self._num_tokens = T
         self._outputs_key = (T, N)
 
     # ---- one step --------------------------------------------------------------------------
@@ -540,9 +539,7 @@ class OnnxRuntimeBackend(Backend):
         B = int(step.block_tables.shape[0])
         if B > self._max_batch:
             step_io.pick_bucket(B, self.buckets)   # raises: the scheduler's budget is wrong
-        a = {"input_ids": step.input_ids, "positions": step.positions, "block_tables": step.block_tables,
-             "context_lens": step.context_lens, "query_start": step.query_start, "mask": step.mask,
-             "logits_indices": step.logits_indices}
+        a = {name: getattr(step, name) for name in step_io.STEP_INPUTS}
         feeds = step_io.StepFeeds(a, B, int(step.input_ids.shape[0]), int(step.logits_indices.shape[0]))
         self._native_step = False
         if self._head_major:
