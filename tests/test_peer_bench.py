@@ -135,3 +135,13 @@ def test_apar_medusa_tree_is_checked_before_anything_runs(both, tiny_gqa, tmp_pa
            "apar_rt_decode_ms": 1.0, "peer_decode_ms": 2.0, "decode_ratio": 2.0, "apar_rt_apar_req_s": 3.0,
            "peer_ar_req_s": 2.0, "req_ratio": 1.5, "apar_max_num_seqs": 4, "apar_medusa_tree": "chain_3"}
     assert peer_mod.format_rows([row]).splitlines()[1].split()[-2:] == ["4", "chain_3"]
+
+
+def test_ratios_are_taken_within_rounds():
+    """A ratio is the median of the rounds' own ratios, so a round in which the machine ran slow for
+    both runs moves neither against the other. Below, the ratio of the medians (apar-rt 1 s, the
+    peer 2 s) would say 2.0, though the two tied in two rounds of three."""
+    ta, tb = [1.0, 1.0, 4.0], [1.0, 2.0, 4.0]   # round 2: the peer slow alone; round 3: both slow
+    assert peer_mod._round_ratio(ta, tb, 10, 10) == 1.0
+    assert peer_mod._round_ratio([1.0, 2.0, 3.0], [2.0, 4.0, 6.0], 10, 10) == 2.0
+    assert peer_mod._round_ratio([1.0], [1.0], 30, 10) == 3.0   # work per run counts

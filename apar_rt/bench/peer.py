@@ -5,7 +5,9 @@ model that onnxruntime-genai's own builder makes from the same folder
 (`python -m onnxruntime_genai.models.builder -i MODEL -o DIR -p fp32 -e cpu`). Both get the same
 token ids (apar-rt's encoding of each prompt; the peer gets them right-padded into one batch, its
 static batching, as its own encode_batch pads) and the same intra-op thread count. Runs alternate (apar-rt, peer, apar-rt, ...)
-so that machine noise hits both alike, and medians are reported.
+so that machine noise hits both alike: each side's figure is the median of its `repeats` runs, and each
+ratio is the median of the rounds' ratios (a round's two runs back to back), so that the machine's
+drift over minutes, which moves both runs of a round, cancels.
 
 Measures:
 * AR tokens/s: every request decodes exactly `max_tokens` tokens (EOS ignored on both sides);
@@ -173,6 +175,12 @@ def _interleave(run_a, run_b, repeats: int) -> tuple[list[float], list[float], i
     return ta, tb, wa, wb
 
 
+def _round_ratio(ta: list[float], tb: list[float], wa: float, wb: float) -> float:
+    """apar-rt's rate over the peer's (work `wa` in seconds `ta[i]` against `wb` in `tb[i]`): the
+    median of the rounds' ratios."""
+    return statistics.median((wa / a) / (wb / b) for a, b in zip(ta, tb))
+
+
 def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = None, batch_sizes=(1, 8),
                max_tokens: int = 64, repeats: int = 5, threads: int | None = None,
                prompts_file: str | None = None, apar_max_tokens: int = 256, input_len: int | None = None,
@@ -233,9 +241,9 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
             da, db = (1000 * statistics.median(x) if x else None for x in (steps_a, steps_b))
             row = {"batch": bs, "input_len": statistics.mean(map(len, ids)), "max_tokens": max_tokens,
                    "repeats": repeats, "threads": threads,
-                   "apar_rt_ar_tok_s": na / ma, "peer_ar_tok_s": nb / mb, "ar_ratio": (na / ma) / (nb / mb),
+                   "apar_rt_ar_tok_s": na / ma, "peer_ar_tok_s": nb / mb, "ar_ratio": _round_ratio(ta, tb, na, nb),
                    "apar_rt_decode_ms": da, "peer_decode_ms": db,
-                   "decode_ratio": db / da if da and db else None,
+                   "decode_ratio": db / da if da and db else None,   # (steps of all rounds pooled)
                    "apar_rt_huge_pages_mib": huge}
             if prompts_file:
                 row.update(_requests_per_s(engine, peer, load_prompts(prompts_file), bs, apar_max_tokens,
@@ -321,7 +329,7 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
             peer.generate([ids[i] for i in w], n, ignore_eos=not to_eos)
         return len(ids)
 
-    ta, tb, na, nb = _interleave(run_ours, lambda: run_peer(False), max(1, repeats // 2))
+    ta, tb, na, nb = _interleave(run_ours, lambda: run_peer(False), repeats)
     te = [0.0]
 
     def peer_eos():
@@ -335,7 +343,7 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
     return {"prompts": len(ids), "apar_max_tokens": max_tokens, "apar_max_num_seqs": seats,
             "apar_medusa_tree": medusa_tree,
             "apar_rt_apar_req_s": na / ma,
-            "peer_ar_req_s": nb / mb, "req_ratio": (na / ma) / (nb / mb),
+            "peer_ar_req_s": nb / mb, "req_ratio": _round_ratio(ta, tb, na, nb),
             "mean_ar_answer_tokens": statistics.mean(ar_lens), "peer_ar_to_eos_req_s": len(ids) / te[0]}
 
 
