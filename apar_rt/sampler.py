@@ -382,7 +382,8 @@ def _all_nan(R: int) -> np.ndarray:
 def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
     """`sample` for a batch of greedy rows without bias or probes, without copying the logits: a
     row whose first argmax is not banned has the same first argmax and max once its bans are
-    applied (bans only lower entries); the rows whose argmax is banned take the general pass.
+    applied (bans only lower entries); a row whose argmax is banned is ranked again with its
+    bans applied, as `process` applies them.
     A row is valid when the value at its first argmax is finite: that value is the row's max,
     or NaN when the row holds a NaN (argmax stops at the first), and a row all -inf is all
     banned. So the logits are read once (by argmax), not again for the rows' max. Few numpy
@@ -397,14 +398,17 @@ def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
     else:
         at_max = x[_shared(_ROWS, R, np.arange), tokens]
         good = all(map(math.isfinite, at_max.tolist()))
-    redo = sorted({r for r, banned in batch.bans if first[r] in banned}) if batch.bans else ()
+    redo = [(r, banned) for r, banned in batch.bans if first[r] in banned] if batch.bans else ()
     if good and not redo:
         ok = _shared(_ALL_OK, R, _all_true)
     else:
         ok = np.isfinite(x[:, first[0]] if at_max is None else at_max)
-        for r in redo:
-            one = _sample(x[r:r + 1], batch.select([r])[0])
-            tokens[r], ok[r] = one.tokens[0], one.ok[0]
+        V = x.shape[1]
+        for r, banned in redo:   # `process` on this row alone (no bias), then the same argmax and check
+            row = x[r].copy()
+            row[[t for t in banned if 0 <= t < V]] = -np.inf
+            t = int(row.argmax())
+            tokens[r], ok[r] = t, math.isfinite(row[t])
         tokens[~ok] = -1
     return Sampled(tokens.astype(np.int64, copy=False), ok, _NO_PROBES, _shared(_NAN_ENTROPY, R, _all_nan))
 
