@@ -156,6 +156,30 @@ def valid_rows(x: np.ndarray) -> np.ndarray:
 
 def kept_probs(x: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray:
     """Step 3 for valid sampled rows: [R, V] float32, the renormalised kept probabilities (0 elsewhere)."""
+    groups = _kept(x, temperature, top_k, top_p)
+    R, V = x.shape
+    if len(groups) == 1 and groups[0][1] is None and groups[0][0].size == R:
+        return groups[0][2]
+    out = np.zeros((R, V), np.float32)
+    for rows, ids, probs in groups:
+        out[rows] = _dense(ids, probs, V)
+    return out
+
+
+def _dense(ids: np.ndarray | None, probs: np.ndarray, V: int) -> np.ndarray:
+    """A group's kept probabilities as [n, V] rows (`_kept`)."""
+    if ids is None:
+        return probs
+    rows = np.zeros((len(probs), V), np.float32)
+    np.put_along_axis(rows, ids, probs, axis=1)
+    return rows
+
+
+def _kept(x: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> list:
+    """`kept_probs` by groups of rows, each (rows [n], ids, probs) with float32 probs: whole rows
+    [n, V] (ids None), or the values at ids [n, M] (distinct ids; 0 where dropped, and 0 at every
+    id not listed), which is how top-k and top-p rows come out of their candidates: their dense
+    rows are never written."""
     R, V = x.shape
     t = np.maximum(temperature.astype(np.float32), np.float32(np.finfo(np.float32).tiny))[:, None]
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -171,31 +195,27 @@ def kept_probs(x: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p:
     if not filt.any():
         np.exp(z, out=z)
         z /= z.sum(axis=1, keepdims=True)
-        return z
-    out = np.zeros_like(z)
+        return [(np.arange(R), None, z)]
+    groups = []
     plain = np.nonzero(~filt)[0]
     if plain.size:
         e = np.exp(z[plain])
-        out[plain] = e / e.sum(axis=1, keepdims=True)
+        groups.append((plain, None, e / e.sum(axis=1, keepdims=True)))
     rows = np.nonzero(filt)[0]
-    ids, probs, redo = _kept_candidates(z[rows], k[rows], top_p[rows])
-    sub = np.zeros((rows.size, V), np.float32)
-    np.put_along_axis(sub, ids, probs.astype(np.float32), axis=1)
-    again = np.nonzero(redo)[0]
+    zf = z if rows.size == R else z[rows]
+    ids, probs, redo = _kept_candidates(zf, k[rows], top_p[rows])
+    done = ~redo
+    groups.append((rows[done], ids[done], probs[done].astype(np.float32)))
+    again = rows[redo]
     if again.size:                      # among as many candidates as the nuclei need, then whole
-        r = rows[again]
-        width = max(2 * ids.shape[1], nucleus_width(z[r], top_p[r]))
+        width = max(2 * ids.shape[1], nucleus_width(z[again], top_p[again]))
         if width < V:
-            ids2, probs2, redo2 = _kept_candidates(z[r], k[r], top_p[r], width)
-            sub[again] = 0.0
-            part = sub[again]
-            np.put_along_axis(part, ids2, probs2.astype(np.float32), axis=1)
-            sub[again] = part
+            ids2, probs2, redo2 = _kept_candidates(z[again], k[again], top_p[again], width)
+            groups.append((again[~redo2], ids2[~redo2], probs2[~redo2].astype(np.float32)))
             again = again[redo2]
-    for i in again:
-        sub[i] = _kept_row(z[rows[i]], int(k[rows[i]]), float(top_p[rows[i]]))
-    out[rows] = sub
-    return out
+    if again.size:
+        groups.append((again, None, np.stack([_kept_row(z[i], int(k[i]), float(top_p[i])) for i in again])))
+    return groups
 
 
 def nucleus_width(z: np.ndarray, top_p: np.ndarray, bins: int = NUCLEUS_BINS) -> int:
@@ -294,12 +314,44 @@ def _kept_row(z: np.ndarray, k: int, top_p: float) -> np.ndarray:
 
 def draw(probs: np.ndarray, uniform: np.ndarray) -> np.ndarray:
     """Step 4: per row, the first token id where the cumulative kept mass exceeds u."""
+    return _draw_rows(probs, uniform)[0]
+
+
+def _draw_rows(probs: np.ndarray, uniform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`draw` over rows of kept probabilities [n, M] in id order, and whether each row's are all
+    finite (they are >= 0: exactly when their float64 total is). The cumulative mass is summed in
+    float64 in that order. Where no prefix exceeds u (u close to 1), the last token with mass:
+    never a zero-probability token past the last kept one. (A first prefix that exceeds u ends
+    at a token with mass, so it is never past that one.)"""
     cum = np.cumsum(probs, axis=1, dtype=np.float64)
-    target = uniform[:, None] * cum[:, -1:]
-    idx = (cum <= target).sum(axis=1)
-    # never land on a zero-probability token past the last kept one (u close to 1)
-    last = probs.shape[1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=1)
-    return np.minimum(idx, last)
+    total = cum[:, -1]
+    with np.errstate(invalid="ignore"):
+        idx = (cum <= uniform[:, None] * total[:, None]).sum(axis=1)
+    n = cum.shape[1]
+    past = np.nonzero(idx == n)[0]
+    if past.size:
+        idx[past] = n - 1 - np.argmax(probs[past][:, ::-1] > 0, axis=1)
+    return idx, np.isfinite(total)
+
+
+def _draw_kept(groups: list, uniform: np.ndarray, R: int) -> tuple[np.ndarray, np.ndarray]:
+    """`draw` for `_kept`'s groups (uniform [R] and the result indexed like `_kept`'s rows): the
+    tokens [R] and whether each row's kept probabilities are finite [R]. A group held at ids is
+    drawn over its ids in increasing order: the ids it does not list hold 0, which adds nothing
+    to a cumulative sum, so the sums, and the token, are those of its dense rows."""
+    tokens = np.zeros(R, np.int64)
+    good = np.zeros(R, bool)
+    for rows, ids, probs in groups:
+        if not rows.size:
+            continue
+        if ids is None:
+            tokens[rows], good[rows] = _draw_rows(probs, uniform[rows])
+            continue
+        order = np.argsort(ids, axis=1)
+        ids = np.take_along_axis(ids, order, axis=1)
+        at, good[rows] = _draw_rows(np.take_along_axis(probs, order, axis=1), uniform[rows])
+        tokens[rows] = ids[np.arange(rows.size), at]
+    return tokens, good
 
 
 def sample(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> Sampled:
@@ -329,20 +381,28 @@ def _sample(logits: np.ndarray, batch: SamplingBatch, inplace: bool = False) -> 
     ent = np.full(R, np.nan, np.float64)
     if samp.any():
         rows = np.nonzero(samp)[0]
-        probs = kept_probs(x[rows], temperature[rows], np.asarray(batch.top_k, np.int64)[rows],
-                           np.asarray(batch.top_p, np.float64)[rows])
-        good = np.isfinite(probs).all(axis=1)
-        tokens[rows[good]] = draw(probs[good], np.asarray(batch.uniform, np.float64)[rows[good]])
+        groups = _kept(x if rows.size == R else x[rows], temperature[rows],
+                       np.asarray(batch.top_k, np.int64)[rows], np.asarray(batch.top_p, np.float64)[rows])
+        drawn, good = _draw_kept(groups, np.asarray(batch.uniform, np.float64)[rows], rows.size)
+        tokens[rows[good]] = drawn[good]
         ok[rows[~good]] = False
         if pr.size:
+            V = x.shape[1]
+            want = np.nonzero(probed[rows])[0]     # probed sampled rows: only theirs are made dense
+            slot = np.full(rows.size, -1, np.int64)
+            slot[want] = np.arange(want.size)
+            probs = np.zeros((want.size, V), np.float32)
+            for g_rows, ids, p in groups:
+                sel = np.nonzero(slot[g_rows] >= 0)[0]
+                if sel.size:
+                    probs[slot[g_rows[sel]]] = _dense(None if ids is None else ids[sel], p[sel], V)
             at = np.full(R, -1, np.int64)
             at[rows] = np.arange(rows.size)
             hit = at[pr] >= 0
-            inside = hit & (pt >= 0) & (pt < x.shape[1])
+            inside = hit & (pt >= 0) & (pt < V)
             probe_p[hit] = 0.0
-            probe_p[inside] = probs[at[pr[inside]], pt[inside]]
-            want = probed[rows]
-            ent[rows[want]] = entropy(probs[want])
+            probe_p[inside] = probs[slot[at[pr[inside]]], pt[inside]]
+            ent[rows[want]] = entropy(probs)
     g = ok & (temperature == 0.0) & probed            # greedy: the point mass at the token
     ent[g] = 0.0
     gp = g[pr] if pr.size else np.zeros(0, bool)

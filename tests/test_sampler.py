@@ -185,3 +185,31 @@ def test_nuclei_past_the_candidates_match_the_plain_reference():
         q = kept_probs(x[None, :], np.array([p.temperature]), np.array([p.top_k]), np.array([p.top_p]))[0]
         want = reference_kept(x.astype(np.float64), p)
         assert len(want) > 64 and set(np.nonzero(q > 0)[0].tolist()) == want, trial
+
+
+def test_kept_rows_drawn_at_their_ids_equal_their_dense_rows():
+    """Top-k and top-p rows leave the pass as the values at their candidate ids; drawn over those
+    ids in increasing order they must give the token `draw` gives on the dense rows, for any u
+    (u near 1 included), with many ties and nuclei past the candidates."""
+    from apar_rt.sampler import _draw_kept, _kept, draw
+
+    rng = np.random.default_rng(7)
+    held_at_ids = 0
+    for trial in range(20):
+        R, V = 12, int(rng.choice([90, 700]))
+        x = (rng.standard_normal((R, V)) * float(rng.choice([0.5, 3.0]))).astype(np.float32)
+        if trial % 3 == 0:
+            x = np.round(x)                                # ties, also at the candidates' edge
+        t = rng.choice([0.5, 1.0, 1.7], R)
+        k = rng.choice([0, 1, 5, 64, 80, V], R)
+        p = rng.choice([0.2, 0.9, 0.999, 1.0], R)
+        u = rng.random(R)
+        u[:3] = [0.0, np.nextafter(1.0, 0.0), 1.0 - 1e-12]
+        groups = _kept(x, t, k, p)
+        held_at_ids += sum(len(rows) for rows, ids, _ in groups if ids is not None)
+        dense = kept_probs(x, t, k, p)
+        tokens, good = _draw_kept(groups, u, R)
+        assert good.all()
+        assert tokens.tolist() == draw(dense, u).tolist(), trial
+        assert (dense[np.arange(R), tokens] > 0).all()
+    assert held_at_ids > 50
