@@ -227,11 +227,17 @@ void WeightedValues(const float* w, int64_t K, const float* const* values, int64
 }
 
 // Softmax numerators in place over a row of n scores padded to K (a multiple of kLanes); returns
-// 1 / their sum.
+// 1 / their sum. The max is std::max's over the row (a NaN score never becomes it), taken a
+// vector at a time: the padding is -inf, which no score is below.
 inline float Exponentiate(float* s, int64_t n, int64_t K) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
   for (int64_t i = n; i < K; ++i) s[i] = -std::numeric_limits<float>::infinity();   // exp gives 0
+  Vec mv = Splat(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < K; i += kLanes) {
+    const Vec x = Load(s + i);
+    mv = mv < x ? x : mv;
+  }
+  float m = mv[0];
+  for (int l = 1; l < kLanes; ++l) m = std::max(m, mv[l]);
   Vec total{};
   for (int64_t i = 0; i < K; i += kLanes) {
     const Vec e = ExpNonPositive(Load(s + i) - m);
