@@ -46,6 +46,15 @@ def test_device_sampler_equals_the_reference_on_random_mixed_batches():
     assert rows_seen > 2500 and invalid > 50
 
 
+def test_large_vocabularies_equal_the_device_sampler():
+    """At 6,000 and 20,000 tokens (top-k and top-p rows held at their candidate ids, nuclei
+    past the candidates) the tokens are the device sampler's."""
+    rng = np.random.default_rng(8)
+    for trial in range(8):
+        x, rows, batch = random_case(rng, V=int(rng.choice([6000, 20000])), R=24)
+        assert_same(sample(x[rows], batch), CPU.sample(torch.from_numpy(x), rows, batch))
+
+
 def test_all_greedy_batches_without_probes_give_the_reference_tokens():
     rng = np.random.default_rng(5)
     for trial in range(40):
