@@ -392,7 +392,7 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
 @click.option("--seqs", default="1,32,256", show_default=True, help="Running sequences (comma-separated).")
 @click.option("--contexts", default="128,1024,4096", show_default=True,
               help="Context tokens per sequence (comma-separated).")
-@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True,
               help="Timed decode steps per configuration and round.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Rounds: the contexts of one (seqs, variant) take turns, --steps steps each, this many "

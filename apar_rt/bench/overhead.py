@@ -124,7 +124,7 @@ class _Load:
         return checked
 
 
-def bench_overhead(model: str, seqs=(1, 32, 256), contexts=(128, 1024, 4096), steps: int = 30,
+def bench_overhead(model: str, seqs=(1, 32, 256), contexts=(128, 1024, 4096), steps: int = 100,
                    vocab: int | None = None, stops: tuple[str, ...] = DEFAULT_STOPS, repeats: int = 3,
                    seed: int = 0, log=print) -> list[dict]:
     """Every (seqs, context) at each of: plain, stop strings, streaming, both.
