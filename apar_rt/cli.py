@@ -499,7 +499,8 @@ def bench_sampler_cmd(rows, vocab, reps, device, threads, as_json):
               help="onnxruntime engine folder of the same model (default: built into a temporary folder).")
 @click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--max-tokens", type=int, default=64, show_default=True, help="New tokens per request (EOS ignored).")
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs per side; the median is shown.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed runs per side; the median is shown.")
 @click.option("--mode", type=click.Choice(["ar", "apar"]), default="ar", show_default=True)
 @click.option("--threads", type=int, default=None, help="torch and onnxruntime threads (default: their own).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
