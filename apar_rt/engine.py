@@ -86,6 +86,8 @@ class Engine:
                                    stop_filter=stop_filter_for(tokenizer, self.decode),
                                    tree=self.verifier.tree if self.verifier else None)
         backend.allocate_kv(config.num_blocks, config.block_size)
+        if self.verifier is not None:
+            backend.prepare_drafting(self.verifier.tree.depth)
         self._requests: dict[str, Request] = {}
         self._batch: tuple | None = None      # the last step's sampling rows, for its replay (_keep_batch)
         self._ids = itertools.count()
@@ -387,15 +389,15 @@ class Engine:
                 if s.accepted and not s.branch.finished and self.verifier.drafts_for(s.request.params)]
         if not want:
             return
-        k = self.verifier.max_rank
+        k, heads = self.verifier.max_rank, self.verifier.tree.depth
         try:
-            ranked = self.backend.medusa_topk([r for _, r in want], k)
+            ranked = self.backend.medusa_topk([r for _, r in want], k, heads)
         except Exception as e:   # not expected: draft row by row, failing only the request that raises
             log.error("batched drafting failed; drafting row by row", exc_info=e)
             ranked = None
         for j, (s, r) in enumerate(want):
             try:
-                top = ranked[j] if ranked is not None else self.backend.medusa_topk([r], k)[0]
+                top = ranked[j] if ranked is not None else self.backend.medusa_topk([r], k, heads)[0]
                 s.branch.draft = self.verifier.draft(top)
             except Exception as e:
                 self._fail(s.request, "drafting for", e)

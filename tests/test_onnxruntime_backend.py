@@ -338,15 +338,17 @@ def test_medusa_heads_are_cut_when_not_asked_for(medusa_engine):
 
 def test_medusa_heads_run_apart_on_the_rows_asked_for(medusa_engine):
     """On the CPU the heads leave the step graph (it outputs their input, the hidden states at the
-    logits rows) for a session of their own, which medusa_topk runs on the rows it is asked for:
-    the same logits as torch's heads at those rows, in rows of a prefill, of two steps of
+    logits rows) for a model of their own, which medusa_logits_at and medusa_topk run on the rows
+    they are asked for: the same logits and ranked ids as torch's heads at those rows (all heads,
+    or the first few that `prepare_drafting` names), in rows of a prefill, of two steps of
     different sizes, and the step's own logits unchanged."""
     model, engine = medusa_engine
     be = OnnxRuntimeBackend(str(engine), medusa_dir=str(engine))
     ref = TorchBackend(str(model), dtype="float32", device="cpu", medusa_dir=str(model / "medusa"))
     outs = [o.name for o in be.session.get_outputs()]
     assert step_io.MEDUSA_LOGITS not in outs and be._heads_input in outs
-    assert [o.name for o in be._heads.get_outputs()] == [step_io.MEDUSA_LOGITS]
+    assert [o.name for o in be._heads.graph.output] == [step_io.MEDUSA_LOGITS]
+    assert be.num_medusa_heads == 4
     for x in (ref, be):
         x.allocate_kv(8, 4)
     asked = []
@@ -363,7 +365,10 @@ def test_medusa_heads_run_apart_on_the_rows_asked_for(medusa_engine):
         np.testing.assert_allclose(be.medusa_logits_at(rows), want, atol=1e-4)
         np.testing.assert_allclose(be.medusa_logits()[rows], want, atol=1e-4)
         np.testing.assert_array_equal(be.medusa_topk(rows, 3), ref.medusa_topk(rows, 3))
-    assert asked == [2, 5, 2, 1, 3, 1]   # each call ran the heads on its own rows only
+        be.prepare_drafting(2)
+        np.testing.assert_array_equal(be.medusa_topk(rows, 4, 2), ref.medusa_topk(rows, 4, 2))
+        be.prepare_drafting(4)
+    assert asked == [2, 5, 1, 3]   # each call ran the heads on its own rows only (drafting ranks apart)
 
 
 def test_bound_inputs_outlive_the_callers_arrays(gqa_engine):

@@ -75,12 +75,17 @@ class Backend(ABC):
             return sample(logits, batch)
         return sample(logits[rows], batch, inplace=True)
 
-    def medusa_topk(self, rows, k: int) -> np.ndarray:
-        """[R, heads, k] int64: for each logits row in `rows` of the last step, each Medusa head's
-        k best token ids (`apar_rt.sampler.ranked_top_k`: largest first, ties to the lower id)."""
-        m = np.asarray(self.medusa_logits_at(rows))
+    def medusa_topk(self, rows, k: int, heads: int | None = None) -> np.ndarray:
+        """[R, heads, k] int64: for each logits row in `rows` of the last step, each of the first
+        `heads` Medusa heads' (None: all) k best token ids (`apar_rt.sampler.ranked_top_k`:
+        largest first, ties to the lower id)."""
+        m = np.asarray(self.medusa_logits_at(rows))[:, :heads]
         R, H, V = m.shape
         return ranked_top_k(m.reshape(R * H, V), k).reshape(R, H, -1)
+
+    def prepare_drafting(self, heads: int) -> None:
+        """Drafting will read the first `heads` Medusa heads only (its tree's depth): a backend
+        may stop computing the others. The default computes them all."""
 
     def medusa_logits_at(self, rows):
         """The heads' logits [R, heads, vocab] at the last step's logits rows `rows` (a backend

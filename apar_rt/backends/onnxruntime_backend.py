@@ -27,7 +27,7 @@ from apar_rt.backends.base import Backend, BackendUnavailable, load_engine_folde
 from apar_rt.backends.huge_pages import BackgroundCollapse
 from apar_rt.backends.onnx_graph import cast_to, drop_outputs, producers_and_uses
 from apar_rt.backends.ort_attention import DECODE_INPUTS, SLOT_INPUT, decode_feeds, runs_native
-from apar_rt.backends.ort_medusa import HeadsSplit
+from apar_rt.backends.ort_medusa import RANK_INPUT, RANK_OUTPUT, HeadsSplit, rank_heads
 from apar_rt.backends.ort_medusa import split_heads as split_medusa_heads
 from apar_rt.build.manifest import ONNX_NAME
 from apar_rt.core import StepInput
@@ -242,7 +242,8 @@ class OnnxRuntimeBackend(Backend):
             this only checks that the engine was built with them. Without it, the heads are cut
             from the graph on load, so that they cost nothing. With it, on the CPU, they are cut
             out into a session of their own (`ort_medusa`), which `medusa_topk` runs on the rows
-            it is asked for only (a drafting thread's last accepted node), not on every row.
+            it is asked for only (a drafting thread's last accepted node), not on every row, for
+            the heads the tree reads (`prepare_drafting`), ranking their logits in the graph.
         huge_pages: on the CPU, once the pool is allocated, back the session's weights and the pool
             with transparent huge pages where Linux allows it (`huge_pages.collapse_new`): a
             memory-bound decode step then misses the TLB far less.
@@ -313,11 +314,14 @@ class OnnxRuntimeBackend(Backend):
             model, heads = _session_model(model_path, drop, ort_body, native=lib is not None, split_heads=split_heads)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(model_path.parent))
+        # the Medusa heads apart (CPU): their model, and the sessions made from it (`_heads_session`)
+        self._heads = None if heads is None else heads.heads
+        self._heads_options = (threads, model_path.parent, providers)
+        self._heads_sessions: dict = {}
         try:
             self.session = ort.InferenceSession(model, so, providers=providers)
-            # the Medusa heads' own session (CPU): hidden states of the rows that draft -> their logits
-            self._heads = None if heads is None else ort.InferenceSession(
-                heads.heads.SerializeToString(), _session_options(threads, model_path.parent), providers=providers)
+            if heads is not None:   # drafting's, with every head until `prepare_drafting` says how many
+                self._rank_session(self.num_medusa_heads)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendUnavailable(f"onnxruntime cannot load {self.engine_dir / ONNX_NAME}: {e}") from None
         self._heads_input = None if heads is None else heads.hidden   # the step's output the heads read
@@ -589,8 +593,45 @@ class OnnxRuntimeBackend(Backend):
         return self._run_heads(self._hidden[np.asarray(rows, np.int64)])   # only the rows asked for
 
     def _run_heads(self, hidden: np.ndarray) -> np.ndarray:
-        """The heads' logits [R, heads, vocab] for hidden states [R, hidden] (their own session)."""
-        return self._heads.run([step_io.MEDUSA_LOGITS], {self._heads_input: np.ascontiguousarray(hidden)})[0]
+        """The heads' logits [R, heads, vocab] for hidden states [R, hidden] (their own session,
+        made on first use: drafting reads ranked ids instead, `medusa_topk`)."""
+        session = self._heads_session("logits", lambda: self._heads)
+        return session.run([step_io.MEDUSA_LOGITS], {self._heads_input: np.ascontiguousarray(hidden)})[0]
+
+    def prepare_drafting(self, heads: int) -> None:
+        """With the heads apart, drafting's session computes the first `heads` heads only."""
+        if self._heads is not None:
+            self._rank_session(heads)
+
+    def medusa_topk(self, rows, k: int, heads: int | None = None) -> np.ndarray:
+        """With the heads apart, ranked in their session (`ort_medusa.rank_heads`): only the ids
+        cross back."""
+        if self._hidden is None:
+            return super().medusa_topk(rows, k, heads)
+        n = self.num_medusa_heads if heads is None else int(heads)
+        hidden = np.ascontiguousarray(self._hidden[np.asarray(rows, np.int64)])
+        k = np.array([min(int(k), self.vocab_size)], np.int64)
+        return self._rank_session(n).run([RANK_OUTPUT], {self._heads_input: hidden, RANK_INPUT: k})[0]
+
+    def _rank_session(self, heads: int):
+        """Drafting's session for the first `heads` heads (`rank_heads`). One is kept: asking for
+        another count replaces it, so that the heads' weights are loaded once."""
+        if not 0 < heads <= self.num_medusa_heads:
+            raise ValueError(f"drafting reads 1 to {self.num_medusa_heads} Medusa heads, not {heads}")
+        if ("rank", heads) not in self._heads_sessions:
+            for key in [key for key in self._heads_sessions if key != "logits"]:
+                del self._heads_sessions[key]
+        return self._heads_session(("rank", heads),
+                                   lambda: rank_heads(self._heads, heads, step_io.MEDUSA_LOGITS))
+
+    def _heads_session(self, key, make_model):
+        """The heads' session under `key`, made from `make_model()` (a ModelProto) on first use."""
+        session = self._heads_sessions.get(key)
+        if session is None:
+            threads, folder, providers = self._heads_options
+            session = self._heads_sessions[key] = ort.InferenceSession(
+                make_model().SerializeToString(), _session_options(threads, folder), providers=providers)
+        return session
 
     def commit_kv(self, token_indices, slots) -> None:
         """Write the last step's K/V of tokens `token_indices` to `slots` (draft trees)."""

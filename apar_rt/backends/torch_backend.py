@@ -141,10 +141,10 @@ class TorchBackend(Backend):
         asked-for probes cross back, in one copy."""
         return self._sampler.sample(self._logits, rows, batch)
 
-    def medusa_topk(self, rows, k: int) -> np.ndarray:
+    def medusa_topk(self, rows, k: int, heads: int | None = None) -> np.ndarray:
         if self._hidden() is None:
-            return super().medusa_topk(rows, k)
-        m = self.medusa_logits_at(rows)
+            return super().medusa_topk(rows, k, heads)
+        m = self.medusa_logits_at(rows)[:, :heads]
         R, H, V = m.shape
         return self._sampler.ranked_top_k(m.reshape(R * H, V), k).reshape(R, H, -1)
 
