@@ -314,14 +314,13 @@ class OnnxRuntimeBackend(Backend):
             model, heads = _session_model(model_path, drop, ort_body, native=lib is not None, split_heads=split_heads)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(model_path.parent))
-        # the Medusa heads apart (CPU): their model, and the sessions made from it (`_heads_session`)
+        # the Medusa heads apart (CPU): their model, and the sessions made from it on first use
+        # (`_heads_session`; the engine asks for drafting's at its start, `prepare_drafting`)
         self._heads = None if heads is None else heads.heads
         self._heads_options = (threads, model_path.parent, providers)
         self._heads_sessions: dict = {}
         try:
             self.session = ort.InferenceSession(model, so, providers=providers)
-            if heads is not None:   # drafting's, with every head until `prepare_drafting` says how many
-                self._rank_session(self.num_medusa_heads)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendUnavailable(f"onnxruntime cannot load {self.engine_dir / ONNX_NAME}: {e}") from None
         self._heads_input = None if heads is None else heads.hidden   # the step's output the heads read
@@ -629,8 +628,13 @@ class OnnxRuntimeBackend(Backend):
         session = self._heads_sessions.get(key)
         if session is None:
             threads, folder, providers = self._heads_options
-            session = self._heads_sessions[key] = ort.InferenceSession(
-                make_model().SerializeToString(), _session_options(threads, folder), providers=providers)
+            try:
+                session = ort.InferenceSession(make_model().SerializeToString(), _session_options(threads, folder),
+                                               providers=providers)
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise BackendUnavailable(f"onnxruntime cannot load the Medusa heads of {self.engine_dir / ONNX_NAME}: "
+                                         f"{e}") from None
+            self._heads_sessions[key] = session
         return session
 
     def commit_kv(self, token_indices, slots) -> None:
