@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
+from apar_rt.bench import overhead
 from apar_rt.bench.overhead import bench_overhead, ratios
 
 DEMO = str(Path(__file__).resolve().parents[1] / "samples" / "models" / "apar-tiny")
@@ -23,3 +26,21 @@ def test_rows_cover_the_grid_with_every_rounds_steps():
     assert all((r["stop_checks_per_token"] == 1.0) if r["stop"] else r["stop_checks_per_token"] is None
                for r in rows)
     assert ratios(rows).count("context 48/16") == 4
+
+
+def test_each_configurations_engines_are_reclaimed(monkeypatch):
+    """The heap is frozen before a configuration's engines are made, never while earlier ones are
+    alive (frozen objects are never collected): once the run is over, every engine it made can be
+    collected, so no row ran beside the garbage of the rows before it."""
+    made = []
+    make = overhead._engine
+
+    def watched(*args, **kwargs):
+        eng, backend = make(*args, **kwargs)
+        made.append(weakref.ref(eng))
+        return eng, backend
+
+    monkeypatch.setattr(overhead, "_engine", watched)
+    bench_overhead(DEMO, seqs=(2,), contexts=(16, 32), steps=2, repeats=1, log=lambda m: None)
+    gc.collect()
+    assert len(made) == 8 and not [r for r in made if r() is not None]

@@ -9,6 +9,7 @@ exactly the one asked for; contexts are reached by prefilling prompts of that le
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import time
@@ -54,7 +55,7 @@ class RandomLogitsBackend(Backend):
 
 def _engine(model: str, num_seqs: int, context: int, steps: int, vocab: int | None):
     from apar_rt.config import EngineConfig, ModelConfig
-    from apar_rt.engine import Engine, freeze_heap
+    from apar_rt.engine import Engine
     from apar_rt.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model)
@@ -68,8 +69,19 @@ def _engine(model: str, num_seqs: int, context: int, steps: int, vocab: int | No
     cfg = EngineConfig(num_blocks=blocks, block_size=bs, max_num_seqs=num_seqs, max_num_tokens=MAX_NUM_TOKENS,
                        max_model_len=max_len, mode="ar", watermark=0.0)
     backend = RandomLogitsBackend(mc.vocab_size)
-    freeze_heap()   # as Engine.from_pretrained does
     return Engine(backend, tok, mc, cfg), backend
+
+
+def _fresh_heap() -> None:
+    """Before a configuration's engines are made: reclaim the last configuration's (garbage now,
+    reference cycles included), then freeze what is left, as Engine.from_pretrained does before it
+    makes its engine (`freeze_heap`). Freezing while engines are alive would keep them for good:
+    frozen objects are never collected, so every later row would run beside all earlier rows'
+    engines (at 32 sequences, 80 MB a configuration)."""
+    from apar_rt.engine import freeze_heap
+
+    gc.unfreeze()
+    freeze_heap()
 
 
 class _Load:
@@ -138,26 +150,35 @@ def bench_overhead(model: str, seqs=(1, 32, 256), contexts=(128, 1024, 4096), st
     rows = []
     for n in seqs:
         for stop, stream in ((False, False), (True, False), (False, True), (True, True)):
-            loads = [_Load(model, n, ctx, stop=stop, stream=stream, steps=steps * repeats, vocab=vocab,
-                           seed=seed, stops=stops) for ctx in contexts]
-            times: list[list[float]] = [[] for _ in loads]
-            rounds: list[list[float]] = [[] for _ in loads]   # per load, its median step in each round
-            for rep in range(repeats):
-                for i in [(rep + j) % len(loads) for j in range(len(loads))]:
-                    ts = [loads[i].timed_step() for _ in range(steps)]
-                    times[i] += ts
-                    rounds[i].append(statistics.median(ts))
-            for load, ts, rs in zip(loads, times, rounds):
-                checked = load.close()
-                rows.append({"seqs": n, "context": load.context, "stop": stop, "stream": stream,
-                             "vocab": load.eng.model_config.vocab_size, "steps": len(ts), "repeats": repeats,
-                             "ms_per_step": 1000 * statistics.median(ts),
-                             "ms_per_step_mean": 1000 * statistics.fmean(ts),
-                             "ms_per_step_min": 1000 * min(ts),
-                             "stop_checks_per_token": checked if stop else None,
-                             "ratio": statistics.median(r / b for r, b in zip(rs, rounds[0]))})
-                log(format_rows([rows[-1]], header=False))
-            del loads
+            _fresh_heap()
+            rows += _configuration(model, n, contexts, stop, stream, steps, repeats, vocab, seed, stops, log)
+    return rows
+
+
+def _configuration(model: str, n: int, contexts, stop: bool, stream: bool, steps: int, repeats: int,
+                   vocab: int | None, seed: int, stops: tuple[str, ...], log) -> list[dict]:
+    """`bench_overhead`'s rows of one (seqs, variant): its contexts side by side. Its engines live
+    in this frame only, so they are garbage once it returns."""
+    loads = [_Load(model, n, ctx, stop=stop, stream=stream, steps=steps * repeats, vocab=vocab,
+                   seed=seed, stops=stops) for ctx in contexts]
+    times: list[list[float]] = [[] for _ in loads]
+    rounds: list[list[float]] = [[] for _ in loads]   # per load, its median step in each round
+    for rep in range(repeats):
+        for i in [(rep + j) % len(loads) for j in range(len(loads))]:
+            ts = [loads[i].timed_step() for _ in range(steps)]
+            times[i] += ts
+            rounds[i].append(statistics.median(ts))
+    rows = []
+    for load, ts, rs in zip(loads, times, rounds):
+        checked = load.close()
+        rows.append({"seqs": n, "context": load.context, "stop": stop, "stream": stream,
+                     "vocab": load.eng.model_config.vocab_size, "steps": len(ts), "repeats": repeats,
+                     "ms_per_step": 1000 * statistics.median(ts),
+                     "ms_per_step_mean": 1000 * statistics.fmean(ts),
+                     "ms_per_step_min": 1000 * min(ts),
+                     "stop_checks_per_token": checked if stop else None,
+                     "ratio": statistics.median(r / b for r, b in zip(rs, rounds[0]))})
+        log(format_rows([rows[-1]], header=False))
     return rows
 
 
