@@ -145,3 +145,40 @@ def test_ratios_are_taken_within_rounds():
     assert peer_mod._round_ratio(ta, tb, 10, 10) == 1.0
     assert peer_mod._round_ratio([1.0, 2.0, 3.0], [2.0, 4.0, 6.0], 10, 10) == 2.0
     assert peer_mod._round_ratio([1.0], [1.0], 30, 10) == 3.0   # work per run counts
+
+
+def test_prompt_set_rounds_alternate_wave_by_wave(both, monkeypatch, tmp_path):
+    """On a prompt set each round runs every wave on apar-rt and at once on the peer, so the two
+    sides of a wave are seconds apart: after apar-rt's AR pass (for the answers' lengths), a warm
+    round and `repeats` rounds alternate ours/peer per wave; then the peer's to-EOS pass."""
+    llm, peer = both
+    engine = str(llm.engine.backend.engine_dir)
+    calls: list[tuple[str, int]] = []
+    make = peer_mod._ours
+
+    def watched_ours(*args, **kwargs):
+        ours = make(*args, **kwargs)
+        generate = ours.generate
+        mode = args[1]
+
+        def gen(*a, **k):
+            calls.append((f"ours-{mode}", len(k["prompt_token_ids"])))
+            return generate(*a, **k)
+
+        ours.generate = gen
+        return ours
+
+    peer_generate = peer.generate
+
+    def watched_peer(ids, *a, **k):
+        calls.append(("peer", len(ids)))
+        return peer_generate(ids, *a, **k)
+
+    monkeypatch.setattr(peer_mod, "_ours", watched_ours)
+    monkeypatch.setattr(peer, "generate", watched_peer)
+    prompts = [{"prompt": p} for p in ("one two three", "water and sleep", "the list of food")]
+    row = peer_mod._requests_per_s(engine, peer, prompts, 2, 6, 2, 1, 4)
+    waves = [2, 1]
+    rounds = [c for _ in range(3) for w in waves for c in (("ours-apar", w), ("peer", w))]
+    assert calls == [("ours-ar", 3)] + rounds + [("peer", w) for w in waves]
+    assert row["prompts"] == 3 and row["apar_rt_apar_req_s"] > 0 and row["peer_ar_req_s"] > 0 and row["req_ratio"] > 0

@@ -7,7 +7,8 @@ token ids (apar-rt's encoding of each prompt; the peer gets them right-padded in
 static batching, as its own encode_batch pads) and the same intra-op thread count. Runs alternate (apar-rt, peer, apar-rt, ...)
 so that machine noise hits both alike: each side's figure is the median of its `repeats` runs, and each
 ratio is the median of the rounds' ratios (a round's two runs back to back), so that the machine's
-drift over minutes, which moves both runs of a round, cancels.
+drift over minutes, which moves both runs of a round, cancels. On a prompt set a round alternates
+wave by wave (a wave: `batch` prompts), since this machine's speed swings within a run too.
 
 Measures:
 * AR tokens/s: every request decodes exactly `max_tokens` tokens (EOS ignored on both sides);
@@ -320,16 +321,29 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
     _settle(llm)
     waves = [range(i, min(i + bs, len(ids))) for i in range(0, len(ids), bs)]
 
-    def run_ours():
-        return sum(len(llm.generate(prompt_token_ids=[ids[i] for i in w], params=params)) for w in waves)
-
-    def run_peer(to_eos: bool):
-        for w in waves:
+    def run_peer(to_eos: bool, wave_list=waves):
+        for w in wave_list:
             n = max_tokens if to_eos else max(ar_lens[i] for i in w)
             peer.generate([ids[i] for i in w], n, ignore_eos=not to_eos)
         return len(ids)
 
-    ta, tb, na, nb = _interleave(run_ours, lambda: run_peer(False), repeats)
+    def one_round() -> tuple[float, float]:
+        """Every wave on apar-rt, then at once on the peer: each side's seconds over the waves.
+        Alternating wave by wave (not run by run) puts the two sides of a wave seconds apart, so
+        this machine's speed swings, which come and go within a run, hit both alike."""
+        ta = tb = 0.0
+        for w in waves:
+            t = time.perf_counter()
+            llm.generate(prompt_token_ids=[ids[i] for i in w], params=params)
+            ta += time.perf_counter() - t
+            t = time.perf_counter()
+            run_peer(False, [w])
+            tb += time.perf_counter() - t
+        return ta, tb
+
+    one_round()   # warm both
+    ta, tb = (list(x) for x in zip(*(one_round() for _ in range(repeats))))
+    na = nb = len(ids)
     te = [0.0]
 
     def peer_eos():
