@@ -92,6 +92,10 @@ def engine_options(f):
                      show_default=True,
                      help="Drafts for sampled requests: typical acceptance, or greedy (no drafts when "
                           "temperature > 0). Greedy requests are always verified losslessly."),
+        click.option("--speculative-disable-by-batch-size", type=click.IntRange(min=1), default=None,
+                     help="With --medusa: no draft trees in a step after one that ran at least this many "
+                          "sequences (APAR branches count one each), since a compute-bound step pays for a "
+                          "tree's rows (vLLM's flag; default: no limit). Greedy output is the same either way."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -106,6 +110,7 @@ def _engine_kwargs(kw: dict) -> dict:
     if medusa:
         out["medusa"] = medusa
         out["medusa_tree"] = kw.get("medusa_tree")
+        out["speculative_disable_by_batch_size"] = kw.get("speculative_disable_by_batch_size")
     return out
 
 

@@ -119,6 +119,9 @@ class EngineConfig:
     ban_fork_when_full: bool = False  # ban [Fork] while the step already holds max_num_seqs
     medusa_tree: str | None = None  # Medusa draft tree (preset name or JSON file); None: no drafts
     acceptance: str = "typical"    # how sampled requests accept drafts: "typical" or "greedy" (none)
+    # no draft trees in a step after one that ran at least this many sequences (vLLM's
+    # speculative_disable_by_batch_size; APAR branches count one each); None: no such limit
+    speculative_disable_by_batch_size: int | None = None
     text_join: str = "inplace"     # text recovery: "inplace", or "reference" (THUDM/APAR's newline fix-ups)
     max_waiting: int = 1024        # most requests waiting for admission; past it a new one is refused (0: no limit)
 
@@ -143,3 +146,6 @@ class EngineConfig:
             raise ValueError(f"max_waiting must be >= 0 (0: no limit), got {self.max_waiting}")
         if self.max_depth < 0:
             raise ValueError(f"max_depth must be >= 0, got {self.max_depth}")
+        if self.speculative_disable_by_batch_size is not None and self.speculative_disable_by_batch_size < 1:
+            raise ValueError(f"speculative_disable_by_batch_size must be >= 1 (None: no limit), "
+                             f"got {self.speculative_disable_by_batch_size}")

@@ -375,7 +375,10 @@ class Engine:
                              finish_reason=FinishReason.ERROR, error=req.error or msg)
 
     def _after_medusa_step(self, out, picks) -> None:
-        """Write the accepted nodes' K/V, then draft each live thread's next tree."""
+        """Write the accepted nodes' K/V, then draft each live thread's next tree; no thread drafts
+        after a step of at least `speculative_disable_by_batch_size` sequences (its next step
+        decodes plainly: where a step is compute-bound, a tree's extra rows cost more than its
+        accepted tokens save)."""
         offsets = {id(s): int(out.step.query_start[i]) for i, s in enumerate(out.seqs)}
         idx: list[int] = []
         slots: list[int] = []
@@ -385,6 +388,11 @@ class Engine:
                 slots += s.slots[:s.accepted]
         if idx:
             self.backend.commit_kv(idx, slots)
+        limit = self.config.speculative_disable_by_batch_size
+        if limit is not None and len(out.seqs) >= limit:
+            for s, _, _ in picks:
+                s.branch.draft = None
+            return
         want = [(s, row + nodes[s.accepted - 1]) for s, row, nodes in picks
                 if s.accepted and not s.branch.finished and self.verifier.drafts_for(s.request.params)]
         if not want:

@@ -309,3 +309,35 @@ def test_medusa_outputs_are_the_same_with_the_device_sampler_and_the_reference(m
     assert [o.text for o in a] == [o.text for o in b]
     assert all(o.stats["accepted_tokens_per_step"] > 1.0 for o in a[:2])
     assert sum(o.stats["accepted_tokens_per_step"] for o in a[2:]) > 4.0, "typical acceptance should accept drafts"
+
+
+def test_no_trees_after_a_step_of_speculative_disable_by_batch_size_sequences(medusa_model):
+    """With the limit, a step runs draft trees only after a step of fewer sequences than it (APAR
+    branches count), and the greedy trees are those without Medusa; a limit of 1 drafts nothing."""
+    path, _ = medusa_model
+    ps = prompts(10, seed=0)
+    params = SamplingParams(max_tokens=60, logit_bias={FORK: 3.0})
+    base, _ = run_in_flight(path, ps, params, False, mode="apar", num_blocks=64, block_size=4)
+    for limit in (1, 4):
+        llm = LLM(str(path), backend="torch", raw=True, medusa=True, mode="apar", num_blocks=64, block_size=4,
+                  speculative_disable_by_batch_size=limit)
+        eng = llm.engine
+        steps: list[tuple[int, bool]] = []   # (sequences, ran a tree) per step
+        schedule = eng.scheduler.schedule
+
+        def watched(schedule=schedule, steps=steps):
+            out = schedule()
+            steps.append((len(out.seqs), any(s.tree for s in out.seqs)))
+            return out
+
+        eng.scheduler.schedule = watched
+        outs = llm.generate(ps, params=params)
+        assert canonical_all(outs) == canonical_all(base) and [o.text for o in outs] == [o.text for o in base]
+        trees = [i for i, (_, tree) in enumerate(steps) if tree]
+        assert all(steps[i - 1][0] < limit for i in trees)
+        assert bool(trees) == (limit > 1), steps
+        assert max(n for n, _ in steps) >= limit
+
+
+def canonical_all(outs):
+    return [canonical(o.branches) for o in outs]

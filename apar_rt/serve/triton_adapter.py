@@ -75,11 +75,12 @@ PARAMETERS: dict[str, tuple[type, Any]] = {
     "max_num_tokens": (int, None), "long_prefill_token_threshold": (int, None), "max_model_len": (int, None),
     "max_depth": (int, None),
     "medusa": (str, ""), "medusa_tree": (str, None), "acceptance": (str, None), "text_join": (str, None),
+    "speculative_disable_by_batch_size": (int, None),
     "default_max_tokens": (int, 256), "raw": (bool, False), "torch_threads": (int, 0),
 }
 _ENGINE_KWARGS = ("mode", "num_blocks", "block_size", "max_num_seqs", "max_num_tokens",
                   "long_prefill_token_threshold", "max_model_len", "max_depth", "medusa_tree", "acceptance",
-                  "text_join")
+                  "text_join", "speculative_disable_by_batch_size")
 
 
 def model_parameters(model_config: dict) -> dict[str, Any]:
