@@ -105,12 +105,11 @@ def engine_options(f):
 def _engine_kwargs(kw: dict) -> dict:
     out = {k: kw[k] for k in ("num_blocks", "block_size", "max_num_seqs", "max_num_tokens", "max_model_len",
                               "max_depth", "mode", "acceptance", "ban_fork_when_full", "text_join", "max_waiting",
-                              "long_prefill_token_threshold")}
+                              "long_prefill_token_threshold", "speculative_disable_by_batch_size")}
     medusa = kw.get("medusa_heads") or kw.get("medusa") or bool(kw.get("medusa_tree"))
     if medusa:
         out["medusa"] = medusa
         out["medusa_tree"] = kw.get("medusa_tree")
-        out["speculative_disable_by_batch_size"] = kw.get("speculative_disable_by_batch_size")
     return out
 
 
