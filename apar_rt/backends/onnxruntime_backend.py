@@ -27,7 +27,7 @@ from apar_rt.backends.base import Backend, BackendUnavailable, load_engine_folde
 from apar_rt.backends.huge_pages import BackgroundCollapse
 from apar_rt.backends.onnx_graph import cast_to, drop_outputs, producers_and_uses
 from apar_rt.backends.ort_attention import DECODE_INPUTS, SLOT_INPUT, decode_feeds, runs_native
-from apar_rt.backends.ort_medusa import RANK_INPUT, RANK_OUTPUT, HeadsSplit, rank_heads
+from apar_rt.backends.ort_medusa import RANK_INPUT, RANK_OUTPUT, HeadsSplit, int8_weights, rank_heads
 from apar_rt.backends.ort_medusa import split_heads as split_medusa_heads
 from apar_rt.build.manifest import ONNX_NAME
 from apar_rt.core import StepInput
@@ -244,6 +244,9 @@ class OnnxRuntimeBackend(Backend):
             out into a session of their own (`ort_medusa`), which `medusa_topk` runs on the rows
             it is asked for only (a drafting thread's last accepted node), not on every row, for
             the heads the tree reads (`prepare_drafting`), ranking their logits in the graph.
+        int8_drafting: that session holds a float32 engine's heads as int8 weights
+            (`ort_medusa.int8_weights`); drafts only propose, so greedy output is the same. False:
+            the heads as they are in the engine.
         huge_pages: on the CPU, once the pool is allocated, back the session's weights and the pool
             with transparent huge pages where Linux allows it (`huge_pages.collapse_new`): a
             memory-bound decode step then misses the TLB far less.
@@ -256,7 +259,8 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, engine_dir: str, *, dtype: str | None = "auto", device: str | None = None,
                  threads: int | None = None, check_hashes: bool = True,
-                 medusa_dir: str | None = None, huge_pages: bool = True, native_ops: bool = True) -> None:
+                 medusa_dir: str | None = None, huge_pages: bool = True, native_ops: bool = True,
+                 int8_drafting: bool = True) -> None:
         self.engine_dir = Path(engine_dir)
         self.manifest, self.num_medusa_heads = load_engine_folder(engine_dir, self.name, check_hashes=check_hashes,
                                                                   medusa_dir=medusa_dir)
@@ -318,6 +322,7 @@ class OnnxRuntimeBackend(Backend):
         # (`_heads_session`; the engine asks for drafting's at its start, `prepare_drafting`)
         self._heads = None if heads is None else heads.heads
         self._heads_options = (threads, model_path.parent, providers)
+        self._int8_drafting = int8_drafting and m.dtype == "float32"
         self._heads_sessions: dict = {}
         try:
             self.session = ort.InferenceSession(model, so, providers=providers)
@@ -620,8 +625,11 @@ class OnnxRuntimeBackend(Backend):
         if ("rank", heads) not in self._heads_sessions:
             for key in [key for key in self._heads_sessions if key != "logits"]:
                 del self._heads_sessions[key]
-        return self._heads_session(("rank", heads),
-                                   lambda: rank_heads(self._heads, heads, step_io.MEDUSA_LOGITS))
+        def model():
+            ranked = rank_heads(self._heads, heads, step_io.MEDUSA_LOGITS)
+            return int8_weights(ranked, str(self._heads_options[1])) if self._int8_drafting else ranked
+
+        return self._heads_session(("rank", heads), model)
 
     def _heads_session(self, key, make_model):
         """The heads' session under `key`, made from `make_model()` (a ModelProto) on first use."""
