@@ -323,7 +323,8 @@ class OnnxRuntimeBackend(Backend):
         self._heads = None if heads is None else heads.heads
         self._heads_options = (threads, model_path.parent, providers)
         self._int8_drafting = int8_drafting and m.dtype == "float32"
-        self._heads_sessions: dict = {}
+        self._logits_session = None       # the heads' logits (`medusa_logits`), made on first use
+        self._rank: tuple | None = None   # (head count, drafting's session for it)
         try:
             self.session = ort.InferenceSession(model, so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
@@ -599,8 +600,10 @@ class OnnxRuntimeBackend(Backend):
     def _run_heads(self, hidden: np.ndarray) -> np.ndarray:
         """The heads' logits [R, heads, vocab] for hidden states [R, hidden] (their own session,
         made on first use: drafting reads ranked ids instead, `medusa_topk`)."""
-        session = self._heads_session("logits", lambda: self._heads)
-        return session.run([step_io.MEDUSA_LOGITS], {self._heads_input: np.ascontiguousarray(hidden)})[0]
+        if self._logits_session is None:
+            self._logits_session = self._heads_session(self._heads)
+        return self._logits_session.run([step_io.MEDUSA_LOGITS],
+                                        {self._heads_input: np.ascontiguousarray(hidden)})[0]
 
     def prepare_drafting(self, heads: int) -> None:
         """With the heads apart, drafting's session computes the first `heads` heads only."""
@@ -622,28 +625,23 @@ class OnnxRuntimeBackend(Backend):
         another count replaces it, so that the heads' weights are loaded once."""
         if not 0 < heads <= self.num_medusa_heads:
             raise ValueError(f"drafting reads 1 to {self.num_medusa_heads} Medusa heads, not {heads}")
-        if ("rank", heads) not in self._heads_sessions:
-            for key in [key for key in self._heads_sessions if key != "logits"]:
-                del self._heads_sessions[key]
-        def model():
+        if self._rank is None or self._rank[0] != heads:
+            self._rank = None   # the old session goes before the new one loads the weights
             ranked = rank_heads(self._heads, heads, step_io.MEDUSA_LOGITS)
-            return int8_weights(ranked, str(self._heads_options[1])) if self._int8_drafting else ranked
+            if self._int8_drafting:
+                ranked = int8_weights(ranked, str(self._heads_options[1]))
+            self._rank = (heads, self._heads_session(ranked))
+        return self._rank[1]
 
-        return self._heads_session(("rank", heads), model)
-
-    def _heads_session(self, key, make_model):
-        """The heads' session under `key`, made from `make_model()` (a ModelProto) on first use."""
-        session = self._heads_sessions.get(key)
-        if session is None:
-            threads, folder, providers = self._heads_options
-            try:
-                session = ort.InferenceSession(make_model().SerializeToString(), _session_options(threads, folder),
-                                               providers=providers)
-            except Exception as e:  # onnxruntime raises its own exception types
-                raise BackendUnavailable(f"onnxruntime cannot load the Medusa heads of {self.engine_dir / ONNX_NAME}: "
-                                         f"{e}") from None
-            self._heads_sessions[key] = session
-        return session
+    def _heads_session(self, model):
+        """A session of the heads' `model` (a ModelProto derived from the engine's heads)."""
+        threads, folder, providers = self._heads_options
+        try:
+            return ort.InferenceSession(model.SerializeToString(), _session_options(threads, folder),
+                                        providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BackendUnavailable(f"onnxruntime cannot load the Medusa heads of {self.engine_dir / ONNX_NAME}: "
+                                     f"{e}") from None
 
     def commit_kv(self, token_indices, slots) -> None:
         """Write the last step's K/V of tokens `token_indices` to `slots` (draft trees)."""

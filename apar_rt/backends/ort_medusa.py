@@ -101,10 +101,9 @@ def rank_heads(heads, num_heads: int, output: str):
     model = type(heads)()
     model.CopyFrom(heads)
     g = model.graph
-    H = _cut_heads(g, output, num_heads)
     p = "apar/medusa_rank/"
     ranked_from = output
-    if H is None:   # not cut: take the first num_heads of the output
+    if not _cut_heads(g, output, num_heads):   # take the first num_heads of the output
         for name, v in (("start", 0), ("end", num_heads), ("axis", 1)):
             g.initializer.append(helper.make_tensor(p + name, TensorProto.INT64, [1], [v]))
         g.node.append(helper.make_node("Slice", [output, p + "start", p + "end", p + "axis"], [p + "first"]))
@@ -112,20 +111,14 @@ def rank_heads(heads, num_heads: int, output: str):
     g.node.append(helper.make_node("TopK", [ranked_from, RANK_INPUT], [p + "values", RANK_OUTPUT],
                                    axis=-1, largest=1, sorted=1))
     g.input.append(helper.make_tensor_value_info(RANK_INPUT, TensorProto.INT64, [1]))
-    del g.output[:]
     g.output.append(helper.make_tensor_value_info(RANK_OUTPUT, TensorProto.INT64, None))
-    nodes, needed = live(list(g.node), {RANK_OUTPUT})
-    del g.node[:]
-    g.node.extend(nodes)
-    inits = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(inits)
+    drop_outputs(g, {output})   # with the heads past num_heads, once cut
     return model
 
 
-def _cut_heads(g, output: str, num_heads: int) -> int | None:
+def _cut_heads(g, output: str, num_heads: int) -> bool:
     """Keep only the first `num_heads` inputs of the Concat (axis 1) that makes `output`, directly
-    or through one Cast; returns how many it had, or None where the graph is not so (unchanged)."""
+    or through one Cast; False where the graph is not so (unchanged)."""
     from onnx import helper
 
     producer, uses = producers_and_uses(g.node)
@@ -133,13 +126,12 @@ def _cut_heads(g, output: str, num_heads: int) -> int | None:
     if node is not None and node.op_type == "Cast" and uses.get(node.input[0]) == 1:
         node = producer.get(node.input[0])
     if node is None or node.op_type != "Concat":
-        return None
+        return False
     axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), None)
     if axis not in (1, -2) or not 0 < num_heads <= len(node.input):
-        return None
-    H = len(node.input)
+        return False
     del node.input[num_heads:]
-    return H
+    return True
 
 
 def int8_weights(model, folder: str | None = None):

@@ -325,7 +325,6 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
         for w in wave_list:
             n = max_tokens if to_eos else max(ar_lens[i] for i in w)
             peer.generate([ids[i] for i in w], n, ignore_eos=not to_eos)
-        return len(ids)
 
     def one_round() -> tuple[float, float]:
         """Every wave on apar-rt, then at once on the peer: each side's seconds over the waves.
