@@ -307,11 +307,14 @@ class Scheduler:
                 table = s.branch.table
                 res = self.kv.append(table, 1)     # one block each: there are enough
                 self._took_blocks(s.request, res.new_blocks)
-                copies += res.copies
+                if res.copies:
+                    copies += res.copies
                 s.slots = res.slots
                 slots[i] = res.slots[0]
+                # one token changes only the table's last entry (a new block, or a copy of the
+                # shared last one): the row's other entries hold already
                 ids = table.ids
-                tables[i, :len(ids)] = ids
+                tables[i, len(ids) - 1] = ids[-1]
         out = SchedulerOutput(seqs=seqs, step=StepInput(
             input_ids=np.asarray(input_ids, np.int32), positions=prev.positions + 1, block_tables=tables,
             context_lens=prev.context_lens + 1, query_start=prev.query_start, mask=prev.mask,

@@ -76,6 +76,8 @@ class BlockPool:
         after: the caller's last block; the blocks right after it are taken first while free."""
         if n > self._num_free:
             return None
+        if n == 1 and after is not None and after + 1 in self._run_end:   # a table grows by a block
+            return [self._take_one(after + 1)]
         ids: list[int] = []
         if n and after is not None:
             first = after + 1
@@ -99,6 +101,20 @@ class BlockPool:
         self._num_free -= n
         self.peak_used = max(self.peak_used, self.num_used)
         return ids
+
+    def _take_one(self, first: int) -> int:
+        """`allocate(1, after=first - 1)` where a free run starts at `first`, without its general
+        loop (the common allocation: a decoding sequence's next block)."""
+        last = self._run_end.pop(first)
+        del self._run_start[last]
+        if last > first:
+            self._add_run(first + 1, last)
+        self._ref[first] = 1
+        self._num_free -= 1
+        used = self.num_blocks - 1 - self._num_free
+        if used > self.peak_used:
+            self.peak_used = used
+        return first
 
     def _add_run(self, first: int, last: int) -> None:
         self._run_end[first] = last
@@ -228,6 +244,8 @@ class KVCacheManager:
             slot = self.append_in_place(table)
             if slot >= 0:
                 return SlotReservation([slot], [], 0)
+            if table.block_ids and table.num_tokens == len(table.block_ids) * self.block_size:
+                return self._append_block(table)
         bs = self.block_size
         need = self.blocks_needed(table, num_new)
         fresh = self.pool.allocate(need, after=table.block_ids[-1] if table.block_ids else None)
@@ -247,6 +265,19 @@ class KVCacheManager:
         slots = [table.block_ids[p // bs] * bs + p % bs for p in range(start, start + num_new)]
         table.num_tokens += num_new
         return SlotReservation(slots=slots, copies=copies, new_blocks=need)
+
+    def _append_block(self, table: BlockTable) -> SlotReservation | None:
+        """`append(table, 1)` for a table whose blocks are all full: one new block, whose first slot
+        the token takes (the common case of a decode step that starts a block), without the
+        general path's bookkeeping."""
+        fresh = self.pool.allocate(1, after=table.block_ids[-1])
+        if fresh is None:
+            return None
+        b = fresh[0]
+        table.block_ids.append(b)
+        table.ids.append(b)
+        table.num_tokens += 1
+        return SlotReservation([b * self.block_size], [], 1)
 
     def fork(self, table: BlockTable, num_tokens: int | None = None) -> BlockTable:
         """A new table that shares `table`'s blocks for its first `num_tokens` tokens (default: all)."""
