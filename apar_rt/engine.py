@@ -379,13 +379,15 @@ class Engine:
         after a step of at least `speculative_disable_by_batch_size` sequences (its next step
         decodes plainly: where a step is compute-bound, a tree's extra rows cost more than its
         accepted tokens save)."""
-        offsets = {id(s): int(out.step.query_start[i]) for i, s in enumerate(out.seqs)}
         idx: list[int] = []
         slots: list[int] = []
-        for s, _, nodes in picks:
-            if s.tree and s.accepted and not s.request.finished:
-                idx += [offsets[id(s)] + n for n in nodes[:s.accepted]]
-                slots += s.slots[:s.accepted]
+        if any(s.tree for s, _, _ in picks):
+            offsets = dict(zip(map(id, out.seqs), out.step.query_start.tolist()))
+            for s, _, nodes in picks:
+                if s.tree and s.accepted and not s.request.finished:
+                    at = offsets[id(s)]
+                    idx += [at + n for n in nodes[:s.accepted]]
+                    slots += s.slots[:s.accepted]
         if idx:
             self.backend.commit_kv(idx, slots)
         limit = self.config.speculative_disable_by_batch_size
@@ -403,6 +405,8 @@ class Engine:
         except Exception as e:   # not expected: draft row by row, failing only the request that raises
             log.error("batched drafting failed; drafting row by row", exc_info=e)
             ranked = None
+        if ranked is not None:
+            ranked = ranked.tolist()
         for j, (s, r) in enumerate(want):
             try:
                 top = ranked[j] if ranked is not None else self.backend.medusa_topk([r], k, heads)[0]

@@ -87,24 +87,29 @@ class SamplingBatch:
             self.bans.append((r, banned))   # rows share the scheduler's memoised tuples: nothing copied
         return r
 
+    def add_rows(self, params: SamplingParams, bans: Sequence[Sequence[int]], uniform: float = 0.0) -> int:
+        """Add len(bans) rows of the same `params` and `uniform` (a draft tree's nodes), row i
+        banning bans[i] (kept as they are, as `add` keeps them); returns the first row's index.
+        What is converted is converted first, so a bad value leaves the batch unchanged."""
+        r = len(self.temperature)
+        n = len(bans)
+        u = float(uniform)
+        if params.logit_bias:
+            pairs = [(int(tok), float(v)) for tok, v in params.logit_bias]
+            self.bias.extend([(r + i, tok, v) for i in range(n) for tok, v in pairs])
+        self.temperature.extend([params.temperature] * n)
+        self.top_k.extend([params.top_k] * n)
+        self.top_p.extend([params.top_p] * n)
+        self.uniform.extend([u] * n)
+        self.bans.extend([(r + i, b) for i, b in enumerate(bans) if b])
+        return r
+
     def ban_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """The bans as (rows, tokens) int64 arrays, one entry per (row, banned token)."""
         if not self.bans:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         rows = np.repeat(np.asarray([r for r, _ in self.bans], np.int64), [len(t) for _, t in self.bans])
         return rows, np.fromiter((t for _, ts in self.bans for t in ts), np.int64, len(rows))
-
-    def extend(self, other: SamplingBatch) -> int:
-        """Append `other`'s rows (and probes), renumbered; returns the index of its first row."""
-        r = len(self)
-        self.temperature += other.temperature
-        self.top_k += other.top_k
-        self.top_p += other.top_p
-        self.uniform += other.uniform
-        self.bias += [(i + r, t, v) for i, t, v in other.bias]
-        self.bans += [(i + r, t) for i, t in other.bans]
-        self.probes += [(i + r, t) for i, t in other.probes]
-        return r
 
     def select(self, rows: Sequence[int]) -> tuple[SamplingBatch, list[int]]:
         """Rows `rows` alone, renumbered 0.., with their probes; and the indices those probes

@@ -103,6 +103,7 @@ class Scheduler:
         self._watermark_blocks = int(config.watermark * self.pool.capacity)
         self._causal = np.ones((1, 1), bool)
         self._banned: dict[tuple, tuple[int, ...]] = {}
+        self._run_ends: dict[tuple, frozenset[int]] = {}   # tokens that end an accepted run (`_run_length`)
         # the last step, while the next may be packed from it (`_replay_decodes`); None once
         # anything but one token per sequence changed (a fork, a finish, freed blocks)
         self._replay: SchedulerOutput | None = None
@@ -655,9 +656,17 @@ class Scheduler:
     def _run_length(self, req: Request, b: Branch, tokens: Sequence[int]) -> int:
         """Tokens of an accepted run to keep: through the first [Fork] or end token, and none that
         would land past the request's budget in reading order."""
-        ends = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else self.eos_token_ids)
-        if self.control.fork is not None and self.mode(req) == "apar":
-            ends = ends | {self.control.fork}
+        p = req.params
+        apar = self.control.fork is not None and self.mode(req) == "apar"
+        key = (p.stop_token_ids, p.ignore_eos, apar)
+        ends = self._run_ends.get(key)
+        if ends is None:   # memoised: a tree step asks once per thread
+            ends = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+            if apar:
+                ends.add(self.control.fork)
+            if len(self._run_ends) > 64:
+                self._run_ends.clear()
+            ends = self._run_ends[key] = frozenset(ends)
         n = len(tokens)
         for i, t in enumerate(tokens):
             if t in ends:

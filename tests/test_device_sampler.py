@@ -64,10 +64,10 @@ def test_all_greedy_batches_without_probes_give_the_reference_tokens():
         assert_same(sample(x[rows], batch), CPU.sample(torch.from_numpy(x), rows, batch))
 
 
-def test_selected_and_extended_batches_sample_as_their_rows_in_the_whole():
+def test_selected_batches_sample_as_their_rows_in_the_whole():
     """Rows depend only on their own logits, parameters and uniform: a selection of a batch (the
-    engine's request-by-request retry) and a concatenation (trees added to a step) sample the
-    same tokens and probes as those rows did in the whole batch."""
+    engine's request-by-request retry) samples the same tokens and probes as those rows did in
+    the whole batch."""
     rng = np.random.default_rng(6)
     for trial in range(30):
         x, rows, batch = random_case(rng, R=int(rng.integers(2, 30)))
@@ -77,14 +77,6 @@ def test_selected_and_extended_batches_sample_as_their_rows_in_the_whole():
         part = CPU.sample(torch.from_numpy(x), rows[pick], sub)
         assert np.array_equal(part.tokens, whole.tokens[pick]) and np.array_equal(part.ok, whole.ok[pick])
         np.testing.assert_allclose(part.probes, whole.probes[probe_idx], rtol=1e-5, atol=1e-7, equal_nan=True)
-        rest = [i for i in range(len(batch)) if i not in pick]
-        if not rest:
-            continue
-        joined, _ = batch.select(rest)
-        first = joined.extend(sub)
-        both = sample(x[np.concatenate([rows[rest], rows[pick]])], joined)
-        assert first == len(rest)
-        assert np.array_equal(both.tokens, np.concatenate([whole.tokens[rest], part.tokens]))
 
 
 def test_the_pass_takes_half_precision_logits_as_the_reference_takes_them():

@@ -173,6 +173,41 @@ def test_negative_slots_are_skipped_and_copies_run_first(gqa_engine):
     np.testing.assert_array_equal(be.v_caches[1][3], be.v_caches[1][1])
 
 
+def _chunk_step(slots):
+    """One sequence's first len(slots) tokens (a causal chunk), written to `slots` (-1: not written)."""
+    T = len(slots)
+    return StepInput(input_ids=np.arange(5, 5 + T, dtype=np.int32), positions=np.arange(T, dtype=np.int32),
+                     block_tables=np.array([[1, 2]], np.int32), context_lens=np.array([0], np.int32),
+                     query_start=np.array([0, T], np.int32), mask=np.tril(np.ones((T, T), bool)),
+                     slot_mapping=np.array(slots, np.int32), logits_indices=np.array([T - 1], np.int32),
+                     block_copies=[])
+
+
+@pytest.mark.parametrize("idx, slots", [([0, 1, 2], [5, 6, 7]),                 # one run
+                                        ([0, 1, 2, 3], [6, 7, 8, 9]),           # one run over two blocks
+                                        ([1, 3, 4], [12, 13, 14]),              # two runs
+                                        ([0, 1, 2], [5, 9, 10]),                # tokens in a row, slots not
+                                        ([0, 2, 4, 6, 7], [20, 3, 9, 15, 16])])  # more runs than are sliced
+def test_committed_kv_is_what_the_step_would_have_written(gqa_engine, idx, slots):
+    """commit_kv (a draft tree's accepted nodes) puts token idx[j]'s K/V at slots[j] in every
+    layer and nothing anywhere else: the K/V the same step writes itself when its slot mapping
+    names a slot for every token."""
+    _, engine = gqa_engine
+    written, committed = OnnxRuntimeBackend(str(engine)), OnnxRuntimeBackend(str(engine))
+    for be in (written, committed):
+        be.allocate_kv(6, 4)
+    written.forward(_chunk_step([16 + t for t in range(8)]))     # token t at slot 16 + t
+    committed.forward(_chunk_step([-1] * 8))
+    committed.commit_kv(idx, slots)
+    for got, ref in zip(committed.k_caches + committed.v_caches, written.k_caches + written.v_caches):
+        got, ref = got.reshape(24, *got.shape[2:]), ref.reshape(24, *ref.shape[2:])
+        for i, s in zip(idx, slots):
+            np.testing.assert_array_equal(got[s], ref[16 + i])
+            assert float(np.abs(ref[16 + i]).sum()) > 0
+        others = [s for s in range(24) if s not in slots]
+        assert float(np.abs(got[others]).sum()) == 0
+
+
 def test_huge_pages_move_the_pool_and_change_no_result(gqa_engine):
     """On the CPU the weights and the pool go to huge pages once the pool is allocated (in the
     background); a step gives the same logits and K/V, bit for bit, with and without."""

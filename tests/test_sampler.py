@@ -153,6 +153,23 @@ def test_process_adds_bias_and_bans():
     assert x.sum() == 0
 
 
+def test_rows_added_together_equal_rows_added_one_by_one():
+    """`add_rows` (a draft tree's nodes) builds the batch `add` builds row by row: the same
+    parameters, uniforms, bias entries and bans, numbered after the rows already there."""
+    rng = np.random.default_rng(3)
+    for params in (SamplingParams(), SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=1),
+                   SamplingParams(temperature=1.0, logit_bias={3: 1.5, 7: -2.0})):
+        bans = [tuple(int(t) for t in rng.choice(20, int(rng.integers(0, 3)), replace=False)) for _ in range(5)]
+        u = 0.0 if params.greedy else float(rng.random())
+        together, one_by_one = SamplingBatch(), SamplingBatch()
+        for b in (together, one_by_one):
+            b.add(SamplingParams(temperature=0.5, logit_bias={1: 1.0}), (2,), uniform=0.25)
+        assert together.add_rows(params, bans, u) == 1
+        for ban in bans:
+            one_by_one.add(params, ban, uniform=u)
+        assert together == one_by_one
+
+
 @pytest.mark.parametrize("restrict", [dict(top_k=1), dict(top_p=0.3)])
 def test_typical_acceptance_never_accepts_outside_top_k_top_p(restrict):
     """A draft token with probability well above the typical threshold but outside the

@@ -644,7 +644,35 @@ class OnnxRuntimeBackend(Backend):
                                      f"{e}") from None
 
     def commit_kv(self, token_indices, slots) -> None:
-        """Write the last step's K/V of tokens `token_indices` to `slots` (draft trees)."""
+        """Write the last step's K/V of tokens `token_indices` to `slots` (draft trees). On the
+        CPU, runs of consecutive tokens going to consecutive slots (a thread's accepted path down
+        a chain, within a block) are copied as slices, which numpy does several times faster than
+        an indexed write of the same rows."""
         if not self._ran:
             raise RuntimeError("commit_kv called before any forward")
+        if self._dev_type == "cpu":
+            runs = _consecutive_runs(list(token_indices), list(slots))
+            if len(runs) <= _SLICED_RUNS:
+                new, pool = self._new_kv, self._kv_slots
+                for i, s, n in runs:
+                    pool[:, :, s:s + n] = new[:, :, i:i + n]
+                return
         self._write(np.asarray(token_indices, np.int64), np.asarray(slots, np.int64))
+
+
+# commit_kv copies up to this many runs as slices (each about a quarter of an indexed write's
+# time on the demo model), more with one indexed write
+_SLICED_RUNS = 3
+
+
+def _consecutive_runs(idx: list[int], slots: list[int]) -> list[tuple[int, int, int]]:
+    """(first index, first slot, length) of each maximal run where both idx and slots go up by one."""
+    runs = []
+    i, n = 0, len(idx)
+    while i < n:
+        j = i + 1
+        while j < n and idx[j] == idx[j - 1] + 1 and slots[j] == slots[j - 1] + 1:
+            j += 1
+        runs.append((idx[i], slots[i], j - i))
+        i = j
+    return runs

@@ -111,9 +111,7 @@ class BlockPool:
             self._add_run(first + 1, last)
         self._ref[first] = 1
         self._num_free -= 1
-        used = self.num_blocks - 1 - self._num_free
-        if used > self.peak_used:
-            self.peak_used = used
+        self.peak_used = max(self.peak_used, self.num_blocks - 1 - self._num_free)
         return first
 
     def _add_run(self, first: int, last: int) -> None:

@@ -71,15 +71,15 @@ class MedusaVerifier:
         node_tokens = (int(root_token), *map(int, draft))
         if len(node_tokens) != self.tree.size:
             raise ValueError(f"a draft of {len(draft)} tokens for a tree of {self.tree.num_nodes} nodes")
-        sub = SamplingBatch()
-        u = None if params.greedy else float(generator.random())
-        for t in node_tokens:
-            sub.add(params, banned(t), uniform=u)
-        if not params.greedy:
-            sub.probes = [(self.tree.parents[c], node_tokens[c]) for c in range(1, len(node_tokens))]
+        bans = [banned(t) for t in node_tokens]
+        if params.greedy:
+            return TreeRows(batch.add_rows(params, bans), node_tokens, -1, params)
+        u = float(generator.random())
         first_probe = len(batch.probes)
-        first = batch.extend(sub)
-        return TreeRows(first, node_tokens, -1 if params.greedy else first_probe, params)
+        first = batch.add_rows(params, bans, u)
+        parents = self.tree.parents
+        batch.probes.extend([(first + parents[c], node_tokens[c]) for c in range(1, len(node_tokens))])
+        return TreeRows(first, node_tokens, first_probe, params)
 
     def accept(self, sampled: Sampled, rows: TreeRows) -> tuple[list[int], list[int]]:
         """Accept the longest run of the tree from the sampled nodes.
@@ -147,5 +147,6 @@ class MedusaVerifier:
 
     def draft(self, ranked) -> list[int]:
         """Draft tokens for the next tree from the heads' ranked candidates at the new root:
-        ranked [H, >= max_rank] token ids, best first, ties to the lower id (`ranked_top_k`)."""
-        return self.tree.draft_tokens([[int(t) for t in ranked[d][:k]] for d, k in enumerate(self.tree.topk)])
+        ranked [H, >= max_rank] token ids (an array, or nested lists of ints), best first, ties to
+        the lower id (`ranked_top_k`)."""
+        return self.tree.draft_tokens(ranked.tolist() if isinstance(ranked, np.ndarray) else ranked)
