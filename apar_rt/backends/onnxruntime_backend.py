@@ -347,14 +347,20 @@ class OnnxRuntimeBackend(Backend):
         if odd:
             raise BackendUnavailable(f"{self.engine_dir / ONNX_NAME} has inputs of types this backend does not "
                                      f"feed: {odd}")
+        self._direct_binds = True         # IOBindingCalls bind through onnxruntime's pybind objects
         self._io = IOBindingCalls(self.session, self._dev_type, self._dev_id)
+        # one IOBinding per step shape (tokens, logits rows, sequences), the most recent _BINDINGS
+        # kept: a step whose shape came before finds its inputs and outputs bound already
+        # (Medusa trees, forks and finished threads change a batch-1 step's shape every few steps)
+        self._ios: dict = {None: [self._io, {}, None]}   # shape -> [IOBindingCalls, its bindings, pool generation]
+        self._shape = None                # the shape whose IOBinding is self._io
         self.block_size = m.block_size
         self.k_caches: list = []          # per layer, the pool as [blocks, block_size, Hkv, D]: numpy views
                                           # (CPU; strided where the pools are head-major) or torch views (CUDA)
         self.v_caches: list = []
         self._bufs: dict = {}             # backend-owned input/output buffers, by name (see _buffer)
         self._addrs: dict = {}            # buffer name -> the address of its first element
-        self._bound: dict = {}            # name -> (buffer generation, shape) bound now (see _bind)
+        self._bound: dict = self._ios[None][1]   # name -> (buffer generation, shape) bound in self._io (see _bind)
         self._gens: dict = {}             # buffer name -> generation of its current allocation
         self._staged: dict = {}           # input name -> (shape, its bound view, the array) as last staged
         self._next_gen = 0
@@ -392,14 +398,43 @@ class OnnxRuntimeBackend(Backend):
         else:
             self._kv_blocks = self._kv
             self._kv_slots = self._kv.reshape(2, L, slots, H, D)     # a view: the pool is contiguous
-        bound = list(self._kv[0]), list(self._kv[1])               # what the graph takes
         self.k_caches, self.v_caches = list(self._kv_blocks[0]), list(self._kv_blocks[1])
         self._new_generation("kv_pool")
-        for i, (k, v) in enumerate(zip(*bound)):
-            self._bind(step_io.k_cache_name(i), _address(k), self.dtype, tuple(k.shape), input=True, base="kv_pool")
-            self._bind(step_io.v_cache_name(i), _address(v), self.dtype, tuple(v.shape), input=True, base="kv_pool")
+        self._bind_pools()
         if self.huge_pages is not None:
             self.huge_pages.start([(_address(self._kv), self._kv.nbytes)])
+
+    def _bind_pools(self) -> None:
+        """Bind every layer's pools (what the graph takes: [Hkv, slots, D] or [blocks, ...] views of
+        self._kv) in the current IOBinding."""
+        entry = self._ios[self._shape]
+        if entry[2] == self._gens["kv_pool"]:
+            return
+        for i, (k, v) in enumerate(zip(self._kv[0], self._kv[1])):
+            self._bind(step_io.k_cache_name(i), _address(k), self.dtype, tuple(k.shape), input=True, base="kv_pool")
+            self._bind(step_io.v_cache_name(i), _address(v), self.dtype, tuple(v.shape), input=True, base="kv_pool")
+        entry[2] = self._gens["kv_pool"]
+
+    def _use_binding(self, shape: tuple) -> bool:
+        """Make the IOBinding of step shape `shape` the current one: a new one (the pools then
+        bound) while fewer than _BINDINGS exist, else the least recently used one, whose bindings
+        `_bind` then changes where they differ (as one IOBinding would be rebound step by step, so
+        that a load whose shapes rarely recur costs no more). Returns whether it changed."""
+        if shape == self._shape:
+            return False
+        entry = self._ios.pop(shape, None)
+        if entry is None:
+            if len(self._ios) >= _BINDINGS:
+                entry = self._ios.pop(next(iter(self._ios)))
+            else:
+                io = IOBindingCalls(self.session, self._dev_type, self._dev_id)
+                if not self._direct_binds:
+                    io._raw = None
+                entry = [io, {}, None]
+        self._ios[shape] = entry   # (re)inserted last: the most recently used
+        self._io, self._bound, self._shape = entry[0], entry[1], shape
+        self._bind_pools()
+        return True
 
     def kv_bytes_per_block(self) -> int:
         return (2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
@@ -444,18 +479,20 @@ class OnnxRuntimeBackend(Backend):
         (self._io.bind_input if input else self._io.bind_output)(name, dtype, shape, address)
         self._bound[name] = key
 
-    def _stage_inputs(self, feeds: step_io.StepFeeds) -> None:
+    def _stage_inputs(self, feeds: step_io.StepFeeds, switched: bool) -> None:
         """Copy the step inputs into backend-owned buffers on the device (cast to the graph's
         types) and bind them. An input of the shape it had last step goes into the same view,
-        which is bound already (its buffer only changes when a larger shape regrows it). A
-        read-only array staged last step as it is now (`ort_attention`'s constant placeholders)
-        is not copied again."""
+        which is bound already unless the step's IOBinding `switched` (its buffer only changes
+        when a larger shape regrows it). A read-only array staged last step as it is now
+        (`ort_attention`'s constant placeholders) is not copied again."""
         staged = self._staged
         cpu = self._dev_type == "cpu"
         for name, arr in feeds.arrays.items():
             last = staged.get(name)
             shape = arr.shape
             if last is not None and last[0] == shape:
+                if switched:
+                    self._bind(name, self._addrs[name], self._feed_types[name], shape, input=True)
                 if last[2] is arr and not arr.flags.writeable:
                     continue
                 buf = last[1]
@@ -471,12 +508,12 @@ class OnnxRuntimeBackend(Backend):
 
                 buf.copy_(torch.from_numpy(arr), non_blocking=False)   # (casts to the buffer's type)
 
-    def _bind_outputs(self, num_tokens: int, num_logits: int) -> None:
+    def _bind_outputs(self, num_tokens: int, num_logits: int, switched: bool) -> None:
         """Bind the outputs to persistent buffers: logits (and the Medusa logits, or with the heads
         apart the hidden states they read), and the new K/V of all layers in one
         [2, layers, T, Hkv, D] block (so that one indexed write stores them)."""
         T, N, V, L = num_tokens, num_logits, self.vocab_size, self.num_layers
-        if self._outputs_key == (T, N):   # as last step: the same buffers (only this method grows them), bound
+        if self._outputs_key == (T, N) and not switched:   # as last step: the same buffers, bound
             return
         logits = self._buffer("logits", (N, V), np.float32)
         medusa = (self._buffer(step_io.MEDUSA_LOGITS, (N, self.num_medusa_heads, V), np.float32)
@@ -527,8 +564,9 @@ class OnnxRuntimeBackend(Backend):
                 src_t, dst_t = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
                 self._kv[:, :, dst_t] = self._kv[:, :, src_t]
         feeds = self._step_feeds(step)
-        self._stage_inputs(feeds)
-        self._bind_outputs(feeds.num_tokens, feeds.num_logits)
+        switched = self._use_binding((feeds.num_tokens, feeds.num_logits, feeds.batch))
+        self._stage_inputs(feeds, switched)
+        self._bind_outputs(feeds.num_tokens, feeds.num_logits, switched)
         self._run()
         self._ran = True
         if not self._native_step:   # (the native op stored every layer's new K/V in the pools itself)
@@ -658,6 +696,10 @@ class OnnxRuntimeBackend(Backend):
                     pool[:, :, s:s + n] = new[:, :, i:i + n]
                 return
         self._write(np.asarray(token_indices, np.int64), np.asarray(slots, np.int64))
+
+
+# IOBindings kept, one per step shape (OnnxRuntimeBackend._use_binding)
+_BINDINGS = 8
 
 
 # commit_kv copies up to this many runs as slices (each about a quarter of an indexed write's
