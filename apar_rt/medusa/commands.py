@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from apar_rt.medusa.train import DISTILL_MAX_TOKENS
 from apar_rt.prompts import read_prompts
 
 
@@ -22,7 +23,7 @@ from apar_rt.prompts import read_prompts
 @click.option("--steps", type=click.IntRange(1), default=600, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--batch", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--max-tokens", type=click.IntRange(1), default=200, show_default=True,
+@click.option("--max-tokens", type=click.IntRange(1), default=DISTILL_MAX_TOKENS, show_default=True,
               help="New tokens the model writes per prompt for the distillation data.")
 @click.option("--mode", type=click.Choice(["both", "apar", "ar"]), default="both", show_default=True,
               help="Decode mode(s) of the distillation data (apar includes every branch's context).")

@@ -1,5 +1,7 @@
 """Self-distillation of Medusa heads: the model writes its own greedy answers (APAR branches
-included), and head h learns to predict the token h + 2 ahead of each position in them."""
+included), and head h learns to predict the token h + 2 ahead of each position in them.
+
+torch is imported when training runs, not with this module (the CLI reads its defaults here)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,10 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-import torch
-import torch.nn.functional as F
-
-from apar_rt.medusa.heads import HEADS_DIRNAME, MedusaHeads
+# new tokens the model writes per prompt for the distillation data (`apar-rt train-medusa --max-tokens`):
+# heads distilled on 128-token answers drafted worse late in the demo's longer answers (a 4-deep chain
+# took 1,073 steps for the held-out prompts against 970 with heads distilled on 200-token answers)
+DISTILL_MAX_TOKENS = 200
 
 
 def _contexts(model_dir: str, prompts: Sequence[str], max_tokens: int, mode: str,
@@ -36,21 +38,24 @@ def _contexts(model_dir: str, prompts: Sequence[str], max_tokens: int, mode: str
     return out
 
 
-@torch.no_grad()
-def _hidden(model, ids: list[int]) -> torch.Tensor:
+def _hidden(model, ids: list[int]):
     """Final-norm hidden states of one whole sequence (a single prefill with an empty cache)."""
+    import torch
+
     T = len(ids)
     i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     cfg = model.config
     empty = torch.zeros(1, 1, cfg.num_key_value_heads, cfg.head_dim)
     caches = [empty] * cfg.num_hidden_layers
-    h, _, _ = model.hidden_states(i32(ids), i32(range(T)), caches, caches, i32([[0]]), i32([0]), i32([0, T]),
-                                  torch.tril(torch.ones(T, T, dtype=torch.bool)))
+    with torch.no_grad():
+        h, _, _ = model.hidden_states(i32(ids), i32(range(T)), caches, caches, i32([[0]]), i32([0]), i32([0, T]),
+                                      torch.tril(torch.ones(T, T, dtype=torch.bool)))
     return h
 
 
 def train_medusa(model_dir: str, prompts: Sequence[str], *, output: str | None = None, num_heads: int = 4,
-                 num_layers: int = 1, steps: int = 300, lr: float = 1e-3, batch: int = 16, max_tokens: int = 128,
+                 num_layers: int = 1, steps: int = 300, lr: float = 1e-3, batch: int = 16,
+                 max_tokens: int = DISTILL_MAX_TOKENS,
                  mode: str = "apar", raw: bool = False, seed: int = 0, progress: bool = True) -> dict:
     """Train heads on the model's own outputs and save them to `output` (default `<model>/medusa`).
 
@@ -58,8 +63,11 @@ def train_medusa(model_dir: str, prompts: Sequence[str], *, output: str | None =
 
     Returns a summary with the loss at the start and end and per-head top-1 accuracy.
     """
+    import torch
+    import torch.nn.functional as F
     from tqdm import tqdm
 
+    from apar_rt.medusa.heads import HEADS_DIRNAME, MedusaHeads
     from apar_rt.model.weights import load_model
 
     torch.manual_seed(seed)
