@@ -334,9 +334,9 @@ def write_card(out: Path, args, build_info: dict | None, ev: dict) -> None:
         "## Medusa heads (`medusa/`)",
         "",
         "Four Medusa-1 heads (one ResBlock each), self-distilled by `apar_rt.medusa.train` on the model's",
-        "own greedy outputs, AR and APAR (every branch's context), for the 240 prompts in",
-        "`samples/prompts/medusa_train.jsonl` (corpus prompts, none held out); 2500 AdamW steps, batch",
-        "64, lr 0.002. Top-1 accuracy of heads 1..4 on that data: "
+        "own greedy outputs (answers of up to 200 tokens), AR and APAR (every branch's context), for the",
+        "240 prompts in `samples/prompts/medusa_train.jsonl` (corpus prompts, none held out); 2500 AdamW",
+        "steps, batch 64, lr 0.002. Top-1 accuracy of heads 1..4 on that data: "
         f"{[round(a, 3) for a in (b.get('medusa') or {}).get('head_top1_accuracy', [])]}.",
         "Run them with `apar-rt generate --model samples/models/apar-tiny --medusa ...`.",
         "",
