@@ -288,7 +288,8 @@ def write_card(out: Path, args, build_info: dict | None, ev: dict) -> None:
         f"Everything is seeded (seed {args.seed}); on this project's 2-core CPU the whole script took "
         f"{b.get('total_s', float('nan')):.0f} s (training {times.get('train_s', float('nan')):.0f} s, "
         f"evaluation {times.get('eval_s', float('nan')):.0f} s) while other jobs shared the CPU; two runs gave a",
-        "byte-identical `model.safetensors`. The script sets `OMP_WAIT_POLICY=PASSIVE` before torch",
+        "byte-identical `model.safetensors` (with the same libraries: under transformers 5.24 instead of 5.23 the",
+        "weights came out different). The script sets `OMP_WAIT_POLICY=PASSIVE` before torch",
         "loads: with spinning OpenMP threads a busy neighbour process slowed training steps about 15x.",
         "",
         "## Model",
