@@ -105,13 +105,10 @@ class BlockPool:
     def _take_one(self, first: int) -> int:
         """`allocate(1, after=first - 1)` where a free run starts at `first`, without its general
         loop (the common allocation: a decoding sequence's next block)."""
-        last = self._run_end.pop(first)
-        del self._run_start[last]
-        if last > first:
-            self._add_run(first + 1, last)
+        self._take(first, self._run_end[first], first, 1)
         self._ref[first] = 1
         self._num_free -= 1
-        self.peak_used = max(self.peak_used, self.num_blocks - 1 - self._num_free)
+        self.peak_used = max(self.peak_used, self.num_used)
         return first
 
     def _add_run(self, first: int, last: int) -> None:
