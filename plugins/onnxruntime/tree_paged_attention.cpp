@@ -150,6 +150,15 @@ inline void Sums4(Vec a0, Vec a1, Vec a2, Vec a3, float* out) {
 #endif
 }
 
+// Keys and values lie in the pool block by block, each block somewhere else (a page of its own at
+// the demo's sizes), so the hardware prefetcher restarts at every block: the loops below ask for
+// the rows kAhead keys (or values) ahead themselves.
+constexpr int64_t kAhead = 8;
+
+inline void PrefetchRow(const float* x, int64_t D) {
+  for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(float))) __builtin_prefetch(x + d);
+}
+
 // Scores of HP query rows (rows of q, qs apart: heads of one token, or one head of two tokens)
 // against keys[0 .. n4), n4 a multiple of 4, into rows of s (K apart), times scale. Each key is
 // loaded once for the HP rows; a score is the Sum of its lane-wise products plus the D % kLanes
@@ -160,6 +169,9 @@ void Scores(const float* q, int64_t qs, const float* const* keys, int64_t n4, in
   static_assert(HP == 1 || HP == 2, "one or two rows per pass");
   const int64_t body = D / kLanes * kLanes;
   for (int64_t j = 0; j < n4; j += 4) {
+    if (j + kAhead + 4 <= n4) {
+      for (int i = 0; i < 4; ++i) PrefetchRow(keys[j + kAhead + i], D);
+    }
     const float* k0 = keys[j];
     const float* k1 = keys[j + 1];
     const float* k2 = keys[j + 2];
@@ -198,6 +210,7 @@ void WeightedValues(const float* w, int64_t K, const float* const* values, int64
   for (; d0 + C * kLanes <= D; d0 += C * kLanes) {
     Vec acc[HP][C] = {};
     for (int64_t i = 0; i < n; ++i) {
+      if (d0 == 0 && i + kAhead < n) PrefetchRow(values[i + kAhead], D);
       const float* v = values[i] + d0;
       Vec x[C];
       for (int c = 0; c < C; ++c) x[c] = Load(v + c * kLanes);
