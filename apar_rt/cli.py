@@ -325,12 +325,18 @@ def bench() -> None:
               help="apar-rt's APAR runs on --prompts also verify this Medusa draft tree (a preset: chain_3, "
                    "tiny_9, mc_sim_7b_63, or a JSON file) with the engine's heads (an engine built here takes "
                    "MODEL/medusa). Greedy answers are the same; the steps are fewer and larger.")
+@click.option("--apar-speculative-disable-by-batch-size", "apar_spec_limit", type=click.IntRange(min=1),
+              default=None,
+              help="With --apar-medusa-tree: no draft tree in a step after one that ran at least this many "
+                   "sequences (every APAR branch counts), as `apar-rt serve --speculative-disable-by-batch-size` "
+                   "runs (default: trees in every step). The medusa column then reads TREE@N.")
 @click.option("--input-len", type=click.IntRange(min=1), default=None,
               help="With --peer onnxruntime-genai: prompt tokens per request of the AR rows (the built-in "
                    "prompts repeated and cut; default: the built-in prompts, about 40 tokens).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, engine_dir, peer, peer_dir,
-                       prompts_file, apar_max_tokens, apar_max_num_seqs, apar_medusa_tree, input_len, as_json):
+                       prompts_file, apar_max_tokens, apar_max_num_seqs, apar_medusa_tree, apar_spec_limit, input_len,
+                       as_json):
     """tokens/s of apar-rt generate against a peer engine (transformers or onnxruntime-genai), side by side.
 
     \b
@@ -358,6 +364,9 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
             apar_seats(engine_dir, apar_max_num_seqs, sizes)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--apar-max-num-seqs") from None
+        if apar_spec_limit is not None and apar_medusa_tree is None:
+            raise click.BadParameter("--apar-speculative-disable-by-batch-size needs --apar-medusa-tree",
+                                     param_hint="--apar-speculative-disable-by-batch-size")
         if apar_medusa_tree is not None:
             if not prompts_file:
                 raise click.BadParameter("--apar-medusa-tree applies to the APAR runs, which need --prompts",
@@ -371,6 +380,7 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
                               max_tokens=max_tokens, repeats=repeats, threads=threads, prompts_file=prompts_file,
                               apar_max_tokens=apar_max_tokens, input_len=input_len,
                               apar_max_num_seqs=apar_max_num_seqs, apar_medusa_tree=apar_medusa_tree,
+                              apar_speculative_disable_by_batch_size=apar_spec_limit,
                               log=lambda m: click.echo(m, err=True))
         except PeerUnavailable as e:
             raise click.ClickException(str(e)) from None
@@ -385,6 +395,9 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
                                  param_hint="--apar-max-num-seqs")
     if apar_medusa_tree is not None:
         raise click.BadParameter("--apar-medusa-tree needs --peer onnxruntime-genai", param_hint="--apar-medusa-tree")
+    if apar_spec_limit is not None:
+        raise click.BadParameter("--apar-speculative-disable-by-batch-size needs --peer onnxruntime-genai",
+                                 param_hint="--apar-speculative-disable-by-batch-size")
     from apar_rt.bench.generate import bench_generate, format_rows
 
     rows = bench_generate(model, sizes, max_tokens, repeats, mode=mode, threads=threads, engine=engine_dir)

@@ -119,6 +119,8 @@ def test_apar_medusa_tree_is_checked_before_anything_runs(both, tiny_gqa, tmp_pa
         assert res.exit_code == 2 and "--apar-medusa-tree" in res.output and says in res.output, res.output
     res = CliRunner().invoke(main, base[:-2] + ["--engine", no_heads, "--apar-medusa-tree", "chain_3"])
     assert res.exit_code == 2 and "need --prompts" in res.output, res.output
+    res = CliRunner().invoke(main, base + ["--engine", no_heads, "--apar-speculative-disable-by-batch-size", "4"])
+    assert res.exit_code == 2 and "needs --apar-medusa-tree" in res.output, res.output
 
     model = tmp_path / "model"
     shutil.copytree(path, model)
@@ -131,10 +133,21 @@ def test_apar_medusa_tree_is_checked_before_anything_runs(both, tiny_gqa, tmp_pa
         peer_mod.check_apar_medusa("mc_sim_7b_63", engine, str(model))
     ours = peer_mod._ours(engine, "apar", 1, 4, "chain_3")
     assert ours.engine.verifier is not None and ours.engine.verifier.tree.name == "chain_3"
+    # --apar-speculative-disable-by-batch-size: with a limit of one sequence no step drafts after
+    # the first, so no tree is ever verified; without one, trees are
+    from apar_rt import SamplingParams
+
+    ids = [ours.engine.encode("one two three")]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    assert ours.generate(prompt_token_ids=ids, params=params)[0].stats["accepted_length_histogram"]
+    limited = peer_mod._ours(engine, "apar", 1, 4, "chain_3", 1)
+    assert limited.generate(prompt_token_ids=ids, params=params)[0].stats["accepted_length_histogram"] == {}
     row = {"batch": 1, "input_len": 5.0, "apar_rt_ar_tok_s": 1.0, "peer_ar_tok_s": 2.0, "ar_ratio": 0.5,
            "apar_rt_decode_ms": 1.0, "peer_decode_ms": 2.0, "decode_ratio": 2.0, "apar_rt_apar_req_s": 3.0,
            "peer_ar_req_s": 2.0, "req_ratio": 1.5, "apar_max_num_seqs": 4, "apar_medusa_tree": "chain_3"}
     assert peer_mod.format_rows([row]).splitlines()[1].split()[-2:] == ["4", "chain_3"]
+    row["apar_speculative_disable_by_batch_size"] = 8
+    assert peer_mod.format_rows([row]).splitlines()[1].split()[-1] == "chain_3@8"
 
 
 def test_ratios_are_taken_within_rounds():

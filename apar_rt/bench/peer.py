@@ -119,12 +119,14 @@ class Peer:
         return out
 
 
-def _ours(engine: str, mode: str, threads: int | None, max_num_seqs: int, medusa_tree: str | None = None):
+def _ours(engine: str, mode: str, threads: int | None, max_num_seqs: int, medusa_tree: str | None = None,
+          speculative_disable_by_batch_size: int | None = None):
     from apar_rt.bench.backends import _ort_llm
 
     kw = {"mode": mode, "max_num_seqs": max_num_seqs}
     if medusa_tree is not None:
         kw["medusa_tree"] = medusa_tree
+        kw["speculative_disable_by_batch_size"] = speculative_disable_by_batch_size
     return _ort_llm(engine, threads, kw)
 
 
@@ -186,7 +188,7 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
                max_tokens: int = 64, repeats: int = 5, threads: int | None = None,
                prompts_file: str | None = None, apar_max_tokens: int = 256, input_len: int | None = None,
                apar_max_num_seqs: int | None = None, apar_medusa_tree: str | None = None,
-               log=print) -> list[dict]:
+               apar_speculative_disable_by_batch_size: int | None = None, log=print) -> list[dict]:
     """Rows of AR tokens/s (and, with `prompts_file`, APAR requests/s) against onnxruntime-genai.
 
     input_len: prompt tokens per request of the AR rows (the built-in prompts' tokens repeated and
@@ -197,6 +199,9 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
     `APAR_SEATS_PER_REQUEST` times the largest batch.
     apar_medusa_tree: the APAR runs also verify this Medusa draft tree (`check_apar_medusa`); an
     engine built here then takes MODEL's heads.
+    apar_speculative_disable_by_batch_size: with a tree, no tree in a step after one of at least
+    this many sequences (the engine's `speculative_disable_by_batch_size`, as `apar-rt serve
+    --speculative-disable-by-batch-size` runs it).
 
     Raises:
         PeerUnavailable: onnxruntime-genai is missing (the message says how to install it) or its
@@ -248,7 +253,8 @@ def bench_peer(model: str, *, engine: str | None = None, peer_dir: str | None = 
                    "apar_rt_huge_pages_mib": huge}
             if prompts_file:
                 row.update(_requests_per_s(engine, peer, load_prompts(prompts_file), bs, apar_max_tokens,
-                                           repeats, threads, seats, apar_medusa_tree))
+                                           repeats, threads, seats, apar_medusa_tree,
+                                           apar_speculative_disable_by_batch_size))
             rows.append(row)
             log(format_rows([row], header=not rows[:-1]))
         return rows
@@ -299,7 +305,8 @@ def apar_seats(engine: str | None, wanted: int | None, batch_sizes=(1,)) -> int:
 
 
 def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens: int, repeats: int,
-                    threads: int | None, seats: int, medusa_tree: str | None = None) -> dict:
+                    threads: int | None, seats: int, medusa_tree: str | None = None,
+                    speculative_disable_by_batch_size: int | None = None) -> dict:
     """apar-rt APAR against the peer's AR on a prompt set, `bs` requests at a time.
 
     The peer cannot ban the control tokens, so its greedy AR on an APAR-trained model stops
@@ -308,7 +315,8 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
     longest answer, as static batching does): the same answers' worth of tokens. Its to-EOS
     figure is reported too.
 
-    seats: apar-rt's max_num_seqs in APAR mode. medusa_tree: its APAR runs verify this draft tree.
+    seats: apar-rt's max_num_seqs in APAR mode. medusa_tree: its APAR runs verify this draft tree,
+    except after a step of at least `speculative_disable_by_batch_size` sequences (None: always).
     """
     from apar_rt import SamplingParams
 
@@ -317,7 +325,7 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
     ids = [ar.engine.encode(r["prompt"]) for r in prompts]
     params = SamplingParams(max_tokens=max_tokens)
     ar_lens = [o.stats["generated_tokens"] for o in ar.generate(prompt_token_ids=ids, params=params)]
-    llm = _ours(engine, "apar", threads, seats, medusa_tree)
+    llm = _ours(engine, "apar", threads, seats, medusa_tree, speculative_disable_by_batch_size)
     _settle(llm)
     waves = [range(i, min(i + bs, len(ids))) for i in range(0, len(ids), bs)]
 
@@ -355,9 +363,16 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
     ma, mb = statistics.median(ta), statistics.median(tb)
     return {"prompts": len(ids), "apar_max_tokens": max_tokens, "apar_max_num_seqs": seats,
             "apar_medusa_tree": medusa_tree,
+            "apar_speculative_disable_by_batch_size": speculative_disable_by_batch_size if medusa_tree else None,
             "apar_rt_apar_req_s": na / ma,
             "peer_ar_req_s": nb / mb, "req_ratio": _round_ratio(ta, tb, na, nb),
             "mean_ar_answer_tokens": statistics.mean(ar_lens), "peer_ar_to_eos_req_s": len(ids) / te[0]}
+
+
+def _medusa_column(row: dict) -> str:
+    """The APAR runs' draft tree, '@N' after it with a speculative_disable_by_batch_size N; '-': none."""
+    tree, limit = row.get("apar_medusa_tree"), row.get("apar_speculative_disable_by_batch_size")
+    return "-" if not tree else tree if limit is None else f"{tree}@{limit}"
 
 
 def format_rows(rows: list[dict], header: bool = True) -> str:
@@ -371,7 +386,7 @@ def format_rows(rows: list[dict], header: bool = True) -> str:
         else:   # --max-tokens 1: no decode step
             dec = f" {'-':>15} {'-':>25} {'-':>6}"
         req = (f" {r['apar_rt_apar_req_s']:>18.2f} {r['peer_ar_req_s']:>26.2f} {r['req_ratio']:>6.2f}"
-               f" {r['apar_max_num_seqs']:>5} {r.get('apar_medusa_tree') or '-':>8}"
+               f" {r['apar_max_num_seqs']:>5} {_medusa_column(r):>8}"
                if "req_ratio" in r else "")
         lines.append(f"{r['batch']:>5} {r['input_len']:>6.0f} {r['apar_rt_ar_tok_s']:>16.1f} {r['peer_ar_tok_s']:>26.1f} "
                      f"{r['ar_ratio']:>6.2f}{dec}{req}")
