@@ -134,6 +134,26 @@ def test_self_distillation_learns(medusa_model):
     _, s = medusa_model
     assert s["last_loss"] < s["first_loss"] - 0.5
     assert s["head_top1_accuracy"][0] > 0.15
+    assert s["lr_scheduler"] == "cosine"
+
+
+def test_cosine_learning_rate_warms_up_then_decays_to_zero():
+    """`--lr-scheduler-type cosine` (the default): a linear warmup over the first warmup_ratio of
+    the steps up to --lr, then half a cosine down to zero at the end; constant stays at --lr."""
+    import itertools
+    import math
+
+    from apar_rt.medusa.train import lr_at
+
+    steps, lr = 1000, 2e-3
+    rates = [lr_at(i, steps, lr, "cosine", 0.03) for i in range(steps)]
+    assert rates[:30] == pytest.approx([lr * (i + 1) / 30 for i in range(30)])
+    assert rates[30] == pytest.approx(lr)
+    assert rates[30 + 485] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 485 / 970)))
+    assert all(a >= b for a, b in itertools.pairwise(rates[29:])) and rates[-1] < lr * 1e-4
+    assert {lr_at(i, steps, lr, "constant") for i in range(0, steps, 97)} == {lr}
+    with pytest.raises(ValueError, match="one of cosine, constant, got 'linear'"):
+        lr_at(0, steps, lr, "linear")
 
 
 # ---- verification ---------------------------------------------------------------------------

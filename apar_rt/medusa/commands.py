@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from apar_rt.medusa.train import DISTILL_MAX_TOKENS
+from apar_rt.medusa.train import DISTILL_MAX_TOKENS, LR_SCHEDULERS, WARMUP_RATIO
 from apar_rt.prompts import read_prompts
 
 
@@ -22,6 +22,12 @@ from apar_rt.prompts import read_prompts
               help="ResBlocks per head.")
 @click.option("--steps", type=click.IntRange(1), default=600, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr-scheduler-type", "lr_scheduler", type=click.Choice(LR_SCHEDULERS), default="cosine",
+              show_default=True,
+              help="Learning rate over the steps: cosine (linear warmup over --warmup-ratio of them, then a "
+                   "half cosine to zero) or constant.")
+@click.option("--warmup-ratio", type=click.FloatRange(0.0, 1.0, max_open=True), default=WARMUP_RATIO,
+              show_default=True, help="With --lr-scheduler-type cosine: the share of steps that warm up.")
 @click.option("--batch", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(1), default=DISTILL_MAX_TOKENS, show_default=True,
               help="New tokens the model writes per prompt for the distillation data.")
@@ -29,7 +35,8 @@ from apar_rt.prompts import read_prompts
               help="Decode mode(s) of the distillation data (apar includes every branch's context).")
 @click.option("--raw", is_flag=True, help="Feed prompts with no chat template.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def train_medusa(model, prompts_file, output, num_heads, num_layers, steps, lr, batch, max_tokens, mode, raw, seed):
+def train_medusa(model, prompts_file, output, num_heads, num_layers, steps, lr, lr_scheduler, warmup_ratio, batch,
+                 max_tokens, mode, raw, seed):
     """Train Medusa-1 heads for MODEL on its own greedy outputs (self-distillation)."""
     from apar_rt.medusa.train import train_medusa as run
 
@@ -38,5 +45,6 @@ def train_medusa(model, prompts_file, output, num_heads, num_layers, steps, lr, 
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--prompts") from None
     summary = run(model, prompts, output=output, num_heads=num_heads, num_layers=num_layers,
-                  steps=steps, lr=lr, batch=batch, max_tokens=max_tokens, mode=mode, raw=raw, seed=seed)
+                  steps=steps, lr=lr, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, batch=batch,
+                  max_tokens=max_tokens, mode=mode, raw=raw, seed=seed)
     click.echo(json.dumps(summary, indent=1))
