@@ -137,6 +137,24 @@ def test_self_distillation_learns(medusa_model):
     assert s["lr_scheduler"] == "cosine"
 
 
+def test_epochs_set_the_steps(tmp_path):
+    """`--num-train-epochs`: the steps are ceil(epochs * positions / batch) in place of --steps, and
+    the summary says how many passes over the positions were made; epochs <= 0 are refused before
+    any work."""
+    import math
+
+    from apar_rt.medusa.train import train_medusa
+
+    path = tmp_path / "model"
+    make_tiny_checkpoint(path, seed=0, weight_std=0.1)
+    s = train_medusa(str(path), prompts(6, seed=2), output=str(tmp_path / "heads"), steps=5, epochs=2.0, batch=8,
+                     max_tokens=12, raw=True, mode="apar", progress=False)
+    assert s["steps"] == math.ceil(2.0 * s["positions"] / 8) != 5
+    assert s["epochs"] == pytest.approx(s["steps"] * 8 / s["positions"])
+    with pytest.raises(ValueError, match="epochs must be > 0, got 0"):
+        train_medusa(str(path), prompts(2), epochs=0)
+
+
 def test_cosine_learning_rate_warms_up_then_decays_to_zero():
     """`--lr-scheduler-type cosine` (the default): a linear warmup over the first warmup_ratio of
     the steps up to --lr, then half a cosine down to zero at the end; constant stays at --lr."""

@@ -21,6 +21,10 @@ from apar_rt.prompts import read_prompts
 @click.option("--num-layers", type=click.IntRange(1, 4), default=1, show_default=True,
               help="ResBlocks per head.")
 @click.option("--steps", type=click.IntRange(1), default=600, show_default=True)
+@click.option("--num-train-epochs", "epochs", type=click.FloatRange(0.0, min_open=True), default=None,
+              help="Passes over the distillation positions: sets the steps in place of --steps. The demo's heads "
+                   "needed about 25 (samples/train_demo.py: 10,000 steps of batch 256 over 102,713 positions); "
+                   "600 steps of 32 are a fraction of one pass there.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--lr-scheduler-type", "lr_scheduler", type=click.Choice(LR_SCHEDULERS), default="cosine",
               show_default=True,
@@ -35,8 +39,8 @@ from apar_rt.prompts import read_prompts
               help="Decode mode(s) of the distillation data (apar includes every branch's context).")
 @click.option("--raw", is_flag=True, help="Feed prompts with no chat template.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def train_medusa(model, prompts_file, output, num_heads, num_layers, steps, lr, lr_scheduler, warmup_ratio, batch,
-                 max_tokens, mode, raw, seed):
+def train_medusa(model, prompts_file, output, num_heads, num_layers, steps, epochs, lr, lr_scheduler, warmup_ratio,
+                 batch, max_tokens, mode, raw, seed):
     """Train Medusa-1 heads for MODEL on its own greedy outputs (self-distillation)."""
     from apar_rt.medusa.train import train_medusa as run
 
@@ -45,6 +49,6 @@ def train_medusa(model, prompts_file, output, num_heads, num_layers, steps, lr, 
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--prompts") from None
     summary = run(model, prompts, output=output, num_heads=num_heads, num_layers=num_layers,
-                  steps=steps, lr=lr, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, batch=batch,
-                  max_tokens=max_tokens, mode=mode, raw=raw, seed=seed)
+                  steps=steps, epochs=epochs, lr=lr, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio,
+                  batch=batch, max_tokens=max_tokens, mode=mode, raw=raw, seed=seed)
     click.echo(json.dumps(summary, indent=1))

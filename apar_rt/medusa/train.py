@@ -79,18 +79,22 @@ def _hidden(model, ids: list[int]):
 def train_medusa(model_dir: str, prompts: Sequence[str], *, output: str | None = None, num_heads: int = 4,
                  num_layers: int = 1, steps: int = 300, lr: float = 1e-3, batch: int = 16,
                  max_tokens: int = DISTILL_MAX_TOKENS, lr_scheduler: str = "cosine",
-                 warmup_ratio: float = WARMUP_RATIO,
+                 warmup_ratio: float = WARMUP_RATIO, epochs: float | None = None,
                  mode: str = "apar", raw: bool = False, seed: int = 0, progress: bool = True) -> dict:
     """Train heads on the model's own outputs and save them to `output` (default `<model>/medusa`).
 
     mode: "apar" (every branch's context), "ar", or "both" (heads that serve either mode).
     lr_scheduler, warmup_ratio: the learning rate over the steps (`lr_at`).
+    epochs: passes over the distillation positions; sets the steps (ceil(epochs * positions /
+    batch)) in place of `steps`. The summary's `epochs` is the passes made either way.
 
     Returns a summary with the loss at the start and end and per-head top-1 accuracy.
     """
     lr_at(0, steps, lr, lr_scheduler, warmup_ratio)   # an unknown scheduler fails before any work
     if not 0.0 <= warmup_ratio < 1.0:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+    if epochs is not None and not epochs > 0:
+        raise ValueError(f"epochs must be > 0, got {epochs}")
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -114,6 +118,8 @@ def train_medusa(model_dir: str, prompts: Sequence[str], *, output: str | None =
             targets.append([ids[t + k + 2] if t + k + 2 < len(ids) else -100 for k in range(num_heads)])
     X = torch.stack(feats)
     Y = torch.tensor(targets)
+    if epochs is not None:
+        steps = max(1, math.ceil(epochs * len(X) / batch))
     heads = MedusaHeads.init_from_lm_head(model.lm_head.weight.detach().float(), num_heads, num_layers)
     opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
     log = []
@@ -138,7 +144,7 @@ def train_medusa(model_dir: str, prompts: Sequence[str], *, output: str | None =
     out_dir = Path(output) if output else Path(model_dir) / HEADS_DIRNAME
     heads.save(out_dir)
     summary = {"positions": len(X), "sequences": len(data), "first_loss": log[0], "last_loss": log[-1],
-               "head_top1_accuracy": acc, "steps": steps, "batch": batch, "lr": lr, "lr_scheduler": lr_scheduler,
-               "output": str(out_dir)}
+               "head_top1_accuracy": acc, "steps": steps, "batch": batch, "epochs": steps * batch / len(X),
+               "lr": lr, "lr_scheduler": lr_scheduler, "output": str(out_dir)}
     (out_dir / "training_log.json").write_text(json.dumps({"summary": summary, "loss": log}, indent=1))
     return summary
