@@ -278,6 +278,7 @@ def write_card(out: Path, args, build_info: dict | None, ev: dict) -> None:
     times = b.get("times", {})
     tr = b.get("train", {})
     med = b.get("medusa") or {}
+    heads_only = ", retrained alone: `python samples/train_demo.py --heads-only`" if med.get("heads_only") else ""
     lines = [
         "# apar-tiny",
         "",
@@ -345,8 +346,8 @@ def write_card(out: Path, args, build_info: dict | None, ev: dict) -> None:
         "Four Medusa-1 heads (one ResBlock each), self-distilled by `apar_rt.medusa.train` on the model's",
         "own greedy outputs (answers of up to 200 tokens), AR and APAR (every branch's context), for the",
         "240 prompts in `samples/prompts/medusa_train.jsonl` (corpus prompts, none held out);",
-        f"{med.get('steps')} AdamW steps, batch {med.get('batch')}, lr {med.get('lr')} ({med.get('lr_scheduler')}, "
-        f"`python samples/train_demo.py --heads-only`, {times.get('medusa_s')} s). Top-1 accuracy of heads 1..4",
+        f"{med.get('steps')} AdamW steps, batch {med.get('batch')}, lr {med.get('lr')} ({med.get('lr_scheduler')}; "
+        f"{times.get('medusa_s')} s{heads_only}). Top-1 accuracy of heads 1..4",
         f"on that data: {[round(a, 3) for a in med.get('head_top1_accuracy', [])]}.",
         "Run them with `apar-rt generate --model samples/models/apar-tiny --medusa ...`.",
         "",
@@ -408,11 +409,12 @@ def train_heads(args) -> dict:
 
 
 def record_heads(args, info: dict) -> None:
-    """`train_heads`, its time and summary recorded in the build record `info`."""
+    """`train_heads`, its time and summary recorded in the build record `info` (with whether the
+    heads were trained alone, `--heads-only`, after the model)."""
     t = time.perf_counter()
     heads = train_heads(args)
     info["times"]["medusa_s"] = time.perf_counter() - t
-    info["medusa"] = {k: heads[k] for k in MEDUSA_RECORD}
+    info["medusa"] = {k: heads[k] for k in MEDUSA_RECORD} | {"heads_only": bool(args.heads_only)}
 
 
 def main(argv=None) -> int:
