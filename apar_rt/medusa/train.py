@@ -86,7 +86,7 @@ def train_medusa(model_dir: str, prompts: Sequence[str], *, output: str | None =
     mode: "apar" (every branch's context), "ar", or "both" (heads that serve either mode).
     lr_scheduler, warmup_ratio: the learning rate over the steps (`lr_at`).
     epochs: passes over the distillation positions; sets the steps (ceil(epochs * positions /
-    batch)) in place of `steps`. The summary's `epochs` is the passes made either way.
+    positions a step samples, min(batch, positions))) in place of `steps`. The summary's `epochs` is the passes made either way.
 
     Returns a summary with the loss at the start and end and per-head top-1 accuracy.
     """
@@ -118,8 +118,9 @@ def train_medusa(model_dir: str, prompts: Sequence[str], *, output: str | None =
             targets.append([ids[t + k + 2] if t + k + 2 < len(ids) else -100 for k in range(num_heads)])
     X = torch.stack(feats)
     Y = torch.tensor(targets)
+    per_step = min(batch, len(X))   # positions a step samples
     if epochs is not None:
-        steps = max(1, math.ceil(epochs * len(X) / batch))
+        steps = max(1, math.ceil(epochs * len(X) / per_step))
     heads = MedusaHeads.init_from_lm_head(model.lm_head.weight.detach().float(), num_heads, num_layers)
     opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
     log = []
@@ -128,7 +129,7 @@ def train_medusa(model_dir: str, prompts: Sequence[str], *, output: str | None =
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, lr_scheduler, warmup_ratio)
-        idx = torch.tensor(rng.sample(order, min(batch, len(order))))
+        idx = torch.tensor(rng.sample(order, per_step))
         logits = heads(X[idx])                                           # [b, H, V]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y[idx].reshape(-1), ignore_index=-100)
         opt.zero_grad()
@@ -144,7 +145,7 @@ def train_medusa(model_dir: str, prompts: Sequence[str], *, output: str | None =
     out_dir = Path(output) if output else Path(model_dir) / HEADS_DIRNAME
     heads.save(out_dir)
     summary = {"positions": len(X), "sequences": len(data), "first_loss": log[0], "last_loss": log[-1],
-               "head_top1_accuracy": acc, "steps": steps, "batch": batch, "epochs": steps * batch / len(X),
+               "head_top1_accuracy": acc, "steps": steps, "batch": batch, "epochs": steps * per_step / len(X),
                "lr": lr, "lr_scheduler": lr_scheduler, "output": str(out_dir)}
     (out_dir / "training_log.json").write_text(json.dumps({"summary": summary, "loss": log}, indent=1))
     return summary
