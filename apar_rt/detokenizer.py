@@ -73,6 +73,11 @@ class SegmentText:
         self.decoded_tokens += len(ids)
         return self._decode(ids)
 
+    def advance_ascii(self, end: int) -> str | None:
+        """`advance(end)` where it needs no decode, returning the text it added (`ByteSegmentText`:
+        one ASCII token after whole text); here never: None, with nothing done."""
+        return None
+
     def advance(self, end: int) -> None:
         """Take the branch's tokens up to index `end` (exclusive)."""
         if end <= self.end:
@@ -255,23 +260,28 @@ class ByteSegmentText(SegmentText):
         else:
             self._utf8.reset()
 
+    def advance_ascii(self, end: int) -> str | None:
+        """`advance(end)` when that is one token of ASCII after whole text (the common decode step:
+        the UTF-8 decoder holds nothing before it and would hold nothing after it), returning the
+        text it added; else None, with nothing done."""
+        if end != self.end + 1 or self.pending or self._lead is not None:
+            return None
+        text = self._ascii[self._tokens[self.end]]
+        if text is None:
+            return None
+        self.decoded_tokens += 1
+        self.end = end
+        if text:
+            self._parts.append(text)
+            self.committed_len += len(text)
+        return text
+
     def advance(self, end: int) -> None:
-        if end <= self.end:
+        if end <= self.end or self.advance_ascii(end) is not None:
             return
         table = self._bytes
         if end == self.end + 1:
-            tok = self._tokens[self.end]
-            text = self._ascii[tok]
-            if text is not None and not self.pending and self._lead is None:
-                # one token of ASCII after whole text (the common step): the UTF-8 decoder holds
-                # nothing before it and would hold nothing after it
-                self.decoded_tokens += 1
-                self.end = end
-                if text:
-                    self._parts.append(text)
-                    self.committed_len += len(text)
-                return
-            data = table[tok]
+            data = table[self._tokens[self.end]]
         else:
             data = b"".join([table[t] for t in self._tokens[self.end:end]])
         self.decoded_tokens += end - self.end

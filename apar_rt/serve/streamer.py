@@ -83,6 +83,10 @@ class ReadingOrderStreamer:
     # the common step's state, kept from the last one: (top frame, its branch, its open segment,
     # the branch's children then); None after any other step
     _steady: tuple | None = None
+    # with _steady: the open segment's text after what was sent, up to its committed end (the
+    # holdback's characters), and that end; None where the segment's text ends unsettled
+    _tail: str | None = None
+    _tail_end: int = 0
 
     @classmethod
     def for_engine(cls, engine, request: Request) -> "ReadingOrderStreamer":
@@ -106,7 +110,24 @@ class ReadingOrderStreamer:
             # the common step again: the first running branch, alone, grew within its open segment
             fr, b, seg, children = steady
             if deltas[0].branch_id == b.id and len(b.children) == children and b.finish_reason is None:
-                seg.advance(len(b.token_ids))
+                end = len(b.token_ids)
+                tail = self._tail
+                if tail is not None and self._tail_end == seg.committed_len:
+                    # a token whose text needs no decode: what it adds moves through the holdback
+                    text = seg.advance_ascii(end)
+                    if text is not None and self._left >= end - seg.start:
+                        tail += text
+                        self._tail_end = seg.committed_len
+                        cut = len(tail) - self.holdback
+                        if cut <= 0:
+                            self._tail = tail
+                            return ""
+                        self._tail = tail[cut:]
+                        fr.emitted += cut
+                        delta = tail[:cut]
+                        self._sent.append(delta)
+                        return delta
+                seg.advance(end)
                 if seg.version == fr.version and self._left >= seg.end - seg.start:
                     return self._open_segment_delta(fr, seg)
         self._steady = None
@@ -147,12 +168,17 @@ class ReadingOrderStreamer:
     def _open_segment_delta(self, fr: _Frame, seg) -> str:
         """The common step's text: the first running branch's open segment `seg` up to its stable
         end less the holdback, past what frame `fr` emitted."""
-        length = seg.stable_len() - self.holdback
-        if length <= fr.emitted:
-            return ""
-        delta = seg.slice(fr.emitted, length)
-        fr.emitted = length
-        self._sent.append(delta)
+        stable = seg.stable_len()
+        length = stable - self.holdback
+        delta = ""
+        if length > fr.emitted:
+            delta = seg.slice(fr.emitted, length)
+            fr.emitted = length
+            self._sent.append(delta)
+        if stable == seg.committed_len and not seg.pending:   # the next step may take the fast path
+            self._tail, self._tail_end = seg.slice(fr.emitted, stable), stable
+        else:
+            self._tail = None
         return delta
 
     def _reference_step(self) -> str:
