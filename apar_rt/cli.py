@@ -314,7 +314,10 @@ def bench() -> None:
               help="With --peer onnxruntime-genai: also time this prompt set (JSONL, e.g. "
                    "samples/prompts/heldout.jsonl): apar-rt APAR (EOS honoured) against the peer's AR decoding "
                    "each prompt to the length of apar-rt's AR answer (the peer cannot ban [Fork], so its own "
-                   "greedy AR stops after the skeleton; that figure is in --json too).")
+                   "greedy AR stops after the skeleton; that figure is in --json too), each engine serving "
+                   "B clients (B: each of --batch-sizes) as it can: apar-rt keeps B requests in flight "
+                   "(continuous batching), the peer runs waves of B (its CPU batching is static); the 'waves' "
+                   "column is apar-rt's ratio in the peer's waves.")
 @click.option("--apar-max-tokens", type=int, default=256, show_default=True,
               help="max_tokens per request of the --prompts runs.")
 @click.option("--apar-max-num-seqs", type=click.IntRange(min=1), default=None,

@@ -144,7 +144,8 @@ def test_apar_medusa_tree_is_checked_before_anything_runs(both, tiny_gqa, tmp_pa
     assert limited.generate(prompt_token_ids=ids, params=params)[0].stats["accepted_length_histogram"] == {}
     row = {"batch": 1, "input_len": 5.0, "apar_rt_ar_tok_s": 1.0, "peer_ar_tok_s": 2.0, "ar_ratio": 0.5,
            "apar_rt_decode_ms": 1.0, "peer_decode_ms": 2.0, "decode_ratio": 2.0, "apar_rt_apar_req_s": 3.0,
-           "peer_ar_req_s": 2.0, "req_ratio": 1.5, "apar_max_num_seqs": 4, "apar_medusa_tree": "chain_3"}
+           "peer_ar_req_s": 2.0, "req_ratio": 1.5, "req_ratio_waves": 1.2, "apar_max_num_seqs": 4,
+           "apar_medusa_tree": "chain_3"}
     assert peer_mod.format_rows([row]).splitlines()[1].split()[-2:] == ["4", "chain_3"]
     row["apar_speculative_disable_by_batch_size"] = 8
     assert peer_mod.format_rows([row]).splitlines()[1].split()[-1] == "chain_3@8"
@@ -161,13 +162,19 @@ def test_ratios_are_taken_within_rounds():
 
 
 def test_prompt_set_rounds_alternate_wave_by_wave(both, monkeypatch, tmp_path):
-    """On a prompt set each round runs every wave on apar-rt and at once on the peer, so the two
-    sides of a wave are seconds apart: after apar-rt's AR pass (for the answers' lengths), a warm
-    round and `repeats` rounds alternate ours/peer per wave; then the peer's to-EOS pass."""
+    """On a prompt set each round serves every prompt on apar-rt with `batch` in flight, then runs
+    every wave on apar-rt and at once on the peer, so the two sides of a wave are seconds apart:
+    after apar-rt's AR pass (for the answers' lengths), a warm round and `repeats` rounds; then the
+    peer's to-EOS pass."""
     llm, peer = both
     engine = str(llm.engine.backend.engine_dir)
     calls: list[tuple[str, int]] = []
     make = peer_mod._ours
+    in_flight = peer_mod.in_flight
+
+    def watched_in_flight(llm, ids, params, concurrency):
+        calls.append((f"ours-in-flight-{concurrency}", len(ids)))
+        return in_flight(llm, ids, params, concurrency)
 
     def watched_ours(*args, **kwargs):
         ours = make(*args, **kwargs)
@@ -188,10 +195,48 @@ def test_prompt_set_rounds_alternate_wave_by_wave(both, monkeypatch, tmp_path):
         return peer_generate(ids, *a, **k)
 
     monkeypatch.setattr(peer_mod, "_ours", watched_ours)
+    monkeypatch.setattr(peer_mod, "in_flight", watched_in_flight)
     monkeypatch.setattr(peer, "generate", watched_peer)
     prompts = [{"prompt": p} for p in ("one two three", "water and sleep", "the list of food")]
     row = peer_mod._requests_per_s(engine, peer, prompts, 2, 6, 2, 1, 4)
     waves = [2, 1]
-    rounds = [c for _ in range(3) for w in waves for c in (("ours-apar", w), ("peer", w))]
+    rounds = [c for _ in range(3)
+              for c in [("ours-in-flight-2", 3)] + [c for w in waves for c in (("ours-apar", w), ("peer", w))]]
     assert calls == [("ours-ar", 3)] + rounds + [("peer", w) for w in waves]
-    assert row["prompts"] == 3 and row["apar_rt_apar_req_s"] > 0 and row["peer_ar_req_s"] > 0 and row["req_ratio"] > 0
+    assert row["prompts"] == 3 and row["peer_ar_req_s"] > 0
+    assert row["apar_rt_apar_req_s"] > 0 and row["apar_rt_apar_waves_req_s"] > 0
+    assert row["req_ratio"] > 0 and row["req_ratio_waves"] > 0
+
+
+def test_in_flight_refills_each_freed_place_and_answers_as_waves_do(both):
+    """`in_flight` keeps `concurrency` requests in the engine while prompts remain (a finished
+    one's place goes to the next prompt before the next step) and never more; the greedy texts are
+    those of the same prompts generated in waves."""
+    from apar_rt import SamplingParams
+
+    llm, _ = both
+    engine = llm.engine
+    ids = [engine.encode(p) for p in ("one two three", "water and sleep and food", "the list", "a b c d e",
+                                      "sleep", "the water of the list")]
+    params = [SamplingParams(max_tokens=n) for n in (3, 6, 2, 5, 4, 1)]   # places free up one by one
+    step, held, added = engine.step, [], [0]
+    add = engine.add_request
+
+    def counted_add(*a, **k):
+        added[0] += 1
+        return add(*a, **k)
+
+    def watched_step():
+        held.append((len(engine._requests), added[0]))
+        return step()
+
+    engine.step, engine.add_request = watched_step, counted_add
+    try:
+        texts = peer_mod.in_flight(llm, ids, params, 2)
+    finally:
+        engine.step, engine.add_request = step, add
+    assert all(n == 2 for n, a in held if a < len(ids))          # full while prompts remain
+    assert max(n for n, _ in held) == 2 and added[0] == len(ids)
+    waves = [o.text for w in range(0, len(ids), 2)
+             for o in llm.generate(prompt_token_ids=ids[w:w + 2], params=params[w:w + 2])]
+    assert texts == waves and all(texts)

@@ -17,7 +17,12 @@ Measures:
   against the peer's `generate_next_token` after its first token;
 * requests/s on a prompt set (the held-out prompts): apar-rt in `--mode apar` (EOS honoured)
   against the peer's AR decoding each prompt to the length of apar-rt's AR answer, `batch`
-  requests at a time (see `_requests_per_s`). The APAR runs get the engine's seats
+  requests at a time (see `_requests_per_s`): each engine as it serves `batch` concurrent
+  clients. apar-rt batches continuously (a finished request's seat goes to the next prompt at
+  once); the peer batches statically on the CPU (its `Engine` API, 0.18, without PagedAttention,
+  which its builder makes for CUDA only, runs a group to its end before it admits more), so it
+  runs waves of `batch` prompts through its generator, each to the wave's longest answer.
+  apar-rt's requests/s in such waves is reported too. The APAR runs get the engine's seats
   (`apar_max_num_seqs`, default its --max-batch-size), as a server runs it: with only `batch`
   seats, the fair share is one seat per request and no request could fork.
 
@@ -304,10 +309,32 @@ def apar_seats(engine: str | None, wanted: int | None, batch_sizes=(1,)) -> int:
     return wanted or limit
 
 
+def in_flight(llm, ids: list[list[int]], params, concurrency: int) -> list[str | None]:
+    """Serve the prompts `ids` on apar-rt's engine with `concurrency` requests in flight, as a
+    server under that many clients runs: the first `concurrency` are admitted, and each one that
+    finishes hands its place to the next prompt before the next step (continuous batching).
+    `params`: one SamplingParams for all, or one per prompt. Returns each prompt's text, in order
+    (greedy: the same as `llm.generate` on any grouping)."""
+    engine = llm.engine
+    each = params if isinstance(params, (list, tuple)) else [params] * len(ids)
+    texts: list[str | None] = [None] * len(ids)
+    running: dict[str, int] = {}     # request id -> prompt index
+    nxt = 0
+    while nxt < len(ids) or running:
+        while nxt < len(ids) and len(running) < concurrency:
+            running[engine.add_request(None, each[nxt], prompt_token_ids=ids[nxt])] = nxt
+            nxt += 1
+        for o in engine.step():
+            if o.finished:
+                texts[running.pop(o.request_id)] = o.text
+    return texts
+
+
 def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens: int, repeats: int,
                     threads: int | None, seats: int, medusa_tree: str | None = None,
                     speculative_disable_by_batch_size: int | None = None) -> dict:
-    """apar-rt APAR against the peer's AR on a prompt set, `bs` requests at a time.
+    """apar-rt APAR against the peer's AR on a prompt set, `bs` requests at a time: apar-rt with
+    `bs` in flight (`in_flight`), and also in waves of `bs` prompts, against the peer's waves.
 
     The peer cannot ban the control tokens, so its greedy AR on an APAR-trained model stops
     after the skeleton (the [Fork] main text, without the children's details). It therefore
@@ -334,10 +361,14 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
             n = max_tokens if to_eos else max(ar_lens[i] for i in w)
             peer.generate([ids[i] for i in w], n, ignore_eos=not to_eos)
 
-    def one_round() -> tuple[float, float]:
-        """Every wave on apar-rt, then at once on the peer: each side's seconds over the waves.
+    def one_round() -> tuple[float, float, float]:
+        """apar-rt serving every prompt `bs` in flight; then every wave on apar-rt, then at once
+        on the peer. Returns the seconds of each: apar-rt in flight, apar-rt in waves, the peer.
         Alternating wave by wave (not run by run) puts the two sides of a wave seconds apart, so
         this machine's speed swings, which come and go within a run, hit both alike."""
+        t = time.perf_counter()
+        in_flight(llm, ids, params, bs)
+        tc = time.perf_counter() - t
         ta = tb = 0.0
         for w in waves:
             t = time.perf_counter()
@@ -346,10 +377,10 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
             t = time.perf_counter()
             run_peer(False, [w])
             tb += time.perf_counter() - t
-        return ta, tb
+        return tc, ta, tb
 
     one_round()   # warm both
-    ta, tb = (list(x) for x in zip(*(one_round() for _ in range(repeats))))
+    tc, ta, tb = (list(x) for x in zip(*(one_round() for _ in range(repeats))))
     na = nb = len(ids)
     te = [0.0]
 
@@ -364,8 +395,9 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
     return {"prompts": len(ids), "apar_max_tokens": max_tokens, "apar_max_num_seqs": seats,
             "apar_medusa_tree": medusa_tree,
             "apar_speculative_disable_by_batch_size": speculative_disable_by_batch_size if medusa_tree else None,
-            "apar_rt_apar_req_s": na / ma,
-            "peer_ar_req_s": nb / mb, "req_ratio": _round_ratio(ta, tb, na, nb),
+            "apar_rt_apar_req_s": na / statistics.median(tc), "apar_rt_apar_waves_req_s": na / ma,
+            "peer_ar_req_s": nb / mb, "req_ratio": _round_ratio(tc, tb, na, nb),
+            "req_ratio_waves": _round_ratio(ta, tb, na, nb),
             "mean_ar_answer_tokens": statistics.mean(ar_lens), "peer_ar_to_eos_req_s": len(ids) / te[0]}
 
 
@@ -378,7 +410,8 @@ def _medusa_column(row: dict) -> str:
 def format_rows(rows: list[dict], header: bool = True) -> str:
     head = (f"{'batch':>5} {'prompt':>6} {'apar-rt AR tok/s':>16} {PEER + ' AR tok/s':>26} {'ratio':>6}"
             f" {'apar-rt ms/step':>15} {PEER + ' ms/step':>25} {'ratio':>6}"
-            f" {'apar-rt APAR req/s':>18} {PEER + ' AR req/s':>26} {'ratio':>6} {'seats':>5} {'medusa':>8}")
+            f" {'apar-rt APAR req/s':>18} {PEER + ' AR req/s':>26} {'ratio':>6} {'waves':>6} {'seats':>5}"
+            f" {'medusa':>8}")
     lines = [head] if header else []
     for r in rows:
         if r.get("decode_ratio") is not None:
@@ -386,7 +419,7 @@ def format_rows(rows: list[dict], header: bool = True) -> str:
         else:   # --max-tokens 1: no decode step
             dec = f" {'-':>15} {'-':>25} {'-':>6}"
         req = (f" {r['apar_rt_apar_req_s']:>18.2f} {r['peer_ar_req_s']:>26.2f} {r['req_ratio']:>6.2f}"
-               f" {r['apar_max_num_seqs']:>5} {_medusa_column(r):>8}"
+               f" {r['req_ratio_waves']:>6.2f} {r['apar_max_num_seqs']:>5} {_medusa_column(r):>8}"
                if "req_ratio" in r else "")
         lines.append(f"{r['batch']:>5} {r['input_len']:>6.0f} {r['apar_rt_ar_tok_s']:>16.1f} {r['peer_ar_tok_s']:>26.1f} "
                      f"{r['ar_ratio']:>6.2f}{dec}{req}")
