@@ -297,7 +297,7 @@ def bench() -> None:
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Timed runs per side, alternating; each side's median is shown. With --peer onnxruntime-genai "
                    "each ratio is the median of the rounds' ratios (the --prompts runs take as many rounds, "
-                   "alternating wave by wave).")
+                   "each side running the whole set back to back).")
 @click.option("--mode", type=click.Choice(["ar", "apar"]), default="ar", show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
 @click.option("--engine", "engine_dir", type=click.Path(exists=True, file_okay=False), default=None,

@@ -161,11 +161,11 @@ def test_ratios_are_taken_within_rounds():
     assert peer_mod._round_ratio([1.0], [1.0], 30, 10) == 3.0   # work per run counts
 
 
-def test_prompt_set_rounds_alternate_wave_by_wave(both, monkeypatch, tmp_path):
-    """On a prompt set each round serves every prompt on apar-rt with `batch` in flight, then runs
-    every wave on apar-rt and at once on the peer, so the two sides of a wave are seconds apart:
-    after apar-rt's AR pass (for the answers' lengths), a warm round and `repeats` rounds; then the
-    peer's to-EOS pass."""
+def test_prompt_set_rounds_run_each_side_back_to_back(both, monkeypatch, tmp_path):
+    """On a prompt set each round runs the whole set on apar-rt with `batch` in flight, in the
+    peer's waves, and apar-rt in those waves, back to back (the two apar-rt runs swapping places
+    every other round, the peer's between them): after apar-rt's AR pass (for the answers'
+    lengths), a warm round and `repeats` rounds; then the peer's to-EOS pass."""
     llm, peer = both
     engine = str(llm.engine.backend.engine_dir)
     calls: list[tuple[str, int]] = []
@@ -200,8 +200,9 @@ def test_prompt_set_rounds_alternate_wave_by_wave(both, monkeypatch, tmp_path):
     prompts = [{"prompt": p} for p in ("one two three", "water and sleep", "the list of food")]
     row = peer_mod._requests_per_s(engine, peer, prompts, 2, 6, 2, 1, 4)
     waves = [2, 1]
-    rounds = [c for _ in range(3)
-              for c in [("ours-in-flight-2", 3)] + [c for w in waves for c in (("ours-apar", w), ("peer", w))]]
+    flight, peer_waves, ours_waves = [("ours-in-flight-2", 3)], [("peer", w) for w in waves], [("ours-apar", w) for w in waves]
+    rounds = [c for r in (0, 0, 1) for c in ((flight + peer_waves + ours_waves) if r % 2 == 0   # warm, then 2
+                                             else (ours_waves + peer_waves + flight))]
     assert calls == [("ours-ar", 3)] + rounds + [("peer", w) for w in waves]
     assert row["prompts"] == 3 and row["peer_ar_req_s"] > 0
     assert row["apar_rt_apar_req_s"] > 0 and row["apar_rt_apar_waves_req_s"] > 0

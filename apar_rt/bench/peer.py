@@ -7,8 +7,9 @@ token ids (apar-rt's encoding of each prompt; the peer gets them right-padded in
 static batching, as its own encode_batch pads) and the same intra-op thread count. Runs alternate (apar-rt, peer, apar-rt, ...)
 so that machine noise hits both alike: each side's figure is the median of its `repeats` runs, and each
 ratio is the median of the rounds' ratios (a round's two runs back to back), so that the machine's
-drift over minutes, which moves both runs of a round, cancels. On a prompt set a round alternates
-wave by wave (a wave: `batch` prompts), since this machine's speed swings within a run too.
+drift over minutes, which moves both runs of a round, cancels. On a prompt set a round runs the
+whole set on each side back to back (apar-rt, the peer, apar-rt again in the peer's waves), each
+engine warm as it would run alone in a server.
 
 Measures:
 * AR tokens/s: every request decodes exactly `max_tokens` tokens (EOS ignored on both sides);
@@ -361,26 +362,28 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
             n = max_tokens if to_eos else max(ar_lens[i] for i in w)
             peer.generate([ids[i] for i in w], n, ignore_eos=not to_eos)
 
-    def one_round() -> tuple[float, float, float]:
-        """apar-rt serving every prompt `bs` in flight; then every wave on apar-rt, then at once
-        on the peer. Returns the seconds of each: apar-rt in flight, apar-rt in waves, the peer.
-        Alternating wave by wave (not run by run) puts the two sides of a wave seconds apart, so
-        this machine's speed swings, which come and go within a run, hit both alike."""
-        t = time.perf_counter()
+    def ours_in_flight():
         in_flight(llm, ids, params, bs)
-        tc = time.perf_counter() - t
-        ta = tb = 0.0
-        for w in waves:
-            t = time.perf_counter()
-            llm.generate(prompt_token_ids=[ids[i] for i in w], params=params)
-            ta += time.perf_counter() - t
-            t = time.perf_counter()
-            run_peer(False, [w])
-            tb += time.perf_counter() - t
-        return tc, ta, tb
 
-    one_round()   # warm both
-    tc, ta, tb = (list(x) for x in zip(*(one_round() for _ in range(repeats))))
+    def ours_waves():
+        for w in waves:
+            llm.generate(prompt_token_ids=[ids[i] for i in w], params=params)
+
+    def one_round(r: int) -> tuple[float, float, float]:
+        """The whole set three times back to back, each engine warm as it runs alone in a server:
+        apar-rt in flight, the peer's waves, apar-rt's waves (the two apar-rt runs swap places every
+        other round, the peer's stays between them). Returns the seconds of apar-rt in flight,
+        apar-rt in waves and the peer."""
+        took = {}
+        for name, run in ([("flight", ours_in_flight), ("peer", lambda: run_peer(False)), ("waves", ours_waves)]
+                          [::1 if r % 2 == 0 else -1]):
+            t = time.perf_counter()
+            run()
+            took[name] = time.perf_counter() - t
+        return took["flight"], took["waves"], took["peer"]
+
+    one_round(0)   # warm both
+    tc, ta, tb = (list(x) for x in zip(*(one_round(r) for r in range(repeats))))
     na = nb = len(ids)
     te = [0.0]
 
