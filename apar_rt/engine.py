@@ -23,7 +23,7 @@ from apar_rt.medusa.verifier import Acceptance, MedusaVerifier, TreeRows
 from apar_rt.model.byte_table import byte_table
 from apar_rt.model.tokenizer import control_tokens, encode_prompt, load_tokenizer
 from apar_rt.sampler import Sampled, SamplingBatch, SamplingError, error_message, make_generator
-from apar_rt.scheduler import RequestRejected, Scheduler, StepUpdate
+from apar_rt.scheduler import RequestRejected, Scheduler
 from apar_rt.stop_filter import for_tokenizer as stop_filter_for
 
 log = logging.getLogger(__name__)
@@ -251,18 +251,18 @@ class Engine:
             if len(batch):
                 results = self._sample(rows, batch, plain_reqs, plain, trees, results, picks, out)
             self.num_steps += 1
-        updates = self.scheduler.update(out, results,
-                                        on_error=lambda req, e: self._error_message(req, "updating", e))
+        outputs, reqs = self.scheduler.update(out, results,
+                                              on_error=lambda req, e: self._error_message(req, "updating", e))
         if picks:
             self._after_medusa_step(out, picks)
-            for u in updates:   # drafting may have failed a request
-                u.finished = u.request.finished
-        outputs = []
-        for u in updates:
-            try:
-                outputs.append(self._output(u))
-            except Exception as e:
-                outputs.append(self._failed_output(u.request, e))
+            for o, req in zip(outputs, reqs):   # drafting may have failed a request
+                o.finished = req.finished
+        for i, o in enumerate(outputs):
+            if o.finished:
+                try:
+                    self._finish(reqs[i], o)
+                except Exception as e:
+                    outputs[i] = self._failed_output(reqs[i], e)
         return outputs
 
     def _keep_batch(self, out, batch: SamplingBatch, rows: list[int], plain_reqs: list[Request]) -> None:
@@ -414,16 +414,11 @@ class Engine:
             except Exception as e:
                 self._fail(s.request, "drafting for", e)
 
-    def _output(self, upd: StepUpdate) -> RequestOutput:
-        req = upd.request
-        # positional (a step makes one per request): request_id, prompt, prompt_token_ids, deltas,
-        # finished, finish_reason, text, branches, stats, error
-        o = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, upd.deltas, upd.finished,
-                          req.finish_reason, None, None, None, req.error)
-        if upd.finished:
-            self._requests.pop(req.request_id, None)
-            self.finalize(req, o)
-        return o
+    def _finish(self, req: Request, o: RequestOutput) -> None:
+        """Complete the step's output `o` of `req`, which finished in the step."""
+        o.finish_reason, o.error = req.finish_reason, req.error
+        self._requests.pop(req.request_id, None)
+        self.finalize(req, o)
 
     def text_of(self, req: Request) -> TreeText:
         """The request's incremental text (made on first use): the streamer grows it each step,

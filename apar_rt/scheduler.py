@@ -17,15 +17,14 @@ from __future__ import annotations
 
 from array import array
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
 from apar_rt.apar import ControlTokens, banned_tokens
 from apar_rt.config import EngineConfig
-from apar_rt.core import (Branch, BranchDelta, FinishReason, Request, RequestStatus, ScheduledSeq,
-                          SchedulerOutput, StepInput)
+from apar_rt.core import (Branch, BranchDelta, FinishReason, Request, RequestOutput, RequestStatus,
+                          ScheduledSeq, SchedulerOutput, StepInput)
 from apar_rt.detokenizer import open_segment
 from apar_rt.kv.block_pool import BlockPool, KVCacheManager
 from apar_rt.medusa.tree import MedusaTree
@@ -41,15 +40,6 @@ class RequestRejected(ValueError):
 
 class EngineOverloaded(RuntimeError):
     """The waiting queue is full (EngineConfig.max_waiting): retry later. Servers answer 429."""
-
-
-@dataclass(slots=True)
-class StepUpdate:
-    """A request's progress in one step, for the engine to turn into output."""
-
-    request: Request
-    deltas: list[BranchDelta]
-    finished: bool
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -583,8 +573,12 @@ class Scheduler:
         return got
 
     def update(self, out: SchedulerOutput, results: Sequence[int | Sequence[int]],
-               on_error: Callable[[Request, Exception], str] | None = None) -> list[StepUpdate]:
+               on_error: Callable[[Request, Exception], str] | None = None
+               ) -> tuple[list[RequestOutput], list[Request]]:
         """Append each sampling sequence's new tokens (in `out.seqs` order), fork, and finish.
+        Returns each request's output of the step (its branches' new tokens, `finished`) and the
+        requests, in the same order; the engine completes a finished request's output (its
+        finish_reason, error, text, branches and stats).
 
         A plain sequence brings one token (an int in `results`). A draft tree brings its accepted
         run plus the bonus token; the run is cut after the first [Fork] or end token (kept), and to
@@ -593,7 +587,8 @@ class Scheduler:
 
         A request whose update raises fails alone, with the message `on_error(req, exc)` gives.
         """
-        per_req: dict[int, StepUpdate] = {}
+        per_req: dict[int, RequestOutput] = {}
+        reqs: list[Request] = []     # per_req's requests, in its order
         donors = {id(s.request): s.request for s in out.seqs if s.request.prefix_donors}
         for req in donors.values():
             self._fork_from_donors(req)
@@ -608,8 +603,10 @@ class Scheduler:
             plain = type(tokens) is int   # a plain sequence's one token
             upd = per_req.get(id(req))
             if upd is None:   # the request's first sequence this step (a plain one's delta comes first)
-                upd = per_req[id(req)] = StepUpdate(
-                    req, [BranchDelta(b.id, b.parent, b.fork_index, [], False)] if plain else [], False)
+                upd = per_req[id(req)] = RequestOutput(
+                    req.request_id, req.prompt, req.prompt_token_ids,
+                    [BranchDelta(b.id, b.parent, b.fork_index, [], False)] if plain else [], False)
+                reqs.append(req)
             try:
                 if plain:
                     s.accepted = 1
@@ -620,10 +617,11 @@ class Scheduler:
                 msg = on_error(req, e) if on_error else "internal error while updating this request"
                 self.fail(req, msg, out)
         for req in out.failed:
-            per_req.setdefault(id(req), StepUpdate(req, [], True))
+            if id(req) not in per_req:
+                per_req[id(req)] = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], True)
+                reqs.append(req)
         updates = list(per_req.values())
-        for upd in updates:
-            req = upd.request
+        for upd, req in zip(updates, reqs):
             if upd.deltas:
                 req.decode_steps += 1
             if req.status is not FINISHED:
@@ -638,10 +636,10 @@ class Scheduler:
                 if req.status is not FINISHED and not req.num_live:
                     self._finish_request(req, FinishReason.STOP)
             upd.finished = req.status is FINISHED
-        return updates
+        return updates, reqs
 
     def _update_seq(self, s: ScheduledSeq, req: Request, b: Branch, tokens: list[int],
-                    upd: StepUpdate) -> None:
+                    upd: RequestOutput) -> None:
         if s.tree:
             tokens = tokens[:self._run_length(req, b, tokens)]
             req.kv_blocks -= len(self.kv.truncate(b.table, b.context_len - 1 + len(tokens)))
@@ -674,7 +672,7 @@ class Scheduler:
                 break
         return max(1, min(n, req.budget - req.next_position(b)))
 
-    def _delta(self, upd: StepUpdate, b: Branch) -> BranchDelta:
+    def _delta(self, upd: RequestOutput, b: Branch) -> BranchDelta:
         for d in upd.deltas:
             if d.branch_id == b.id:
                 return d
@@ -682,7 +680,7 @@ class Scheduler:
         upd.deltas.append(d)
         return d
 
-    def _append(self, req: Request, b: Branch, tok: int, upd: StepUpdate) -> None:
+    def _append(self, req: Request, b: Branch, tok: int, upd: RequestOutput) -> None:
         """Append one token to branch b, then end it or fork.
 
         The budget rule: the request's output is its first `req.budget` tokens in reading order.
@@ -761,7 +759,7 @@ class Scheduler:
         b.stop_text_len = min(whole.find(s) for s in stops if s in whole)
         return True
 
-    def _fork(self, req: Request, parent: Branch, upd: StepUpdate) -> Branch:
+    def _fork(self, req: Request, parent: Branch, upd: RequestOutput) -> Branch:
         """A child of `parent`, which just sampled [Fork]. The child's context is the parent's through
         [Fork], then [Child]. [Fork] has no K/V yet (unless it was an accepted draft token): the
         parent computes it next step, and the child waits for that and then shares the parent's
@@ -784,7 +782,7 @@ class Scheduler:
         self._delta(upd, child).new_token_ids.append(self.control.child)
         return child
 
-    def _finish_branch(self, req: Request, b: Branch, reason: FinishReason, upd: StepUpdate) -> None:
+    def _finish_branch(self, req: Request, b: Branch, reason: FinishReason, upd: RequestOutput) -> None:
         b.finish_reason = reason
         req.num_live -= 1
         req.prefix_donors.pop(b.id, None)
