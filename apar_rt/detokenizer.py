@@ -73,9 +73,10 @@ class SegmentText:
         self.decoded_tokens += len(ids)
         return self._decode(ids)
 
-    def advance_ascii(self, end: int) -> str | None:
-        """`advance(end)` where it needs no decode, returning the text it added (`ByteSegmentText`:
-        one ASCII token after whole text); here never: None, with nothing done."""
+    def advance_text(self, end: int) -> str | None:
+        """`advance(end)`, and the text it appended when that is all that changed (the text was
+        whole before and after: `ByteSegmentText` says when); here None (ask the text itself)."""
+        self.advance(end)
         return None
 
     def advance(self, end: int) -> None:
@@ -260,28 +261,30 @@ class ByteSegmentText(SegmentText):
         else:
             self._utf8.reset()
 
-    def advance_ascii(self, end: int) -> str | None:
-        """`advance(end)` when that is one token of ASCII after whole text (the common decode step:
-        the UTF-8 decoder holds nothing before it and would hold nothing after it), returning the
-        text it added; else None, with nothing done."""
-        if end != self.end + 1 or self.pending or self._lead is not None:
-            return None
-        text = self._ascii[self._tokens[self.end]]
-        if text is None:
-            return None
-        self.decoded_tokens += 1
-        self.end = end
-        if text:
-            self._parts.append(text)
-            self.committed_len += len(text)
-        return text
-
     def advance(self, end: int) -> None:
-        if end <= self.end or self.advance_ascii(end) is not None:
-            return
+        self.advance_text(end)
+
+    def advance_text(self, end: int) -> str | None:
+        """`advance(end)`; when the text was whole before (nothing held) and the committed text
+        the new tokens appended ends whole (no U+FFFD of an invalid byte), returns that text, which
+        is then all that changed in the stable text; else None."""
+        if end <= self.end:
+            return None
+        whole = not self.pending and self._lead is None
         table = self._bytes
         if end == self.end + 1:
-            data = table[self._tokens[self.end]]
+            tok = self._tokens[self.end]
+            text = self._ascii[tok]
+            if text is not None and whole:
+                # one token of ASCII after whole text (the common step): the UTF-8 decoder holds
+                # nothing before it and would hold nothing after it
+                self.decoded_tokens += 1
+                self.end = end
+                if text:
+                    self._parts.append(text)
+                    self.committed_len += len(text)
+                return text
+            data = table[tok]
         else:
             data = b"".join([table[t] for t in self._tokens[self.end:end]])
         self.decoded_tokens += end - self.end
@@ -290,7 +293,7 @@ class ByteSegmentText(SegmentText):
         if self._lead is not None:   # H + T has not given a character yet
             self._lead += data
             if not text:
-                return   # lossy(H + T) is one U+FFFD so far: no text of the tokens' own
+                return None   # lossy(H + T) is one U+FFFD so far: no text of the tokens' own
             if text[0] == REPLACEMENT:
                 text = text[1:]
             else:        # the window's character completed: the text is the tokens' bytes alone
@@ -302,6 +305,9 @@ class ByteSegmentText(SegmentText):
             self.committed_len += len(text)
         held = self._utf8.getstate()[0]
         self.pending = held.decode("utf-8", "replace") if held else ""
+        if whole and not (text and text[-1] == REPLACEMENT):
+            return text
+        return None
 
     def stable_len(self) -> int:
         """Length of the text without its trailing U+FFFD: the held bytes' (`pending`), and those

@@ -113,8 +113,8 @@ class ReadingOrderStreamer:
                 end = len(b.token_ids)
                 tail = self._tail
                 if tail is not None and self._tail_end == seg.committed_len:
-                    # a token whose text needs no decode: what it adds moves through the holdback
-                    text = seg.advance_ascii(end)
+                    # whole text grew by whole text: what it adds moves through the holdback
+                    text = seg.advance_text(end)
                     if text is not None and self._left >= end - seg.start:
                         tail += text
                         self._tail_end = seg.committed_len
@@ -127,7 +127,8 @@ class ReadingOrderStreamer:
                         delta = tail[:cut]
                         self._sent.append(delta)
                         return delta
-                seg.advance(end)
+                else:
+                    seg.advance(end)
                 if seg.version == fr.version and self._left >= seg.end - seg.start:
                     return self._open_segment_delta(fr, seg)
         self._steady = None
