@@ -193,7 +193,8 @@ class Engine:
         if out.step is not None:
             self.backend.execute(out.step)
             reuse = self._reused_batch(out)
-        if reuse is not None:   # a replayed step: the last step's rows again
+        if reuse is not None:   # a replayed step: the last step's rows again (and, as after the last
+            # step, no drafts: a step after which drafts are made is never replayed)
             batch, rows, plain_reqs = reuse
             results = self._sample(rows, batch, plain_reqs, [], [], [()] * len(plain_reqs), picks, out)
             self.num_steps += 1
@@ -209,7 +210,10 @@ class Engine:
             dense = True
             row = 0
             banned = self.scheduler.banned
-            medusa = self.verifier is not None
+            # with Medusa, the sequences `_after_medusa_step` takes: every one when it drafts after
+            # this step, else the draft trees alone (their accepted K/V to write, their drafts to drop)
+            limit = self.config.speculative_disable_by_batch_size
+            drafting = self.verifier is not None and (limit is None or len(out.seqs) < limit)
             add = batch.add
             for s in out.seqs:
                 if not s.samples:
@@ -244,9 +248,9 @@ class Engine:
                     plain_reqs = []
                 row += s.num_new if s.tree else 1
                 results.append(())
-                if medusa:
+                if drafting or s.tree:
                     picks.append((s, first, [] if s.tree else [0]))
-            if out.replayable and dense and not medusa and len(batch) == len(out.seqs):
+            if out.replayable and dense and len(batch) == len(out.seqs):
                 self._keep_batch(out, batch, rows, plain_reqs)
             if len(batch):
                 results = self._sample(rows, batch, plain_reqs, plain, trees, results, picks, out)
@@ -399,6 +403,7 @@ class Engine:
                 if s.accepted and not s.branch.finished and self.verifier.drafts_for(s.request.params)]
         if not want:
             return
+        self.scheduler.drafts_made()
         k, heads = self.verifier.max_rank, self.verifier.tree.depth
         try:
             ranked = self.backend.medusa_topk([r for _, r in want], k, heads)

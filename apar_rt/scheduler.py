@@ -95,7 +95,7 @@ class Scheduler:
         self._banned: dict[tuple, tuple[int, ...]] = {}
         self._run_ends: dict[tuple, frozenset[int]] = {}   # tokens that end an accepted run (`_run_length`)
         # the last step, while the next may be packed from it (`_replay_decodes`); None once
-        # anything but one token per sequence changed (a fork, a finish, freed blocks)
+        # anything but one token per sequence changed (a fork, a finish, freed blocks, drafts)
         self._replay: SchedulerOutput | None = None
 
     # ---- requests in and out -------------------------------------------------------------
@@ -169,9 +169,9 @@ class Scheduler:
                 if seats >= share:
                     capped = True
                     break
-                if tree_on:
+                if tree_on and b.draft is not None:
                     n, n_slots, tree = self._plan(b, budget)
-                else:   # _plan without a Medusa tree
+                else:   # _plan without a draft
                     n = n_slots = min(b.prefix_len + len(b.token_ids) - b.table.num_tokens, budget, self.chunk_cap)
                     tree = False
                 table = b.table
@@ -238,9 +238,11 @@ class Scheduler:
         if seqs:
             out.step = self._pack(seqs, copies)
             step = out.step
-            if (self.tree is None and not out.preempted and not out.failed
+            if (not out.preempted and not out.failed
                     and step.num_tokens == len(seqs) == len(step.logits_indices)):
-                self._replay = out    # one token per sequence, each sampled: the next step may replay it
+                # one token per sequence (no draft tree), each sampled: the next step may replay it
+                # (unless drafts come after it: `drafts_made`)
+                self._replay = out
                 out.replayable = True
                 out.feeds_control = self._feeds_control(step.input_ids.tolist())
         return out
@@ -250,9 +252,10 @@ class Scheduler:
         sequences, one position further, packed from `last`'s arrays instead of sequence by
         sequence (the steady state of a decode batch; vLLM keeps a persistent batch for the same
         reason). It is the step `schedule` would pack, whose choices follow from the running
-        requests' branches, their order, the free blocks and the waiting queue alone: `last`
-        changed none of them but by one token a sequence (it preempted nobody), no request waits,
-        and whatever else would (a fork, a finish, a preemption, freed blocks) dropped `_replay`.
+        requests' branches, their order, the free blocks, their Medusa drafts and the waiting queue
+        alone: `last` changed none of them but by one token a sequence (it preempted nobody, and no
+        branch got a draft), no request waits, and whatever else would (a fork, a finish, a
+        preemption, freed blocks, drafts) dropped `_replay`.
         Branches `last` left out (max_num_seqs, fair shares, no block) are left out again. Only
         the KV slots are reserved one sequence at a time; a sequence whose token starts a block (or
         must copy a shared one) takes it from the pool. None, with nothing reserved, when the
@@ -313,6 +316,11 @@ class Scheduler:
             replayable=True, replayed=True, feeds_control=self._feeds_control(input_ids))
         self._replay = out
         return out
+
+    def drafts_made(self) -> None:
+        """Branches of the last step got Medusa drafts: the next step verifies them (a plan of
+        draft trees), so it is not the last one replayed."""
+        self._replay = None
 
     def _feeds_control(self, input_ids: list[int]) -> bool:
         """Whether a step's tokens hold [Fork] or [Child] (after which a branch's bans differ)."""

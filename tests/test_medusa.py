@@ -379,3 +379,36 @@ def test_no_trees_after_a_step_of_speculative_disable_by_batch_size_sequences(me
 
 def canonical_all(outs):
     return [canonical(o.branches) for o in outs]
+
+
+def test_a_step_with_drafts_pending_is_never_replayed(medusa_model):
+    """The scheduler packs a step from the last one's arrays (`_replay_decodes`) only when no branch
+    got a Medusa draft after it: with drafts pending, the next step verifies them. Steps that run
+    no tree (after a step of speculative_disable_by_batch_size sequences) are replayed as a plain
+    engine's are, and the outputs are those without Medusa (one-token prompts included, whose
+    prefill is itself a one-token step)."""
+    path, _ = medusa_model
+    params = SamplingParams(max_tokens=60, logit_bias={FORK: 3.0})
+    llm = LLM(str(path), backend="torch", raw=True, mode="apar", num_blocks=64, block_size=4)
+    ids = [llm.engine.encode(p) for p in prompts(10, seed=0)] + [[t] for t in (5, 9, 13, 17)]
+    base = llm.generate(prompt_token_ids=ids, params=params)
+    for limit in (None, 4):
+        llm = LLM(str(path), backend="torch", raw=True, medusa=True, mode="apar", num_blocks=64, block_size=4,
+                  speculative_disable_by_batch_size=limit)
+        sched = llm.engine.scheduler
+        seen: list[tuple[bool, bool]] = []   # (replayed, drafts pending) per step
+        schedule = sched.schedule
+
+        def watched(schedule=schedule, seen=seen, sched=sched):
+            pending = any(b.draft is not None for r in sched.running for b in r.branches)
+            out = schedule()
+            seen.append((out.replayed, pending))
+            return out
+
+        sched.schedule = watched
+        for lo, hi in ((0, 10), (10, len(ids))):   # the held-out style prompts, then the one-token ones
+            outs, want = llm.generate(prompt_token_ids=ids[lo:hi], params=params), base[lo:hi]
+            assert canonical_all(outs) == canonical_all(want) and [o.text for o in outs] == [o.text for o in want]
+        assert not any(replayed and pending for replayed, pending in seen), limit
+        assert any(pending for _, pending in seen)          # drafts were made ...
+        assert any(replayed for replayed, _ in seen) == (limit is not None)   # ... and plain steps replayed
