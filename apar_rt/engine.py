@@ -212,8 +212,7 @@ class Engine:
             banned = self.scheduler.banned
             # with Medusa, the sequences `_after_medusa_step` takes: every one when it drafts after
             # this step, else the draft trees alone (their accepted K/V to write, their drafts to drop)
-            limit = self.config.speculative_disable_by_batch_size
-            drafting = self.verifier is not None and (limit is None or len(out.seqs) < limit)
+            drafting = self._drafts_after(out)
             add = batch.add
             for s in out.seqs:
                 if not s.samples:
@@ -378,6 +377,12 @@ class Engine:
                              prompt_ids=req.prompt_token_ids, deltas=[], finished=True,
                              finish_reason=FinishReason.ERROR, error=req.error or msg)
 
+    def _drafts_after(self, out) -> bool:
+        """Whether threads draft after the step `out`: with Medusa, unless it ran at least
+        `speculative_disable_by_batch_size` sequences."""
+        limit = self.config.speculative_disable_by_batch_size
+        return self.verifier is not None and (limit is None or len(out.seqs) < limit)
+
     def _after_medusa_step(self, out, picks) -> None:
         """Write the accepted nodes' K/V, then draft each live thread's next tree; no thread drafts
         after a step of at least `speculative_disable_by_batch_size` sequences (its next step
@@ -394,8 +399,7 @@ class Engine:
                     slots += s.slots[:s.accepted]
         if idx:
             self.backend.commit_kv(idx, slots)
-        limit = self.config.speculative_disable_by_batch_size
-        if limit is not None and len(out.seqs) >= limit:
+        if not self._drafts_after(out):
             for s, _, _ in picks:
                 s.branch.draft = None
             return

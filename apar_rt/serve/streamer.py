@@ -83,10 +83,9 @@ class ReadingOrderStreamer:
     # the common step's state, kept from the last one: (top frame, its branch, its open segment,
     # the branch's children then); None after any other step
     _steady: tuple | None = None
-    # with _steady: the open segment's text after what was sent, up to its committed end (the
-    # holdback's characters), and that end; None where the segment's text ends unsettled
+    # with _steady: the open segment's text after what its frame emitted, up to its committed end
+    # then (the holdback's characters); None where the segment's text ends unsettled
     _tail: str | None = None
-    _tail_end: int = 0
 
     @classmethod
     def for_engine(cls, engine, request: Request) -> "ReadingOrderStreamer":
@@ -112,12 +111,11 @@ class ReadingOrderStreamer:
             if deltas[0].branch_id == b.id and len(b.children) == children and b.finish_reason is None:
                 end = len(b.token_ids)
                 tail = self._tail
-                if tail is not None and self._tail_end == seg.committed_len:
+                if tail is not None and fr.emitted + len(tail) == seg.committed_len:
                     # whole text grew by whole text: what it adds moves through the holdback
                     text = seg.advance_text(end)
                     if text is not None and self._left >= end - seg.start:
                         tail += text
-                        self._tail_end = seg.committed_len
                         cut = len(tail) - self.holdback
                         if cut <= 0:
                             self._tail = tail
@@ -176,10 +174,8 @@ class ReadingOrderStreamer:
             delta = seg.slice(fr.emitted, length)
             fr.emitted = length
             self._sent.append(delta)
-        if stable == seg.committed_len and not seg.pending:   # the next step may take the fast path
-            self._tail, self._tail_end = seg.slice(fr.emitted, stable), stable
-        else:
-            self._tail = None
+        # the next step may take the fast path where the text ends settled
+        self._tail = seg.slice(fr.emitted, stable) if stable == seg.committed_len and not seg.pending else None
         return delta
 
     def _reference_step(self) -> str:
