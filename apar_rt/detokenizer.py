@@ -74,8 +74,9 @@ class SegmentText:
         return self._decode(ids)
 
     def advance_text(self, end: int) -> str | None:
-        """`advance(end)`, and the text it appended when that is all that changed (the text was
-        whole before and after: `ByteSegmentText` says when); here None (ask the text itself)."""
+        """`advance(end)`, and the text it appended to the committed text when the committed text
+        only grows (`ByteSegmentText`); here None: a decoder may rewrite text it committed
+        (`version`), so ask the text itself."""
         self.advance(end)
         return None
 
@@ -264,18 +265,17 @@ class ByteSegmentText(SegmentText):
     def advance(self, end: int) -> None:
         self.advance_text(end)
 
-    def advance_text(self, end: int) -> str | None:
-        """`advance(end)`; when the text was whole before (nothing held) and the committed text
-        the new tokens appended ends whole (no U+FFFD of an invalid byte), returns that text, which
-        is then all that changed in the stable text; else None."""
+    def advance_text(self, end: int) -> str:
+        """`advance(end)`, returning the text it appended to the committed text (the committed
+        text only grows, so that is all of its change; `pending`, the held bytes, is not part of
+        it). It may end in U+FFFD, an invalid byte's, which `stable_len` holds back while last."""
         if end <= self.end:
-            return None
-        whole = not self.pending and self._lead is None
+            return ""
         table = self._bytes
         if end == self.end + 1:
             tok = self._tokens[self.end]
             text = self._ascii[tok]
-            if text is not None and whole:
+            if text is not None and not self.pending and self._lead is None:
                 # one token of ASCII after whole text (the common step): the UTF-8 decoder holds
                 # nothing before it and would hold nothing after it
                 self.decoded_tokens += 1
@@ -293,7 +293,7 @@ class ByteSegmentText(SegmentText):
         if self._lead is not None:   # H + T has not given a character yet
             self._lead += data
             if not text:
-                return None   # lossy(H + T) is one U+FFFD so far: no text of the tokens' own
+                return ""     # lossy(H + T) is one U+FFFD so far: no text of the tokens' own
             if text[0] == REPLACEMENT:
                 text = text[1:]
             else:        # the window's character completed: the text is the tokens' bytes alone
@@ -305,9 +305,7 @@ class ByteSegmentText(SegmentText):
             self.committed_len += len(text)
         held = self._utf8.getstate()[0]
         self.pending = held.decode("utf-8", "replace") if held else ""
-        if whole and not (text and text[-1] == REPLACEMENT):
-            return text
-        return None
+        return text
 
     def stable_len(self) -> int:
         """Length of the text without its trailing U+FFFD: the held bytes' (`pending`), and those

@@ -25,7 +25,7 @@ from typing import Sequence
 
 from apar_rt.apar import ControlTokens, detail_prefix, settled_text
 from apar_rt.core import Branch, BranchDelta, Request
-from apar_rt.detokenizer import BranchText, TreeText
+from apar_rt.detokenizer import REPLACEMENT, BranchText, TreeText
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ class ReadingOrderStreamer:
     # the common step's state, kept from the last one: (top frame, its branch, its open segment,
     # the branch's children then); None after any other step
     _steady: tuple | None = None
-    # with _steady: the open segment's text after what its frame emitted, up to its committed end
-    # then (the holdback's characters); None where the segment's text ends unsettled
+    # with _steady: the open segment's committed text after what its frame emitted (the holdback's
+    # characters and any trailing U+FFFD); None where the frame emitted past the committed text
     _tail: str | None = None
 
     @classmethod
@@ -112,11 +112,16 @@ class ReadingOrderStreamer:
                 end = len(b.token_ids)
                 tail = self._tail
                 if tail is not None and fr.emitted + len(tail) == seg.committed_len:
-                    # whole text grew by whole text: what it adds moves through the holdback
+                    # committed text that only grows (a byte-level segment's): what the step adds
+                    # moves through the tail, whose end is stable less its trailing U+FFFD
                     text = seg.advance_text(end)
                     if text is not None and self._left >= end - seg.start:
-                        tail += text
-                        cut = len(tail) - self.holdback
+                        if text:
+                            tail += text
+                        if tail and tail[-1] == REPLACEMENT:
+                            cut = len(tail.rstrip(REPLACEMENT)) - self.holdback
+                        else:
+                            cut = len(tail) - self.holdback
                         if cut <= 0:
                             self._tail = tail
                             return ""
@@ -174,8 +179,9 @@ class ReadingOrderStreamer:
             delta = seg.slice(fr.emitted, length)
             fr.emitted = length
             self._sent.append(delta)
-        # the next step may take the fast path where the text ends settled
-        self._tail = seg.slice(fr.emitted, stable) if stable == seg.committed_len and not seg.pending else None
+        # the next step's fast path moves the committed text after what was emitted
+        c = seg.committed_len
+        self._tail = seg.slice(fr.emitted, c) if fr.emitted <= c else None
         return delta
 
     def _reference_step(self) -> str:
