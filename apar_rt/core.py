@@ -270,6 +270,9 @@ class ScheduledSeq:
     samples: bool                         # whether logits are sampled (the last token, or the tree)
     tree: bool = False                    # a Medusa draft tree: root + draft nodes, K/V written later
     accepted: int = 0                     # tokens appended by this step (set by Scheduler.update)
+    # A replayed step (Scheduler._replay_decodes) reuses the last step's sequences: its slots are
+    # in its StepInput.slot_mapping only (`slots` keeps the first step's), and nothing reads
+    # `accepted` after it (no tree, no drafting).
 
 
 @dataclass(slots=True)

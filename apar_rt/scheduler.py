@@ -266,25 +266,13 @@ class Scheduler:
         step's inputs before the next is scheduled)."""
         seqs = last.seqs
         prev = last.step
-        append_in_place = self.kv.append_in_place
-        slots: list[int] = []
-        input_ids: list[int] = []
-        short: list[int] = []      # sequences whose slot needs a block from the pool
-        for i, s in enumerate(seqs):
-            b = s.branch
-            table = b.table
-            tokens = b.token_ids
-            if table.num_tokens != b.prefix_len + len(tokens) - 1:
-                self._undo_in_place(seqs[:i], slots)
+        branches = [s.branch for s in seqs]
+        for b in branches:
+            if b.table.num_tokens != b.prefix_len + len(b.token_ids) - 1:
                 return None
-            slot = append_in_place(table)
-            if slot < 0:
-                short.append(i)
-            else:
-                s.slots = [slot]
-            s.accepted = 0
-            slots.append(slot)
-            input_ids.append(tokens[-1])
+        input_ids = [b.token_ids[-1] for b in branches]
+        # short: the sequences whose slot needs a block from the pool
+        slots, short = self.kv.append_in_place_each([b.table for b in branches])
         copies: list[tuple[int, int]] = []
         tables = prev.block_tables
         if short:
@@ -303,7 +291,6 @@ class Scheduler:
                 self._took_blocks(s.request, res.new_blocks)
                 if res.copies:
                     copies += res.copies
-                s.slots = res.slots
                 slots[i] = res.slots[0]
                 # one token changes only the table's last entry (a new block, or a copy of the
                 # shared last one): the row's other entries hold already

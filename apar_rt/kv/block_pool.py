@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 NULL_BLOCK = 0
@@ -232,6 +233,26 @@ class KVCacheManager:
             table.num_tokens = nt + 1
             return table.block_ids[-1] * bs + nt % bs
         return -1
+
+    def append_in_place_each(self, tables: Sequence[BlockTable]) -> tuple[list[int], list[int]]:
+        """`append_in_place` for each table, in one pass (a decode batch's step): the slots (-1
+        where a table's token needs `append`) and the indices of those tables."""
+        bs = self.block_size
+        ref = self.pool._ref
+        slots: list[int] = []
+        short: list[int] = []
+        for i, table in enumerate(tables):
+            nt = table.num_tokens
+            off = nt % bs
+            if off:
+                last = table.block_ids[-1]
+                if ref[last] == 1:
+                    table.num_tokens = nt + 1
+                    slots.append(last * bs + off)
+                    continue
+            slots.append(-1)
+            short.append(i)
+        return slots, short
 
     def append(self, table: BlockTable, num_new: int) -> SlotReservation | None:
         """Reserve slots for num_new tokens at the end of the table, or None if blocks run out."""
