@@ -214,6 +214,9 @@ class Request:
     kv_blocks: int = 0                   # distinct KV blocks held now (forked blocks count once)
     budget: int = 0                      # output tokens in reading order: min(max_tokens, context room)
     detok: Any = None                    # the output side's incremental text (detokenizer.TreeText), made on first use
+    # with stop strings and a stop filter: its verdict per token id (StopFilter.verdicts), read
+    # before the filter is asked
+    stop_verdicts: bytearray | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_token_ids, array):

@@ -119,6 +119,8 @@ class Scheduler:
             raise EngineOverloaded(f"the server is at capacity: {len(self.waiting)} requests are already waiting "
                                    f"to be scheduled (--max-waiting {limit}); retry later")
         req.budget = min(req.params.max_tokens, self.max_model_len - n)
+        if req.params.stop and self.stop_filter is not None:
+            req.stop_verdicts = self.stop_filter.verdicts(req.params.stop)
         self.waiting.append(req)
 
     def abort(self, req: Request) -> bool:
@@ -689,20 +691,21 @@ class Scheduler:
         b.token_ids.append(tok)
         req.num_generated += 1
         c = b
-        while True:   # _count(req, b, 1)
-            c.subtree_tokens += 1
-            if c.parent is None:
-                break
+        c.subtree_tokens += 1   # _count(req, b, 1)
+        while c.parent is not None:
             c = req.branches[c.parent]
+            c.subtree_tokens += 1
         deltas = upd.deltas
         d = deltas[-1] if deltas and deltas[-1].branch_id == b.id else self._delta(upd, b)
         d.new_token_ids.append(tok)
         if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             self._finish_branch(req, b, FinishReason.STOP, upd)
             return
-        if p.stop and self._hit_stop_string(b, p.stop):
-            self._finish_branch(req, b, FinishReason.STOP, upd)
-            return
+        if p.stop:
+            known = req.stop_verdicts   # 1: the filter found this token cannot complete a stop string
+            if (known is None or tok >= len(known) or known[tok] != 1) and self._hit_stop_string(b, p.stop):
+                self._finish_branch(req, b, FinishReason.STOP, upd)
+                return
         budget = req.budget
         if (tok == self.control.fork and self.control.child is not None and self.mode(req) == "apar"
                 and b.context_len + 1 < self.max_model_len

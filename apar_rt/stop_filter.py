@@ -107,6 +107,18 @@ class StopFilter:
                 return v == 2
         return self._judge(token, stops)
 
+    def verdicts(self, stops: tuple[str, ...]) -> bytearray:
+        """The verdicts of `stops`, one byte per token id: 1 when the token cannot complete any of
+        them, 2 when it may; 0 or past the end when `may_complete` has not judged it yet. The
+        table is filled in place, so a caller may keep it and read it instead of asking (a verdict
+        never changes; a table forgotten past MAX_VERDICT_SETS is only no longer filled)."""
+        known = self._verdicts.get(stops)
+        if known is None:
+            if len(self._verdicts) >= self.MAX_VERDICT_SETS:
+                self._verdicts.clear()
+            known = self._verdicts[stops] = bytearray()
+        return known
+
     def _judge(self, token: int, stops: tuple[str, ...]) -> bool:
         """`may_complete` worked out from the token's characters, and remembered."""
         ends = self._ends.get(stops, _UNSEEN)
@@ -123,11 +135,7 @@ class StopFilter:
             chars = self._chars[token] = (frozenset(text) - {REPLACEMENT}, REPLACEMENT in text)
         # a token holding part of a character may complete a non-ASCII one begun before it
         verdict = bool((chars[1] and ends[1]) or not ends[0].isdisjoint(chars[0]))
-        known = self._verdicts.get(stops)
-        if known is None:
-            if len(self._verdicts) >= self.MAX_VERDICT_SETS:
-                self._verdicts.clear()
-            known = self._verdicts[stops] = bytearray()
+        known = self.verdicts(stops)
         if token >= len(known):
             known.extend(bytes(token + 1 - len(known)))
         known[token] = 2 if verdict else 1
