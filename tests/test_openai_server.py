@@ -331,6 +331,34 @@ def test_reading_order_stream_equals_final_text_under_forks_and_stops(tiny_gqa, 
         assert loop.call(lambda e: e.scheduler.pool.num_used) == 0
 
 
+def test_a_final_only_request_gets_one_event_with_the_whole_text(tiny_gqa, fork_id):
+    """A request for a client that does not stream (final_only) gets one event, the last, whose
+    text is the final text; the same request streamed beside it gets its text step by step, and
+    the two texts are equal."""
+    from apar_rt.engine import Engine
+    from apar_rt.serve import EngineLoop
+
+    engine = Engine.from_pretrained(tiny_gqa[0], dtype="float32", device="cpu", **ENGINE_KW)
+    with EngineLoop(engine) as loop:
+        with pytest.raises(ValueError, match="final_only"):
+            loop.add("one two", SamplingParams(max_tokens=4), raw=True, branches=True, final_only=True)
+        finals, streamed = [], []
+        for i, p in enumerate(PROMPTS):
+            params = SamplingParams(max_tokens=60, stop=["ee"] if i % 2 else [], logit_bias={fork_id: 3.0})
+            finals.append(loop.add(p, params, raw=True, final_only=True, timeout=30))
+            streamed.append(loop.add(p, params, raw=True, timeout=30))
+        forks = 0
+        for f, s in zip(finals, streamed):
+            (last,), events = list(f), list(s)
+            assert last.finished and last.finish_reason in ("stop", "length")
+            assert len(events) > 1 and events[-1].finished
+            assert last.text == last.output.text == "".join(ev.text for ev in events) != ""
+            assert last.generated_tokens == events[-1].generated_tokens
+            forks += last.output.stats["forks"]
+        assert forks >= 4
+        assert loop.call(lambda e: e.scheduler.pool.num_used) == 0
+
+
 def test_rejected_and_cancelled_requests_on_the_loop(tiny_gqa):
     from apar_rt.engine import Engine
     from apar_rt.serve import EngineLoop

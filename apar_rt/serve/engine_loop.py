@@ -173,7 +173,7 @@ class _Live:
 
     stream: RequestStream
     request: Any                    # the engine's core.Request (its branches grow in place)
-    streamer: ReadingOrderStreamer
+    streamer: ReadingOrderStreamer | None   # None: final only (one event, the whole text)
     want_branches: bool
     arrival: float
     prompt_tokens: int
@@ -187,6 +187,7 @@ class _Add:
     params: SamplingParams
     prompt_token_ids: list[int]     # prepared off the engine thread
     branches: bool
+    final_only: bool
     stream: RequestStream
     future: concurrent.futures.Future
     arrival: float = field(default_factory=time.monotonic)
@@ -254,7 +255,7 @@ class EngineLoop:
 
     def submit(self, prompt: str | None = None, params: SamplingParams | None = None, *,
                prompt_token_ids: Sequence[int] | None = None, messages: list[dict] | None = None,
-               raw: bool = False, branches: bool = False,
+               raw: bool = False, branches: bool = False, final_only: bool = False,
                aio_loop: asyncio.AbstractEventLoop | None = None,
                sink: queue.SimpleQueue | None = None) -> concurrent.futures.Future:
         """Prepare a request in the caller's thread (templating and tokenizing happen here, never
@@ -267,6 +268,9 @@ class EngineLoop:
             prompt_token_ids: token ids, used as they are (instead of `prompt`).
             messages: chat messages [{"role", "content"}], templated by `chat_prompt_ids`.
             branches: also stream per-branch deltas (`StreamEvent.branches`).
+            final_only: the stream gets one event, the last, with the whole text (as vLLM's
+                RequestOutputKind.FINAL_ONLY): for a client that does not stream, no text is made
+                and no event is sent while the request runs. Not with `branches` (ValueError).
             aio_loop: the event loop of an asyncio consumer.
             sink: a queue shared by many requests that receives their events (each names its
                 request_id), for one consumer thread serving them all; the future then also
@@ -274,6 +278,8 @@ class EngineLoop:
         """
         if not self.alive:
             raise RuntimeError(self._down_reason())
+        if final_only and branches:
+            raise ValueError("per-branch deltas (branches) are streamed: they cannot come with final_only")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         arrival = time.monotonic()
         try:
@@ -289,8 +295,8 @@ class EngineLoop:
         rid = f"r{next(self._ids)}"
         stream = RequestStream(self, rid, aio_loop, sink)
         fut.request_id = rid
-        self._command("add", _Add(rid, prompt, params or SamplingParams(), ids, branches, stream, fut,
-                                  arrival))
+        self._command("add", _Add(rid, prompt, params or SamplingParams(), ids, branches, final_only, stream,
+                                  fut, arrival))
         return fut
 
     def prepare(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
@@ -433,8 +439,8 @@ class EngineLoop:
             return
         req = eng._requests[rid]
         cmd.stream.prompt_tokens = len(req.prompt_token_ids)
-        self._live[rid] = _Live(cmd.stream, req, ReadingOrderStreamer.for_engine(eng, req),
-                                cmd.branches, cmd.arrival, len(req.prompt_token_ids))
+        streamer = None if cmd.final_only else ReadingOrderStreamer.for_engine(eng, req)
+        self._live[rid] = _Live(cmd.stream, req, streamer, cmd.branches, cmd.arrival, len(req.prompt_token_ids))
         cmd.future.set_result(cmd.stream)
 
     def _abort(self, rid: str) -> None:
@@ -491,9 +497,15 @@ class EngineLoop:
                     self._obs("on_inter_token", now - live.last_token_time)
                 live.last_token_time = now
             req = live.request
+            streamer = live.streamer
+            if streamer is None and not o.finished:   # final only: nothing until the end
+                continue
             try:
-                text = live.streamer.finish(o.text or "") if o.finished else live.streamer.step(o.deltas)
-                branch_events = live.streamer.branch_events(o.deltas) if live.want_branches else None
+                if streamer is None:
+                    text = o.text or ""
+                else:
+                    text = streamer.finish(o.text or "") if o.finished else streamer.step(o.deltas)
+                branch_events = streamer.branch_events(o.deltas) if live.want_branches else None
             except Exception:  # a detokenizer failure ends only this request
                 log.exception("streaming %s failed", o.request_id)
                 self._fail(o.request_id, "internal error while detokenizing (details are in the server log)")

@@ -464,8 +464,10 @@ async def _admit(state: _State, p: _Parsed) -> RequestStream:
     if not state.loop.alive:
         raise OpenAIError("the engine is not running", status=503, type="server_error")
     try:
+        # a response that is not streamed needs only the final text: no event while it runs
         return await state.loop.add_async(p.prompt, p.params, prompt_token_ids=p.prompt_token_ids,
-                                          messages=p.messages, raw=True, branches=p.branches)
+                                          messages=p.messages, raw=True, branches=p.branches,
+                                          final_only=not p.stream and not p.branches)
     except ValueError as e:
         msg = str(e)
         param = "messages" if p.messages is not None else "prompt"

@@ -295,7 +295,7 @@ class TritonServing:
             req = parse_inputs(inputs, engine_mode=self.engine.config.mode,
                                default_max_tokens=self.default_max_tokens, raw_default=self.raw,
                                has_medusa=self.has_medusa, parameters=parameters, tokenize=self.loop.tokenize)
-            fut = self.loop.submit(req.prompt, req.params, raw=req.raw, sink=self._sink)
+            fut = self.loop.submit(req.prompt, req.params, raw=req.raw, sink=self._sink, final_only=not req.stream)
         except ValueError as e:
             _answer_error(sender, str(e))
             return
