@@ -359,6 +359,37 @@ def test_a_final_only_request_gets_one_event_with_the_whole_text(tiny_gqa, fork_
         assert loop.call(lambda e: e.scheduler.pool.num_used) == 0
 
 
+def test_stream_interval_sends_the_same_text_in_fewer_events(tiny_gqa, fork_id):
+    """With stream_interval 4, each streamed request's events carry the same text and tokens as
+    with 1, its first text comes as early (the same event), and text goes out at most every
+    fourth step after that."""
+    from apar_rt.engine import Engine
+    from apar_rt.serve import EngineLoop
+
+    runs = {}
+    for interval in (1, 4):
+        engine = Engine.from_pretrained(tiny_gqa[0], dtype="float32", device="cpu", **ENGINE_KW)
+        with EngineLoop(engine, stream_interval=interval) as loop:
+            streams = [loop.add(p, SamplingParams(max_tokens=60, stop=["ee"] if i % 2 else [],
+                                                  logit_bias={fork_id: 3.0}), raw=True, timeout=30)
+                       for i, p in enumerate(PROMPTS)]
+            runs[interval] = [list(s) for s in streams]
+    with pytest.raises(ValueError, match="stream_interval"):
+        EngineLoop(engine, stream_interval=0)
+
+    def first_text(events):
+        return next(i for i, ev in enumerate(events) if ev.text)
+
+    for every, fourth in zip(runs[1], runs[4]):
+        assert "".join(ev.text for ev in fourth) == "".join(ev.text for ev in every) == fourth[-1].output.text
+        assert sum(ev.new_tokens for ev in fourth) == sum(ev.new_tokens for ev in every)
+        k = first_text(every)
+        assert first_text(fourth) == k and fourth[k].text == every[k].text
+        # after a text event, three steps' events are held: only events without text come sooner
+        empty = sum(1 for ev in every if not ev.text)
+        assert len(fourth) < len(every) and len(fourth) <= (len(every) - empty) // 4 + empty + 2
+
+
 def test_rejected_and_cancelled_requests_on_the_loop(tiny_gqa):
     from apar_rt.engine import Engine
     from apar_rt.serve import EngineLoop

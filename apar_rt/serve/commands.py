@@ -26,11 +26,14 @@ from apar_rt.cli import (_engine_dir_defaults, _engine_kwargs, _fail_on_value_er
               help="Require the API key on /metrics too (default: /metrics stays open for scrapers).")
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=4 << 20, show_default=True,
               help="Largest request body; a larger one gets 413 before it is read.")
+@click.option("--stream-interval", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Send a streamed response's new text every N engine steps (its first text at once): the "
+                   "same text in fewer chunks, for more throughput under load (as SGLang's --stream-interval).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @click.pass_context
 def serve(ctx, model, engine_dir, backend, dtype, device, host, port, served_names, default_temperature,
-          api_key, protect_metrics, max_body_bytes, log_level, **kw):
+          api_key, protect_metrics, max_body_bytes, stream_interval, log_level, **kw):
     """Serve a model over an OpenAI-compatible HTTP API (streaming included).
 
     \b
@@ -66,7 +69,8 @@ def serve(ctx, model, engine_dir, backend, dtype, device, host, port, served_nam
         raise click.UsageError("--protect-metrics needs --api-key (or APAR_RT_API_KEY)")
     server = OpenAIServer(engine, names, host=host, port=port, log_level=log_level,
                           default_temperature=default_temperature, api_key=api_key or None,
-                          protect_metrics=protect_metrics, max_body_bytes=max_body_bytes)
+                          protect_metrics=protect_metrics, max_body_bytes=max_body_bytes,
+                          stream_interval=stream_interval)
     click.echo(f"apar-rt serve: model {names[0]!r} ({backend}, {kw['mode']} mode) on http://{host}:{port}/v1",
                err=True)
     server.run()

@@ -38,7 +38,7 @@ class StreamEvent:
 
     request_id: str
     text: str                                 # new text, in final reading order (may be "")
-    new_tokens: int                           # tokens generated this step, over all branches
+    new_tokens: int                           # tokens generated since the last event, over all branches
     finished: bool = False
     finish_reason: str | None = None          # "stop", "length", "abort" or "error", once finished
     error: str | None = None                  # why the request failed (finish_reason "error")
@@ -178,6 +178,8 @@ class _Live:
     arrival: float
     prompt_tokens: int
     last_token_time: float | None = None
+    hold: int = 0                   # steps whose text waits for a later event (stream_interval)
+    held_tokens: int = 0            # tokens of the steps held so far
 
 
 @dataclass(slots=True)
@@ -194,11 +196,20 @@ class _Add:
 
 
 class EngineLoop:
-    """Owns an `Engine` in a daemon thread. Start it with `start()` (or use it as a context manager)."""
+    """Owns an `Engine` in a daemon thread. Start it with `start()` (or use it as a context manager).
 
-    def __init__(self, engine, observer: LoopObserver | None = None, *, name: str = "apar-engine") -> None:
+    `stream_interval`: a streamed request's new text goes out every this many steps (its first
+    text at once, and its end), as SGLang's and TensorRT-LLM's stream_interval: the same text in
+    fewer, longer events, each of which costs the loop and its consumer the same. Per-branch
+    deltas (`branches`) always go out every step."""
+
+    def __init__(self, engine, observer: LoopObserver | None = None, *, name: str = "apar-engine",
+                 stream_interval: int = 1) -> None:
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1 (steps), not {stream_interval}")
         self.engine = engine
         self.observer = observer
+        self.stream_interval = stream_interval
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()
@@ -498,8 +509,16 @@ class EngineLoop:
                 live.last_token_time = now
             req = live.request
             streamer = live.streamer
-            if streamer is None and not o.finished:   # final only: nothing until the end
+            if not o.finished and (streamer is None or live.hold):
+                # final only (nothing until the end), or stream_interval: this step's text and
+                # tokens go with a later event
+                if live.hold:
+                    live.hold -= 1
+                live.held_tokens += ntok
                 continue
+            if live.held_tokens:
+                ntok += live.held_tokens
+                live.held_tokens = 0
             try:
                 if streamer is None:
                     text = o.text or ""
@@ -510,6 +529,8 @@ class EngineLoop:
                 log.exception("streaming %s failed", o.request_id)
                 self._fail(o.request_id, "internal error while detokenizing (details are in the server log)")
                 continue
+            if text and not live.want_branches:
+                live.hold = self.stream_interval - 1
             ev = StreamEvent(o.request_id, text, ntok, o.finished, prompt_tokens=live.prompt_tokens,
                              generated_tokens=req.generated_tokens, branches=branch_events)
             if o.finished:

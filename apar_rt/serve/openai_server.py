@@ -628,11 +628,12 @@ class OpenAIServer:
 
     def __init__(self, engine, model_names: str | list[str], *, host: str = "127.0.0.1", port: int = 8000,
                  log_level: str = "warning", default_temperature: float = 1.0, api_key: str | None = None,
-                 protect_metrics: bool = False, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 protect_metrics: bool = False, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 stream_interval: int = 1) -> None:
         from apar_rt.serve.metrics import ServingMetrics
 
         self.metrics = ServingMetrics(engine)
-        self.loop = EngineLoop(engine, self.metrics)
+        self.loop = EngineLoop(engine, self.metrics, stream_interval=stream_interval)
         self.app = build_app(self.loop, model_names, self.metrics, default_temperature=default_temperature,
                              api_key=api_key, protect_metrics=protect_metrics, max_body_bytes=max_body_bytes)
         self.host, self.port, self.log_level = host, port, log_level
