@@ -124,3 +124,28 @@ def test_commands_after_shutdown_raise_at_once(tiny_gqa):
         with pytest.raises(RuntimeError, match="shutting down"):
             call()
         assert time.monotonic() - t0 < 5
+
+
+def test_stream_interval_parameter(tiny_gqa):
+    """config.pbtxt's stream_interval reaches the loop: the same streamed text in fewer responses
+    than with 1; below 1 the model's load fails naming the parameter."""
+    from apar_rt.engine import Engine
+    from apar_rt.serve.triton_adapter import model_parameters
+
+    params = model_parameters({"parameters": {"engine_dir": {"string_value": str(tiny_gqa[0])},
+                                              "stream_interval": {"string_value": "0"}}})
+    with pytest.raises(ValueError, match="stream_interval must be at least 1"):
+        TritonServing.from_parameters(params)
+    sent = {}
+    for interval in (1, 4):
+        s = TritonServing(Engine.from_pretrained(tiny_gqa[0], dtype="float32", device="cpu"), poll_seconds=0.02,
+                          stream_interval=interval)
+        try:
+            rec = Recorder()
+            s.submit(inputs("one two three", max_tokens=40, end_id=np.array([-1], dtype=np.int32)), rec)
+            assert rec.done.wait(60) and not rec.errors
+            sent[interval] = rec.sent
+        finally:
+            s.close()
+    assert "".join(t for t, _ in sent[4]) == "".join(t for t, _ in sent[1]) != ""
+    assert len(sent[4]) < len(sent[1]) // 2

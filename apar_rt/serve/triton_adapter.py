@@ -77,6 +77,7 @@ PARAMETERS: dict[str, tuple[type, Any]] = {
     "medusa": (str, ""), "medusa_tree": (str, None), "acceptance": (str, None), "text_join": (str, None),
     "speculative_disable_by_batch_size": (int, None),
     "default_max_tokens": (int, 256), "raw": (bool, False), "torch_threads": (int, 0),
+    "stream_interval": (int, 1),
 }
 _ENGINE_KWARGS = ("mode", "num_blocks", "block_size", "max_num_seqs", "max_num_tokens",
                   "long_prefill_token_threshold", "max_model_len", "max_depth", "medusa_tree", "acceptance",
@@ -242,11 +243,12 @@ class TritonServing:
     """
 
     def __init__(self, engine, *, default_max_tokens: int = 256, raw: bool = False,
-                 poll_seconds: float = 0.1, on_latency=None) -> None:
+                 poll_seconds: float = 0.1, on_latency=None, stream_interval: int = 1) -> None:
         self.engine = engine
         self.counts = ServingCounters(medusa=getattr(engine, "verifier", None) is not None,
                                       on_latency=on_latency)
-        self.loop = EngineLoop(engine, self.counts, name="apar-triton-engine").start()
+        self.loop = EngineLoop(engine, self.counts, name="apar-triton-engine",
+                               stream_interval=stream_interval).start()
         self.default_max_tokens = default_max_tokens
         self.raw = raw
         self.has_medusa = getattr(engine, "verifier", None) is not None
@@ -265,6 +267,9 @@ class TritonServing:
 
         if not params["engine_dir"]:
             raise ValueError("config.pbtxt parameter engine_dir is not set")
+        if params["stream_interval"] < 1:
+            raise ValueError(f"config.pbtxt parameter stream_interval must be at least 1 (steps), "
+                             f"got {params['stream_interval']}")
         path = Path(params["engine_dir"])
         if not path.is_absolute() and not path.exists() and model_dir is not None:
             path = Path(model_dir).resolve().parents[2] / path
@@ -286,7 +291,8 @@ class TritonServing:
             medusa = True
         engine = Engine.from_pretrained(path, backend=backend, dtype=params["dtype"],
                                         device=params["device"] or None, medusa=medusa, **kwargs)
-        return cls(engine, default_max_tokens=params["default_max_tokens"], raw=params["raw"], on_latency=on_latency)
+        return cls(engine, default_max_tokens=params["default_max_tokens"], raw=params["raw"], on_latency=on_latency,
+                   stream_interval=params["stream_interval"])
 
     def submit(self, inputs: dict[str, np.ndarray], sender: Sender, parameters: dict | None = None) -> None:
         """Validate and queue one request; its responses go out through `sender`. Never blocks
