@@ -24,7 +24,7 @@ Pure Python; used in the engine's thread only.
 
 from __future__ import annotations
 
-import codecs
+from codecs import utf_8_decode as _utf8_decode
 from typing import Sequence
 
 from apar_rt.apar import Decoder, branch_window, windowed_text
@@ -247,20 +247,18 @@ class ByteSegmentText(SegmentText):
     The text never changes once returned (`version` stays 0). Same invariant and interface as
     SegmentText."""
 
-    __slots__ = ("_bytes", "_ascii", "_utf8", "_lead")
+    __slots__ = ("_bytes", "_ascii", "_held", "_lead")
 
     def __init__(self, table, tokens: list[int], start: int, window: list[int]) -> None:
         super().__init__(None, tokens, start, [])
         token_bytes = self._bytes = table.token_bytes
         self._ascii = table.ascii_text
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self._utf8.decode(b"".join([token_bytes[t] for t in window]))
-        held = self._utf8.getstate()[0]
+        # the UTF-8 decoder's state: the bytes of an incomplete last character, held for the next
+        data = b"".join([token_bytes[t] for t in window])
+        self._held = data[_utf8_decode(data, "replace", False)[1]:]
         self._lead: bytes | None = None
-        if held:   # the window ends in an incomplete character: the tokens' bytes go after it until it settles
+        if self._held:   # the window ends in an incomplete character: the tokens' bytes go after it until it settles
             self._lead = b""
-        else:
-            self._utf8.reset()
 
     def advance(self, end: int) -> None:
         self.advance_text(end)
@@ -272,10 +270,11 @@ class ByteSegmentText(SegmentText):
         if end <= self.end:
             return ""
         table = self._bytes
+        whole = not self._held and self._lead is None
         if end == self.end + 1:
             tok = self._tokens[self.end]
             text = self._ascii[tok]
-            if text is not None and not self.pending and self._lead is None:
+            if text is not None and whole:
                 # one token of ASCII after whole text (the common step): the UTF-8 decoder holds
                 # nothing before it and would hold nothing after it
                 self.decoded_tokens += 1
@@ -286,10 +285,24 @@ class ByteSegmentText(SegmentText):
                 return text
             data = table[tok]
         else:
-            data = b"".join([table[t] for t in self._tokens[self.end:end]])
+            tokens = self._tokens[self.end:end]
+            if whole:   # several tokens (a streamer called every few steps): all ASCII, the same
+                ascii_text = self._ascii
+                texts = [ascii_text[t] for t in tokens]
+                if None not in texts:
+                    text = "".join(texts)
+                    self.decoded_tokens += end - self.end
+                    self.end = end
+                    if text:
+                        self._parts.append(text)
+                        self.committed_len += len(text)
+                    return text
+            data = b"".join([table[t] for t in tokens])
         self.decoded_tokens += end - self.end
         self.end = end
-        text = self._utf8.decode(data)
+        held = self._held + data if self._held else data
+        text, used = _utf8_decode(held, "replace", False)
+        self._held = held = held[used:]
         if self._lead is not None:   # H + T has not given a character yet
             self._lead += data
             if not text:
@@ -297,13 +310,12 @@ class ByteSegmentText(SegmentText):
             if text[0] == REPLACEMENT:
                 text = text[1:]
             else:        # the window's character completed: the text is the tokens' bytes alone
-                self._utf8.reset()
-                text = self._utf8.decode(self._lead)
+                text, used = _utf8_decode(self._lead, "replace", False)
+                self._held = held = self._lead[used:]
             self._lead = None
         if text:
             self._parts.append(text)
             self.committed_len += len(text)
-        held = self._utf8.getstate()[0]
         self.pending = held.decode("utf-8", "replace") if held else ""
         return text
 
