@@ -421,8 +421,11 @@ def bench_generate_cmd(model, batch_sizes, max_tokens, repeats, mode, threads, e
 @click.option("--vocab", type=int, default=None, help="Logits width (default: the model's vocabulary).")
 @click.option("--stop", "stops", multiple=True,
               help="Stop string of the stop-string variants (repeatable; default: '\\nUser:' and '</s>').")
+@click.option("--stream-interval", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Streaming rows run each request's streamer after every N-th step, the requests staggered "
+                   "(as `apar-rt serve --stream-interval N`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def bench_overhead_cmd(model, seqs, contexts, steps, repeats, vocab, stops, as_json):
+def bench_overhead_cmd(model, seqs, contexts, steps, repeats, vocab, stops, stream_interval, as_json):
     """The engine's own milliseconds per decode step, with a backend that returns random logits.
 
     \b
@@ -444,7 +447,7 @@ def bench_overhead_cmd(model, seqs, contexts, steps, repeats, vocab, stops, as_j
         raise click.BadParameter("a stop string must not be empty", param_hint="--stop")
     rows = bench_overhead(model, _positive_ints(seqs, "--seqs"), _positive_ints(contexts, "--contexts"), steps,
                           vocab=vocab, stops=tuple(stops) or DEFAULT_STOPS, repeats=repeats,
-                          log=(lambda m: None) if as_json else click.echo)
+                          log=(lambda m: None) if as_json else click.echo, stream_interval=stream_interval)
     click.echo(to_json(rows) if as_json else "\n" + format_rows(rows) + "\n\n" + ratios(rows))
 
 

@@ -44,3 +44,19 @@ def test_each_configurations_engines_are_reclaimed(monkeypatch):
     bench_overhead(DEMO, seqs=(2,), contexts=(16, 32), steps=2, repeats=1, log=lambda m: None)
     gc.collect()
     assert len(made) == 8 and not [r for r in made if r() is not None]
+
+
+def test_stream_interval_streams_each_request_every_nth_step_staggered():
+    """With --stream-interval 2 a request's streamer runs after every second step, half of the
+    requests after one step and half after the next; the streaming rows say their interval."""
+    load = overhead._Load(DEMO, 4, 16, stop=False, stream=True, steps=4, vocab=None, seed=0,
+                          stops=overhead.DEFAULT_STOPS, stream_interval=2)
+    order = list(load.streamers)
+    load.timed_step()
+    assert [load.streamers[r]._started for r in order] == [True, False, True, False]
+    load.timed_step()
+    assert all(load.streamers[r]._started for r in order)
+    load.close()
+    rows = bench_overhead(DEMO, seqs=(2,), contexts=(16,), steps=2, repeats=1, stream_interval=3,
+                          log=lambda m: None)
+    assert [r["stream_interval"] for r in rows] == [None, None, 3, 3]

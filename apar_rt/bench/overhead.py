@@ -2,8 +2,9 @@
 
 A backend that returns random logits stands in for the model, so what is timed is everything
 else in `Engine.step`: scheduling, packing the step, sampling, appending tokens, stop strings,
-and (with streaming) the reading-order streamer the servers run after each step. The forward's
-own time is subtracted. Requests decode in AR mode so that the number of running sequences is
+and (with streaming) the reading-order streamer the servers run after each step (or, as a server
+with `--stream-interval N` runs it, after every N-th step of each request, the requests staggered).
+The forward's own time is subtracted. Requests decode in AR mode so that the number of running sequences is
 exactly the one asked for; contexts are reached by prefilling prompts of that length first.
 """
 
@@ -90,7 +91,7 @@ class _Load:
     decode steps."""
 
     def __init__(self, model: str, num_seqs: int, context: int, *, stop: bool, stream: bool, steps: int,
-                 vocab: int | None, seed: int, stops: tuple[str, ...]) -> None:
+                 vocab: int | None, seed: int, stops: tuple[str, ...], stream_interval: int = 1) -> None:
         from apar_rt.serve.streamer import ReadingOrderStreamer
 
         self.context = context
@@ -102,11 +103,14 @@ class _Load:
                              if t not in special])
         params = SamplingParams(max_tokens=eng.config.max_model_len, ignore_eos=True, stop=stops if stop else ())
         self.streamers = {}
-        for _ in range(num_seqs):
+        self.stream_interval = stream_interval
+        self.phase = {}          # request -> the step (mod stream_interval) after which its text goes out
+        for i in range(num_seqs):
             ids = rng.choice(ordinary, context).tolist()
             rid = eng.add_request(None, params, prompt_token_ids=ids)
             if stream:
                 self.streamers[rid] = ReadingOrderStreamer.for_engine(eng, eng._requests[rid])
+                self.phase[rid] = i % stream_interval
         self.reqs = dict(eng._requests)
         while any(not r.branches[0].token_ids for r in self.reqs.values()):   # prefill until all decode
             eng.step()
@@ -120,8 +124,10 @@ class _Load:
         t = time.perf_counter()
         outs = self.eng.step()
         if streamers:
+            now, phase = self.steps % self.stream_interval, self.phase
             for o in outs:
-                streamers[o.request_id].step(o.deltas)
+                if phase[o.request_id] == now:
+                    streamers[o.request_id].step(o.deltas)
         took = time.perf_counter() - t - backend.forward_seconds
         assert len(outs) == len(self.reqs) and all(len(o.deltas) for o in outs), \
             "every sequence must decode each step"
@@ -138,8 +144,9 @@ class _Load:
 
 def bench_overhead(model: str, seqs=(1, 32, 256), contexts=(128, 1024, 4096), steps: int = 100,
                    vocab: int | None = None, stops: tuple[str, ...] = DEFAULT_STOPS, repeats: int = 3,
-                   seed: int = 0, log=print) -> list[dict]:
-    """Every (seqs, context) at each of: plain, stop strings, streaming, both.
+                   seed: int = 0, log=print, stream_interval: int = 1) -> list[dict]:
+    """Every (seqs, context) at each of: plain, stop strings, streaming, both. Streaming runs each
+    request's streamer after every `stream_interval`-th step (the requests staggered).
 
     The contexts of one (seqs, variant) are measured side by side: their engines are loaded
     together and take turns, `steps` steps each, `repeats` rounds (the order rotating), so a
@@ -151,16 +158,17 @@ def bench_overhead(model: str, seqs=(1, 32, 256), contexts=(128, 1024, 4096), st
     for n in seqs:
         for stop, stream in ((False, False), (True, False), (False, True), (True, True)):
             _fresh_heap()
-            rows += _configuration(model, n, contexts, stop, stream, steps, repeats, vocab, seed, stops, log)
+            rows += _configuration(model, n, contexts, stop, stream, steps, repeats, vocab, seed, stops, log,
+                                   stream_interval)
     return rows
 
 
 def _configuration(model: str, n: int, contexts, stop: bool, stream: bool, steps: int, repeats: int,
-                   vocab: int | None, seed: int, stops: tuple[str, ...], log) -> list[dict]:
+                   vocab: int | None, seed: int, stops: tuple[str, ...], log, stream_interval: int = 1) -> list[dict]:
     """`bench_overhead`'s rows of one (seqs, variant): its contexts side by side. Its engines live
     in this frame only, so they are garbage once it returns."""
     loads = [_Load(model, n, ctx, stop=stop, stream=stream, steps=steps * repeats, vocab=vocab,
-                   seed=seed, stops=stops) for ctx in contexts]
+                   seed=seed, stops=stops, stream_interval=stream_interval) for ctx in contexts]
     times: list[list[float]] = [[] for _ in loads]
     rounds: list[list[float]] = [[] for _ in loads]   # per load, its median step in each round
     for rep in range(repeats):
@@ -172,6 +180,7 @@ def _configuration(model: str, n: int, contexts, stop: bool, stream: bool, steps
     for load, ts, rs in zip(loads, times, rounds):
         checked = load.close()
         rows.append({"seqs": n, "context": load.context, "stop": stop, "stream": stream,
+                     "stream_interval": stream_interval if stream else None,
                      "vocab": load.eng.model_config.vocab_size, "steps": len(ts), "repeats": repeats,
                      "ms_per_step": 1000 * statistics.median(ts),
                      "ms_per_step_mean": 1000 * statistics.fmean(ts),
@@ -187,7 +196,8 @@ def format_rows(rows: list[dict], header: bool = True) -> str:
              f"{'min':>7} {'checked':>7}"] if header else []
     for r in rows:
         checked = "" if r["stop_checks_per_token"] is None else f"{r['stop_checks_per_token']:.1%}"
-        lines.append(f"{r['seqs']:>5} {r['context']:>7} {str(r['stop']):>5} {str(r['stream']):>6} {r['vocab']:>6} "
+        stream = str(r["stream"]) if (r.get("stream_interval") or 1) == 1 else f"every {r['stream_interval']}"
+        lines.append(f"{r['seqs']:>5} {r['context']:>7} {str(r['stop']):>5} {stream:>6} {r['vocab']:>6} "
                      f"{r['ms_per_step']:>8.3f} {r['ms_per_step_mean']:>7.3f} {r['ms_per_step_min']:>7.3f} {checked:>7}")
     return "\n".join(lines)
 
