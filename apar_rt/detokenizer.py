@@ -267,56 +267,43 @@ class ByteSegmentText(SegmentText):
         """`advance(end)`, returning the text it appended to the committed text (the committed
         text only grows, so that is all of its change; `pending`, the held bytes, is not part of
         it). It may end in U+FFFD, an invalid byte's, which `stable_len` holds back while last."""
-        if end <= self.end:
+        start = self.end
+        if end <= start:
             return ""
-        table = self._bytes
-        whole = not self._held and self._lead is None
-        if end == self.end + 1:
-            tok = self._tokens[self.end]
-            text = self._ascii[tok]
-            if text is not None and whole:
-                # one token of ASCII after whole text (the common step): the UTF-8 decoder holds
-                # nothing before it and would hold nothing after it
-                self.decoded_tokens += 1
-                self.end = end
-                if text:
-                    self._parts.append(text)
-                    self.committed_len += len(text)
-                return text
-            data = table[tok]
-        else:
-            tokens = self._tokens[self.end:end]
-            if whole:   # several tokens (a streamer called every few steps): all ASCII, the same
-                ascii_text = self._ascii
-                texts = [ascii_text[t] for t in tokens]
+        self.end = end
+        self.decoded_tokens += end - start
+        text = None
+        if not self._held and self._lead is None:
+            # after whole text, ASCII tokens need no decode: the UTF-8 decoder holds nothing before
+            # them and would hold nothing after them
+            ascii_text = self._ascii
+            if end == start + 1:   # the common step
+                text = ascii_text[self._tokens[start]]
+            else:                  # a streamer called every few steps
+                texts = [ascii_text[t] for t in self._tokens[start:end]]
                 if None not in texts:
                     text = "".join(texts)
-                    self.decoded_tokens += end - self.end
-                    self.end = end
-                    if text:
-                        self._parts.append(text)
-                        self.committed_len += len(text)
-                    return text
-            data = b"".join([table[t] for t in tokens])
-        self.decoded_tokens += end - self.end
-        self.end = end
-        held = self._held + data if self._held else data
-        text, used = _utf8_decode(held, "replace", False)
-        self._held = held = held[used:]
-        if self._lead is not None:   # H + T has not given a character yet
-            self._lead += data
-            if not text:
-                return ""     # lossy(H + T) is one U+FFFD so far: no text of the tokens' own
-            if text[0] == REPLACEMENT:
-                text = text[1:]
-            else:        # the window's character completed: the text is the tokens' bytes alone
-                text, used = _utf8_decode(self._lead, "replace", False)
-                self._held = held = self._lead[used:]
-            self._lead = None
+        if text is None:
+            table = self._bytes
+            data = table[self._tokens[start]] if end == start + 1 else b"".join(
+                [table[t] for t in self._tokens[start:end]])
+            held = self._held + data if self._held else data
+            text, used = _utf8_decode(held, "replace", False)
+            self._held = held = held[used:]
+            if self._lead is not None:   # H + T has not given a character yet
+                self._lead += data
+                if not text:
+                    return ""     # lossy(H + T) is one U+FFFD so far: no text of the tokens' own
+                if text[0] == REPLACEMENT:
+                    text = text[1:]
+                else:        # the window's character completed: the text is the tokens' bytes alone
+                    text, used = _utf8_decode(self._lead, "replace", False)
+                    self._held = held = self._lead[used:]
+                self._lead = None
+            self.pending = held.decode("utf-8", "replace") if held else ""
         if text:
             self._parts.append(text)
             self.committed_len += len(text)
-        self.pending = held.decode("utf-8", "replace") if held else ""
         return text
 
     def stable_len(self) -> int:
