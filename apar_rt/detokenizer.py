@@ -44,6 +44,8 @@ class SegmentText:
     re-decode); readers that emitted part of it compare versions.
     """
 
+    append_only = False   # True: committed text never changes, it only grows (ByteSegmentText)
+
     __slots__ = ("_decode", "_tokens", "start", "end", "_window", "_head", "_parts", "committed_len",
                  "pending", "_p", "_r", "_prefix", "_marks", "version", "incremental", "decoded_tokens")
 
@@ -73,11 +75,9 @@ class SegmentText:
         self.decoded_tokens += len(ids)
         return self._decode(ids)
 
-    def advance_text(self, end: int) -> str | None:
-        """`advance(end)`, and the text it appended to the committed text when the committed text
-        only grows (`ByteSegmentText`); here None: a decoder may rewrite text it committed
-        (`version`), so ask the text itself."""
-        self.advance(end)
+    def ascii_texts(self) -> list[str | None] | None:
+        """Per token id, the text an ASCII token adds (`ByteSegmentText`, while nothing is held);
+        None here."""
         return None
 
     def advance(self, end: int) -> None:
@@ -247,6 +247,8 @@ class ByteSegmentText(SegmentText):
     The text never changes once returned (`version` stays 0). Same invariant and interface as
     SegmentText."""
 
+    append_only = True
+
     __slots__ = ("_bytes", "_ascii", "_held", "_lead")
 
     def __init__(self, table, tokens: list[int], start: int, window: list[int]) -> None:
@@ -260,16 +262,21 @@ class ByteSegmentText(SegmentText):
         if self._held:   # the window ends in an incomplete character: the tokens' bytes go after it until it settles
             self._lead = b""
 
-    def advance(self, end: int) -> None:
-        self.advance_text(end)
+    def ascii_texts(self) -> list[str | None] | None:
+        """While the text so far is whole (no bytes held for an incomplete character), the byte
+        table's ASCII texts: each next token t with a text `ascii_texts()[t]` (not None) then adds
+        exactly that text to the committed text and leaves nothing held, so a reader may take a
+        run of such tokens without the segment and `advance` over them later gives the same text.
+        None while bytes are held."""
+        return self._ascii if not self._held and self._lead is None else None
 
-    def advance_text(self, end: int) -> str:
-        """`advance(end)`, returning the text it appended to the committed text (the committed
-        text only grows, so that is all of its change; `pending`, the held bytes, is not part of
-        it). It may end in U+FFFD, an invalid byte's, which `stable_len` holds back while last."""
+    def advance(self, end: int) -> None:
+        """Take the branch's tokens up to index `end` (exclusive). The committed text only grows
+        (`append_only`); it may end in U+FFFD, an invalid byte's, which `stable_len` holds back
+        while last. `pending`, the held bytes' U+FFFD, is not committed."""
         start = self.end
         if end <= start:
-            return ""
+            return
         self.end = end
         self.decoded_tokens += end - start
         text = None
@@ -293,7 +300,7 @@ class ByteSegmentText(SegmentText):
             if self._lead is not None:   # H + T has not given a character yet
                 self._lead += data
                 if not text:
-                    return ""     # lossy(H + T) is one U+FFFD so far: no text of the tokens' own
+                    return        # lossy(H + T) is one U+FFFD so far: no text of the tokens' own
                 if text[0] == REPLACEMENT:
                     text = text[1:]
                 else:        # the window's character completed: the text is the tokens' bytes alone
@@ -304,7 +311,6 @@ class ByteSegmentText(SegmentText):
         if text:
             self._parts.append(text)
             self.committed_len += len(text)
-        return text
 
     def stable_len(self) -> int:
         """Length of the text without its trailing U+FFFD: the held bytes' (`pending`), and those

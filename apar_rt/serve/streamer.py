@@ -81,11 +81,18 @@ class ReadingOrderStreamer:
     # each branch's own text sent: [characters, its segments' versions then, the text in pieces]
     _branch_sent: dict[int, list] = field(default_factory=dict)
     # the common step's state, kept from the last one: (top frame, its branch, its open segment,
-    # the branch's children then); None after any other step
+    # the branch's children then, the token index the budget lets the segment reach); None after
+    # any other step
     _steady: tuple | None = None
-    # with _steady: the open segment's committed text after what its frame emitted (the holdback's
-    # characters and any trailing U+FFFD); None where the frame emitted past the committed text
+    # With _steady on an append-only segment (a byte-level one, whose committed text only grows),
+    # the step runs ahead of the segment and the frame (`_steady_step`): the stream has taken the
+    # branch's tokens up to `_seen` and `_taken` characters of the segment's committed text, and
+    # `_tail` is what of them is not emitted (the holdback's characters and any trailing U+FFFD);
+    # the frame's `emitted` and `_sent` catch up in `_catch_up`. `_tail` is None otherwise.
     _tail: str | None = None
+    _seen: int = 0
+    _taken: int = 0
+    _ascii: list | None = None   # the segment's ASCII texts while it holds no bytes (`ascii_texts`)
 
     @classmethod
     def for_engine(cls, engine, request: Request) -> "ReadingOrderStreamer":
@@ -97,6 +104,7 @@ class ReadingOrderStreamer:
     @property
     def sent(self) -> str:
         """The text emitted so far."""
+        self._catch_up()
         if len(self._sent) > 1:
             self._sent = ["".join(self._sent)]
         return self._sent[0] if self._sent else ""
@@ -107,34 +115,16 @@ class ReadingOrderStreamer:
         steady = self._steady
         if steady is not None and len(deltas) == 1:
             # the common step again: the first running branch, alone, grew within its open segment
-            fr, b, seg, children = steady
-            if deltas[0].branch_id == b.id and len(b.children) == children and b.finish_reason is None:
-                end = len(b.token_ids)
-                tail = self._tail
-                if tail is not None and fr.emitted + len(tail) == seg.committed_len:
-                    # committed text that only grows (a byte-level segment's): what the step adds
-                    # moves through the tail, whose end is stable less its trailing U+FFFD
-                    text = seg.advance_text(end)
-                    if text is not None and self._left >= end - seg.start:
-                        if text:
-                            tail += text
-                        if tail and tail[-1] == REPLACEMENT:
-                            cut = len(tail.rstrip(REPLACEMENT)) - self.holdback
-                        else:
-                            cut = len(tail) - self.holdback
-                        if cut <= 0:
-                            self._tail = tail
-                            return ""
-                        self._tail = tail[cut:]
-                        fr.emitted += cut
-                        delta = tail[:cut]
-                        self._sent.append(delta)
-                        return delta
-                else:
-                    seg.advance(end)
-                if seg.version == fr.version and self._left >= seg.end - seg.start:
+            fr, b, seg, children, end_limit = steady
+            if (deltas[0].branch_id == b.id and len(b.children) == children and b.finish_reason is None
+                    and len(b.token_ids) <= end_limit):
+                if self._tail is not None:
+                    return self._steady_step(b.token_ids, seg)
+                seg.advance(len(b.token_ids))
+                if seg.version == fr.version:
                     return self._open_segment_delta(fr, seg)
-        self._steady = None
+        self._catch_up()
+        self._steady = self._tail = None
         req = self.request
         branches = req.branches
         text = self.text
@@ -157,7 +147,7 @@ class ReadingOrderStreamer:
                 seg = bt.segments[-1]
                 if (fr.k == len(bt.segments) - 1 and seg.version == fr.version and self._left >= seg.end - seg.start
                         and (seg.start == 0 or self.join != "reference")):
-                    self._steady = (fr, b, seg, len(b.children))
+                    self._steady = (fr, b, seg, len(b.children), seg.start + self._left)
                     return self._open_segment_delta(fr, seg)
         if not self._fallback:
             out: list[str] = []
@@ -171,7 +161,8 @@ class ReadingOrderStreamer:
 
     def _open_segment_delta(self, fr: _Frame, seg) -> str:
         """The common step's text: the first running branch's open segment `seg` up to its stable
-        end less the holdback, past what frame `fr` emitted."""
+        end less the holdback, past what frame `fr` emitted. An append-only segment's next steps
+        go to `_steady_step`."""
         stable = seg.stable_len()
         length = stable - self.holdback
         delta = ""
@@ -179,10 +170,62 @@ class ReadingOrderStreamer:
             delta = seg.slice(fr.emitted, length)
             fr.emitted = length
             self._sent.append(delta)
-        # the next step's fast path moves the committed text after what was emitted
-        c = seg.committed_len
-        self._tail = seg.slice(fr.emitted, c) if fr.emitted <= c else None
+        if seg.append_only:
+            c = self._taken = seg.committed_len
+            self._tail = seg.slice(fr.emitted, c)
+            self._seen = seg.end
+            self._ascii = seg.ascii_texts()
+        else:
+            self._tail = None
         return delta
+
+    def _steady_step(self, tokens: list[int], seg) -> str:
+        """The common step on an append-only segment: the text its new tokens commit, through the
+        tail, whose end is stable less its trailing U+FFFD and the holdback. An ASCII token after
+        whole text is looked up alone (its text is what the segment would commit); the segment
+        takes such tokens later, with the next token it is asked for (or when a reader advances
+        it), and its committed text past `_taken` is the new text then."""
+        end = len(tokens)
+        seen = self._seen
+        ascii_text = self._ascii
+        text = ascii_text[tokens[seen]] if ascii_text is not None and end == seen + 1 else None
+        if text:
+            self._seen = end
+            self._taken += len(text)
+            tail = self._tail
+            if not tail and not self.holdback:   # the whole text is stable and goes out
+                return text
+            tail += text
+            cut = len(tail) - self.holdback      # the tail ends in an ASCII character
+        else:
+            seg.advance(end)
+            c = seg.committed_len
+            text = seg.slice(self._taken, c)
+            self._seen, self._taken = end, c
+            self._ascii = seg.ascii_texts()
+            tail = self._tail + text
+            if tail and tail[-1] == REPLACEMENT:
+                cut = len(tail.rstrip(REPLACEMENT)) - self.holdback
+            else:
+                cut = len(tail) - self.holdback
+        if cut <= 0:
+            self._tail = tail
+            return ""
+        self._tail = tail[cut:]
+        return tail[:cut]
+
+    def _catch_up(self) -> None:
+        """After `_steady_step`s: the segment advanced to the tokens they took (unless a reader
+        did), and the frame's `emitted` and the sent text brought to what they emitted."""
+        if self._tail is None:
+            return
+        fr, _, seg = self._steady[:3]
+        if seg.end < self._seen:
+            seg.advance(self._seen)
+        emitted = self._taken - len(self._tail)
+        if emitted > fr.emitted:
+            self._sent.append(seg.slice(fr.emitted, emitted))
+            fr.emitted = emitted
 
     def _reference_step(self) -> str:
         req = self.request
@@ -300,8 +343,9 @@ class ReadingOrderStreamer:
 
     def finish(self, final_text: str) -> str:
         """The rest of the final text. The stream then equals `final_text` unless diverged."""
-        self._steady = None
         sent = self.sent
+        self._steady = None
+        self._tail = None
         if final_text.startswith(sent):
             delta = final_text[len(sent):]
             self._sent = [final_text]
