@@ -59,6 +59,10 @@ class SamplingBatch:
     bias: list[tuple[int, int, float]] = field(default_factory=list)   # (row, token, value)
     bans: list[tuple[int, Sequence[int]]] = field(default_factory=list)  # (row, the token ids it may not sample)
     probes: list[tuple[int, int]] = field(default_factory=list)        # (row, token): kept probability wanted
+    # `_indexed_bans` of the first `_bans_at` bans (a batch only grows: `add`, `add_rows`), kept
+    # for a batch sampled again (the engine reuses a replayed step's)
+    _bans_at: int = field(default=0, repr=False, compare=False)
+    _ban_arrays: tuple | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.temperature)
@@ -105,11 +109,23 @@ class SamplingBatch:
         return r
 
     def ban_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The bans as (rows, tokens) int64 arrays, one entry per (row, banned token)."""
-        if not self.bans:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        rows = np.repeat(np.asarray([r for r, _ in self.bans], np.int64), [len(t) for _, t in self.bans])
-        return rows, np.fromiter((t for _, ts in self.bans for t in ts), np.int64, len(rows))
+        """The bans as (rows, tokens) int64 arrays, one entry per (row, banned token); made once
+        for the bans the batch has (it only grows), so a batch sampled again reuses them."""
+        return self._indexed_bans()[:2]
+
+    def banned_at(self, rows) -> list[tuple[int, Sequence[int]]]:
+        """The bans of `rows` (rows that have some, in increasing order), as `bans` holds them."""
+        entries = self._indexed_bans()[2]
+        return [self.bans[i] for i in np.searchsorted(entries, rows).tolist()]
+
+    def _indexed_bans(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`ban_arrays` and each entry of `bans`'s row (increasing: rows are added in order)."""
+        if self._ban_arrays is None or self._bans_at != len(self.bans):
+            entries = np.asarray([r for r, _ in self.bans], np.int64)
+            rows = np.repeat(entries, [len(t) for _, t in self.bans])
+            tokens = np.fromiter((t for _, ts in self.bans for t in ts), np.int64, len(rows))
+            self._ban_arrays, self._bans_at = (rows, tokens, entries), len(self.bans)
+        return self._ban_arrays
 
     def select(self, rows: Sequence[int]) -> tuple[SamplingBatch, list[int]]:
         """Rows `rows` alone, renumbered 0.., with their probes; and the indices those probes
@@ -463,7 +479,12 @@ def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
     else:
         at_max = x[_shared(_ROWS, R, np.arange), tokens]
         good = all(map(math.isfinite, at_max.tolist()))
-    redo = [(r, banned) for r, banned in batch.bans if first[r] in banned] if batch.bans else ()
+    redo = ()
+    if batch.bans:   # the rows whose argmax is banned, found in one pass over the (row, token) pairs
+        ban_rows, ban_tokens = batch.ban_arrays()
+        hit = ban_rows[tokens[ban_rows] == ban_tokens]
+        if hit.size:
+            redo = batch.banned_at(np.unique(hit))
     if good and not redo:
         ok = _shared(_ALL_OK, R, _all_true)
     else:
