@@ -584,8 +584,10 @@ class Scheduler:
 
         A request whose update raises fails alone, with the message `on_error(req, exc)` gives.
         """
-        per_req: dict[int, RequestOutput] = {}
-        reqs: list[Request] = []     # per_req's requests, in its order
+        updates: list[RequestOutput] = []           # each request's output, in order of its first sequence
+        reqs: list[Request] = []                    # their requests
+        per_req: dict[int, RequestOutput] = {}      # the outputs of requests with several branches
+        checked: list[int] = []                     # indices of the outputs the second pass completes
         donors = {id(s.request): s.request for s in out.seqs if s.request.prefix_donors}
         for req in donors.values():
             self._fork_from_donors(req)
@@ -598,12 +600,17 @@ class Scheduler:
             if req.status is FINISHED or b.finish_reason is not None:
                 continue
             plain = type(tokens) is int   # a plain sequence's one token
-            upd = per_req.get(id(req))
+            alone = len(req.branches) == 1   # the request's one sequence
+            upd = None if alone else per_req.get(id(req))
             if upd is None:   # the request's first sequence this step (a plain one's delta comes first)
-                upd = per_req[id(req)] = RequestOutput(
-                    req.request_id, req.prompt, req.prompt_token_ids,
-                    [BranchDelta(b.id, b.parent, b.fork_index, [], False)] if plain else [], False)
+                upd = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
+                                    [BranchDelta(b.id, b.parent, b.fork_index, [], False)] if plain else [], False)
+                if not alone:
+                    per_req[id(req)] = upd
+                updates.append(upd)
                 reqs.append(req)
+                if not (alone and plain):
+                    checked.append(len(updates) - 1)
             try:
                 if plain:
                     s.accepted = 1
@@ -613,12 +620,23 @@ class Scheduler:
             except Exception as e:
                 msg = on_error(req, e) if on_error else "internal error while updating this request"
                 self.fail(req, msg, out)
-        for req in out.failed:
-            if id(req) not in per_req:
-                per_req[id(req)] = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], True)
-                reqs.append(req)
-        updates = list(per_req.values())
-        for upd, req in zip(updates, reqs):
+                if alone and plain:
+                    checked.append(len(updates) - 1)
+                continue
+            if alone and plain:
+                if len(req.branches) == 1:   # one branch, one token, which `_append` checked: complete
+                    req.decode_steps += 1
+                    upd.finished = req.status is FINISHED
+                else:   # it forked: the second pass checks its branches against the budget
+                    checked.append(len(updates) - 1)
+        if out.failed:
+            have = {id(req) for req in reqs}
+            for req in out.failed:
+                if id(req) not in have:
+                    updates.append(RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], True))
+                    reqs.append(req)
+        for i in checked:
+            upd, req = updates[i], reqs[i]
             if upd.deltas:
                 req.decode_steps += 1
             if req.status is not FINISHED:

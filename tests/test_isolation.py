@@ -95,3 +95,41 @@ def test_tiny_temperature_is_greedy(llm):
     tiny = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=12, temperature=1e-300, seed=1))
     assert [o.text for o in tiny] == [o.text for o in greedy]
     assert SamplingParams(temperature=2e-5).temperature == 2e-5
+
+
+class _RaisesOnCompare:
+    """A stop token id that raises when a token is compared with it: a failure inside `update`."""
+
+    def __eq__(self, other):
+        raise RuntimeError("compare")
+
+    __hash__ = object.__hash__
+
+
+@pytest.mark.parametrize("mode", ["ar", "apar"])
+def test_a_request_whose_update_raises_fails_alone(llm, fork_id, mode):
+    """A request whose token cannot be appended (here its stop token ids raise when compared) ends
+    with an error in that step; the requests beside it finish as they do alone."""
+    normal = SamplingParams(max_tokens=16, logit_bias={fork_id: 4.0}, mode=mode)
+    alone = [llm.generate(p, normal)[0] for p in PROMPTS[:2]]
+    bad = poisoned(temperature=0.0, mode=mode, stop_token_ids=(_RaisesOnCompare(),))
+    outs = llm.generate([PROMPTS[0], "x y", PROMPTS[1]], [normal, bad, normal])
+    assert [o.branches for o in (outs[0], outs[2])] == [o.branches for o in alone]
+    assert outs[1].finish_reason.value == "error" and "internal error while updating" in outs[1].error
+    assert "compare" not in outs[1].error
+    s = llm.engine.scheduler
+    assert s.pool.num_used == 0 and not s.running and not s.waiting
+
+
+@pytest.mark.parametrize("max_tokens", [2, 3])
+def test_a_fork_on_the_last_token_of_the_budget_ends_the_request_in_that_step(llm, fork_id, max_tokens):
+    """A request that forks as it reaches max_tokens (its [Fork] and the child's forced [Child]
+    fill the budget) ends in that same step, with both branches cut by length."""
+    p = SamplingParams(max_tokens=max_tokens, logit_bias={fork_id: 100.0})
+    outs = llm.generate(PROMPTS, p)
+    for o in outs:
+        assert o.finish_reason.value == "length" and o.error is None
+        assert o.stats["generated_tokens"] == max_tokens
+    assert any(len(o.branches) == 2 for o in outs)
+    s = llm.engine.scheduler
+    assert s.pool.num_used == 0 and not s.running and not s.waiting
