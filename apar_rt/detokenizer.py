@@ -270,47 +270,49 @@ class ByteSegmentText(SegmentText):
         None while bytes are held."""
         return self._ascii if not self._held and self._lead is None else None
 
-    def advance(self, end: int) -> None:
-        """Take the branch's tokens up to index `end` (exclusive). The committed text only grows
-        (`append_only`); it may end in U+FFFD, an invalid byte's, which `stable_len` holds back
-        while last. `pending`, the held bytes' U+FFFD, is not committed."""
+    def advance(self, end: int) -> str:
+        """Take the branch's tokens up to index `end` (exclusive); returns the text appended to the
+        committed text, which only grows (`append_only`), so that is all of its change. It may end
+        in U+FFFD, an invalid byte's, which `stable_len` holds back while last. `pending`, the
+        held bytes' U+FFFD, is not committed."""
         start = self.end
         if end <= start:
-            return
+            return ""
         self.end = end
         self.decoded_tokens += end - start
-        text = None
-        if not self._held and self._lead is None:
-            # after whole text, ASCII tokens need no decode: the UTF-8 decoder holds nothing before
-            # them and would hold nothing after them
-            ascii_text = self._ascii
-            if end == start + 1:   # the common step
-                text = ascii_text[self._tokens[start]]
-            else:                  # a streamer called every few steps
-                texts = [ascii_text[t] for t in self._tokens[start:end]]
-                if None not in texts:
-                    text = "".join(texts)
-        if text is None:
+        tokens = self._tokens
+        if end == start + 1:
+            if not self._held and self._lead is None:
+                # after whole text, an ASCII token needs no decode: the UTF-8 decoder holds nothing
+                # before it and would hold nothing after it
+                text = self._ascii[tokens[start]]
+                if text is not None:
+                    if text:
+                        self._parts.append(text)
+                        self.committed_len += len(text)
+                    return text
+            data = self._bytes[tokens[start]]
+        else:
             table = self._bytes
-            data = table[self._tokens[start]] if end == start + 1 else b"".join(
-                [table[t] for t in self._tokens[start:end]])
-            held = self._held + data if self._held else data
-            text, used = _utf8_decode(held, "replace", False)
-            self._held = held = held[used:]
-            if self._lead is not None:   # H + T has not given a character yet
-                self._lead += data
-                if not text:
-                    return        # lossy(H + T) is one U+FFFD so far: no text of the tokens' own
-                if text[0] == REPLACEMENT:
-                    text = text[1:]
-                else:        # the window's character completed: the text is the tokens' bytes alone
-                    text, used = _utf8_decode(self._lead, "replace", False)
-                    self._held = held = self._lead[used:]
-                self._lead = None
-            self.pending = held.decode("utf-8", "replace") if held else ""
+            data = b"".join([table[t] for t in tokens[start:end]])
+        held = self._held + data if self._held else data
+        text, used = _utf8_decode(held, "replace", False)
+        self._held = held = held[used:]
+        if self._lead is not None:   # H + T has not given a character yet
+            self._lead += data
+            if not text:
+                return ""     # lossy(H + T) is one U+FFFD so far: no text of the tokens' own
+            if text[0] == REPLACEMENT:
+                text = text[1:]
+            else:        # the window's character completed: the text is the tokens' bytes alone
+                text, used = _utf8_decode(self._lead, "replace", False)
+                self._held = held = self._lead[used:]
+            self._lead = None
+        self.pending = held.decode("utf-8", "replace") if held else ""
         if text:
             self._parts.append(text)
             self.committed_len += len(text)
+        return text
 
     def stable_len(self) -> int:
         """Length of the text without its trailing U+FFFD: the held bytes' (`pending`), and those

@@ -356,6 +356,46 @@ def test_streamed_text_equals_a_full_rerender_at_every_step(which, join, seed, r
     assert steps > 5 and len(req.branches) > 1
 
 
+@pytest.mark.parametrize("which", ["demo_bytes", "demo"])
+@pytest.mark.parametrize("seed", range(4))
+def test_stream_called_every_few_steps_beside_a_reader_equals_the_settled_text(which, seed, request):
+    """A server with --stream-interval runs the streamer after some steps only (with the last
+    step's deltas), and a reader (per-branch events, finalize) may bring the request's text
+    ahead of what the stream took. The deltas, joined without ever asking the streamer for its
+    text in between, still follow the contract's stream after each call (the growth of
+    settled_text), and end equal to the final text."""
+    decode, ctrl, eos, special, split, ordinary = request.getfixturevalue(which)
+    req_decode[0], req_special[0] = decode, special
+    rng = np.random.default_rng(100 + seed)
+    holdback = [0, 3][seed % 2]
+    req = Request("r", "", draw(rng, split, ordinary, 10), SamplingParams())
+    req.budget = None
+    text = TreeText(decode, special, byte_table=byte_table_of(which))
+    streamer = ReadingOrderStreamer(req, text, ctrl, special, holdback)
+    joined = ref_sent = ""           # the contract's stream: growth of settled_text (see above)
+    ref_diverged = False
+    calls = 0
+    for deltas in grow_tree(rng, req, ctrl, eos, split, ordinary, wild_stops=False):
+        r = rng.random()
+        if r < 0.3:
+            continue                 # a held step: the stream skips it
+        if r < 0.5:
+            text.sync(req.branches)  # a reader takes every branch's text first
+        joined += streamer.step(deltas)
+        calls += 1
+        now = settled_text(decode, req.branches, ctrl, special, holdback)
+        if not ref_diverged:
+            if now.startswith(ref_sent):
+                ref_sent = now
+            elif not ref_sent.startswith(now):
+                ref_diverged = True
+        assert streamer.diverged == ref_diverged
+        assert joined == ref_sent
+    final = recover_text(decode, req.branches, ctrl, special)
+    joined += streamer.finish(final)
+    assert calls > 5 and (ref_diverged or joined == final)
+
+
 def test_many_random_trees_take_the_incremental_path(demo):
     """Most steps are served by the streamer's own walk, not by the full re-render it falls back to."""
     decode, ctrl, eos, special, split, ordinary = demo

@@ -69,6 +69,19 @@ class ReadingOrderStreamer:
     control: ControlTokens
     skip_ids: frozenset[int]
     holdback: int = 0            # characters a stop string could still cut: max(len(stop)) - 1
+    # The common step's state, kept from the last one: (top frame, its branch, its open segment,
+    # the request's forks then, the token index the budget lets the segment reach); None after
+    # any other step. (These fields come first: the common step reads them alone.)
+    _steady: tuple | None = None
+    # With _steady on an append-only segment (a byte-level one, whose committed text only grows),
+    # the step runs ahead of the segment and the frame (`_steady_step`): the stream has taken the
+    # branch's tokens up to `_seen` and `_taken` characters of the segment's committed text, and
+    # `_tail` is what of them is not emitted (the holdback's characters and any trailing U+FFFD);
+    # the frame's `emitted` and `_sent` catch up in `_catch_up`. `_tail` is None otherwise.
+    _tail: str | None = None
+    _seen: int = 0
+    _taken: int = 0
+    _ascii: list | None = None   # the segment's ASCII texts while it holds no bytes (`ascii_texts`)
     join: str = "inplace"        # the engine's text join (apar.recover_text)
     diverged: bool = False       # the settled text stopped extending what was sent (a bug)
     _sent: list[str] = field(default_factory=list)      # the text emitted so far, in pieces
@@ -80,19 +93,6 @@ class ReadingOrderStreamer:
     _fallback: bool = False      # the walk handed over to apar.settled_text
     # each branch's own text sent: [characters, its segments' versions then, the text in pieces]
     _branch_sent: dict[int, list] = field(default_factory=dict)
-    # the common step's state, kept from the last one: (top frame, its branch, its open segment,
-    # the branch's children then, the token index the budget lets the segment reach); None after
-    # any other step
-    _steady: tuple | None = None
-    # With _steady on an append-only segment (a byte-level one, whose committed text only grows),
-    # the step runs ahead of the segment and the frame (`_steady_step`): the stream has taken the
-    # branch's tokens up to `_seen` and `_taken` characters of the segment's committed text, and
-    # `_tail` is what of them is not emitted (the holdback's characters and any trailing U+FFFD);
-    # the frame's `emitted` and `_sent` catch up in `_catch_up`. `_tail` is None otherwise.
-    _tail: str | None = None
-    _seen: int = 0
-    _taken: int = 0
-    _ascii: list | None = None   # the segment's ASCII texts while it holds no bytes (`ascii_texts`)
 
     @classmethod
     def for_engine(cls, engine, request: Request) -> "ReadingOrderStreamer":
@@ -115,14 +115,35 @@ class ReadingOrderStreamer:
         steady = self._steady
         if steady is not None and len(deltas) == 1:
             # the common step again: the first running branch, alone, grew within its open segment
-            fr, b, seg, children, end_limit = steady
-            if (deltas[0].branch_id == b.id and len(b.children) == children and b.finish_reason is None
-                    and len(b.token_ids) <= end_limit):
-                if self._tail is not None:
-                    return self._steady_step(b.token_ids, seg)
-                seg.advance(len(b.token_ids))
-                if seg.version == fr.version:
-                    return self._open_segment_delta(fr, seg)
+            fr, b, seg, forks, end_limit = steady
+            tokens = b.token_ids
+            end = len(tokens)
+            if (deltas[0].branch_id == b.id and self.request.forks == forks and b.finish_reason is None
+                    and end <= end_limit):
+                tail = self._tail
+                if tail is None:   # a segment whose text may change: ask it
+                    seg.advance(end)
+                    if seg.version == fr.version:
+                        return self._open_segment_delta(fr, seg)
+                else:
+                    seen = self._seen
+                    text = self._ascii[tokens[seen]] if end == seen + 1 and self._ascii is not None else None
+                    if not text:   # the segment takes the tokens
+                        return self._steady_step(end, seg)
+                    # an ASCII token after whole text: its text is what the segment would commit,
+                    # and it takes the token later (`_steady_step`, `_catch_up`)
+                    self._seen = end
+                    self._taken += len(text)
+                    holdback = self.holdback
+                    if not (tail or holdback):   # all of it is stable and goes out
+                        return text
+                    tail += text
+                    cut = len(tail) - holdback   # the tail ends in an ASCII character: stable
+                    if cut <= 0:
+                        self._tail = tail
+                        return ""
+                    self._tail = tail[cut:]
+                    return tail[:cut]
         self._catch_up()
         self._steady = self._tail = None
         req = self.request
@@ -147,7 +168,7 @@ class ReadingOrderStreamer:
                 seg = bt.segments[-1]
                 if (fr.k == len(bt.segments) - 1 and seg.version == fr.version and self._left >= seg.end - seg.start
                         and (seg.start == 0 or self.join != "reference")):
-                    self._steady = (fr, b, seg, len(b.children), seg.start + self._left)
+                    self._steady = (fr, b, seg, req.forks, seg.start + self._left)
                     return self._open_segment_delta(fr, seg)
         if not self._fallback:
             out: list[str] = []
@@ -179,35 +200,22 @@ class ReadingOrderStreamer:
             self._tail = None
         return delta
 
-    def _steady_step(self, tokens: list[int], seg) -> str:
-        """The common step on an append-only segment: the text its new tokens commit, through the
-        tail, whose end is stable less its trailing U+FFFD and the holdback. An ASCII token after
-        whole text is looked up alone (its text is what the segment would commit); the segment
-        takes such tokens later, with the next token it is asked for (or when a reader advances
-        it), and its committed text past `_taken` is the new text then."""
-        end = len(tokens)
-        seen = self._seen
-        ascii_text = self._ascii
-        text = ascii_text[tokens[seen]] if ascii_text is not None and end == seen + 1 else None
-        if text:
-            self._seen = end
-            self._taken += len(text)
-            tail = self._tail
-            if not tail and not self.holdback:   # the whole text is stable and goes out
-                return text
-            tail += text
-            cut = len(tail) - self.holdback      # the tail ends in an ASCII character
+    def _steady_step(self, end: int, seg) -> str:
+        """The common step on an append-only segment when the segment takes the tokens (any but
+        an ASCII token after whole text): its committed text past `_taken` is the new text (the
+        ASCII tokens the stream took on its own come in again first), through the tail, whose
+        end is stable less its trailing U+FFFD and the holdback."""
+        added = seg.advance(end)
+        c = seg.committed_len
+        new = c - self._taken
+        text = added[len(added) - new:] if new <= len(added) else seg.slice(self._taken, c)
+        self._seen, self._taken = end, c
+        self._ascii = seg.ascii_texts()
+        tail = self._tail + text
+        if tail and tail[-1] == REPLACEMENT:
+            cut = len(tail.rstrip(REPLACEMENT)) - self.holdback
         else:
-            seg.advance(end)
-            c = seg.committed_len
-            text = seg.slice(self._taken, c)
-            self._seen, self._taken = end, c
-            self._ascii = seg.ascii_texts()
-            tail = self._tail + text
-            if tail and tail[-1] == REPLACEMENT:
-                cut = len(tail.rstrip(REPLACEMENT)) - self.holdback
-            else:
-                cut = len(tail) - self.holdback
+            cut = len(tail) - self.holdback
         if cut <= 0:
             self._tail = tail
             return ""
