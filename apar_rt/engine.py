@@ -254,18 +254,18 @@ class Engine:
             if len(batch):
                 results = self._sample(rows, batch, plain_reqs, plain, trees, results, picks, out)
             self.num_steps += 1
-        outputs, reqs = self.scheduler.update(out, results,
-                                              on_error=lambda req, e: self._error_message(req, "updating", e))
+        outputs, reqs, finished = self.scheduler.update(
+            out, results, on_error=lambda req, e: self._error_message(req, "updating", e))
         if picks:
             self._after_medusa_step(out, picks)
             for o, req in zip(outputs, reqs):   # drafting may have failed a request
                 o.finished = req.finished
-        for i, o in enumerate(outputs):
-            if o.finished:
-                try:
-                    self._finish(reqs[i], o)
-                except Exception as e:
-                    outputs[i] = self._failed_output(reqs[i], e)
+            finished = [i for i, o in enumerate(outputs) if o.finished]
+        for i in finished:
+            try:
+                self._finish(reqs[i], outputs[i])
+            except Exception as e:
+                outputs[i] = self._failed_output(reqs[i], e)
         return outputs
 
     def _keep_batch(self, out, batch: SamplingBatch, rows: list[int], plain_reqs: list[Request]) -> None:

@@ -571,11 +571,11 @@ class Scheduler:
 
     def update(self, out: SchedulerOutput, results: Sequence[int | Sequence[int]],
                on_error: Callable[[Request, Exception], str] | None = None
-               ) -> tuple[list[RequestOutput], list[Request]]:
+               ) -> tuple[list[RequestOutput], list[Request], list[int]]:
         """Append each sampling sequence's new tokens (in `out.seqs` order), fork, and finish.
-        Returns each request's output of the step (its branches' new tokens, `finished`) and the
-        requests, in the same order; the engine completes a finished request's output (its
-        finish_reason, error, text, branches and stats).
+        Returns each request's output of the step (its branches' new tokens, `finished`), the
+        requests, in the same order, and the indices of the finished ones; the engine completes
+        a finished request's output (its finish_reason, error, text, branches and stats).
 
         A plain sequence brings one token (an int in `results`). A draft tree brings its accepted
         run plus the bonus token; the run is cut after the first [Fork] or end token (kept), and to
@@ -588,6 +588,7 @@ class Scheduler:
         reqs: list[Request] = []                    # their requests
         per_req: dict[int, RequestOutput] = {}      # the outputs of requests with several branches
         checked: list[int] = []                     # indices of the outputs the second pass completes
+        finished: list[int] = []                    # indices of the finished ones
         donors = {id(s.request): s.request for s in out.seqs if s.request.prefix_donors}
         for req in donors.values():
             self._fork_from_donors(req)
@@ -626,15 +627,11 @@ class Scheduler:
             if alone and plain:
                 if len(req.branches) == 1:   # one branch, one token, which `_append` checked: complete
                     req.decode_steps += 1
-                    upd.finished = req.status is FINISHED
+                    if req.status is FINISHED:
+                        upd.finished = True
+                        finished.append(len(updates) - 1)
                 else:   # it forked: the second pass checks its branches against the budget
                     checked.append(len(updates) - 1)
-        if out.failed:
-            have = {id(req) for req in reqs}
-            for req in out.failed:
-                if id(req) not in have:
-                    updates.append(RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], True))
-                    reqs.append(req)
         for i in checked:
             upd, req = updates[i], reqs[i]
             if upd.deltas:
@@ -650,8 +647,17 @@ class Scheduler:
                             self._finish_branch(req, b, FinishReason.LENGTH, upd)
                 if req.status is not FINISHED and not req.num_live:
                     self._finish_request(req, FinishReason.STOP)
-            upd.finished = req.status is FINISHED
-        return updates, reqs
+            if req.status is FINISHED:
+                upd.finished = True
+                finished.append(i)
+        if out.failed:   # requests failed this step before they had an output
+            have = {id(req) for req in reqs}
+            for req in out.failed:
+                if id(req) not in have:
+                    finished.append(len(updates))
+                    updates.append(RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], True))
+                    reqs.append(req)
+        return updates, reqs, finished
 
     def _update_seq(self, s: ScheduledSeq, req: Request, b: Branch, tokens: list[int],
                     upd: RequestOutput) -> None:

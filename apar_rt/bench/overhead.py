@@ -123,7 +123,10 @@ class _Load:
         backend.forward_seconds = 0.0
         t = time.perf_counter()
         outs = self.eng.step()
-        if streamers:
+        if streamers and self.stream_interval == 1:
+            for o in outs:
+                streamers[o.request_id].step(o.deltas)
+        elif streamers:
             now, phase = self.steps % self.stream_interval, self.phase
             for o in outs:
                 if phase[o.request_id] == now:
