@@ -460,6 +460,9 @@ def _all_nan(R: int) -> np.ndarray:
     return np.full(R, np.nan)
 
 
+_SCAN_BANS = 64   # rows with bans up to which `_greedy` finds a banned argmax in Python
+
+
 def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
     """`sample` for a batch of greedy rows without bias or probes, without copying the logits: a
     row whose first argmax is not banned has the same first argmax and max once its bans are
@@ -479,12 +482,14 @@ def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
     else:
         at_max = x[_shared(_ROWS, R, np.arange), tokens]
         good = all(map(math.isfinite, at_max.tolist()))
-    redo = ()
-    if batch.bans:   # the rows whose argmax is banned, found in one pass over the (row, token) pairs
+    # the rows whose argmax is banned: a few rows' bans are scanned in Python (numpy calls right
+    # after the forward run cold); many rows', in one pass over the batch's (row, token) arrays
+    if len(batch.bans) <= _SCAN_BANS:
+        redo = [(r, banned) for r, banned in batch.bans if first[r] in banned]
+    else:
         ban_rows, ban_tokens = batch.ban_arrays()
         hit = ban_rows[tokens[ban_rows] == ban_tokens]
-        if hit.size:
-            redo = batch.banned_at(np.unique(hit))
+        redo = batch.banned_at(np.unique(hit)) if hit.size else ()
     if good and not redo:
         ok = _shared(_ALL_OK, R, _all_true)
     else:
