@@ -230,6 +230,7 @@ def test_stream_waits_through_an_incomplete_byte_run_instead_of_stopping(byte_fa
         root.token_ids.append(tok)
         if tok == eos:
             root.finish_reason = FinishReason.STOP
+            req.num_live = 0
         streamer.step([BranchDelta(0, None, None, [tok], tok == eos)])
         sent_after.append(streamer.sent)
         assert not streamer.diverged
@@ -273,10 +274,13 @@ def grow_tree(rng, req, ctrl, eos, split, ordinary, max_depth=2, wild_stops=True
                                [ctrl.child])
                     branches.append(c)
                     b.children.append(c.id)
+                    req.forks += 1            # the request's counters, as the scheduler keeps them
+                    req.num_live += 1
                     deltas.append(BranchDelta(c.id, b.id, c.fork_index, [ctrl.child], False))
                     break
                 if tok == eos or len(b.token_ids) > 60:
                     b.finish_reason = FinishReason.STOP
+                    req.num_live -= 1
                     d.finished = True
                     break
             if not b.finished and len(b.token_ids) > 8 and (b.parent is not None or b.children) \
@@ -288,6 +292,7 @@ def grow_tree(rng, req, ctrl, eos, split, ordinary, max_depth=2, wild_stops=True
                 back = int(rng.integers(0, 6)) if not wild_stops or rng.random() < 0.7 else len(own)
                 b.stop_text_len = max(0, len(own) - int(rng.integers(0, back + 1)))
                 b.finish_reason = FinishReason.STOP
+                req.num_live -= 1
                 d.finished = True
         yield deltas
 

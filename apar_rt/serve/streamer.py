@@ -70,8 +70,8 @@ class ReadingOrderStreamer:
     skip_ids: frozenset[int]
     holdback: int = 0            # characters a stop string could still cut: max(len(stop)) - 1
     # The common step's state, kept from the last one: (top frame, its branch, its open segment,
-    # the request's forks then, the token index the budget lets the segment reach); None after
-    # any other step. (These fields come first: the common step reads them alone.)
+    # the request's forks and live branches then, the token index the budget lets the segment
+    # reach); None after any other step. (These fields come first: the common step reads them alone.)
     _steady: tuple | None = None
     # With _steady on an append-only segment (a byte-level one, whose committed text only grows),
     # the step runs ahead of the segment and the frame (`_steady_step`): the stream has taken the
@@ -113,13 +113,15 @@ class ReadingOrderStreamer:
         """The new settled text after a step. `deltas`: the branches that got tokens (they are
         detokenized now; others are brought up to date when the walk reaches them)."""
         steady = self._steady
-        if steady is not None and len(deltas) == 1:
-            # the common step again: the first running branch, alone, grew within its open segment
-            fr, b, seg, forks, end_limit = steady
+        if steady is not None:
+            # the common step again: the first running branch grew within its open segment, and no
+            # branch forked or ended (others, later in reading order, may have grown: they change
+            # nothing before its end; an ancestor that ended could cut it off)
+            fr, b, seg, forks, live, end_limit = steady
             tokens = b.token_ids
             end = len(tokens)
-            if (deltas[0].branch_id == b.id and self.request.forks == forks and b.finish_reason is None
-                    and end <= end_limit):
+            req = self.request
+            if req.forks == forks and req.num_live == live and end <= end_limit:
                 tail = self._tail
                 if tail is None:   # a segment whose text may change: ask it
                     seg.advance(end)
@@ -168,7 +170,7 @@ class ReadingOrderStreamer:
                 seg = bt.segments[-1]
                 if (fr.k == len(bt.segments) - 1 and seg.version == fr.version and self._left >= seg.end - seg.start
                         and (seg.start == 0 or self.join != "reference")):
-                    self._steady = (fr, b, seg, req.forks, seg.start + self._left)
+                    self._steady = (fr, b, seg, req.forks, req.num_live, seg.start + self._left)
                     return self._open_segment_delta(fr, seg)
         if not self._fallback:
             out: list[str] = []
