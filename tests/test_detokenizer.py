@@ -314,6 +314,21 @@ def own_oracle(decode, special, b, branches, holdback):
     return own[:max(0, len(own) - holdback)]
 
 
+class ContractStream:
+    """The stream the contract promises: the growth of settled_text. A shorter settled text (an
+    incomplete byte run, say) waits; one that contradicts what was sent ends it (diverged)."""
+
+    def __init__(self) -> None:
+        self.sent, self.diverged = "", False
+
+    def update(self, now: str) -> None:
+        if not self.diverged:
+            if now.startswith(self.sent):
+                self.sent = now
+            elif not self.sent.startswith(now):
+                self.diverged = True
+
+
 @pytest.mark.parametrize("which", ["demo", "demo_bytes", "byte_fallback"])
 @pytest.mark.parametrize("join", ["inplace", "reference"])
 @pytest.mark.parametrize("seed", range(6))
@@ -328,22 +343,16 @@ def test_streamed_text_equals_a_full_rerender_at_every_step(which, join, seed, r
     req.budget = budget
     text = TreeText(Counting(decode), special, byte_table=byte_table_of(which))
     streamer = ReadingOrderStreamer(req, text, ctrl, special, holdback, join=join)
-    ref_sent, ref_diverged = "", False         # the contract's stream: growth of settled_text (a shorter
-                                               # settled text, e.g. an incomplete byte run, waits)
+    ref = ContractStream()
     own_sent: dict[int, str] = {}
     own_ref: dict[int, str] = {}
     steps = 0
     for deltas in grow_tree(rng, req, ctrl, eos, split, ordinary):
         steps += 1
         streamer.step(deltas)
-        now = settled_text(decode, req.branches, ctrl, special, holdback, join=join, budget=budget)
-        if not ref_diverged:
-            if now.startswith(ref_sent):
-                ref_sent = now
-            elif not ref_sent.startswith(now):
-                ref_diverged = True
-        assert streamer.diverged == ref_diverged
-        assert streamer.sent == ref_sent
+        ref.update(settled_text(decode, req.branches, ctrl, special, holdback, join=join, budget=budget))
+        assert streamer.diverged == ref.diverged
+        assert streamer.sent == ref.sent
         for ev in streamer.branch_events(deltas):
             # each branch's own text, sent as it grows (as the contract's stream: only while it extends)
             want = own_oracle(decode, special, req.branches[ev.id], req.branches, holdback)
@@ -356,7 +365,7 @@ def test_streamed_text_equals_a_full_rerender_at_every_step(which, join, seed, r
     assert recover_text(decode, req.branches, ctrl, special, join=join, budget=budget,
                         segment=text.segment_renderer(req.branches)) == final
     streamer.finish(final)
-    if not ref_diverged:
+    if not ref.diverged:
         assert streamer.sent == final
     assert steps > 5 and len(req.branches) > 1
 
@@ -377,8 +386,8 @@ def test_stream_called_every_few_steps_beside_a_reader_equals_the_settled_text(w
     req.budget = None
     text = TreeText(decode, special, byte_table=byte_table_of(which))
     streamer = ReadingOrderStreamer(req, text, ctrl, special, holdback)
-    joined = ref_sent = ""           # the contract's stream: growth of settled_text (see above)
-    ref_diverged = False
+    joined = ""
+    ref = ContractStream()
     calls = 0
     for deltas in grow_tree(rng, req, ctrl, eos, split, ordinary, wild_stops=False):
         r = rng.random()
@@ -388,17 +397,12 @@ def test_stream_called_every_few_steps_beside_a_reader_equals_the_settled_text(w
             text.sync(req.branches)  # a reader takes every branch's text first
         joined += streamer.step(deltas)
         calls += 1
-        now = settled_text(decode, req.branches, ctrl, special, holdback)
-        if not ref_diverged:
-            if now.startswith(ref_sent):
-                ref_sent = now
-            elif not ref_sent.startswith(now):
-                ref_diverged = True
-        assert streamer.diverged == ref_diverged
-        assert joined == ref_sent
+        ref.update(settled_text(decode, req.branches, ctrl, special, holdback))
+        assert streamer.diverged == ref.diverged
+        assert joined == ref.sent
     final = recover_text(decode, req.branches, ctrl, special)
     joined += streamer.finish(final)
-    assert calls > 5 and (ref_diverged or joined == final)
+    assert calls > 5 and (ref.diverged or joined == final)
 
 
 def test_many_random_trees_take_the_incremental_path(demo):
