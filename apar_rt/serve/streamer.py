@@ -111,7 +111,9 @@ class ReadingOrderStreamer:
 
     def step(self, deltas: Sequence[BranchDelta] = ()) -> str:
         """The new settled text after a step. `deltas`: the branches that got tokens (they are
-        detokenized now; others are brought up to date when the walk reaches them)."""
+        detokenized now; others are brought up to date when the walk reaches them). The common
+        step, where the first running branch runs on in its open segment and no branch of the
+        request forked or ended since, reads none of them."""
         steady = self._steady
         if steady is not None:
             # the common step again: the first running branch grew within its open segment, and no
