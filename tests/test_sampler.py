@@ -118,10 +118,12 @@ def test_a_bad_row_fails_alone():
     assert tokens[1] == tokens[2] == tokens[3] == -1 and 0 <= tokens[4] < V
 
 
-def test_greedy_batches_skip_the_copy_but_not_the_bans():
+@pytest.mark.parametrize("copies", [1, 12])
+def test_greedy_batches_skip_the_copy_but_not_the_bans(copies):
     """An all-greedy batch without bias takes the no-copy argmax; it must give what the steps
     define: first argmax after bans, invalid rows (NaN, +inf, all banned) failing alone, a
-    banned NaN or +inf ignored."""
+    banned NaN or +inf ignored. Twelve copies of the rows put more rows with bans in the batch
+    than greedy scans in Python (it then finds banned argmaxes in the batch's ban arrays)."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((9, 12)).astype(np.float32)
     x[1, 4] = 9.0                      # the max, banned: the next best wins
@@ -131,16 +133,34 @@ def test_greedy_batches_skip_the_copy_but_not_the_bans():
     x[5, 7] = np.inf                   # +inf not banned: invalid
     x[6, :] = 2.0                      # ties: the lowest id, after the banned 0
     bans = {1: [4], 3: [5], 4: [6], 6: [0], 7: list(range(12)), 8: [2]}
+    x = np.tile(x, (copies, 1))
     batch = SamplingBatch()
-    for r in range(9):
-        batch.add(SamplingParams(), bans.get(r, []))
+    for r in range(9 * copies):
+        batch.add(SamplingParams(), bans.get(r % 9, []))
     tokens, ok, _, _ = sample(x, batch)
     ref = process(x, batch)           # step 1, then the first argmax of each valid row
     with np.errstate(invalid="ignore"):
         valid = np.isfinite(ref.max(axis=1))
-    assert ok.tolist() == valid.tolist() == [True, True, False, True, True, False, True, False, True]
+    assert ok.tolist() == valid.tolist() == [True, True, False, True, True, False, True, False, True] * copies
     assert tokens[valid].tolist() == np.argmax(ref[valid], axis=1).tolist()
-    assert (tokens[~valid] == -1).all() and tokens[1] != 4 and tokens[6] == 1
+    assert (tokens[~valid] == -1).all() and tokens[1::9].tolist() != [4] * copies and tokens[6::9].tolist() == [1] * copies
+
+
+def test_a_batch_sampled_again_after_more_rows_uses_their_bans_too():
+    """A batch keeps its ban arrays for a second pass (a replayed step's); rows added after the
+    first pass bring their bans into the second."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((80, 16)).astype(np.float32)
+    x[:, 5] = 9.0                      # every row's max is token 5
+    batch = SamplingBatch()
+    for _ in range(70):
+        batch.add(SamplingParams(), [5])
+    first = sample(x[:70], batch).tokens
+    for _ in range(10):
+        batch.add(SamplingParams(), [5, 6])
+    again = sample(x, batch).tokens
+    assert 5 not in first.tolist() and 5 not in again.tolist()
+    assert again.tolist() == np.argmax(process(x, batch), axis=1).tolist()
 
 
 def test_process_adds_bias_and_bans():
