@@ -602,6 +602,7 @@ class Scheduler:
                 continue
             plain = type(tokens) is int   # a plain sequence's one token
             alone = len(req.branches) == 1   # the request's one sequence
+            single = alone and plain          # completed here, without the second pass
             upd = None if alone else per_req.get(id(req))
             if upd is None:   # the request's first sequence this step (a plain one's delta comes first)
                 upd = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
@@ -610,7 +611,7 @@ class Scheduler:
                     per_req[id(req)] = upd
                 updates.append(upd)
                 reqs.append(req)
-                if not (alone and plain):
+                if not single:
                     checked.append(len(updates) - 1)
             try:
                 if plain:
@@ -621,10 +622,10 @@ class Scheduler:
             except Exception as e:
                 msg = on_error(req, e) if on_error else "internal error while updating this request"
                 self.fail(req, msg, out)
-                if alone and plain:
+                if single:
                     checked.append(len(updates) - 1)
                 continue
-            if alone and plain:
+            if single:
                 if len(req.branches) == 1:   # one branch, one token, which `_append` checked: complete
                     req.decode_steps += 1
                     if req.status is FINISHED:

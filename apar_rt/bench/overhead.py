@@ -104,13 +104,15 @@ class _Load:
         params = SamplingParams(max_tokens=eng.config.max_model_len, ignore_eos=True, stop=stops if stop else ())
         self.streamers = {}
         self.stream_interval = stream_interval
-        self.phase = {}          # request -> the step (mod stream_interval) after which its text goes out
+        # request -> the step (mod stream_interval) after which its text goes out; None: every step
+        self.phase: dict | None = {} if stream_interval > 1 else None
         for i in range(num_seqs):
             ids = rng.choice(ordinary, context).tolist()
             rid = eng.add_request(None, params, prompt_token_ids=ids)
             if stream:
                 self.streamers[rid] = ReadingOrderStreamer.for_engine(eng, eng._requests[rid])
-                self.phase[rid] = i % stream_interval
+                if self.phase is not None:
+                    self.phase[rid] = i % stream_interval
         self.reqs = dict(eng._requests)
         while any(not r.branches[0].token_ids for r in self.reqs.values()):   # prefill until all decode
             eng.step()
@@ -123,13 +125,10 @@ class _Load:
         backend.forward_seconds = 0.0
         t = time.perf_counter()
         outs = self.eng.step()
-        if streamers and self.stream_interval == 1:
-            for o in outs:
-                streamers[o.request_id].step(o.deltas)
-        elif streamers:
+        if streamers:
             now, phase = self.steps % self.stream_interval, self.phase
             for o in outs:
-                if phase[o.request_id] == now:
+                if phase is None or phase[o.request_id] == now:
                     streamers[o.request_id].step(o.deltas)
         took = time.perf_counter() - t - backend.forward_seconds
         assert len(outs) == len(self.reqs) and all(len(o.deltas) for o in outs), \
