@@ -75,9 +75,9 @@ class SegmentText:
         self.decoded_tokens += len(ids)
         return self._decode(ids)
 
-    def ascii_texts(self) -> list[str | None] | None:
-        """Per token id, the text an ASCII token adds (`ByteSegmentText`, while nothing is held);
-        None here."""
+    def whole_texts(self) -> list[str | None] | None:
+        """Per token id, the text a token adds that leaves the text whole (`ByteSegmentText`,
+        while nothing is held); None here."""
         return None
 
     def advance(self, end: int) -> None:
@@ -249,12 +249,12 @@ class ByteSegmentText(SegmentText):
 
     append_only = True
 
-    __slots__ = ("_bytes", "_ascii", "_held", "_lead")
+    __slots__ = ("_bytes", "_whole", "_held", "_lead")
 
     def __init__(self, table, tokens: list[int], start: int, window: list[int]) -> None:
         super().__init__(None, tokens, start, [])
         token_bytes = self._bytes = table.token_bytes
-        self._ascii = table.ascii_text
+        self._whole = table.whole_text
         # the UTF-8 decoder's state: the bytes of an incomplete last character, held for the next
         data = b"".join([token_bytes[t] for t in window])
         self._held = data[_utf8_decode(data, "replace", False)[1]:]
@@ -262,13 +262,13 @@ class ByteSegmentText(SegmentText):
         if self._held:   # the window ends in an incomplete character: the tokens' bytes go after it until it settles
             self._lead = b""
 
-    def ascii_texts(self) -> list[str | None] | None:
+    def whole_texts(self) -> list[str | None] | None:
         """While the text so far is whole (no bytes held for an incomplete character), the byte
-        table's ASCII texts: each next token t with a text `ascii_texts()[t]` (not None) then adds
+        table's `whole_text`: each next token t with a text `whole_texts()[t]` (not None) then adds
         exactly that text to the committed text and leaves nothing held, so a reader may take a
         run of such tokens without the segment and `advance` over them later gives the same text.
         None while bytes are held."""
-        return self._ascii if not self._held and self._lead is None else None
+        return self._whole if not self._held and self._lead is None else None
 
     def advance(self, end: int) -> str:
         """Take the branch's tokens up to index `end` (exclusive); returns the text appended to the
@@ -283,9 +283,9 @@ class ByteSegmentText(SegmentText):
         tokens = self._tokens
         if end == start + 1:
             if not self._held and self._lead is None:
-                # after whole text, an ASCII token needs no decode: the UTF-8 decoder holds nothing
-                # before it and would hold nothing after it
-                text = self._ascii[tokens[start]]
+                # after whole text, a token of whole text needs no decode: the UTF-8 decoder holds
+                # nothing before it and would hold nothing after it
+                text = self._whole[tokens[start]]
                 if text is not None:
                     if text:
                         self._parts.append(text)

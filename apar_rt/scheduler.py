@@ -26,7 +26,7 @@ from apar_rt.config import EngineConfig
 from apar_rt.core import (Branch, BranchDelta, FinishReason, Request, RequestOutput, RequestStatus,
                           ScheduledSeq, SchedulerOutput, StepInput)
 from apar_rt.detokenizer import open_segment
-from apar_rt.kv.block_pool import BlockPool, KVCacheManager
+from apar_rt.kv.block_pool import BlockPool, BlockTable, KVCacheManager
 from apar_rt.medusa.tree import MedusaTree
 from apar_rt.stop_filter import StopFilter
 
@@ -74,6 +74,9 @@ class Scheduler:
         self.control = control
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
+        # tokens after which `_append` may end a branch or fork it, whatever the request's
+        # parameters: `update` appends any other token to a request's lone plain sequence inline
+        self._eventful = self.eos_token_ids | {t for t in (control.fork,) if t is not None}
         self.decode = decode
         self.special_ids = special_ids
         self.incremental_text = incremental_text
@@ -268,13 +271,17 @@ class Scheduler:
         step's inputs before the next is scheduled)."""
         seqs = last.seqs
         prev = last.step
-        branches = [s.branch for s in seqs]
-        for b in branches:
-            if b.table.num_tokens != b.prefix_len + len(b.token_ids) - 1:
+        input_ids: list[int] = []
+        tables: list[BlockTable] = []
+        for s in seqs:
+            b = s.branch
+            tokens, table = b.token_ids, b.table
+            if table.num_tokens != b.prefix_len + len(tokens) - 1:
                 return None
-        input_ids = [b.token_ids[-1] for b in branches]
+            input_ids.append(tokens[-1])
+            tables.append(table)
         # short: the sequences whose slot needs a block from the pool
-        slots, short = self.kv.append_in_place_each([b.table for b in branches])
+        slots, short = self.kv.append_in_place_each(tables)
         copies: list[tuple[int, int]] = []
         tables = prev.block_tables
         if short:
@@ -582,6 +589,9 @@ class Scheduler:
         the request's remaining max_tokens. For a tree, `s.accepted` is set to the tokens kept and
         the table is cut to the root plus the accepted nodes, whose K/V the engine then writes.
 
+        A request's lone plain sequence is completed as its token is appended; a token that ends,
+        forks and fills nothing (the steady decode step) is appended inline, without `_append`.
+
         A request whose update raises fails alone, with the message `on_error(req, exc)` gives.
         """
         updates: list[RequestOutput] = []           # each request's output, in order of its first sequence
@@ -593,6 +603,7 @@ class Scheduler:
         for req in donors.values():
             self._fork_from_donors(req)
         results_iter = iter(results)
+        eventful = self._eventful
         for s in out.seqs:
             if not s.samples:
                 continue
@@ -614,6 +625,22 @@ class Scheduler:
                 if not single:
                     checked.append(len(updates) - 1)
             try:
+                if single:
+                    p = req.params
+                    n = req.num_generated + 1
+                    if (tokens not in eventful and tokens not in p.stop_token_ids and n < req.budget
+                            and (not p.stop or ((known := req.stop_verdicts) is not None and tokens < len(known)
+                                                and known[tokens] == 1))):
+                        # `_append` of a token that ends nothing, forks nothing and fills nothing (no
+                        # stop string can complete it; below the budget, which leaves the root's
+                        # context below max_model_len): complete
+                        b.token_ids.append(tokens)
+                        req.num_generated = n
+                        b.subtree_tokens += 1
+                        upd.deltas[0].new_token_ids.append(tokens)
+                        req.decode_steps += 1
+                        s.accepted = 1
+                        continue
                 if plain:
                     s.accepted = 1
                     self._append(req, b, tokens, upd)

@@ -9,6 +9,7 @@ tokenizer), and its decode work per step must not grow with the generated length
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 
 from apar_rt.apar import ControlTokens, continuation_text, recover_text, segment_text, settled_text
 from apar_rt.core import Branch, BranchDelta, FinishReason, Request, SamplingParams
-from apar_rt.detokenizer import MAX_CHAR_TOKENS, REBASE, SegmentText, TreeText
+from apar_rt.detokenizer import MAX_CHAR_TOKENS, REBASE, REPLACEMENT, SegmentText, TreeText
 from apar_rt.serve.streamer import ReadingOrderStreamer
 
 DEMO = Path(__file__).resolve().parents[1] / "samples" / "models" / "apar-tiny"
@@ -701,6 +702,33 @@ def test_byte_table_decodes_as_the_tokenizer(tmp_path):
             k = int(rng.integers(1, 16))
             ids = [int(x) for x in np.where(rng.random(k) < 0.5, rng.choice(split, k), rng.integers(0, n + 3, k))]
             assert table.decode(ids) == tok.decode(ids, skip_special_tokens=True), ids
+
+
+def test_whole_text_is_what_a_token_adds_after_whole_text(tmp_path):
+    """`ByteTable.whole_text` against the tokenizer's decode: a token with a whole text adds
+    exactly it after any text that ends whole, and after any other token; a token without one is
+    a piece of a character (its text depends on what follows). Both tokenizers have whole texts
+    beyond ASCII (whole characters, lone bytes that start no character)."""
+    from apar_rt.model.byte_table import byte_table
+    from apar_rt.model.tokenizer import load_tokenizer
+
+    for folder in (DEMO, _byte_level_folder(tmp_path / "bl")):
+        tok = load_tokenizer(folder)
+        table = byte_table(tok)
+        n = len(tok)
+        decode = partial(tok.decode, skip_special_tokens=True)
+        whole = [t for t in range(n) if table.whole_text[t] is not None]
+        pieces = [t for t in range(n) if table.whole_text[t] is None]
+        assert pieces and any(table.whole_text[t] and not table.whole_text[t].isascii() for t in whole)
+        rng = np.random.default_rng(1)
+        for _ in range(3000):
+            before = [int(x) for x in rng.choice(whole, int(rng.integers(0, 6)))]   # ends whole
+            t = int(rng.choice(whole))
+            assert decode(before + [t]) == decode(before) + table.whole_text[t], (before, t)
+            after = int(rng.integers(0, n))   # the text after it does not change what it added
+            assert decode(before + [t, after]).startswith(decode(before) + table.whole_text[t])
+        for t in pieces:   # its bytes are an incomplete character: another byte may complete it
+            assert table.token_bytes[t] and decode([t]).endswith(REPLACEMENT), t
 
 
 def test_byte_table_only_where_it_is_exact(tmp_path):

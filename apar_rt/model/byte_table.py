@@ -20,6 +20,7 @@ UTF-8 characters; otherwise None, and the engine calls the tokenizer. Pure Pytho
 
 from __future__ import annotations
 
+import codecs
 import random
 from typing import Callable, Sequence
 
@@ -53,14 +54,17 @@ def _token_bytes(token: str, byte_of: dict[str, int]) -> bytes:
 
 class ByteTable:
     """Each token id's bytes (`token_bytes[i]`; b"" for ids the decode skips), the text of those
-    that are ASCII (`ascii_text[i]`, else None: their text depends on the bytes around them), and
-    `decode`."""
+    whose bytes read as UTF-8 hold nothing back (`whole_text[i]`: ASCII, whole characters, and
+    bytes that can start no character, each read as U+FFFD), else None (a piece of a character,
+    whose text depends on the bytes after it), and `decode`. After whole text, a token with a
+    `whole_text` adds exactly that text and leaves the text whole: UTF-8 restarts at every
+    character."""
 
-    __slots__ = ("token_bytes", "ascii_text", "_slow")
+    __slots__ = ("token_bytes", "whole_text", "_slow")
 
     def __init__(self, token_bytes: list[bytes], slow: Decoder) -> None:
         self.token_bytes = token_bytes
-        self.ascii_text: list[str | None] = [t.decode("ascii") if t.isascii() else None for t in token_bytes]
+        self.whole_text: list[str | None] = [_whole_text(t) for t in token_bytes]
         self._slow = slow
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -112,6 +116,12 @@ def _agrees(fast: Decoder, slow: Decoder, table: list[bytes], seed: int) -> bool
         if fast(ids) != slow(ids):
             return False
     return True
+
+
+def _whole_text(b: bytes) -> str | None:
+    """b's text when an incremental UTF-8 decoder (errors "replace") holds none of its bytes back."""
+    text, used = codecs.utf_8_decode(b, "replace", False)
+    return text if used == len(b) else None
 
 
 def _whole(b: bytes) -> bool:

@@ -81,7 +81,7 @@ class ReadingOrderStreamer:
     _tail: str | None = None
     _seen: int = 0
     _taken: int = 0
-    _ascii: list | None = None   # the segment's ASCII texts while it holds no bytes (`ascii_texts`)
+    _whole: list | None = None   # the segment's whole-text table while it holds no bytes (`whole_texts`)
     join: str = "inplace"        # the engine's text join (apar.recover_text)
     diverged: bool = False       # the settled text stopped extending what was sent (a bug)
     _sent: list[str] = field(default_factory=list)      # the text emitted so far, in pieces
@@ -131,18 +131,20 @@ class ReadingOrderStreamer:
                         return self._open_segment_delta(fr, seg)
                 else:
                     seen = self._seen
-                    text = self._ascii[tokens[seen]] if end == seen + 1 and self._ascii is not None else None
+                    text = self._whole[tokens[seen]] if end == seen + 1 and self._whole is not None else None
                     if not text:   # the segment takes the tokens
                         return self._steady_step(end, seg)
-                    # an ASCII token after whole text: its text is what the segment would commit,
-                    # and it takes the token later (`_steady_step`, `_catch_up`)
+                    # a token of whole text after whole text: its text is what the segment would
+                    # commit, and it takes the token later (`_steady_step`, `_catch_up`)
                     self._seen = end
                     self._taken += len(text)
                     holdback = self.holdback
-                    if not (tail or holdback):   # all of it is stable and goes out
+                    whole = text[-1] != REPLACEMENT   # else it ends in an invalid byte's U+FFFD
+                    if whole and not (tail or holdback):   # all of it is stable and goes out
                         return text
                     tail += text
-                    cut = len(tail) - holdback   # the tail ends in an ASCII character: stable
+                    # stable: the tail less its trailing U+FFFD, less the holdback
+                    cut = (len(tail) if whole else len(tail.rstrip(REPLACEMENT))) - holdback
                     if cut <= 0:
                         self._tail = tail
                         return ""
@@ -199,22 +201,22 @@ class ReadingOrderStreamer:
             c = self._taken = seg.committed_len
             self._tail = seg.slice(fr.emitted, c)
             self._seen = seg.end
-            self._ascii = seg.ascii_texts()
+            self._whole = seg.whole_texts()
         else:
             self._tail = None
         return delta
 
     def _steady_step(self, end: int, seg) -> str:
         """The common step on an append-only segment when the segment takes the tokens (any but
-        an ASCII token after whole text): its committed text past `_taken` is the new text (the
-        ASCII tokens the stream took on its own come in again first), through the tail, whose
+        a token of whole text after whole text): its committed text past `_taken` is the new text
+        (the tokens the stream took on its own come in again first), through the tail, whose
         end is stable less its trailing U+FFFD and the holdback."""
         added = seg.advance(end)
         c = seg.committed_len
         new = c - self._taken
         text = added[len(added) - new:] if new <= len(added) else seg.slice(self._taken, c)
         self._seen, self._taken = end, c
-        self._ascii = seg.ascii_texts()
+        self._whole = seg.whole_texts()
         tail = self._tail + text
         if tail and tail[-1] == REPLACEMENT:
             cut = len(tail.rstrip(REPLACEMENT)) - self.holdback
