@@ -481,7 +481,7 @@ def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
         good = math.isfinite(x[0, first[0]])
     else:
         at_max = x[_shared(_ROWS, R, np.arange), tokens]
-        good = all(map(math.isfinite, at_max.tolist()))
+        good = math.isfinite(at_max.sum(dtype=np.float64))   # float32 values: their float64 sum never overflows
     # the rows whose argmax is banned: a few rows' bans are scanned in Python (numpy calls right
     # after the forward run cold); many rows', in one pass over the batch's (row, token) arrays
     if len(batch.bans) <= _SCAN_BANS:

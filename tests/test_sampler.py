@@ -146,6 +146,28 @@ def test_greedy_batches_skip_the_copy_but_not_the_bans(copies):
     assert (tokens[~valid] == -1).all() and tokens[1::9].tolist() != [4] * copies and tokens[6::9].tolist() == [1] * copies
 
 
+@pytest.mark.parametrize("rows", [1, 3, 300])
+def test_greedy_without_bans_fails_only_rows_whose_max_is_not_finite(rows):
+    """Without bans no argmax is ranked again, so greedy decides from the rows' maxima alone which
+    rows are valid: one whose max is +inf or NaN fails alone, and maxima near float32's largest
+    value (whose float32 sum would overflow) are valid."""
+    rng = np.random.default_rng(5)
+    for bad in (None, np.inf, np.nan):
+        x = rng.standard_normal((rows, 12)).astype(np.float32)
+        x[:, 3] = np.float32(3e38)
+        if bad is not None:
+            x[rows // 2, 7] = bad
+        batch = SamplingBatch()
+        for _ in range(rows):
+            batch.add(SamplingParams(), [])
+        tokens, ok, _, _ = sample(x, batch)
+        want = np.ones(rows, bool)
+        if bad is not None:
+            want[rows // 2] = False
+        assert ok.tolist() == want.tolist()
+        assert (tokens[want] == 3).all() and (tokens[~want] == -1).all()
+
+
 def test_a_batch_sampled_again_after_more_rows_uses_their_bans_too():
     """A batch keeps its ban arrays for a second pass (a replayed step's); rows added after the
     first pass bring their bans into the second."""
