@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from apar_rt.core import Branch
+from apar_rt.stop_prefixes import StopPrefixes
 
 FORK_TOKEN = "[SplitMask]"
 CHILD_TOKEN = "[SplitSop]"
@@ -109,6 +110,7 @@ def branch_text(decode: Decoder, branch: Branch, skip_ids: frozenset[int] = froz
 
 
 TEXT_JOINS = ("inplace", "reference")
+_NO_STOPS = StopPrefixes()
 
 
 def _join_detail(own: str, detail: str) -> str:
@@ -187,23 +189,24 @@ def recover_text(decode: Decoder, branches: Sequence[Branch], control: ControlTo
     (default: `segment_text(decode, skip_ids)`, a decode per segment; the engine passes its
     incremental detokenizers' cached text, which is the same text).
     """
-    return _render(segment or segment_text(decode, skip_ids), branches, settled_only=False, holdback=0,
+    return _render(segment or segment_text(decode, skip_ids), branches, settled_only=False, stops=_NO_STOPS,
                    join=join, budget=budget)
 
 
 def settled_text(decode: Decoder, branches: Sequence[Branch], control: ControlTokens,
-                 skip_ids: frozenset[int] = frozenset(), holdback: int = 0, join: str = "inplace",
+                 skip_ids: frozenset[int] = frozenset(), stops: Sequence[str] = (), join: str = "inplace",
                  budget: int | None = None, segment: SegmentText | None = None) -> str:
     """The longest prefix of the final text that can no longer change.
 
-    Reading order stops at the first branch still running: its own text so far is settled
-    except the last `holdback` characters (a stop string could still cut there) and any
-    incomplete character; everything after it in reading order is not. Streaming the growth
-    of this value yields exactly `recover_text` once all branches finish (the servers'
-    `ReadingOrderStreamer` computes its growth incrementally and is tested against this).
+    Reading order stops at the first branch still running: its open segment's text so far is
+    settled except an incomplete character and then the end where one of the request's `stops`
+    could still complete and cut (`StopPrefixes.held`); everything after it in reading order is
+    not. Streaming the growth of this value yields exactly `recover_text` once all branches
+    finish (the servers' `ReadingOrderStreamer` computes its growth incrementally and is tested
+    against this).
     """
-    return _render(segment or segment_text(decode, skip_ids), branches, settled_only=True, holdback=holdback,
-                   join=join, budget=budget)
+    return _render(segment or segment_text(decode, skip_ids), branches, settled_only=True,
+                   stops=StopPrefixes(stops), join=join, budget=budget)
 
 
 def detail_prefix(own: str) -> str:
@@ -211,7 +214,7 @@ def detail_prefix(own: str) -> str:
     return "\n" if re.search(r"\d+\. ", own) else ""
 
 
-def _render(segment: SegmentText, branches, *, settled_only: bool, holdback: int, join: str,
+def _render(segment: SegmentText, branches, *, settled_only: bool, stops: StopPrefixes, join: str,
             budget: int | None = None) -> str:
     if join not in TEXT_JOINS:
         raise ValueError(f"text join must be one of {', '.join(TEXT_JOINS)}, got {join!r}")
@@ -242,7 +245,7 @@ def _render(segment: SegmentText, branches, *, settled_only: bool, holdback: int
                 seg = raw[:limit - own_len]
             elif i == n and open_end:
                 seg = raw.rstrip("\ufffd")
-                seg = seg[:max(0, len(seg) - holdback)]
+                seg = seg[:len(seg) - stops.held(seg)]
             if reference and cursor > 0:
                 seg = _join_next(seg)
             parts.append(seg)

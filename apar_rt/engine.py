@@ -25,6 +25,7 @@ from apar_rt.model.tokenizer import control_tokens, encode_prompt, load_tokenize
 from apar_rt.sampler import Sampled, SamplingBatch, SamplingError, error_message, make_generator
 from apar_rt.scheduler import RequestRejected, Scheduler
 from apar_rt.stop_filter import for_tokenizer as stop_filter_for
+from apar_rt.stop_prefixes import StopPrefixes
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class Engine:
             backend.prepare_drafting(self.verifier.tree.depth)
         self._requests: dict[str, Request] = {}
         self._batch: tuple | None = None      # the last step's sampling rows, for its replay (_keep_batch)
+        self._stop_prefixes: dict[tuple[str, ...], StopPrefixes] = {}   # `stop_prefixes`
         self._ids = itertools.count()
         self.num_steps = 0
 
@@ -436,6 +438,18 @@ class Engine:
             req.detok = TreeText(self.decode, self.special_ids, incremental=self.incremental_text,
                                  byte_table=self.byte_table)
         return req.detok
+
+    MAX_STOP_PREFIXES = 64   # stop-string tuples whose StopPrefixes (and its verdict per token) are kept
+
+    def stop_prefixes(self, stops: tuple[str, ...]) -> StopPrefixes:
+        """The StopPrefixes of `stops` the streams of this engine's requests share, so that its
+        verdict per token (`StopPrefixes.quiet`, a byte per token id) is worked out once."""
+        got = self._stop_prefixes.get(stops)
+        if got is None:
+            if len(self._stop_prefixes) >= self.MAX_STOP_PREFIXES:
+                self._stop_prefixes.clear()
+            got = self._stop_prefixes[stops] = StopPrefixes(stops)
+        return got
 
     def finalize(self, req: Request, o: RequestOutput) -> None:
         """The finished request's text (apar.recover_text, from the text already decoded), branches and stats."""

@@ -1,7 +1,10 @@
 """Text recovery from the paragraph tree and its streaming form, on hand-built trees."""
 
+import random
+
 from apar_rt.apar import ControlTokens, banned_tokens, recover_text, settled_text
 from apar_rt.core import Branch, FinishReason
+from apar_rt.stop_prefixes import StopPrefixes
 
 FORK, CHILD, EOS = 3, 4, 2
 VOCAB = {10: "Tips:", 11: "\n1. Sleep", 12: " well.", 13: " Eight hours.", 14: "\n2. Eat", 15: " greens.",
@@ -40,12 +43,41 @@ def test_stop_string_cuts_only_its_branch():
         "Tips:\n1. Sleep well. Daily. Eight hours.\n2. Eat gre\n3. Walk Far."
 
 
+def test_a_stream_holds_back_the_longest_partial_match_at_the_end():
+    """StopPrefixes.held against its definition (the longest end of the text that is a proper
+    prefix of a stop string), and its quiet verdicts against theirs: after text of which nothing
+    is held, a quiet token's text leaves nothing held and ends whole."""
+    assert StopPrefixes(("urs!",)).held("Eight hours") == 3
+    assert StopPrefixes(("s!", "hours, ")).held("Eight hours") == 5     # the longer of two partial matches
+    assert StopPrefixes(("hours",)).held("Eight hours") == 0            # complete: it would have cut already
+    assert StopPrefixes(("ababc",)).held("abab") == 4 and StopPrefixes(("abx",)).held("aab") == 2
+    assert StopPrefixes(("ab",)).held("") == 0 and StopPrefixes(()).held("ab") == 0
+    rng = random.Random(0)
+    for _ in range(3000):
+        stops = ["".join(rng.choices("ab\n", k=rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choices("ab\n", k=rng.randint(0, 8)))
+        want = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        p = StopPrefixes(stops)
+        assert p.held(text) == want, (stops, text)
+        token = "".join(rng.choices("ab\n\ufffd", k=rng.randint(1, 3)))
+        p.quiet_table(8)
+        if p.judge(7, token):
+            assert p.quiet[7] == 1 and token[-1] != "\ufffd"
+            if not want:
+                assert p.held(text + token) == 0, (stops, text, token)
+        else:
+            assert p.quiet[7] == 2
+
+
 def test_settled_text_stops_at_the_first_running_branch():
     bs = tree(finished=False)
     bs[3].finish_reason = FinishReason.STOP
     # c1 is running: its text so far is settled, nothing after it in reading order.
     assert settled_text(decode, bs, CTRL, SPECIAL) == "Tips:\n1. Sleep well. Daily. Eight hours."
-    assert settled_text(decode, bs, CTRL, SPECIAL, holdback=3) == "Tips:\n1. Sleep well. Daily. Eight hou"
+    # a stop string that could still complete holds back its partial match, and only that
+    assert settled_text(decode, bs, CTRL, SPECIAL, stops=("rs.!",)) == "Tips:\n1. Sleep well. Daily. Eight hou"
+    assert settled_text(decode, bs, CTRL, SPECIAL, stops=("s.x", "hours. ")) == "Tips:\n1. Sleep well. Daily. Eight "
+    assert settled_text(decode, bs, CTRL, SPECIAL, stops=("xyz", "rs")) == "Tips:\n1. Sleep well. Daily. Eight hours."
     bs[1].finish_reason = FinishReason.STOP
     assert settled_text(decode, bs, CTRL, SPECIAL) == "Tips:\n1. Sleep well. Daily. Eight hours.\n2. Eat greens."
     for b in bs:

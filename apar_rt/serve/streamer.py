@@ -3,8 +3,9 @@
 APAR branches write at the same time, so the final text is not the concatenation of what
 was generated in time order. `ReadingOrderStreamer` emits, after each engine step, the growth
 of `apar.settled_text`: the prefix of the final text that can no longer change (everything
-before the first still-running branch in the paragraph tree, minus a holdback where a stop
-string could still cut). The concatenated deltas therefore equal the final text exactly.
+before the first still-running branch in the paragraph tree, minus the end where a stop
+string could still complete and cut: `stop_prefixes.StopPrefixes`). The concatenated deltas
+therefore equal the final text exactly.
 
 The cost of a step follows what changed, not how much was generated: the branches that got
 tokens are detokenized incrementally (`detokenizer.TreeText`, shared with `Engine.finalize`),
@@ -26,6 +27,7 @@ from typing import Sequence
 from apar_rt.apar import ControlTokens, detail_prefix, settled_text
 from apar_rt.core import Branch, BranchDelta, Request
 from apar_rt.detokenizer import REPLACEMENT, BranchText, TreeText
+from apar_rt.stop_prefixes import StopPrefixes
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,8 @@ class ReadingOrderStreamer:
     text: TreeText               # the request's incremental text (shared with Engine.finalize)
     control: ControlTokens
     skip_ids: frozenset[int]
-    holdback: int = 0            # characters a stop string could still cut: max(len(stop)) - 1
+    stops: tuple[str, ...] = ()  # the request's stop strings: the end of the text where one could
+                                 # still complete is held back
     # The common step's state, kept from the last one: (top frame, its branch, its open segment,
     # the request's forks and live branches then, the token index the budget lets the segment
     # reach); None after any other step. (These fields come first: the common step reads them alone.)
@@ -76,13 +79,16 @@ class ReadingOrderStreamer:
     # With _steady on an append-only segment (a byte-level one, whose committed text only grows),
     # the step runs ahead of the segment and the frame (`_steady_step`): the stream has taken the
     # branch's tokens up to `_seen` and `_taken` characters of the segment's committed text, and
-    # `_tail` is what of them is not emitted (the holdback's characters and any trailing U+FFFD);
-    # the frame's `emitted` and `_sent` catch up in `_catch_up`. `_tail` is None otherwise.
+    # `_tail` is what of them is not emitted (a stop string's partial match and any trailing
+    # U+FFFD); the frame's `emitted` and `_sent` catch up in `_catch_up`. `_tail` is None otherwise.
     _tail: str | None = None
     _seen: int = 0
     _taken: int = 0
     _whole: list | None = None   # the segment's whole-text table while it holds no bytes (`whole_texts`)
+    _quiet: bytearray | None = None   # with _whole: `prefixes.quiet`, as long as it
     join: str = "inplace"        # the engine's text join (apar.recover_text)
+    # the partial matches of `stops` (None: made here; an engine shares one per stop-string tuple)
+    prefixes: StopPrefixes | None = None
     diverged: bool = False       # the settled text stopped extending what was sent (a bug)
     _sent: list[str] = field(default_factory=list)      # the text emitted so far, in pieces
     _stack: list[_Frame] = field(default_factory=list)
@@ -94,12 +100,18 @@ class ReadingOrderStreamer:
     # each branch's own text sent: [characters, its segments' versions then, the text in pieces]
     _branch_sent: dict[int, list] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.stops = tuple(self.stops)
+        if self.prefixes is None:
+            self.prefixes = StopPrefixes(self.stops)
+        elif self.prefixes.stops != self.stops:
+            raise ValueError(f"the stop prefixes are those of {self.prefixes.stops!r}, not of {self.stops!r}")
+
     @classmethod
     def for_engine(cls, engine, request: Request) -> "ReadingOrderStreamer":
-        stop = request.params.stop
-        holdback = max((len(s) for s in stop), default=1) - 1
-        return cls(request, engine.text_of(request), engine.control, engine.special_ids, holdback,
-                   join=engine.config.text_join)
+        stops = tuple(request.params.stop)
+        return cls(request, engine.text_of(request), engine.control, engine.special_ids, stops,
+                   join=engine.config.text_join, prefixes=engine.stop_prefixes(stops))
 
     @property
     def sent(self) -> str:
@@ -138,18 +150,11 @@ class ReadingOrderStreamer:
                     # commit, and it takes the token later (`_steady_step`, `_catch_up`)
                     self._seen = end
                     self._taken += len(text)
-                    holdback = self.holdback
-                    whole = text[-1] != REPLACEMENT   # else it ends in an invalid byte's U+FFFD
-                    if whole and not (tail or holdback):   # all of it is stable and goes out
-                        return text
-                    tail += text
-                    # stable: the tail less its trailing U+FFFD, less the holdback
-                    cut = (len(tail) if whole else len(tail.rstrip(REPLACEMENT))) - holdback
-                    if cut <= 0:
-                        self._tail = tail
-                        return ""
-                    self._tail = tail[cut:]
-                    return tail[:cut]
+                    if not tail:   # nothing held: a quiet token's text is stable, and all of it goes out
+                        quiet = self._quiet[tokens[seen]]
+                        if quiet == 1 or (not quiet and self.prefixes.judge(tokens[seen], text)):
+                            return text
+                    return self._hold(tail + text)
         self._catch_up()
         self._steady = self._tail = None
         req = self.request
@@ -188,10 +193,10 @@ class ReadingOrderStreamer:
 
     def _open_segment_delta(self, fr: _Frame, seg) -> str:
         """The common step's text: the first running branch's open segment `seg` up to its stable
-        end less the holdback, past what frame `fr` emitted. An append-only segment's next steps
-        go to `_steady_step`."""
+        end less a stop string's partial match, past what frame `fr` emitted. An append-only
+        segment's next steps go to `_steady_step`."""
         stable = seg.stable_len()
-        length = stable - self.holdback
+        length = stable - self._held(seg, stable)
         delta = ""
         if length > fr.emitted:
             delta = seg.slice(fr.emitted, length)
@@ -201,7 +206,7 @@ class ReadingOrderStreamer:
             c = self._taken = seg.committed_len
             self._tail = seg.slice(fr.emitted, c)
             self._seen = seg.end
-            self._whole = seg.whole_texts()
+            self._set_whole(seg)
         else:
             self._tail = None
         return delta
@@ -210,23 +215,39 @@ class ReadingOrderStreamer:
         """The common step on an append-only segment when the segment takes the tokens (any but
         a token of whole text after whole text): its committed text past `_taken` is the new text
         (the tokens the stream took on its own come in again first), through the tail, whose
-        end is stable less its trailing U+FFFD and the holdback."""
+        end is stable less its trailing U+FFFD and a stop string's partial match (`_hold`)."""
         added = seg.advance(end)
         c = seg.committed_len
         new = c - self._taken
         text = added[len(added) - new:] if new <= len(added) else seg.slice(self._taken, c)
         self._seen, self._taken = end, c
-        self._whole = seg.whole_texts()
-        tail = self._tail + text
-        if tail and tail[-1] == REPLACEMENT:
-            cut = len(tail.rstrip(REPLACEMENT)) - self.holdback
-        else:
-            cut = len(tail) - self.holdback
+        self._set_whole(seg)
+        return self._hold(self._tail + text)
+
+    def _hold(self, tail: str) -> str:
+        """The stable part of `tail` (the text not emitted, which is all a partial match can span:
+        what went out had none at its end) less a stop string's partial match goes out; the rest
+        stays in `_tail`."""
+        stable = tail.rstrip(REPLACEMENT) if tail and tail[-1] == REPLACEMENT else tail
+        cut = len(stable) - self.prefixes.held(stable)
         if cut <= 0:
             self._tail = tail
             return ""
         self._tail = tail[cut:]
         return tail[:cut]
+
+    def _set_whole(self, seg) -> None:
+        """The common step's whole-text table of append-only segment `seg` (None while it holds
+        bytes), and the quiet verdicts of its tokens."""
+        whole = self._whole = seg.whole_texts()
+        if whole is not None and (self._quiet is None or len(self._quiet) < len(whole)):
+            self._quiet = self.prefixes.quiet_table(len(whole))
+
+    def _held(self, seg, stable: int) -> int:
+        """The characters at the end of segment `seg`'s text up to `stable` that a stop string
+        could still cut (its partial match)."""
+        longest = self.prefixes.longest
+        return self.prefixes.held(seg.slice(max(0, stable - longest), stable)) if longest else 0
 
     def _catch_up(self) -> None:
         """After `_steady_step`s: the segment advanced to the tokens they took (unless a reader
@@ -243,7 +264,7 @@ class ReadingOrderStreamer:
 
     def _reference_step(self) -> str:
         req = self.request
-        now = settled_text(self.text.decode, req.branches, self.control, self.skip_ids, self.holdback,
+        now = settled_text(self.text.decode, req.branches, self.control, self.skip_ids, self.stops,
                            join=self.join, budget=req.budget, segment=self.text.segment_renderer(req.branches))
         sent = self.sent
         if not now.startswith(sent):
@@ -350,8 +371,10 @@ class ReadingOrderStreamer:
                 if fr.eat_newline:
                     self._eaters -= 1
                 continue
-            # the first running branch: its text so far, less an incomplete character and the holdback
-            return self._emit_segment(out, fr, seg, max(0, seg.stable_len() - self.holdback), joined)
+            # the first running branch: its text so far, less an incomplete character and a stop
+            # string's partial match
+            stable = seg.stable_len()
+            return self._emit_segment(out, fr, seg, stable - self._held(seg, stable), joined)
         self._done = True
         return True
 
@@ -370,8 +393,8 @@ class ReadingOrderStreamer:
 
     def branch_events(self, deltas: Sequence[BranchDelta]) -> list[BranchEvent]:
         """Per-branch deltas of this step: tokens, and the branch's own new settled text (its
-        segments' text: less an incomplete character and the holdback while it runs, cut by its
-        stop string when it ended on one)."""
+        segments' text: less an incomplete character and a stop string's partial match while it
+        runs, cut by its stop string when it ended on one)."""
         branches = self.request.branches
         events = []
         for d in deltas:
@@ -387,7 +410,10 @@ class ReadingOrderStreamer:
                     strip += len(seg) - stable
                     if stable:
                         break
-                end = max(0, total - strip - self.holdback)
+                end = total - strip
+                longest = self.prefixes.longest
+                if longest:
+                    end -= self.prefixes.held(_own_slice(bt, max(0, end - longest), end))
             version = sum(seg.version for seg in bt.segments)
             sent = self._branch_sent.get(b.id)
             if sent is None:
