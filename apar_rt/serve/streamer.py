@@ -72,9 +72,10 @@ class ReadingOrderStreamer:
     skip_ids: frozenset[int]
     stops: tuple[str, ...] = ()  # the request's stop strings: the end of the text where one could
                                  # still complete is held back
-    # The common step's state, kept from the last one: (top frame, its branch, its open segment,
-    # the request's forks and live branches then, the token index the budget lets the segment
-    # reach); None after any other step. (These fields come first: the common step reads them alone.)
+    # The common step's state, kept from the last one: (top frame, its branch's token list, its
+    # open segment, the request's forks and live branches then, the token index the budget lets
+    # the segment reach); None after any other step. (These fields come first: the common step
+    # reads them alone, and not the branch itself: fewer objects to fetch from memory.)
     _steady: tuple | None = None
     # With _steady on an append-only segment (a byte-level one, whose committed text only grows),
     # the step runs ahead of the segment and the frame (`_steady_step`): the stream has taken the
@@ -131,8 +132,7 @@ class ReadingOrderStreamer:
             # the common step again: the first running branch grew within its open segment, and no
             # branch forked or ended (others, later in reading order, may have grown: they change
             # nothing before its end; an ancestor that ended could cut it off)
-            fr, b, seg, forks, live, end_limit = steady
-            tokens = b.token_ids
+            fr, tokens, seg, forks, live, end_limit = steady
             end = len(tokens)
             req = self.request
             if req.forks == forks and req.num_live == live and end <= end_limit:
@@ -179,7 +179,7 @@ class ReadingOrderStreamer:
                 seg = bt.segments[-1]
                 if (fr.k == len(bt.segments) - 1 and seg.version == fr.version and self._left >= seg.end - seg.start
                         and (seg.start == 0 or self.join != "reference")):
-                    self._steady = (fr, b, seg, req.forks, req.num_live, seg.start + self._left)
+                    self._steady = (fr, b.token_ids, seg, req.forks, req.num_live, seg.start + self._left)
                     return self._open_segment_delta(fr, seg)
         if not self._fallback:
             out: list[str] = []
