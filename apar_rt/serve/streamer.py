@@ -86,7 +86,7 @@ class ReadingOrderStreamer:
     _seen: int = 0
     _taken: int = 0
     _whole: list | None = None   # the segment's whole-text table while it holds no bytes (`whole_texts`)
-    _quiet: bytearray | None = None   # with _whole: `prefixes.quiet`, as long as it
+    _quiet: bytearray | None = None   # with _whole: `prefixes.quiet`, at least as long as _whole
     join: str = "inplace"        # the engine's text join (apar.recover_text)
     # the partial matches of `stops` (None: made here; an engine shares one per stop-string tuple)
     prefixes: StopPrefixes | None = None
