@@ -272,13 +272,14 @@ class Engine:
 
     def _keep_batch(self, out, batch: SamplingBatch, rows: list[int], plain_reqs: list[Request]) -> None:
         """Keep a step's sampling rows for the scheduler's replay of it (`_reused_batch`): a step
-        whose every sequence sampled one plain row."""
+        whose every sequence sampled one plain row. Its logits rows are kept as the array
+        `_sample` reads."""
         if out.feeds_control:
             self._batch = None
             return
         draws = [(r, req.generator) for r, req in enumerate(plain_reqs)
                  if batch.temperature[r] != 0.0 and req.generator is not None]
-        self._batch = (out.seqs, batch, rows, plain_reqs, draws)
+        self._batch = (out.seqs, batch, np.asarray(rows, np.int64), plain_reqs, draws)
 
     def _reused_batch(self, out) -> tuple | None:
         """For a step the scheduler replayed (`Scheduler._replay_decodes`: the last step's sequences,
@@ -311,10 +312,10 @@ class Engine:
                     + [(i, start, 1, None, r) for i, start, r in plain] + trees)
             sampled = self._sample_each(rows_a, batch, jobs, out)
         tokens = sampled.tokens.tolist()
-        ok = sampled.ok.tolist()
-        all_ok = all(ok)
+        all_ok = bool(sampled.ok.all())
         if plain_reqs and all_ok and not plain and not trees:   # every row a plain sequence's, in order
             return tokens
+        ok = sampled.ok.tolist()
         for i, req in enumerate(plain_reqs):
             if all_ok or ok[i]:
                 results[i] = tokens[i]

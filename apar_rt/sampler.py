@@ -475,16 +475,16 @@ def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
     x = np.asarray(logits, dtype=np.float32)
     R = x.shape[0]
     tokens = x.argmax(axis=1)
-    first = tokens.tolist()
     at_max = None
     if R == 1:
-        good = math.isfinite(x[0, first[0]])
+        good = math.isfinite(x[0, tokens[0]])
     else:
         at_max = x[_shared(_ROWS, R, np.arange), tokens]
         good = math.isfinite(at_max.sum(dtype=np.float64))   # float32 values: their float64 sum never overflows
     # the rows whose argmax is banned: a few rows' bans are scanned in Python (numpy calls right
     # after the forward run cold); many rows', in one pass over the batch's (row, token) arrays
     if len(batch.bans) <= _SCAN_BANS:
+        first = tokens.tolist()
         redo = [(r, banned) for r, banned in batch.bans if first[r] in banned]
     else:
         ban_rows, ban_tokens = batch.ban_arrays()
@@ -493,7 +493,7 @@ def _greedy(logits: np.ndarray, batch: SamplingBatch) -> Sampled:
     if good and not redo:
         ok = _shared(_ALL_OK, R, _all_true)
     else:
-        ok = np.isfinite(x[:, first[0]] if at_max is None else at_max)
+        ok = np.isfinite(x[:, tokens[0]] if at_max is None else at_max)
         V = x.shape[1]
         for r, banned in redo:   # `process` on this row alone (no bias), then the same argmax and check
             row = x[r].copy()
