@@ -13,7 +13,7 @@ Pure Python; the text contract (`apar.settled_text`) and the servers' streamer s
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class StopPrefixes:
@@ -28,7 +28,7 @@ class StopPrefixes:
     ends whole (not in an invalid byte's U+FFFD, which a stream also holds while it is last).
     A token id's text must be the same for every caller: keep one StopPrefixes per tokenizer."""
 
-    __slots__ = ("stops", "longest", "_by_last", "_firsts", "quiet")
+    __slots__ = ("_by_last", "_firsts", "longest", "quiet", "stops")
 
     def __init__(self, stops: Sequence[str] = ()) -> None:
         self.stops = tuple(stops)
