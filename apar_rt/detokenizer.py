@@ -282,10 +282,11 @@ class ByteSegmentText(SegmentText):
         self.decoded_tokens += end - start
         tokens = self._tokens
         if end == start + 1:
-            if not self._held and self._lead is None:
+            whole = self.whole_texts()
+            if whole is not None:
                 # after whole text, a token of whole text needs no decode: the UTF-8 decoder holds
                 # nothing before it and would hold nothing after it
-                text = self._whole[tokens[start]]
+                text = whole[tokens[start]]
                 if text is not None:
                     if text:
                         self._parts.append(text)

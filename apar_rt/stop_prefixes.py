@@ -13,7 +13,7 @@ Pure Python; the text contract (`apar.settled_text`) and the servers' streamer s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class StopPrefixes:
@@ -47,6 +47,12 @@ class StopPrefixes:
                 if text.endswith(p):
                     return len(p)
         return 0
+
+    def held_before(self, end: int, text_slice: Callable[[int, int], str]) -> int:
+        """`held` of a text's first `end` characters, reading only the end a partial match can
+        span (`text_slice(a, b)` gives characters a..b of the text)."""
+        longest = self.longest
+        return self.held(text_slice(max(0, end - longest), end)) if longest else 0
 
     def quiet_table(self, n: int) -> bytearray:
         """`quiet`, at least `n` entries long (for token ids below n)."""

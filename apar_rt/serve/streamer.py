@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Sequence
 
 from apar_rt.apar import ControlTokens, detail_prefix, settled_text
@@ -196,7 +197,7 @@ class ReadingOrderStreamer:
         end less a stop string's partial match, past what frame `fr` emitted. An append-only
         segment's next steps go to `_steady_step`."""
         stable = seg.stable_len()
-        length = stable - self._held(seg, stable)
+        length = stable - self.prefixes.held_before(stable, seg.slice)
         delta = ""
         if length > fr.emitted:
             delta = seg.slice(fr.emitted, length)
@@ -242,12 +243,6 @@ class ReadingOrderStreamer:
         whole = self._whole = seg.whole_texts()
         if whole is not None and (self._quiet is None or len(self._quiet) < len(whole)):
             self._quiet = self.prefixes.quiet_table(len(whole))
-
-    def _held(self, seg, stable: int) -> int:
-        """The characters at the end of segment `seg`'s text up to `stable` that a stop string
-        could still cut (its partial match)."""
-        longest = self.prefixes.longest
-        return self.prefixes.held(seg.slice(max(0, stable - longest), stable)) if longest else 0
 
     def _catch_up(self) -> None:
         """After `_steady_step`s: the segment advanced to the tokens they took (unless a reader
@@ -374,7 +369,8 @@ class ReadingOrderStreamer:
             # the first running branch: its text so far, less an incomplete character and a stop
             # string's partial match
             stable = seg.stable_len()
-            return self._emit_segment(out, fr, seg, stable - self._held(seg, stable), joined)
+            held = self.prefixes.held_before(stable, seg.slice)
+            return self._emit_segment(out, fr, seg, stable - held, joined)
         self._done = True
         return True
 
@@ -411,9 +407,7 @@ class ReadingOrderStreamer:
                     if stable:
                         break
                 end = total - strip
-                longest = self.prefixes.longest
-                if longest:
-                    end -= self.prefixes.held(_own_slice(bt, max(0, end - longest), end))
+                end -= self.prefixes.held_before(end, partial(_own_slice, bt))
             version = sum(seg.version for seg in bt.segments)
             sent = self._branch_sent.get(b.id)
             if sent is None:
