@@ -207,8 +207,9 @@ class Engine:
             # skipped sequence before it); the others are found through `plain` and `trees`
             plain: list[tuple[int, int, Request]] = []   # (results index, batch row, request), if not dense
             plain_reqs: list[Request] = []               # the request of each batch row, while dense
-            # (results index, first batch row, batch rows, tree, request) per draft tree
-            trees: list[tuple[int, int, int, TreeRows, Request]] = []
+            # (results index, picks index, first batch row, batch rows, tree, request) per draft
+            # tree: `picks` holds every sequence only when drafting, so the two indices differ
+            trees: list[tuple[int, int, int, int, TreeRows, Request]] = []
             dense = True
             row = 0
             banned = self.scheduler.banned
@@ -229,7 +230,7 @@ class Engine:
                                 batch, b.token_ids[-1], b.draft, req.params,
                                 lambda last, req=req, b=b: banned(req, b, last, out), req.generator)
                             rows.extend(range(first, first + s.num_new))
-                            trees.append((len(results), start, len(batch) - start, tree, req))
+                            trees.append((len(results), len(picks), start, len(batch) - start, tree, req))
                             dense = False
                         else:
                             last = b.token_ids[-1] if b.token_ids else b.prefix[-1]
@@ -308,8 +309,8 @@ class Engine:
             sampled = self.backend.sample(rows_a, batch)
         except Exception as e:   # not expected: find the request whose rows raise, one request at a time
             log.error("batched sampling failed; sampling request by request", exc_info=e)
-            jobs = ([(i, i, 1, None, r) for i, r in enumerate(plain_reqs)]
-                    + [(i, start, 1, None, r) for i, start, r in plain] + trees)
+            jobs = ([(i, 1, r) for i, r in enumerate(plain_reqs)] + [(start, 1, r) for _, start, r in plain]
+                    + [(start, n, r) for _, _, start, n, _, r in trees])
             sampled = self._sample_each(rows_a, batch, jobs, out)
         tokens = sampled.tokens.tolist()
         all_ok = bool(sampled.ok.all())
@@ -328,23 +329,24 @@ class Engine:
                 results[i] = tokens[start]
             else:
                 self._fail(req, "sampling", SamplingError(error_message(req.params)), out)
-        for i, start, n, tree, req in trees:
+        for i, p, _, _, tree, req in trees:
             if req.status is RequestStatus.FINISHED:
                 continue
             try:
                 results[i], nodes = self.verifier.accept(sampled, tree)
-                picks[i] = (picks[i][0], picks[i][1], nodes)
+                picks[p] = (picks[p][0], picks[p][1], nodes)
             except Exception as e:
                 self._fail(req, "sampling", e, out)
         return results
 
     def _sample_each(self, rows, batch: SamplingBatch, jobs, out) -> Sampled:
-        """The pass again, one request's rows at a time; a request whose rows still raise fails."""
+        """The pass again, one request's rows at a time (`jobs`: its first batch row, its number of
+        rows, the request); a request whose rows still raise fails."""
         tokens = np.full(len(batch), -1, np.int64)
         ok = np.zeros(len(batch), bool)
         probes = np.full(len(batch.probes), np.nan, np.float32)
         entropy = np.full(len(batch), np.nan)
-        for _, start, n, _, req in jobs:
+        for start, n, req in jobs:
             idx = list(range(start, start + n))
             sub, probe_idx = batch.select(idx)
             try:

@@ -351,12 +351,15 @@ def test_medusa_outputs_are_the_same_with_the_device_sampler_and_the_reference(m
 
 def test_no_trees_after_a_step_of_speculative_disable_by_batch_size_sequences(medusa_model):
     """With the limit, a step runs draft trees only after a step of fewer sequences than it (APAR
-    branches count), and the greedy trees are those without Medusa; a limit of 1 drafts nothing."""
+    branches count), and the greedy trees are those without Medusa; a limit of 1 drafts nothing.
+    A step that verifies trees may itself hold the limit or more sequences (a fork, an admitted
+    request): after it no thread drafts, and each tree's accepted nodes are still its own."""
     path, _ = medusa_model
     ps = prompts(10, seed=0)
     params = SamplingParams(max_tokens=60, logit_bias={FORK: 3.0})
     base, _ = run_in_flight(path, ps, params, False, mode="apar", num_blocks=64, block_size=4)
-    for limit in (1, 4):
+    full_tree_steps = 0   # steps of at least `limit` sequences that verified a tree
+    for limit in (1, 2, 3, 4, 6):
         llm = LLM(str(path), backend="torch", raw=True, medusa=True, mode="apar", num_blocks=64, block_size=4,
                   speculative_disable_by_batch_size=limit)
         eng = llm.engine
@@ -375,6 +378,8 @@ def test_no_trees_after_a_step_of_speculative_disable_by_batch_size_sequences(me
         assert all(steps[i - 1][0] < limit for i in trees)
         assert bool(trees) == (limit > 1), steps
         assert max(n for n, _ in steps) >= limit
+        full_tree_steps += sum(tree and n >= limit for n, tree in steps)
+    assert full_tree_steps, "no step verified trees at the limit: the case is not exercised"
 
 
 def canonical_all(outs):
