@@ -241,3 +241,22 @@ def test_in_flight_refills_each_freed_place_and_answers_as_waves_do(both):
     waves = [o.text for w in range(0, len(ids), 2)
              for o in llm.generate(prompt_token_ids=ids[w:w + 2], params=params[w:w + 2])]
     assert texts == waves and all(texts)
+
+
+def test_in_flight_refuses_to_count_a_failed_request_as_served(both):
+    """A request that fails inside the engine finishes early; a requests/s figure that counted it
+    would be too high, so `in_flight` raises with the engine's message instead."""
+    import math
+
+    from apar_rt import SamplingParams
+
+    llm, _ = both
+    ids = [llm.engine.encode(p) for p in ("one two three", "water and sleep", "the list")]
+    bad = SamplingParams(max_tokens=4, temperature=0.8, seed=3)
+    object.__setattr__(bad, "logit_bias", ((5, math.nan),))   # what validation refuses: a NaN logit
+    good = SamplingParams(max_tokens=4)
+    assert all(peer_mod.in_flight(llm, ids, good, 2))
+    with pytest.raises(RuntimeError, match="failed request .* not finite"):
+        peer_mod.in_flight(llm, ids, [good, bad, good], 2)
+    assert not llm.engine.has_unfinished()
+    assert peer_mod.in_flight(llm, ids, good, 2) == peer_mod.in_flight(llm, ids, good, 1)

@@ -315,7 +315,12 @@ def in_flight(llm, ids: list[list[int]], params, concurrency: int) -> list[str |
     server under that many clients runs: the first `concurrency` are admitted, and each one that
     finishes hands its place to the next prompt before the next step (continuous batching).
     `params`: one SamplingParams for all, or one per prompt. Returns each prompt's text, in order
-    (greedy: the same as `llm.generate` on any grouping)."""
+    (greedy: the same as `llm.generate` on any grouping).
+
+    Raises:
+        RuntimeError: a request failed (a figure that counts it as served would be wrong); the
+            requests still running are aborted.
+    """
     engine = llm.engine
     each = params if isinstance(params, (list, tuple)) else [params] * len(ids)
     texts: list[str | None] = [None] * len(ids)
@@ -328,7 +333,18 @@ def in_flight(llm, ids: list[list[int]], params, concurrency: int) -> list[str |
         for o in engine.step():
             if o.finished:
                 texts[running.pop(o.request_id)] = o.text
+                if o.error is not None:
+                    for rid in running:   # leave the engine empty for whoever catches this
+                        engine.abort_request(rid)
+                    _served(o)
     return texts
+
+
+def _served(output):
+    """`output`, unless its request failed: then RuntimeError with the engine's message."""
+    if output.error is not None:
+        raise RuntimeError(f"apar-rt failed request {output.request_id} during the benchmark: {output.error}")
+    return output
 
 
 def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens: int, repeats: int,
@@ -362,12 +378,14 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
             n = max_tokens if to_eos else max(ar_lens[i] for i in w)
             peer.generate([ids[i] for i in w], n, ignore_eos=not to_eos)
 
+    texts: dict[str, list] = {}   # each apar-rt run's texts, the last run's
+
     def ours_in_flight():
-        in_flight(llm, ids, params, bs)
+        texts["flight"] = in_flight(llm, ids, params, bs)
 
     def ours_waves():
-        for w in waves:
-            llm.generate(prompt_token_ids=[ids[i] for i in w], params=params)
+        texts["waves"] = [_served(o).text for w in waves
+                          for o in llm.generate(prompt_token_ids=[ids[i] for i in w], params=params)]
 
     def one_round(r: int) -> tuple[float, float, float]:
         """The whole set three times back to back, each engine warm as it runs alone in a server:
@@ -383,6 +401,8 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
         return took["flight"], took["waves"], took["peer"]
 
     one_round(0)   # warm both
+    if texts["flight"] != texts["waves"]:   # greedy: a request's text does not depend on the load
+        raise RuntimeError("apar-rt's APAR texts differ between the in-flight run and the waves")
     tc, ta, tb = (list(x) for x in zip(*(one_round(r) for r in range(repeats))))
     na = nb = len(ids)
     te = [0.0]
