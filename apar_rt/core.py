@@ -46,6 +46,19 @@ def _check_float(name: str, v) -> float:
     return f
 
 
+def _items(name: str, value, allowed: str):
+    """A collection field's value: () for None (as vLLM's SamplingParams takes it), a string or
+    dict as it is, any other iterable as a tuple; ValueError naming the field otherwise."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, dict, tuple)):
+        return value
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be {allowed} (or None), got {type(value).__name__} {value!r}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Per-request sampling, validated on construction (ValueError names the bad field).
@@ -87,15 +100,15 @@ class SamplingParams:
         _check_int("top_k", self.top_k, 0, INT32_MAX, "(0 disables)")
         if self.seed is not None:
             _check_int("seed", self.seed, -(1 << 63), (1 << 64) - 1)
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
+        stop = _items("stop", self.stop, "a string or a list of strings")
+        object.__setattr__(self, "stop", (stop,) if isinstance(stop, str) else tuple(stop))
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
-        object.__setattr__(self, "stop_token_ids",
-                           tuple(_check_int("stop_token_ids", t, 0, INT32_MAX) for t in self.stop_token_ids))
-        bias = list(self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias)
+        object.__setattr__(self, "stop_token_ids", tuple(
+            _check_int("stop_token_ids", t, 0, INT32_MAX)
+            for t in _items("stop_token_ids", self.stop_token_ids, "a list of token ids")))
+        bias = _items("logit_bias", self.logit_bias, "a mapping of token id to bias")
+        bias = list(bias.items() if isinstance(bias, dict) else bias)
         if len(bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
         pairs = []

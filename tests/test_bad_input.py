@@ -51,10 +51,20 @@ def test_weights_that_do_not_match(tmp_path, tiny_gqa):
     ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -3}, "max_tokens"),
     ({"temperature": -0.5}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"top_k": -1}, "top_k"), ({"logit_bias": {5: 500.0}}, "logit_bias"),
+    ({"stop": 5}, "stop"), ({"stop": [""]}, "stop"), ({"stop_token_ids": 7}, "stop_token_ids"),
+    ({"logit_bias": 1.5}, "logit_bias"),
 ])
 def test_bad_sampling_params(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_none_means_none_for_the_collection_fields():
+    """As vLLM's SamplingParams takes them: stop, stop_token_ids and logit_bias of None are empty."""
+    p = SamplingParams(stop=None, stop_token_ids=None, logit_bias=None)
+    assert (p.stop, p.stop_token_ids, p.logit_bias) == ((), (), ())
+    assert SamplingParams(stop="x", stop_token_ids=[3, 4]).stop == ("x",)
+    assert SamplingParams(stop=["a", "b"], stop_token_ids=iter([4])).stop_token_ids == (4,)
 
 
 @pytest.mark.parametrize("flag,value,name", [("--max-tokens", "0", "--max-tokens"),
