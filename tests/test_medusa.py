@@ -417,3 +417,49 @@ def test_a_step_with_drafts_pending_is_never_replayed(medusa_model):
         assert not any(replayed and pending for replayed, pending in seen), limit
         assert any(pending for _, pending in seen)          # drafts were made ...
         assert any(replayed for replayed, _ in seen) == (limit is not None)   # ... and plain steps replayed
+
+
+def test_random_engine_settings_give_the_plain_engines_greedy_outputs(medusa_model, medusa_engine_dir):
+    """Seeded random settings, each against a roomy torch engine without Medusa on the same
+    requests: backend, draft tree (or none), speculative_disable_by_batch_size, pool size
+    (preemption), block size, max_num_seqs, arrivals while others decode, max_tokens that cut
+    trees, stop strings. Greedy tokens, trees, texts and finish reasons must not change, and
+    every block must come back."""
+    path, _ = medusa_model
+    trees = [None, "mc_sim_7b_63", "chain_3", "tiny_9"]
+    for seed in range(40):   # (seeds 20-39 hold a tree verified at the limit, which once failed)
+        rng = random.Random(seed)
+        ps = prompts(rng.randint(3, 10), seed=100 + seed)
+        mode = rng.choice(["apar", "apar", "ar"])
+        stop = rng.choice([(), ("one",), ("the w", "x")])
+        params = [SamplingParams(max_tokens=rng.choice([6, 20, 40]), stop=stop,
+                                 logit_bias={FORK: rng.choice([0.0, 3.0]), EOS: rng.choice([0.0, 1.5])}) for _ in ps]
+        backend = rng.choice(["torch", "onnxruntime"])
+        cfg = dict(mode=mode, backend=backend, num_blocks=rng.choice([40, 64, 512]),
+                   block_size=4 if backend == "onnxruntime" else rng.choice([4, 8]),
+                   max_num_seqs=rng.choice([3, 8, 64]))
+        tree = rng.choice(trees)
+        if tree:
+            cfg.update(medusa=True, medusa_tree=tree, speculative_disable_by_batch_size=rng.choice([None, 2, 3, 6]))
+        arrivals = [rng.randint(0, 3) for _ in range(rng.randint(0, 5))]
+        base = _arriving(LLM(str(path), raw=True, mode=mode, num_blocks=512, block_size=4), ps, params, [])
+        llm = LLM(str(medusa_engine_dir if backend == "onnxruntime" else path), raw=True, **cfg)
+        got = _arriving(llm, ps, params, arrivals)
+        assert [o.error for o in got] == [None] * len(ps), (seed, cfg)
+        assert [canonical(o.branches) for o in got] == [canonical(o.branches) for o in base], (seed, cfg)
+        assert [(o.text, o.finish_reason) for o in got] == [(o.text, o.finish_reason) for o in base], (seed, cfg)
+
+
+def _arriving(llm, ps, params, arrivals):
+    """Each step first admits the next arrivals.pop(0) requests (all that remain once the list is
+    empty), then steps; the outputs in request order, after checking the pool is whole again."""
+    eng, done, ids, pending = llm.engine, {}, [], list(zip(ps, params))
+    while pending or eng.has_unfinished():
+        k = arrivals.pop(0) if arrivals else len(pending)
+        ids += [eng.add_request(p, sp, raw=True) for p, sp in pending[:k]]
+        pending = pending[k:]
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+    assert eng.scheduler.pool.num_used == 0
+    return [done[i] for i in ids]
