@@ -257,10 +257,12 @@ class Scheduler:
         sequences, one position further, packed from `last`'s arrays instead of sequence by
         sequence (the steady state of a decode batch; vLLM keeps a persistent batch for the same
         reason). It is the step `schedule` would pack, whose choices follow from the running
-        requests' branches, their order, the free blocks, their Medusa drafts and the waiting queue
-        alone: `last` changed none of them but by one token a sequence (it preempted nobody, and no
-        branch got a draft), no request waits, and whatever else would (a fork, a finish, a
-        preemption, freed blocks, drafts) dropped `_replay`.
+        requests' schedulable branches, their order, the free blocks, their Medusa drafts and the
+        waiting queue alone: `last` changed none of them but by one token a sequence (it preempted
+        nobody, and no branch got a draft), no request waits, and whatever else would (a child that
+        joins, a finish, a preemption, freed blocks, drafts) dropped `_replay`. A fork whose child
+        waits for its parent's [Fork] K/V (`_fork`) adds no schedulable branch until the child
+        takes its donor's blocks (`_fork_from_donors`), which drops `_replay`.
         Branches `last` left out (max_num_seqs, fair shares, no block) are left out again. Only
         the KV slots are reserved one sequence at a time; a sequence whose token starts a block (or
         must copy a shared one) takes it from the pool. None, with nothing reserved, when the
@@ -814,10 +816,13 @@ class Scheduler:
         [Fork], then [Child]. [Fork] has no K/V yet (unless it was an accepted draft token): the
         parent computes it next step, and the child waits for that and then shares the parent's
         blocks (`_fork_from_donors`), so its first step feeds [Child] alone, a decode, rather than
-        [Fork] and [Child]. (Should the parent end first, the child shares what it has.)"""
-        self._replay = None
+        [Fork] and [Child]. (Should the parent end first, the child shares what it has.)
+        A child that waits is not schedulable, so the next step holds the same sequences, one token
+        further: it may be the last one replayed (`_replay_decodes`); one that joins now is not."""
         n = parent.context_len
         ready = parent.table.num_tokens >= n
+        if ready:
+            self._replay = None
         child = Branch(id=len(req.branches), parent=parent.id, fork_index=len(parent.token_ids) - 1,
                        depth=parent.depth + 1, prefix=parent.child_prefix(len(parent.token_ids)),
                        token_ids=[self.control.child], table=self.kv.fork(parent.table, n if ready else 0))

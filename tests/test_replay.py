@@ -157,3 +157,28 @@ def test_a_step_that_feeds_fork_samples_with_its_own_bans(tiny_gqa):
     assert sum(t.count(fork) for t in tokens.values()) >= 2, tokens
     assert counts["replayed"] > 0, counts
     assert not any(a == b == fork for t in tokens.values() for a, b in pairwise(t)), "[Fork] twice in a row"
+
+
+def test_the_step_after_a_fork_whose_child_waits_is_replayed(tiny_gqa, monkeypatch):
+    """A fork's child waits for its parent to compute [Fork]'s K/V, so the step after the fork
+    holds the same sequences (the parent feeding [Fork]) and may be replayed; the child joins the
+    step after that. The replayed steps and outputs are those `schedule` packs (the oracle)."""
+    from apar_rt.scheduler import Scheduler
+
+    path, _, tok = tiny_gqa
+    fork = tok.convert_tokens_to_ids("[SplitMask]")
+    feeding_fork = []   # sequences of each replayed step that feeds [Fork]
+    replay = Scheduler._replay_decodes
+
+    def watched(self, last):   # the oracle's own attribute (never replay) still wins over this
+        out = replay(self, last)
+        if out is not None and fork in out.step.input_ids.tolist():
+            feeding_fork.append(len(out.seqs))
+        return out
+
+    monkeypatch.setattr(Scheduler, "_replay_decodes", watched)
+    params = SamplingParams(max_tokens=60, logit_bias={fork: 3.0})
+    _, _, counts, engine = run_lockstep(path, [(p, params) for p in PROMPTS[:3]], arrivals=False,
+                                        block_size=4, num_blocks=200, max_num_seqs=16)
+    assert engine.scheduler.num_forks >= 3
+    assert feeding_fork, counts
