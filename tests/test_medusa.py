@@ -463,3 +463,45 @@ def _arriving(llm, ps, params, arrivals):
                 done[o.request_id] = o
     assert eng.scheduler.pool.num_used == 0
     return [done[i] for i in ids]
+
+
+def test_a_sampling_pass_that_raises_is_retried_per_request_with_draft_trees(medusa_model):
+    """A backend whose batched pass raises on one request's rows (a bias value stands in for a
+    device fault) while other requests verify draft trees: the engine samples request by request
+    (each tree's rows together), that request fails alone, and the others give the greedy trees
+    of a plain engine."""
+    path, _ = medusa_model
+    ps = prompts(6, seed=7)
+    params = SamplingParams(max_tokens=40, logit_bias={FORK: 3.0})
+    base = LLM(str(path), raw=True, mode="apar").generate(ps, params)
+    llm = LLM(str(path), raw=True, mode="apar", medusa=True, medusa_tree="mc_sim_7b_63")
+    eng = llm.engine
+    batched, each = eng.backend.sample, eng._sample_each
+    retried_trees = []   # per retried pass, whether a request's rows were a draft tree's (more than one)
+
+    def faulty(rows, batch):
+        if any(v == 77.0 for _, _, v in batch.bias):
+            raise RuntimeError("device fault")
+        return batched(rows, batch)
+
+    def watched(rows, batch, jobs, out):
+        retried_trees.append(any(n > 1 for _, n, _ in jobs))
+        return each(rows, batch, jobs, out)
+
+    eng.backend.sample, eng._sample_each = faulty, watched
+    bad = SamplingParams(max_tokens=40, temperature=0.5, seed=9, logit_bias={5: 77.0})
+    ids = [eng.add_request(p, params, raw=True) for p in ps]
+    done = {}
+    for n in range(1000):
+        if n == 4:   # the others are verifying draft trees by now
+            bad_id = eng.add_request("x", bad, raw=True)
+        done.update((o.request_id, o) for o in eng.step() if o.finished)
+        if n > 4 and not eng.has_unfinished():
+            break
+    good = [done[i] for i in ids]
+    assert done[bad_id].finish_reason.value == "error" and "internal error while sampling" in done[bad_id].error
+    assert [canonical(o.branches) for o in good] == [canonical(o.branches) for o in base]
+    assert [o.text for o in good] == [o.text for o in base]
+    assert any(retried_trees), "a retried pass was meant to hold draft trees"
+    assert sum(o.stats["accepted_tokens_per_step"] for o in good) > len(good), "drafts were meant to be accepted"
+    assert eng.scheduler.pool.num_used == 0
