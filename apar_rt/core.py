@@ -160,6 +160,10 @@ class Branch:
     stop_text_len: int | None = None     # a stop string cut the last segment's text to this length
     draft: list[int] | None = None       # Medusa draft tokens (one per tree node) for the next step
     stop_text: Any = None                # the scheduler's incremental text of token_ids (detokenizer.SegmentText), for stop strings
+    # the RNG of this branch's draws (a sampled request's; None when greedy): the root's is the
+    # request's, a child's is seeded by the request's seed and its place in the tree
+    # (sampler.make_generator), so a branch draws the same numbers however the steps are packed
+    generator: Any = None
     prefix_len: int = field(init=False)  # len(prefix), which never changes (read per step without touching the list)
 
     def __post_init__(self) -> None:
@@ -210,7 +214,7 @@ class Request:
     params: SamplingParams
     branches: list[Branch] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
-    generator: Any = None                # the sampler's seeded RNG, when params.seed is set
+    generator: Any = None                # the root branch's RNG (sampler.make_generator); None when greedy
     error: str | None = None
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
@@ -236,7 +240,16 @@ class Request:
             self.prompt_token_ids = array("i", self.prompt_token_ids)
         if not self.branches:
             self.branches.append(Branch(id=0, parent=None, fork_index=None, depth=0,
-                                        prefix=self.prompt_token_ids))
+                                        prefix=self.prompt_token_ids, generator=self.generator))
+
+    def tree_path(self, b: Branch) -> tuple[int, ...]:
+        """Where `b` lies in the tree: the fork index of each branch from the root's child down to
+        `b` (() for the root). It follows from the tokens alone, not from when branches forked."""
+        path = []
+        while b.parent is not None:
+            path.append(b.fork_index)
+            b = self.branches[b.parent]
+        return tuple(reversed(path))
 
     @property
     def generated_tokens(self) -> int:

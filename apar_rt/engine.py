@@ -167,7 +167,7 @@ class Engine:
         if rid in self._requests:
             raise RequestRejected(f"request id {rid!r} is already in use")
         req = Request(request_id=rid, prompt=prompt if prompt is not None else self.decode(ids),
-                      prompt_token_ids=ids, params=params, generator=make_generator(params.seed))
+                      prompt_token_ids=ids, params=params, generator=None if params.greedy else make_generator(params.seed))
         self.scheduler.add(req)
         self._requests[rid] = req
         return rid
@@ -228,13 +228,13 @@ class Engine:
                             start = len(batch)
                             tree = self.verifier.add_tree(
                                 batch, b.token_ids[-1], b.draft, req.params,
-                                lambda last, req=req, b=b: banned(req, b, last, out), req.generator)
+                                lambda last, req=req, b=b: banned(req, b, last, out), b.generator)
                             rows.extend(range(first, first + s.num_new))
                             trees.append((len(results), len(picks), start, len(batch) - start, tree, req))
                             dense = False
                         else:
                             last = b.token_ids[-1] if b.token_ids else b.prefix[-1]
-                            start = add(req.params, banned(req, b, last, out), req.generator)
+                            start = add(req.params, banned(req, b, last, out), b.generator)
                             rows.append(first)
                             if dense:
                                 plain_reqs.append(req)
@@ -278,14 +278,14 @@ class Engine:
         if out.feeds_control:
             self._batch = None
             return
-        draws = [(r, req.generator) for r, req in enumerate(plain_reqs)
-                 if batch.temperature[r] != 0.0 and req.generator is not None]
+        draws = [(r, s.branch.generator) for r, s in enumerate(out.seqs)   # row r is out.seqs[r]'s
+                 if batch.temperature[r] != 0.0 and s.branch.generator is not None]
         self._batch = (out.seqs, batch, np.asarray(rows, np.int64), plain_reqs, draws)
 
     def _reused_batch(self, out) -> tuple | None:
         """For a step the scheduler replayed (`Scheduler._replay_decodes`: the last step's sequences,
         one token further), the last step's sampling rows, which are this step's: the same
-        parameters, bias and bans, and for each sampled row a new uniform from its request's
+        parameters, bias and bans, and for each sampled row a new uniform from its branch's
         generator, drawn in row order as `SamplingBatch.add` draws them. A sequence's bans follow
         its last token only where that is [Fork] or [Child] (`apar.banned_tokens`), so rows are
         kept and reused only for steps that feed neither. None for any other step."""

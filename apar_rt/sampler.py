@@ -43,9 +43,19 @@ class SamplingError(ValueError):
     safe to show the client). The engine fails that request alone."""
 
 
-def make_generator(seed: int | None) -> np.random.Generator:
-    """The request's RNG: seeded when `seed` is given, else from OS entropy."""
-    return np.random.default_rng(seed)
+def make_generator(seed: int | None, path: tuple[int, ...] = ()) -> np.random.Generator:
+    """The RNG of a request's branch at `path` in its tree (`Request.tree_path`; () for the root).
+
+    With a `seed`, it is seeded by the seed (a negative one as its 64-bit two's complement, as the
+    int64 seeds of OpenAI clients come) and the path alone: the root's is numpy's
+    `default_rng(seed)`, and each child's numbers follow from where it lies in the tree, not from
+    which branches ran before it. Without, it is seeded from OS entropy."""
+    if seed is None:
+        return np.random.default_rng()
+    return np.random.default_rng(np.random.SeedSequence(seed & _SEED_MASK, spawn_key=path))
+
+
+_SEED_MASK = (1 << 64) - 1
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ from apar_rt.core import (Branch, BranchDelta, FinishReason, Request, RequestOut
 from apar_rt.detokenizer import open_segment
 from apar_rt.kv.block_pool import BlockPool, BlockTable, KVCacheManager
 from apar_rt.medusa.tree import MedusaTree
+from apar_rt.sampler import make_generator
 from apar_rt.stop_filter import StopFilter
 
 
@@ -823,9 +824,12 @@ class Scheduler:
         ready = parent.table.num_tokens >= n
         if ready:
             self._replay = None
-        child = Branch(id=len(req.branches), parent=parent.id, fork_index=len(parent.token_ids) - 1,
+        fork_index = len(parent.token_ids) - 1
+        child = Branch(id=len(req.branches), parent=parent.id, fork_index=fork_index,
                        depth=parent.depth + 1, prefix=parent.child_prefix(len(parent.token_ids)),
-                       token_ids=[self.control.child], table=self.kv.fork(parent.table, n if ready else 0))
+                       token_ids=[self.control.child], table=self.kv.fork(parent.table, n if ready else 0),
+                       generator=None if req.generator is None else
+                       make_generator(req.params.seed, (*req.tree_path(parent), fork_index)))
         if not ready:
             req.prefix_donors[child.id] = (parent.id, n)
         req.branches.append(child)

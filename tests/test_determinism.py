@@ -44,6 +44,34 @@ def test_tiny_pool_with_preemption_matches_a_roomy_one(tiny_gqa):
     assert all(sum(len(b["token_ids"]) for b in o.branches) == o.stats["generated_tokens"] <= 18 for o in got)
 
 
+def test_seeded_sampling_is_a_function_of_the_request_too(tiny_gqa):
+    """A sampled request with a seed: each branch draws from its own RNG, seeded by the request's
+    seed and the branch's place in the tree, so a tiny pool that preempts, a max_num_seqs that
+    makes branches take turns, and one request at a time give the same trees and texts as a
+    roomy engine running all at once. (With one RNG a request, the branches' draws interleaved as
+    the steps were packed.) Negative seeds are int64 seeds as OpenAI clients send them."""
+    path, _, tok = tiny_gqa
+    fork = fork_id(tok)
+    params = [SamplingParams(max_tokens=40, temperature=t, top_k=k, top_p=p, seed=seed, logit_bias={fork: 3.0})
+              for t, k, p, seed in ((0.8, 0, 1.0, 1), (1.0, 20, 0.9, 2), (0.7, 0, 0.8, -3), (1.2, 5, 1.0, 4),
+                                    (0.9, 0, 1.0, 5), (1.0, 0, 0.95, 2 ** 63 - 1))]
+    roomy = LLM(str(path), raw=True, num_blocks=1024, block_size=4, max_num_seqs=256)
+    want = roomy.generate(PROMPTS, params)
+    assert sum(o.stats["forks"] for o in want) >= 6, "the bias was meant to make forks happen"
+    tight = LLM(str(path), raw=True, num_blocks=24, block_size=4, max_num_tokens=12, max_num_seqs=3)
+    same(tight.generate(PROMPTS, params), want)
+    assert tight.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    same([roomy.generate([p], q)[0] for p, q in zip(PROMPTS, params)], want)
+    again = roomy.generate(PROMPTS, params)
+    same(again, want)
+    other = roomy.generate(PROMPTS, [SamplingParams(**{**_fields(q), "seed": q.seed + 1}) for q in params])
+    assert [o.text for o in other] != [o.text for o in want], "the seed was meant to matter"
+
+
+def _fields(params: SamplingParams) -> dict:
+    return {f: getattr(params, f) for f in ("max_tokens", "temperature", "top_k", "top_p", "seed", "logit_bias")}
+
+
 def test_one_request_at_a_time_matches_sixteen_at_once(tiny_gqa):
     """The engine loop as the servers drive it: 16 concurrent streams vs one after another."""
     from apar_rt.engine import Engine
