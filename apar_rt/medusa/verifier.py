@@ -65,8 +65,8 @@ class MedusaVerifier:
         Args:
             root_token, draft: the tokens fed at the root and at each draft node.
             banned: token ids banned after a given last token.
-            generator: the request's RNG (numpy); a sampled request draws one uniform, for its
-                bonus token.
+            generator: the branch's RNG (numpy; `Branch.generator`); a sampled request draws one
+                uniform, for its bonus token.
         """
         node_tokens = (int(root_token), *map(int, draft))
         if len(node_tokens) != self.tree.size:
