@@ -167,7 +167,8 @@ class Engine:
         if rid in self._requests:
             raise RequestRejected(f"request id {rid!r} is already in use")
         req = Request(request_id=rid, prompt=prompt if prompt is not None else self.decode(ids),
-                      prompt_token_ids=ids, params=params, generator=None if params.greedy else make_generator(params.seed))
+                      prompt_token_ids=ids, params=params,
+                      generator=None if params.greedy else make_generator(params.seed))
         self.scheduler.add(req)
         self._requests[rid] = req
         return rid
