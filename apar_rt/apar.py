@@ -228,37 +228,46 @@ def _render(segment: SegmentText, branches, *, settled_only: bool, stops: StopPr
     kept = reading_order_counts(branches, budget)
 
     def render(b: Branch) -> tuple[str, bool]:
-        """(text, complete): complete is False when reading order stops inside b."""
+        """(text, complete): complete is False when reading order stops inside b.
+
+        A stop string cuts its branch's own text where it begins: a child forked before that
+        point is kept (its text comes before the stop string in reading order), one forked after
+        it is not. A running branch's own text is settled up to its end less an incomplete
+        character and a stop string's partial match, which may reach back across its forks: the
+        children of the forks past that point are not settled either."""
         parts: list[str] = []
         own_len = 0
-        cursor = 0
         n = kept[b.id]
         whole = n == len(b.token_ids)
         limit = b.stop_text_len if whole else None
-        open_end = settled_only and not b.finished and whole
         fork_points = sorted(i for i in forks_of.get(b.id, ()) if i < n)
-        for i in fork_points + [n]:
-            raw = segment(b, cursor, min(i + 1, n))
+        ends = fork_points + [n]
+        starts = [0] + [i + 1 for i in fork_points]
+        raws = [segment(b, start, min(i + 1, n)) for start, i in zip(starts, ends)]
+        settled = None   # with an open end: where b's settled own text ends
+        if settled_only and not b.finished and whole:
+            own = "".join(raws[:-1]) + raws[-1].rstrip("\ufffd")
+            settled = len(own) - stops.held(own)
+        for cursor, i, raw in zip(starts, ends, raws):
             seg = raw
-            cut = limit is not None and own_len + len(raw) >= limit
+            cut = limit is not None and own_len + len(raw) > limit
+            held = settled is not None and (i == n or own_len + len(raw) > settled)
             if cut:
                 seg = raw[:limit - own_len]
-            elif i == n and open_end:
-                seg = raw.rstrip("\ufffd")
-                seg = seg[:len(seg) - stops.held(seg)]
+            elif held:
+                seg = raw[:max(0, settled - own_len)]
             if reference and cursor > 0:
                 seg = _join_next(seg)
             parts.append(seg)
-            if cut:
-                return "".join(parts), True
+            if cut or held:
+                return "".join(parts), cut
             own_len += len(raw)
             if i < n:
                 child_text, child_done = render(children[(b.id, i)])
                 parts.append(_join_detail(raw, child_text) if reference else child_text)
                 if not child_done:
                     return "".join(parts), False
-            cursor = i + 1
-        return "".join(parts), not open_end
+        return "".join(parts), True
 
     return render(branches[0])[0]
 

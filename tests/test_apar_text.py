@@ -43,6 +43,47 @@ def test_stop_string_cuts_only_its_branch():
         "Tips:\n1. Sleep well. Daily. Eight hours.\n2. Eat gre\n3. Walk Far."
 
 
+def test_a_stop_string_at_a_fork_keeps_the_child_and_one_before_it_drops_it():
+    """The root's own text is 'Tips:\n1. Sleep' [Fork] '\n2. Eat' ...: a stop string that begins
+    where the root resumes after its first fork cuts the root there but keeps the child, whose
+    text comes first in reading order; one that begins before the fork drops the child."""
+    bs = tree()
+    at_fork = len("Tips:\n1. Sleep")
+    bs[0].stop_text_len = at_fork
+    assert recover_text(decode, bs, CTRL, SPECIAL) == "Tips:\n1. Sleep well. Daily. Eight hours."
+    bs[0].stop_text_len = at_fork - 1
+    assert recover_text(decode, bs, CTRL, SPECIAL) == "Tips:\n1. Slee"
+
+
+def test_settled_text_holds_a_fork_that_a_partial_match_reaches_across():
+    """While the root runs, a stop string that may still complete across its first fork ('ep' +
+    [Fork] + '\n2...') may still drop that fork's child: the child is not settled, nor the
+    root's text from where the match begins. One that could only begin at the fork leaves the
+    child settled. Streaming settled_text's growth gives the final text in both cases."""
+    bs = tree()
+    for b in bs[1:]:
+        b.finish_reason = FinishReason.STOP
+    bs[0].finish_reason = None
+    bs[0].token_ids = bs[0].token_ids[:3]          # 'Tips:', '\n1. Sleep', [Fork]: the root waits there
+    assert settled_text(decode, bs, CTRL, SPECIAL, stops=("ep\n2",)) == "Tips:\n1. Sle"
+    assert settled_text(decode, bs, CTRL, SPECIAL, stops=("\n2. E",)) == \
+        "Tips:\n1. Sleep well. Daily. Eight hours."
+    full = tree()[0].token_ids
+    for stops, final in ((("ep\n2",), "Tips:\n1. Sle"),
+                         (("\n2. E",), "Tips:\n1. Sleep well. Daily. Eight hours.")):
+        grown = []
+        for n in range(3, len(full) + 1):   # the root grows until its text holds the stop string
+            bs[0].token_ids = full[:n]
+            own = decode(bs[0].token_ids)
+            if stops[0] in own:
+                bs[0].finish_reason, bs[0].stop_text_len = FinishReason.STOP, own.find(stops[0])
+                break
+            grown.append(settled_text(decode, bs, CTRL, SPECIAL, stops=stops))
+        assert recover_text(decode, bs, CTRL, SPECIAL) == final
+        assert all(final.startswith(g) for g in grown), (stops, grown, final)
+        bs[0].finish_reason, bs[0].stop_text_len = None, None
+
+
 def test_a_stream_holds_back_the_longest_partial_match_at_the_end():
     """StopPrefixes.held against its definition (the longest end of the text that is a proper
     prefix of a stop string), and its quiet verdicts against theirs: after text of which nothing

@@ -292,6 +292,14 @@ class ReadingOrderStreamer:
                             return
         out.append(chunk)
 
+    def _settled_own_end(self, bt: BranchText) -> int:
+        """Where a running branch's settled own text ends (as `apar._render` settles it): its
+        text's end less an incomplete character and a stop string's partial match, which may
+        reach back across the branch's forks."""
+        segs = bt.segments
+        end = sum(len(seg) for seg in segs[:-1]) + segs[-1].stable_len()
+        return end - self.prefixes.held_before(end, partial(_own_slice, bt))
+
     def _emit_segment(self, out: list[str], fr: _Frame, seg, length: int, joined: bool) -> bool:
         """Send segment text up to `length` raw characters (after `_join_next` when joined).
         False if that is not an extension of what was sent."""
@@ -337,8 +345,12 @@ class ReadingOrderStreamer:
                 return False
             limit = b.stop_text_len if b.finished else None
             if fr.k < len(bt.segments) - 1:    # closed by a child's [Fork]: all of it, then the child
-                if limit is not None and fr.own_len + len(seg) >= limit:
+                if limit is not None and fr.own_len + len(seg) > limit:
                     return False
+                if limit is None and not b.finished:   # a stop string may still begin before the fork
+                    settled = self._settled_own_end(bt)
+                    if fr.own_len + len(seg) > settled:
+                        return self._emit_segment(out, fr, seg, settled - fr.own_len, joined)
                 if not self._emit_segment(out, fr, seg, len(seg), joined):
                     return False
                 self._left -= ntok
@@ -356,7 +368,7 @@ class ReadingOrderStreamer:
             if b.finished:                     # the last segment of a finished branch
                 length = len(seg)
                 if limit is not None:
-                    if fr.k > 0 and limit <= fr.own_len:
+                    if fr.k > 0 and limit < fr.own_len:
                         return False
                     length = min(length, limit - fr.own_len)
                 if not self._emit_segment(out, fr, seg, length, joined):
