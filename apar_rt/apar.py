@@ -227,12 +227,16 @@ def _render(segment: SegmentText, branches, *, settled_only: bool, stops: StopPr
             forks_of.setdefault(b.parent, []).append(b.fork_index)
     kept = reading_order_counts(branches, budget)
 
+    def growing(b: Branch) -> bool:
+        """Whether b or a branch of its subtree is still running."""
+        return not b.finished or any(growing(children[(b.id, i)]) for i in forks_of.get(b.id, ()))
+
     def render(b: Branch) -> tuple[str, bool]:
         """(text, complete): complete is False when reading order stops inside b.
 
         A stop string cuts its branch's own text where it begins: a child forked before that
         point is kept (its text comes before the stop string in reading order), one forked after
-        it is not. A running branch's own text is settled up to its end less an incomplete
+        it is not, though its tokens still count in the budget (`reading_order_counts`). A running branch's own text is settled up to its end less an incomplete
         character and a stop string's partial match, which may reach back across its forks: the
         children of the forks past that point are not settled either."""
         parts: list[str] = []
@@ -259,8 +263,12 @@ def _render(segment: SegmentText, branches, *, settled_only: bool, stops: StopPr
             if reference and cursor > 0:
                 seg = _join_next(seg)
             parts.append(seg)
-            if cut or held:
-                return "".join(parts), cut
+            if held:
+                return "".join(parts), False
+            if cut:   # the forks from here on are dropped; a branch still running among their
+                # subtrees still takes tokens of the budget, so nothing after b is settled yet
+                return "".join(parts), not (settled_only and budget is not None and any(
+                    growing(children[(b.id, f)]) for f in fork_points if f >= i))
             own_len += len(raw)
             if i < n:
                 child_text, child_done = render(children[(b.id, i)])

@@ -84,6 +84,20 @@ def test_settled_text_holds_a_fork_that_a_partial_match_reaches_across():
         bs[0].finish_reason, bs[0].stop_text_len = None, None
 
 
+def test_a_running_branch_a_stop_string_dropped_still_holds_what_follows_under_a_budget():
+    """c1's stop string (' we|ll.') drops c3, its child, from the text, but c3's tokens still count
+    in the max_tokens budget: while c3 runs, the root's continuation after c1 may still lose
+    tokens to it, so it is not settled (it was streamed, then cut from the final text)."""
+    bs = tree()
+    c1, c3 = bs[1], bs[3]
+    c1.stop_text_len = len(" we")
+    c3.finish_reason, c3.token_ids = None, [CHILD, 16]
+    assert settled_text(decode, bs, CTRL, SPECIAL, budget=12) == "Tips:\n1. Sleep we"
+    assert settled_text(decode, bs, CTRL, SPECIAL) == "Tips:\n1. Sleep we\n2. Eat greens.\n3. Walk Far."
+    c3.finish_reason, c3.token_ids = FinishReason.LENGTH, [CHILD, 16, 16, 16]
+    assert recover_text(decode, bs, CTRL, SPECIAL, budget=12) == "Tips:\n1. Sleep we"
+
+
 def test_a_stream_holds_back_the_longest_partial_match_at_the_end():
     """StopPrefixes.held against its definition (the longest end of the text that is a proper
     prefix of a stop string), and its quiet verdicts against theirs: after text of which nothing
