@@ -505,3 +505,42 @@ def test_a_sampling_pass_that_raises_is_retried_per_request_with_draft_trees(med
     assert any(retried_trees), "a retried pass was meant to hold draft trees"
     assert sum(o.stats["accepted_tokens_per_step"] for o in good) > len(good), "drafts were meant to be accepted"
     assert eng.scheduler.pool.num_used == 0
+
+
+def test_random_streams_send_exactly_the_final_text(medusa_model):
+    """Seeded random settings through the engine loop, as the servers stream: stop strings (some
+    that begin at or reach across a fork), forks, max_tokens that cut trees, Medusa trees or
+    none, max_num_seqs, pool size, a stream interval. Each stream's text, concatenated from its
+    events, is its final text, and that is a roomy plain engine's text for the same request.
+    Seeds 2019, 2028, 2075, 2108 and 2138 once sent text the final text did not hold."""
+    from apar_rt.engine import Engine
+    from apar_rt.serve.engine_loop import EngineLoop
+    from apar_rt.testing.tiny_model import WORDS
+
+    path, _ = medusa_model
+    for seed in [2019, 2028, 2075, 2108, 2138] + list(range(20)):
+        rng = random.Random(seed)
+        ps = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8))) for _ in range(rng.randint(1, 10))]
+        pieces = [w[:rng.randint(1, len(w))] for w in rng.sample(WORDS, 3)] + [" t", "e ", "\n", "o"]
+        stop = tuple(rng.sample(pieces, rng.randint(0, 3)))
+        params = [SamplingParams(max_tokens=rng.choice([5, 12, 30, 60]), stop=stop,
+                                 logit_bias={FORK: rng.choice([0.0, 2.0, 4.0]), EOS: rng.choice([0.0, 1.5])})
+                  for _ in ps]
+        base = LLM(str(path), raw=True, mode="apar", num_blocks=512, block_size=4).generate(ps, params)
+        cfg = {"mode": "apar", "block_size": rng.choice([4, 8]), "num_blocks": rng.choice([48, 64, 512]),
+               "max_num_seqs": rng.choice([3, 8, 64])}
+        if rng.random() < 0.5:
+            cfg.update(medusa=True, medusa_tree=rng.choice(["chain_3", "tiny_9", "mc_sim_7b_63"]),
+                       speculative_disable_by_batch_size=rng.choice([None, 2, 4]))
+        interval = rng.choice([1, 1, 2, 4])
+        engine = Engine.from_pretrained(path, dtype="float32", device="cpu", **cfg)
+        with EngineLoop(engine, stream_interval=interval) as loop:
+            streams = [loop.add(p, q, raw=True, timeout=60) for p, q in zip(ps, params)]
+            got = []
+            for stream in streams:
+                events = list(stream)
+                got.append(("".join(ev.text for ev in events), events[-1]))
+        for (text, last), want in zip(got, base):
+            assert last.finished and last.error is None, (seed, cfg)
+            assert last.finish_reason == want.finish_reason.value, (seed, cfg)
+            assert text == want.text, (seed, cfg, interval, stop)
