@@ -236,9 +236,10 @@ def _render(segment: SegmentText, branches, *, settled_only: bool, stops: StopPr
 
         A stop string cuts its branch's own text where it begins: a child forked before that
         point is kept (its text comes before the stop string in reading order), one forked after
-        it is not, though its tokens still count in the budget (`reading_order_counts`). A running branch's own text is settled up to its end less an incomplete
-        character and a stop string's partial match, which may reach back across its forks: the
-        children of the forks past that point are not settled either."""
+        it is not, though its tokens still count in the budget (`reading_order_counts`). A
+        running branch's own text is settled up to its end less an incomplete character and a
+        stop string's partial match, which may reach back across its forks: the children of the
+        forks past that point are not settled either."""
         parts: list[str] = []
         own_len = 0
         n = kept[b.id]

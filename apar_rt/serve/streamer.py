@@ -347,7 +347,7 @@ class ReadingOrderStreamer:
             if fr.k < len(bt.segments) - 1:    # closed by a child's [Fork]: all of it, then the child
                 if limit is not None and fr.own_len + len(seg) > limit:
                     return False
-                if limit is None and not b.finished:   # a stop string may still begin before the fork
+                if not b.finished:   # a stop string may still begin before the fork
                     settled = self._settled_own_end(bt)
                     if fr.own_len + len(seg) > settled:
                         return self._emit_segment(out, fr, seg, settled - fr.own_len, joined)
