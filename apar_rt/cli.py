@@ -217,7 +217,7 @@ def _engine_dir_defaults(ctx, engine_dir: str, backend: str, kw: dict) -> str:
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 disables.")
 @click.option("--seed", type=int, default=None,
               help="Per-request RNG seed for sampling (each APAR branch draws from its own RNG, seeded by "
-                   "this and its place in the tree: the same output under any load).")
+                   "this and its place in the tree: the same draws under any load).")
 @click.option("--logit-bias", multiple=True, callback=_parse_logit_bias, metavar="ID=VALUE",
               help="Add VALUE to token ID's logit (repeatable), OpenAI style.")
 @click.option("--stop", multiple=True, help="Stop string; a branch whose text contains it ends (repeatable).")
