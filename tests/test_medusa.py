@@ -237,20 +237,10 @@ def backend_and_path(request, medusa_model):
 
 
 def run_in_flight(path, ps, params, medusa, backend="torch", **kw):
-    """8+ requests: half at the start, the rest arriving while the first are decoding."""
+    """8+ requests: half at the start, the rest arriving while the first are decoding (after
+    three steps)."""
     llm = LLM(str(path), backend=backend, raw=True, medusa=medusa, **kw)
-    eng = llm.engine
-    done = {}
-    ids = [eng.add_request(p, params, raw=True) for p in ps[:len(ps) // 2]]
-    for _ in range(3):
-        for o in eng.step():
-            done[o.request_id] = o
-    ids += [eng.add_request(p, params, raw=True) for p in ps[len(ps) // 2:]]
-    while eng.has_unfinished():
-        for o in eng.step():
-            done[o.request_id] = o
-    assert eng.scheduler.pool.num_used == 0
-    return [done[i] for i in ids], eng
+    return _arriving(llm, ps, [params] * len(ps), [len(ps) // 2, 0, 0]), llm.engine
 
 
 def test_lossless_ar_in_flight_with_preemption(backend_and_path):
