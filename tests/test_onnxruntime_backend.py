@@ -92,15 +92,18 @@ def test_cut_trees_match_torch_with_small_buckets(gqa_engine, tiny_gqa):
 class Twin(TorchBackend):
     """The torch backend, also running every step through the onnxruntime backend."""
 
-    def __init__(self, model_dir, engine_dir, bind: str = "direct"):
+    def __init__(self, model_dir, engine_dir, bind: str = "direct", bindings: int | None = None):
         super().__init__(str(model_dir), dtype="float32", device="cpu")
         self.other = OnnxRuntimeBackend(str(engine_dir))
+        if bindings is not None:   # few IOBindings: later step shapes take over and rebind old ones
+            self.other.max_bindings = bindings
         # binds by onnxruntime's pybind object (as installed here), or by its public wrapper
         assert self.other._io._raw is not None, "the installed onnxruntime should take the direct binds"
         if bind == "public":
             self.other._io._raw = None
             self.other._direct_binds = False   # and the IOBindings of later step shapes
         self.diffs: list[tuple[str, float]] = []
+        self.shapes: set[tuple[int, int, int]] = set()   # (tokens, logits rows, sequences) of each step
 
     def allocate_kv(self, num_blocks, block_size):
         super().allocate_kv(num_blocks, block_size)
@@ -111,6 +114,7 @@ class Twin(TorchBackend):
         kind = "prefill" if (lens > 1).all() else "decode" if (lens == 1).all() else "mixed"
         if step.block_copies:
             kind += "+copy"
+        self.shapes.add((len(step.input_ids), len(step.logits_indices), len(step.context_lens)))
         super().execute(step)
         want = self.step_logits()
         got = self.other.forward(step)
@@ -119,10 +123,11 @@ class Twin(TorchBackend):
         self.diffs.append((kind, float(np.abs(got - want.numpy()).max()) if want.numel() else 0.0))
 
 
-@pytest.mark.parametrize("bind", ["direct", "public"])
-def test_logits_and_pools_agree_step_by_step(gqa_engine, tiny_gqa, bind):
+@pytest.mark.parametrize("bind,bindings", [("direct", None), ("public", None), ("direct", 2)])
+def test_logits_and_pools_agree_step_by_step(gqa_engine, tiny_gqa, bind, bindings):
     """Every step of an APAR run (prefill, decode, mixed, copy-on-write) within 1e-4 in fp32, with
-    either way of binding the step's buffers (`IOBindingCalls`)."""
+    either way of binding the step's buffers (`IOBindingCalls`), and with two IOBindings for the
+    run's many step shapes (each new shape takes over the older one's and rebinds it)."""
     from apar_rt.config import EngineConfig, ModelConfig
     from apar_rt.engine import Engine
     from apar_rt.model.tokenizer import load_tokenizer
@@ -130,7 +135,7 @@ def test_logits_and_pools_agree_step_by_step(gqa_engine, tiny_gqa, bind):
     model, engine = gqa_engine
     _, _, tok = tiny_gqa
     fork = tok.convert_tokens_to_ids("[SplitMask]")
-    twin = Twin(model, engine, bind)
+    twin = Twin(model, engine, bind, bindings)
     eng = Engine(twin, load_tokenizer(model), ModelConfig.from_dir(model),
                  EngineConfig(num_blocks=40, block_size=4, max_num_tokens=12, max_num_seqs=8))
     params = SamplingParams(max_tokens=24, logit_bias={fork: 3.0})
@@ -142,6 +147,7 @@ def test_logits_and_pools_agree_step_by_step(gqa_engine, tiny_gqa, bind):
         eng.step()
     kinds = {k.split("+")[0] for k, _ in twin.diffs}
     assert kinds == {"prefill", "decode", "mixed"}, kinds
+    assert len(twin.shapes) > 2 * (bindings or 1), "the run was meant to switch among many step shapes"
     assert any("+copy" in k for k, _ in twin.diffs), "forks were meant to copy a partial block"
     worst = max(d for _, d in twin.diffs)
     assert worst < 1e-4, twin.diffs
