@@ -214,9 +214,14 @@ class Scheduler:
             req = self.waiting[0]
             need = self._blocks_to_resume(req)
             if need > self.pool.capacity:
-                self.waiting.popleft()
-                self.fail(req, self._too_big_message(req), out)
-                continue
+                # a preempted APAR request whose live branches together outgrow the pool (alone, it
+                # shed branches as it grew): it resumes once the pool is empty, its branches taking
+                # what fits, as it ran before. Only one whose first branch cannot fit fails.
+                if self._least_blocks_to_resume(req) > self.pool.capacity:
+                    self.waiting.popleft()
+                    self.fail(req, self._too_big_message(req), out)
+                    continue
+                need = self.pool.capacity
             if need + self._watermark_blocks > self.pool.num_free and (self.running or seqs):
                 break
             if need > self.pool.num_free:
@@ -404,6 +409,13 @@ class Scheduler:
             if b.id in req.prefix_donors:
                 need -= req.prefix_donors[b.id][1] // bs
         return need
+
+    def _least_blocks_to_resume(self, req: Request) -> int:
+        """Blocks the live branch of `req` that needs the fewest (and waits for no donor) needs for
+        its context: what the request needs to make progress at all."""
+        bs = self.config.block_size
+        return min((_cdiv(b.context_len + 1, bs) - len(b.table.block_ids) for b in req.live_branches()
+                    if b.id not in req.prefix_donors), default=0)
 
     def _best_donor(self, b: Branch, candidates: Sequence[Branch]) -> tuple[int, int] | None:
         """(donor id, shared tokens) of the candidate sharing the longest context prefix with b,

@@ -44,6 +44,27 @@ def test_tiny_pool_with_preemption_matches_a_roomy_one(tiny_gqa):
     assert all(sum(len(b["token_ids"]) for b in o.branches) == o.stats["generated_tokens"] <= 18 for o in got)
 
 
+def test_a_preempted_tree_wider_than_the_pool_resumes_and_finishes_as_alone(tiny_gqa):
+    """A wide tree in a tiny pool finishes alone (it sheds branches as it grows). Preempted beside
+    another request, its live branches together need more blocks than the pool has: it must
+    resume (once the pool is free) and give the same output, not fail as too big."""
+    path, _, tok = tiny_gqa
+    llm = LLM(str(path), raw=True, block_size=8, num_blocks=12)
+    wide = SamplingParams(max_tokens=80, ignore_eos=True, logit_bias={fork_id(tok): 5.0})
+    other = SamplingParams(max_tokens=80, ignore_eos=True)
+    alone = llm.generate([PROMPTS[0]], wide)
+    assert alone[0].error is None and len(alone[0].branches) > 1
+    sched = llm.engine.scheduler
+    needs = []   # blocks each waiting request needed for all its live branches, as admission asked
+    count = sched._blocks_to_resume
+    sched._blocks_to_resume = lambda req: needs.append(count(req)) or needs[-1]
+    outs = llm.generate([PROMPTS[1], PROMPTS[0]], [other, wide])
+    assert max(needs) > sched.pool.capacity, "the tree was meant to be preempted wider than the pool"
+    same(outs[1:], alone)
+    assert outs[0].error is None and outs[0].finish_reason.value == "length"
+    assert sched.pool.num_used == 0
+
+
 def test_seeded_sampling_is_a_function_of_the_request_too(tiny_gqa):
     """A sampled request with a seed: each branch draws from its own RNG, seeded by the request's
     seed and the branch's place in the tree, so a tiny pool that preempts, a max_num_seqs that
