@@ -219,6 +219,8 @@ def openai_error(resp, status, param="?"):
     (b'{"model": "tiny", "prompt": "x", "logit_bias": {"999999": 1}}', 400, "logit_bias"),
     (b'{"model": "tiny", "prompt": "x", "logit_bias": {"five": 1}}', 400, "logit_bias"),
     (b'{"model": "tiny", "prompt": "x", "stop": [1]}', 400, "stop"),
+    (b'{"model": "tiny", "prompt": "x", "stop_token_ids": [-1]}', 400, "stop_token_ids"),
+    (b'{"model": "tiny", "prompt": "x", "stop_token_ids": [1099511627776]}', 400, "stop_token_ids"),
     (b'{"model": "tiny", "prompt": "x", "echo": true}', 400, "echo"),
     (b'{"model": "tiny", "prompt": "x", "stream": "yes"}', 400, "stream"),
 ])

@@ -225,8 +225,9 @@ def _parse_common(body: dict, allowed: set[str], default_max_tokens: int, server
     try:
         params = SamplingParams(**kwargs)
     except ValueError as e:
-        msg = str(e)
-        raise OpenAIError(msg, param=next((k for k in kwargs if msg.startswith(k)), None)) from None
+        msg = str(e)   # SamplingParams names the field first ("stop_token_ids must be ...")
+        field = re.match(r"\w+", msg)
+        raise OpenAIError(msg, param=field[0] if field and field[0] in kwargs else None) from None
     return dict(params=params, stream=stream, include_usage=include_usage, continuous_usage=continuous_usage,
                 branches=_get(body, "apar_branches", lambda v: isinstance(v, bool), "a boolean", False))
 
