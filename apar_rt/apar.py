@@ -245,7 +245,10 @@ def _render(segment: SegmentText, branches, *, settled_only: bool, stops: StopPr
         n = kept[b.id]
         whole = n == len(b.token_ids)
         limit = b.stop_text_len if whole else None
-        fork_points = sorted(i for i in forks_of.get(b.id, ()) if i < n)
+        # a child none of whose tokens is inside the budget is not in the text: it forked at b's
+        # last kept token ([Fork]), and whether it was started before the budget reached it
+        # depends on the schedule (a branch earlier in reading order may grow after it forks)
+        fork_points = sorted(i for i in forks_of.get(b.id, ()) if i < n and kept[children[(b.id, i)].id])
         ends = fork_points + [n]
         starts = [0] + [i + 1 for i in fork_points]
         raws = [segment(b, start, min(i + 1, n)) for start, i in zip(starts, ends)]

@@ -168,6 +168,67 @@ def test_reference_join_streams_a_prefix_of_its_final_text():
     assert all(final.startswith(s) for s in seen) and seen[-1] == final
 
 
+def test_a_child_wholly_past_the_budget_is_not_in_the_text():
+    """A budget that ends at a [Fork] (the root's second, 13th token in reading order): whether
+    that fork's child was started first depends on the schedule (a branch earlier in reading
+    order may grow after the fork), so the text, final and settled, is the same with the child
+    (all its tokens past the budget) and without it. The reference join once put its paragraph
+    break after the fork in only when the child existed."""
+    for join in ("inplace", "reference"):
+        with_child = tree()
+        without = [b for b in tree() if b.id != 2]
+        want = recover_text(decode, without, CTRL, SPECIAL, join=join, budget=13)
+        assert want.endswith("Eat") and "greens" not in want
+        assert recover_text(decode, with_child, CTRL, SPECIAL, join=join, budget=13) == want
+        with_child[2].finish_reason = None   # the child still runs, past the budget
+        assert settled_text(decode, with_child, CTRL, SPECIAL, join=join, budget=13) == want
+
+
+def _stream(final, schedule, budget, join):
+    """The reading-order stream of `final`'s tree grown in `schedule` ((branch id, tokens) at a
+    time; a [Fork] that `final` gives a child makes it then, holding [Child], as the engine
+    does: the schedule makes them in `final`'s id order), every branch then finished: the text sent, and recover_text of what was grown."""
+    from apar_rt.core import BranchDelta, Request, SamplingParams
+    from apar_rt.detokenizer import TreeText
+    from apar_rt.serve.streamer import ReadingOrderStreamer
+
+    req = Request("r", "", [1], SamplingParams(max_tokens=budget))
+    req.budget = budget
+    st = ReadingOrderStreamer(req, TreeText(decode, SPECIAL), CTRL, SPECIAL, join=join)
+    kids = {(b.parent, b.fork_index): b for b in final if b.parent is not None}
+    sent = []
+    for bid, n in schedule:
+        b = req.branches[bid]
+        deltas = [BranchDelta(b.id, b.parent, b.fork_index, [], False)]
+        for t in final[bid].token_ids[len(b.token_ids):len(b.token_ids) + n]:
+            b.token_ids.append(t)
+            deltas[0].new_token_ids.append(t)
+            kid = kids.get((b.id, len(b.token_ids) - 1))
+            if t == FORK and kid is not None:
+                c = Branch(kid.id, b.id, kid.fork_index, b.depth + 1, b.child_prefix(len(b.token_ids)), [CHILD])
+                req.branches.append(c)
+                b.children.append(c.id)
+                req.forks += 1
+                req.num_live += 1
+                deltas.append(BranchDelta(c.id, b.id, c.fork_index, [CHILD], False))
+        sent.append(st.step(deltas))
+    for b in req.branches:
+        b.finish_reason = FinishReason.STOP
+    req.num_live = 0
+    text = recover_text(decode, req.branches, CTRL, SPECIAL, join=join, budget=budget)
+    return "".join(sent) + st.finish(text), text, st.diverged
+
+
+def test_a_stream_ends_at_a_fork_whose_child_is_past_the_budget():
+    """The budget (3) ends at the root's first [Fork], after '1. ': the reference join would put a
+    line break before that fork's child, which is past the budget and so not in the text. The
+    stream must not send it either."""
+    final = tree()
+    for join in ("inplace", "reference"):
+        streamed, text, diverged = _stream(final, [(0, 3), (0, 2), (1, 2), (0, 3), (1, 2), (2, 2), (3, 2)], 3, join)
+        assert text == "Tips:\n1. Sleep" and streamed == text and not diverged
+
+
 def test_context_slice_equals_slicing_the_context():
     b = Branch(0, None, None, 0, [1, 2, 3, 4], [5, 6, 7])
     ctx = b.context()
