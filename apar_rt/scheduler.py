@@ -411,8 +411,8 @@ class Scheduler:
         return need
 
     def _least_blocks_to_resume(self, req: Request) -> int:
-        """Blocks the live branch of `req` that needs the fewest (and waits for no donor) needs for
-        its context: what the request needs to make progress at all."""
+        """The fewest blocks that one live branch of `req` waiting for no donor needs for its
+        context: what the request needs to make any progress."""
         bs = self.config.block_size
         return min((_cdiv(b.context_len + 1, bs) - len(b.table.block_ids) for b in req.live_branches()
                     if b.id not in req.prefix_donors), default=0)
