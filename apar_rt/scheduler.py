@@ -405,7 +405,7 @@ class Scheduler:
         bs = self.config.block_size
         need = 0
         for b in req.live_branches():
-            need += _cdiv(b.context_len + 1, bs) - len(b.table.block_ids)
+            need += self._blocks_for_context(b)
             if b.id in req.prefix_donors:
                 need -= req.prefix_donors[b.id][1] // bs
         return need
@@ -413,9 +413,12 @@ class Scheduler:
     def _least_blocks_to_resume(self, req: Request) -> int:
         """The fewest blocks that one live branch of `req` waiting for no donor needs for its
         context: what the request needs to make any progress."""
-        bs = self.config.block_size
-        return min((_cdiv(b.context_len + 1, bs) - len(b.table.block_ids) for b in req.live_branches()
-                    if b.id not in req.prefix_donors), default=0)
+        return min((self._blocks_for_context(b) for b in req.live_branches() if b.id not in req.prefix_donors),
+                   default=0)
+
+    def _blocks_for_context(self, b: Branch) -> int:
+        """Blocks branch b needs beyond those it holds for its context and one more token."""
+        return _cdiv(b.context_len + 1, self.config.block_size) - len(b.table.block_ids)
 
     def _best_donor(self, b: Branch, candidates: Sequence[Branch]) -> tuple[int, int] | None:
         """(donor id, shared tokens) of the candidate sharing the longest context prefix with b,

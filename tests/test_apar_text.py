@@ -187,7 +187,8 @@ def test_a_child_wholly_past_the_budget_is_not_in_the_text():
 def _stream(final, schedule, budget, join):
     """The reading-order stream of `final`'s tree grown in `schedule` ((branch id, tokens) at a
     time; a [Fork] that `final` gives a child makes it then, holding [Child], as the engine
-    does: the schedule makes them in `final`'s id order), every branch then finished: the text sent, and recover_text of what was grown."""
+    does: the schedule makes them in `final`'s id order), every branch then finished. Returns
+    the text sent, recover_text of what was grown, and whether the stream diverged."""
     from apar_rt.core import BranchDelta, Request, SamplingParams
     from apar_rt.detokenizer import TreeText
     from apar_rt.serve.streamer import ReadingOrderStreamer
