@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from array import array
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -33,6 +34,17 @@ from apar_rt.stop_filter import StopFilter
 
 
 FINISHED = RequestStatus.FINISHED
+
+
+@dataclass(slots=True)
+class _Replayable:
+    """A step the next one may replay (`Scheduler._replay_decodes`): its output, its sequences'
+    block tables (the same objects while it stays replayable), and the tokens `update` appended,
+    one per sequence (None until then)."""
+
+    out: SchedulerOutput
+    tables: list[BlockTable]
+    next_ids: Sequence[int] | None = None
 
 
 class RequestRejected(ValueError):
@@ -100,7 +112,8 @@ class Scheduler:
         self._run_ends: dict[tuple, frozenset[int]] = {}   # tokens that end an accepted run (`_run_length`)
         # the last step, while the next may be packed from it (`_replay_decodes`); None once
         # anything but one token per sequence changed (a fork, a finish, freed blocks, drafts)
-        self._replay: SchedulerOutput | None = None
+        self._replay: _Replayable | None = None
+        self._ref_counts = np.frombuffer(self.pool.ref_counts, np.intc)   # live: the pool's ref counts
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -146,7 +159,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's sequences and reserve their KV slots."""
-        if self._replay is not None and not self.waiting:
+        if self._replay is not None and self._replay.next_ids is not None and not self.waiting:
             out = self._replay_decodes(self._replay)
             if out is not None:
                 return out
@@ -253,72 +266,78 @@ class Scheduler:
                     and step.num_tokens == len(seqs) == len(step.logits_indices)):
                 # one token per sequence (no draft tree), each sampled: the next step may replay it
                 # (unless drafts come after it: `drafts_made`)
-                self._replay = out
+                self._replay = _Replayable(out, [s.branch.table for s in seqs])
                 out.replayable = True
                 out.feeds_control = self._feeds_control(step.input_ids.tolist())
         return out
 
-    def _replay_decodes(self, last: SchedulerOutput) -> SchedulerOutput | None:
+    def _replay_decodes(self, last: "_Replayable") -> SchedulerOutput | None:
         """The step after `last` when nothing changed but one new token per sequence: the same
-        sequences, one position further, packed from `last`'s arrays instead of sequence by
-        sequence (the steady state of a decode batch; vLLM keeps a persistent batch for the same
-        reason). It is the step `schedule` would pack, whose choices follow from the running
-        requests' schedulable branches, their order, the free blocks, their Medusa drafts and the
-        waiting queue alone: `last` changed none of them but by one token a sequence (it preempted
-        nobody, and no branch got a draft), no request waits, and whatever else would (a child that
-        joins, a finish, a preemption, freed blocks, drafts) dropped `_replay`. A fork whose child
-        waits for its parent's [Fork] K/V (`_fork`) adds no schedulable branch until the child
-        takes its donor's blocks (`_fork_from_donors`), which drops `_replay`.
-        Branches `last` left out (max_num_seqs, fair shares, no block) are left out again. Only
-        the KV slots are reserved one sequence at a time; a sequence whose token starts a block (or
-        must copy a shared one) takes it from the pool. None, with nothing reserved, when the
-        pool has too few free blocks for those (`schedule` then preempts) or a sequence is not
-        one token behind (not expected).
+        sequences, one position further, computed from `last`'s arrays as a whole instead of
+        sequence by sequence (the steady state of a decode batch; vLLM keeps a persistent batch for
+        the same reason). It is the step `schedule` would pack, whose choices follow from the
+        running requests' schedulable branches, their order, the free blocks, their Medusa drafts
+        and the waiting queue alone: `last` changed none of them but by one token a sequence (it
+        preempted nobody, and no branch got a draft), no request waits, and whatever else would
+        (a child that joins, a finish, a preemption, freed blocks, drafts) dropped `_replay`. A
+        fork whose child waits for its parent's [Fork] K/V (`_fork`) adds no schedulable branch
+        until the child takes its donor's blocks (`_fork_from_donors`), which drops `_replay`.
+        Branches `last` left out (max_num_seqs, fair shares, no block) are left out again.
+
+        Each new token is `last.next_ids`' (what `update` appended) and goes to its table's next
+        position, the last step's context length plus one. It goes into the table's own partly
+        filled last block where it can (read from the last block-table matrix, and the pool's ref
+        counts), as `KVCacheManager.append` would put it; a sequence whose token starts a block
+        takes one from the pool (`KVCacheManager.append_block`), and one that must copy a shared
+        last block goes through `append`. None, with nothing reserved, when the pool has too few
+        free blocks for those (`schedule` then preempts).
 
         The returned step's `block_tables` is `last`'s array, updated in place (a backend reads a
         step's inputs before the next is scheduled)."""
-        seqs = last.seqs
-        prev = last.step
-        input_ids: list[int] = []
-        tables: list[BlockTable] = []
-        for s in seqs:
-            b = s.branch
-            tokens, table = b.token_ids, b.table
-            if table.num_tokens != b.prefix_len + len(tokens) - 1:
-                return None
-            input_ids.append(tokens[-1])
-            tables.append(table)
-        # short: the sequences whose slot needs a block from the pool
-        slots, short = self.kv.append_in_place_each(tables)
-        copies: list[tuple[int, int]] = []
+        prev = last.out.step
         tables = prev.block_tables
+        bs = self.config.block_size
+        ctx = prev.context_lens + 1            # each table's tokens now: the new token's position
+        col, off = np.divmod(ctx, bs)
+        width = tables.shape[1]
+        held = tables[np.arange(len(ctx)), np.minimum(col, width - 1)]   # where off > 0: the last block
+        in_place = (off > 0) & (self._ref_counts[held] == 1)
+        short = np.flatnonzero(~in_place).tolist()   # the sequences whose slot needs a block from the pool
+        if len(short) > self.pool.num_free:
+            return None
+        slots = np.where(in_place, held * bs + off, -1).astype(np.int32)
+        for table, own in zip(last.tables, in_place.tolist()):
+            if own:
+                table.num_tokens += 1
+        copies: list[tuple[int, int]] = []
+        seqs = last.out.seqs
         if short:
-            if len(short) > self.pool.num_free:
-                self._undo_in_place(seqs, slots)
-                return None
-            width = max(len(seqs[i].branch.table.ids) + 1 for i in short)
-            if width > tables.shape[1]:
-                wider = np.zeros((tables.shape[0], width), np.int32)
-                wider[:, :tables.shape[1]] = tables
+            need = int(col[short].max()) + 1
+            if need > width:
+                wider = np.zeros((tables.shape[0], need), np.int32)
+                wider[:, :width] = tables
                 tables = wider
-            for i in short:
-                s = seqs[i]
-                table = s.branch.table
-                res = self.kv.append(table, 1)     # one block each: there are enough
-                self._took_blocks(s.request, res.new_blocks)
-                if res.copies:
+            for i in short:   # one block each: there are enough
+                table = last.tables[i]
+                if off[i] == 0:   # its token starts a block
+                    slots[i] = self.kv.append_block(table)
+                    self._took_blocks(seqs[i].request, 1)
+                else:           # it copies its shared last block
+                    res = self.kv.append(table, 1)
+                    self._took_blocks(seqs[i].request, res.new_blocks)
                     copies += res.copies
-                slots[i] = res.slots[0]
+                    slots[i] = res.slots[0]
                 # one token changes only the table's last entry (a new block, or a copy of the
                 # shared last one): the row's other entries hold already
                 ids = table.ids
                 tables[i, len(ids) - 1] = ids[-1]
+        input_ids = np.asarray(last.next_ids, np.int32)
         out = SchedulerOutput(seqs=seqs, step=StepInput(
-            input_ids=np.asarray(input_ids, np.int32), positions=prev.positions + 1, block_tables=tables,
-            context_lens=prev.context_lens + 1, query_start=prev.query_start, mask=prev.mask,
-            slot_mapping=np.asarray(slots, np.int32), logits_indices=prev.logits_indices, block_copies=copies),
-            replayable=True, replayed=True, feeds_control=self._feeds_control(input_ids))
-        self._replay = out
+            input_ids=input_ids, positions=prev.positions + 1, block_tables=tables,
+            context_lens=ctx, query_start=prev.query_start, mask=prev.mask,
+            slot_mapping=slots, logits_indices=prev.logits_indices, block_copies=copies),
+            replayable=True, replayed=True, feeds_control=self._feeds_control(last.next_ids))
+        self._replay = _Replayable(out, last.tables)
         return out
 
     def drafts_made(self) -> None:
@@ -329,13 +348,6 @@ class Scheduler:
     def _feeds_control(self, input_ids: list[int]) -> bool:
         """Whether a step's tokens hold [Fork] or [Child] (after which a branch's bans differ)."""
         return any(t is not None and t in input_ids for t in (self.control.fork, self.control.child))
-
-    @staticmethod
-    def _undo_in_place(seqs: Sequence[ScheduledSeq], slots: Sequence[int]) -> None:
-        """Give back the in-place slots `_replay_decodes` reserved for `seqs` (slot -1: none)."""
-        for s, slot in zip(seqs, slots):
-            if slot >= 0:
-                s.branch.table.num_tokens -= 1
 
     def _fill_seats(self, seqs: list[ScheduledSeq], copies: list[tuple[int, int]], budget: int) -> None:
         """Second round: seats the fair shares left free go to the running requests' other
@@ -703,6 +715,9 @@ class Scheduler:
                     finished.append(len(updates))
                     updates.append(RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], True))
                     reqs.append(req)
+        replay = self._replay
+        if replay is not None and replay.out is out:   # still replayable: each sequence took one token
+            replay.next_ids = results
         return updates, reqs, finished
 
     def _update_seq(self, s: ScheduledSeq, req: Request, b: Branch, tokens: list[int],

@@ -44,10 +44,12 @@ class BlockPool:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.num_blocks = num_blocks          # including the null block
         self.block_size = block_size          # tokens per KV block
-        self._ref = [0] * num_blocks          # ref count per block id
+        self._ref = array("i", [0]) * num_blocks   # ref count per block id (never resized)
         self._run_end: dict[int, int] = {}    # free run: first block -> last block
         self._run_start: dict[int, int] = {}  # free run: last block -> first block
-        self._runs: list[tuple[int, int]] = []  # heap of (-length, first block); stale entries skipped
+        # heap of (-length, first block, last block) per free run, maybe stale (`_largest_run`):
+        # every free run has an entry ordered no later than its own (-length, first)
+        self._runs: list[tuple[int, int, int]] = []
         self._num_free = num_blocks - 1
         self._add_run(1, num_blocks - 1)
         self.peak_used = 0                    # most blocks in use at once
@@ -68,6 +70,12 @@ class BlockPool:
     def ref_count(self, block_id: int) -> int:
         return self._ref[block_id]
 
+    @property
+    def ref_counts(self) -> memoryview:
+        """Every block's ref count, a live read-only int32 view (index: block id), for a caller
+        that reads many at once (`numpy.frombuffer` of it stays current)."""
+        return memoryview(self._ref).toreadonly()
+
     def free_runs(self) -> list[tuple[int, int]]:
         """The free runs as (first, last) block ids, in id order."""
         return sorted(self._run_end.items())
@@ -77,8 +85,10 @@ class BlockPool:
         after: the caller's last block; the blocks right after it are taken first while free."""
         if n > self._num_free:
             return None
-        if n == 1 and after is not None and after + 1 in self._run_end:   # a table grows by a block
-            return [self._take_one(after + 1)]
+        if n == 1 and after is not None:   # a table grows by a block
+            b = self.take_after(after)
+            if b > 0:
+                return [b]
         ids: list[int] = []
         if n and after is not None:
             first = after + 1
@@ -103,21 +113,31 @@ class BlockPool:
         self.peak_used = max(self.peak_used, self.num_used)
         return ids
 
-    def _take_one(self, first: int) -> int:
-        """`allocate(1, after=first - 1)` where a free run starts at `first`, without its general
-        loop (the common allocation: a decoding sequence's next block)."""
-        self._take(first, self._run_end[first], first, 1)
+    def take_after(self, b: int) -> int:
+        """Block b + 1 when it is free (ref count 1 now), else -1 and nothing taken: the common
+        allocation, a table's next block, in one call. The free run it starts loses its first
+        block; the run's heap entry, keyed by its last block, stays (`_largest_run`)."""
+        first = b + 1
+        last = self._run_end.pop(first, None)
+        if last is None:
+            return -1
+        if last > first:
+            self._run_end[first + 1] = last
+            self._run_start[last] = first + 1
+        else:
+            del self._run_start[last]
         self._ref[first] = 1
-        self._num_free -= 1
-        self.peak_used = max(self.peak_used, self.num_used)
+        self._num_free = free = self._num_free - 1
+        if self.num_blocks - 1 - free > self.peak_used:
+            self.peak_used = self.num_blocks - 1 - free
         return first
 
     def _add_run(self, first: int, last: int) -> None:
         self._run_end[first] = last
         self._run_start[last] = first
-        heapq.heappush(self._runs, (first - last - 1, first))
+        heapq.heappush(self._runs, (first - last - 1, first, last))
         if len(self._runs) > 4 * len(self._run_end) + 64:   # mostly stale entries: rebuild
-            self._runs = [(f - e - 1, f) for f, e in self._run_end.items()]
+            self._runs = [(f - e - 1, f, e) for f, e in self._run_end.items()]
             heapq.heapify(self._runs)
 
     def _take(self, first: int, last: int, start: int, k: int) -> None:
@@ -133,12 +153,12 @@ class BlockPool:
         """The longest free run (the lowest of equal ones); the caller knows one exists."""
         runs = self._runs
         while True:
-            neg, first = runs[0]
-            last = self._run_end.get(first)
-            if last is None:
+            neg, first, last = runs[0]
+            now = self._run_start.get(last)   # the first block of the run that ends at `last` now
+            if now is None:
                 heapq.heappop(runs)
-            elif first - last - 1 != neg:   # the run changed since: its length as it is now
-                heapq.heapreplace(runs, (first - last - 1, first))
+            elif now != first:   # the run changed since: the entry as it is now
+                heapq.heapreplace(runs, (now - last - 1, now, last))
             else:
                 return first, last
 
@@ -234,26 +254,6 @@ class KVCacheManager:
             return table.block_ids[-1] * bs + nt % bs
         return -1
 
-    def append_in_place_each(self, tables: Sequence[BlockTable]) -> tuple[list[int], list[int]]:
-        """`append_in_place` for each table, in one pass (a decode batch's step): the slots (-1
-        where a table's token needs `append`) and the indices of those tables."""
-        bs = self.block_size
-        ref = self.pool._ref
-        slots: list[int] = []
-        short: list[int] = []
-        for i, table in enumerate(tables):
-            nt = table.num_tokens
-            off = nt % bs
-            if off:
-                last = table.block_ids[-1]
-                if ref[last] == 1:
-                    table.num_tokens = nt + 1
-                    slots.append(last * bs + off)
-                    continue
-            slots.append(-1)
-            short.append(i)
-        return slots, short
-
     def append(self, table: BlockTable, num_new: int) -> SlotReservation | None:
         """Reserve slots for num_new tokens at the end of the table, or None if blocks run out."""
         if num_new == 1:
@@ -283,17 +283,26 @@ class KVCacheManager:
         return SlotReservation(slots=slots, copies=copies, new_blocks=need)
 
     def _append_block(self, table: BlockTable) -> SlotReservation | None:
-        """`append(table, 1)` for a table whose blocks are all full: one new block, whose first slot
-        the token takes (the common case of a decode step that starts a block), without the
-        general path's bookkeeping."""
-        fresh = self.pool.allocate(1, after=table.block_ids[-1])
-        if fresh is None:
-            return None
-        b = fresh[0]
+        """`append(table, 1)` for a table whose blocks are all full, without the general path's
+        bookkeeping."""
+        slot = self.append_block(table)
+        return None if slot < 0 else SlotReservation([slot], [], 1)
+
+    def append_block(self, table: BlockTable) -> int:
+        """One more token for a table whose blocks are all full (a decode step that starts a
+        block: the common allocation): the slot of the new block's first position, or -1, with
+        nothing taken, when no block is free."""
+        last = table.block_ids[-1]
+        b = self.pool.take_after(last)
+        if b < 0:
+            fresh = self.pool.allocate(1, after=last)
+            if fresh is None:
+                return -1
+            b = fresh[0]
         table.block_ids.append(b)
         table.ids.append(b)
         table.num_tokens += 1
-        return SlotReservation([b * self.block_size], [], 1)
+        return b * self.block_size
 
     def fork(self, table: BlockTable, num_tokens: int | None = None) -> BlockTable:
         """A new table that shares `table`'s blocks for its first `num_tokens` tokens (default: all)."""
