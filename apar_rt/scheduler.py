@@ -271,7 +271,7 @@ class Scheduler:
                 out.feeds_control = self._feeds_control(step.input_ids.tolist())
         return out
 
-    def _replay_decodes(self, last: "_Replayable") -> SchedulerOutput | None:
+    def _replay_decodes(self, last: _Replayable) -> SchedulerOutput | None:
         """The step after `last` when nothing changed but one new token per sequence: the same
         sequences, one position further, computed from `last`'s arrays as a whole instead of
         sequence by sequence (the steady state of a decode batch; vLLM keeps a persistent batch for

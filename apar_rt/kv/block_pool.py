@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import heapq
 from array import array
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 NULL_BLOCK = 0
@@ -153,7 +152,7 @@ class BlockPool:
         """The longest free run (the lowest of equal ones); the caller knows one exists."""
         runs = self._runs
         while True:
-            neg, first, last = runs[0]
+            _, first, last = runs[0]
             now = self._run_start.get(last)   # the first block of the run that ends at `last` now
             if now is None:
                 heapq.heappop(runs)
