@@ -34,6 +34,7 @@ from apar_rt.stop_filter import StopFilter
 
 
 FINISHED = RequestStatus.FINISHED
+_UPDATE_FAILED = "internal error while updating this request"
 
 
 @dataclass(slots=True)
@@ -626,7 +627,7 @@ class Scheduler:
         """
         updates: list[RequestOutput] = []           # each request's output, in order of its first sequence
         reqs: list[Request] = []                    # their requests
-        per_req: dict[int, RequestOutput] = {}      # the outputs of requests with several branches
+        per_req: dict[int, RequestOutput] = {}      # the outputs of the requests the second pass completes
         checked: list[int] = []                     # indices of the outputs the second pass completes
         finished: list[int] = []                    # indices of the finished ones
         donors = {id(s.request): s.request for s in out.seqs if s.request.prefix_donors}
@@ -641,21 +642,14 @@ class Scheduler:
             req, b = s.request, s.branch
             if req.status is FINISHED or b.finish_reason is not None:
                 continue
-            plain = type(tokens) is int   # a plain sequence's one token
-            alone = len(req.branches) == 1   # the request's one sequence
-            single = alone and plain          # completed here, without the second pass
-            upd = None if alone else per_req.get(id(req))
-            if upd is None:   # the request's first sequence this step (a plain one's delta comes first)
+            if type(tokens) is int and len(req.branches) == 1:
+                # a request's lone plain sequence, with its one token: completed here
                 upd = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
-                                    [BranchDelta(b.id, b.parent, b.fork_index, [], False)] if plain else [], False)
-                if not alone:
-                    per_req[id(req)] = upd
+                                    [BranchDelta(b.id, b.parent, b.fork_index, [], False)], False)
                 updates.append(upd)
                 reqs.append(req)
-                if not single:
-                    checked.append(len(updates) - 1)
-            try:
-                if single:
+                s.accepted = 1
+                try:
                     p = req.params
                     n = req.num_generated + 1
                     if (tokens not in eventful and tokens not in p.stop_token_ids and n < req.budget
@@ -663,26 +657,18 @@ class Scheduler:
                                                 and known[tokens] == 1))):
                         # `_append` of a token that ends nothing, forks nothing and fills nothing (no
                         # stop string can complete it; below the budget, which leaves the root's
-                        # context below max_model_len): complete
+                        # context below max_model_len)
                         b.token_ids.append(tokens)
                         req.num_generated = n
                         b.subtree_tokens += 1
                         upd.deltas[0].new_token_ids.append(tokens)
                         req.decode_steps += 1
-                        s.accepted = 1
                         continue
-                if plain:
-                    s.accepted = 1
                     self._append(req, b, tokens, upd)
-                else:
-                    self._update_seq(s, req, b, list(tokens), upd)
-            except Exception as e:
-                msg = on_error(req, e) if on_error else "internal error while updating this request"
-                self.fail(req, msg, out)
-                if single:
+                except Exception as e:
+                    self.fail(req, on_error(req, e) if on_error else _UPDATE_FAILED, out)
                     checked.append(len(updates) - 1)
-                continue
-            if single:
+                    continue
                 if len(req.branches) == 1:   # one branch, one token, which `_append` checked: complete
                     req.decode_steps += 1
                     if req.status is FINISHED:
@@ -690,6 +676,24 @@ class Scheduler:
                         finished.append(len(updates) - 1)
                 else:   # it forked: the second pass checks its branches against the budget
                     checked.append(len(updates) - 1)
+                continue
+            # a draft tree's run, or one of a request's several branches: the second pass completes it
+            upd = per_req.get(id(req))
+            if upd is None:   # the request's first sequence this step (a plain one's delta comes first)
+                upd = per_req[id(req)] = RequestOutput(
+                    req.request_id, req.prompt, req.prompt_token_ids,
+                    [BranchDelta(b.id, b.parent, b.fork_index, [], False)] if type(tokens) is int else [], False)
+                updates.append(upd)
+                reqs.append(req)
+                checked.append(len(updates) - 1)
+            try:
+                if type(tokens) is int:
+                    s.accepted = 1
+                    self._append(req, b, tokens, upd)
+                else:
+                    self._update_seq(s, req, b, list(tokens), upd)
+            except Exception as e:
+                self.fail(req, on_error(req, e) if on_error else _UPDATE_FAILED, out)
         for i in checked:
             upd, req = updates[i], reqs[i]
             if upd.deltas:
