@@ -114,7 +114,6 @@ class Scheduler:
         # the last step, while the next may be packed from it (`_replay_decodes`); None once
         # anything but one token per sequence changed (a fork, a finish, freed blocks, drafts)
         self._replay: _Replayable | None = None
-        self._ref_counts = np.frombuffer(self.pool.ref_counts, np.intc)   # live: the pool's ref counts
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -274,8 +273,8 @@ class Scheduler:
 
     def _replay_decodes(self, last: _Replayable) -> SchedulerOutput | None:
         """The step after `last` when nothing changed but one new token per sequence: the same
-        sequences, one position further, computed from `last`'s arrays as a whole instead of
-        sequence by sequence (the steady state of a decode batch; vLLM keeps a persistent batch for
+        sequences, one position further, packed from `last`'s arrays instead of sequence by
+        sequence (the steady state of a decode batch; vLLM keeps a persistent batch for
         the same reason). It is the step `schedule` would pack, whose choices follow from the
         running requests' schedulable branches, their order, the free blocks, their Medusa drafts
         and the waiting queue alone: `last` changed none of them but by one token a sequence (it
@@ -285,45 +284,35 @@ class Scheduler:
         until the child takes its donor's blocks (`_fork_from_donors`), which drops `_replay`.
         Branches `last` left out (max_num_seqs, fair shares, no block) are left out again.
 
-        Each new token is `last.next_ids`' (what `update` appended) and goes to its table's next
-        position, the last step's context length plus one. It goes into the table's own partly
-        filled last block where it can (read from the last block-table matrix, and the pool's ref
-        counts), as `KVCacheManager.append` would put it; a sequence whose token starts a block
-        takes one from the pool (`KVCacheManager.append_block`), and one that must copy a shared
-        last block goes through `append`. None, with nothing reserved, when the pool has too few
-        free blocks for those (`schedule` then preempts).
+        Each new token is `last.next_ids`' (what `update` appended). Only the KV slots are reserved
+        one sequence at a time, in one pass over `last.tables` (`append_in_place_each`); a sequence
+        whose token starts a block takes one from the pool (`KVCacheManager.append_block`), and one
+        that must copy a shared last block goes through `append`. None, with nothing reserved, when
+        the pool has too few free blocks for those (`schedule` then preempts).
 
         The returned step's `block_tables` is `last`'s array, updated in place (a backend reads a
         step's inputs before the next is scheduled)."""
         prev = last.out.step
-        tables = prev.block_tables
-        bs = self.config.block_size
-        ctx = prev.context_lens + 1            # each table's tokens now: the new token's position
-        col, off = np.divmod(ctx, bs)
-        width = tables.shape[1]
-        held = tables[np.arange(len(ctx)), np.minimum(col, width - 1)]   # where off > 0: the last block
-        in_place = (off > 0) & (self._ref_counts[held] == 1)
-        short = np.flatnonzero(~in_place).tolist()   # the sequences whose slot needs a block from the pool
-        if len(short) > self.pool.num_free:
-            return None
-        slots = np.where(in_place, held * bs + off, -1).astype(np.int32)
-        for table, own in zip(last.tables, in_place.tolist()):
-            if own:
-                table.num_tokens += 1
-        copies: list[tuple[int, int]] = []
         seqs = last.out.seqs
+        slots, short = self.kv.append_in_place_each(last.tables)
+        copies: list[tuple[int, int]] = []
+        tables = prev.block_tables
         if short:
-            need = int(col[short].max()) + 1
-            if need > width:
-                wider = np.zeros((tables.shape[0], need), np.int32)
-                wider[:, :width] = tables
+            if len(short) > self.pool.num_free:
+                self._undo_in_place(last.tables, slots)
+                return None
+            width = max(len(last.tables[i].ids) + 1 for i in short)
+            if width > tables.shape[1]:
+                wider = np.zeros((tables.shape[0], width), np.int32)
+                wider[:, :tables.shape[1]] = tables
                 tables = wider
+            bs = self.config.block_size
             for i in short:   # one block each: there are enough
                 table = last.tables[i]
-                if off[i] == 0:   # its token starts a block
+                if table.num_tokens == len(table.block_ids) * bs:   # its token starts a block
                     slots[i] = self.kv.append_block(table)
                     self._took_blocks(seqs[i].request, 1)
-                else:           # it copies its shared last block
+                else:   # it copies its shared last block
                     res = self.kv.append(table, 1)
                     self._took_blocks(seqs[i].request, res.new_blocks)
                     copies += res.copies
@@ -332,14 +321,20 @@ class Scheduler:
                 # shared last one): the row's other entries hold already
                 ids = table.ids
                 tables[i, len(ids) - 1] = ids[-1]
-        input_ids = np.asarray(last.next_ids, np.int32)
         out = SchedulerOutput(seqs=seqs, step=StepInput(
-            input_ids=input_ids, positions=prev.positions + 1, block_tables=tables,
-            context_lens=ctx, query_start=prev.query_start, mask=prev.mask,
-            slot_mapping=slots, logits_indices=prev.logits_indices, block_copies=copies),
+            input_ids=np.asarray(last.next_ids, np.int32), positions=prev.positions + 1, block_tables=tables,
+            context_lens=prev.context_lens + 1, query_start=prev.query_start, mask=prev.mask,
+            slot_mapping=np.asarray(slots, np.int32), logits_indices=prev.logits_indices, block_copies=copies),
             replayable=True, replayed=True, feeds_control=self._feeds_control(last.next_ids))
         self._replay = _Replayable(out, last.tables)
         return out
+
+    @staticmethod
+    def _undo_in_place(tables: Sequence[BlockTable], slots: Sequence[int]) -> None:
+        """Give back the in-place slots `_replay_decodes` reserved for `tables` (slot -1: none)."""
+        for table, slot in zip(tables, slots):
+            if slot >= 0:
+                table.num_tokens -= 1
 
     def drafts_made(self) -> None:
         """Branches of the last step got Medusa drafts: the next step verifies them (a plan of

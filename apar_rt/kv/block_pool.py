@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 NULL_BLOCK = 0
@@ -43,7 +44,7 @@ class BlockPool:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.num_blocks = num_blocks          # including the null block
         self.block_size = block_size          # tokens per KV block
-        self._ref = array("i", [0]) * num_blocks   # ref count per block id (never resized)
+        self._ref = [0] * num_blocks          # ref count per block id
         self._run_end: dict[int, int] = {}    # free run: first block -> last block
         self._run_start: dict[int, int] = {}  # free run: last block -> first block
         # heap of (-length, first block, last block) per free run, maybe stale (`_largest_run`):
@@ -68,12 +69,6 @@ class BlockPool:
 
     def ref_count(self, block_id: int) -> int:
         return self._ref[block_id]
-
-    @property
-    def ref_counts(self) -> memoryview:
-        """Every block's ref count, a live read-only int32 view (index: block id), for a caller
-        that reads many at once (`numpy.frombuffer` of it stays current)."""
-        return memoryview(self._ref).toreadonly()
 
     def free_runs(self) -> list[tuple[int, int]]:
         """The free runs as (first, last) block ids, in id order."""
@@ -252,6 +247,26 @@ class KVCacheManager:
             table.num_tokens = nt + 1
             return table.block_ids[-1] * bs + nt % bs
         return -1
+
+    def append_in_place_each(self, tables: Sequence[BlockTable]) -> tuple[list[int], list[int]]:
+        """`append_in_place` for each table, in one pass (a decode batch's step): the slots (-1
+        where a table's token needs `append`) and the indices of those tables."""
+        bs = self.block_size
+        ref = self.pool._ref
+        slots: list[int] = []
+        short: list[int] = []
+        for i, table in enumerate(tables):
+            nt = table.num_tokens
+            off = nt % bs
+            if off:
+                last = table.block_ids[-1]
+                if ref[last] == 1:
+                    table.num_tokens = nt + 1
+                    slots.append(last * bs + off)
+                    continue
+            slots.append(-1)
+            short.append(i)
+        return slots, short
 
     def append(self, table: BlockTable, num_new: int) -> SlotReservation | None:
         """Reserve slots for num_new tokens at the end of the table, or None if blocks run out."""
