@@ -286,9 +286,9 @@ class Scheduler:
 
         Each new token is `last.next_ids`' (what `update` appended). Only the KV slots are reserved
         one sequence at a time, in one pass over `last.tables` (`append_in_place_each`); a sequence
-        whose token starts a block takes one from the pool (`KVCacheManager.append_block`), and one
-        that must copy a shared last block goes through `append`. None, with nothing reserved, when
-        the pool has too few free blocks for those (`schedule` then preempts).
+        whose token starts a block (or must copy a shared one) takes it from the pool. None, with
+        nothing reserved, when the pool has too few free blocks for those (`schedule` then
+        preempts).
 
         The returned step's `block_tables` is `last`'s array, updated in place (a backend reads a
         step's inputs before the next is scheduled)."""
@@ -306,17 +306,13 @@ class Scheduler:
                 wider = np.zeros((tables.shape[0], width), np.int32)
                 wider[:, :tables.shape[1]] = tables
                 tables = wider
-            bs = self.config.block_size
-            for i in short:   # one block each: there are enough
+            for i in short:
                 table = last.tables[i]
-                if table.num_tokens == len(table.block_ids) * bs:   # its token starts a block
-                    slots[i] = self.kv.append_block(table)
-                    self._took_blocks(seqs[i].request, 1)
-                else:   # it copies its shared last block
-                    res = self.kv.append(table, 1)
-                    self._took_blocks(seqs[i].request, res.new_blocks)
+                res = self.kv.append(table, 1)     # one block each: there are enough
+                self._took_blocks(seqs[i].request, res.new_blocks)
+                if res.copies:
                     copies += res.copies
-                    slots[i] = res.slots[0]
+                slots[i] = res.slots[0]
                 # one token changes only the table's last entry (a new block, or a copy of the
                 # shared last one): the row's other entries hold already
                 ids = table.ids

@@ -297,26 +297,20 @@ class KVCacheManager:
         return SlotReservation(slots=slots, copies=copies, new_blocks=need)
 
     def _append_block(self, table: BlockTable) -> SlotReservation | None:
-        """`append(table, 1)` for a table whose blocks are all full, without the general path's
-        bookkeeping."""
-        slot = self.append_block(table)
-        return None if slot < 0 else SlotReservation([slot], [], 1)
-
-    def append_block(self, table: BlockTable) -> int:
-        """One more token for a table whose blocks are all full (a decode step that starts a
-        block: the common allocation): the slot of the new block's first position, or -1, with
-        nothing taken, when no block is free."""
+        """`append(table, 1)` for a table whose blocks are all full (a decode step that starts a
+        block: the common allocation): one new block, whose first slot the token takes, without
+        the general path's bookkeeping."""
         last = table.block_ids[-1]
         b = self.pool.take_after(last)
         if b < 0:
             fresh = self.pool.allocate(1, after=last)
             if fresh is None:
-                return -1
+                return None
             b = fresh[0]
         table.block_ids.append(b)
         table.ids.append(b)
         table.num_tokens += 1
-        return b * self.block_size
+        return SlotReservation([b * self.block_size], [], 1)
 
     def fork(self, table: BlockTable, num_tokens: int | None = None) -> BlockTable:
         """A new table that shares `table`'s blocks for its first `num_tokens` tokens (default: all)."""
