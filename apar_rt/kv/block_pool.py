@@ -121,9 +121,8 @@ class BlockPool:
         else:
             del self._run_start[last]
         self._ref[first] = 1
-        self._num_free = free = self._num_free - 1
-        if self.num_blocks - 1 - free > self.peak_used:
-            self.peak_used = self.num_blocks - 1 - free
+        self._num_free -= 1
+        self.peak_used = max(self.peak_used, self.num_blocks - 1 - self._num_free)
         return first
 
     def _add_run(self, first: int, last: int) -> None:
