@@ -70,6 +70,26 @@ def test_allocate_extends_after_then_takes_the_middle_of_the_largest_run():
     assert pool.allocate(1) is None
 
 
+def test_take_after_takes_the_next_block_only_while_it_is_free():
+    """`take_after(b)` (a table's next block) takes b + 1 when free and shortens the run it starts;
+    else it returns -1 and takes nothing. The shortened run is still found as the largest (its
+    heap entry is keyed by its last block), and the one it ends is gone."""
+    pool = BlockPool(21, 2)
+    assert pool.allocate(3) == [1, 2, 3]
+    assert pool.allocate(2) == [11, 12]                   # run 4..20: its middle
+    assert pool.take_after(3) == 4 and pool.ref_count(4) == 1
+    assert pool.free_runs() == [(5, 10), (13, 20)]
+    assert pool.take_after(2) == -1 and pool.take_after(12) == 13 and pool.take_after(20) == -1
+    assert pool.free_runs() == [(5, 10), (14, 20)] and pool.num_free == 13
+    for b in range(13, 19):                               # 14..19 taken from the front: 20 is left
+        assert pool.take_after(b) == b + 1
+    assert pool.free_runs() == [(5, 10), (20, 20)]
+    assert pool.allocate(2) == [7, 8]                     # 5..10 is the largest now: its middle
+    assert pool.take_after(19) == 20 and pool.free_runs() == [(5, 6), (9, 10)]
+    assert pool.allocate(3) == [5, 6, 9]                  # equal runs: the lower whole, then the other
+    assert pool.peak_used == 19 and pool.allocate(2) is None
+
+
 def test_tables_growing_together_stay_consecutive():
     """Eight tables prefilled one after another, then decoding in turn (a block each every 4
     tokens): each keeps its blocks consecutive, where handing out blocks in order would have
