@@ -615,6 +615,8 @@ class Scheduler:
         forks and fills nothing (the steady decode step) is appended inline, without `_append`.
 
         A request whose update raises fails alone, with the message `on_error(req, exc)` gives.
+        A step still replayable afterwards (nothing but one token per sequence changed) keeps
+        `results` as its next step's input ids (`_replay_decodes`).
         """
         updates: list[RequestOutput] = []           # each request's output, in order of its first sequence
         reqs: list[Request] = []                    # their requests
