@@ -299,10 +299,9 @@ class KVCacheManager:
         """`append(table, 1)` for a table whose blocks are all full (a decode step that starts a
         block: the common allocation): one new block, whose first slot the token takes, without
         the general path's bookkeeping."""
-        last = table.block_ids[-1]
-        b = self.pool.take_after(last)
-        if b < 0:
-            fresh = self.pool.allocate(1, after=last)
+        b = self.pool.take_after(table.block_ids[-1])
+        if b < 0:   # the block after the table's last is taken: any free one (the largest run's)
+            fresh = self.pool.allocate(1)
             if fresh is None:
                 return None
             b = fresh[0]
