@@ -140,6 +140,13 @@ def test_apar_medusa_tree_is_checked_before_anything_runs(both, tiny_gqa, tmp_pa
     ids = [ours.engine.encode("one two three")]
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     assert ours.generate(prompt_token_ids=ids, params=params)[0].stats["accepted_length_histogram"]
+    # step_split: every step counted, the heads' drafting runs timed apart, the timers gone after
+    before = ours.engine.num_steps
+    split = peer_mod.step_split(ours.engine, lambda: ours.generate(prompt_token_ids=ids, params=params))
+    assert split["apar_rt_apar_steps"] == ours.engine.num_steps - before > 0
+    shares = [split[f"apar_rt_apar_{k}_share"] for k in ("forward", "heads", "engine")]
+    assert all(0 < x < 1 for x in shares) and sum(shares) == pytest.approx(1.0)
+    assert not {"step", "forward", "medusa_topk"} & (vars(ours.engine).keys() | vars(ours.engine.backend).keys())
     limited = peer_mod._ours(engine, "apar", 1, 4, "chain_3", 1)
     assert limited.generate(prompt_token_ids=ids, params=params)[0].stats["accepted_length_histogram"] == {}
     row = {"batch": 1, "input_len": 5.0, "apar_rt_ar_tok_s": 1.0, "peer_ar_tok_s": 2.0, "ar_ratio": 0.5,
@@ -149,6 +156,8 @@ def test_apar_medusa_tree_is_checked_before_anything_runs(both, tiny_gqa, tmp_pa
     assert peer_mod.format_rows([row]).splitlines()[1].split()[-2:] == ["4", "chain_3"]
     row["apar_speculative_disable_by_batch_size"] = 8
     assert peer_mod.format_rows([row]).splitlines()[1].split()[-1] == "chain_3@8"
+    row.update(split)
+    assert peer_mod.format_rows([row]).splitlines()[2].strip().startswith("apar-rt APAR in flight: ")
 
 
 def test_ratios_are_taken_within_rounds():
@@ -203,8 +212,12 @@ def test_prompt_set_rounds_run_each_side_back_to_back(both, monkeypatch, tmp_pat
     flight, peer_waves, ours_waves = [("ours-in-flight-2", 3)], [("peer", w) for w in waves], [("ours-apar", w) for w in waves]
     rounds = [c for r in (0, 0, 1) for c in ((flight + peer_waves + ours_waves) if r % 2 == 0   # warm, then 2
                                              else (ours_waves + peer_waves + flight))]
-    assert calls == [("ours-ar", 3)] + rounds + [("peer", w) for w in waves]
+    split = [("ours-in-flight-2", 3)]   # untimed: where the steps' time goes
+    assert calls == [("ours-ar", 3)] + rounds + split + [("peer", w) for w in waves]
     assert row["prompts"] == 3 and row["peer_ar_req_s"] > 0
+    assert row["apar_rt_apar_steps"] > 0 and row["apar_rt_apar_step_ms"] > 0
+    assert row["apar_rt_apar_heads_share"] == 0.0 < row["apar_rt_apar_forward_share"] < 1   # no draft tree
+    assert 0 < row["apar_rt_apar_engine_share"] < 1
     assert row["apar_rt_apar_req_s"] > 0 and row["apar_rt_apar_waves_req_s"] > 0
     assert row["req_ratio"] > 0 and row["req_ratio_waves"] > 0
 

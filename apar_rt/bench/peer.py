@@ -23,7 +23,8 @@ Measures:
   once); the peer batches statically on the CPU (its `Engine` API, 0.18, without PagedAttention,
   which its builder makes for CUDA only, runs a group to its end before it admits more), so it
   runs waves of `batch` prompts through its generator, each to the wave's longest answer.
-  apar-rt's requests/s in such waves is reported too. The APAR runs get the engine's seats
+  apar-rt's requests/s in such waves is reported too, and where apar-rt's in-flight steps spend
+  their time (`step_split`: the forward, the Medusa heads, the engine). The APAR runs get the engine's seats
   (`apar_max_num_seqs`, default its --max-batch-size), as a server runs it: with only `batch`
   seats, the fair share is one seat per request and no request could fork.
 
@@ -168,6 +169,54 @@ def decode_step_times(engine) -> list[float]:
     engine.backend.forward = timed_forward
     engine.step = timed_step
     return times
+
+
+_MISSING = object()
+
+
+def step_split(engine, run) -> dict:
+    """Where apar-rt's engine steps spend their time while `run()` runs (one pass, after the timed
+    ones: the timers cost a few microseconds a step): the backend's forward (the step graph, its
+    inputs staged and bound), the Medusa heads' drafting run (`medusa_topk`; 0 without a tree),
+    and the engine itself (scheduling, sampling, verification, appending, text), each a share of
+    the steps' time. Returns the `apar_rt_apar_*` fields of a row: steps, ms a step, the three
+    shares (summing to 1). The engine and its backend are left as they were."""
+    backend = engine.backend
+    spent = {"forward": 0.0, "heads": 0.0, "step": 0.0}
+    steps = [0]
+    patched: list[tuple[object, str, object]] = []
+
+    def timed(obj, name: str, key: str) -> None:
+        inner = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - t
+                if key == "step":
+                    steps[0] += 1
+
+        patched.append((obj, name, vars(obj).get(name, _MISSING)))
+        setattr(obj, name, wrapper)
+
+    timed(backend, "forward", "forward")
+    timed(backend, "medusa_topk", "heads")
+    timed(engine, "step", "step")
+    try:
+        run()
+    finally:
+        for obj, name, before in reversed(patched):
+            if before is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, before)
+    total = spent["step"] or 1.0
+    forward, heads = spent["forward"] / total, spent["heads"] / total
+    return {"apar_rt_apar_steps": steps[0], "apar_rt_apar_step_ms": 1000 * spent["step"] / max(1, steps[0]),
+            "apar_rt_apar_forward_share": forward, "apar_rt_apar_heads_share": heads,
+            "apar_rt_apar_engine_share": 1.0 - forward - heads}
 
 
 def _interleave(run_a, run_b, repeats: int) -> tuple[list[float], list[float], int, int]:
@@ -361,6 +410,9 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
 
     seats: apar-rt's max_num_seqs in APAR mode. medusa_tree: its APAR runs verify this draft tree,
     except after a step of at least `speculative_disable_by_batch_size` sequences (None: always).
+
+    After the timed rounds, one more in-flight pass, untimed, splits apar-rt's step time
+    (`step_split`: forward, Medusa heads, engine), and its texts must be the timed passes'.
     """
     from apar_rt import SamplingParams
 
@@ -413,6 +465,9 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
         te[0] = time.perf_counter() - t
         return len(ids)
 
+    split = step_split(llm.engine, ours_in_flight)
+    if texts["flight"] != texts["waves"]:
+        raise RuntimeError("apar-rt's APAR texts differ between the timed passes and the step-split pass")
     peer_eos()
     ma, mb = statistics.median(ta), statistics.median(tb)
     return {"prompts": len(ids), "apar_max_tokens": max_tokens, "apar_max_num_seqs": seats,
@@ -421,7 +476,8 @@ def _requests_per_s(engine, peer: Peer, prompts: list[dict], bs: int, max_tokens
             "apar_rt_apar_req_s": na / statistics.median(tc), "apar_rt_apar_waves_req_s": na / ma,
             "peer_ar_req_s": nb / mb, "req_ratio": _round_ratio(tc, tb, na, nb),
             "req_ratio_waves": _round_ratio(ta, tb, na, nb),
-            "mean_ar_answer_tokens": statistics.mean(ar_lens), "peer_ar_to_eos_req_s": len(ids) / te[0]}
+            "mean_ar_answer_tokens": statistics.mean(ar_lens), "peer_ar_to_eos_req_s": len(ids) / te[0],
+            **split}
 
 
 def _medusa_column(row: dict) -> str:
@@ -446,4 +502,9 @@ def format_rows(rows: list[dict], header: bool = True) -> str:
                if "req_ratio" in r else "")
         lines.append(f"{r['batch']:>5} {r['input_len']:>6.0f} {r['apar_rt_ar_tok_s']:>16.1f} {r['peer_ar_tok_s']:>26.1f} "
                      f"{r['ar_ratio']:>6.2f}{dec}{req}")
+        if "apar_rt_apar_step_ms" in r:
+            lines.append(f"{'':>5} apar-rt APAR in flight: {r['apar_rt_apar_step_ms']:.2f} ms a step "
+                         f"({r['apar_rt_apar_steps']} steps): forward {r['apar_rt_apar_forward_share']:.0%}, "
+                         f"Medusa heads {r['apar_rt_apar_heads_share']:.0%}, "
+                         f"engine {r['apar_rt_apar_engine_share']:.0%}")
     return "\n".join(lines)
