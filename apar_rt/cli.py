@@ -319,7 +319,9 @@ def bench() -> None:
                    "greedy AR stops after the skeleton; that figure is in --json too), each engine serving "
                    "B clients (B: each of --batch-sizes) as it can: apar-rt keeps B requests in flight "
                    "(continuous batching), the peer runs waves of B (its CPU batching is static); the 'waves' "
-                   "column is apar-rt's ratio in the peer's waves.")
+                   "column is apar-rt's ratio in the peer's waves. A line under each row tells where "
+                   "apar-rt's in-flight steps spend their time (one more pass, untimed): the forward, the "
+                   "Medusa heads, the engine.")
 @click.option("--apar-max-tokens", type=int, default=256, show_default=True,
               help="max_tokens per request of the --prompts runs.")
 @click.option("--apar-max-num-seqs", type=click.IntRange(min=1), default=None,
