@@ -625,3 +625,51 @@ BlockPoolMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestBlockPoolMachine = BlockPoolMachine.TestCase
+
+
+def _state(pool: BlockPool, tables: list[BlockTable]):
+    return (pool.free_runs(), [pool.ref_count(b) for b in range(pool.num_blocks)], pool.num_free,
+            [(list(t.block_ids), list(t.ids), t.num_tokens) for t in tables])
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_append_in_place_each_then_appends_hand_out_blocks_as_appends_in_order_would(seed):
+    """A decode batch's one pass (`append_in_place_each`, then `append` for the short tables)
+    leaves the pool and the tables as appending one token to each table in order does (the same
+    blocks to the same tables, so a replayed step packs what a scheduled one would)."""
+    import copy
+    import random
+
+    rng = random.Random(seed)
+    kv = KVCacheManager(BlockPool(rng.randint(12, 40), 4))
+    tables: list[BlockTable] = []
+    for _ in range(rng.randint(3, 12)):   # grown, forked (shared blocks), truncated and freed tables
+        op = rng.random()
+        if op < 0.5 or not tables:
+            t = BlockTable()
+            if kv.append(t, rng.randint(1, 14)) is not None:
+                tables.append(t)
+        elif op < 0.7:
+            parent = rng.choice(tables)
+            tables.append(kv.fork(parent, rng.randint(1, parent.num_tokens) if parent.num_tokens else 0))
+        elif op < 0.85:
+            t = rng.choice(tables)
+            kv.truncate(t, rng.randint(0, t.num_tokens))
+        else:
+            kv.free(tables.pop(rng.randrange(len(tables))))
+        for t in tables:   # the others decode a little meanwhile
+            if rng.random() < 0.4:
+                kv.append(t, rng.randint(1, 3))
+    tables = [t for t in tables if t.num_tokens]
+    pool = kv.pool
+    # in order, one append each
+    kv_seq, tables_seq = copy.deepcopy((kv, tables))
+    seq_slots = [kv_seq.append(t, 1) for t in tables_seq]
+    slots, short = kv.append_in_place_each(tables)
+    assert all(slots[i] == -1 for i in short) and all(s >= 0 for i, s in enumerate(slots) if i not in short)
+    if None in seq_slots:   # the pool runs out in order (the scheduler then preempts instead)
+        return
+    for i in short:
+        slots[i] = kv.append(tables[i], 1).slots[0]
+    assert slots == [r.slots[0] for r in seq_slots]
+    assert _state(pool, tables) == _state(kv_seq.pool, tables_seq)
