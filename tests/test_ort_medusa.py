@@ -94,12 +94,14 @@ def _resblock_heads(rng, heads: int, hidden: int, vocab: int):
 
 def _dequantized_logits(hidden: np.ndarray, weights) -> np.ndarray:
     """The oracle of int8_weights (float64): each matmul of dequantized int8 weights (per column,
-    max |column| / 127) and of its input quantized as DynamicQuantizeLinear does (uint8, one
-    scale and zero point for the whole input), then dequantized."""
+    max |column| / INT8_WEIGHT_MAX) and of its input quantized as DynamicQuantizeLinear does (uint8,
+    one scale and zero point for the whole input), then dequantized."""
+    from apar_rt.backends.ort_medusa import INT8_WEIGHT_MAX as top
+
     def weight(w):
-        scale = np.abs(w).max(axis=0) / 127.0
+        scale = np.abs(w).max(axis=0) / float(top)
         scale[scale == 0] = 1.0
-        return np.clip(np.rint(w / scale), -127, 127) * scale
+        return np.clip(np.rint(w / scale), -top, top) * scale
 
     def activation(x):
         lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)

@@ -33,6 +33,11 @@ from apar_rt.backends.onnx_graph import drop_outputs, live, producers_and_uses, 
 
 RANK_INPUT = "apar_medusa_k"        # rank_heads' model: how many ids per head, [1] int64
 RANK_OUTPUT = "apar_medusa_ranked"  # ... and its output, [R, heads, k] int64
+# int8_weights' largest weight magnitude: 7 bits, not 8 (onnxruntime's quantizer's reduce_range).
+# On x86 CPUs without VNNI, DynamicQuantizeMatMul multiplies uint8 activations by int8 weights with
+# vpmaddubsw, which adds two products into an int16 and saturates past 32,767: 2 * 255 * 127 would
+# overflow, 2 * 255 * 63 cannot. With 127, an AMD EPYC (AVX2) ranked the wrong ids.
+INT8_WEIGHT_MAX = 63
 
 
 @dataclass
@@ -137,7 +142,7 @@ def _cut_heads(g, output: str, num_heads: int) -> bool:
 def int8_weights(model, folder: str | None = None):
     """`model` (a ModelProto; not changed) with each MatMul and Gemm (alpha = beta = 1) whose
     weight is a 2-D float32 initializer as a com.microsoft.DynamicQuantizeMatMul: the weight as
-    int8 [K, N], scaled per column by max |column| / 127 (a column of zeros by 1), the Gemm's
+    int8 [K, N], scaled per column by max |column| / INT8_WEIGHT_MAX (a column of zeros by 1), the Gemm's
     bias kept as its bias. `folder`: where external initializer data lies."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
@@ -159,9 +164,9 @@ def int8_weights(model, folder: str | None = None):
         weight = numpy_helper.to_array(w, folder or "")
         if n.op_type == "Gemm" and attrs.get("transB", 0):
             weight = weight.T
-        scale = np.abs(weight).max(axis=0) / 127.0
+        scale = np.abs(weight).max(axis=0) / float(INT8_WEIGHT_MAX)
         scale[scale == 0] = 1.0
-        q = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+        q = np.clip(np.rint(weight / scale), -INT8_WEIGHT_MAX, INT8_WEIGHT_MAX).astype(np.int8)
         k = len(new_inits) // 2
         new_inits += [numpy_helper.from_array(np.ascontiguousarray(q), f"{p}w{k}"),
                       numpy_helper.from_array(scale.astype(np.float32), f"{p}scale{k}")]
