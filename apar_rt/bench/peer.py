@@ -179,11 +179,11 @@ def step_split(engine, run) -> dict:
     ones: the timers cost a few microseconds a step): the backend's forward (the step graph, its
     inputs staged and bound), the Medusa heads' drafting run (`medusa_topk`; 0 without a tree),
     and the engine itself (scheduling, sampling, verification, appending, text), each a share of
-    the steps' time. Returns the `apar_rt_apar_*` fields of a row: steps, ms a step, the three
+    the steps' time. Returns the `apar_rt_apar_*` fields of a row: steps (`Engine.num_steps`), ms a step, the three
     shares (summing to 1). The engine and its backend are left as they were."""
     backend = engine.backend
     spent = {"forward": 0.0, "heads": 0.0, "step": 0.0}
-    steps = [0]
+    first_step = engine.num_steps
     patched: list[tuple[object, str, object]] = []
 
     def timed(obj, name: str, key: str) -> None:
@@ -195,8 +195,6 @@ def step_split(engine, run) -> dict:
                 return inner(*args, **kwargs)
             finally:
                 spent[key] += time.perf_counter() - t
-                if key == "step":
-                    steps[0] += 1
 
         patched.append((obj, name, vars(obj).get(name, _MISSING)))
         setattr(obj, name, wrapper)
@@ -212,9 +210,10 @@ def step_split(engine, run) -> dict:
                 delattr(obj, name)
             else:
                 setattr(obj, name, before)
+    steps = engine.num_steps - first_step
     total = spent["step"] or 1.0
     forward, heads = spent["forward"] / total, spent["heads"] / total
-    return {"apar_rt_apar_steps": steps[0], "apar_rt_apar_step_ms": 1000 * spent["step"] / max(1, steps[0]),
+    return {"apar_rt_apar_steps": steps, "apar_rt_apar_step_ms": 1000 * spent["step"] / max(1, steps),
             "apar_rt_apar_forward_share": forward, "apar_rt_apar_heads_share": heads,
             "apar_rt_apar_engine_share": 1.0 - forward - heads}
 
