@@ -607,9 +607,10 @@ class Scheduler:
         a finished request's output (its finish_reason, error, text, branches and stats).
 
         A plain sequence brings one token (an int in `results`). A draft tree brings its accepted
-        run plus the bonus token; the run is cut after the first [Fork] or end token (kept), and to
-        the request's remaining max_tokens. For a tree, `s.accepted` is set to the tokens kept and
-        the table is cut to the root plus the accepted nodes, whose K/V the engine then writes.
+        run plus the bonus token; the run is cut after the first end token (kept; a [Fork] in it
+        forks there and the run goes on, `_run_length`), and to the request's remaining max_tokens.
+        For a tree, `s.accepted` is set to the tokens kept and the table is cut to the root plus
+        the accepted nodes, whose K/V the engine then writes.
 
         A request's lone plain sequence is completed as its token is appended; a token that ends,
         forks and fills nothing (the steady decode step) is appended inline, without `_append`.
@@ -731,16 +732,18 @@ class Scheduler:
                 break
 
     def _run_length(self, req: Request, b: Branch, tokens: Sequence[int]) -> int:
-        """Tokens of an accepted run to keep: through the first [Fork] or end token, and none that
-        would land past the request's budget in reading order."""
+        """Tokens of an accepted run to keep: through the first end token, and none that would land
+        past the request's budget in reading order. A [Fork] inside the run does not cut it: the
+        child forks as `_append` reaches it, sharing the blocks through [Fork] (an accepted node: the
+        step computed its K/V, which the engine writes before the next step), and the thread keeps
+        the tokens after it, which plain decoding gives it too (greedy verification is lossless).
+        `_append` checks the budget token by token, since the child's tokens come first in reading
+        order."""
         p = req.params
-        apar = self.control.fork is not None and self.mode(req) == "apar"
-        key = (p.stop_token_ids, p.ignore_eos, apar)
+        key = (p.stop_token_ids, p.ignore_eos)
         ends = self._run_ends.get(key)
         if ends is None:   # memoised: a tree step asks once per thread
             ends = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-            if apar:
-                ends.add(self.control.fork)
             if len(self._run_ends) > 64:
                 self._run_ends.clear()
             ends = self._run_ends[key] = frozenset(ends)

@@ -64,3 +64,52 @@ def test_shipped_medusa_heads_are_lossless_and_accept_drafts():
     assert [o.text for o in spec] == [o.text for o in base]
     assert sum(o.stats["accepted_tokens_per_step"] for o in spec) / len(spec) > 1.8
     assert sum(o.stats["decode_steps"] for o in spec) < sum(o.stats["decode_steps"] for o in base)
+
+
+
+@pytest.fixture(scope="module")
+def demo_engine_dir(tmp_path_factory):
+    from apar_rt.build.builder import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("demo_ort") / "engine"
+    build(BuildOptions(model=str(MODEL), output=str(out), max_batch_size=8), progress=False, log=lambda m: None)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_an_accepted_run_past_a_fork_keeps_its_tokens_and_cut_trees_stay_plain_aprs(backend, tmp_path, request):
+    """With the demo's 4-deep chain, a thread whose accepted run holds [Fork] before its last token
+    keeps the tokens after it (the child forks at once: the [Fork]'s K/V is the accepted node's).
+    The oracle is plain APAR (no drafts): the same trees, texts and finish reasons, also where
+    max_tokens cuts the tree, since the thread then runs ahead of its children in reading order."""
+    import apar_rt.scheduler as scheduler_module
+
+    tree = tmp_path / "chain_4.json"
+    tree.write_text(json.dumps({"name": "chain_4", "choices": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]}))
+    where = str(MODEL) if backend == "torch" else str(request.getfixturevalue("demo_engine_dir"))
+    base = LLM(where, backend=backend, dtype="float32", device="cpu")
+    spec = LLM(where, backend=backend, dtype="float32", device="cpu", medusa=True, medusa_tree=str(tree))
+    fork = spec.engine.scheduler.control.fork
+    past_fork = []
+    update_seq = scheduler_module.Scheduler._update_seq
+
+    def watched(self, s, req, b, tokens, upd):   # records the runs kept past a [Fork], then updates
+        before = len(b.token_ids)
+        update_seq(self, s, req, b, tokens, upd)
+        kept = b.token_ids[before:before + s.accepted]
+        if s.tree and fork in kept[:-1]:
+            past_fork.append(kept)
+
+    scheduler_module.Scheduler._update_seq = watched
+    try:
+        for max_tokens in (300, 24, 41, 57, 80, 120):
+            params = SamplingParams(max_tokens=max_tokens)
+            want = base.generate(STRUCTURED[:8], params)
+            got = spec.generate(STRUCTURED[:8], params)
+            assert [o.branches for o in got] == [o.branches for o in want], max_tokens
+            assert [o.text for o in got] == [o.text for o in want], max_tokens
+            assert [o.finish_reason for o in got] == [o.finish_reason for o in want], max_tokens
+    finally:
+        scheduler_module.Scheduler._update_seq = update_seq
+    assert len(past_fork) >= 10, "the chain was meant to accept runs through a [Fork]"
+    assert spec.engine.scheduler.pool.num_used == 0
