@@ -397,12 +397,22 @@ class Engine:
         idx: list[int] = []
         slots: list[int] = []
         if any(s.tree for s, _, _ in picks):
-            offsets = dict(zip(map(id, out.seqs), out.step.query_start.tolist()))
+            # the step wrote the K/V of the tree's first path (`Scheduler._pack`): the accepted
+            # nodes from where the accepted path leaves it are written here
+            first = self.verifier.tree.first_path
+            offsets = None
             for s, _, nodes in picks:
                 if s.tree and s.accepted and not s.request.finished:
+                    k = 0
+                    while k < s.accepted and k < len(first) and nodes[k] == first[k]:
+                        k += 1
+                    if k == s.accepted:
+                        continue
+                    if offsets is None:
+                        offsets = dict(zip(map(id, out.seqs), out.step.query_start.tolist()))
                     at = offsets[id(s)]
-                    idx += [at + n for n in nodes[:s.accepted]]
-                    slots += s.slots[:s.accepted]
+                    idx += [at + n for n in nodes[k:s.accepted]]
+                    slots += s.slots[k:s.accepted]
         if idx:
             self.backend.commit_kv(idx, slots)
         if not self._drafts_after(out):

@@ -101,6 +101,10 @@ class Scheduler:
         if tree is not None:   # the tree's step buffers, built once
             self._tree_mask = np.asarray(tree.mask, bool)
             self._tree_depth_list = [int(d) for d in tree.depths]
+            # per node, the index into a tree's reserved slots (root + depth) where the step writes
+            # its K/V: its depth on the tree's first path, -1 (not written) elsewhere
+            first = set(tree.first_path)
+            self._tree_slot_index = [int(d) if i in first else -1 for i, d in enumerate(tree.depths)]
         self.pool = BlockPool(config.num_blocks, config.block_size)
         self.kv = KVCacheManager(self.pool)
         self.waiting: deque[Request] = deque()
@@ -536,12 +540,15 @@ class Scheduler:
             ids = b.table.ids
             flat[row:row + len(ids)] = ids
             row += max_blocks
-            if s.tree:   # root (the last sampled token) + draft nodes; K/V kept until accepted
+            if s.tree:   # root (the last sampled token) + draft nodes: the first path's K/V are written
+                # at their depths' slots (kept where the accepted path runs along it), the others'
+                # only once accepted (`Engine._after_medusa_step`)
                 start = b.prefix_len + len(b.token_ids) - 1
                 input_ids.append(b.token_ids[-1])
                 input_ids.extend(b.draft)
                 positions.extend([start + d for d in self._tree_depth_list])
-                slots.extend([-1] * n)
+                reserved = s.slots
+                slots.extend([reserved[d] if d >= 0 else -1 for d in self._tree_slot_index])
                 logits_idx.extend(range(t, t + n))
                 blocked.append((t, n, True))
             else:

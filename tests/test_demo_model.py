@@ -77,11 +77,12 @@ def demo_engine_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_an_accepted_run_past_a_fork_keeps_its_tokens_and_cut_trees_stay_plain_aprs(backend, tmp_path, request):
+def test_chain_runs_go_past_forks_write_their_kv_in_the_step_and_equal_plain_apar(backend, tmp_path, request):
     """With the demo's 4-deep chain, a thread whose accepted run holds [Fork] before its last token
-    keeps the tokens after it (the child forks at once: the [Fork]'s K/V is the accepted node's).
-    The oracle is plain APAR (no drafts): the same trees, texts and finish reasons, also where
-    max_tokens cuts the tree, since the thread then runs ahead of its children in reading order."""
+    keeps the tokens after it (the child forks at once: the [Fork]'s K/V is the accepted node's),
+    and the step writes the chain's K/V itself (nothing is written after it). The oracle is plain
+    APAR (no drafts): the same trees, texts and finish reasons, also where max_tokens cuts the
+    tree, since the thread then runs ahead of its children in reading order."""
     import apar_rt.scheduler as scheduler_module
 
     tree = tmp_path / "chain_4.json"
@@ -91,6 +92,9 @@ def test_an_accepted_run_past_a_fork_keeps_its_tokens_and_cut_trees_stay_plain_a
     spec = LLM(where, backend=backend, dtype="float32", device="cpu", medusa=True, medusa_tree=str(tree))
     fork = spec.engine.scheduler.control.fork
     past_fork = []
+    committed = []   # rows the engine wrote after the steps: none, since a chain is its own first path
+    commit_kv = spec.engine.backend.commit_kv
+    spec.engine.backend.commit_kv = lambda idx, slots: (committed.extend(slots), commit_kv(idx, slots))
     update_seq = scheduler_module.Scheduler._update_seq
 
     def watched(self, s, req, b, tokens, upd):   # records the runs kept past a [Fork], then updates
@@ -112,4 +116,5 @@ def test_an_accepted_run_past_a_fork_keeps_its_tokens_and_cut_trees_stay_plain_a
     finally:
         scheduler_module.Scheduler._update_seq = update_seq
     assert len(past_fork) >= 10, "the chain was meant to accept runs through a [Fork]"
+    assert committed == [], "the step itself writes the K/V of a chain's accepted nodes"
     assert spec.engine.scheduler.pool.num_used == 0

@@ -47,6 +47,8 @@ def test_tree_buffers_by_hand():
     assert t.topk == (2, 2, 1)
     assert t.retrieve == ((0, 2), (0, 1, 4), (0, 1, 3, 5))
     assert t.children == ((1, 2), (3, 4), (), (5,), (), ())
+    assert t.first_path == (0, 1, 3, 5)
+    assert MedusaTree.from_choices([[1], [0, 0], [0]]).first_path == (0, 1, 3)
     assert t.mask[5] == (True, True, False, True, False, True)
     assert t.mask[2] == (True, False, True, False, False, False)
     assert t.draft_tokens([[10, 11], [20, 21], [30]]) == [10, 11, 20, 21, 30]

@@ -33,6 +33,9 @@ class MedusaTree:
     mask: tuple[tuple[bool, ...], ...]    # [n+1][n+1]: index i sees j iff j is i or an ancestor
     retrieve: tuple[tuple[int, ...], ...]  # one row per leaf: indices root..leaf
     children: tuple[tuple[int, ...], ...]  # per index: child indices
+    # the root, then each node's first child down to a leaf: node i of it sits at depth i, and a
+    # step writes these nodes' K/V where an accepted path through them keeps it (`Scheduler._pack`)
+    first_path: tuple[int, ...]
 
     @property
     def num_nodes(self) -> int:
@@ -82,8 +85,12 @@ class MedusaTree:
                     chain.append(j)
                     j = parents[j]
                 retrieve.append(tuple(reversed(chain)))
+        first_path = [0]
+        while children[first_path[-1]]:
+            first_path.append(children[first_path[-1]][0])
         return cls(name=name, paths=tuple(paths), parents=tuple(parents), depths=tuple(depths), topk=topk,
-                   mask=tuple(mask), retrieve=tuple(retrieve), children=tuple(tuple(c) for c in children))
+                   mask=tuple(mask), retrieve=tuple(retrieve), children=tuple(tuple(c) for c in children),
+                   first_path=tuple(first_path))
 
     def check_heads(self, num_heads: int) -> None:
         """Raise TreeError if the tree needs more heads than there are."""
