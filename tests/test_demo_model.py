@@ -66,7 +66,6 @@ def test_shipped_medusa_heads_are_lossless_and_accept_drafts():
     assert sum(o.stats["decode_steps"] for o in spec) < sum(o.stats["decode_steps"] for o in base)
 
 
-
 @pytest.fixture(scope="module")
 def demo_engine_dir(tmp_path_factory):
     from apar_rt.build.builder import BuildOptions, build
