@@ -297,7 +297,8 @@ class ScheduledSeq:
     num_new: int                          # new tokens fed this step
     slots: list[int]                      # reserved KV slots (per new token; for a tree: root + depth)
     samples: bool                         # whether logits are sampled (the last token, or the tree)
-    tree: bool = False                    # a Medusa draft tree: root + draft nodes, K/V written later
+    tree: bool = False                    # a Medusa draft tree: root + draft nodes (the step writes its
+    #                                       first path's K/V, the engine accepted nodes off it)
     accepted: int = 0                     # tokens appended by this step (set by Scheduler.update)
     # A replayed step (Scheduler._replay_decodes) reuses the last step's sequences: its slots are
     # in its StepInput.slot_mapping only (`slots` keeps the first step's), and nothing reads

@@ -103,7 +103,8 @@ class Backend(ABC):
 
     def commit_kv(self, token_indices, slots) -> None:
         """Write the K/V of the last forward's tokens `token_indices` (into the packed step) to
-        `slots`. Used for draft trees, whose K/V are written only once accepted."""
+        `slots`. Used for draft trees: the accepted nodes off the tree's first path (the step wrote
+        the first path's K/V itself, `MedusaTree.first_path`)."""
         raise NotImplementedError(f"backend {self.name!r} cannot write K/V after a step")
 
     def kv_bytes_per_block(self) -> int:
