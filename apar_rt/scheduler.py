@@ -742,10 +742,9 @@ class Scheduler:
         """Tokens of an accepted run to keep: through the first end token, and none that would land
         past the request's budget in reading order. A [Fork] inside the run does not cut it: the
         child forks as `_append` reaches it, sharing the blocks through [Fork] (an accepted node: its
-        K/V are in the pool before the next step), and the thread keeps
-        the tokens after it, which plain decoding gives it too (greedy verification is lossless).
-        `_append` checks the budget token by token, since the child's tokens come first in reading
-        order."""
+        K/V are in the pool before the next step), and the thread keeps the tokens after it, which
+        plain decoding gives it too (greedy verification is lossless). `_append` checks the budget
+        token by token, since the child's tokens come first in reading order."""
         p = req.params
         key = (p.stop_token_ids, p.ignore_eos)
         ends = self._run_ends.get(key)

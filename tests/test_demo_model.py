@@ -76,7 +76,8 @@ def demo_engine_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_chain_runs_go_past_forks_write_their_kv_in_the_step_and_equal_plain_apar(backend, tmp_path, request):
+def test_chain_runs_go_past_forks_write_their_kv_in_the_step_and_equal_plain_apar(backend, tmp_path, request,
+                                                                                   monkeypatch):
     """With the demo's 4-deep chain, a thread whose accepted run holds [Fork] before its last token
     keeps the tokens after it (the child forks at once: the [Fork]'s K/V is the accepted node's),
     and the step writes the chain's K/V itself (nothing is written after it). The oracle is plain
@@ -93,7 +94,8 @@ def test_chain_runs_go_past_forks_write_their_kv_in_the_step_and_equal_plain_apa
     past_fork = []
     committed = []   # rows the engine wrote after the steps: none, since a chain is its own first path
     commit_kv = spec.engine.backend.commit_kv
-    spec.engine.backend.commit_kv = lambda idx, slots: (committed.extend(slots), commit_kv(idx, slots))
+    monkeypatch.setattr(spec.engine.backend, "commit_kv",
+                        lambda idx, slots: (committed.extend(slots), commit_kv(idx, slots)))
     update_seq = scheduler_module.Scheduler._update_seq
 
     def watched(self, s, req, b, tokens, upd):   # records the runs kept past a [Fork], then updates
@@ -103,17 +105,14 @@ def test_chain_runs_go_past_forks_write_their_kv_in_the_step_and_equal_plain_apa
         if s.tree and fork in kept[:-1]:
             past_fork.append(kept)
 
-    scheduler_module.Scheduler._update_seq = watched
-    try:
-        for max_tokens in (300, 24, 41, 57, 80, 120):
-            params = SamplingParams(max_tokens=max_tokens)
-            want = base.generate(STRUCTURED[:8], params)
-            got = spec.generate(STRUCTURED[:8], params)
-            assert [o.branches for o in got] == [o.branches for o in want], max_tokens
-            assert [o.text for o in got] == [o.text for o in want], max_tokens
-            assert [o.finish_reason for o in got] == [o.finish_reason for o in want], max_tokens
-    finally:
-        scheduler_module.Scheduler._update_seq = update_seq
+    monkeypatch.setattr(scheduler_module.Scheduler, "_update_seq", watched)
+    for max_tokens in (300, 24, 41, 57, 80, 120):
+        params = SamplingParams(max_tokens=max_tokens)
+        want = base.generate(STRUCTURED[:8], params)
+        got = spec.generate(STRUCTURED[:8], params)
+        assert [o.branches for o in got] == [o.branches for o in want], max_tokens
+        assert [o.text for o in got] == [o.text for o in want], max_tokens
+        assert [o.finish_reason for o in got] == [o.finish_reason for o in want], max_tokens
     assert len(past_fork) >= 10, "the chain was meant to accept runs through a [Fork]"
     assert committed == [], "the step itself writes the K/V of a chain's accepted nodes"
     assert spec.engine.scheduler.pool.num_used == 0
