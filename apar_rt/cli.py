@@ -8,6 +8,7 @@ import sys
 import click
 
 from apar_rt import __version__
+from apar_rt.medusa.tree import DEFAULT_TREE, preset_names
 
 _SAMPLING_FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
                    "top_k": "--top-k", "logit_bias": "--logit-bias", "stop": "--stop", "seed": "--seed"}
@@ -86,8 +87,8 @@ def engine_options(f):
         click.option("--medusa-heads", type=click.Path(), default=None,
                      help="Medusa heads folder (implies --medusa; default: MODEL/medusa)."),
         click.option("--medusa-tree", default=None, metavar="NAME|FILE",
-                     help="Draft tree: a preset (tiny_9, mc_sim_7b_63, chain_3) or a JSON file of paths "
-                          "(default: tiny_9)."),
+                     help=f"Draft tree: a preset ({', '.join(preset_names())}) or a JSON file of paths "
+                          f"(default: {DEFAULT_TREE})."),
         click.option("--acceptance", type=click.Choice(["typical", "greedy"]), default="typical",
                      show_default=True,
                      help="Drafts for sampled requests: typical acceptance, or greedy (no drafts when "
@@ -329,8 +330,8 @@ def bench() -> None:
                    "the engine's --max-batch-size, as a server runs it). With no more seats than --batch-sizes, "
                    "each request's fair share is one seat and none can fork.")
 @click.option("--apar-medusa-tree", default=None, metavar="NAME|FILE",
-              help="apar-rt's APAR runs on --prompts also verify this Medusa draft tree (a preset: chain_3, "
-                   "tiny_9, mc_sim_7b_63, or a JSON file) with the engine's heads (an engine built here takes "
+              help="apar-rt's APAR runs on --prompts also verify this Medusa draft tree (a preset: "
+                   f"{', '.join(preset_names())}, or a JSON file) with the engine's heads (an engine built here takes "
                    "MODEL/medusa). Greedy answers are the same; the steps are fewer and larger.")
 @click.option("--apar-speculative-disable-by-batch-size", "apar_spec_limit", type=click.IntRange(min=1),
               default=None,

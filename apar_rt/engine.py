@@ -18,7 +18,7 @@ from apar_rt.core import (FinishReason, Request, RequestOutput, RequestStatus, S
                           request_stats)
 from apar_rt.detokenizer import TreeText
 from apar_rt.medusa.folder import HEADS_DIRNAME, find_heads_dir
-from apar_rt.medusa.tree import load_tree
+from apar_rt.medusa.tree import DEFAULT_TREE, load_tree
 from apar_rt.medusa.verifier import Acceptance, MedusaVerifier, TreeRows
 from apar_rt.model.byte_table import byte_table
 from apar_rt.model.tokenizer import control_tokens, encode_prompt, load_tokenizer
@@ -28,9 +28,6 @@ from apar_rt.stop_filter import for_tokenizer as stop_filter_for
 from apar_rt.stop_prefixes import StopPrefixes
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TREE = "tiny_9"   # the Medusa tree when heads are loaded and no tree is named
-
 
 YOUNG_GC_THRESHOLD = 10_000   # allocations between young collections once the heap is frozen
 

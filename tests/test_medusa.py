@@ -55,9 +55,13 @@ def test_tree_buffers_by_hand():
 
 
 def test_presets_load():
-    assert {"mc_sim_7b_63", "tiny_9"} <= set(preset_names())
+    assert {"mc_sim_7b_63", "tiny_9", "chain_3", "chain_4"} <= set(preset_names())
     mc = load_tree("mc_sim_7b_63")
     assert mc.num_nodes == 63 and mc.depth == 4 and mc.topk == (10, 10, 10, 2)
+    for depth in (3, 4):   # a top-1 chain: one node per depth, each the last one's only child
+        chain = load_tree(f"chain_{depth}")
+        assert chain.name == f"chain_{depth}" and chain.num_nodes == depth == chain.depth
+        assert chain.topk == (1,) * depth and chain.first_path == tuple(range(depth + 1))
 
 
 @pytest.mark.parametrize("content,match", [

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PRESET_DIR = Path(__file__).with_name("trees")
+DEFAULT_TREE = "tiny_9"   # the Medusa tree when heads are loaded and no tree is named
 
 
 class TreeError(ValueError):
