@@ -273,3 +273,17 @@ def test_in_flight_refuses_to_count_a_failed_request_as_served(both):
         peer_mod.in_flight(llm, ids, [good, bad, good], 2)
     assert not llm.engine.has_unfinished()
     assert peer_mod.in_flight(llm, ids, good, 2) == peer_mod.in_flight(llm, ids, good, 1)
+
+
+def test_the_comparison_script_names_an_unknown_benchmark_before_it_installs_anything(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "samples/bench_vs_onnxruntime_genai.sh"
+    env = dict(os.environ, APAR_VENV=str(tmp_path / "venv"))
+    r = subprocess.run(["bash", str(script), str(tmp_path / "out"), "demo", "speed"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "unknown benchmark 'speed': choose from demo, wide, random, overhead" in r.stderr
+    assert not (tmp_path / "venv").exists() and not (tmp_path / "out").exists()
