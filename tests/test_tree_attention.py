@@ -569,12 +569,11 @@ def test_cpu_group_path_matches_the_oracle(hq, hkv, poison, seed):
     assert torch.isfinite(check(step, lambda s: group_attention(*s.args()))).all()
 
 
-@pytest.mark.parametrize("impl", sorted(IMPLS))
+# the contract lets the ONNX function rely on finite pool contents: its implementations are not run here
+@pytest.mark.parametrize("impl", sorted(i for i in IMPLS if not i.startswith("onnx")))
 @pytest.mark.parametrize("seed", SEEDS)
 def test_nonfinite_garbage_is_not_read(impl, seed):
     """NaN / inf in unused slots and in the null block must not leak into the output."""
-    if impl.startswith("onnx"):
-        pytest.skip("the contract lets the ONNX function rely on finite pool contents")
     rng = random.Random(600 + seed)
     seqs = [make_seq(rng, kind) for kind in ("prefill", "decode", "tree", "decode")]
     seqs[1].context_len = 0
