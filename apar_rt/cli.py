@@ -10,6 +10,8 @@ import click
 from apar_rt import __version__
 from apar_rt.medusa.tree import DEFAULT_TREE, preset_names
 
+_TREE_PRESETS = ", ".join(preset_names())   # the --medusa-tree presets, for the help texts
+
 _SAMPLING_FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
                    "top_k": "--top-k", "logit_bias": "--logit-bias", "stop": "--stop", "seed": "--seed"}
 
@@ -87,7 +89,7 @@ def engine_options(f):
         click.option("--medusa-heads", type=click.Path(), default=None,
                      help="Medusa heads folder (implies --medusa; default: MODEL/medusa)."),
         click.option("--medusa-tree", default=None, metavar="NAME|FILE",
-                     help=f"Draft tree: a preset ({', '.join(preset_names())}) or a JSON file of paths "
+                     help=f"Draft tree: a preset ({_TREE_PRESETS}) or a JSON file of paths "
                           f"(default: {DEFAULT_TREE})."),
         click.option("--acceptance", type=click.Choice(["typical", "greedy"]), default="typical",
                      show_default=True,
@@ -331,7 +333,7 @@ def bench() -> None:
                    "each request's fair share is one seat and none can fork.")
 @click.option("--apar-medusa-tree", default=None, metavar="NAME|FILE",
               help="apar-rt's APAR runs on --prompts also verify this Medusa draft tree (a preset: "
-                   f"{', '.join(preset_names())}, or a JSON file) with the engine's heads (an engine built here takes "
+                   f"{_TREE_PRESETS}, or a JSON file) with the engine's heads (an engine built here takes "
                    "MODEL/medusa). Greedy answers are the same; the steps are fewer and larger.")
 @click.option("--apar-speculative-disable-by-batch-size", "apar_spec_limit", type=click.IntRange(min=1),
               default=None,

@@ -20,8 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-build_engines/out/bench}"
 shift || true
-ROWS=("${@:-demo wide random overhead}")
-read -r -a ROWS <<< "${ROWS[*]}"
+ROWS=("$@")
+[ ${#ROWS[@]} -gt 0 ] || ROWS=(demo wide random overhead)
 for row in "${ROWS[@]}"; do
   case "$row" in
     demo|wide|random|overhead) ;;
@@ -64,9 +64,8 @@ for row in "${ROWS[@]}"; do
     random)
       [ -f "$OUT/random/config.json" ] || python -c "
 import sys
-from apar_rt.testing.tiny_model import make_tiny_checkpoint
-make_tiny_checkpoint(sys.argv[1], vocab_size=32000, hidden=512, layers=8, num_heads=8, num_kv_heads=8,
-                     intermediate=1536, weight_std=0.02, max_position_embeddings=2048)" "$OUT/random"
+from apar_rt.testing.tiny_model import RANDOM_LLAMA_512, make_tiny_checkpoint
+make_tiny_checkpoint(sys.argv[1], **RANDOM_LLAMA_512, max_position_embeddings=2048)" "$OUT/random"
       engine "$OUT/random" "$OUT/random-ort"
       peer_rows random "$OUT/random" "$OUT/random-ort" "$REPEATS" ;;
     overhead)

@@ -312,11 +312,10 @@ RANDOM_THRESHOLDS = {"int8": {"greedy_same_rate": 0.75, "max_abs_logit_error": 0
 
 @pytest.fixture(scope="module")
 def random_llama_engines(tmp_path_factory):
-    from apar_rt.testing.tiny_model import make_tiny_checkpoint
+    from apar_rt.testing.tiny_model import RANDOM_LLAMA_512, make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("quant_random")
-    make_tiny_checkpoint(root / "model", vocab_size=32000, hidden=512, layers=8, num_heads=8, num_kv_heads=8,
-                         intermediate=1536, weight_std=0.02)
+    make_tiny_checkpoint(root / "model", **RANDOM_LLAMA_512)
     return {q: _build(root / "model", root / q, **({} if q == "fp32" else {"quantize": q}))
             for q in ("fp32", "int8", "int4")}
 

@@ -40,6 +40,13 @@ def make_tokenizer(path: str | Path, vocab_size: int = 512, with_control_tokens:
     return fast
 
 
+# the random Llama (hidden 512, 8 layers, 8 heads, vocabulary 32,000; weights N(0, 0.02)):
+# `make_tiny_checkpoint(path, **RANDOM_LLAMA_512)`, as the quantization tests and
+# samples/bench_vs_onnxruntime_genai.sh make it
+RANDOM_LLAMA_512 = {"vocab_size": 32000, "hidden": 512, "layers": 8, "num_heads": 8, "num_kv_heads": 8,
+                    "intermediate": 1536, "weight_std": 0.02}
+
+
 def make_tiny_checkpoint(path: str | Path, *, seed: int = 0, num_kv_heads: int = 2, num_heads: int = 4,
                          hidden: int = 64, layers: int = 2, intermediate: int = 128,
                          with_control_tokens: bool = True, tie_word_embeddings: bool = False,
